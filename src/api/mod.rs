@@ -1,0 +1,67 @@
+//! The gRPC API on a unix socket: the only place, with [`crate::cri`], that speaks tonic.
+//!
+//! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
+//! Domain errors become `tonic::Status` codes here ([`service`]).
+
+pub mod peer;
+pub mod service;
+
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::Path;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// The generated cimage API types (proto/cimage/v1/cimage.proto).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("cimage.v1");
+}
+
+/// Creates the API socket: parent directory made if missing, a stale socket file replaced, mode
+/// 0660, and group `group` if given, so only root and that group can connect.
+pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    let with = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| with("creating the directory of", e))?;
+    }
+    if path.exists() {
+        // A socket someone still answers on belongs to a running daemon: do not steal it.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: another cimaged is already listening there",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| with("removing stale socket", e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| with("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| with("setting mode 0660 on", e))?;
+    if let Some(gid) = group {
+        chown(path, None, Some(gid)).map_err(|e| with("changing the group of", e))?;
+    }
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    service: service::ImageCacheApi,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(pb::image_cache_server::ImageCacheServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// A client for the API at a unix socket (used by the CLI and the tests).
+pub fn client(path: &Path) -> pb::image_cache_client::ImageCacheClient<tonic::transport::Channel> {
+    pb::image_cache_client::ImageCacheClient::new(crate::cri::unix_channel(path))
+}

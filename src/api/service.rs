@@ -1,0 +1,263 @@
+//! The `ImageCache` gRPC service: checks who is calling, hands the request to the domain, and
+//! turns domain errors into status codes with the domain's own message.
+
+use std::sync::Arc;
+
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Code, Request, Response, Status};
+use tracing::info;
+
+use super::pb;
+use super::peer::{AdminPolicy, Caller};
+use crate::cache::{Cache, CacheError, ImageRecord, Origin};
+use crate::policy::PullPolicy;
+use crate::puller::{EnsureRequest, PullError, Puller};
+use crate::registry::RegistryErrorKind;
+use crate::runtime::{ImageRuntime, RuntimeError, RuntimeErrorKind};
+
+/// The service implementation.
+pub struct ImageCacheApi {
+    puller: Arc<Puller>,
+    cache: Arc<Cache>,
+    runtime: Arc<dyn ImageRuntime>,
+    admin: AdminPolicy,
+}
+
+impl ImageCacheApi {
+    /// A service over the daemon's puller and cache.
+    pub fn new(
+        puller: Arc<Puller>,
+        cache: Arc<Cache>,
+        runtime: Arc<dyn ImageRuntime>,
+        admin: AdminPolicy,
+    ) -> Self {
+        Self {
+            puller,
+            cache,
+            runtime,
+            admin,
+        }
+    }
+
+    fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<Caller, Status> {
+        let caller = caller(req)?;
+        if !self.admin.is_admin(&caller) {
+            return Err(Status::permission_denied(format!(
+                "{what} is an admin call: uid {} is neither root nor in the admin group (ImageCache.AdminGroup)",
+                caller.uid
+            )));
+        }
+        Ok(caller)
+    }
+}
+
+/// The caller's identity from the socket's peer credentials.
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "cannot identify the caller: no peer credentials on the connection",
+            )
+        })?;
+    Ok(Caller {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+fn runtime_code(e: &RuntimeError) -> Code {
+    match e.kind {
+        RuntimeErrorKind::NotFound => Code::NotFound,
+        RuntimeErrorKind::Unauthorized => Code::Unauthenticated,
+        RuntimeErrorKind::Unavailable | RuntimeErrorKind::Transient => Code::Unavailable,
+        RuntimeErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        RuntimeErrorKind::Other => Code::Internal,
+    }
+}
+
+/// Maps a pull failure to a status; the message is the domain's one-line explanation.
+pub fn pull_status(e: &PullError) -> Status {
+    let code = match e {
+        PullError::InvalidReference(_) => Code::InvalidArgument,
+        PullError::NotPresent { .. } => Code::NotFound,
+        PullError::Registry { source, .. } => match source.kind {
+            RegistryErrorKind::NotFound => Code::NotFound,
+            RegistryErrorKind::Unauthorized => Code::Unauthenticated,
+            RegistryErrorKind::Unreachable | RegistryErrorKind::Server => Code::Unavailable,
+            RegistryErrorKind::Tls => Code::FailedPrecondition,
+            RegistryErrorKind::Other => Code::Unknown,
+        },
+        PullError::Runtime { source, .. } => runtime_code(source),
+        PullError::Timeout { .. } => Code::DeadlineExceeded,
+        PullError::Index { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Maps a cache failure to a status.
+pub fn cache_status(e: &CacheError) -> Status {
+    let code = match e {
+        CacheError::NotFound { .. } => Code::NotFound,
+        CacheError::Ambiguous { .. } | CacheError::InvalidReference(_) => Code::InvalidArgument,
+        CacheError::Runtime { source, .. } => runtime_code(source),
+        CacheError::Index(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn to_pb(r: &ImageRecord) -> pb::Image {
+    pb::Image {
+        id: r.id.clone(),
+        names: r.names.clone(),
+        digests: r.digests.clone(),
+        size: r.size,
+        first_seen: r.first_seen,
+        last_used: r.last_used,
+        use_count: r.use_count,
+        pinned: r.pinned,
+        origin: r.origin.as_str().to_owned(),
+    }
+}
+
+fn policy_from_pb(p: i32) -> Result<Option<PullPolicy>, Status> {
+    match pb::PullPolicy::try_from(p) {
+        Ok(pb::PullPolicy::Unspecified) => Ok(None),
+        Ok(pb::PullPolicy::Always) => Ok(Some(PullPolicy::Always)),
+        Ok(pb::PullPolicy::IfNotPresent) => Ok(Some(PullPolicy::IfNotPresent)),
+        Ok(pb::PullPolicy::Never) => Ok(Some(PullPolicy::Never)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown pull policy value {p}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::image_cache_server::ImageCache for ImageCacheApi {
+    async fn pull(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let ensured = self
+            .puller
+            .ensure(EnsureRequest {
+                image: r.image.clone(),
+                policy: policy_from_pb(r.policy)?,
+                credentials: None,
+                origin: Origin::Pull,
+            })
+            .await
+            .map_err(|e| {
+                info!(uid = who.uid, image = %r.image, error = %e, "pull failed");
+                pull_status(&e)
+            })?;
+        Ok(Response::new(pb::PullResponse {
+            image: ensured.image.to_string(),
+            digest: ensured.digest.unwrap_or_default(),
+            image_id: ensured.record.id.clone(),
+            action: ensured.action.as_str().to_owned(),
+            policy: ensured.policy.to_string(),
+            seconds: ensured.elapsed.as_secs_f64(),
+            size: ensured.record.size,
+        }))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        caller(&req)?;
+        let images = self.cache.list().await.map_err(|e| cache_status(&e))?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.iter().map(to_pb).collect(),
+        }))
+    }
+
+    async fn inspect_image(
+        &self,
+        req: Request<pb::InspectImageRequest>,
+    ) -> Result<Response<pb::Image>, Status> {
+        caller(&req)?;
+        let image = req.into_inner().image;
+        let (_, rec) = self
+            .cache
+            .find(&image)
+            .await
+            .map_err(|e| cache_status(&e))?;
+        Ok(Response::new(to_pb(&rec)))
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<pb::RemoveImageRequest>,
+    ) -> Result<Response<pb::RemoveImageResponse>, Status> {
+        let who = self.require_admin(&req, "removing an image")?;
+        let image = req.into_inner().image;
+        let rec = self
+            .cache
+            .remove(&image)
+            .await
+            .map_err(|e| cache_status(&e))?;
+        info!(uid = who.uid, image = %image, id = %rec.id, "image removed");
+        Ok(Response::new(pb::RemoveImageResponse { image_id: rec.id }))
+    }
+
+    async fn set_pinned(
+        &self,
+        req: Request<pb::SetPinnedRequest>,
+    ) -> Result<Response<pb::Image>, Status> {
+        let what = if req.get_ref().pinned {
+            "pinning an image"
+        } else {
+            "unpinning an image"
+        };
+        let who = self.require_admin(&req, what)?;
+        let r = req.into_inner();
+        let rec = self
+            .cache
+            .set_pinned(&r.image, r.pinned)
+            .await
+            .map_err(|e| cache_status(&e))?;
+        info!(uid = who.uid, image = %r.image, pinned = r.pinned, "pin changed");
+        Ok(Response::new(to_pb(&rec)))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        caller(&req)?;
+        let (runtime_ok, runtime_message) = match self.runtime.image_fs_info().await {
+            Ok(fs) => (
+                true,
+                fs.iter()
+                    .map(|f| {
+                        format!(
+                            "image filesystem {} uses {} bytes",
+                            f.mountpoint, f.used_bytes
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Err(e) => (false, e.to_string()),
+        };
+        let (index_ok, images) = match self.cache.list().await {
+            Ok(l) => (true, l.len() as u64),
+            Err(_) => (false, 0),
+        };
+        Ok(Response::new(pb::StatusResponse {
+            runtime_ok,
+            runtime_message,
+            index_ok,
+            images,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            last_reconcile: self.cache.last_reconcile(),
+        }))
+    }
+}

@@ -1,0 +1,381 @@
+//! The durable index over the runtime's images, in redb.
+//!
+//! One table, `images`: runtime image id → JSON record. Every change is one write transaction
+//! committed with redb's default (immediate) durability before the caller is answered, so a crash
+//! at any point leaves either the old or the new record, never a torn one. Whatever the index
+//! believes about presence is repaired by reconciliation with the runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::RuntimeImage;
+
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+
+/// How an image came to be on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Pulled for a job's task.
+    Job,
+    /// Pulled on request (`cimage pull`).
+    Pull,
+    /// Pulled by a pre-warm schedule.
+    Prewarm,
+    /// Found in the runtime, pulled by someone else.
+    Runtime,
+}
+
+impl Origin {
+    /// The lower-case name used in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Job => "job",
+            Origin::Pull => "pull",
+            Origin::Prewarm => "prewarm",
+            Origin::Runtime => "runtime",
+        }
+    }
+}
+
+/// What the index knows about one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The runtime's image id.
+    pub id: String,
+    /// Tags (from the runtime).
+    pub names: Vec<String>,
+    /// Manifest digest references (from the runtime).
+    pub digests: Vec<String>,
+    /// Size in bytes (from the runtime).
+    pub size: u64,
+    /// When cimage first saw it (Unix ms).
+    pub first_seen: i64,
+    /// When a request last used it (Unix ms; 0 if never).
+    pub last_used: i64,
+    /// How many requests used it.
+    pub use_count: u64,
+    /// Pinned images are never evicted.
+    pub pinned: bool,
+    /// How it came to be here.
+    pub origin: Origin,
+}
+
+impl ImageRecord {
+    fn fresh(img: &RuntimeImage, origin: Origin, now: i64) -> Self {
+        Self {
+            id: img.id.clone(),
+            names: img.repo_tags.clone(),
+            digests: img.repo_digests.clone(),
+            size: img.size,
+            first_seen: now,
+            last_used: 0,
+            use_count: 0,
+            pinned: false,
+            origin,
+        }
+    }
+
+    fn refresh_from(&mut self, img: &RuntimeImage) {
+        self.names = img.repo_tags.clone();
+        self.digests = img.repo_digests.clone();
+        self.size = img.size;
+    }
+}
+
+/// A failure of the index, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("index: {context}: {source}")]
+pub struct IndexError {
+    /// What was being done, e.g. `opening /var/crane/cimage/index.redb`.
+    pub context: String,
+    /// The underlying error.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn ctx<E: Into<redb::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> IndexError {
+    let context = context.into();
+    move |e| IndexError {
+        context,
+        source: Box::new(e.into()),
+    }
+}
+
+/// What a reconciliation changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Images found in the runtime that the index did not know.
+    pub added: usize,
+    /// Index entries whose image is gone from the runtime.
+    pub removed: usize,
+    /// Index entries whose names, digests or size changed.
+    pub updated: usize,
+}
+
+/// The redb-backed index.
+pub struct Index {
+    db: Database,
+}
+
+impl Index {
+    /// Opens (or creates) the index file. Fails if another process holds it open.
+    pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let what = format!("opening {}", path.display());
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => IndexError {
+                context: what.clone(),
+                source: "the index is open in another process (is another cimaged running with the same StateDir?)".into(),
+            },
+            other => ctx(what.clone())(other),
+        })?;
+        let tx = db.begin_write().map_err(ctx(what.clone()))?;
+        tx.open_table(IMAGES).map_err(ctx(what.clone()))?;
+        tx.commit().map_err(ctx(what))?;
+        Ok(Self { db })
+    }
+
+    fn decode(id: &str, bytes: &[u8]) -> Result<ImageRecord, IndexError> {
+        serde_json::from_slice(bytes).map_err(|e| IndexError {
+            context: format!("decoding record {id}"),
+            source: Box::new(e),
+        })
+    }
+
+    fn encode(rec: &ImageRecord) -> Vec<u8> {
+        serde_json::to_vec(rec).expect("an ImageRecord always serialises")
+    }
+
+    /// The record for an image id.
+    pub fn get(&self, id: &str) -> Result<Option<ImageRecord>, IndexError> {
+        let tx = self.db.begin_read().map_err(ctx("reading"))?;
+        let table = tx.open_table(IMAGES).map_err(ctx("reading"))?;
+        let value = table.get(id).map_err(ctx(format!("reading {id}")))?;
+        value.map(|v| Self::decode(id, v.value())).transpose()
+    }
+
+    /// Every record, ordered by image id.
+    pub fn list(&self) -> Result<Vec<ImageRecord>, IndexError> {
+        let tx = self.db.begin_read().map_err(ctx("listing"))?;
+        let table = tx.open_table(IMAGES).map_err(ctx("listing"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(ctx("listing"))? {
+            let (k, v) = entry.map_err(ctx("listing"))?;
+            out.push(Self::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Applies `f` to the record of `id` inside one write transaction. `f` gets the current record
+    /// (if any) and returns the new one (or `None` to delete). Returns what was stored.
+    fn update(
+        &self,
+        id: &str,
+        what: &str,
+        f: impl FnOnce(Option<ImageRecord>) -> Option<ImageRecord>,
+    ) -> Result<Option<ImageRecord>, IndexError> {
+        let context = format!("{what} {id}");
+        let tx = self.db.begin_write().map_err(ctx(context.clone()))?;
+        let stored = {
+            let mut table = tx.open_table(IMAGES).map_err(ctx(context.clone()))?;
+            let current = match table.get(id).map_err(ctx(context.clone()))? {
+                Some(v) => Some(Self::decode(id, v.value())?),
+                None => None,
+            };
+            let next = f(current);
+            match &next {
+                Some(rec) => {
+                    table
+                        .insert(id, Self::encode(rec).as_slice())
+                        .map_err(ctx(context.clone()))?;
+                }
+                None => {
+                    table.remove(id).map_err(ctx(context.clone()))?;
+                }
+            }
+            next
+        };
+        tx.commit().map_err(ctx(context))?;
+        Ok(stored)
+    }
+
+    /// Records one use of an image the runtime holds: creates the record if needed, refreshes its
+    /// names, digests and size from the runtime, bumps the use count and last-used time.
+    pub fn record_use(
+        &self,
+        img: &RuntimeImage,
+        origin: Origin,
+        now: i64,
+    ) -> Result<ImageRecord, IndexError> {
+        let rec = self.update(&img.id, "recording use of", |cur| {
+            let mut rec = cur.unwrap_or_else(|| ImageRecord::fresh(img, origin, now));
+            rec.refresh_from(img);
+            rec.use_count += 1;
+            rec.last_used = now;
+            Some(rec)
+        })?;
+        Ok(rec.expect("record_use always stores a record"))
+    }
+
+    /// Pins or unpins an image the runtime holds (creating its record if needed).
+    pub fn set_pinned(
+        &self,
+        img: &RuntimeImage,
+        pinned: bool,
+        now: i64,
+    ) -> Result<ImageRecord, IndexError> {
+        let rec = self.update(&img.id, "pinning", |cur| {
+            let mut rec = cur.unwrap_or_else(|| ImageRecord::fresh(img, Origin::Runtime, now));
+            rec.refresh_from(img);
+            rec.pinned = pinned;
+            Some(rec)
+        })?;
+        Ok(rec.expect("set_pinned always stores a record"))
+    }
+
+    /// Forgets an image (after it was removed from the runtime).
+    pub fn remove(&self, id: &str) -> Result<Option<ImageRecord>, IndexError> {
+        let mut old = None;
+        self.update(id, "removing", |cur| {
+            old = cur;
+            None
+        })?;
+        Ok(old)
+    }
+
+    /// Makes the index agree with the runtime's image list in one write transaction: unknown
+    /// images are added (origin `runtime`), vanished ones removed, names/digests/size refreshed.
+    /// Usage counts and pins of images still present are kept.
+    pub fn reconcile(
+        &self,
+        runtime: &[RuntimeImage],
+        now: i64,
+    ) -> Result<ReconcileReport, IndexError> {
+        let context = "reconciling with the runtime";
+        let mut report = ReconcileReport::default();
+        let tx = self.db.begin_write().map_err(ctx(context))?;
+        {
+            let mut table = tx.open_table(IMAGES).map_err(ctx(context))?;
+            let mut existing: HashMap<String, ImageRecord> = HashMap::new();
+            for entry in table.iter().map_err(ctx(context))? {
+                let (k, v) = entry.map_err(ctx(context))?;
+                existing.insert(k.value().to_owned(), Self::decode(k.value(), v.value())?);
+            }
+            let live: HashSet<&str> = runtime.iter().map(|i| i.id.as_str()).collect();
+            for id in existing.keys().filter(|id| !live.contains(id.as_str())) {
+                table.remove(id.as_str()).map_err(ctx(context))?;
+                report.removed += 1;
+            }
+            for img in runtime {
+                let next = match existing.get(&img.id) {
+                    Some(rec) => {
+                        let mut next = rec.clone();
+                        next.refresh_from(img);
+                        if &next == rec {
+                            continue;
+                        }
+                        report.updated += 1;
+                        next
+                    }
+                    None => {
+                        report.added += 1;
+                        ImageRecord::fresh(img, Origin::Runtime, now)
+                    }
+                };
+                table
+                    .insert(img.id.as_str(), Self::encode(&next).as_slice())
+                    .map_err(ctx(context))?;
+            }
+        }
+        tx.commit().map_err(ctx(context))?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(id: &str, tag: &str, size: u64) -> RuntimeImage {
+        RuntimeImage {
+            id: id.into(),
+            repo_tags: vec![tag.into()],
+            repo_digests: vec![format!("{}@sha256:{id}", tag.split(':').next().unwrap())],
+            size,
+            pinned: false,
+        }
+    }
+
+    fn temp_index() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.redb")).unwrap();
+        (dir, idx)
+    }
+
+    #[test]
+    fn uses_pins_and_reconciliation() {
+        let (_dir, idx) = temp_index();
+        let a = img("a", "r/a:1", 10);
+        let b = img("b", "r/b:1", 20);
+        idx.record_use(&a, Origin::Pull, 100).unwrap();
+        let rec = idx.record_use(&a, Origin::Job, 200).unwrap();
+        assert_eq!(
+            (rec.use_count, rec.last_used, rec.first_seen),
+            (2, 200, 100)
+        );
+        assert_eq!(rec.origin, Origin::Pull, "origin is how it first came");
+        idx.set_pinned(&a, true, 300).unwrap();
+
+        // The runtime lost nothing but gained b, and a got a second tag.
+        let mut a2 = a.clone();
+        a2.repo_tags.push("r/a:latest".into());
+        let report = idx.reconcile(&[a2.clone(), b.clone()], 400).unwrap();
+        assert_eq!(
+            report,
+            ReconcileReport {
+                added: 1,
+                removed: 0,
+                updated: 1
+            }
+        );
+        let rec = idx.get("a").unwrap().unwrap();
+        assert!(rec.pinned && rec.use_count == 2 && rec.names.len() == 2);
+        let rb = idx.get("b").unwrap().unwrap();
+        assert_eq!(
+            (rb.origin, rb.use_count, rb.first_seen),
+            (Origin::Runtime, 0, 400)
+        );
+
+        // a vanished behind our back.
+        let report = idx.reconcile(&[b], 500).unwrap();
+        assert_eq!(report.removed, 1);
+        assert!(idx.get("a").unwrap().is_none());
+        assert_eq!(idx.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        {
+            let idx = Index::open(&path).unwrap();
+            idx.record_use(&img("a", "r/a:1", 1), Origin::Pull, 1)
+                .unwrap();
+            idx.set_pinned(&img("a", "r/a:1", 1), true, 2).unwrap();
+        }
+        let idx = Index::open(&path).unwrap();
+        let rec = idx.get("a").unwrap().unwrap();
+        assert!(rec.pinned && rec.use_count == 1);
+    }
+
+    #[test]
+    fn a_second_opener_gets_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let _first = Index::open(&path).unwrap();
+        let e = Index::open(&path).err().expect("second open must fail");
+        assert!(e.to_string().contains("another"), "{e}");
+    }
+}

@@ -1,0 +1,275 @@
+//! The image cache: the runtime's image store is the cache of record, and [`index::Index`] keeps
+//! what the runtime does not (first seen, last used, use count, pins, origin). The runtime is
+//! asked whenever presence matters; reconciliation brings the index back in line with it at
+//! start-up and periodically, so images removed or added behind cimage's back are noticed.
+
+pub mod index;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+pub use index::{ImageRecord, Index, IndexError, Origin, ReconcileReport};
+
+use crate::clock::Clock;
+use crate::reference::{ImageRef, InvalidReference};
+use crate::runtime::{ImageRuntime, RuntimeError, RuntimeImage};
+
+/// Why a cache operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The runtime does not have the image.
+    #[error("image {image} is not present in the runtime")]
+    NotFound {
+        /// What was asked for.
+        image: String,
+    },
+    /// A short id matches more than one image.
+    #[error("image id prefix {prefix} is ambiguous: it matches {count} images")]
+    Ambiguous {
+        /// The prefix given.
+        prefix: String,
+        /// How many images it matches.
+        count: usize,
+    },
+    /// The argument is neither an image id nor a valid reference.
+    #[error(transparent)]
+    InvalidReference(#[from] InvalidReference),
+    /// The runtime failed.
+    #[error("runtime failed while {context}: {source}")]
+    Runtime {
+        /// What was being done.
+        context: String,
+        /// The runtime's error.
+        source: RuntimeError,
+    },
+    /// The index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Index plus runtime, with the clock that timestamps uses.
+pub struct Cache {
+    index: Arc<Index>,
+    runtime: Arc<dyn ImageRuntime>,
+    clock: Arc<dyn Clock>,
+    last_reconcile: AtomicI64,
+}
+
+impl Cache {
+    /// A cache over `index` and `runtime`.
+    pub fn new(index: Index, runtime: Arc<dyn ImageRuntime>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            index: Arc::new(index),
+            runtime,
+            clock,
+            last_reconcile: AtomicI64::new(0),
+        }
+    }
+
+    /// The runtime this cache sits over.
+    pub fn runtime(&self) -> &Arc<dyn ImageRuntime> {
+        &self.runtime
+    }
+
+    /// Runs a blocking index operation off the async workers (redb commits fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,
+    ) -> Result<T, IndexError> {
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || f(&index))
+            .await
+            .unwrap_or_else(|e| {
+                Err(IndexError {
+                    context: "index task".into(),
+                    source: Box::new(e),
+                })
+            })
+    }
+
+    /// Makes the index agree with the runtime's image list.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, CacheError> {
+        let images = self
+            .runtime
+            .list_images()
+            .await
+            .map_err(|source| CacheError::Runtime {
+                context: "listing images".into(),
+                source,
+            })?;
+        let now = self.clock.now_ms();
+        let report = self
+            .blocking(move |idx| idx.reconcile(&images, now))
+            .await?;
+        self.last_reconcile.store(now, Ordering::SeqCst);
+        Ok(report)
+    }
+
+    /// Unix ms of the last successful reconciliation (0 if none yet).
+    pub fn last_reconcile(&self) -> i64 {
+        self.last_reconcile.load(Ordering::SeqCst)
+    }
+
+    /// Records one use of an image the runtime holds; durable before it returns.
+    pub async fn record_use(
+        &self,
+        image: RuntimeImage,
+        origin: Origin,
+    ) -> Result<ImageRecord, CacheError> {
+        let now = self.clock.now_ms();
+        Ok(self
+            .blocking(move |idx| idx.record_use(&image, origin, now))
+            .await?)
+    }
+
+    /// Every indexed image.
+    pub async fn list(&self) -> Result<Vec<ImageRecord>, CacheError> {
+        Ok(self.blocking(|idx| idx.list()).await?)
+    }
+
+    /// Finds an image by reference (`app:1`, `…@sha256:…`), full id (`sha256:…`) or an id prefix
+    /// of at least 6 hex digits. The runtime is asked, so a stale index entry is never returned;
+    /// the index record is created on the spot for an image the runtime gained behind our back.
+    pub async fn find(&self, image: &str) -> Result<(RuntimeImage, ImageRecord), CacheError> {
+        let key = self.lookup_key(image).await?;
+        let found =
+            self.runtime
+                .image_status(&key)
+                .await
+                .map_err(|source| CacheError::Runtime {
+                    context: format!("looking up {image}"),
+                    source,
+                })?;
+        let Some(rt) = found else {
+            return Err(CacheError::NotFound {
+                image: image.to_owned(),
+            });
+        };
+        let id = rt.id.clone();
+        let rec = match self.blocking(move |idx| idx.get(&id)).await? {
+            Some(rec) => rec,
+            None => {
+                let now = self.clock.now_ms();
+                let (rt2, now2) = (rt.clone(), now);
+                // Adopt with a zero use count: set_pinned(false) on an unknown image creates it.
+                self.blocking(move |idx| idx.set_pinned(&rt2, false, now2))
+                    .await?
+            }
+        };
+        Ok((rt, rec))
+    }
+
+    async fn lookup_key(&self, image: &str) -> Result<String, CacheError> {
+        let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+        if let Some(rest) = image.strip_prefix("sha256:") {
+            if rest.len() == 64 && hex(rest) {
+                return Ok(image.to_owned());
+            }
+        }
+        if image.len() >= 6 && hex(image) && image.len() <= 64 {
+            let prefix = format!("sha256:{image}");
+            let matches: Vec<String> = self
+                .list()
+                .await?
+                .into_iter()
+                .filter(|r| r.id.starts_with(&prefix))
+                .map(|r| r.id)
+                .collect();
+            match matches.len() {
+                1 => return Ok(matches[0].clone()),
+                0 => {}
+                count => {
+                    return Err(CacheError::Ambiguous {
+                        prefix: image.to_owned(),
+                        count,
+                    })
+                }
+            }
+        }
+        Ok(ImageRef::parse(image)?.to_string())
+    }
+
+    /// Pins or unpins an image; pinned images are never evicted.
+    pub async fn set_pinned(&self, image: &str, pinned: bool) -> Result<ImageRecord, CacheError> {
+        let (rt, _) = self.find(image).await?;
+        let now = self.clock.now_ms();
+        Ok(self
+            .blocking(move |idx| idx.set_pinned(&rt, pinned, now))
+            .await?)
+    }
+
+    /// Removes an image from the runtime, then from the index. A crash between the two leaves a
+    /// stale entry that the next reconciliation removes.
+    pub async fn remove(&self, image: &str) -> Result<ImageRecord, CacheError> {
+        let (rt, rec) = self.find(image).await?;
+        self.runtime
+            .remove_image(&rt.id)
+            .await
+            .map_err(|source| CacheError::Runtime {
+                context: format!("removing {image}"),
+                source,
+            })?;
+        let id = rt.id.clone();
+        self.blocking(move |idx| idx.remove(&id)).await?;
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::runtime::fake::FakeRuntime;
+
+    const ID: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    async fn setup() -> (tempfile::TempDir, Arc<FakeRuntime>, Cache) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        rt.offer("127.0.0.1:5000/app:1", ID, "sha256:d1", 100);
+        rt.pull_image("127.0.0.1:5000/app:1", None).await.unwrap();
+        let idx = Index::open(&dir.path().join("i.redb")).unwrap();
+        let cache = Cache::new(idx, rt.clone(), Arc::new(ManualClock::new(1000)));
+        (dir, rt, cache)
+    }
+
+    #[tokio::test]
+    async fn find_by_name_id_and_prefix() {
+        let (_d, _rt, cache) = setup().await;
+        for key in ["127.0.0.1:5000/app:1", ID, "aaaaaaaaaaaa"] {
+            let (rt, rec) = cache.find(key).await.unwrap();
+            assert_eq!((rt.id.as_str(), rec.origin), (ID, Origin::Runtime), "{key}");
+        }
+        assert!(matches!(
+            cache.find("127.0.0.1:5000/app:2").await,
+            Err(CacheError::NotFound { .. })
+        ));
+        assert!(matches!(
+            cache.find("Bad Ref").await,
+            Err(CacheError::InvalidReference(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn remove_takes_it_out_of_runtime_and_index() {
+        let (_d, rt, cache) = setup().await;
+        cache
+            .set_pinned("127.0.0.1:5000/app:1", true)
+            .await
+            .unwrap();
+        let rec = cache.remove("127.0.0.1:5000/app:1").await.unwrap();
+        assert!(rec.pinned);
+        assert!(rt.images.lock().unwrap().is_empty());
+        assert!(cache.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn reconcile_adopts_and_forgets() {
+        let (_d, rt, cache) = setup().await;
+        let r = cache.reconcile().await.unwrap();
+        assert_eq!(r.added, 1);
+        assert_eq!(cache.last_reconcile(), 1000);
+        rt.images.lock().unwrap().clear();
+        assert_eq!(cache.reconcile().await.unwrap().removed, 1);
+    }
+}

@@ -1,0 +1,524 @@
+//! cimaged's configuration: a YAML file in CraneSched's style (PascalCase keys).
+//!
+//! The file may be CraneSched's whole `/etc/crane/config.yaml`: top-level sections that cimage does
+//! not know are ignored, but unknown keys inside `Container` and `ImageCache` are errors, so a typo
+//! never silently falls back to a default. Errors name the key and its line and column.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default for `CraneBaseDir`.
+pub const DEFAULT_CRANE_BASE_DIR: &str = "/var/crane";
+/// Default for `Container.TempDir` (relative to `CraneBaseDir`).
+pub const DEFAULT_TEMP_DIR: &str = "supervisor/containers/";
+/// Default for `ImageCache.Socket`.
+pub const DEFAULT_SOCKET: &str = "/run/cimage/cimaged.sock";
+/// Default for `ImageCache.StateDir` (relative to `CraneBaseDir`).
+pub const DEFAULT_STATE_DIR: &str = "cimage/";
+/// Default for `ImageCache.MaxConcurrentPulls`.
+pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for `ImageCache.PullTimeout`.
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for `ImageCache.PullRetries`.
+pub const DEFAULT_PULL_RETRIES: u32 = 3;
+/// Default for `ImageCache.ReconcileInterval`.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.RuntimeTimeout`.
+pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The whole configuration file. Only the sections cimage reads are modelled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Config {
+    /// Base directory that relative paths (`Container.TempDir`, `ImageCache.StateDir`) hang off.
+    #[serde(default = "default_crane_base_dir")]
+    pub crane_base_dir: PathBuf,
+    /// CraneSched's container section: whether container support is on and where the runtime is.
+    pub container: Option<ContainerConfig>,
+    /// cimage's own section.
+    #[serde(default)]
+    pub image_cache: ImageCacheConfig,
+}
+
+/// CraneSched's `Container` section, with the seed's keys and defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// Container support on this node; cimaged refuses to start when it is off.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scratch directory for container tasks, relative to `CraneBaseDir` unless absolute.
+    #[serde(default = "default_temp_dir")]
+    pub temp_dir: PathBuf,
+    /// CRI RuntimeService endpoint (unix socket path, optionally with `unix://`). Required.
+    pub runtime_endpoint: Option<String>,
+    /// CRI ImageService endpoint; defaults to `RuntimeEndpoint`.
+    pub image_endpoint: Option<String>,
+}
+
+/// cimage's `ImageCache` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ImageCacheConfig {
+    /// Path of the API's unix socket (created with mode 0660).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Group (name or numeric gid) that owns the API socket, so its members can connect.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Group (name or numeric gid) whose members may use admin calls, besides root.
+    #[serde(default)]
+    pub admin_group: Option<String>,
+    /// Directory of the redb index, relative to `CraneBaseDir` unless absolute.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// How many pulls may run at once on this node.
+    #[serde(default = "default_max_concurrent_pulls")]
+    pub max_concurrent_pulls: usize,
+    /// Deadline for one pull, retries included (e.g. `10m`, `90s`).
+    #[serde(default = "default_pull_timeout", deserialize_with = "de_duration")]
+    pub pull_timeout: Duration,
+    /// How many times a transient pull failure is retried (exponential backoff from 500 ms).
+    #[serde(default = "default_pull_retries")]
+    pub pull_retries: u32,
+    /// How often the index is reconciled with the runtime's image list.
+    #[serde(
+        default = "default_reconcile_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub reconcile_interval: Duration,
+    /// Deadline for one CRI call that is not a pull (status, list, remove).
+    #[serde(default = "default_runtime_timeout", deserialize_with = "de_duration")]
+    pub runtime_timeout: Duration,
+    /// Per-registry settings, keyed by registry host (`host[:port]`).
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+/// Settings for one registry host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Talk plain HTTP to this registry (test and air-gapped setups only).
+    #[serde(default)]
+    pub insecure: bool,
+    /// How many pulls from this registry may run at once; defaults to `MaxConcurrentPulls`.
+    #[serde(default)]
+    pub max_concurrent_pulls: Option<usize>,
+}
+
+impl Default for ImageCacheConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            socket_group: None,
+            admin_group: None,
+            state_dir: default_state_dir(),
+            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
+            pull_retries: DEFAULT_PULL_RETRIES,
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_crane_base_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_CRANE_BASE_DIR)
+}
+fn default_temp_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_TEMP_DIR)
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_max_concurrent_pulls() -> usize {
+    DEFAULT_MAX_CONCURRENT_PULLS
+}
+fn default_pull_timeout() -> Duration {
+    DEFAULT_PULL_TIMEOUT
+}
+fn default_pull_retries() -> u32 {
+    DEFAULT_PULL_RETRIES
+}
+fn default_reconcile_interval() -> Duration {
+    DEFAULT_RECONCILE_INTERVAL
+}
+fn default_runtime_timeout() -> Duration {
+    DEFAULT_RUNTIME_TIMEOUT
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a key has the wrong type or is unknown; the message has the location.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("config file {path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key, e.g. `Container.RuntimeEndpoint`.
+        key: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Container support is switched off; cimaged has nothing to do.
+    #[error("container support is disabled (Container.Enabled is not true in {path}); cimaged has nothing to manage")]
+    Disabled {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A validated configuration with every path resolved and every default applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file this came from (for messages).
+    pub source: PathBuf,
+    /// CRI RuntimeService socket path.
+    pub runtime_endpoint: PathBuf,
+    /// CRI ImageService socket path.
+    pub image_endpoint: PathBuf,
+    /// Absolute scratch directory for container tasks.
+    pub temp_dir: PathBuf,
+    /// Absolute directory of the index.
+    pub state_dir: PathBuf,
+    /// The `ImageCache` section as written (with defaults).
+    pub image_cache: ImageCacheConfig,
+}
+
+impl Settings {
+    /// The redb file that holds the index.
+    pub fn index_path(&self) -> PathBuf {
+        self.state_dir.join("index.redb")
+    }
+
+    /// The settings for one registry host (defaults when it has no entry).
+    pub fn registry(&self, host: &str) -> RegistryConfig {
+        self.image_cache
+            .registries
+            .get(host)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    validate(config, path)
+}
+
+fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        message,
+    };
+    let container = config.container.ok_or_else(|| ConfigError::Disabled {
+        path: path.to_owned(),
+    })?;
+    if !container.enabled {
+        return Err(ConfigError::Disabled {
+            path: path.to_owned(),
+        });
+    }
+    let runtime = container
+        .runtime_endpoint
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "Container.RuntimeEndpoint",
+                "is required: the CRI runtime's unix socket, e.g. /run/containerd/containerd.sock"
+                    .into(),
+            )
+        })?;
+    let runtime_endpoint = unix_endpoint(runtime)
+        .map_err(|m| invalid("Container.RuntimeEndpoint", format!("{runtime:?} {m}")))?;
+    let image_endpoint = match container.image_endpoint.as_deref() {
+        Some(s) if !s.trim().is_empty() => unix_endpoint(s)
+            .map_err(|m| invalid("Container.ImageEndpoint", format!("{s:?} {m}")))?,
+        _ => runtime_endpoint.clone(),
+    };
+    let ic = config.image_cache;
+    if ic.max_concurrent_pulls == 0 {
+        return Err(invalid(
+            "ImageCache.MaxConcurrentPulls",
+            "must be at least 1".into(),
+        ));
+    }
+    if ic.pull_timeout.is_zero() {
+        return Err(invalid(
+            "ImageCache.PullTimeout",
+            "must be longer than 0s".into(),
+        ));
+    }
+    if ic.reconcile_interval < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.ReconcileInterval",
+            "must be at least 1s".into(),
+        ));
+    }
+    if ic.runtime_timeout.is_zero() {
+        return Err(invalid(
+            "ImageCache.RuntimeTimeout",
+            "must be longer than 0s".into(),
+        ));
+    }
+    for (host, reg) in &ic.registries {
+        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+            return Err(invalid(
+                "ImageCache.Registries",
+                format!("{host:?} is not a registry host (expected host or host:port)"),
+            ));
+        }
+        if reg.max_concurrent_pulls == Some(0) {
+            return Err(invalid(
+                "ImageCache.Registries.*.MaxConcurrentPulls",
+                format!("for {host:?} must be at least 1"),
+            ));
+        }
+    }
+    if ic.socket.as_os_str().is_empty() || ic.socket.is_relative() {
+        return Err(invalid(
+            "ImageCache.Socket",
+            format!("{:?} must be an absolute path", ic.socket),
+        ));
+    }
+    let base = config.crane_base_dir;
+    Ok(Settings {
+        source: path.to_owned(),
+        runtime_endpoint,
+        image_endpoint,
+        temp_dir: base.join(&container.temp_dir),
+        state_dir: base.join(&ic.state_dir),
+        image_cache: ic,
+    })
+}
+
+/// Accepts `/path/to.sock` or `unix:///path/to.sock`; other schemes are not supported.
+fn unix_endpoint(s: &str) -> Result<PathBuf, &'static str> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    if path.contains("://") {
+        return Err("is not a unix socket (only unix:// endpoints are supported)");
+    }
+    if !path.starts_with('/') {
+        return Err("must be an absolute socket path");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Parses durations such as `500ms`, `90s`, `10m`, `1h30m`, `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "{s:?} is not a duration (expected e.g. 500ms, 90s, 10m, 1h30m)"
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
+            other => {
+                return Err(format!(
+                    "{s:?} has unknown unit {other:?} (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    if s != 0 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s != 0 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a duration such as 90s, 10m or 1h30m")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+CraneBaseDir: /var/crane
+ControlMachine: head01          # a CraneSched key cimage does not read
+Container:
+  Enabled: true
+  TempDir: supervisor/containers/
+  RuntimeEndpoint: /run/containerd/containerd.sock
+ImageCache:
+  Socket: /run/cimage/cimaged.sock
+  StateDir: cimage/
+  MaxConcurrentPulls: 3
+  PullTimeout: 10m
+  Registries:
+    "127.0.0.1:5000":
+      Insecure: true
+"#;
+
+    fn err(text: &str) -> String {
+        parse(text, Path::new("c.yaml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let s = parse(GOOD, Path::new("c.yaml")).unwrap();
+        assert_eq!(
+            s.runtime_endpoint,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert_eq!(s.image_endpoint, s.runtime_endpoint);
+        assert_eq!(s.state_dir, PathBuf::from("/var/crane/cimage/"));
+        assert_eq!(
+            s.temp_dir,
+            PathBuf::from("/var/crane/supervisor/containers/")
+        );
+        assert_eq!(s.image_cache.pull_timeout, Duration::from_secs(600));
+        assert!(s.registry("127.0.0.1:5000").insecure);
+        assert!(!s.registry("docker.io").insecure);
+        assert_eq!(s.image_cache.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
+    }
+
+    #[test]
+    fn disabled_container_support_is_refused() {
+        let e = err("Container:\n  Enabled: false\n  RuntimeEndpoint: /x.sock\n");
+        assert!(e.contains("container support is disabled"), "{e}");
+        let e = err("ImageCache: {}\n");
+        assert!(e.contains("container support is disabled"), "{e}");
+    }
+
+    #[test]
+    fn missing_runtime_endpoint_names_the_key() {
+        let e = err("Container:\n  Enabled: true\n");
+        assert!(e.contains("Container.RuntimeEndpoint"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_inside_known_sections_names_key_and_line() {
+        let e = err("Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n  MaxConcurentPulls: 3\n");
+        assert!(e.contains("MaxConcurentPulls"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        let e = err("Container:\n  Enabled: true\n  RuntimeEndpiont: /x.sock\n");
+        assert!(e.contains("RuntimeEndpiont") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_duration_name_the_line() {
+        let base = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
+        let e = err(&format!("{base}  MaxConcurrentPulls: lots\n"));
+        assert!(e.contains("line 5"), "{e}");
+        let e = err(&format!("{base}  PullTimeout: 10 minutes\n"));
+        assert!(e.contains("line 5") && e.contains("unit"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let base = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
+        assert!(err(&format!("{base}  MaxConcurrentPulls: 0\n")).contains("at least 1"));
+        assert!(err(&format!("{base}  Socket: relative.sock\n")).contains("absolute"));
+        assert!(
+            err("Container:\n  Enabled: true\n  RuntimeEndpoint: tcp://1.2.3.4:1\n")
+                .contains("unix")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        for (text, want) in [
+            ("500ms", Duration::from_millis(500)),
+            ("90s", Duration::from_secs(90)),
+            ("10m", Duration::from_secs(600)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("2d", Duration::from_secs(172800)),
+        ] {
+            assert_eq!(parse_duration(text).unwrap(), want, "{text}");
+            assert_eq!(parse_duration(&format_duration(want)).unwrap(), want);
+        }
+        for bad in ["", "10", "ten", "5 minutes", "3w", "m5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

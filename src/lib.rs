@@ -1,0 +1,18 @@
+//! cimage: image pre-pull and cache management for compute nodes that run batch jobs in
+//! containers through the Kubernetes Container Runtime Interface (CRI).
+//!
+//! The data path reads one way: [`api`] → [`policy`] → [`puller`] → [`cache`]. Outside systems sit
+//! behind small traits with a real implementation and a test double: [`runtime::ImageRuntime`]
+//! (CRI ImageService, real one in [`cri`]), [`registry::Registry`] (oci-client) and
+//! [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC.
+
+pub mod api;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod cri;
+pub mod policy;
+pub mod puller;
+pub mod reference;
+pub mod registry;
+pub mod runtime;

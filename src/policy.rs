@@ -1,0 +1,178 @@
+//! The pull decision, as pure functions over what the runtime holds.
+//!
+//! | policy        | image present                                      | image absent          |
+//! |---------------|----------------------------------------------------|-----------------------|
+//! | Never         | use it                                             | error, nothing contacted |
+//! | IfNotPresent  | use it                                             | pull                  |
+//! | Always        | HEAD the tag; same digest → use it, else pull      | pull                  |
+//! | unset         | Always for `:latest`/untagged, IfNotPresent otherwise                      ||
+//!
+//! A `@sha256:` reference is immutable: present means current, so it is never re-pulled.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::reference::ImageRef;
+
+/// When to contact the registry for an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PullPolicy {
+    /// Check the registry every time; pull when the tag moved.
+    Always,
+    /// Pull only when the runtime does not have the image.
+    IfNotPresent,
+    /// Never pull; fail when the runtime does not have the image.
+    Never,
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        })
+    }
+}
+
+impl FromStr for PullPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "always" => Ok(Self::Always),
+            "ifnotpresent" => Ok(Self::IfNotPresent),
+            "never" => Ok(Self::Never),
+            _ => Err(format!(
+                "unknown pull policy {s:?} (expected Always, IfNotPresent or Never)"
+            )),
+        }
+    }
+}
+
+/// The policy that applies when the request names none: `Always` for `:latest` or untagged
+/// references, `IfNotPresent` for other tags and for digests.
+pub fn effective(requested: Option<PullPolicy>, image: &ImageRef) -> PullPolicy {
+    requested.unwrap_or(if image.is_latest() {
+        PullPolicy::Always
+    } else {
+        PullPolicy::IfNotPresent
+    })
+}
+
+/// What to do about an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve the runtime's copy; the registry is not contacted.
+    UseCached,
+    /// Call the runtime's PullImage.
+    Pull,
+    /// Ask the registry for the tag's digest, then [`after_resolve`] decides.
+    Resolve,
+    /// Fail: the image is absent and the policy forbids pulling.
+    NotPresent,
+}
+
+/// Decides from the policy and whether the runtime has the image.
+pub fn decide(policy: PullPolicy, image: &ImageRef, present: bool) -> Decision {
+    match (policy, present) {
+        (PullPolicy::Never, false) => Decision::NotPresent,
+        (_, false) => Decision::Pull,
+        (PullPolicy::Always, true) if image.digest().is_none() => Decision::Resolve,
+        (_, true) => Decision::UseCached,
+    }
+}
+
+/// After a [`Decision::Resolve`]: the cached copy is current when the registry's digest for the
+/// tag is one of the digests the runtime recorded for this repository.
+pub fn after_resolve(image: &ImageRef, cached_repo_digests: &[String], resolved: &str) -> Decision {
+    let name = image.name();
+    let current = cached_repo_digests
+        .iter()
+        .filter_map(|rd| rd.split_once('@'))
+        .any(|(n, d)| n == name && d == resolved);
+    if current {
+        Decision::UseCached
+    } else {
+        Decision::Pull
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Decision::*;
+    use PullPolicy::*;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn r(s: &str) -> ImageRef {
+        ImageRef::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_policy_table() {
+        let tagged = r("127.0.0.1:5000/app:1");
+        let digest = r(&format!("127.0.0.1:5000/app@{D}"));
+        for (policy, image, present, want) in [
+            (Never, &tagged, true, UseCached),
+            (Never, &tagged, false, NotPresent),
+            (Never, &digest, false, NotPresent),
+            (IfNotPresent, &tagged, true, UseCached),
+            (IfNotPresent, &tagged, false, Pull),
+            (Always, &tagged, true, Resolve),
+            (Always, &tagged, false, Pull),
+            // A digest names immutable content: present means current under every policy.
+            (Always, &digest, true, UseCached),
+            (Always, &digest, false, Pull),
+            (IfNotPresent, &digest, true, UseCached),
+        ] {
+            assert_eq!(
+                decide(policy, image, present),
+                want,
+                "{policy} {image} {present}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_policy_by_tag() {
+        for (image, want) in [
+            ("busybox", Always),
+            ("busybox:latest", Always),
+            ("127.0.0.1:5000/app", Always),
+            ("127.0.0.1:5000/app:latest", Always),
+            ("127.0.0.1:5000/app:1", IfNotPresent),
+            ("127.0.0.1:5000/latest:1", IfNotPresent),
+        ] {
+            assert_eq!(effective(None, &r(image)), want, "{image}");
+        }
+        let d = r(&format!("127.0.0.1:5000/app@{D}"));
+        assert_eq!(effective(None, &d), IfNotPresent);
+        assert_eq!(effective(Some(Never), &r("busybox")), Never);
+    }
+
+    #[test]
+    fn always_uses_cache_only_when_digest_unchanged() {
+        let image = r("127.0.0.1:5000/app:1");
+        let cached = vec![
+            "127.0.0.1:5000/other@sha256:bb".to_string(),
+            "127.0.0.1:5000/app@sha256:aa".to_string(),
+        ];
+        assert_eq!(after_resolve(&image, &cached, "sha256:aa"), UseCached);
+        assert_eq!(after_resolve(&image, &cached, "sha256:cc"), Pull);
+        // The same digest under another repository does not make this tag current.
+        assert_eq!(after_resolve(&image, &cached, "sha256:bb"), Pull);
+        assert_eq!(after_resolve(&image, &[], "sha256:aa"), Pull);
+    }
+
+    #[test]
+    fn policy_names_parse_case_insensitively() {
+        assert_eq!("Always".parse::<PullPolicy>().unwrap(), Always);
+        assert_eq!("ifnotpresent".parse::<PullPolicy>().unwrap(), IfNotPresent);
+        assert_eq!("NEVER".parse::<PullPolicy>().unwrap(), Never);
+        assert!("sometimes"
+            .parse::<PullPolicy>()
+            .unwrap_err()
+            .contains("Always"));
+    }
+}

@@ -1,0 +1,728 @@
+//! Makes images ready: applies the pull policy, asks the registry when the policy needs it, and
+//! pulls through the runtime.
+//!
+//! Pulls are single-flight per (image, credential fingerprint): N concurrent requests for one cold
+//! image cause one `PullImage`, whose result they all share. The pull runs in its own task, so a
+//! requester that goes away does not cancel it for the others. A global limit and a per-registry
+//! limit bound how many pulls run at once; transient failures are retried with exponential backoff;
+//! the whole request has a deadline (`PullTimeout`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::cache::{Cache, CacheError, ImageRecord, Origin};
+use crate::config::{format_duration, Settings};
+use crate::policy::{self, Decision, PullPolicy};
+use crate::reference::{ImageRef, InvalidReference};
+use crate::registry::{Credentials, Registry, RegistryError};
+use crate::runtime::{ImageRuntime, RuntimeError, RuntimeImage};
+
+/// Limits and timings of the puller.
+#[derive(Debug, Clone)]
+pub struct PullerSettings {
+    /// Pulls that may run at once on the node.
+    pub max_concurrent_pulls: usize,
+    /// Per registry host, pulls that may run at once (default: the global limit).
+    pub per_registry: HashMap<String, usize>,
+    /// Deadline for one request, retries included.
+    pub pull_timeout: Duration,
+    /// Retries of a transient failure.
+    pub retries: u32,
+    /// First backoff delay; doubled on each retry.
+    pub backoff: Duration,
+}
+
+impl PullerSettings {
+    /// The puller's settings from the daemon's configuration.
+    pub fn from_settings(s: &Settings) -> Self {
+        let ic = &s.image_cache;
+        Self {
+            max_concurrent_pulls: ic.max_concurrent_pulls,
+            per_registry: ic
+                .registries
+                .iter()
+                .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
+                .collect(),
+            pull_timeout: ic.pull_timeout,
+            retries: ic.pull_retries,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One request to make an image ready.
+#[derive(Debug, Clone)]
+pub struct EnsureRequest {
+    /// The image reference as given.
+    pub image: String,
+    /// The policy asked for; `None` applies the default by tag.
+    pub policy: Option<PullPolicy>,
+    /// Registry credentials for this request, if any.
+    pub credentials: Option<Credentials>,
+    /// What the image is for (recorded in the index on first sight).
+    pub origin: Origin,
+}
+
+/// Whether the runtime's `PullImage` was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `PullImage` was called (by this request or by the one it joined).
+    Pulled,
+    /// The runtime's copy was used as it was.
+    Cached,
+}
+
+impl Action {
+    /// `pulled` or `cached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pulled => "pulled",
+            Action::Cached => "cached",
+        }
+    }
+}
+
+/// The outcome of a successful request.
+#[derive(Debug, Clone)]
+pub struct Ensured {
+    /// The normalised reference.
+    pub image: ImageRef,
+    /// The policy applied.
+    pub policy: PullPolicy,
+    /// What happened.
+    pub action: Action,
+    /// The manifest digest the reference stands for, if known.
+    pub digest: Option<String>,
+    /// The index record after this use.
+    pub record: ImageRecord,
+    /// How long the request took.
+    pub elapsed: Duration,
+}
+
+/// Why an image could not be made ready.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PullError {
+    /// The reference is malformed; nothing was contacted.
+    #[error(transparent)]
+    InvalidReference(#[from] InvalidReference),
+    /// The image is absent and the policy forbids pulling; nothing was contacted.
+    #[error("image {image} is not present and pull policy is {policy}")]
+    NotPresent {
+        /// The normalised reference.
+        image: String,
+        /// The policy that forbade the pull.
+        policy: PullPolicy,
+    },
+    /// The registry could not answer for the image.
+    #[error("cannot check image {image} at its registry: {source}")]
+    Registry {
+        /// The normalised reference.
+        image: String,
+        /// The registry's error.
+        source: RegistryError,
+    },
+    /// The runtime failed.
+    #[error("runtime failed to {what} image {image}: {source}")]
+    Runtime {
+        /// The normalised reference.
+        image: String,
+        /// `pull`, `look up`.
+        what: &'static str,
+        /// The runtime's error.
+        source: RuntimeError,
+    },
+    /// The deadline passed.
+    #[error("pull of image {image} did not finish within {after} (ImageCache.PullTimeout)")]
+    Timeout {
+        /// The normalised reference.
+        image: String,
+        /// The deadline, formatted.
+        after: String,
+    },
+    /// The index could not record the use.
+    #[error("image {image} is ready but the index failed: {message}")]
+    Index {
+        /// The normalised reference.
+        image: String,
+        /// The index's error.
+        message: String,
+    },
+}
+
+type FlightKey = (String, Option<String>);
+type Flight = Shared<BoxFuture<'static, Result<RuntimeImage, PullError>>>;
+
+/// The puller. Cheap to share behind an `Arc`.
+pub struct Puller {
+    runtime: Arc<dyn ImageRuntime>,
+    registry: Arc<dyn Registry>,
+    cache: Arc<Cache>,
+    settings: PullerSettings,
+    global: Arc<Semaphore>,
+    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    inflight: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+    fingerprint_salt: [u8; 16],
+}
+
+impl Puller {
+    /// A puller over the runtime, the registry and the cache.
+    pub fn new(
+        runtime: Arc<dyn ImageRuntime>,
+        registry: Arc<dyn Registry>,
+        cache: Arc<Cache>,
+        settings: PullerSettings,
+    ) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
+            runtime,
+            registry,
+            cache,
+            settings,
+            per_registry: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+            fingerprint_salt: rand::random(),
+        }
+    }
+
+    /// Makes `req.image` ready according to the policy and records the use.
+    pub async fn ensure(&self, req: EnsureRequest) -> Result<Ensured, PullError> {
+        let started = Instant::now();
+        let image = ImageRef::parse(&req.image)?;
+        let policy = policy::effective(req.policy, &image);
+        let deadline = self.settings.pull_timeout;
+        let work = self.decide_and_pull(&image, policy, req.credentials.as_ref());
+        let (rt_image, action) = match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(PullError::Timeout {
+                    image: image.to_string(),
+                    after: format_duration(deadline),
+                })
+            }
+        };
+        let digest = image
+            .digest()
+            .map(str::to_owned)
+            .or_else(|| image.digest_in(&rt_image.repo_digests).map(str::to_owned));
+        let record =
+            self.cache
+                .record_use(rt_image, req.origin)
+                .await
+                .map_err(|e: CacheError| PullError::Index {
+                    image: image.to_string(),
+                    message: e.to_string(),
+                })?;
+        let elapsed = started.elapsed();
+        info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
+        Ok(Ensured {
+            image,
+            policy,
+            action,
+            digest,
+            record,
+            elapsed,
+        })
+    }
+
+    async fn decide_and_pull(
+        &self,
+        image: &ImageRef,
+        policy: PullPolicy,
+        credentials: Option<&Credentials>,
+    ) -> Result<(RuntimeImage, Action), PullError> {
+        let name = image.to_string();
+        let present = retry(
+            self.settings.retries,
+            self.settings.backoff,
+            "look up",
+            || self.runtime.image_status(&name),
+        )
+        .await
+        .map_err(|source| PullError::Runtime {
+            image: name.clone(),
+            what: "look up",
+            source,
+        })?;
+        let mut decision = policy::decide(policy, image, present.is_some());
+        if decision == Decision::Resolve {
+            let cached = present.as_ref().expect("Resolve implies present");
+            let resolved = retry(
+                self.settings.retries,
+                self.settings.backoff,
+                "resolve",
+                || self.registry.resolve(image, credentials),
+            )
+            .await
+            .map_err(|source| PullError::Registry {
+                image: name.clone(),
+                source,
+            })?;
+            decision = policy::after_resolve(image, &cached.repo_digests, &resolved);
+        }
+        match decision {
+            Decision::UseCached => {
+                Ok((present.expect("UseCached implies present"), Action::Cached))
+            }
+            Decision::NotPresent => Err(PullError::NotPresent {
+                image: name,
+                policy,
+            }),
+            Decision::Pull => Ok((self.pull_shared(image, credentials).await?, Action::Pulled)),
+            Decision::Resolve => unreachable!("resolved above"),
+        }
+    }
+
+    fn fingerprint(&self, c: &Credentials) -> String {
+        let mut h = Sha256::new();
+        h.update(self.fingerprint_salt);
+        h.update(c.username.as_bytes());
+        h.update([0]);
+        h.update(c.password.as_bytes());
+        format!("{:x}", h.finalize())
+    }
+
+    fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
+        let mut map = self.per_registry.lock().unwrap();
+        map.entry(host.to_owned())
+            .or_insert_with(|| {
+                let n = self
+                    .settings
+                    .per_registry
+                    .get(host)
+                    .copied()
+                    .unwrap_or(self.settings.max_concurrent_pulls);
+                Arc::new(Semaphore::new(n))
+            })
+            .clone()
+    }
+
+    /// Joins the pull of `image` already under way for the same credentials, or starts one.
+    async fn pull_shared(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<RuntimeImage, PullError> {
+        let key: FlightKey = (image.to_string(), credentials.map(|c| self.fingerprint(c)));
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap();
+            if let Some(f) = inflight.get(&key) {
+                f.clone()
+            } else {
+                let task = tokio::spawn(pull_task(
+                    Arc::clone(&self.runtime),
+                    image.clone(),
+                    credentials.cloned(),
+                    Arc::clone(&self.global),
+                    self.registry_limit(image.registry()),
+                    self.settings.retries,
+                    self.settings.backoff,
+                    Arc::clone(&self.inflight),
+                    key.clone(),
+                ));
+                let image_name = image.to_string();
+                let f: Flight = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(PullError::Runtime {
+                            image: image_name,
+                            what: "pull",
+                            source: RuntimeError {
+                                op: "PullImage",
+                                kind: crate::runtime::RuntimeErrorKind::Other,
+                                message: format!("pull task failed: {e}"),
+                            },
+                        })
+                    })
+                }
+                .boxed()
+                .shared();
+                inflight.insert(key, f.clone());
+                f
+            }
+        };
+        flight.await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_task(
+    runtime: Arc<dyn ImageRuntime>,
+    image: ImageRef,
+    credentials: Option<Credentials>,
+    global: Arc<Semaphore>,
+    per_registry: Arc<Semaphore>,
+    retries: u32,
+    backoff: Duration,
+    inflight: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+    key: FlightKey,
+) -> Result<RuntimeImage, PullError> {
+    let name = image.to_string();
+    let result = async {
+        let _registry_permit = per_registry
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let _global_permit = global.acquire().await.expect("semaphore never closed");
+        let err = |source| PullError::Runtime {
+            image: name.clone(),
+            what: "pull",
+            source,
+        };
+        let id = retry(retries, backoff, "pull", || {
+            runtime.pull_image(&name, credentials.as_ref())
+        })
+        .await
+        .map_err(err)?;
+        let status = runtime.image_status(&id).await.map_err(err)?;
+        status.ok_or_else(|| {
+            err(RuntimeError {
+                op: "ImageStatus",
+                kind: crate::runtime::RuntimeErrorKind::NotFound,
+                message: format!("image {id} vanished right after it was pulled"),
+            })
+        })
+    }
+    .await;
+    inflight.lock().unwrap().remove(&key);
+    result
+}
+
+/// An error that knows whether a retry may help.
+trait Transient {
+    fn is_transient(&self) -> bool;
+}
+impl Transient for RuntimeError {
+    fn is_transient(&self) -> bool {
+        RuntimeError::is_transient(self)
+    }
+}
+impl Transient for RegistryError {
+    fn is_transient(&self) -> bool {
+        RegistryError::is_transient(self)
+    }
+}
+
+/// Runs `op`, retrying transient failures up to `retries` times with exponential backoff.
+async fn retry<T, E, F, Fut>(retries: u32, backoff: Duration, what: &str, mut op: F) -> Result<T, E>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && attempt < retries => {
+                let delay = backoff * 2u32.pow(attempt);
+                attempt += 1;
+                warn!(attempt, retries, delay_ms = delay.as_millis() as u64, error = %e, "{what} failed, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Index;
+    use crate::clock::ManualClock;
+    use crate::registry::fake::FakeRegistry;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::runtime::RuntimeErrorKind;
+    use std::sync::atomic::Ordering;
+
+    const APP: &str = "127.0.0.1:5000/app:1";
+    const ID1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const ID2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        rt: Arc<FakeRuntime>,
+        reg: Arc<FakeRegistry>,
+        puller: Arc<Puller>,
+        cache: Arc<Cache>,
+    }
+
+    fn rig(settings: PullerSettings) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let reg = Arc::new(FakeRegistry::default());
+        let cache = Arc::new(Cache::new(
+            Index::open(&dir.path().join("i.redb")).unwrap(),
+            rt.clone(),
+            Arc::new(ManualClock::new(1)),
+        ));
+        let puller = Arc::new(Puller::new(
+            rt.clone(),
+            reg.clone(),
+            cache.clone(),
+            settings,
+        ));
+        Rig {
+            _dir: dir,
+            rt,
+            reg,
+            puller,
+            cache,
+        }
+    }
+
+    fn settings() -> PullerSettings {
+        PullerSettings {
+            max_concurrent_pulls: 3,
+            per_registry: HashMap::new(),
+            pull_timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff: Duration::from_millis(1),
+        }
+    }
+
+    fn req(image: &str, policy: Option<PullPolicy>) -> EnsureRequest {
+        EnsureRequest {
+            image: image.into(),
+            policy,
+            credentials: None,
+            origin: Origin::Pull,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_policy_row() {
+        let r = rig(settings());
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        r.reg.set(APP, "sha256:d1");
+
+        // Never, absent: error, nothing contacted.
+        let e = r
+            .puller
+            .ensure(req(APP, Some(PullPolicy::Never)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("image {APP} is not present and pull policy is Never")
+        );
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 0);
+        assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 0);
+
+        // IfNotPresent, absent: pull.
+        let ok = r
+            .puller
+            .ensure(req(APP, Some(PullPolicy::IfNotPresent)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (ok.action, ok.digest.as_deref()),
+            (Action::Pulled, Some("sha256:d1"))
+        );
+
+        // IfNotPresent and Never, present: cached, registry untouched.
+        for p in [PullPolicy::IfNotPresent, PullPolicy::Never] {
+            let ok = r.puller.ensure(req(APP, Some(p))).await.unwrap();
+            assert_eq!(ok.action, Action::Cached);
+        }
+        assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 0);
+
+        // Always, present, digest unchanged: one resolve, no pull.
+        let ok = r
+            .puller
+            .ensure(req(APP, Some(PullPolicy::Always)))
+            .await
+            .unwrap();
+        assert_eq!(ok.action, Action::Cached);
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 1);
+        assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 1);
+
+        // Always, tag moved: pull.
+        r.rt.offer(APP, ID2, "sha256:d2", 10);
+        r.reg.set(APP, "sha256:d2");
+        let ok = r
+            .puller
+            .ensure(req(APP, Some(PullPolicy::Always)))
+            .await
+            .unwrap();
+        assert_eq!((ok.action, ok.record.id.as_str()), (Action::Pulled, ID2));
+
+        // Use counts accumulate per request.
+        assert_eq!(ok.record.use_count, 1);
+        let old = r
+            .cache
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|i| i.id == ID1)
+            .unwrap();
+        assert_eq!(old.use_count, 4);
+    }
+
+    #[tokio::test]
+    async fn default_policy_for_latest_checks_the_registry() {
+        let r = rig(settings());
+        let latest = "127.0.0.1:5000/app:latest";
+        r.rt.offer(latest, ID1, "sha256:d1", 10);
+        r.reg.set(latest, "sha256:d1");
+        assert_eq!(
+            r.puller
+                .ensure(req("127.0.0.1:5000/app", None))
+                .await
+                .unwrap()
+                .action,
+            Action::Pulled
+        );
+        let ok = r
+            .puller
+            .ensure(req("127.0.0.1:5000/app", None))
+            .await
+            .unwrap();
+        assert_eq!((ok.action, ok.policy), (Action::Cached, PullPolicy::Always));
+        assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn digest_reference_is_never_re_pulled() {
+        let r = rig(settings());
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let by_digest = format!("127.0.0.1:5000/app@{d}");
+        r.rt.offer(&by_digest, ID1, d, 10);
+        r.puller
+            .ensure(req(&by_digest, Some(PullPolicy::Always)))
+            .await
+            .unwrap();
+        let ok = r
+            .puller
+            .ensure(req(&by_digest, Some(PullPolicy::Always)))
+            .await
+            .unwrap();
+        assert_eq!(ok.action, Action::Cached);
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 1);
+        assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_pull() {
+        let r = rig(settings());
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        *r.rt.pull_delay.lock().unwrap() = Duration::from_millis(50);
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                let p = r.puller.clone();
+                tokio::spawn(
+                    async move { p.ensure(req(APP, Some(PullPolicy::IfNotPresent))).await },
+                )
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 1);
+        let rec = &r.cache.list().await.unwrap()[0];
+        assert_eq!(rec.use_count, 20);
+    }
+
+    #[tokio::test]
+    async fn global_limit_bounds_parallel_pulls() {
+        let mut s = settings();
+        s.max_concurrent_pulls = 2;
+        let r = rig(s);
+        *r.rt.pull_delay.lock().unwrap() = Duration::from_millis(30);
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let image = format!("127.0.0.1:5000/app{i}:1");
+                r.rt.offer(&image, &format!("sha256:{i:064}"), "sha256:d", 1);
+                let p = r.puller.clone();
+                tokio::spawn(async move { p.ensure(req(&image, None)).await })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 6);
+        assert_eq!(r.rt.max_parallel.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_permanent_ones_are_not() {
+        let r = rig(settings());
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        let transient = RuntimeError {
+            op: "PullImage",
+            kind: RuntimeErrorKind::Transient,
+            message: "connection refused".into(),
+        };
+        r.rt.pull_failures
+            .lock()
+            .unwrap()
+            .extend([transient.clone(), transient]);
+        r.puller.ensure(req(APP, None)).await.unwrap();
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 3);
+
+        let e = r
+            .puller
+            .ensure(req("127.0.0.1:5000/nope:1", None))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("nope:1") && e.to_string().contains("not found"),
+            "{e}"
+        );
+        assert_eq!(
+            r.rt.pulls.load(Ordering::SeqCst),
+            4,
+            "not found is not retried"
+        );
+    }
+
+    #[tokio::test]
+    async fn deadline_is_enforced() {
+        let mut s = settings();
+        s.pull_timeout = Duration::from_millis(50);
+        let r = rig(s);
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        *r.rt.pull_delay.lock().unwrap() = Duration::from_secs(5);
+        let e = r.puller.ensure(req(APP, None)).await.unwrap_err();
+        assert!(matches!(e, PullError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("50ms"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn always_fails_clearly_when_registry_is_down_but_others_serve_the_cache() {
+        let r = rig(settings());
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        r.puller.ensure(req(APP, None)).await.unwrap();
+        r.reg.down.store(true, Ordering::SeqCst);
+        for p in [PullPolicy::IfNotPresent, PullPolicy::Never] {
+            assert_eq!(
+                r.puller.ensure(req(APP, Some(p))).await.unwrap().action,
+                Action::Cached
+            );
+        }
+        let e = r
+            .puller
+            .ensure(req(APP, Some(PullPolicy::Always)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PullError::Registry { .. }));
+        assert!(
+            e.to_string().contains("unreachable") && e.to_string().contains(APP),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_reference_contacts_nothing() {
+        let r = rig(settings());
+        let e = r.puller.ensure(req("Not A Ref", None)).await.unwrap_err();
+        assert!(matches!(e, PullError::InvalidReference(_)));
+        assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 0);
+    }
+}

@@ -1,0 +1,290 @@
+//! The registry side, reached with oci-client: resolving a tag to its manifest digest with a HEAD
+//! request (cheap, and not counted as a pull by Docker Hub). The bytes themselves are pulled by the
+//! runtime through CRI so they land where containers need them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+
+use crate::config::RegistryConfig;
+use crate::reference::ImageRef;
+
+/// Registry credentials for one request. `Debug` and `Display` never show the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name (not secret, but only shown where needed).
+    pub username: String,
+    /// Password or token (secret).
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What kind of failure a registry request had; each is a distinct message and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryErrorKind {
+    /// The repository or tag does not exist.
+    NotFound,
+    /// The credentials were refused or are needed.
+    Unauthorized,
+    /// The registry could not be reached (connection refused, DNS, timeout).
+    Unreachable,
+    /// TLS verification failed.
+    Tls,
+    /// The registry answered with a server error (5xx, 429); may pass.
+    Server,
+    /// Anything else (malformed answers).
+    Other,
+}
+
+/// A failed registry request, naming the registry and the image.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("registry {registry}: {what} for {image}: {detail}")]
+pub struct RegistryError {
+    /// Registry host.
+    pub registry: String,
+    /// The image asked about.
+    pub image: String,
+    /// Classification.
+    pub kind: RegistryErrorKind,
+    /// Short description of the kind.
+    pub what: &'static str,
+    /// Details from the client (never credentials).
+    pub detail: String,
+}
+
+impl RegistryError {
+    /// Whether a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            RegistryErrorKind::Unreachable | RegistryErrorKind::Server
+        )
+    }
+}
+
+/// The parts of the OCI distribution API cimage needs.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Resolves a reference to its manifest digest (`sha256:…`) with a HEAD request. For a
+    /// multi-platform image this is the index digest, as the runtime records it.
+    async fn resolve(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<String, RegistryError>;
+}
+
+/// [`Registry`] over oci-client.
+///
+/// Anonymous requests share one client. A client remembers the first credentials it saw for a
+/// registry, so requests with credentials each get a client of their own: one tenant's
+/// credentials must never be used for another's request.
+pub struct OciRegistry {
+    anonymous: oci_client::Client,
+    insecure_hosts: Vec<String>,
+}
+
+impl OciRegistry {
+    /// Builds the registry client from the per-registry settings (`Insecure` hosts use HTTP).
+    pub fn new(registries: &BTreeMap<String, RegistryConfig>) -> Self {
+        let insecure_hosts: Vec<String> = registries
+            .iter()
+            .filter(|(_, r)| r.insecure)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let anonymous = oci_client::Client::new(Self::client_config(&insecure_hosts));
+        Self {
+            anonymous,
+            insecure_hosts,
+        }
+    }
+
+    fn client_config(insecure_hosts: &[String]) -> ClientConfig {
+        ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_hosts.to_vec()),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(30)),
+            ..ClientConfig::default()
+        }
+    }
+
+    fn classify(image: &ImageRef, err: OciDistributionError) -> RegistryError {
+        use RegistryErrorKind::*;
+        let (kind, what) = match &err {
+            OciDistributionError::AuthenticationFailure(_)
+            | OciDistributionError::UnauthorizedError { .. } => {
+                (Unauthorized, "access denied (wrong or missing credentials)")
+            }
+            OciDistributionError::ImageManifestNotFoundError(_) => (NotFound, "not found"),
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<String> = envelope
+                    .errors
+                    .iter()
+                    .map(|e| format!("{:?}", e.code).to_ascii_uppercase())
+                    .collect();
+                if codes
+                    .iter()
+                    .any(|c| c.contains("UNAUTHORIZED") || c.contains("DENIED"))
+                {
+                    (Unauthorized, "access denied (wrong or missing credentials)")
+                } else if codes.iter().any(|c| c.contains("UNKNOWN")) {
+                    (NotFound, "repository or tag not found")
+                } else {
+                    (Other, "request refused")
+                }
+            }
+            OciDistributionError::ServerError { code, .. } => match code {
+                401 | 403 => (Unauthorized, "access denied (wrong or missing credentials)"),
+                404 => (NotFound, "repository or tag not found"),
+                429 | 500..=599 => (Server, "registry error"),
+                _ => (Other, "unexpected answer"),
+            },
+            OciDistributionError::RequestError(e) => {
+                let chain = error_chain(e);
+                if chain.contains("certificate") || chain.contains("tls") {
+                    (Tls, "TLS verification failed")
+                } else if e.is_connect() || e.is_timeout() {
+                    (Unreachable, "unreachable")
+                } else {
+                    (Unreachable, "request failed")
+                }
+            }
+            _ => (Other, "unexpected answer"),
+        };
+        let detail = match &err {
+            OciDistributionError::RequestError(e) => error_chain(e),
+            other => other.to_string(),
+        };
+        RegistryError {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind,
+            what,
+            detail,
+        }
+    }
+}
+
+/// An error and its sources on one line: reqwest's top-level message alone hides the cause.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+#[async_trait]
+impl Registry for OciRegistry {
+    async fn resolve(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<String, RegistryError> {
+        let reference = image.to_oci();
+        let result = match credentials {
+            None => {
+                self.anonymous
+                    .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+                    .await
+            }
+            Some(c) => {
+                let client = oci_client::Client::new(Self::client_config(&self.insecure_hosts));
+                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
+                client.fetch_manifest_digest(&reference, &auth).await
+            }
+        };
+        result.map_err(|e| Self::classify(image, e))
+    }
+}
+
+/// A scripted [`Registry`] for unit tests.
+pub mod fake {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Answers `resolve` from a table of reference → digest; counts calls.
+    #[derive(Default)]
+    pub struct FakeRegistry {
+        /// reference (normalised string) → manifest digest.
+        pub digests: Mutex<HashMap<String, String>>,
+        /// When set, every request fails as unreachable.
+        pub down: std::sync::atomic::AtomicBool,
+        /// Number of `resolve` calls.
+        pub resolves: AtomicUsize,
+    }
+
+    impl FakeRegistry {
+        /// Sets what `reference` resolves to.
+        pub fn set(&self, reference: &str, digest: &str) {
+            self.digests
+                .lock()
+                .unwrap()
+                .insert(reference.to_owned(), digest.to_owned());
+        }
+    }
+
+    #[async_trait]
+    impl Registry for FakeRegistry {
+        async fn resolve(
+            &self,
+            image: &ImageRef,
+            _credentials: Option<&Credentials>,
+        ) -> Result<String, RegistryError> {
+            self.resolves.fetch_add(1, Ordering::SeqCst);
+            let err = |kind, what: &'static str| RegistryError {
+                registry: image.registry().into(),
+                image: image.to_string(),
+                kind,
+                what,
+                detail: "fake".into(),
+            };
+            if self.down.load(Ordering::SeqCst) {
+                return Err(err(RegistryErrorKind::Unreachable, "unreachable"));
+            }
+            self.digests
+                .lock()
+                .unwrap()
+                .get(&image.to_string())
+                .cloned()
+                .ok_or_else(|| err(RegistryErrorKind::NotFound, "repository or tag not found"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let c = Credentials {
+            username: "alice".into(),
+            password: "s3cr3t-pw".into(),
+        };
+        let shown = format!("{c:?} {:#?}", c);
+        assert!(shown.contains("alice"));
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+    }
+}
