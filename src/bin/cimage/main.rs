@@ -1,0 +1,189 @@
+//! cimage: the command-line client of cimaged.
+
+mod images;
+mod pin;
+mod pull;
+mod rm;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use cimage::api::pb::image_cache_client::ImageCacheClient;
+use cimage::reference::ImageRef;
+
+/// cimage: talk to cimaged, the node's image cache for containerized jobs.
+///
+/// Pull images under a pull policy, list and inspect what the node holds, and (as root or a
+/// member of ImageCache.AdminGroup) remove and pin images.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// cimaged's API socket.
+    #[arg(long, global = true, env = "CIMAGE_SOCKET", default_value = cimage::config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format for commands that print data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable text.
+    Table,
+    /// One JSON document on stdout.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make an image ready on this node under a pull policy.
+    Pull(pull::Args),
+    /// List the images the node holds, with usage.
+    Images(images::ListArgs),
+    /// Show one image (by reference, id or id prefix).
+    Inspect(images::InspectArgs),
+    /// Remove an image from the node (admin).
+    Rm(rm::Args),
+    /// Pin an image so it is never evicted (admin).
+    Pin(pin::Args),
+    /// Unpin an image (admin).
+    Unpin(pin::Args),
+    /// Show whether cimaged, the runtime and the index are healthy.
+    Status(status::Args),
+}
+
+/// A failure to report: one line on stderr, non-zero exit.
+pub struct Failure(pub String);
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure(s.message().to_owned())
+    }
+}
+
+/// Connects to cimaged, failing with a message that says what to check.
+pub async fn connect(socket: &Path) -> Result<ImageCacheClient<Channel>, Failure> {
+    if let Err(e) = tokio::net::UnixStream::connect(socket).await {
+        return Err(Failure(format!(
+            "cannot reach cimaged at {}: {e} (is cimaged running? use --socket or CIMAGE_SOCKET)",
+            socket.display()
+        )));
+    }
+    Ok(cimage::api::client(socket))
+}
+
+/// Checks an image argument locally so malformed input is refused before anything is contacted.
+/// Image ids (`sha256:…`) and id prefixes (6+ hex digits) are accepted where `ids` is true.
+pub fn check_image_arg(arg: &str, ids: bool) -> Result<(), Failure> {
+    let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+    if ids {
+        if let Some(rest) = arg.strip_prefix("sha256:") {
+            if rest.len() == 64 && hex(rest) {
+                return Ok(());
+            }
+        }
+        if arg.len() >= 6 && arg.len() <= 64 && hex(arg) {
+            return Ok(());
+        }
+    }
+    ImageRef::parse(arg)
+        .map(|_| ())
+        .map_err(|e| Failure(e.to_string()))
+}
+
+/// Bytes in binary units, e.g. `12.3 MiB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC (`2026-11-27T17:04:03Z`); `None` for 0 (never).
+pub fn rfc3339(ms: i64) -> Option<String> {
+    if ms <= 0 {
+        return None;
+    }
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    Some(format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pull(a) => pull::run(&cli.socket, a).await,
+        Command::Images(a) => images::list(&cli.socket, a).await,
+        Command::Inspect(a) => images::inspect(&cli.socket, a).await,
+        Command::Rm(a) => rm::run(&cli.socket, a).await,
+        Command::Pin(a) => pin::run(&cli.socket, a, true).await,
+        Command::Unpin(a) => pin::run(&cli.socket, a, false).await,
+        Command::Status(a) => status::run(&cli.socket, a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("cimage: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert_eq!(rfc3339(0), None);
+        assert_eq!(
+            rfc3339(1_795_798_243_000).as_deref(),
+            Some("2026-11-27T17:04:03Z")
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000).as_deref(),
+            Some("2000-02-29T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn image_args() {
+        assert!(check_image_arg("busybox:1", false).is_ok());
+        assert!(check_image_arg("abcdef12", true).is_ok());
+        assert!(
+            check_image_arg("abcdef12", false).is_ok(),
+            "also a valid repository name"
+        );
+        assert!(check_image_arg("Bad:Ref", true).is_err());
+    }
+}

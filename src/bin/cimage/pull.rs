@@ -1,0 +1,70 @@
+//! `cimage pull`: make an image ready under a pull policy.
+
+use std::path::Path;
+
+use cimage::api::pb;
+use cimage::policy::PullPolicy;
+use serde_json::json;
+
+use crate::{check_image_arg, connect, human_size, Failure, Output};
+
+/// Arguments of `cimage pull`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Image reference, e.g. 127.0.0.1:5000/app:1 or busybox@sha256:….
+    image: String,
+    /// Always (check the registry, pull if the tag moved), IfNotPresent, or Never. Default:
+    /// Always for :latest or untagged references, IfNotPresent otherwise.
+    #[arg(long, value_parser = |s: &str| s.parse::<PullPolicy>())]
+    policy: Option<PullPolicy>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "table")]
+    output: Output,
+}
+
+/// Runs `cimage pull`.
+pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
+    check_image_arg(&args.image, false)?;
+    let policy = match args.policy {
+        None => pb::PullPolicy::Unspecified,
+        Some(PullPolicy::Always) => pb::PullPolicy::Always,
+        Some(PullPolicy::IfNotPresent) => pb::PullPolicy::IfNotPresent,
+        Some(PullPolicy::Never) => pb::PullPolicy::Never,
+    };
+    let mut client = connect(socket).await?;
+    let r = client
+        .pull(pb::PullRequest {
+            image: args.image,
+            policy: policy as i32,
+        })
+        .await?
+        .into_inner();
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "image": r.image,
+                "digest": r.digest,
+                "image_id": r.image_id,
+                "action": r.action,
+                "policy": r.policy,
+                "seconds": r.seconds,
+                "size": r.size,
+            })
+        ),
+        Output::Table => println!(
+            "{} {} ({}, {}) in {:.3}s under policy {}",
+            r.action,
+            r.image,
+            if r.digest.is_empty() {
+                &r.image_id
+            } else {
+                &r.digest
+            },
+            human_size(r.size),
+            r.seconds,
+            r.policy
+        ),
+    }
+    Ok(())
+}

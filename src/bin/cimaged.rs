@@ -1,0 +1,213 @@
+//! cimaged: the per-node daemon. Keeps the index over the CRI runtime's images, applies pull
+//! policies, and serves the cimage API on a unix socket.
+
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use cimage::api::{self, peer, service::ImageCacheApi};
+use cimage::cache::{Cache, Index};
+use cimage::clock::SystemClock;
+use cimage::config::{self, format_duration, Settings};
+use cimage::cri::CriImageRuntime;
+use cimage::puller::{Puller, PullerSettings};
+use cimage::registry::OciRegistry;
+use cimage::runtime::ImageRuntime;
+
+/// cimaged: image pre-pull and cache management daemon for CRI compute nodes.
+///
+/// Reads the node's config (CraneSched's config.yaml or a file of its own with the same
+/// `Container` section plus an `ImageCache` section), then serves the cimage API on
+/// `ImageCache.Socket`. Log verbosity comes from CIMAGE_LOG (e.g. `debug`, `cimage=trace`).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/crane/config.yaml",
+        env = "CIMAGE_CONFIG"
+    )]
+    config: PathBuf,
+    /// Validate the configuration, print the resolved settings and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging();
+    let settings = match config::load(&args.config) {
+        Ok(s) => s,
+        Err(e) => {
+            // Disabled container support is an error too: the node asked for a daemon that has
+            // nothing to manage, and the service manager should say so.
+            eprintln!("cimaged: {e}");
+            std::process::exit(1);
+        }
+    };
+    if args.check_config {
+        print_settings(&settings);
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cimaged: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(settings)) {
+        error!("{e:#}");
+        eprintln!("cimaged: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIMAGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn print_settings(s: &Settings) {
+    let ic = &s.image_cache;
+    println!("config: {} is valid", s.source.display());
+    println!("runtime endpoint: {}", s.runtime_endpoint.display());
+    println!("image endpoint:   {}", s.image_endpoint.display());
+    println!("temp dir:         {}", s.temp_dir.display());
+    println!("index:            {}", s.index_path().display());
+    println!("socket:           {}", ic.socket.display());
+    println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
+    println!("pull timeout:     {}", format_duration(ic.pull_timeout));
+    println!("pull retries:     {}", ic.pull_retries);
+    println!(
+        "reconcile every:  {}",
+        format_duration(ic.reconcile_interval)
+    );
+    for (host, r) in &ic.registries {
+        println!(
+            "registry {host}: {}{}",
+            if r.insecure { "plain HTTP" } else { "HTTPS" },
+            r.max_concurrent_pulls
+                .map(|n| format!(", at most {n} pulls at once"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+async fn run(settings: Settings) -> Result<()> {
+    let ic = &settings.image_cache;
+    let admin_gid = ic
+        .admin_group
+        .as_deref()
+        .map(peer::resolve_group)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("ImageCache.AdminGroup")?;
+    let socket_gid = ic
+        .socket_group
+        .as_deref()
+        .map(peer::resolve_group)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("ImageCache.SocketGroup")?;
+
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
+    std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting mode 0700 on {}", settings.state_dir.display()))?;
+    let index = Index::open(&settings.index_path())?;
+
+    let runtime: Arc<dyn ImageRuntime> = Arc::new(CriImageRuntime::new(
+        &settings.image_endpoint,
+        ic.runtime_timeout,
+    ));
+    let cache = Arc::new(Cache::new(index, runtime.clone(), Arc::new(SystemClock)));
+    let registry = Arc::new(OciRegistry::new(&ic.registries));
+    let puller = Arc::new(Puller::new(
+        runtime.clone(),
+        registry,
+        cache.clone(),
+        PullerSettings::from_settings(&settings),
+    ));
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(reconcile_loop(
+        cache.clone(),
+        ic.reconcile_interval,
+        shutdown.clone(),
+    ));
+
+    let listener = api::bind_socket(&ic.socket, socket_gid)?;
+    info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
+    let service = ImageCacheApi::new(puller, cache, runtime, peer::AdminPolicy { admin_gid });
+
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        stop.cancel();
+    });
+
+    let served = api::serve(listener, service, shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    let _ = std::fs::remove_file(&ic.socket);
+    served.context("serving the API")?;
+    info!("cimaged stopped");
+    Ok(())
+}
+
+/// Reconciles at start-up (retrying every 5 s while the runtime is not reachable), then every
+/// `interval`.
+async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, shutdown: CancellationToken) {
+    let mut ever_ok = false;
+    loop {
+        let next = match cache.reconcile().await {
+            Ok(r) => {
+                if !ever_ok || r.added + r.removed + r.updated > 0 {
+                    info!(
+                        added = r.added,
+                        removed = r.removed,
+                        updated = r.updated,
+                        "index reconciled with the runtime"
+                    );
+                }
+                ever_ok = true;
+                interval
+            }
+            Err(e) => {
+                warn!("reconciliation failed: {e}");
+                if ever_ok {
+                    interval
+                } else {
+                    Duration::from_secs(5).min(interval)
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
