@@ -375,6 +375,7 @@ async fn pull_task(
             source,
         };
         let id = retry(retries, backoff, "pull", || {
+            tracing::debug!(image = %name, "calling PullImage");
             runtime.pull_image(&name, credentials.as_ref())
         })
         .await

@@ -1,0 +1,138 @@
+//! Builds small OCI images in memory and pushes them to the testbed registry with oci-client.
+//! Each image can carry a layer of random bytes so that it is cold (no blob shared with any other
+//! image) — what pull-counting tests and the benchmark need.
+
+use std::io::Write;
+
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+
+/// One layer: a tar of (path, contents, mode) entries.
+pub struct Layer(pub Vec<(String, Vec<u8>, u32)>);
+
+impl Layer {
+    /// busybox-static as /bin/busybox plus the applets the tests use, and /etc/passwd.
+    pub fn busybox() -> Self {
+        let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is needed");
+        let mut entries = vec![("bin/busybox".to_owned(), bb, 0o755)];
+        entries.push((
+            "etc/passwd".into(),
+            b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+            0o644,
+        ));
+        entries.push(("etc/group".into(), b"root:x:0:\n".to_vec(), 0o644));
+        Layer(entries)
+    }
+
+    /// A file of `bytes` random bytes, which makes the layer unique.
+    pub fn random(bytes: usize) -> Self {
+        let mut data = vec![0u8; bytes];
+        rand::fill(&mut data[..]);
+        Layer(vec![(
+            format!("data/{:016x}", rand::random::<u64>()),
+            data,
+            0o644,
+        )])
+    }
+
+    fn tar(&self, symlinks: bool) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data, mode) in &self.0 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(*mode);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, path, &data[..]).unwrap();
+        }
+        if symlinks && self.0.iter().any(|(p, _, _)| p == "bin/busybox") {
+            for applet in [
+                "sh", "sleep", "echo", "cat", "id", "pwd", "ps", "env", "true", "false", "ls",
+                "kill", "wc", "head", "seq", "printf", "date", "test", "grep", "touch", "mkdir",
+            ] {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                h.set_mtime(0);
+                b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+                    .unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+}
+
+/// The result of a push.
+pub struct Pushed {
+    /// `127.0.0.1:5000/repo:tag`.
+    pub reference: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// Digests of the layer and config blobs.
+    pub blobs: Vec<String>,
+}
+
+fn sha(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// Pushes an image made of `layers` to `registry` (plain HTTP) as `repo:tag`.
+pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: &[&str]) -> Pushed {
+    let mut oci_layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut blobs = Vec::new();
+    for l in layers {
+        let raw = l.tar(true);
+        diff_ids.push(sha(&raw));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let gz = gz.finish().unwrap();
+        blobs.push(sha(&gz));
+        oci_layers.push(ImageLayer::new(
+            gz,
+            IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
+            None,
+        ));
+    }
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/" },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    blobs.push(sha(&config));
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference: Reference = format!("{registry}/{repo}:{tag}").parse().unwrap();
+    client
+        .push(
+            &reference,
+            &oci_layers,
+            Config::new(config, IMAGE_CONFIG_MEDIA_TYPE.to_string(), None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pushing {reference}: {e}"));
+    let digest = client
+        .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+        .await
+        .unwrap();
+    Pushed {
+        reference: reference.whole(),
+        digest,
+        blobs,
+    }
+}

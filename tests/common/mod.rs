@@ -1,0 +1,280 @@
+//! Shared helpers for the integration tests. They run against the real testbed started by
+//! `scripts/testbed up` (containerd with its CRI plugin, runc, docker-registry on loopback), and
+//! start the real `cimaged` and `cimage` binaries.
+#![allow(dead_code)]
+
+pub mod images;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The running testbed's endpoints (from `$CIMAGE_TESTBED_DIR/env`).
+#[derive(Clone, Debug)]
+pub struct Testbed {
+    /// State directory.
+    pub dir: PathBuf,
+    /// containerd's socket.
+    pub cri: PathBuf,
+    /// `127.0.0.1:PORT`.
+    pub registry: String,
+    /// docker-registry's log (access log included).
+    pub registry_log: PathBuf,
+}
+
+impl Testbed {
+    /// Reads the testbed's env file; panics with instructions when the testbed is not up.
+    pub fn get() -> Self {
+        let dir =
+            std::env::var("CIMAGE_TESTBED_DIR").unwrap_or_else(|_| "/tmp/cimage-testbed".into());
+        let env_file = Path::new(&dir).join("env");
+        let text = std::fs::read_to_string(&env_file).unwrap_or_else(|e| {
+            panic!(
+                "the integration tests need the testbed: {} is unreadable ({e}). Run `scripts/testbed up` as root first (or the README's test command, which does).",
+                env_file.display()
+            )
+        });
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .unwrap_or_else(|| panic!("{k} missing in {}", env_file.display()))
+                .to_string()
+        };
+        Self {
+            dir: PathBuf::from(get("CIMAGE_TESTBED_DIR")),
+            cri: PathBuf::from(get("CIMAGE_TESTBED_CRI")),
+            registry: get("CIMAGE_TESTBED_REGISTRY"),
+            registry_log: PathBuf::from(get("CIMAGE_TESTBED_REGISTRY_LOG")),
+        }
+    }
+
+    /// Runs `scripts/testbed ARGS` against this testbed.
+    pub fn script(&self, args: &[&str]) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed");
+        let out = Command::new(script)
+            .args(args)
+            .env("CIMAGE_TESTBED_DIR", &self.dir)
+            .output()
+            .expect("running scripts/testbed");
+        assert!(
+            out.status.success(),
+            "testbed {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A mark in the registry's log; [`Testbed::registry_requests_since`] reads what came after.
+    pub fn registry_log_mark(&self) -> u64 {
+        std::fs::metadata(&self.registry_log)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Access-log requests (`METHOD PATH`) since `mark` whose path mentions `repo`.
+    pub fn registry_requests_since(&self, mark: u64, repo: &str) -> Vec<String> {
+        let bytes = std::fs::read(&self.registry_log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
+        let needle = format!("/v2/{repo}/");
+        text.lines()
+            .filter_map(|l| {
+                // Access-log lines: 127.0.0.1 - - [date] "GET /v2/x/manifests/1 HTTP/1.1" 200 …
+                let start = l.find("] \"")? + 3;
+                let rest = &l[start..];
+                let req = &rest[..rest.find(" HTTP/")?];
+                req.contains(&needle).then(|| req.to_owned())
+            })
+            .collect()
+    }
+
+    /// A repository name no other test uses.
+    pub fn unique_repo(prefix: &str) -> String {
+        format!("t-{prefix}-{:08x}", rand::random::<u32>())
+    }
+}
+
+/// A cimaged process of the test's own, with its own socket and index, over the shared runtime.
+pub struct Daemon {
+    pub testbed: Testbed,
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub extra_config: String,
+}
+
+impl Daemon {
+    /// Starts cimaged with the testbed's runtime and registry, plus `extra` lines appended under
+    /// `ImageCache:` (indented by two spaces).
+    pub fn start(extra: &str) -> Self {
+        let testbed = Testbed::get();
+        let dir = tempfile::Builder::new()
+            .prefix("cimaged-test-")
+            .tempdir()
+            .unwrap();
+        // Let unprivileged test callers reach the socket directory.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut d = Daemon {
+            testbed,
+            dir,
+            child: None,
+            extra_config: extra.to_owned(),
+        };
+        d.write_config();
+        d.spawn();
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("cimaged.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("cimaged.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn write_config(&self) {
+        let extra: String = self
+            .extra_config
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect();
+        let text = format!(
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Registries:\n    \"{reg}\":\n      Insecure: true\n{extra}",
+            base = self.dir.path().display(),
+            cri = self.testbed.cri.display(),
+            sock = self.socket().display(),
+            reg = self.testbed.registry,
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Starts the process and waits until it answers `cimage status`.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("CIMAGE_LOG", "info,cimage=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting cimaged");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.socket().exists() && self.cli(&["status"]).status.success() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cimaged exited with {st} during start-up:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cimaged did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs the daemon (no chance to clean up), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Runs the CLI against this daemon as root.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(None, args)
+    }
+
+    /// Runs the CLI as `uid:gid` (None: as the test process).
+    pub fn cli_as(&self, ids: Option<(u32, u32)>, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cimage"));
+        cmd.args(args)
+            .env("CIMAGE_SOCKET", self.socket())
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = ids {
+            // std drops root's supplementary groups when it switches to another uid.
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.output().expect("running cimage")
+    }
+
+    /// `cimage pull IMAGE --policy P -o json`, asserting success; returns the JSON.
+    pub fn pull_json(&self, image: &str, policy: Option<&str>) -> serde_json::Value {
+        let mut args = vec!["pull", image, "-o", "json"];
+        if let Some(p) = policy {
+            args.extend(["--policy", p]);
+        }
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "cimage {args:?} failed: {}\n{}",
+            stderr(&out),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("pull -o json prints one JSON object")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM first so the daemon removes its socket; SIGKILL if it does not stop.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// What `ctr -n k8s.io images ls -q` lists: an independent witness of the runtime's contents.
+pub fn ctr_images(testbed: &Testbed) -> Vec<String> {
+    let out = Command::new("ctr")
+        .args(["--address"])
+        .arg(&testbed.cri)
+        .args(["-n", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .expect("running ctr");
+    stdout(&out).lines().map(str::to_owned).collect()
+}
+
+/// A runtime for async helpers (image pushes) inside synchronous tests.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
