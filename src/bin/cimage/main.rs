@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(human_size(3 * 1024 * 1024 / 2), "1.5 MiB");
         assert_eq!(rfc3339(0), None);
         assert_eq!(
-            rfc3339(1_795_798_243_000).as_deref(),
+            rfc3339(1_795_799_043_000).as_deref(),
             Some("2026-11-27T17:04:03Z")
         );
         assert_eq!(

@@ -1,0 +1,297 @@
+//! cimage's benchmark: cimage measured side by side with the raw runtime in one run, against the
+//! testbed's real containerd and registry. Run it with `scripts/bench` (which starts a private
+//! testbed); it prints one table of ratios.
+//!
+//! - cold pull via cimage vs raw CRI `PullImage` (4 × 16 MiB layers; 100 small layers)
+//! - warm `IfNotPresent` through cimage's gRPC API (p50/p99), beside raw CRI `ImageStatus`
+//! - `Always` with an unchanged digest vs one registry HEAD
+//! - 50 concurrent requests for one cold image: `PullImage` calls and wall time vs one pull
+
+#[path = "../tests/common/images.rs"]
+mod images;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cimage::api::pb;
+use images::{push, Layer};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{ImageSpec, ImageStatusRequest, PullImageRequest, RemoveImageRequest};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use tonic::transport::Channel;
+
+const REPS: usize = 5;
+
+fn env_file() -> std::collections::HashMap<String, String> {
+    let dir = std::env::var("CIMAGE_TESTBED_DIR").unwrap_or_else(|_| "/tmp/cimage-testbed".into());
+    let text = std::fs::read_to_string(Path::new(&dir).join("env"))
+        .expect("the benchmark needs the testbed: run scripts/bench (or scripts/testbed up)");
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec { image: image.into(), ..Default::default() })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx]
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(cri: &str, registry: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cimaged.sock");
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  Registries:\n    \"{registry}\":\n      Insecure: true\n",
+                dir.path().display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("cimaged.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
+            .arg("--config")
+            .arg(&config)
+            .env("CIMAGE_LOG", "warn,cimage::puller=debug")
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Daemon { child, log, socket, _dir: dir }
+    }
+
+    fn pull_calls(&self, image: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("calling PullImage") && l.contains(image))
+            .count()
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+struct Bench {
+    cri: ImageServiceClient<Channel>,
+    api: pb::image_cache_client::ImageCacheClient<Channel>,
+}
+
+impl Bench {
+    async fn remove(&mut self, image: &str) {
+        let _ = self.cri.remove_image(RemoveImageRequest { image: spec(image) }).await;
+    }
+
+    async fn raw_pull(&mut self, image: &str) -> Duration {
+        let t = Instant::now();
+        self.cri
+            .pull_image(PullImageRequest { image: spec(image), auth: None, sandbox_config: None })
+            .await
+            .expect("raw PullImage");
+        t.elapsed()
+    }
+
+    async fn cimage_pull(&mut self, image: &str, policy: pb::PullPolicy) -> (Duration, String) {
+        let t = Instant::now();
+        let r = self
+            .api
+            .pull(pb::PullRequest { image: image.into(), policy: policy as i32 })
+            .await
+            .expect("cimage Pull")
+            .into_inner();
+        (t.elapsed(), r.action)
+    }
+
+    /// Median cold pull through cimage and through raw CRI, alternating which goes first.
+    async fn cold(&mut self, image: &str) -> (Duration, Duration) {
+        let (mut raw, mut via) = (Vec::new(), Vec::new());
+        for rep in 0..REPS {
+            for first_raw in [rep % 2 == 0, rep % 2 != 0] {
+                self.remove(image).await;
+                if first_raw {
+                    raw.push(self.raw_pull(image).await);
+                } else {
+                    let (d, action) = self.cimage_pull(image, pb::PullPolicy::IfNotPresent).await;
+                    assert_eq!(action, "pulled", "cold pull must pull");
+                    via.push(d);
+                }
+            }
+        }
+        (percentile(&mut via, 0.5), percentile(&mut raw, 0.5))
+    }
+}
+
+fn row(name: &str, cimage: String, raw: String, ratio: String, target: &str) {
+    println!("{name:<44} {cimage:>16} {raw:>16} {ratio:>8}  {target}");
+}
+
+#[tokio::main]
+async fn main() {
+    let env = env_file();
+    let registry = env["CIMAGE_TESTBED_REGISTRY"].clone();
+    let cri_path = env["CIMAGE_TESTBED_CRI"].clone();
+    let run = format!("{:06x}", rand::random::<u32>() & 0xffffff);
+
+    eprintln!("bench: pushing synthetic images to {registry} ...");
+    let big_layers: Vec<Layer> = (0..4).map(|_| Layer::random(16 << 20)).collect();
+    let big = push(&registry, &format!("bench-big-{run}"), "1", &big_layers, &["sh"]).await;
+    let many_layers: Vec<Layer> = (0..100).map(|_| Layer::random(8 << 10)).collect();
+    let many = push(&registry, &format!("bench-many-{run}"), "1", &many_layers, &["sh"]).await;
+    let herd_layers: Vec<Layer> = (0..4).map(|_| Layer::random(16 << 20)).collect();
+    let herd = push(&registry, &format!("bench-herd-{run}"), "1", &herd_layers, &["sh"]).await;
+
+    let daemon = Daemon::start(&cri_path, &registry);
+    let mut b = Bench {
+        cri: ImageServiceClient::new(cimage::cri::unix_channel(Path::new(&cri_path))),
+        api: cimage::api::client(&daemon.socket),
+    };
+
+    println!();
+    println!("cimage benchmark: containerd CRI at {cri_path}, docker-registry at {registry}");
+    println!("cold pulls: median of {REPS} each, cimage and raw alternating; latencies from the client's side");
+    println!();
+    row("measurement", "cimage".into(), "raw runtime".into(), "ratio".into(), "target");
+    println!("{}", "-".repeat(100));
+
+    eprintln!("bench: cold pulls ...");
+    for (label, image) in [("cold pull, 4 x 16 MiB layers", &big.reference), ("cold pull, 100 x 8 KiB layers", &many.reference)] {
+        let (via, raw) = b.cold(image).await;
+        row(
+            label,
+            format!("{:.1} ms", ms(via)),
+            format!("{:.1} ms", ms(raw)),
+            format!("{:.3}x", ms(via) / ms(raw)),
+            "<= 1.05x",
+        );
+    }
+
+    eprintln!("bench: warm IfNotPresent ...");
+    let image = big.reference.clone();
+    b.cimage_pull(&image, pb::PullPolicy::IfNotPresent).await;
+    let (mut warm, mut status) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        let t = Instant::now();
+        b.cri
+            .image_status(ImageStatusRequest { image: spec(&image), verbose: false })
+            .await
+            .unwrap();
+        status.push(t.elapsed());
+        let (d, action) = b.cimage_pull(&image, pb::PullPolicy::IfNotPresent).await;
+        assert_eq!(action, "cached");
+        warm.push(d);
+    }
+    let (w50, w99) = (percentile(&mut warm, 0.5), percentile(&mut warm, 0.99));
+    let (s50, s99) = (percentile(&mut status, 0.5), percentile(&mut status, 0.99));
+    row(
+        "warm IfNotPresent p50 (raw: ImageStatus)",
+        format!("{:.2} ms", ms(w50)),
+        format!("{:.2} ms", ms(s50)),
+        format!("{:.2}x", ms(w50) / ms(s50)),
+        "",
+    );
+    row(
+        "warm IfNotPresent p99 (raw: ImageStatus)",
+        format!("{:.2} ms", ms(w99)),
+        format!("{:.2} ms", ms(s99)),
+        format!("{:.2}x", ms(w99) / ms(s99)),
+        "p99 <= 5 ms",
+    );
+
+    eprintln!("bench: Always with unchanged digest ...");
+    let oci = oci_client::Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let reference: oci_client::Reference = image.parse().unwrap();
+    let (mut always, mut head) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t = Instant::now();
+        oci.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous).await.unwrap();
+        head.push(t.elapsed());
+        let (d, action) = b.cimage_pull(&image, pb::PullPolicy::Always).await;
+        assert_eq!(action, "cached");
+        always.push(d);
+    }
+    let (a50, h50) = (percentile(&mut always, 0.5), percentile(&mut head, 0.5));
+    row(
+        "Always, digest unchanged p50 (raw: one HEAD)",
+        format!("{:.2} ms", ms(a50)),
+        format!("{:.2} ms", ms(h50)),
+        format!("{:.2}x", ms(a50) / ms(h50)),
+        "no PullImage",
+    );
+
+    eprintln!("bench: 50 concurrent requests for one cold image ...");
+    b.remove(&herd.reference).await;
+    let one = b.raw_pull(&herd.reference).await;
+    b.remove(&herd.reference).await;
+    let before = daemon.pull_calls(&herd.reference);
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let mut api = b.api.clone();
+            let image = herd.reference.clone();
+            tokio::spawn(async move {
+                api.pull(pb::PullRequest { image, policy: pb::PullPolicy::IfNotPresent as i32 })
+                    .await
+                    .expect("herd pull")
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let wall = t.elapsed();
+    let calls = daemon.pull_calls(&herd.reference) - before;
+    row(
+        "50 concurrent requests, one cold image",
+        format!("{:.1} ms", ms(wall)),
+        format!("{:.1} ms", ms(one)),
+        format!("{:.3}x", ms(wall) / ms(one)),
+        "<= 1.1x",
+    );
+    row("  PullImage calls for those 50 requests", format!("{calls}"), "-".into(), "-".into(), "= 1");
+    println!("{}", "-".repeat(100));
+    println!("cimaged peak RSS: {:.1} MiB", daemon.peak_rss_kib() as f64 / 1024.0);
+
+    for image in [&big.reference, &many.reference, &herd.reference] {
+        b.remove(image).await;
+    }
+}
