@@ -35,7 +35,10 @@ fn env_file() -> std::collections::HashMap<String, String> {
 }
 
 fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec { image: image.into(), ..Default::default() })
+    Some(ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -84,7 +87,12 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        Daemon { child, log, socket, _dir: dir }
+        Daemon {
+            child,
+            log,
+            socket,
+            _dir: dir,
+        }
     }
 
     fn pull_calls(&self, image: &str) -> usize {
@@ -96,7 +104,8 @@ impl Daemon {
     }
 
     fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -119,13 +128,20 @@ struct Bench {
 
 impl Bench {
     async fn remove(&mut self, image: &str) {
-        let _ = self.cri.remove_image(RemoveImageRequest { image: spec(image) }).await;
+        let _ = self
+            .cri
+            .remove_image(RemoveImageRequest { image: spec(image) })
+            .await;
     }
 
     async fn raw_pull(&mut self, image: &str) -> Duration {
         let t = Instant::now();
         self.cri
-            .pull_image(PullImageRequest { image: spec(image), auth: None, sandbox_config: None })
+            .pull_image(PullImageRequest {
+                image: spec(image),
+                auth: None,
+                sandbox_config: None,
+            })
             .await
             .expect("raw PullImage");
         t.elapsed()
@@ -135,7 +151,10 @@ impl Bench {
         let t = Instant::now();
         let r = self
             .api
-            .pull(pb::PullRequest { image: image.into(), policy: policy as i32 })
+            .pull(pb::PullRequest {
+                image: image.into(),
+                policy: policy as i32,
+            })
             .await
             .expect("cimage Pull")
             .into_inner();
@@ -174,11 +193,32 @@ async fn main() {
 
     eprintln!("bench: pushing synthetic images to {registry} ...");
     let big_layers: Vec<Layer> = (0..4).map(|_| Layer::random(16 << 20)).collect();
-    let big = push(&registry, &format!("bench-big-{run}"), "1", &big_layers, &["sh"]).await;
+    let big = push(
+        &registry,
+        &format!("bench-big-{run}"),
+        "1",
+        &big_layers,
+        &["sh"],
+    )
+    .await;
     let many_layers: Vec<Layer> = (0..100).map(|_| Layer::random(8 << 10)).collect();
-    let many = push(&registry, &format!("bench-many-{run}"), "1", &many_layers, &["sh"]).await;
+    let many = push(
+        &registry,
+        &format!("bench-many-{run}"),
+        "1",
+        &many_layers,
+        &["sh"],
+    )
+    .await;
     let herd_layers: Vec<Layer> = (0..4).map(|_| Layer::random(16 << 20)).collect();
-    let herd = push(&registry, &format!("bench-herd-{run}"), "1", &herd_layers, &["sh"]).await;
+    let herd = push(
+        &registry,
+        &format!("bench-herd-{run}"),
+        "1",
+        &herd_layers,
+        &["sh"],
+    )
+    .await;
 
     let daemon = Daemon::start(&cri_path, &registry);
     let mut b = Bench {
@@ -190,11 +230,20 @@ async fn main() {
     println!("cimage benchmark: containerd CRI at {cri_path}, docker-registry at {registry}");
     println!("cold pulls: median of {REPS} each, cimage and raw alternating; latencies from the client's side");
     println!();
-    row("measurement", "cimage".into(), "raw runtime".into(), "ratio".into(), "target");
+    row(
+        "measurement",
+        "cimage".into(),
+        "raw runtime".into(),
+        "ratio".into(),
+        "target",
+    );
     println!("{}", "-".repeat(100));
 
     eprintln!("bench: cold pulls ...");
-    for (label, image) in [("cold pull, 4 x 16 MiB layers", &big.reference), ("cold pull, 100 x 8 KiB layers", &many.reference)] {
+    for (label, image) in [
+        ("cold pull, 4 x 16 MiB layers", &big.reference),
+        ("cold pull, 100 x 8 KiB layers", &many.reference),
+    ] {
         let (via, raw) = b.cold(image).await;
         row(
             label,
@@ -212,7 +261,10 @@ async fn main() {
     for _ in 0..1000 {
         let t = Instant::now();
         b.cri
-            .image_status(ImageStatusRequest { image: spec(&image), verbose: false })
+            .image_status(ImageStatusRequest {
+                image: spec(&image),
+                verbose: false,
+            })
             .await
             .unwrap();
         status.push(t.elapsed());
@@ -238,12 +290,17 @@ async fn main() {
     );
 
     eprintln!("bench: Always with unchanged digest ...");
-    let oci = oci_client::Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let oci = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
     let reference: oci_client::Reference = image.parse().unwrap();
     let (mut always, mut head) = (Vec::new(), Vec::new());
     for _ in 0..200 {
         let t = Instant::now();
-        oci.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous).await.unwrap();
+        oci.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+            .await
+            .unwrap();
         head.push(t.elapsed());
         let (d, action) = b.cimage_pull(&image, pb::PullPolicy::Always).await;
         assert_eq!(action, "cached");
@@ -269,9 +326,12 @@ async fn main() {
             let mut api = b.api.clone();
             let image = herd.reference.clone();
             tokio::spawn(async move {
-                api.pull(pb::PullRequest { image, policy: pb::PullPolicy::IfNotPresent as i32 })
-                    .await
-                    .expect("herd pull")
+                api.pull(pb::PullRequest {
+                    image,
+                    policy: pb::PullPolicy::IfNotPresent as i32,
+                })
+                .await
+                .expect("herd pull")
             })
         })
         .collect();
@@ -287,9 +347,18 @@ async fn main() {
         format!("{:.3}x", ms(wall) / ms(one)),
         "<= 1.1x",
     );
-    row("  PullImage calls for those 50 requests", format!("{calls}"), "-".into(), "-".into(), "= 1");
+    row(
+        "  PullImage calls for those 50 requests",
+        format!("{calls}"),
+        "-".into(),
+        "-".into(),
+        "= 1",
+    );
     println!("{}", "-".repeat(100));
-    println!("cimaged peak RSS: {:.1} MiB", daemon.peak_rss_kib() as f64 / 1024.0);
+    println!(
+        "cimaged peak RSS: {:.1} MiB",
+        daemon.peak_rss_kib() as f64 / 1024.0
+    );
 
     for image in [&big.reference, &many.reference, &herd.reference] {
         b.remove(image).await;
