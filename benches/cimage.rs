@@ -8,6 +8,7 @@
 //! - 50 concurrent requests for one cold image: `PullImage` calls and wall time vs one pull
 
 #[path = "../tests/common/images.rs"]
+#[allow(dead_code)]
 mod images;
 
 use std::path::{Path, PathBuf};
