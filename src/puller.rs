@@ -129,7 +129,7 @@ pub enum PullError {
         source: RegistryError,
     },
     /// The runtime failed.
-    #[error("runtime failed to {what} image {image}: {source}")]
+    #[error("{}", runtime_failure(image, what, source))]
     Runtime {
         /// The normalised reference.
         image: String,
@@ -154,6 +154,17 @@ pub enum PullError {
         /// The index's error.
         message: String,
     },
+}
+
+/// One line that leads with what happened, then the runtime's own words.
+fn runtime_failure(image: &str, what: &str, e: &RuntimeError) -> String {
+    use crate::runtime::RuntimeErrorKind::*;
+    match e.kind {
+        NotFound => format!("image {image} was not found at its registry ({e})"),
+        Unauthorized => format!("the registry refused access to image {image} ({e})"),
+        Unavailable => format!("cannot {what} image {image}: the runtime is not answering ({e})"),
+        _ => format!("runtime failed to {what} image {image}: {e}"),
+    }
 }
 
 type FlightKey = (String, Option<String>);
