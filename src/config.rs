@@ -27,6 +27,8 @@ pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_PULL_RETRIES: u32 = 3;
 /// Default for `ImageCache.ReconcileInterval`.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.Launcher.StopGracePeriod`.
+pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default for `ImageCache.RuntimeTimeout`.
 pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -97,6 +99,43 @@ pub struct ImageCacheConfig {
     /// Per-registry settings, keyed by registry host (`host[:port]`).
     #[serde(default)]
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// How job tasks are run in containers.
+    #[serde(default)]
+    pub launcher: LauncherConfig,
+}
+
+/// The `ImageCache.Launcher` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct LauncherConfig {
+    /// Host directories under which job mounts may lie (checked after resolving symlinks and `..`).
+    /// Empty: no host mounts at all.
+    #[serde(default)]
+    pub allowed_mount_prefixes: Vec<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when a task is cancelled or exceeds its time limit.
+    #[serde(
+        default = "default_stop_grace_period",
+        deserialize_with = "de_duration"
+    )]
+    pub stop_grace_period: Duration,
+    /// Where step logs go (one directory per job); relative to `CraneBaseDir`. Default:
+    /// `Container.TempDir`.
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for LauncherConfig {
+    fn default() -> Self {
+        Self {
+            allowed_mount_prefixes: Vec::new(),
+            stop_grace_period: DEFAULT_STOP_GRACE_PERIOD,
+            log_dir: None,
+        }
+    }
+}
+
+fn default_stop_grace_period() -> Duration {
+    DEFAULT_STOP_GRACE_PERIOD
 }
 
 /// Settings for one registry host.
@@ -124,6 +163,7 @@ impl Default for ImageCacheConfig {
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
             registries: BTreeMap::new(),
+            launcher: LauncherConfig::default(),
         }
     }
 }
@@ -206,6 +246,8 @@ pub struct Settings {
     pub temp_dir: PathBuf,
     /// Absolute directory of the index.
     pub state_dir: PathBuf,
+    /// Absolute directory of step logs.
+    pub log_dir: PathBuf,
     /// The `ImageCache` section as written (with defaults).
     pub image_cache: ImageCacheConfig,
 }
@@ -321,12 +363,31 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             format!("{:?} must be an absolute path", ic.socket),
         ));
     }
+    for prefix in &ic.launcher.allowed_mount_prefixes {
+        if !prefix.is_absolute() {
+            return Err(invalid(
+                "ImageCache.Launcher.AllowedMountPrefixes",
+                format!("{} must be an absolute path", prefix.display()),
+            ));
+        }
+    }
+    if ic.launcher.stop_grace_period > Duration::from_secs(3600) {
+        return Err(invalid(
+            "ImageCache.Launcher.StopGracePeriod",
+            "must be at most 1h".into(),
+        ));
+    }
     let base = config.crane_base_dir;
+    let temp_dir = base.join(&container.temp_dir);
     Ok(Settings {
         source: path.to_owned(),
         runtime_endpoint,
         image_endpoint,
-        temp_dir: base.join(&container.temp_dir),
+        log_dir: match &ic.launcher.log_dir {
+            Some(d) => base.join(d),
+            None => temp_dir.clone(),
+        },
+        temp_dir,
         state_dir: base.join(&ic.state_dir),
         image_cache: ic,
     })

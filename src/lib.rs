@@ -11,6 +11,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod cri;
+pub mod launcher;
 pub mod policy;
 pub mod puller;
 pub mod reference;

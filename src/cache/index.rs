@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::runtime::RuntimeImage;
 
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// How an image came to be on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,7 +118,8 @@ pub struct ReconcileReport {
 
 /// The redb-backed index.
 pub struct Index {
-    db: Database,
+    db: std::sync::Arc<Database>,
+    instance: String,
 }
 
 impl Index {
@@ -133,8 +135,38 @@ impl Index {
         })?;
         let tx = db.begin_write().map_err(ctx(what.clone()))?;
         tx.open_table(IMAGES).map_err(ctx(what.clone()))?;
+        let instance = {
+            let mut meta = tx.open_table(META).map_err(ctx(what.clone()))?;
+            let existing = meta
+                .get("instance")
+                .map_err(ctx(what.clone()))?
+                .map(|v| v.value().to_owned());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = format!("{:016x}", rand::random::<u64>());
+                    meta.insert("instance", id.as_str())
+                        .map_err(ctx(what.clone()))?;
+                    id
+                }
+            }
+        };
         tx.commit().map_err(ctx(what))?;
-        Ok(Self { db })
+        Ok(Self {
+            db: std::sync::Arc::new(db),
+            instance,
+        })
+    }
+
+    /// This daemon's instance id, made once when the index is created. Pods and containers carry
+    /// it as a label, so that several daemons sharing one runtime never touch each other's.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The database, for other durable state kept beside the index (jobs and tasks).
+    pub fn database(&self) -> std::sync::Arc<Database> {
+        std::sync::Arc::clone(&self.db)
     }
 
     fn decode(id: &str, bytes: &[u8]) -> Result<ImageRecord, IndexError> {

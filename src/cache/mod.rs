@@ -53,6 +53,7 @@ pub struct Cache {
     runtime: Arc<dyn ImageRuntime>,
     clock: Arc<dyn Clock>,
     last_reconcile: AtomicI64,
+    in_use: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Cache {
@@ -63,7 +64,39 @@ impl Cache {
             runtime,
             clock,
             last_reconcile: AtomicI64::new(0),
+            in_use: Default::default(),
         }
+    }
+
+    /// The index (for its instance id and database).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Marks an image as in use by a running step; eviction never touches it until released.
+    pub fn mark_in_use(&self, id: &str) {
+        *self
+            .in_use
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_insert(0) += 1;
+    }
+
+    /// Releases one in-use mark taken by [`Cache::mark_in_use`].
+    pub fn release_in_use(&self, id: &str) {
+        let mut m = self.in_use.lock().unwrap();
+        if let Some(n) = m.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(id);
+            }
+        }
+    }
+
+    /// Whether a running step uses the image.
+    pub fn is_in_use(&self, id: &str) -> bool {
+        self.in_use.lock().unwrap().contains_key(id)
     }
 
     /// The runtime this cache sits over.

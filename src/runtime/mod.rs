@@ -220,3 +220,9 @@ pub mod fake {
         }
     }
 }
+
+pub mod task;
+pub use task::{
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, DeviceSpec, MountSpec, PodInfo,
+    PodSpec, TaskRuntime,
+};

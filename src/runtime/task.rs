@@ -1,0 +1,389 @@
+//! The CRI RuntimeService as the launcher sees it: pod sandboxes and containers. The real
+//! implementation is [`crate::cri::CriTaskRuntime`]; unit tests use [`fake::FakeTaskRuntime`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::RuntimeError;
+
+/// A pod sandbox to create: one per job, host network, PID and IPC namespaces shared by its steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    /// Sandbox name (metadata.name).
+    pub name: String,
+    /// Unique id of this sandbox (metadata.uid).
+    pub uid: String,
+    /// Metadata namespace.
+    pub namespace: String,
+    /// Host name inside the pod.
+    pub hostname: String,
+    /// Absolute directory where the runtime writes the containers' logs.
+    pub log_directory: PathBuf,
+    /// Labels (cimage marker, instance, job, uid).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A host path mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Canonical host path.
+    pub host_path: PathBuf,
+    /// Path inside the container.
+    pub container_path: String,
+    /// Mounted read-only.
+    pub readonly: bool,
+}
+
+/// A host device passed into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Host device path.
+    pub host_path: PathBuf,
+    /// Path inside the container.
+    pub container_path: String,
+}
+
+/// A container to create in a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Container name (metadata.name), unique in the pod.
+    pub name: String,
+    /// Image id or reference.
+    pub image: String,
+    /// Overrides the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory ("" for the image's).
+    pub working_dir: String,
+    /// Host paths to mount.
+    pub mounts: Vec<MountSpec>,
+    /// Devices by path.
+    pub devices: Vec<DeviceSpec>,
+    /// Devices by CDI name (`vendor.com/class=name`).
+    pub cdi_devices: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Log file path relative to the pod's log directory.
+    pub log_path: String,
+    /// uid to run as (None: the image's user).
+    pub run_as_user: Option<u32>,
+    /// gid to run as.
+    pub run_as_group: Option<u32>,
+    /// Read-only root filesystem.
+    pub readonly_rootfs: bool,
+}
+
+/// A container's lifecycle state as the runtime reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Finished.
+    Exited,
+    /// The runtime does not know.
+    Unknown,
+}
+
+/// A container's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerStatus {
+    /// Container id.
+    pub id: String,
+    /// State.
+    pub state: ContainerState,
+    /// Exit code once exited (128+N when killed by signal N).
+    pub exit_code: i32,
+    /// The runtime's short reason (e.g. `Completed`, `Error`, `OOMKilled`).
+    pub reason: String,
+    /// The runtime's message.
+    pub message: String,
+}
+
+/// A pod sandbox found in the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Sandbox id.
+    pub id: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether it is ready (not stopped).
+    pub ready: bool,
+}
+
+/// A container found in the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Container id.
+    pub id: String,
+    /// Its pod's id.
+    pub pod_id: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its state.
+    pub state: ContainerState,
+}
+
+/// The node's container runtime (CRI RuntimeService).
+#[async_trait]
+pub trait TaskRuntime: Send + Sync {
+    /// Creates and starts a pod sandbox; returns its id.
+    async fn run_pod(&self, spec: &PodSpec) -> Result<String, RuntimeError>;
+    /// Stops a pod sandbox and every container in it. Stopping a missing pod is not an error.
+    async fn stop_pod(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Removes a stopped pod sandbox. Removing a missing pod is not an error.
+    async fn remove_pod(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Pods whose labels include all of `labels`.
+    async fn list_pods(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<PodInfo>, RuntimeError>;
+    /// Creates a container in a pod; returns its id.
+    async fn create_container(
+        &self,
+        pod_id: &str,
+        pod: &PodSpec,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError>;
+    /// Starts a created container.
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// A container's status; `None` if the runtime does not know it.
+    async fn container_status(&self, id: &str) -> Result<Option<ContainerStatus>, RuntimeError>;
+    /// Stops a container: SIGTERM, then SIGKILL after `grace`. Stopping a missing one is not an error.
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
+    /// Removes a container. Removing a missing one is not an error.
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Containers whose labels include all of `labels`.
+    async fn list_containers(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<ContainerInfo>, RuntimeError>;
+}
+
+/// An in-memory runtime for the launcher's unit tests: a started container "runs" for a scripted
+/// time and exits with a scripted code, unless stopped.
+pub mod fake {
+    use super::*;
+    use crate::runtime::RuntimeErrorKind;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// How a fake container behaves once started.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Script {
+        /// How long it runs.
+        pub runs_for: Duration,
+        /// Its exit code.
+        pub exit_code: i32,
+    }
+
+    #[derive(Debug)]
+    struct FakeContainer {
+        pod: String,
+        labels: BTreeMap<String, String>,
+        started: Option<Instant>,
+        stopped_with: Option<i32>,
+        script: Script,
+    }
+
+    /// In-memory [`TaskRuntime`].
+    #[derive(Default)]
+    pub struct FakeTaskRuntime {
+        pods: Mutex<HashMap<String, (BTreeMap<String, String>, bool)>>,
+        containers: Mutex<HashMap<String, FakeContainer>>,
+        next: Mutex<u64>,
+        /// Script for the next containers created (default: exit 0 at once).
+        pub script: Mutex<Option<Script>>,
+        /// Calls that fail: operation name → message.
+        pub failing: Mutex<HashMap<&'static str, String>>,
+        /// Every call made, in order (operation name).
+        pub calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl FakeTaskRuntime {
+        fn call(&self, op: &'static str) -> Result<(), RuntimeError> {
+            self.calls.lock().unwrap().push(op);
+            match self.failing.lock().unwrap().get(op) {
+                Some(m) => Err(RuntimeError {
+                    op,
+                    kind: RuntimeErrorKind::Other,
+                    message: m.clone(),
+                }),
+                None => Ok(()),
+            }
+        }
+
+        fn id(&self, prefix: &str) -> String {
+            let mut n = self.next.lock().unwrap();
+            *n += 1;
+            format!("{prefix}{n}")
+        }
+
+        /// Pods that exist now.
+        pub fn pod_count(&self) -> usize {
+            self.pods.lock().unwrap().len()
+        }
+
+        /// Containers that exist now.
+        pub fn container_count(&self) -> usize {
+            self.containers.lock().unwrap().len()
+        }
+
+        /// Adds a pod as if someone else had created it.
+        pub fn add_pod(&self, labels: BTreeMap<String, String>) -> String {
+            let id = self.id("pod");
+            self.pods.lock().unwrap().insert(id.clone(), (labels, true));
+            id
+        }
+
+        fn state(c: &FakeContainer) -> (ContainerState, i32) {
+            if let Some(code) = c.stopped_with {
+                return (ContainerState::Exited, code);
+            }
+            match c.started {
+                None => (ContainerState::Created, 0),
+                Some(t) if t.elapsed() >= c.script.runs_for => {
+                    (ContainerState::Exited, c.script.exit_code)
+                }
+                Some(_) => (ContainerState::Running, 0),
+            }
+        }
+    }
+
+    fn matches(have: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
+        want.iter().all(|(k, v)| have.get(k) == Some(v))
+    }
+
+    #[async_trait]
+    impl TaskRuntime for FakeTaskRuntime {
+        async fn run_pod(&self, spec: &PodSpec) -> Result<String, RuntimeError> {
+            self.call("RunPodSandbox")?;
+            let id = self.id("pod");
+            self.pods
+                .lock()
+                .unwrap()
+                .insert(id.clone(), (spec.labels.clone(), true));
+            Ok(id)
+        }
+        async fn stop_pod(&self, id: &str) -> Result<(), RuntimeError> {
+            self.call("StopPodSandbox")?;
+            if let Some(p) = self.pods.lock().unwrap().get_mut(id) {
+                p.1 = false;
+            }
+            for c in self.containers.lock().unwrap().values_mut() {
+                if c.pod == id && c.stopped_with.is_none() {
+                    c.stopped_with = Some(137);
+                }
+            }
+            Ok(())
+        }
+        async fn remove_pod(&self, id: &str) -> Result<(), RuntimeError> {
+            self.call("RemovePodSandbox")?;
+            self.pods.lock().unwrap().remove(id);
+            self.containers.lock().unwrap().retain(|_, c| c.pod != id);
+            Ok(())
+        }
+        async fn list_pods(
+            &self,
+            labels: &BTreeMap<String, String>,
+        ) -> Result<Vec<PodInfo>, RuntimeError> {
+            Ok(self
+                .pods
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, (l, _))| matches(l, labels))
+                .map(|(id, (l, ready))| PodInfo {
+                    id: id.clone(),
+                    labels: l.clone(),
+                    ready: *ready,
+                })
+                .collect())
+        }
+        async fn create_container(
+            &self,
+            pod_id: &str,
+            _pod: &PodSpec,
+            spec: &ContainerSpec,
+        ) -> Result<String, RuntimeError> {
+            self.call("CreateContainer")?;
+            let id = self.id("ctr");
+            let script = self.script.lock().unwrap().unwrap_or(Script {
+                runs_for: Duration::ZERO,
+                exit_code: 0,
+            });
+            self.containers.lock().unwrap().insert(
+                id.clone(),
+                FakeContainer {
+                    pod: pod_id.to_owned(),
+                    labels: spec.labels.clone(),
+                    started: None,
+                    stopped_with: None,
+                    script,
+                },
+            );
+            Ok(id)
+        }
+        async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+            self.call("StartContainer")?;
+            if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                c.started = Some(Instant::now());
+            }
+            Ok(())
+        }
+        async fn container_status(
+            &self,
+            id: &str,
+        ) -> Result<Option<ContainerStatus>, RuntimeError> {
+            Ok(self.containers.lock().unwrap().get(id).map(|c| {
+                let (state, exit_code) = Self::state(c);
+                ContainerStatus {
+                    id: id.to_owned(),
+                    state,
+                    exit_code,
+                    reason: String::new(),
+                    message: String::new(),
+                }
+            }))
+        }
+        async fn stop_container(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+            self.call("StopContainer")?;
+            if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                if Self::state(c).0 != ContainerState::Exited {
+                    c.stopped_with = Some(128 + 15);
+                }
+            }
+            Ok(())
+        }
+        async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+            self.call("RemoveContainer")?;
+            self.containers.lock().unwrap().remove(id);
+            Ok(())
+        }
+        async fn list_containers(
+            &self,
+            labels: &BTreeMap<String, String>,
+        ) -> Result<Vec<ContainerInfo>, RuntimeError> {
+            Ok(self
+                .containers
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, c)| matches(&c.labels, labels))
+                .map(|(id, c)| ContainerInfo {
+                    id: id.clone(),
+                    pod_id: c.pod.clone(),
+                    labels: c.labels.clone(),
+                    state: Self::state(c).0,
+                })
+                .collect())
+        }
+    }
+}
