@@ -117,7 +117,7 @@ mod tests {
         let got = tail.read(&path);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].text, "one\n");
-        write!(f, "o\n").unwrap();
+        writeln!(f, "o").unwrap();
         let got = tail.read(&path);
         assert_eq!(
             (got[0].stream, got[0].text.as_str()),

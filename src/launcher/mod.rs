@@ -757,7 +757,7 @@ impl Launcher {
                 (j, ts)
             })
             .collect();
-        out.sort_by(|a, b| b.0.created.cmp(&a.0.created));
+        out.sort_by_key(|j| std::cmp::Reverse(j.0.created));
         Ok(out)
     }
 

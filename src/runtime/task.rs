@@ -193,10 +193,13 @@ pub mod fake {
         script: Script,
     }
 
+    /// A fake pod: its labels and whether it is ready.
+    type FakePod = (BTreeMap<String, String>, bool);
+
     /// In-memory [`TaskRuntime`].
     #[derive(Default)]
     pub struct FakeTaskRuntime {
-        pods: Mutex<HashMap<String, (BTreeMap<String, String>, bool)>>,
+        pods: Mutex<HashMap<String, FakePod>>,
         containers: Mutex<HashMap<String, FakeContainer>>,
         next: Mutex<u64>,
         /// Script for the next containers created (default: exit 0 at once).
