@@ -3,6 +3,7 @@
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
 //! Domain errors become `tonic::Status` codes here ([`service`]).
 
+pub mod launcher;
 pub mod peer;
 pub mod service;
 
@@ -52,13 +53,22 @@ pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListe
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
-    service: service::ImageCacheApi,
+    images: service::ImageCacheApi,
+    launcher: launcher::LauncherApi,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(pb::image_cache_server::ImageCacheServer::new(service))
+        .add_service(pb::image_cache_server::ImageCacheServer::new(images))
+        .add_service(pb::launcher_server::LauncherServer::new(launcher))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
+}
+
+/// A launcher client for the API at a unix socket.
+pub fn launcher_client(
+    path: &Path,
+) -> pb::launcher_client::LauncherClient<tonic::transport::Channel> {
+    pb::launcher_client::LauncherClient::new(crate::cri::unix_channel(path))
 }
 
 /// A client for the API at a unix socket (used by the CLI and the tests).

@@ -13,11 +13,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use cimage::api::{self, peer, service::ImageCacheApi};
+use cimage::api::{self, launcher::LauncherApi, peer, service::ImageCacheApi};
 use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
 use cimage::config::{self, format_duration, Settings};
-use cimage::cri::CriImageRuntime;
+use cimage::cri::{CriImageRuntime, CriTaskRuntime};
+use cimage::launcher::{Launcher, LauncherSettings};
 use cimage::puller::{Puller, PullerSettings};
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
@@ -148,7 +149,24 @@ async fn run(settings: Settings) -> Result<()> {
         PullerSettings::from_settings(&settings),
     ));
 
+    let clock = Arc::new(SystemClock);
+    let launcher = Launcher::new(
+        Arc::new(CriTaskRuntime::new(
+            &settings.runtime_endpoint,
+            ic.runtime_timeout,
+        )),
+        puller.clone(),
+        cache.clone(),
+        clock,
+        LauncherSettings {
+            allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
+            stop_grace: ic.launcher.stop_grace_period,
+            log_dir: settings.log_dir.clone(),
+        },
+    )?;
+
     let shutdown = CancellationToken::new();
+    tokio::spawn(recover_loop(launcher.clone(), shutdown.clone()));
     tokio::spawn(reconcile_loop(
         cache.clone(),
         ic.reconcile_interval,
@@ -157,7 +175,9 @@ async fn run(settings: Settings) -> Result<()> {
 
     let listener = api::bind_socket(&ic.socket, socket_gid)?;
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
-    let service = ImageCacheApi::new(puller, cache, runtime, peer::AdminPolicy { admin_gid });
+    let admin = peer::AdminPolicy { admin_gid };
+    let images = ImageCacheApi::new(puller, cache, runtime, admin);
+    let launcher_api = LauncherApi::new(launcher, admin);
 
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -170,12 +190,41 @@ async fn run(settings: Settings) -> Result<()> {
         stop.cancel();
     });
 
-    let served = api::serve(listener, service, shutdown.clone().cancelled_owned()).await;
+    let served = api::serve(
+        listener,
+        images,
+        launcher_api,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await;
     shutdown.cancel();
     let _ = std::fs::remove_file(&ic.socket);
     served.context("serving the API")?;
     info!("cimaged stopped");
     Ok(())
+}
+
+/// Re-attaches tasks and sweeps orphans once the runtime answers (retrying every 5 s).
+async fn recover_loop(launcher: Arc<Launcher>, shutdown: CancellationToken) {
+    loop {
+        match launcher.recover().await {
+            Ok(r) => {
+                info!(
+                    reattached = r.reattached,
+                    finished = r.finished,
+                    orphan_pods = r.orphan_pods,
+                    orphan_containers = r.orphan_containers,
+                    "launcher recovered its tasks"
+                );
+                return;
+            }
+            Err(e) => warn!("task recovery failed, retrying in 5s: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Reconciles at start-up (retrying every 5 s while the runtime is not reachable), then every

@@ -159,6 +159,9 @@ pub enum LaunchError {
     /// The durable state failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The runtime could not be asked.
+    #[error("{0}")]
+    Runtime(String),
 }
 
 /// What [`Launcher::recover`] did.
@@ -867,16 +870,29 @@ impl Launcher {
     /// claims.
     pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, LaunchError> {
         let mut report = RecoveryReport::default();
-        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        let (_, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        // Ask the runtime everything first: if it cannot answer, nothing is decided and the
+        // caller retries later (a task must not be declared lost because containerd was down).
+        let rt_err = |e: crate::runtime::RuntimeError| LaunchError::Runtime(e.to_string());
+        let ours = self.ours();
+        let pods = self.rt.list_pods(&ours).await.map_err(rt_err)?;
+        let containers = self.rt.list_containers(&ours).await.map_err(rt_err)?;
+        let mut statuses = HashMap::new();
+        for t in tasks.iter().filter(|t| !t.cleaned) {
+            if let Some(cid) = &t.container_id {
+                let st = self.rt.container_status(cid).await.map_err(rt_err)?;
+                statuses.insert(cid.clone(), st);
+            }
+        }
         for task in tasks.iter().filter(|t| !t.cleaned) {
             let mut task = task.clone();
             if let Some(img) = &task.image_id {
                 self.cache.mark_in_use(img);
             }
-            let status = match &task.container_id {
-                Some(cid) => self.rt.container_status(cid).await.ok().flatten(),
-                None => None,
-            };
+            let status = task
+                .container_id
+                .as_ref()
+                .and_then(|cid| statuses.get(cid).cloned().flatten());
             let cancel = CancellationToken::new();
             match status {
                 _ if task.state.is_final() => {
@@ -913,47 +929,40 @@ impl Launcher {
                 }
             }
         }
-        let ours = self.ours();
+        // Re-read: the cleanups above may have ended jobs and released containers.
+        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
         let claimed_pods: Vec<&str> = jobs
             .iter()
             .filter(|j| j.ended.is_none())
             .filter_map(|j| j.sandbox_id.as_deref())
             .collect();
-        match self.rt.list_pods(&ours).await {
-            Ok(pods) => {
-                for pod in pods
-                    .iter()
-                    .filter(|p| !claimed_pods.contains(&p.id.as_str()))
-                {
-                    info!(pod = %pod.id, job = pod.labels.get(LABEL_JOB).map(String::as_str).unwrap_or("?"), "removing orphan pod");
-                    let _ = self.rt.stop_pod(&pod.id).await;
-                    if self.rt.remove_pod(&pod.id).await.is_ok() {
-                        report.orphan_pods += 1;
-                    }
-                }
+        for pod in pods
+            .iter()
+            .filter(|p| !claimed_pods.contains(&p.id.as_str()))
+        {
+            let job = pod.labels.get(LABEL_JOB).map(String::as_str).unwrap_or("?");
+            info!(pod = %pod.id, job, "removing orphan pod");
+            let _ = self.rt.stop_pod(&pod.id).await;
+            match self.rt.remove_pod(&pod.id).await {
+                Ok(()) => report.orphan_pods += 1,
+                Err(e) => warn!(pod = %pod.id, "cannot remove orphan pod: {e}"),
             }
-            Err(e) => warn!("cannot list pods for the orphan sweep: {e}"),
         }
-        let tasks = self.blocking(|s| s.tasks()).await?;
         let claimed: Vec<&str> = tasks
             .iter()
             .filter(|t| !t.cleaned)
             .filter_map(|t| t.container_id.as_deref())
             .collect();
-        match self.rt.list_containers(&ours).await {
-            Ok(containers) => {
-                for c in containers
-                    .iter()
-                    .filter(|c| !claimed.contains(&c.id.as_str()))
-                {
-                    info!(container = %c.id, "removing orphan container");
-                    let _ = self.rt.stop_container(&c.id, Duration::ZERO).await;
-                    if self.rt.remove_container(&c.id).await.is_ok() {
-                        report.orphan_containers += 1;
-                    }
-                }
+        for c in containers
+            .iter()
+            .filter(|c| !claimed.contains(&c.id.as_str()))
+        {
+            info!(container = %c.id, "removing orphan container");
+            let _ = self.rt.stop_container(&c.id, Duration::ZERO).await;
+            match self.rt.remove_container(&c.id).await {
+                Ok(()) => report.orphan_containers += 1,
+                Err(e) => warn!(container = %c.id, "cannot remove orphan container: {e}"),
             }
-            Err(e) => warn!("cannot list containers for the orphan sweep: {e}"),
         }
         Ok(report)
     }

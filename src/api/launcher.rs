@@ -1,0 +1,273 @@
+//! The `Launcher` gRPC service: turns requests into [`LaunchSpec`]s for the caller established
+//! from peer credentials, and launcher events into the streamed `TaskEvent`s.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use super::pb;
+use super::peer::AdminPolicy;
+use super::service::caller;
+use crate::launcher::logs::{Chunk, Stream as OutStream};
+use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError};
+use crate::launcher::store::{JobRecord, TaskRecord};
+use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
+use crate::policy::PullPolicy;
+
+/// The service implementation.
+pub struct LauncherApi {
+    launcher: Arc<Launcher>,
+    admin: AdminPolicy,
+}
+
+impl LauncherApi {
+    /// A service over the daemon's launcher.
+    pub fn new(launcher: Arc<Launcher>, admin: AdminPolicy) -> Self {
+        Self { launcher, admin }
+    }
+
+    fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let c = caller(req)?;
+        Ok(Principal {
+            uid: c.uid,
+            gid: c.gid,
+            admin: self.admin.is_admin(&c),
+        })
+    }
+}
+
+/// Maps a launcher failure to a status.
+pub fn launch_status(e: &LaunchError) -> Status {
+    let code = match e {
+        LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
+        LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
+        LaunchError::NotFound(_) => Code::NotFound,
+        LaunchError::Conflict(_) => Code::FailedPrecondition,
+        LaunchError::Index(_) => Code::Internal,
+        LaunchError::Runtime(_) => Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn chunk_pb(c: Chunk) -> pb::LogChunk {
+    pb::LogChunk {
+        stderr: c.stream == OutStream::Stderr,
+        data: c.text.into_bytes(),
+    }
+}
+
+fn event_pb(e: TaskEvent) -> pb::TaskEvent {
+    use pb::task_event::Event as E;
+    let event = match e.event {
+        Event::Accepted { job, step } => E::Accepted(pb::Accepted { job, step }),
+        Event::SandboxReady { sandbox_id } => E::SandboxReady(pb::SandboxReady { sandbox_id }),
+        Event::ImageReady { image, action } => E::ImageReady(pb::ImageReady {
+            image,
+            action: action.as_str().to_owned(),
+        }),
+        Event::ContainerCreated { container_id } => {
+            E::ContainerCreated(pb::ContainerCreated { container_id })
+        }
+        Event::Started => E::Started(pb::Started {}),
+        Event::Output(c) => E::Output(chunk_pb(c)),
+        Event::Exited {
+            exit_code,
+            signal,
+            reason,
+        } => E::Exited(pb::Exited {
+            exit_code,
+            signal: signal.unwrap_or(0),
+            reason,
+        }),
+        Event::CleanedUp => E::CleanedUp(pb::CleanedUp {}),
+        Event::Failed { stage, message } => E::Failed(pb::Failed {
+            stage: stage.as_str().to_owned(),
+            message,
+        }),
+    };
+    pb::TaskEvent {
+        task_id: e.task_id,
+        time: e.time_ms,
+        event: Some(event),
+    }
+}
+
+/// A task record as the API shows it.
+pub fn task_pb(t: &TaskRecord) -> pb::Task {
+    let (failure_stage, failure_message) = t.failure.clone().unwrap_or_default();
+    pb::Task {
+        id: t.id.clone(),
+        job: t.job.clone(),
+        step: t.step,
+        uid: t.uid,
+        image: t.image.clone(),
+        state: t.state.as_str().to_owned(),
+        exit_code: t.exit_code,
+        signal: t.signal.unwrap_or(0),
+        failure_stage,
+        failure_message,
+        created: t.created,
+        started: t.started.unwrap_or(0),
+        finished: t.finished.unwrap_or(0),
+        container_id: t.container_id.clone().unwrap_or_default(),
+        log_path: t.log_path.display().to_string(),
+    }
+}
+
+fn job_pb(j: &JobRecord, tasks: &[TaskRecord]) -> pb::Job {
+    pb::Job {
+        id: j.id.clone(),
+        uid: j.uid,
+        one_off: j.one_off,
+        sandbox_id: j.sandbox_id.clone().unwrap_or_default(),
+        created: j.created,
+        ended: j.ended.unwrap_or(0),
+        tasks: tasks.iter().map(|t| t.id.clone()).collect(),
+        running: tasks.iter().filter(|t| !t.state.is_final()).count() as u32,
+    }
+}
+
+fn policy(p: i32) -> Result<Option<PullPolicy>, Status> {
+    match pb::PullPolicy::try_from(p) {
+        Ok(pb::PullPolicy::Unspecified) => Ok(None),
+        Ok(pb::PullPolicy::Always) => Ok(Some(PullPolicy::Always)),
+        Ok(pb::PullPolicy::IfNotPresent) => Ok(Some(PullPolicy::IfNotPresent)),
+        Ok(pb::PullPolicy::Never) => Ok(Some(PullPolicy::Never)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown pull policy value {p}"
+        ))),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::launcher_server::Launcher for LauncherApi {
+    type LaunchStream = BoxStream<pb::TaskEvent>;
+    type LogsStream = BoxStream<pb::LogChunk>;
+
+    async fn launch(
+        &self,
+        req: Request<pb::LaunchRequest>,
+    ) -> Result<Response<Self::LaunchStream>, Status> {
+        let who = self.principal(&req)?;
+        let r = req.into_inner();
+        if r.gid.is_some() && r.uid.is_none() {
+            return Err(Status::invalid_argument(
+                "a gid needs a uid (--user UID:GID)",
+            ));
+        }
+        let spec = LaunchSpec {
+            job: (!r.job.is_empty()).then_some(r.job),
+            step: r.step,
+            image: r.image,
+            policy: policy(r.policy)?,
+            command: r.command,
+            env: r.env.into_iter().map(|e| (e.name, e.value)).collect(),
+            workdir: r.workdir,
+            user: r.uid.map(|u| (u, r.gid)),
+            mounts: r
+                .mounts
+                .into_iter()
+                .map(|m| MountRequest {
+                    source: m.source.into(),
+                    target: m.target,
+                    readonly: m.readonly,
+                })
+                .collect(),
+            devices: r.devices,
+            readonly_rootfs: r.readonly_rootfs,
+            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+            credentials: None,
+        };
+        let (_, rx) = self
+            .launcher
+            .launch(who, spec)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        let stream = UnboundedReceiverStream::new(rx).map(|e| Ok(event_pb(e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel(&self, req: Request<pb::TaskRef>) -> Result<Response<pb::Task>, Status> {
+        let who = self.principal(&req)?;
+        let t = self
+            .launcher
+            .cancel(who, &req.into_inner().task_id)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        Ok(Response::new(task_pb(&t)))
+    }
+
+    async fn get_task(&self, req: Request<pb::TaskRef>) -> Result<Response<pb::Task>, Status> {
+        let who = self.principal(&req)?;
+        let t = self
+            .launcher
+            .task(who, &req.into_inner().task_id)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        Ok(Response::new(task_pb(&t)))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let who = self.principal(&req)?;
+        let tasks = self
+            .launcher
+            .tasks(who, req.into_inner().all)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(task_pb).collect(),
+        }))
+    }
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let who = self.principal(&req)?;
+        let r = req.into_inner();
+        let rx = self
+            .launcher
+            .logs(who, &r.task_id, r.follow)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        let stream = UnboundedReceiverStream::new(rx).map(|c| Ok(chunk_pb(c)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.principal(&req)?;
+        let jobs = self
+            .launcher
+            .jobs(who)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(|(j, t)| job_pb(j, t)).collect(),
+        }))
+    }
+
+    async fn end_job(&self, req: Request<pb::EndJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let who = self.principal(&req)?;
+        let id = req.into_inner().job;
+        let job = self
+            .launcher
+            .end_job(who, &id)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        let tasks = self.launcher.tasks(who, true).await.unwrap_or_default();
+        let mine: Vec<TaskRecord> = tasks.into_iter().filter(|t| t.job == job.id).collect();
+        Ok(Response::new(job_pb(&job, &mine)))
+    }
+}
