@@ -115,6 +115,7 @@ pub fn task_pb(t: &TaskRecord) -> pb::Task {
         finished: t.finished.unwrap_or(0),
         container_id: t.container_id.clone().unwrap_or_default(),
         log_path: t.log_path.display().to_string(),
+        cleaned_up: t.cleaned,
     }
 }
 

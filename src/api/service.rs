@@ -258,6 +258,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             images,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_reconcile: self.cache.last_reconcile(),
+            instance: self.cache.index().instance().to_owned(),
         }))
     }
 }

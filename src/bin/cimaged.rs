@@ -177,7 +177,7 @@ async fn run(settings: Settings) -> Result<()> {
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
     let images = ImageCacheApi::new(puller, cache, runtime, admin);
-    let launcher_api = LauncherApi::new(launcher, admin);
+    let launcher_api = LauncherApi::new(launcher.clone(), admin);
 
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -199,6 +199,7 @@ async fn run(settings: Settings) -> Result<()> {
     .await;
     shutdown.cancel();
     let _ = std::fs::remove_file(&ic.socket);
+    launcher.drain(Duration::from_secs(15)).await;
     served.context("serving the API")?;
     info!("cimaged stopped");
     Ok(())

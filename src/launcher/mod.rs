@@ -865,6 +865,26 @@ impl Launcher {
         Ok(rx)
     }
 
+    /// Before the daemon exits: waits (up to `limit`) for tasks that have finished but are still
+    /// being cleaned up. Tasks still running are left running; the next start re-attaches them.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let live: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
+            let busy = match self.blocking(|s| s.tasks()).await {
+                Ok(tasks) => tasks
+                    .iter()
+                    .any(|t| live.contains(&t.id) && !t.cleaned && t.state != TaskState::Running),
+                Err(_) => false,
+            };
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!("shutting down with task cleanups still in progress; the next start finishes them");
+    }
+
     /// After a (re)start: re-attaches running tasks, finishes those that ended or were lost while
     /// the daemon was down, and removes pods and containers of this instance that no job or task
     /// claims.

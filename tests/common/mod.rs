@@ -113,6 +113,7 @@ impl Daemon {
             .unwrap();
         // Let unprivileged test callers reach the socket directory.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let mut d = Daemon {
             testbed,
             dir,
@@ -147,7 +148,7 @@ impl Daemon {
             .map(|l| format!("  {l}\n"))
             .collect();
         let text = format!(
-            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Registries:\n    \"{reg}\":\n      Insecure: true\n{extra}",
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Registries:\n    \"{reg}\":\n      Insecure: true\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{extra}",
             base = self.dir.path().display(),
             cri = self.testbed.cri.display(),
             sock = self.socket().display(),
@@ -257,6 +258,51 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// This daemon's instance id (the `io.cimage.instance` label on its pods and containers).
+impl Daemon {
+    pub fn instance(&self) -> String {
+        let out = self.cli(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status -o json");
+        v["instance"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Pod sandboxes in the runtime carrying all of `labels` (raw CRI, an independent witness).
+pub fn cri_pods(testbed: &Testbed, labels: &[(&str, &str)]) -> Vec<String> {
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    let selector = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    block_on(async {
+        let mut c = RuntimeServiceClient::new(cimage::cri::unix_channel(&testbed.cri));
+        c.list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest {
+            filter: Some(k8s_cri::v1::PodSandboxFilter {
+                label_selector: selector,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
+    })
+}
+
+/// Container ids `ctr -n k8s.io containers ls -q` lists (pod sandboxes included).
+pub fn ctr_containers(testbed: &Testbed) -> Vec<String> {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(&testbed.cri)
+        .args(["-n", "k8s.io", "containers", "ls", "-q"])
+        .output()
+        .expect("running ctr");
+    stdout(&out).lines().map(str::to_owned).collect()
 }
 
 /// What `ctr -n k8s.io images ls -q` lists: an independent witness of the runtime's contents.

@@ -1,10 +1,13 @@
 //! cimage: the command-line client of cimaged.
 
 mod images;
+mod jobs;
 mod pin;
 mod pull;
 mod rm;
+mod run;
 mod status;
+mod tasks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,8 +20,8 @@ use cimage::reference::ImageRef;
 
 /// cimage: talk to cimaged, the node's image cache for containerized jobs.
 ///
-/// Pull images under a pull policy, list and inspect what the node holds, and (as root or a
-/// member of ImageCache.AdminGroup) remove and pin images.
+/// Pull images under a pull policy, list and inspect what the node holds, run job steps in
+/// containers, and (as root or a member of ImageCache.AdminGroup) remove and pin images.
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -54,6 +57,18 @@ enum Command {
     Unpin(pin::Args),
     /// Show whether cimaged, the runtime and the index are healthy.
     Status(status::Args),
+    /// Run a job step in a container and follow it to its exit code.
+    Run(run::Args),
+    /// List tasks (running ones; -a for all).
+    Ps(tasks::PsArgs),
+    /// Print a task's output (-f to follow).
+    Logs(tasks::LogsArgs),
+    /// Cancel a task: SIGTERM, then SIGKILL after the grace period.
+    Cancel(tasks::CancelArgs),
+    /// List jobs and their pods.
+    Jobs(jobs::JobsArgs),
+    /// End a job: cancel its running steps and remove its pod.
+    EndJob(jobs::EndJobArgs),
 }
 
 /// A failure to report: one line on stderr, non-zero exit.
@@ -140,6 +155,18 @@ pub fn rfc3339(ms: i64) -> Option<String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => match run::run(&cli.socket, a).await {
+            Ok(code) => return ExitCode::from(code),
+            Err(Failure(msg)) => {
+                eprintln!("cimage: {msg}");
+                return ExitCode::from(run::LAUNCH_FAILED);
+            }
+        },
+        Command::Ps(a) => tasks::ps(&cli.socket, a).await,
+        Command::Logs(a) => tasks::logs(&cli.socket, a).await,
+        Command::Cancel(a) => tasks::cancel(&cli.socket, a).await,
+        Command::Jobs(a) => jobs::list(&cli.socket, a).await,
+        Command::EndJob(a) => jobs::end(&cli.socket, a).await,
         Command::Pull(a) => pull::run(&cli.socket, a).await,
         Command::Images(a) => images::list(&cli.socket, a).await,
         Command::Inspect(a) => images::inspect(&cli.socket, a).await,

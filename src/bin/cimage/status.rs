@@ -29,6 +29,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                 "index_ok": s.index_ok,
                 "images": s.images,
                 "last_reconcile": rfc3339(s.last_reconcile),
+                "instance": s.instance,
             })
         ),
         Output::Table => {

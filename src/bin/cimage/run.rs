@@ -1,0 +1,217 @@
+//! `cimage run`: launch a job step in a container and follow it to its exit code.
+
+use std::io::Write;
+use std::path::Path;
+
+use cimage::api::pb;
+use cimage::config::parse_duration;
+use cimage::launcher::spec::MountRequest;
+use cimage::policy::PullPolicy;
+use futures::StreamExt;
+
+use crate::{check_image_arg, Failure};
+
+/// Exit status of `cimage run` when the task could not be run at all (as `docker run` does).
+pub const LAUNCH_FAILED: u8 = 125;
+
+/// Arguments of `cimage run`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Exit status: the task's exit code (128+N when killed by signal N); \
+125 when the task could not be launched or cimaged failed.\n\
+Example: cimage run --image 127.0.0.1:5000/busybox:1 --env GREETING=hi -- sh -c 'echo $GREETING'"
+)]
+pub struct Args {
+    /// Image to run.
+    #[arg(long)]
+    image: String,
+    /// Job id; steps of one job share a pod (PID and IPC namespaces) until `cimage end-job`.
+    /// Without it, the step is a one-off job whose pod goes with it.
+    #[arg(long)]
+    job: Option<String>,
+    /// Step number within the job (default: the job's next).
+    #[arg(long)]
+    step: Option<u32>,
+    /// Pull policy: Always, IfNotPresent or Never (default by tag).
+    #[arg(long, value_parser = |s: &str| s.parse::<PullPolicy>())]
+    policy: Option<PullPolicy>,
+    /// Environment variable K=V (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory inside the container.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// UID[:GID] to run as (default: yourself; only root may choose another).
+    #[arg(long, short = 'u', value_parser = parse_user)]
+    user: Option<(u32, Option<u32>)>,
+    /// Host mount SRC:DST[:ro] (repeatable); SRC must lie under ImageCache.Launcher.AllowedMountPrefixes.
+    #[arg(long = "mount", short = 'm', value_parser = |s: &str| s.parse::<MountRequest>())]
+    mounts: Vec<MountRequest>,
+    /// Device by host path (/dev/...) or CDI name (vendor.com/class=name) (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Mount the container's root filesystem read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Time limit (e.g. 90s, 2h); past it the task is stopped and reported ExceededTimeLimit.
+    #[arg(long, value_parser = |s: &str| parse_duration(s))]
+    timeout: Option<std::time::Duration>,
+    /// Print the task id and return at once; follow with `cimage logs -f ID`.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Print lifecycle events (sandbox, image, container, exit) on stderr.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+    /// Command and arguments (after --); default: the image's.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not K=V")),
+    }
+}
+
+fn parse_user(s: &str) -> Result<(u32, Option<u32>), String> {
+    let bad = || format!("{s:?} is not UID[:GID] (numbers)");
+    match s.split_once(':') {
+        Some((u, g)) => Ok((
+            u.parse().map_err(|_| bad())?,
+            Some(g.parse().map_err(|_| bad())?),
+        )),
+        None => Ok((s.parse().map_err(|_| bad())?, None)),
+    }
+}
+
+/// Runs `cimage run`; returns the exit status to leave with.
+pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
+    check_image_arg(&args.image, false)?;
+    let policy = match args.policy {
+        None => pb::PullPolicy::Unspecified,
+        Some(PullPolicy::Always) => pb::PullPolicy::Always,
+        Some(PullPolicy::IfNotPresent) => pb::PullPolicy::IfNotPresent,
+        Some(PullPolicy::Never) => pb::PullPolicy::Never,
+    };
+    crate::connect(socket).await?;
+    let mut client = cimage::api::launcher_client(socket);
+    let req = pb::LaunchRequest {
+        job: args.job.unwrap_or_default(),
+        step: args.step,
+        image: args.image,
+        policy: policy as i32,
+        command: args.command,
+        env: args
+            .env
+            .into_iter()
+            .map(|(name, value)| pb::EnvVar { name, value })
+            .collect(),
+        workdir: args.workdir.unwrap_or_default(),
+        uid: args.user.map(|u| u.0),
+        gid: args.user.and_then(|u| u.1),
+        mounts: args
+            .mounts
+            .into_iter()
+            .map(|m| pb::MountRequest {
+                source: m.source.display().to_string(),
+                target: m.target,
+                readonly: m.readonly,
+            })
+            .collect(),
+        devices: args.devices,
+        readonly_rootfs: args.read_only,
+        timeout_ms: args.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+    };
+    let mut stream = client.launch(req).await?.into_inner();
+    let mut task_id = String::new();
+    let mut exit: Option<u8> = None;
+    let mut failure: Option<String> = None;
+    let mut interrupts = 0;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure(format!("cannot handle SIGINT: {e}")))?;
+    loop {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = sigint.recv() => {
+                interrupts += 1;
+                if interrupts > 1 || task_id.is_empty() {
+                    return Ok(130);
+                }
+                eprintln!("cimage: cancelling task {task_id} (Ctrl-C again to stop waiting)");
+                let mut c = cimage::api::launcher_client(socket);
+                if let Err(s) = c.cancel(pb::TaskRef { task_id: task_id.clone() }).await {
+                    eprintln!("cimage: {}", s.message());
+                }
+                continue;
+            }
+        };
+        let Some(ev) = next else { break };
+        let ev = ev?;
+        use pb::task_event::Event as E;
+        let verbose = |what: String| {
+            if args.verbose {
+                eprintln!("[cimage] {what}");
+            }
+        };
+        match ev.event {
+            Some(E::Accepted(a)) => {
+                task_id = ev.task_id.clone();
+                if args.detach {
+                    println!("{task_id}");
+                    return Ok(0);
+                }
+                verbose(format!(
+                    "task {task_id} accepted: job {} step {}",
+                    a.job, a.step
+                ));
+            }
+            Some(E::SandboxReady(s)) => verbose(format!("SandboxReady {}", s.sandbox_id)),
+            Some(E::ImageReady(i)) => verbose(format!("ImageReady {} ({})", i.image, i.action)),
+            Some(E::ContainerCreated(c)) => verbose(format!("ContainerCreated {}", c.container_id)),
+            Some(E::Started(_)) => verbose("Started".into()),
+            Some(E::Output(o)) => {
+                let r = if o.stderr {
+                    std::io::stderr().write_all(&o.data)
+                } else {
+                    std::io::stdout().write_all(&o.data)
+                };
+                r.map_err(|e| Failure(format!("writing output: {e}")))?;
+            }
+            Some(E::Exited(x)) => {
+                let sig = if x.signal > 0 {
+                    format!(", killed by signal {}", x.signal)
+                } else {
+                    String::new()
+                };
+                verbose(format!("Exited {} ({}{sig})", x.exit_code, x.reason));
+                if x.reason == "ExceededTimeLimit" {
+                    eprintln!("cimage: task {task_id} exceeded its time limit and was stopped");
+                }
+                exit = Some(x.exit_code.clamp(0, 255) as u8);
+            }
+            Some(E::Failed(f)) => {
+                failure = Some(format!(
+                    "task {} failed at {}: {}",
+                    ev.task_id, f.stage, f.message
+                ));
+            }
+            Some(E::CleanedUp(_)) => {
+                verbose("CleanedUp".into());
+                break;
+            }
+            None => {}
+        }
+    }
+    let _ = std::io::stdout().flush();
+    if let Some(f) = failure {
+        eprintln!("cimage: {f}");
+        return Ok(exit.unwrap_or(LAUNCH_FAILED));
+    }
+    match exit {
+        Some(code) => Ok(code),
+        None => Err(Failure(format!(
+            "lost contact with cimaged before task {task_id} finished; see `cimage ps -a`"
+        ))),
+    }
+}

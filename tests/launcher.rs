@@ -1,0 +1,404 @@
+//! The launcher against the real containerd (CRI), runc and registry of the testbed, through the
+//! real cimaged and `cimage run`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn busybox(tb: &Testbed) -> String {
+    format!("{}/busybox:1", tb.registry)
+}
+
+/// `cimage run` with `args` before `--` and `cmd` after; returns the output.
+fn run(d: &Daemon, args: &[&str], cmd: &[&str]) -> std::process::Output {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.extend_from_slice(cmd);
+    d.cli(&all)
+}
+
+fn task_json(d: &Daemon, id: &str) -> serde_json::Value {
+    let out = d.cli(&["ps", "-a", "-o", "json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps -o json");
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("task {id} not in ps -a"))
+}
+
+fn wait_state(d: &Daemon, id: &str, states: &[&str], within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let t = task_json(d, id);
+        if states.iter().any(|s| t["state"] == *s) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} did not reach {states:?}: {t}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn job_pods(d: &Daemon, job: &str) -> Vec<String> {
+    let instance = d.instance();
+    cri_pods(
+        &d.testbed,
+        &[("io.cimage.instance", &instance), ("io.cimage.job", job)],
+    )
+}
+
+#[test]
+fn exit_codes_and_signals_become_the_cli_exit_status() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    for (cmd, code) in [("exit 0", 0), ("exit 3", 3), ("kill -9 $$", 137)] {
+        let out = run(&d, &["--image", &img], &["sh", "-c", cmd]);
+        assert_eq!(out.status.code(), Some(code), "{cmd}: {}", stderr(&out));
+    }
+    let out = d.cli(&["ps", "-a", "-o", "json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let killed = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["exit_code"] == 137)
+        .expect("killed task listed");
+    assert_eq!(killed["signal"], 9);
+    for key in ["id", "job", "step", "image", "state", "exit_code"] {
+        assert!(killed.get(key).is_some(), "ps -o json lacks {key}");
+    }
+    assert_eq!(killed["state"], "exited");
+}
+
+#[test]
+fn output_env_workdir_and_user_reach_the_container_and_the_log() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(
+        &d,
+        &[
+            "--image",
+            &img,
+            "--env",
+            "GREETING=hello there",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "1234:5678",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; pwd; id -u; id -g; echo to-stderr >&2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello there\n/tmp\n1234\n5678\n");
+    assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
+
+    let ps: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
+    let task = &ps.as_array().unwrap()[0];
+    let id = task["id"].as_str().unwrap();
+    let logs = d.cli(&["logs", id]);
+    assert_eq!(stdout(&logs), "hello there\n/tmp\n1234\n5678\n");
+    assert!(stderr(&logs).contains("to-stderr"));
+    let file = std::fs::read_to_string(task["log_path"].as_str().unwrap()).unwrap();
+    assert!(
+        file.contains(" stdout F hello there") && file.contains(" stderr F to-stderr"),
+        "{file}"
+    );
+}
+
+#[test]
+fn mounts_inside_the_allowed_prefixes_work_and_others_are_refused_before_anything_exists() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let scratch = d.dir.path().join("scratch");
+    std::fs::write(scratch.join("input.txt"), "from the host\n").unwrap();
+    let mount = format!("{}:/data:ro", scratch.display());
+    let out = run(
+        &d,
+        &["--image", &img, "--mount", &mount],
+        &["cat", "/data/input.txt"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from the host\n");
+
+    let instance = d.instance();
+    let before = cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]);
+    let outside = d.dir.path().join("secret");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, scratch.join("escape")).unwrap();
+    for src in [
+        outside.clone(),
+        scratch.join("escape"),
+        scratch.join("../secret"),
+    ] {
+        let m = format!("{}:/data", src.display());
+        let out = run(
+            &d,
+            &["--job", "refused", "--image", &img, "--mount", &m],
+            &["true"],
+        );
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("outside the allowed prefixes") && err.contains("AllowedMountPrefixes"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]),
+        before
+    );
+    let ps: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
+    assert!(
+        ps.as_array().unwrap().iter().all(|t| t["job"] != "refused"),
+        "refused launches leave no task"
+    );
+}
+
+#[test]
+fn cancel_stops_a_sleep_within_the_grace_period() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(&d, &["--detach", "--image", &img], &["sleep", "300"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    wait_state(&d, &id, &["running"], Duration::from_secs(20));
+    let t0 = Instant::now();
+    let out = d.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = wait_state(&d, &id, &["cancelled"], Duration::from_secs(10));
+    assert!(
+        t0.elapsed() < Duration::from_secs(3 + 2),
+        "took {:?} (grace 3s)",
+        t0.elapsed()
+    );
+    assert!(t["exit_code"] == 143 || t["exit_code"] == 137, "{t}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while task_json(&d, &id)["cleaned_up"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "not cleaned up: {}",
+            task_json(&d, &id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(job_pods(&d, t["job"].as_str().unwrap()).is_empty());
+}
+
+#[test]
+fn a_time_limit_fires() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let t0 = Instant::now();
+    let out = run(&d, &["--image", &img, "--timeout", "1s"], &["sleep", "300"]);
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exceeded its time limit"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let ps: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
+    assert_eq!(ps[0]["state"], "timed_out");
+}
+
+#[test]
+fn steps_of_one_job_share_the_pod_and_see_each_others_processes() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let job = format!("job-{:06x}", rand::random::<u32>() & 0xffffff);
+    let out = run(
+        &d,
+        &["--detach", "--job", &job, "--image", &img],
+        &["sleep", "4321"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = stdout(&out).trim().to_owned();
+    wait_state(&d, &first, &["running"], Duration::from_secs(20));
+    let out = run(&d, &["--job", &job, "--image", &img], &["ps"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("sleep 4321"),
+        "the second step sees the first's process:\n{}",
+        stdout(&out)
+    );
+    assert_eq!(job_pods(&d, &job).len(), 1, "one pod for the job");
+    let jobs: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["jobs", "-o", "json"]).stdout).unwrap();
+    let j = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == job.as_str())
+        .unwrap();
+    assert_eq!(
+        (j["tasks"].as_array().unwrap().len(), j["running"].as_u64()),
+        (2, Some(1))
+    );
+
+    let out = d.cli(&["end-job", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(task_json(&d, &first)["state"], "cancelled");
+    assert!(job_pods(&d, &job).is_empty());
+}
+
+#[test]
+fn an_image_that_cannot_be_pulled_fails_at_image_ready_and_leaves_no_pod() {
+    let d = Daemon::start("");
+    let job = format!("nopull-{:06x}", rand::random::<u32>() & 0xffffff);
+    let missing = format!("{}/does-not-exist:1", d.testbed.registry);
+    let out = run(&d, &["--job", &job, "--image", &missing], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(
+        err.contains("failed at ImageReady") && err.contains("does-not-exist:1"),
+        "{err}"
+    );
+    assert!(job_pods(&d, &job).is_empty(), "no pod left behind");
+}
+
+#[test]
+fn non_root_launches_only_as_itself_and_sees_only_its_tasks() {
+    let d = Daemon::start("SocketGroup: nogroup");
+    let img = busybox(&d.testbed);
+    let nobody = Some((65534, 65534));
+    let out = d.cli_as(nobody, &["run", "--image", &img, "--user", "0", "--", "id"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("may only launch as itself"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli_as(nobody, &["run", "--image", &img, "--", "id", "-u"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\n");
+    // Root's task is invisible to nobody, and nobody cannot cancel it.
+    let out = run(&d, &["--detach", "--image", &img], &["sleep", "300"]);
+    let root_task = stdout(&out).trim().to_owned();
+    let ps: serde_json::Value =
+        serde_json::from_slice(&d.cli_as(nobody, &["ps", "-a", "-o", "json"]).stdout).unwrap();
+    assert!(
+        ps.as_array().unwrap().iter().all(|t| t["uid"] == 65534),
+        "{ps}"
+    );
+    let out = d.cli_as(nobody, &["cancel", &root_task]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("no task"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(d.cli(&["cancel", &root_task]).status.success());
+    wait_state(&d, &root_task, &["cancelled"], Duration::from_secs(10));
+}
+
+#[test]
+fn graceful_shutdown_finishes_cleanups_in_flight() {
+    let mut d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(&d, &["--detach", "--image", &img], &["sleep", "300"]);
+    let id = stdout(&out).trim().to_owned();
+    wait_state(&d, &id, &["running"], Duration::from_secs(20));
+    let job = task_json(&d, &id)["job"].as_str().unwrap().to_owned();
+    assert!(d.cli(&["cancel", &id]).status.success());
+    wait_state(&d, &id, &["cancelled"], Duration::from_secs(10));
+    // SIGTERM right away: the daemon must not leave the one-off job's pod behind.
+    let mut child = d.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let instance_pods = cri_pods(&d.testbed, &[("io.cimage.job", &job)]);
+    assert!(
+        instance_pods.is_empty(),
+        "pod of {job} left: {instance_pods:?}"
+    );
+}
+
+#[test]
+fn after_kill_9_a_running_task_is_reattached_and_unknown_pods_are_removed() {
+    let mut d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(
+        &d,
+        &["--detach", "--image", &img],
+        &["sh", "-c", "sleep 3; echo done; exit 42"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    wait_state(&d, &id, &["running"], Duration::from_secs(20));
+    let instance = d.instance();
+    d.kill9();
+
+    // A pod of ours whose job the daemon never heard of, as a crash mid-launch would leave.
+    let ghost = block_on(async {
+        use k8s_cri::v1 as cri;
+        let mut c = cri::runtime_service_client::RuntimeServiceClient::new(
+            cimage::cri::unix_channel(&d.testbed.cri),
+        );
+        let labels = [
+            ("io.cimage.managed", "true"),
+            ("io.cimage.instance", instance.as_str()),
+            ("io.cimage.job", "ghost"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "ghost".into(),
+                uid: format!("{:x}", rand::random::<u64>()),
+                namespace: "cimage".into(),
+                attempt: 0,
+            }),
+            labels,
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+    });
+    assert!(ctr_containers(&d.testbed).contains(&ghost));
+
+    d.spawn();
+    let t = wait_state(&d, &id, &["exited"], Duration::from_secs(30));
+    assert_eq!(t["exit_code"], 42, "{t}");
+    assert_eq!(stdout(&d.cli(&["logs", &id])), "done\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctr_containers(&d.testbed).contains(&ghost) {
+        assert!(
+            Instant::now() < deadline,
+            "orphan pod {ghost} was not removed:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]).is_empty());
+    assert!(d.log().contains("re-attaching"), "{}", d.log());
+}
