@@ -6,6 +6,9 @@
 //! - warm `IfNotPresent` through cimage's gRPC API (p50/p99), beside raw CRI `ImageStatus`
 //! - `Always` with an unchanged digest vs one registry HEAD
 //! - 50 concurrent requests for one cold image: `PullImage` calls and wall time vs one pull
+//! - launch-to-exit of a trivial task on a warm image: `cimage run` (the CLI process) and the gRPC
+//!   `Launch` stream vs the raw CRI sequence (RunPodSandbox, CreateContainer, StartContainer,
+//!   ContainerStatus polling, RemoveContainer, StopPodSandbox, RemovePodSandbox), 30 runs each
 
 #[path = "../tests/common/images.rs"]
 #[allow(dead_code)]
@@ -24,6 +27,7 @@ use oci_client::secrets::RegistryAuth;
 use tonic::transport::Channel;
 
 const REPS: usize = 5;
+const LAUNCHES: usize = 30;
 
 fn env_file() -> std::collections::HashMap<String, String> {
     let dir = std::env::var("CIMAGE_TESTBED_DIR").unwrap_or_else(|_| "/tmp/cimage-testbed".into());
@@ -355,6 +359,28 @@ async fn main() {
         "-".into(),
         "= 1",
     );
+
+    eprintln!("bench: launch-to-exit, {LAUNCHES} runs each ...");
+    let (mut raw, mut grpc, mut cli) = launches(&daemon, &cri_path, &registry).await;
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let r = percentile(&mut raw, p);
+        let g = percentile(&mut grpc, p);
+        let c = percentile(&mut cli, p);
+        row(
+            &format!("launch-to-exit {label}, gRPC Launch"),
+            format!("{:.1} ms", ms(g)),
+            format!("{:.1} ms", ms(r)),
+            format!("{:+.1} ms", ms(g) - ms(r)),
+            if p == 0.5 { "+<= 10 ms at p50" } else { "" },
+        );
+        row(
+            &format!("launch-to-exit {label}, cimage run (CLI)"),
+            format!("{:.1} ms", ms(c)),
+            format!("{:.1} ms", ms(r)),
+            format!("{:+.1} ms", ms(c) - ms(r)),
+            "",
+        );
+    }
     println!("{}", "-".repeat(100));
     println!(
         "cimaged peak RSS: {:.1} MiB",
@@ -364,4 +390,103 @@ async fn main() {
     for image in [&big.reference, &many.reference, &herd.reference] {
         b.remove(image).await;
     }
+}
+
+/// Launch-to-exit of `true` on a warm busybox image: raw CRI sequence, cimage's gRPC `Launch`,
+/// and the `cimage run` CLI, interleaved so that drift hits all three alike. The raw sequence goes
+/// through cimage's CRI adapter, whose calls map one to one onto CRI requests, with the same pod
+/// and container shape and the same 5 ms status polling.
+async fn launches(
+    daemon: &Daemon,
+    cri_path: &str,
+    registry: &str,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    use cimage::runtime::{ContainerSpec, ContainerState, PodSpec, TaskRuntime};
+    use futures::StreamExt;
+    let image = format!("{registry}/busybox:1");
+    let rt = cimage::cri::CriTaskRuntime::new(Path::new(cri_path), Duration::from_secs(30));
+    let mut api = cimage::api::client(&daemon.socket);
+    api.pull(pb::PullRequest {
+        image: image.clone(),
+        policy: pb::PullPolicy::IfNotPresent as i32,
+    })
+    .await
+    .unwrap();
+    let image_id = api
+        .inspect_image(pb::InspectImageRequest {
+            image: image.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let logs = tempfile::tempdir().unwrap();
+    let mut launcher = cimage::api::launcher_client(&daemon.socket);
+    let (mut raw, mut grpc, mut cli) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=LAUNCHES {
+        let t = Instant::now();
+        let pod = PodSpec {
+            name: format!("bench-raw-{i}"),
+            uid: format!("{:016x}", rand::random::<u64>()),
+            namespace: "bench".into(),
+            hostname: String::new(),
+            log_directory: logs.path().to_owned(),
+            labels: Default::default(),
+        };
+        let sid = rt.run_pod(&pod).await.unwrap();
+        let spec = ContainerSpec {
+            name: "step".into(),
+            image: image_id.clone(),
+            command: vec!["true".into()],
+            log_path: format!("raw-{i}.log"),
+            ..Default::default()
+        };
+        let cid = rt.create_container(&sid, &pod, &spec).await.unwrap();
+        rt.start_container(&cid).await.unwrap();
+        while rt.container_status(&cid).await.unwrap().unwrap().state != ContainerState::Exited {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        rt.remove_container(&cid).await.unwrap();
+        rt.stop_pod(&sid).await.unwrap();
+        rt.remove_pod(&sid).await.unwrap();
+        let d_raw = t.elapsed();
+
+        let t = Instant::now();
+        let mut stream = launcher
+            .launch(pb::LaunchRequest {
+                image: image.clone(),
+                policy: pb::PullPolicy::IfNotPresent as i32,
+                command: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(ev) = stream.next().await {
+            if let Some(pb::task_event::Event::CleanedUp(_)) = ev.unwrap().event {
+                break;
+            }
+        }
+        let d_grpc = t.elapsed();
+
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_cimage"))
+            .args(["run", "--image", &image, "--", "true"])
+            .env("CIMAGE_SOCKET", &daemon.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let d_cli = t.elapsed();
+        // The first round warms every path and is not counted.
+        if i > 0 {
+            raw.push(d_raw);
+            grpc.push(d_grpc);
+            cli.push(d_cli);
+        }
+    }
+    (raw, grpc, cli)
 }
