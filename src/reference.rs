@@ -29,6 +29,10 @@ pub struct InvalidReference {
 impl ImageRef {
     /// Parses and normalises a reference. Rejects empty, malformed, upper-case and
     /// whitespace-containing input before anything is contacted.
+    ///
+    /// The grammar is the distribution reference grammar, checked by hand rather than with a
+    /// regular expression: a CLI invocation parses one reference, and compiling the grammar's
+    /// regex costs more than the rest of the command.
     pub fn parse(input: &str) -> Result<Self, InvalidReference> {
         let bad = |reason: &str| InvalidReference {
             input: input.to_owned(),
@@ -45,22 +49,43 @@ impl ImageRef {
                 "a reference has no URL scheme; write host[:port]/repository[:tag]",
             ));
         }
-        let parsed: oci_client::Reference = input
-            .parse()
-            .map_err(|e: oci_client::ParseError| bad(&e.to_string()))?;
-        let digest = parsed.digest().map(str::to_owned);
-        let name_part = input.split('@').next().unwrap_or(input);
-        let last_component = name_part.rsplit('/').next().unwrap_or(name_part);
-        let explicit_tag = last_component.contains(':');
-        // A digest reference without a tag keeps no tag: the digest alone names the image.
-        let tag = if digest.is_some() && !explicit_tag {
-            None
-        } else {
-            parsed.tag().map(str::to_owned)
+        let (name_tag, digest) = match input.split_once('@') {
+            Some((n, d)) => (n, Some(check_digest(d).map_err(|r| bad(&r))?)),
+            None => (input, None),
+        };
+        // A tag follows the last ':' only if no '/' comes after it (else the ':' is a port).
+        let (name, tag) = match name_tag.rfind(':') {
+            Some(i) if !name_tag[i..].contains('/') => (&name_tag[..i], Some(&name_tag[i + 1..])),
+            _ => (name_tag, None),
+        };
+        if let Some(t) = tag {
+            check_tag(t).map_err(|r| bad(&r))?;
+        }
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                check_domain(first).map_err(|r| bad(&r))?;
+                (first.to_owned(), rest.to_owned())
+            }
+            _ if name.contains('/') => ("docker.io".to_owned(), name.to_owned()),
+            _ => ("docker.io".to_owned(), format!("library/{name}")),
+        };
+        for component in path.split('/') {
+            check_path_component(component).map_err(|r| bad(&r))?;
+        }
+        if registry.len() + 1 + path.len() > 255 {
+            return Err(bad("name is longer than 255 characters"));
+        }
+        let explicit_tag = tag.is_some();
+        let tag = match (tag, &digest) {
+            (Some(t), _) => Some(t.to_owned()),
+            (None, Some(_)) => None,
+            (None, None) => Some("latest".to_owned()),
         };
         Ok(Self {
-            registry: parsed.registry().to_owned(),
-            repository: parsed.repository().to_owned(),
+            registry,
+            repository: path,
             tag,
             digest,
             explicit_tag,
@@ -130,6 +155,95 @@ impl ImageRef {
     }
 }
 
+/// `sha256:<64 hex>` (or sha384/sha512 with their lengths).
+fn check_digest(d: &str) -> Result<String, String> {
+    let (alg, hex) = d
+        .split_once(':')
+        .ok_or("digest must be algorithm:hex, e.g. sha256:…")?;
+    let want = match alg {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err(format!("unsupported digest algorithm {alg:?}")),
+    };
+    if hex.len() != want || !hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+        return Err(format!("{alg} digest must be {want} lower-case hex digits"));
+    }
+    Ok(d.to_owned())
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+fn check_tag(t: &str) -> Result<(), String> {
+    let mut chars = t.chars();
+    let first_ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric() || c == '_');
+    if !first_ok
+        || t.len() > 128
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(format!(
+            "tag {t:?} must be 1-128 of A-Z a-z 0-9 _ . - and not start with . or -"
+        ));
+    }
+    Ok(())
+}
+
+/// `host[.host…][:port]`, each label alphanumerics with inner hyphens.
+fn check_domain(d: &str) -> Result<(), String> {
+    let (host, port) = match d.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (d, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("registry {d:?} has an invalid port"));
+        }
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if !host.split('.').all(label_ok) {
+        return Err(format!("registry {d:?} is not a valid host name"));
+    }
+    Ok(())
+}
+
+/// Lower-case alphanumerics separated by `.`, `_`, `__` or runs of `-`.
+fn check_path_component(c: &str) -> Result<(), String> {
+    let err = || {
+        Err(format!(
+            "repository component {c:?} must be lower-case letters and digits, separated by . _ __ or -"
+        ))
+    };
+    let bytes = c.as_bytes();
+    if bytes.is_empty() || !is_alnum(bytes[0]) || !is_alnum(bytes[bytes.len() - 1]) {
+        return err();
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !is_alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-');
+        if !ok {
+            return err();
+        }
+    }
+    Ok(())
+}
+
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.registry, self.repository)?;
@@ -160,6 +274,16 @@ mod tests {
             ("127.0.0.1:5000/app", "127.0.0.1:5000/app:latest", true),
             ("localhost/ns/app:v1", "localhost/ns/app:v1", false),
             ("quay.io/org/app:v1", "quay.io/org/app:v1", false),
+            (
+                "localhost:5000/a/b/c:1.0-rc_1",
+                "localhost:5000/a/b/c:1.0-rc_1",
+                false,
+            ),
+            (
+                "my-registry.example.com/team__x/app-name.v2:T_1",
+                "my-registry.example.com/team__x/app-name.v2:T_1",
+                false,
+            ),
         ] {
             let r = ImageRef::parse(input).unwrap();
             assert_eq!(r.to_string(), want, "{input}");
@@ -191,6 +315,11 @@ mod tests {
             "http://127.0.0.1:5000/app",
             "app:bad/tag",
             "-app",
+            "app__-x:1",
+            "reg.io:port/app",
+            "app:.hidden",
+            "a//b",
+            "app@sha256:XYZ",
         ] {
             let e = ImageRef::parse(bad).unwrap_err();
             assert!(
