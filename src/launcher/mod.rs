@@ -460,9 +460,10 @@ impl Launcher {
             Ok(id) => id,
             Err(e) => return self.fail(task, Stage::Create, e.to_string(), tx).await,
         };
+        // Not saved yet: if cimaged dies before the start is recorded, the container carries no
+        // claim and the orphan sweep removes it, and the task is finished off as interrupted.
         task.container_id = Some(cid.clone());
         task.state = TaskState::Created;
-        self.save_task(&task).await;
         send(
             tx,
             &task.id,
@@ -493,8 +494,7 @@ impl Launcher {
         self.wait_and_finish(task, tx, cancel).await;
     }
 
-    /// Creates the job's pod sandbox unless it has one. The job is saved before the pod exists,
-    /// so a crash in between leaves a pod the orphan sweep recognises as unclaimed.
+    /// Creates the job's pod sandbox unless it has one.
     async fn ensure_sandbox(&self, v: &Validated) -> Result<(JobRecord, String), String> {
         let lock = self.job_lock(&v.job);
         let _g = lock.lock().await;
@@ -531,7 +531,8 @@ impl Launcher {
                 job.pod.log_directory.display()
             )
         })?;
-        self.save_job(&job).await.map_err(|e| e.to_string())?;
+        // The job is saved once the pod exists: a pod created just before a crash carries no
+        // claim, and the orphan sweep removes it.
         let sid = self.rt.run_pod(&job.pod).await.map_err(|e| e.to_string())?;
         job.sandbox_id = Some(sid.clone());
         self.save_job(&job).await.map_err(|e| e.to_string())?;
@@ -672,6 +673,7 @@ impl Launcher {
         if let Some(img) = &task.image_id {
             self.cache.release_in_use(img);
         }
+        task.cleaned = true;
         let job_id = task.job.clone();
         let lock = self.job_lock(&job_id);
         {
@@ -686,6 +688,7 @@ impl Launcher {
                     (None, vec![])
                 }
             };
+            let mut ended_job = None;
             if let Some(mut job) = job {
                 let others_live = tasks
                     .iter()
@@ -696,14 +699,18 @@ impl Launcher {
                     if job.one_off {
                         job.ended = Some(self.clock.now_ms());
                     }
-                    if let Err(e) = self.save_job(&job).await {
-                        warn!("cannot save job {}: {e}", job.id);
-                    }
+                    ended_job = Some(job);
                 }
             }
+            // The job's new state and the task's cleaned mark commit together.
+            let t = task.clone();
+            if let Err(e) = self
+                .blocking(move |s| s.put_task_and_job(&t, ended_job.as_ref()))
+                .await
+            {
+                warn!(task = %task.id, "cannot save cleanup: {e}");
+            }
         }
-        task.cleaned = true;
-        self.save_task(&task).await;
         self.live.lock().unwrap().remove(&task.id);
         send(tx, &task.id, self.clock.now_ms(), Event::CleanedUp);
     }

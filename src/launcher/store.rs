@@ -191,6 +191,29 @@ impl TaskStore {
         Ok(out)
     }
 
+    /// Saves a task and, if given, its job, in one transaction.
+    pub fn put_task_and_job(
+        &self,
+        task: &TaskRecord,
+        job: Option<&JobRecord>,
+    ) -> Result<(), IndexError> {
+        let context = format!("saving {}", task.id);
+        let tx = self.db.begin_write().map_err(|e| err(&context, e))?;
+        {
+            let mut t = tx.open_table(TASKS).map_err(|e| err(&context, e))?;
+            let bytes = serde_json::to_vec(task).expect("records always serialise");
+            t.insert(task.id.as_str(), bytes.as_slice())
+                .map_err(|e| err(&context, e))?;
+            if let Some(job) = job {
+                let mut j = tx.open_table(JOBS).map_err(|e| err(&context, e))?;
+                let bytes = serde_json::to_vec(job).expect("records always serialise");
+                j.insert(job.id.as_str(), bytes.as_slice())
+                    .map_err(|e| err(&context, e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&context, e))
+    }
+
     /// Saves a job.
     pub fn put_job(&self, job: &JobRecord) -> Result<(), IndexError> {
         self.put(JOBS, &job.id, job)
