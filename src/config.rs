@@ -102,6 +102,169 @@ pub struct ImageCacheConfig {
     /// How job tasks are run in containers.
     #[serde(default)]
     pub launcher: LauncherConfig,
+    /// When images are evicted.
+    #[serde(default)]
+    pub eviction: EvictionConfig,
+    /// Scheduled pre-warming.
+    #[serde(default)]
+    pub prewarm: PrewarmConfig,
+    /// Address (`host:port`) to serve Prometheus metrics and `/healthz` on; off when unset.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+}
+
+/// The `ImageCache.Eviction` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct EvictionConfig {
+    /// Image filesystem usage (percent) above which images are evicted.
+    #[serde(default = "default_high_percent")]
+    pub high_percent: f64,
+    /// Usage (percent) eviction brings the filesystem down to.
+    #[serde(default = "default_low_percent")]
+    pub low_percent: f64,
+    /// Bound on the total size of indexed images (e.g. `50GiB`); unset for none.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_bytes: Option<u64>,
+    /// Images younger than this are never evicted.
+    #[serde(default = "default_min_age", deserialize_with = "de_duration")]
+    pub min_age: Duration,
+    /// Images unused this long are evicted regardless of pressure; unset for never.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_unused_age: Option<Duration>,
+    /// Watch this path's filesystem instead of the one the runtime reports for images.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        Self {
+            high_percent: default_high_percent(),
+            low_percent: default_low_percent(),
+            max_bytes: None,
+            min_age: default_min_age(),
+            max_unused_age: None,
+            path: None,
+        }
+    }
+}
+
+fn default_high_percent() -> f64 {
+    85.0
+}
+fn default_low_percent() -> f64 {
+    80.0
+}
+fn default_min_age() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// The `ImageCache.Prewarm` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct PrewarmConfig {
+    /// Half-life of the decayed use counts that rank images for `Top: N`.
+    #[serde(default = "default_half_life", deserialize_with = "de_duration")]
+    pub popularity_half_life: Duration,
+    /// Schedules defined by the node's configuration.
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+impl Default for PrewarmConfig {
+    fn default() -> Self {
+        Self {
+            popularity_half_life: default_half_life(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+fn default_half_life() -> Duration {
+    Duration::from_secs(7 * 86400)
+}
+
+/// One pre-warm schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Unique name.
+    pub name: String,
+    /// Crontab expression: 5 fields (minute hour day month weekday), or 6 with seconds first.
+    pub cron: String,
+    /// IANA time zone the expression is read in (default UTC).
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Images to keep warm.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Also keep the N most popular images on this node warm.
+    #[serde(default)]
+    pub top: Option<usize>,
+    /// Random delay up to this long before a run starts.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub jitter: Option<Duration>,
+    /// Images pulled at once within a run (default 2).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Run once after a start if a fire was missed while cimaged was down.
+    #[serde(default)]
+    pub catch_up: bool,
+}
+
+/// Parses sizes such as `500MiB`, `10GiB`, `2G` (decimal), `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 500MiB, 10GiB, 2G)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
+                "{s:?} has unknown unit {u:?} (use B, KiB, MiB, GiB, TiB, K, M, G, T)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a size such as 500MiB or 10GiB")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom("a size cannot be negative"))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            parse_size(v).map(Some).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// The `ImageCache.Launcher` section.
@@ -164,6 +327,9 @@ impl Default for ImageCacheConfig {
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
             registries: BTreeMap::new(),
             launcher: LauncherConfig::default(),
+            eviction: EvictionConfig::default(),
+            prewarm: PrewarmConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -377,6 +543,39 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at most 1h".into(),
         ));
     }
+    let ev = &ic.eviction;
+    if !(0.0..=100.0).contains(&ev.high_percent) || !(0.0..=100.0).contains(&ev.low_percent) {
+        return Err(invalid(
+            "ImageCache.Eviction",
+            "HighPercent and LowPercent must be between 0 and 100".into(),
+        ));
+    }
+    if ev.low_percent > ev.high_percent {
+        return Err(invalid(
+            "ImageCache.Eviction.LowPercent",
+            format!(
+                "{} must not be above HighPercent ({})",
+                ev.low_percent, ev.high_percent
+            ),
+        ));
+    }
+    if let Some(addr) = &ic.metrics_addr {
+        addr.parse::<std::net::SocketAddr>().map_err(|e| {
+            invalid(
+                "ImageCache.MetricsAddr",
+                format!("{addr:?} is not host:port ({e}), e.g. 127.0.0.1:9464"),
+            )
+        })?;
+    }
+    let mut names = std::collections::HashSet::new();
+    for sc in &ic.prewarm.schedules {
+        if !names.insert(sc.name.as_str()) {
+            return Err(invalid(
+                "ImageCache.Prewarm.Schedules",
+                format!("schedule name {:?} is used twice", sc.name),
+            ));
+        }
+    }
     let base = config.crane_base_dir;
     let temp_dir = base.join(&container.temp_dir);
     Ok(Settings {
@@ -564,6 +763,40 @@ ImageCache:
             err("Container:\n  Enabled: true\n  RuntimeEndpoint: tcp://1.2.3.4:1\n")
                 .contains("unix")
         );
+    }
+
+    #[test]
+    fn eviction_prewarm_and_metrics_sections() {
+        let base = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
+        let s = parse(
+            &format!("{base}  MetricsAddr: 127.0.0.1:9464\n  Eviction:\n    MaxBytes: 10GiB\n    MinAge: 5m\n    MaxUnusedAge: 30d\n  Prewarm:\n    Schedules:\n      - Name: nightly\n        Cron: \"0 3 * * *\"\n        TimeZone: Europe/Berlin\n        Top: 5\n        Images: [busybox]\n        CatchUp: true\n"),
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let ev = &s.image_cache.eviction;
+        assert_eq!(ev.max_bytes, Some(10 << 30));
+        assert_eq!((ev.high_percent, ev.low_percent), (85.0, 80.0));
+        assert_eq!(ev.max_unused_age, Some(Duration::from_secs(30 * 86400)));
+        let sc = &s.image_cache.prewarm.schedules[0];
+        assert_eq!((sc.top, sc.catch_up, sc.images.len()), (Some(5), true, 1));
+        assert!(err(&format!(
+            "{base}  Eviction:\n    HighPercent: 70\n    LowPercent: 90\n"
+        ))
+        .contains("LowPercent"));
+        assert!(err(&format!("{base}  Eviction:\n    MaxBytes: lots\n")).contains("line 6"));
+        assert!(err(&format!("{base}  MetricsAddr: nowhere\n")).contains("MetricsAddr"));
+        assert!(err(&format!(
+            "{base}  Prewarm:\n    Schedules:\n      - Name: a\n        Cron: x\n        Crn: y\n"
+        ))
+        .contains("Crn"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("ten").is_err() && parse_size("5 parsecs").is_err());
     }
 
     #[test]

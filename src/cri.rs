@@ -39,20 +39,23 @@ pub fn unix_channel(path: &Path) -> Channel {
     ))
 }
 
-/// CRI ImageService client.
+/// CRI ImageService client (with a RuntimeService client for the runtime's own settings).
 #[derive(Clone)]
 pub struct CriImageRuntime {
     client: ImageServiceClient<Channel>,
+    runtime: RuntimeServiceClient<Channel>,
     endpoint: PathBuf,
     timeout: Duration,
 }
 
 impl CriImageRuntime {
-    /// A client for the ImageService at `endpoint`; `timeout` bounds every call but `PullImage`,
-    /// whose deadline the puller owns.
-    pub fn new(endpoint: &Path, timeout: Duration) -> Self {
+    /// A client for the ImageService at `endpoint` (and the RuntimeService at
+    /// `runtime_endpoint`); `timeout` bounds every call but `PullImage`, whose deadline the
+    /// puller owns.
+    pub fn new(endpoint: &Path, runtime_endpoint: &Path, timeout: Duration) -> Self {
         Self {
             client: ImageServiceClient::new(unix_channel(endpoint)),
+            runtime: RuntimeServiceClient::new(unix_channel(runtime_endpoint)),
             endpoint: endpoint.to_owned(),
             timeout,
         }
@@ -204,6 +207,24 @@ impl ImageRuntime for CriImageRuntime {
             })
             .collect())
     }
+
+    async fn sandbox_image(&self) -> Result<Option<String>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let resp = self
+            .bounded("Status", c.status(cri::StatusRequest { verbose: true }))
+            .await?;
+        Ok(sandbox_image_from(&resp.info))
+    }
+}
+
+/// The sandbox image from a verbose CRI `Status`: containerd puts its CRI config, with
+/// `sandboxImage`, under the `config` key; CRI-O uses `pause_image`.
+fn sandbox_image_from(info: &std::collections::HashMap<String, String>) -> Option<String> {
+    let config: serde_json::Value = serde_json::from_str(info.get("config")?).ok()?;
+    ["sandboxImage", "pause_image", "pauseImage"]
+        .iter()
+        .find_map(|k| config.get(*k)?.as_str().map(str::to_owned))
+        .filter(|s| !s.is_empty())
 }
 
 async fn bounded<T>(

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod cri;
 pub mod launcher;
+pub mod metrics;
 pub mod policy;
 pub mod puller;
 pub mod reference;

@@ -146,6 +146,14 @@ pub enum PullError {
         /// The deadline, formatted.
         after: String,
     },
+    /// The image does not fit without evicting pinned or in-use images.
+    #[error("cannot pull image {image}: {message}")]
+    NoRoom {
+        /// The normalised reference.
+        image: String,
+        /// Why no room can be made.
+        message: String,
+    },
     /// The index could not record the use.
     #[error("image {image} is ready but the index failed: {message}")]
     Index {
@@ -209,15 +217,34 @@ impl Puller {
         let policy = policy::effective(req.policy, &image);
         let deadline = self.settings.pull_timeout;
         let work = self.decide_and_pull(&image, policy, req.credentials.as_ref());
-        let (rt_image, action) = match tokio::time::timeout(deadline, work).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(PullError::Timeout {
-                    image: image.to_string(),
-                    after: format_duration(deadline),
-                })
+        let metrics = Arc::clone(self.cache.metrics());
+        let policy_name = policy.to_string();
+        let outcome = match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(PullError::Timeout {
+                image: image.to_string(),
+                after: format_duration(deadline),
+            }),
+        };
+        metrics.observe_pull(started.elapsed());
+        let (rt_image, action) = match outcome {
+            Ok(x) => x,
+            Err(e) => {
+                metrics.inc(
+                    "cimage_pulls_total",
+                    &[("policy", &policy_name), ("outcome", "failed")],
+                );
+                return Err(e);
             }
         };
+        metrics.inc(
+            "cimage_pulls_total",
+            &[("policy", &policy_name), ("outcome", action.as_str())],
+        );
+        match action {
+            Action::Cached => metrics.inc("cimage_cache_hits_total", &[]),
+            Action::Pulled => metrics.add("cimage_pulled_bytes_total", &[], rt_image.size),
+        }
         let digest = image
             .digest()
             .map(str::to_owned)
@@ -285,9 +312,39 @@ impl Puller {
                 image: name,
                 policy,
             }),
-            Decision::Pull => Ok((self.pull_shared(image, credentials).await?, Action::Pulled)),
+            Decision::Pull => {
+                self.make_room(image, credentials).await?;
+                Ok((self.pull_shared(image, credentials).await?, Action::Pulled))
+            }
             Decision::Resolve => unreachable!("resolved above"),
         }
+    }
+
+    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
+    /// fails when it cannot fit. An image whose size the registry does not tell is pulled
+    /// without the check (the periodic gc catches up).
+    async fn make_room(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<(), PullError> {
+        if !self.cache.eviction_enabled() {
+            return Ok(());
+        }
+        let size = match self.registry.manifest_size(image, credentials).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(image = %image, "size unknown before the pull: {e}");
+                return Ok(());
+            }
+        };
+        self.cache
+            .make_room(size)
+            .await
+            .map_err(|e| PullError::NoRoom {
+                image: image.to_string(),
+                message: e.to_string(),
+            })
     }
 
     fn fingerprint(&self, c: &Credentials) -> String {

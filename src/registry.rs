@@ -85,6 +85,14 @@ pub trait Registry: Send + Sync {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError>;
+
+    /// The size of the image for this host's platform: its config and layers as stored
+    /// (compressed), the same measure the runtime reports for images. Fetches the manifest.
+    async fn manifest_size(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError>;
 }
 
 /// [`Registry`] over oci-client.
@@ -215,6 +223,29 @@ impl Registry for OciRegistry {
         };
         result.map_err(|e| Self::classify(image, e))
     }
+
+    async fn manifest_size(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError> {
+        let reference = image.to_oci();
+        let result = match credentials {
+            None => {
+                self.anonymous
+                    .pull_image_manifest(&reference, &RegistryAuth::Anonymous)
+                    .await
+            }
+            Some(c) => {
+                let client = oci_client::Client::new(Self::client_config(&self.insecure_hosts));
+                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
+                client.pull_image_manifest(&reference, &auth).await
+            }
+        };
+        let (manifest, _) = result.map_err(|e| Self::classify(image, e))?;
+        let layers: i64 = manifest.layers.iter().map(|l| l.size).sum();
+        Ok((layers + manifest.config.size).max(0) as u64)
+    }
 }
 
 /// A scripted [`Registry`] for unit tests.
@@ -233,6 +264,8 @@ pub mod fake {
         pub down: std::sync::atomic::AtomicBool,
         /// Number of `resolve` calls.
         pub resolves: AtomicUsize,
+        /// reference → size, for `manifest_size`.
+        pub sizes: Mutex<HashMap<String, u64>>,
     }
 
     impl FakeRegistry {
@@ -269,6 +302,25 @@ pub mod fake {
                 .get(&image.to_string())
                 .cloned()
                 .ok_or_else(|| err(RegistryErrorKind::NotFound, "repository or tag not found"))
+        }
+
+        async fn manifest_size(
+            &self,
+            image: &ImageRef,
+            _credentials: Option<&Credentials>,
+        ) -> Result<u64, RegistryError> {
+            self.sizes
+                .lock()
+                .unwrap()
+                .get(&image.to_string())
+                .copied()
+                .ok_or_else(|| RegistryError {
+                    registry: image.registry().into(),
+                    image: image.to_string(),
+                    kind: RegistryErrorKind::NotFound,
+                    what: "repository or tag not found",
+                    detail: "fake".into(),
+                })
         }
     }
 }

@@ -94,6 +94,7 @@ pub fn pull_status(e: &PullError) -> Status {
         PullError::Runtime { source, .. } => runtime_code(source),
         PullError::Timeout { .. } => Code::DeadlineExceeded,
         PullError::Index { .. } => Code::Internal,
+        PullError::NoRoom { .. } => Code::ResourceExhausted,
     };
     Status::new(code, e.to_string())
 }
@@ -105,6 +106,7 @@ pub fn cache_status(e: &CacheError) -> Status {
         CacheError::Ambiguous { .. } | CacheError::InvalidReference(_) => Code::InvalidArgument,
         CacheError::Runtime { source, .. } => runtime_code(source),
         CacheError::Index(_) => Code::Internal,
+        CacheError::NoRoom { .. } => Code::ResourceExhausted,
     };
     Status::new(code, e.to_string())
 }

@@ -138,6 +138,7 @@ async fn run(settings: Settings) -> Result<()> {
 
     let runtime: Arc<dyn ImageRuntime> = Arc::new(CriImageRuntime::new(
         &settings.image_endpoint,
+        &settings.runtime_endpoint,
         ic.runtime_timeout,
     ));
     let cache = Arc::new(Cache::new(index, runtime.clone(), Arc::new(SystemClock)));

@@ -15,6 +15,7 @@ use crate::runtime::RuntimeImage;
 
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const EVICTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("evictions");
 
 /// How an image came to be on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +44,7 @@ impl Origin {
 }
 
 /// What the index knows about one image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// The runtime's image id.
     pub id: String,
@@ -63,6 +64,35 @@ pub struct ImageRecord {
     pub pinned: bool,
     /// How it came to be here.
     pub origin: Origin,
+    /// Decayed use count as of `popularity_at` (see [`ImageRecord::popularity_now`]).
+    #[serde(default)]
+    pub popularity: f64,
+    /// When `popularity` was last brought up to date (Unix ms).
+    #[serde(default)]
+    pub popularity_at: i64,
+}
+
+/// One eviction, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvictionRecord {
+    /// When (Unix ms).
+    pub time: i64,
+    /// The image's id.
+    pub id: String,
+    /// Its names.
+    pub names: Vec<String>,
+    /// Its size.
+    pub size: u64,
+    /// Why it went.
+    pub reason: super::evict::EvictionReason,
+}
+
+/// `value` decayed from `at` to `now` with the given half-life.
+pub fn decay(value: f64, at: i64, now: i64, half_life_ms: i64) -> f64 {
+    if half_life_ms <= 0 || now <= at {
+        return value;
+    }
+    value * 0.5f64.powf((now - at) as f64 / half_life_ms as f64)
 }
 
 impl ImageRecord {
@@ -77,7 +107,14 @@ impl ImageRecord {
             use_count: 0,
             pinned: false,
             origin,
+            popularity: 0.0,
+            popularity_at: now,
         }
+    }
+
+    /// The decayed use count now, for ranking the most popular images.
+    pub fn popularity_now(&self, now: i64, half_life_ms: i64) -> f64 {
+        decay(self.popularity, self.popularity_at, now, half_life_ms)
     }
 
     fn refresh_from(&mut self, img: &RuntimeImage) {
@@ -120,6 +157,7 @@ pub struct ReconcileReport {
 pub struct Index {
     db: std::sync::Arc<Database>,
     instance: String,
+    half_life_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Index {
@@ -135,6 +173,7 @@ impl Index {
         })?;
         let tx = db.begin_write().map_err(ctx(what.clone()))?;
         tx.open_table(IMAGES).map_err(ctx(what.clone()))?;
+        tx.open_table(EVICTIONS).map_err(ctx(what.clone()))?;
         let instance = {
             let mut meta = tx.open_table(META).map_err(ctx(what.clone()))?;
             let existing = meta
@@ -155,6 +194,7 @@ impl Index {
         Ok(Self {
             db: std::sync::Arc::new(db),
             instance,
+            half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
         })
     }
 
@@ -162,6 +202,19 @@ impl Index {
     /// it as a label, so that several daemons sharing one runtime never touch each other's.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Sets the half-life of the popularity score.
+    pub fn set_popularity_half_life(&self, half_life: std::time::Duration) {
+        self.half_life_ms.store(
+            half_life.as_millis() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The half-life of the popularity score, in ms.
+    pub fn popularity_half_life_ms(&self) -> i64 {
+        self.half_life_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The database, for other durable state kept beside the index (jobs and tasks).
@@ -234,18 +287,26 @@ impl Index {
     }
 
     /// Records one use of an image the runtime holds: creates the record if needed, refreshes its
-    /// names, digests and size from the runtime, bumps the use count and last-used time.
+    /// names, digests and size from the runtime, bumps the use count, last-used time and
+    /// popularity (pre-warm pulls only create or refresh the record).
     pub fn record_use(
         &self,
         img: &RuntimeImage,
         origin: Origin,
         now: i64,
     ) -> Result<ImageRecord, IndexError> {
+        let half_life = self.popularity_half_life_ms();
         let rec = self.update(&img.id, "recording use of", |cur| {
             let mut rec = cur.unwrap_or_else(|| ImageRecord::fresh(img, origin, now));
             rec.refresh_from(img);
-            rec.use_count += 1;
-            rec.last_used = now;
+            // Pre-warming an image is not a use of it: it would make images popular because
+            // they are pre-warmed, and keep unused ones from ageing out.
+            if origin != Origin::Prewarm {
+                rec.use_count += 1;
+                rec.last_used = now;
+                rec.popularity = rec.popularity_now(now, half_life) + 1.0;
+                rec.popularity_at = now;
+            }
             Some(rec)
         })?;
         Ok(rec.expect("record_use always stores a record"))
@@ -275,6 +336,52 @@ impl Index {
             None
         })?;
         Ok(old)
+    }
+
+    /// Forgets an evicted image and records the eviction, in one transaction.
+    pub fn record_eviction(
+        &self,
+        rec: &ImageRecord,
+        reason: super::evict::EvictionReason,
+        now: i64,
+    ) -> Result<(), IndexError> {
+        let context = format!("recording eviction of {}", rec.id);
+        let ev = EvictionRecord {
+            time: now,
+            id: rec.id.clone(),
+            names: rec.names.clone(),
+            size: rec.size,
+            reason,
+        };
+        let tx = self.db.begin_write().map_err(ctx(context.clone()))?;
+        {
+            let mut images = tx.open_table(IMAGES).map_err(ctx(context.clone()))?;
+            images
+                .remove(rec.id.as_str())
+                .map_err(ctx(context.clone()))?;
+            let mut evictions = tx.open_table(EVICTIONS).map_err(ctx(context.clone()))?;
+            let key = format!("{now:020}-{}", rec.id);
+            let bytes = serde_json::to_vec(&ev).expect("an EvictionRecord always serialises");
+            evictions
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(ctx(context.clone()))?;
+        }
+        tx.commit().map_err(ctx(context))
+    }
+
+    /// Every recorded eviction, oldest first.
+    pub fn evictions(&self) -> Result<Vec<EvictionRecord>, IndexError> {
+        let tx = self.db.begin_read().map_err(ctx("listing evictions"))?;
+        let table = tx.open_table(EVICTIONS).map_err(ctx("listing evictions"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(ctx("listing evictions"))? {
+            let (k, v) = entry.map_err(ctx("listing evictions"))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| IndexError {
+                context: format!("decoding eviction {}", k.value()),
+                source: Box::new(e),
+            })?);
+        }
+        Ok(out)
     }
 
     /// Makes the index agree with the runtime's image list in one write transaction: unknown

@@ -3,12 +3,17 @@
 //! asked whenever presence matters; reconciliation brings the index back in line with it at
 //! start-up and periodically, so images removed or added behind cimage's back are noticed.
 
+pub mod evict;
 pub mod index;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-pub use index::{ImageRecord, Index, IndexError, Origin, ReconcileReport};
+pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
+pub use index::{EvictionRecord, ImageRecord, Index, IndexError, Origin, ReconcileReport};
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
 
 use crate::clock::Clock;
 use crate::reference::{ImageRef, InvalidReference};
@@ -45,6 +50,25 @@ pub enum CacheError {
     /// The index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// An incoming image does not fit without evicting protected images.
+    #[error("no room for {bytes} more bytes of images: {reason}")]
+    NoRoom {
+        /// The size to make room for.
+        bytes: u64,
+        /// Why it cannot be made.
+        reason: String,
+    },
+}
+
+/// What a gc did (or, dry, would do).
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// The plan.
+    pub plan: Plan,
+    /// Image filesystem usage before.
+    pub fs: Option<FsUsage>,
+    /// Whether anything was actually removed.
+    pub dry_run: bool,
 }
 
 /// Index plus runtime, with the clock that timestamps uses.
@@ -54,6 +78,9 @@ pub struct Cache {
     clock: Arc<dyn Clock>,
     last_reconcile: AtomicI64,
     in_use: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    eviction: Option<EvictionSettings>,
+    metrics: Arc<Metrics>,
+    gc_lock: tokio::sync::Mutex<()>,
 }
 
 impl Cache {
@@ -65,6 +92,153 @@ impl Cache {
             clock,
             last_reconcile: AtomicI64::new(0),
             in_use: Default::default(),
+            eviction: None,
+            metrics: Arc::new(Metrics::default()),
+            gc_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Turns eviction on with these settings.
+    pub fn with_eviction(mut self, settings: EvictionSettings) -> Self {
+        self.eviction = Some(settings);
+        self
+    }
+
+    /// Counts into these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this cache counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether eviction is configured.
+    pub fn eviction_enabled(&self) -> bool {
+        self.eviction.is_some()
+    }
+
+    /// Every recorded eviction, oldest first.
+    pub async fn evictions(&self) -> Result<Vec<EvictionRecord>, CacheError> {
+        Ok(self.blocking(|idx| idx.evictions()).await?)
+    }
+
+    async fn image_fs(&self, s: &EvictionSettings) -> Option<FsUsage> {
+        let path = match &s.path {
+            Some(p) => p.clone(),
+            None => {
+                let fs = self.runtime.image_fs_info().await.ok()?;
+                std::path::PathBuf::from(&fs.first()?.mountpoint)
+            }
+        };
+        match evict::fs_usage(&path) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                warn!(
+                    "cannot read usage of the image filesystem at {}: {e}",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Plans an eviction (making room for `incoming` bytes) and, unless `dry_run`, carries it
+    /// out: each image is removed from the runtime, then forgotten with its eviction recorded in
+    /// one transaction. Without eviction settings the plan is empty.
+    pub async fn gc(&self, dry_run: bool, incoming: u64) -> Result<GcReport, CacheError> {
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(GcReport {
+                dry_run,
+                ..Default::default()
+            });
+        };
+        let _one_at_a_time = self.gc_lock.lock().await;
+        // Plan on what the runtime really holds.
+        if let Err(e) = self.reconcile().await {
+            warn!("gc without a fresh reconciliation: {e}");
+        }
+        let images = self.list().await?;
+        let sandbox = self
+            .runtime
+            .sandbox_image()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| {
+                crate::reference::ImageRef::parse(&s)
+                    .ok()
+                    .map(|r| r.to_string())
+                    .or(Some(s))
+            });
+        let fs = self.image_fs(&settings).await;
+        let protect = |r: &ImageRecord| {
+            if r.pinned {
+                Some("pinned".to_string())
+            } else if self.is_in_use(&r.id) {
+                Some("in use by a running step".to_string())
+            } else if sandbox
+                .as_ref()
+                .is_some_and(|s| r.names.contains(s) || &r.id == s)
+            {
+                Some("the runtime's sandbox image".to_string())
+            } else {
+                None
+            }
+        };
+        let plan = evict::plan(
+            &images,
+            protect,
+            self.clock.now_ms(),
+            fs,
+            &settings,
+            incoming,
+        );
+        if !dry_run {
+            for (rec, reason) in &plan.evict {
+                if let Err(e) = self.runtime.remove_image(&rec.id).await {
+                    warn!(image = %rec.id, "eviction failed: {e}");
+                    continue;
+                }
+                let (r, now) = (rec.clone(), self.clock.now_ms());
+                let why = *reason;
+                self.blocking(move |idx| idx.record_eviction(&r, why, now))
+                    .await?;
+                self.metrics
+                    .inc("cimage_evictions_total", &[("reason", reason.as_str())]);
+                info!(image = %rec.id, names = ?rec.names, size = rec.size, reason = reason.as_str(), "image evicted");
+            }
+            self.update_gauges().await;
+        }
+        Ok(GcReport { plan, fs, dry_run })
+    }
+
+    /// Makes room for an incoming pull of `bytes`: evicts what the rules allow, or fails without
+    /// evicting anything when the target cannot be met.
+    pub async fn make_room(&self, bytes: u64) -> Result<(), CacheError> {
+        if self.eviction.is_none() {
+            return Ok(());
+        }
+        let dry = self.gc(true, bytes).await?;
+        if let Some(reason) = dry.plan.shortfall {
+            return Err(CacheError::NoRoom { bytes, reason });
+        }
+        if !dry.plan.evict.is_empty() {
+            self.gc(false, bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the image count and size gauges up to date.
+    pub async fn update_gauges(&self) {
+        if let Ok(images) = self.list().await {
+            self.metrics.set("cimage_images", images.len() as f64);
+            self.metrics.set(
+                "cimage_image_bytes",
+                images.iter().map(|r| r.size).sum::<u64>() as f64,
+            );
         }
     }
 

@@ -89,6 +89,8 @@ pub trait ImageRuntime: Send + Sync {
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Usage of the image filesystem(s); also serves as the runtime's health probe.
     async fn image_fs_info(&self) -> Result<Vec<ImageFsUsage>, RuntimeError>;
+    /// The image the runtime uses for pod sandboxes, if it says; never evicted.
+    async fn sandbox_image(&self) -> Result<Option<String>, RuntimeError>;
 }
 
 /// An in-memory runtime for unit tests: images appear when "pulled" from a fake registry table.
@@ -114,6 +116,8 @@ pub mod fake {
         pub pull_delay: Mutex<Duration>,
         /// Largest number of pulls seen running at once.
         pub max_parallel: AtomicUsize,
+        /// What `sandbox_image` answers.
+        pub sandbox: Mutex<Option<String>>,
         running: AtomicUsize,
     }
 
@@ -214,9 +218,13 @@ pub mod fake {
         async fn image_fs_info(&self) -> Result<Vec<ImageFsUsage>, RuntimeError> {
             let used = self.images.lock().unwrap().iter().map(|i| i.size).sum();
             Ok(vec![ImageFsUsage {
-                mountpoint: "/fake".into(),
+                mountpoint: "/".into(),
                 used_bytes: used,
             }])
+        }
+
+        async fn sandbox_image(&self) -> Result<Option<String>, RuntimeError> {
+            Ok(self.sandbox.lock().unwrap().clone())
         }
     }
 }
