@@ -14,6 +14,7 @@ pub mod cri;
 pub mod launcher;
 pub mod metrics;
 pub mod policy;
+pub mod prewarm;
 pub mod puller;
 pub mod reference;
 pub mod registry;

@@ -1,0 +1,682 @@
+//! Scheduled pre-warming: cron schedules (croner, with time zones) that keep explicit image lists
+//! and/or the node's most popular images (decayed use counts) current, through the same puller as
+//! every other request (single flight, limits, retries).
+//!
+//! Each run resolves every image's tag (`Always`): absent images are pulled, moved tags
+//! refreshed, current ones left alone. A run never overlaps itself (a fire during a run is
+//! recorded as skipped), starts after a random jitter, and is recorded with per-image outcomes.
+//! The timer sleeps until the earliest next fire and wakes early when schedules change. After a
+//! restart, a schedule with `catch_up` runs once if a fire was missed while cimaged was down.
+
+pub mod schedule;
+pub mod store;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cache::{Cache, ImageRecord, IndexError, Origin};
+use crate::clock::Clock;
+use crate::policy::PullPolicy;
+use crate::puller::{Action, EnsureRequest, Puller};
+pub use schedule::{ScheduleError, ScheduleSpec};
+use store::{ImageResult, PrewarmStore, RunRecord, StoredSchedule};
+
+/// Why a pre-warm call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrewarmError {
+    /// The schedule is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ScheduleError),
+    /// No such schedule.
+    #[error("no pre-warm schedule named {0:?}")]
+    NotFound(String),
+    /// The change conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The durable state failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// A schedule as listed: its spec, next fire, and last run.
+#[derive(Debug, Clone)]
+pub struct ScheduleInfo {
+    /// The schedule.
+    pub spec: ScheduleSpec,
+    /// Next fire (Unix ms).
+    pub next_fire: Option<i64>,
+    /// The most recent run.
+    pub last_run: Option<RunRecord>,
+    /// A run is going on now.
+    pub running: bool,
+}
+
+/// Runs pre-warm schedules.
+pub struct Prewarmer {
+    puller: Arc<Puller>,
+    cache: Arc<Cache>,
+    store: PrewarmStore,
+    clock: Arc<dyn Clock>,
+    changed: Notify,
+    running: Mutex<HashSet<String>>,
+}
+
+impl Prewarmer {
+    /// A pre-warmer keeping its schedules in the index's database.
+    pub fn new(
+        puller: Arc<Puller>,
+        cache: Arc<Cache>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, IndexError> {
+        let store = PrewarmStore::open(cache.index().database())?;
+        Ok(Arc::new(Self {
+            puller,
+            cache,
+            store,
+            clock,
+            changed: Notify::new(),
+            running: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&PrewarmStore) -> Result<T, IndexError> + Send + 'static,
+    ) -> Result<T, IndexError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| {
+                Err(IndexError {
+                    context: "prewarm store".into(),
+                    source: Box::new(e),
+                })
+            })
+    }
+
+    /// Makes the stored config-defined schedules match the config file: adds and updates them,
+    /// removes those the file no longer has. Schedules added over the API are left alone.
+    pub async fn sync_config(&self, specs: Vec<ScheduleSpec>) -> Result<(), PrewarmError> {
+        let mut parsed = Vec::new();
+        for mut s in specs {
+            s.from_config = true;
+            s.parse()?;
+            parsed.push(s);
+        }
+        let existing = self.blocking(|s| s.all()).await?;
+        let now = self.clock.now_ms();
+        for spec in &parsed {
+            let old = existing.iter().find(|e| e.spec.name == spec.name);
+            if old.is_some_and(|o| !o.spec.from_config) {
+                return Err(PrewarmError::Conflict(format!(
+                    "schedule {:?} is in the config file and was also added over the API; remove one",
+                    spec.name
+                )));
+            }
+            if old.map(|o| &o.spec) != Some(spec) {
+                let stored = StoredSchedule {
+                    spec: spec.clone(),
+                    created: old.map(|o| o.created).unwrap_or(now),
+                    last_fire: old.and_then(|o| o.last_fire),
+                };
+                self.blocking(move |s| s.put(&stored)).await?;
+            }
+        }
+        for gone in existing
+            .iter()
+            .filter(|e| e.spec.from_config && !parsed.iter().any(|p| p.name == e.spec.name))
+        {
+            let name = gone.spec.name.clone();
+            self.blocking(move |s| s.remove(&name)).await?;
+        }
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Adds (or replaces) a schedule over the API; it persists across restarts.
+    pub async fn add(&self, mut spec: ScheduleSpec) -> Result<ScheduleInfo, PrewarmError> {
+        spec.from_config = false;
+        let parsed = spec.parse()?;
+        let existing = self.blocking(|s| s.all()).await?;
+        let old = existing.into_iter().find(|e| e.spec.name == spec.name);
+        if old.as_ref().is_some_and(|o| o.spec.from_config) {
+            return Err(PrewarmError::Conflict(format!(
+                "schedule {:?} is defined in the config file; change it there",
+                spec.name
+            )));
+        }
+        let now = self.clock.now_ms();
+        let stored = StoredSchedule {
+            spec: spec.clone(),
+            created: now,
+            last_fire: old.and_then(|o| o.last_fire),
+        };
+        self.blocking(move |s| s.put(&stored)).await?;
+        self.changed.notify_one();
+        info!(schedule = %spec.name, cron = %spec.cron, "pre-warm schedule added");
+        Ok(ScheduleInfo {
+            next_fire: parsed.next_after(now),
+            spec,
+            last_run: None,
+            running: false,
+        })
+    }
+
+    /// Removes a schedule added over the API, with its history.
+    pub async fn remove(&self, name: &str) -> Result<(), PrewarmError> {
+        let existing = self.blocking(|s| s.all()).await?;
+        match existing.iter().find(|e| e.spec.name == name) {
+            None => return Err(PrewarmError::NotFound(name.to_owned())),
+            Some(e) if e.spec.from_config => {
+                return Err(PrewarmError::Conflict(format!(
+                    "schedule {name:?} is defined in the config file; remove it there"
+                )))
+            }
+            Some(_) => {}
+        }
+        let n = name.to_owned();
+        self.blocking(move |s| s.remove(&n)).await?;
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Every schedule with its next fire and last run.
+    pub async fn list(&self) -> Result<Vec<ScheduleInfo>, PrewarmError> {
+        let all = self.blocking(|s| s.all()).await?;
+        let now = self.clock.now_ms();
+        let mut out = Vec::new();
+        for st in all {
+            let mut spec = st.spec.clone();
+            let next_fire = spec.parse().ok().and_then(|p| p.next_after(now));
+            let name = spec.name.clone();
+            let last_run = self.blocking(move |s| s.runs(&name)).await?.pop();
+            let running = self.running.lock().unwrap().contains(&spec.name);
+            out.push(ScheduleInfo {
+                spec,
+                next_fire,
+                last_run,
+                running,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A schedule's runs, oldest first.
+    pub async fn history(&self, name: &str) -> Result<Vec<RunRecord>, PrewarmError> {
+        let all = self.blocking(|s| s.all()).await?;
+        if !all.iter().any(|s| s.spec.name == name) {
+            return Err(PrewarmError::NotFound(name.to_owned()));
+        }
+        let n = name.to_owned();
+        Ok(self.blocking(move |s| s.runs(&n)).await?)
+    }
+
+    /// The `n` most popular images now, by decayed use count (images never used are not ranked).
+    pub async fn top(&self, n: usize) -> Result<Vec<(ImageRecord, f64)>, PrewarmError> {
+        let images = self
+            .cache
+            .list()
+            .await
+            .map_err(|e| PrewarmError::Conflict(e.to_string()))?;
+        let now = self.clock.now_ms();
+        let half_life = self.cache.index().popularity_half_life_ms();
+        let mut ranked: Vec<(ImageRecord, f64)> = images
+            .into_iter()
+            .map(|r| {
+                let p = r.popularity_now(now, half_life);
+                (r, p)
+            })
+            .filter(|(r, p)| *p > 0.0 && !r.names.is_empty())
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
+        ranked.truncate(n);
+        Ok(ranked)
+    }
+
+    /// Runs a schedule now, without jitter, sending each image's result to `progress` as it
+    /// comes. Fails if the schedule is already running.
+    pub async fn run_now(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Option<UnboundedSender<ImageResult>>,
+    ) -> Result<RunRecord, PrewarmError> {
+        let all = self.blocking(|s| s.all()).await?;
+        let st = all
+            .into_iter()
+            .find(|s| s.spec.name == name)
+            .ok_or_else(|| PrewarmError::NotFound(name.to_owned()))?;
+        if self.running.lock().unwrap().contains(name) {
+            return Err(PrewarmError::Conflict(format!(
+                "schedule {name:?} is running already"
+            )));
+        }
+        Ok(self
+            .run(st.spec, "manual", None, Duration::ZERO, progress)
+            .await)
+    }
+
+    async fn save_run(&self, run: &RunRecord) {
+        let r = run.clone();
+        if let Err(e) = self.blocking(move |s| s.put_run(&r)).await {
+            warn!(schedule = %run.schedule, "cannot save run: {e}");
+        }
+    }
+
+    /// One run. A run of a schedule already running is recorded as skipped.
+    async fn run(
+        self: &Arc<Self>,
+        spec: ScheduleSpec,
+        trigger: &str,
+        scheduled_for: Option<i64>,
+        jitter: Duration,
+        progress: Option<UnboundedSender<ImageResult>>,
+    ) -> RunRecord {
+        let metrics = Arc::clone(self.cache.metrics());
+        let mut run = RunRecord {
+            schedule: spec.name.clone(),
+            trigger: trigger.to_owned(),
+            scheduled_for,
+            started: self.clock.now_ms(),
+            finished: None,
+            jitter_ms: 0,
+            outcome: "running".into(),
+            images: vec![],
+        };
+        if !self.running.lock().unwrap().insert(spec.name.clone()) {
+            run.outcome = "skipped".into();
+            run.finished = Some(run.started);
+            info!(schedule = %spec.name, "pre-warm fire skipped: the previous run is still going");
+            metrics.inc("cimage_prewarm_runs_total", &[("outcome", "skipped")]);
+            self.save_run(&run).await;
+            return run;
+        }
+        if !jitter.is_zero() {
+            let delay =
+                Duration::from_millis(rand::random::<u64>() % (jitter.as_millis() as u64 + 1));
+            run.jitter_ms = delay.as_millis() as u64;
+            tokio::time::sleep(delay).await;
+            run.started = self.clock.now_ms();
+        }
+        let mut images = spec.images.clone();
+        if let Some(n) = spec.top.filter(|n| *n > 0) {
+            match self.top(n).await {
+                Ok(top) => {
+                    for (r, _) in top {
+                        if let Some(name) = r.names.first() {
+                            if !images.contains(name) {
+                                images.push(name.clone());
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(schedule = %spec.name, "cannot rank images: {e}"),
+            }
+        }
+        self.save_run(&run).await;
+        info!(schedule = %spec.name, trigger, images = images.len(), "pre-warm run started");
+        let results: Vec<ImageResult> = futures::stream::iter(images)
+            .map(|image| {
+                let me = Arc::clone(self);
+                let progress = progress.clone();
+                async move {
+                    let r = me.warm_one(&image).await;
+                    if let Some(p) = &progress {
+                        let _ = p.send(r.clone());
+                    }
+                    r
+                }
+            })
+            .buffer_unordered(spec.concurrency.max(1))
+            .collect()
+            .await;
+        let failed = results.iter().filter(|r| r.outcome == "failed").count();
+        run.outcome = match (failed, results.len()) {
+            (0, _) => "ok",
+            (f, n) if f == n => "failed",
+            _ => "partial",
+        }
+        .into();
+        run.images = results;
+        run.finished = Some(self.clock.now_ms());
+        self.save_run(&run).await;
+        self.running.lock().unwrap().remove(&spec.name);
+        metrics.inc("cimage_prewarm_runs_total", &[("outcome", &run.outcome)]);
+        info!(schedule = %spec.name, outcome = %run.outcome, "pre-warm run finished");
+        run
+    }
+
+    async fn warm_one(&self, image: &str) -> ImageResult {
+        let t = Instant::now();
+        let was_present = self.cache.find(image).await.is_ok();
+        let r = self
+            .puller
+            .ensure(EnsureRequest {
+                image: image.to_owned(),
+                policy: Some(PullPolicy::Always),
+                credentials: None,
+                origin: Origin::Prewarm,
+            })
+            .await;
+        let seconds = t.elapsed().as_secs_f64();
+        match r {
+            Ok(e) => {
+                let (outcome, bytes) = match (e.action, was_present) {
+                    (Action::Cached, _) => ("cached", 0),
+                    (Action::Pulled, true) => ("refreshed", e.record.size),
+                    (Action::Pulled, false) => ("pulled", e.record.size),
+                };
+                ImageResult {
+                    image: e.image.to_string(),
+                    outcome: outcome.into(),
+                    error: None,
+                    bytes,
+                    seconds,
+                }
+            }
+            Err(e) => ImageResult {
+                image: image.to_owned(),
+                outcome: "failed".into(),
+                error: Some(e.to_string()),
+                bytes: 0,
+                seconds,
+            },
+        }
+    }
+
+    /// After a start: a schedule with `catch_up` whose fire was missed while cimaged was down
+    /// runs once now; every schedule's missed fires are then marked handled.
+    pub async fn catch_up(self: &Arc<Self>) -> Result<usize, PrewarmError> {
+        let all = self.blocking(|s| s.all()).await?;
+        let now = self.clock.now_ms();
+        let mut caught = 0;
+        for mut st in all {
+            let Ok(parsed) = st.spec.parse() else {
+                continue;
+            };
+            let since = st.last_fire.unwrap_or(st.created);
+            let Some(last_due) = parsed.last_at_or_before(now) else {
+                continue;
+            };
+            if last_due <= since {
+                continue;
+            }
+            st.last_fire = Some(last_due);
+            let saved = st.clone();
+            self.blocking(move |s| s.put(&saved)).await?;
+            if st.spec.catch_up {
+                caught += 1;
+                info!(schedule = %st.spec.name, "catching up a run missed while cimaged was down");
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    me.run(st.spec, "catch_up", Some(last_due), Duration::ZERO, None)
+                        .await;
+                });
+            }
+        }
+        Ok(caught)
+    }
+
+    /// The timer: sleeps until the earliest next fire (waking early when schedules change),
+    /// then starts every run that is due. Returns when `shutdown` is cancelled.
+    pub async fn timer(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let now = self.clock.now_ms();
+            let mut earliest: Option<i64> = None;
+            match self.blocking(|s| s.all()).await {
+                Ok(all) => {
+                    for mut st in all {
+                        let Ok(parsed) = st.spec.parse() else {
+                            continue;
+                        };
+                        let since = st.last_fire.unwrap_or(st.created);
+                        let Some(next) = parsed.next_after(since) else {
+                            continue;
+                        };
+                        if next <= now {
+                            // Due: record the fire first, so a crash cannot replay it.
+                            st.last_fire = Some(next);
+                            let saved = st.clone();
+                            if let Err(e) = self.blocking(move |s| s.put(&saved)).await {
+                                warn!(schedule = %st.spec.name, "cannot record fire: {e}");
+                                continue;
+                            }
+                            let me = Arc::clone(&self);
+                            let jitter = schedule::jitter(&st.spec);
+                            tokio::spawn(async move {
+                                me.run(st.spec, "cron", Some(next), jitter, None).await;
+                            });
+                            earliest = Some(now);
+                        } else {
+                            earliest = Some(earliest.map_or(next, |e| e.min(next)));
+                        }
+                    }
+                }
+                Err(e) => warn!("cannot read pre-warm schedules: {e}"),
+            }
+            // Re-check at least every minute, so a wall-clock jump is noticed.
+            let wait = earliest
+                .map(|e| (e - self.clock.now_ms()).clamp(0, 60_000) as u64)
+                .unwrap_or(60_000);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = self.changed.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Index;
+    use crate::clock::SystemClock;
+    use crate::puller::PullerSettings;
+    use crate::registry::fake::FakeRegistry;
+    use crate::runtime::fake::FakeRuntime;
+    use std::collections::HashMap;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        rt: Arc<FakeRuntime>,
+        reg: Arc<FakeRegistry>,
+        puller: Arc<Puller>,
+        pw: Arc<Prewarmer>,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let reg = Arc::new(FakeRegistry::default());
+        let cache = Arc::new(Cache::new(
+            Index::open(&dir.path().join("i.redb")).unwrap(),
+            rt.clone(),
+            Arc::new(SystemClock),
+        ));
+        let puller = Arc::new(Puller::new(
+            rt.clone(),
+            reg.clone(),
+            cache.clone(),
+            PullerSettings {
+                max_concurrent_pulls: 4,
+                per_registry: HashMap::new(),
+                pull_timeout: Duration::from_secs(5),
+                retries: 0,
+                backoff: Duration::from_millis(1),
+            },
+        ));
+        let pw = Prewarmer::new(puller.clone(), cache, Arc::new(SystemClock)).unwrap();
+        Rig {
+            _dir: dir,
+            rt,
+            reg,
+            puller,
+            pw,
+        }
+    }
+
+    fn offer(r: &Rig, image: &str, id: &str, digest: &str) {
+        r.rt.offer(image, id, digest, 100);
+        r.reg.set(image, digest);
+    }
+
+    fn spec(name: &str, images: &[&str], top: Option<usize>) -> ScheduleSpec {
+        ScheduleSpec {
+            name: name.into(),
+            cron: "0 3 * * *".into(),
+            time_zone: None,
+            images: images.iter().map(|s| s.to_string()).collect(),
+            top,
+            jitter_ms: 0,
+            concurrency: 2,
+            catch_up: false,
+            from_config: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_pulls_refreshes_and_records() {
+        let r = rig();
+        offer(&r, "127.0.0.1:5000/a:1", "sha256:a1", "sha256:da1");
+        offer(&r, "127.0.0.1:5000/b:1", "sha256:b1", "sha256:db1");
+        r.pw.add(spec(
+            "s",
+            &[
+                "127.0.0.1:5000/a:1",
+                "127.0.0.1:5000/b:1",
+                "127.0.0.1:5000/gone:1",
+            ],
+            None,
+        ))
+        .await
+        .unwrap();
+        let run = r.pw.run_now("s", None).await.unwrap();
+        let outcomes: Vec<(&str, &str)> = run
+            .images
+            .iter()
+            .map(|i| (i.image.as_str(), i.outcome.as_str()))
+            .collect();
+        assert!(outcomes.contains(&("127.0.0.1:5000/a:1", "pulled")));
+        assert!(outcomes.contains(&("127.0.0.1:5000/gone:1", "failed")));
+        assert_eq!(run.outcome, "partial");
+        // The tag of a moves: the next run refreshes it; b is current.
+        offer(&r, "127.0.0.1:5000/a:1", "sha256:a2", "sha256:da2");
+        let run = r.pw.run_now("s", None).await.unwrap();
+        let a = run
+            .images
+            .iter()
+            .find(|i| i.image.ends_with("/a:1"))
+            .unwrap();
+        let b = run
+            .images
+            .iter()
+            .find(|i| i.image.ends_with("/b:1"))
+            .unwrap();
+        assert_eq!(
+            (a.outcome.as_str(), b.outcome.as_str()),
+            ("refreshed", "cached")
+        );
+        assert_eq!(r.pw.history("s").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
+        let r = rig();
+        for (img, uses) in [("a", 3), ("b", 2), ("c", 1)] {
+            let image = format!("127.0.0.1:5000/{img}:1");
+            offer(
+                &r,
+                &image,
+                &format!("sha256:{img}"),
+                &format!("sha256:d{img}"),
+            );
+            for _ in 0..uses {
+                r.puller
+                    .ensure(EnsureRequest {
+                        image: image.clone(),
+                        policy: None,
+                        credentials: None,
+                        origin: Origin::Job,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        r.pw.add(spec("top", &[], Some(2))).await.unwrap();
+        for _ in 0..5 {
+            r.pw.run_now("top", None).await.unwrap();
+        }
+        let run = r.pw.run_now("top", None).await.unwrap();
+        let mut names: Vec<&str> = run.images.iter().map(|i| i.image.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["127.0.0.1:5000/a:1", "127.0.0.1:5000/b:1"]);
+        let top = r.pw.top(3).await.unwrap();
+        assert_eq!(
+            top.iter().map(|(rec, _)| rec.use_count).collect::<Vec<_>>(),
+            [3, 2, 1]
+        );
+    }
+
+    #[tokio::test]
+    async fn overlapping_runs_are_skipped_and_recorded() {
+        let r = rig();
+        offer(&r, "127.0.0.1:5000/slow:1", "sha256:s", "sha256:ds");
+        *r.rt.pull_delay.lock().unwrap() = Duration::from_millis(200);
+        r.pw.add(spec("slow", &["127.0.0.1:5000/slow:1"], None))
+            .await
+            .unwrap();
+        let pw = r.pw.clone();
+        let first = tokio::spawn(async move { pw.run_now("slow", None).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = r.pw.blocking(|s| s.all()).await.unwrap().pop().unwrap();
+        let skipped =
+            r.pw.run(st.spec, "cron", Some(1), Duration::ZERO, None)
+                .await;
+        assert_eq!(skipped.outcome, "skipped");
+        assert!(matches!(
+            r.pw.run_now("slow", None).await,
+            Err(PrewarmError::Conflict(_))
+        ));
+        assert_eq!(first.await.unwrap().unwrap().outcome, "ok");
+        let outcomes: Vec<String> =
+            r.pw.history("slow")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.outcome)
+                .collect();
+        assert!(
+            outcomes.contains(&"skipped".to_string()) && outcomes.contains(&"ok".to_string()),
+            "{outcomes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn config_schedules_are_owned_by_the_config() {
+        let r = rig();
+        r.pw.sync_config(vec![spec("cfg", &["127.0.0.1:5000/a:1"], None)])
+            .await
+            .unwrap();
+        assert!(matches!(
+            r.pw.remove("cfg").await,
+            Err(PrewarmError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.pw.add(spec("cfg", &["x:1"], None)).await,
+            Err(PrewarmError::Conflict(_))
+        ));
+        r.pw.sync_config(vec![]).await.unwrap();
+        assert!(r.pw.list().await.unwrap().is_empty());
+        assert!(matches!(
+            r.pw.remove("nope").await,
+            Err(PrewarmError::NotFound(_))
+        ));
+    }
+}
