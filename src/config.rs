@@ -117,6 +117,9 @@ pub struct ImageCacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct EvictionConfig {
+    /// Eviction on or off (on by default: the watermarks protect the node's disk).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// Image filesystem usage (percent) above which images are evicted.
     #[serde(default = "default_high_percent")]
     pub high_percent: f64,
@@ -137,9 +140,14 @@ pub struct EvictionConfig {
     pub path: Option<PathBuf>,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 impl Default for EvictionConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             high_percent: default_high_percent(),
             low_percent: default_low_percent(),
             max_bytes: None,
@@ -211,6 +219,39 @@ pub struct ScheduleConfig {
     /// Run once after a start if a fire was missed while cimaged was down.
     #[serde(default)]
     pub catch_up: bool,
+}
+
+impl ScheduleConfig {
+    /// The schedule as the pre-warmer takes it.
+    pub fn to_spec(&self) -> crate::prewarm::ScheduleSpec {
+        crate::prewarm::ScheduleSpec {
+            name: self.name.clone(),
+            cron: self.cron.clone(),
+            time_zone: self.time_zone.clone(),
+            images: self.images.clone(),
+            top: self.top,
+            jitter_ms: self.jitter.map(|j| j.as_millis() as u64).unwrap_or(0),
+            concurrency: self
+                .concurrency
+                .unwrap_or(crate::prewarm::schedule::DEFAULT_CONCURRENCY),
+            catch_up: self.catch_up,
+            from_config: true,
+        }
+    }
+}
+
+impl EvictionConfig {
+    /// The eviction settings, or `None` when eviction is off.
+    pub fn settings(&self) -> Option<crate::cache::EvictionSettings> {
+        self.enabled.then(|| crate::cache::EvictionSettings {
+            high_percent: self.high_percent,
+            low_percent: self.low_percent,
+            max_bytes: self.max_bytes,
+            min_age: self.min_age,
+            max_unused_age: self.max_unused_age,
+            path: self.path.clone(),
+        })
+    }
 }
 
 /// Parses sizes such as `500MiB`, `10GiB`, `2G` (decimal), `1048576`.
@@ -575,6 +616,9 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
                 format!("schedule name {:?} is used twice", sc.name),
             ));
         }
+        sc.to_spec()
+            .parse()
+            .map_err(|e| invalid("ImageCache.Prewarm.Schedules", e.to_string()))?;
     }
     let base = config.crane_base_dir;
     let temp_dir = base.join(&container.temp_dir);

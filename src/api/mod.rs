@@ -3,7 +3,9 @@
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
 //! Domain errors become `tonic::Status` codes here ([`service`]).
 
+pub mod http;
 pub mod launcher;
+pub mod maintenance;
 pub mod peer;
 pub mod service;
 
@@ -55,13 +57,22 @@ pub async fn serve(
     listener: UnixListener,
     images: service::ImageCacheApi,
     launcher: launcher::LauncherApi,
+    maintenance: maintenance::MaintenanceApi,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(pb::image_cache_server::ImageCacheServer::new(images))
         .add_service(pb::launcher_server::LauncherServer::new(launcher))
+        .add_service(pb::maintenance_server::MaintenanceServer::new(maintenance))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
+}
+
+/// A maintenance client (gc, top, pre-warm) for the API at a unix socket.
+pub fn maintenance_client(
+    path: &Path,
+) -> pb::maintenance_client::MaintenanceClient<tonic::transport::Channel> {
+    pb::maintenance_client::MaintenanceClient::new(crate::cri::unix_channel(path))
 }
 
 /// A launcher client for the API at a unix socket.

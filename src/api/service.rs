@@ -111,7 +111,8 @@ pub fn cache_status(e: &CacheError) -> Status {
     Status::new(code, e.to_string())
 }
 
-fn to_pb(r: &ImageRecord) -> pb::Image {
+/// An index record as the API shows it.
+pub fn to_pb(r: &ImageRecord) -> pb::Image {
     pb::Image {
         id: r.id.clone(),
         names: r.names.clone(),

@@ -13,12 +13,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use cimage::api::{self, launcher::LauncherApi, peer, service::ImageCacheApi};
+use cimage::api::{
+    self, launcher::LauncherApi, maintenance::MaintenanceApi, peer, service::ImageCacheApi,
+};
 use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
 use cimage::config::{self, format_duration, Settings};
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
 use cimage::launcher::{Launcher, LauncherSettings};
+use cimage::metrics::Metrics;
+use cimage::prewarm::Prewarmer;
 use cimage::puller::{Puller, PullerSettings};
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
@@ -141,7 +145,14 @@ async fn run(settings: Settings) -> Result<()> {
         &settings.runtime_endpoint,
         ic.runtime_timeout,
     ));
-    let cache = Arc::new(Cache::new(index, runtime.clone(), Arc::new(SystemClock)));
+    index.set_popularity_half_life(ic.prewarm.popularity_half_life);
+    let metrics = Arc::new(Metrics::default());
+    let mut cache =
+        Cache::new(index, runtime.clone(), Arc::new(SystemClock)).with_metrics(metrics.clone());
+    if let Some(eviction) = ic.eviction.settings() {
+        cache = cache.with_eviction(eviction);
+    }
+    let cache = Arc::new(cache);
     let registry = Arc::new(OciRegistry::new(&ic.registries));
     let puller = Arc::new(Puller::new(
         runtime.clone(),
@@ -166,8 +177,29 @@ async fn run(settings: Settings) -> Result<()> {
         },
     )?;
 
+    let prewarm = Prewarmer::new(puller.clone(), cache.clone(), Arc::new(SystemClock))?;
+    prewarm
+        .sync_config(ic.prewarm.schedules.iter().map(|s| s.to_spec()).collect())
+        .await
+        .context("ImageCache.Prewarm.Schedules")?;
+    match prewarm.catch_up().await {
+        Ok(0) => {}
+        Ok(n) => info!(schedules = n, "catching up missed pre-warm runs"),
+        Err(e) => warn!("pre-warm catch-up failed: {e}"),
+    }
+
     let shutdown = CancellationToken::new();
     tokio::spawn(recover_loop(launcher.clone(), shutdown.clone()));
+    tokio::spawn(prewarm.clone().timer(shutdown.clone()));
+    if let Some(addr) = &ic.metrics_addr {
+        let addr = addr.parse().context("ImageCache.MetricsAddr")?;
+        let (m, c, stop) = (metrics.clone(), cache.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = api::http::serve(addr, m, c, stop).await {
+                error!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
     tokio::spawn(reconcile_loop(
         cache.clone(),
         ic.reconcile_interval,
@@ -177,6 +209,7 @@ async fn run(settings: Settings) -> Result<()> {
     let listener = api::bind_socket(&ic.socket, socket_gid)?;
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
+    let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin);
     let images = ImageCacheApi::new(puller, cache, runtime, admin);
     let launcher_api = LauncherApi::new(launcher.clone(), admin);
 
@@ -195,6 +228,7 @@ async fn run(settings: Settings) -> Result<()> {
         listener,
         images,
         launcher_api,
+        maintenance,
         shutdown.clone().cancelled_owned(),
     )
     .await;
@@ -245,6 +279,10 @@ async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, shutdown: Cancell
                     );
                 }
                 ever_ok = true;
+                if let Err(e) = cache.gc(false, 0).await {
+                    warn!("eviction pass failed: {e}");
+                }
+                cache.update_gauges().await;
                 interval
             }
             Err(e) => {

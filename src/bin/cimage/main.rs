@@ -1,8 +1,10 @@
 //! cimage: the command-line client of cimaged.
 
+mod gc;
 mod images;
 mod jobs;
 mod pin;
+mod prewarm;
 mod pull;
 mod rm;
 mod run;
@@ -69,6 +71,18 @@ enum Command {
     Jobs(jobs::JobsArgs),
     /// End a job: cancel its running steps and remove its pod.
     EndJob(jobs::EndJobArgs),
+    /// Evict images by the eviction rules (--dry-run: say what and why, change nothing).
+    Gc(gc::GcArgs),
+    /// Images by popularity (decayed use count).
+    Top(gc::TopArgs),
+    /// Scheduled pre-pulls.
+    #[command(subcommand)]
+    Prewarm(prewarm::Command),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// A failure to report: one line on stderr, non-zero exit.
@@ -167,6 +181,14 @@ async fn main() -> ExitCode {
         Command::Cancel(a) => tasks::cancel(&cli.socket, a).await,
         Command::Jobs(a) => jobs::list(&cli.socket, a).await,
         Command::EndJob(a) => jobs::end(&cli.socket, a).await,
+        Command::Gc(a) => gc::gc(&cli.socket, a).await,
+        Command::Top(a) => gc::top(&cli.socket, a).await,
+        Command::Prewarm(c) => prewarm::run(&cli.socket, c).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "cimage", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Pull(a) => pull::run(&cli.socket, a).await,
         Command::Images(a) => images::list(&cli.socket, a).await,
         Command::Inspect(a) => images::inspect(&cli.socket, a).await,

@@ -1,0 +1,279 @@
+//! The `Maintenance` gRPC service: gc, popularity, and pre-warm schedules.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use super::pb;
+use super::peer::AdminPolicy;
+use super::service::{cache_status, caller, to_pb};
+use crate::cache::Cache;
+use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
+use crate::prewarm::store::{ImageResult, RunRecord};
+use crate::prewarm::{PrewarmError, Prewarmer, ScheduleInfo};
+
+/// The service implementation.
+pub struct MaintenanceApi {
+    cache: Arc<Cache>,
+    prewarm: Arc<Prewarmer>,
+    admin: AdminPolicy,
+}
+
+impl MaintenanceApi {
+    /// A service over the daemon's cache and pre-warmer.
+    pub fn new(cache: Arc<Cache>, prewarm: Arc<Prewarmer>, admin: AdminPolicy) -> Self {
+        Self {
+            cache,
+            prewarm,
+            admin,
+        }
+    }
+
+    fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
+        let c = caller(req)?;
+        if !self.admin.is_admin(&c) {
+            return Err(Status::permission_denied(format!(
+                "{what} is an admin call: uid {} is neither root nor in the admin group (ImageCache.AdminGroup)",
+                c.uid
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn prewarm_status(e: &PrewarmError) -> Status {
+    let code = match e {
+        PrewarmError::Invalid(_) => Code::InvalidArgument,
+        PrewarmError::NotFound(_) => Code::NotFound,
+        PrewarmError::Conflict(_) => Code::FailedPrecondition,
+        PrewarmError::Index(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn schedule_pb(s: &ScheduleSpec) -> pb::Schedule {
+    pb::Schedule {
+        name: s.name.clone(),
+        cron: s.cron.clone(),
+        time_zone: s.time_zone.clone().unwrap_or_default(),
+        images: s.images.clone(),
+        top: s.top.unwrap_or(0) as u32,
+        jitter_ms: s.jitter_ms,
+        concurrency: s.concurrency as u32,
+        catch_up: s.catch_up,
+        from_config: s.from_config,
+    }
+}
+
+fn image_result_pb(r: &ImageResult) -> pb::ImageResult {
+    pb::ImageResult {
+        image: r.image.clone(),
+        outcome: r.outcome.clone(),
+        error: r.error.clone().unwrap_or_default(),
+        bytes: r.bytes,
+        seconds: r.seconds,
+    }
+}
+
+fn run_pb(r: &RunRecord) -> pb::Run {
+    pb::Run {
+        schedule: r.schedule.clone(),
+        trigger: r.trigger.clone(),
+        scheduled_for: r.scheduled_for.unwrap_or(0),
+        started: r.started,
+        finished: r.finished.unwrap_or(0),
+        jitter_ms: r.jitter_ms,
+        outcome: r.outcome.clone(),
+        images: r.images.iter().map(image_result_pb).collect(),
+    }
+}
+
+fn info_pb(i: &ScheduleInfo) -> pb::ScheduleInfo {
+    pb::ScheduleInfo {
+        schedule: Some(schedule_pb(&i.spec)),
+        next_fire: i.next_fire.unwrap_or(0),
+        last_run: i.last_run.as_ref().map(run_pb),
+        running: i.running,
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceApi {
+    type RunScheduleStream = BoxStream<pb::RunProgress>;
+
+    async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
+        let dry_run = req.get_ref().dry_run;
+        if dry_run {
+            caller(&req)?;
+        } else {
+            self.require_admin(&req, "gc")?;
+        }
+        let report = self
+            .cache
+            .gc(dry_run, 0)
+            .await
+            .map_err(|e| cache_status(&e))?;
+        Ok(Response::new(pb::GcResponse {
+            dry_run,
+            evicted: report
+                .plan
+                .evict
+                .iter()
+                .map(|(r, why)| pb::Eviction {
+                    image: Some(to_pb(r)),
+                    reason: why.as_str().to_owned(),
+                })
+                .collect(),
+            protected: report
+                .plan
+                .protected
+                .iter()
+                .map(|(r, why)| pb::ProtectedImage {
+                    image: Some(to_pb(r)),
+                    why: why.clone(),
+                })
+                .collect(),
+            shortfall: report.plan.shortfall.unwrap_or_default(),
+            fs_total: report.fs.map(|f| f.total).unwrap_or(0),
+            fs_used: report.fs.map(|f| f.used).unwrap_or(0),
+            enabled: self.cache.eviction_enabled(),
+        }))
+    }
+
+    async fn top(&self, req: Request<pb::TopRequest>) -> Result<Response<pb::TopResponse>, Status> {
+        caller(&req)?;
+        let limit = match req.into_inner().limit {
+            0 => 20,
+            n => n as usize,
+        };
+        let top = self
+            .prewarm
+            .top(limit)
+            .await
+            .map_err(|e| prewarm_status(&e))?;
+        Ok(Response::new(pb::TopResponse {
+            images: top
+                .iter()
+                .map(|(r, score)| pb::RankedImage {
+                    image: Some(to_pb(r)),
+                    score: *score,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn add_schedule(
+        &self,
+        req: Request<pb::Schedule>,
+    ) -> Result<Response<pb::ScheduleInfo>, Status> {
+        self.require_admin(&req, "adding a pre-warm schedule")?;
+        let s = req.into_inner();
+        let spec = ScheduleSpec {
+            name: s.name,
+            cron: s.cron,
+            time_zone: (!s.time_zone.is_empty()).then_some(s.time_zone),
+            images: s.images,
+            top: (s.top > 0).then_some(s.top as usize),
+            jitter_ms: s.jitter_ms,
+            concurrency: if s.concurrency == 0 {
+                DEFAULT_CONCURRENCY
+            } else {
+                s.concurrency as usize
+            },
+            catch_up: s.catch_up,
+            from_config: false,
+        };
+        let info = self
+            .prewarm
+            .add(spec)
+            .await
+            .map_err(|e| prewarm_status(&e))?;
+        Ok(Response::new(info_pb(&info)))
+    }
+
+    async fn remove_schedule(
+        &self,
+        req: Request<pb::ScheduleRef>,
+    ) -> Result<Response<pb::RemoveScheduleResponse>, Status> {
+        self.require_admin(&req, "removing a pre-warm schedule")?;
+        self.prewarm
+            .remove(&req.into_inner().name)
+            .await
+            .map_err(|e| prewarm_status(&e))?;
+        Ok(Response::new(pb::RemoveScheduleResponse {}))
+    }
+
+    async fn list_schedules(
+        &self,
+        req: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        caller(&req)?;
+        let all = self.prewarm.list().await.map_err(|e| prewarm_status(&e))?;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: all.iter().map(info_pb).collect(),
+        }))
+    }
+
+    async fn run_schedule(
+        &self,
+        req: Request<pb::ScheduleRef>,
+    ) -> Result<Response<Self::RunScheduleStream>, Status> {
+        self.require_admin(&req, "running a pre-warm schedule")?;
+        let name = req.into_inner().name;
+        // Fail fast on an unknown or busy schedule, before the stream starts.
+        let listed = self.prewarm.list().await.map_err(|e| prewarm_status(&e))?;
+        match listed.iter().find(|i| i.spec.name == name) {
+            None => return Err(prewarm_status(&PrewarmError::NotFound(name))),
+            Some(i) if i.running => {
+                return Err(Status::failed_precondition(format!(
+                    "schedule {name:?} is running already"
+                )))
+            }
+            Some(_) => {}
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::RunProgress, Status>>();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<ImageResult>();
+        let prewarm = Arc::clone(&self.prewarm);
+        let forward = tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = prx.recv().await {
+                let _ = forward.send(Ok(pb::RunProgress {
+                    progress: Some(pb::run_progress::Progress::Image(image_result_pb(&r))),
+                }));
+            }
+        });
+        tokio::spawn(async move {
+            let msg = match prewarm.run_now(&name, Some(ptx)).await {
+                Ok(run) => Ok(pb::RunProgress {
+                    progress: Some(pb::run_progress::Progress::Done(run_pb(&run))),
+                }),
+                Err(e) => Err(prewarm_status(&e)),
+            };
+            // Let the image results drain first.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let _ = tx.send(msg);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn schedule_history(
+        &self,
+        req: Request<pb::ScheduleRef>,
+    ) -> Result<Response<pb::ScheduleHistoryResponse>, Status> {
+        caller(&req)?;
+        let runs = self
+            .prewarm
+            .history(&req.into_inner().name)
+            .await
+            .map_err(|e| prewarm_status(&e))?;
+        Ok(Response::new(pb::ScheduleHistoryResponse {
+            runs: runs.iter().map(run_pb).collect(),
+        }))
+    }
+}
