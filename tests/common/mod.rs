@@ -142,11 +142,15 @@ impl Daemon {
     }
 
     fn write_config(&self) {
-        let extra: String = self
+        let mut extra: String = self
             .extra_config
             .lines()
             .map(|l| format!("  {l}\n"))
             .collect();
+        // Daemons share one containerd; only tests about eviction may evict.
+        if !self.extra_config.contains("Eviction:") {
+            extra.push_str("  Eviction:\n    Enabled: false\n");
+        }
         let text = format!(
             "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Registries:\n    \"{reg}\":\n      Insecure: true\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{extra}",
             base = self.dir.path().display(),
