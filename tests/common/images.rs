@@ -74,6 +74,8 @@ pub struct Pushed {
     pub digest: String,
     /// Digests of the layer and config blobs.
     pub blobs: Vec<String>,
+    /// Bytes of the layer and config blobs as stored (what the runtime reports as its size).
+    pub size: u64,
 }
 
 fn sha(data: &[u8]) -> String {
@@ -85,6 +87,7 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
     let mut oci_layers = Vec::new();
     let mut diff_ids = Vec::new();
     let mut blobs = Vec::new();
+    let mut size = 0u64;
     for l in layers {
         let raw = l.tar(true);
         diff_ids.push(sha(&raw));
@@ -92,6 +95,7 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
         gz.write_all(&raw).unwrap();
         let gz = gz.finish().unwrap();
         blobs.push(sha(&gz));
+        size += gz.len() as u64;
         oci_layers.push(ImageLayer::new(
             gz,
             IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
@@ -111,6 +115,7 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
     });
     let config = serde_json::to_vec(&config).unwrap();
     blobs.push(sha(&config));
+    size += config.len() as u64;
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         ..Default::default()
@@ -134,5 +139,6 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
         reference: reference.whole(),
         digest,
         blobs,
+        size,
     }
 }
