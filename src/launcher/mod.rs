@@ -651,7 +651,18 @@ impl Launcher {
                 );
                 self.cleanup(task, tx).await;
             }
-            Err(message) => self.fail(task, Stage::Wait, message, tx).await,
+            Err(message) => {
+                // Another waiter (a re-attach racing a slow shutdown) may have finished the task
+                // and removed the container; its record stands.
+                let id = task.id.clone();
+                if let Ok(Some(t)) = self.blocking(move |s| s.task(&id)).await {
+                    if t.state.is_final() {
+                        self.live.lock().unwrap().remove(&task.id);
+                        return;
+                    }
+                }
+                self.fail(task, Stage::Wait, message, tx).await
+            }
         }
     }
 
@@ -1314,15 +1325,24 @@ mod tests {
             runs_for: Duration::from_millis(300),
             exit_code: 7,
         });
-        let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
-        let mut rx = rx;
+        // The first daemon runs on a runtime of its own, so that its crash can be real: shutting
+        // that runtime down stops its waiter mid-task, as `kill -9` would.
+        let first = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let l1 = r.launcher.clone();
+        let (task, mut rx) = first
+            .spawn(async move { l1.launch(ROOT, spec(None)).await.unwrap() })
+            .await
+            .unwrap();
         while let Some(e) = rx.recv().await {
             if e.event == Event::Started {
                 break;
             }
         }
-        // "Crash": a new launcher over the same state, runtime and cache; the old one's waiter is
-        // left behind but a fresh daemon knows nothing of it.
+        first.shutdown_background();
         drop(rx);
         let mut ours = r.launcher.ours();
         ours.insert(LABEL_JOB.into(), "ghost".into());
