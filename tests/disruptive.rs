@@ -134,6 +134,23 @@ fn eviction_by_max_bytes_keeps_pins_in_use_and_young_images() {
     };
     let (a, b, c) = (mk("a"), mk("b"), mk("c"));
     let each = a.size.max(b.size).max(c.size) + 4096;
+    // The first pod pulls the sandbox image; have it in place before measuring what exists.
+    block_on(async {
+        use k8s_cri::v1 as cri;
+        let mut c =
+            cri::image_service_client::ImageServiceClient::new(cimage::cri::unix_channel(&tb.cri));
+        let image = Some(cri::ImageSpec {
+            image: format!("{}/pause:1", tb.registry),
+            ..Default::default()
+        });
+        c.pull_image(cri::PullImageRequest {
+            image,
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .expect("pulling the sandbox image");
+    });
     let (existing, ids) = runtime_images(&tb);
     // Room for what exists plus two and a half test images.
     let d = Daemon::start(&eviction_config(existing + 2 * each + each / 2, "0s"));
