@@ -47,6 +47,19 @@ fn wait_state(d: &Daemon, id: &str, states: &[&str], within: Duration) -> serde_
     }
 }
 
+/// Waits until the task's container (and a one-off job's pod) has been removed.
+fn wait_cleaned(d: &Daemon, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while task_json(d, id)["cleaned_up"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "not cleaned up: {}",
+            task_json(d, id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn job_pods(d: &Daemon, job: &str) -> Vec<String> {
     let instance = d.instance();
     cri_pods(
@@ -186,15 +199,7 @@ fn cancel_stops_a_sleep_within_the_grace_period() {
         t0.elapsed()
     );
     assert!(t["exit_code"] == 143 || t["exit_code"] == 137, "{t}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while task_json(&d, &id)["cleaned_up"] != true {
-        assert!(
-            Instant::now() < deadline,
-            "not cleaned up: {}",
-            task_json(&d, &id)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_cleaned(&d, &id);
     assert!(job_pods(&d, t["job"].as_str().unwrap()).is_empty());
 }
 
@@ -399,6 +404,7 @@ fn after_kill_9_a_running_task_is_reattached_and_unknown_pods_are_removed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    wait_cleaned(&d, &id);
     assert!(cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]).is_empty());
     assert!(d.log().contains("re-attaching"), "{}", d.log());
 }
