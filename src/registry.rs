@@ -129,6 +129,25 @@ impl OciRegistry {
         }
     }
 
+    /// The shared anonymous client, or a fresh one for a request with credentials.
+    fn client_for(
+        &self,
+        credentials: Option<&Credentials>,
+    ) -> (std::borrow::Cow<'_, oci_client::Client>, RegistryAuth) {
+        match credentials {
+            None => (
+                std::borrow::Cow::Borrowed(&self.anonymous),
+                RegistryAuth::Anonymous,
+            ),
+            Some(c) => (
+                std::borrow::Cow::Owned(oci_client::Client::new(Self::client_config(
+                    &self.insecure_hosts,
+                ))),
+                RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            ),
+        }
+    }
+
     fn classify(image: &ImageRef, err: OciDistributionError) -> RegistryError {
         use RegistryErrorKind::*;
         let (kind, what) = match &err {
@@ -208,20 +227,11 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
-        let reference = image.to_oci();
-        let result = match credentials {
-            None => {
-                self.anonymous
-                    .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
-                    .await
-            }
-            Some(c) => {
-                let client = oci_client::Client::new(Self::client_config(&self.insecure_hosts));
-                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
-                client.fetch_manifest_digest(&reference, &auth).await
-            }
-        };
-        result.map_err(|e| Self::classify(image, e))
+        let (client, auth) = self.client_for(credentials);
+        client
+            .fetch_manifest_digest(&image.to_oci(), &auth)
+            .await
+            .map_err(|e| Self::classify(image, e))
     }
 
     async fn manifest_size(
@@ -229,20 +239,11 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<u64, RegistryError> {
-        let reference = image.to_oci();
-        let result = match credentials {
-            None => {
-                self.anonymous
-                    .pull_image_manifest(&reference, &RegistryAuth::Anonymous)
-                    .await
-            }
-            Some(c) => {
-                let client = oci_client::Client::new(Self::client_config(&self.insecure_hosts));
-                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
-                client.pull_image_manifest(&reference, &auth).await
-            }
-        };
-        let (manifest, _) = result.map_err(|e| Self::classify(image, e))?;
+        let (client, auth) = self.client_for(credentials);
+        let (manifest, _) = client
+            .pull_image_manifest(&image.to_oci(), &auth)
+            .await
+            .map_err(|e| Self::classify(image, e))?;
         let layers: i64 = manifest.layers.iter().map(|l| l.size).sum();
         Ok((layers + manifest.config.size).max(0) as u64)
     }

@@ -11,12 +11,11 @@ use tonic::{Code, Request, Response, Status};
 
 use super::pb;
 use super::peer::AdminPolicy;
-use super::service::caller;
+use super::service::{caller, policy_from_pb};
 use crate::launcher::logs::{Chunk, Stream as OutStream};
 use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError};
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
-use crate::policy::PullPolicy;
 
 /// The service implementation.
 pub struct LauncherApi {
@@ -132,18 +131,6 @@ fn job_pb(j: &JobRecord, tasks: &[TaskRecord]) -> pb::Job {
     }
 }
 
-fn policy(p: i32) -> Result<Option<PullPolicy>, Status> {
-    match pb::PullPolicy::try_from(p) {
-        Ok(pb::PullPolicy::Unspecified) => Ok(None),
-        Ok(pb::PullPolicy::Always) => Ok(Some(PullPolicy::Always)),
-        Ok(pb::PullPolicy::IfNotPresent) => Ok(Some(PullPolicy::IfNotPresent)),
-        Ok(pb::PullPolicy::Never) => Ok(Some(PullPolicy::Never)),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "unknown pull policy value {p}"
-        ))),
-    }
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -166,7 +153,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             job: (!r.job.is_empty()).then_some(r.job),
             step: r.step,
             image: r.image,
-            policy: policy(r.policy)?,
+            policy: policy_from_pb(r.policy)?,
             command: r.command,
             env: r.env.into_iter().map(|e| (e.name, e.value)).collect(),
             workdir: r.workdir,

@@ -8,7 +8,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::pb;
 use super::peer::AdminPolicy;
-use super::service::{cache_status, caller, to_pb};
+use super::service::{cache_status, caller, require_admin, to_pb};
 use crate::cache::Cache;
 use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
 use crate::prewarm::store::{ImageResult, RunRecord};
@@ -32,14 +32,7 @@ impl MaintenanceApi {
     }
 
     fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
-        let c = caller(req)?;
-        if !self.admin.is_admin(&c) {
-            return Err(Status::permission_denied(format!(
-                "{what} is an admin call: uid {} is neither root nor in the admin group (ImageCache.AdminGroup)",
-                c.uid
-            )));
-        }
-        Ok(())
+        require_admin(&self.admin, req, what).map(|_| ())
     }
 }
 

@@ -40,15 +40,24 @@ impl ImageCacheApi {
     }
 
     fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<Caller, Status> {
-        let caller = caller(req)?;
-        if !self.admin.is_admin(&caller) {
-            return Err(Status::permission_denied(format!(
-                "{what} is an admin call: uid {} is neither root nor in the admin group (ImageCache.AdminGroup)",
-                caller.uid
-            )));
-        }
-        Ok(caller)
+        require_admin(&self.admin, req, what)
     }
+}
+
+/// The caller, if it may use admin calls; PERMISSION_DENIED naming `what` otherwise.
+pub fn require_admin<T>(
+    admin: &AdminPolicy,
+    req: &Request<T>,
+    what: &str,
+) -> Result<Caller, Status> {
+    let caller = caller(req)?;
+    if !admin.is_admin(&caller) {
+        return Err(Status::permission_denied(format!(
+            "{what} is an admin call: uid {} is neither root nor in the admin group (ImageCache.AdminGroup)",
+            caller.uid
+        )));
+    }
+    Ok(caller)
 }
 
 /// The caller's identity from the socket's peer credentials.
@@ -126,7 +135,8 @@ pub fn to_pb(r: &ImageRecord) -> pb::Image {
     }
 }
 
-fn policy_from_pb(p: i32) -> Result<Option<PullPolicy>, Status> {
+/// The domain pull policy for an API value (`None`: default by tag).
+pub fn policy_from_pb(p: i32) -> Result<Option<PullPolicy>, Status> {
     match pb::PullPolicy::try_from(p) {
         Ok(pb::PullPolicy::Unspecified) => Ok(None),
         Ok(pb::PullPolicy::Always) => Ok(Some(PullPolicy::Always)),

@@ -134,6 +134,25 @@ pub struct IndexError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// Runs blocking redb work (commits fsync) on the blocking pool, over a cheap clone of `state`.
+pub async fn off_thread<S, T>(
+    state: S,
+    f: impl FnOnce(&S) -> Result<T, IndexError> + Send + 'static,
+) -> Result<T, IndexError>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .unwrap_or_else(|e| {
+            Err(IndexError {
+                context: "database task".into(),
+                source: Box::new(e),
+            })
+        })
+}
+
 fn ctx<E: Into<redb::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> IndexError {
     let context = context.into();
     move |e| IndexError {

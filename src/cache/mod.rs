@@ -283,15 +283,7 @@ impl Cache {
         &self,
         f: impl FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,
     ) -> Result<T, IndexError> {
-        let index = Arc::clone(&self.index);
-        tokio::task::spawn_blocking(move || f(&index))
-            .await
-            .unwrap_or_else(|e| {
-                Err(IndexError {
-                    context: "index task".into(),
-                    source: Box::new(e),
-                })
-            })
+        index::off_thread(Arc::clone(&self.index), move |idx| f(idx)).await
     }
 
     /// Makes the index agree with the runtime's image list.

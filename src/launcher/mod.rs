@@ -246,15 +246,7 @@ impl Launcher {
         &self,
         f: impl FnOnce(&TaskStore) -> Result<T, IndexError> + Send + 'static,
     ) -> Result<T, IndexError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .unwrap_or_else(|e| {
-                Err(IndexError {
-                    context: "task store".into(),
-                    source: Box::new(e),
-                })
-            })
+        crate::cache::index::off_thread(self.store.clone(), f).await
     }
 
     async fn save_task(&self, task: &TaskRecord) {

@@ -90,15 +90,7 @@ impl Prewarmer {
         &self,
         f: impl FnOnce(&PrewarmStore) -> Result<T, IndexError> + Send + 'static,
     ) -> Result<T, IndexError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .unwrap_or_else(|e| {
-                Err(IndexError {
-                    context: "prewarm store".into(),
-                    source: Box::new(e),
-                })
-            })
+        crate::cache::index::off_thread(self.store.clone(), f).await
     }
 
     /// Makes the stored config-defined schedules match the config file: adds and updates them,

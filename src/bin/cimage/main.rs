@@ -124,6 +124,18 @@ pub fn check_image_arg(arg: &str, ids: bool) -> Result<(), Failure> {
         .map_err(|e| Failure(e.to_string()))
 }
 
+/// The API value of a pull policy given on the command line.
+pub fn policy_pb(p: Option<cimage::policy::PullPolicy>) -> cimage::api::pb::PullPolicy {
+    use cimage::api::pb::PullPolicy as Pb;
+    use cimage::policy::PullPolicy;
+    match p {
+        None => Pb::Unspecified,
+        Some(PullPolicy::Always) => Pb::Always,
+        Some(PullPolicy::IfNotPresent) => Pb::IfNotPresent,
+        Some(PullPolicy::Never) => Pb::Never,
+    }
+}
+
 /// Bytes in binary units, e.g. `12.3 MiB`.
 pub fn human_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -25,12 +25,7 @@ pub struct Args {
 /// Runs `cimage pull`.
 pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     check_image_arg(&args.image, false)?;
-    let policy = match args.policy {
-        None => pb::PullPolicy::Unspecified,
-        Some(PullPolicy::Always) => pb::PullPolicy::Always,
-        Some(PullPolicy::IfNotPresent) => pb::PullPolicy::IfNotPresent,
-        Some(PullPolicy::Never) => pb::PullPolicy::Never,
-    };
+    let policy = crate::policy_pb(args.policy);
     let mut client = connect(socket).await?;
     let r = client
         .pull(pb::PullRequest {

@@ -88,12 +88,7 @@ fn parse_user(s: &str) -> Result<(u32, Option<u32>), String> {
 /// Runs `cimage run`; returns the exit status to leave with.
 pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     check_image_arg(&args.image, false)?;
-    let policy = match args.policy {
-        None => pb::PullPolicy::Unspecified,
-        Some(PullPolicy::Always) => pb::PullPolicy::Always,
-        Some(PullPolicy::IfNotPresent) => pb::PullPolicy::IfNotPresent,
-        Some(PullPolicy::Never) => pb::PullPolicy::Never,
-    };
+    let policy = crate::policy_pb(args.policy);
     crate::connect(socket).await?;
     let mut client = cimage::api::launcher_client(socket);
     let req = pb::LaunchRequest {
