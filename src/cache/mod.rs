@@ -218,7 +218,20 @@ impl Cache {
     /// Makes room for an incoming pull of `bytes`: evicts what the rules allow, or fails without
     /// evicting anything when the target cannot be met.
     pub async fn make_room(&self, bytes: u64) -> Result<(), CacheError> {
-        if self.eviction.is_none() {
+        let Some(settings) = &self.eviction else {
+            return Ok(());
+        };
+        // Most pulls are nowhere near a limit: check that cheaply before planning (a plan
+        // reconciles with the runtime first).
+        let over_bytes = match settings.max_bytes {
+            Some(max) => self.list().await?.iter().map(|r| r.size).sum::<u64>() + bytes > max,
+            None => false,
+        };
+        let over_fs = match self.image_fs(settings).await {
+            Some(fs) => fs.percent(fs.used + bytes) > settings.high_percent,
+            None => false,
+        };
+        if !over_bytes && !over_fs {
             return Ok(());
         }
         let dry = self.gc(true, bytes).await?;
