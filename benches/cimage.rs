@@ -577,10 +577,19 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
     }
     let raw = t.elapsed();
 
-    // Idle latency of IfNotPresent on a cached image.
-    let mut idle = Vec::new();
+    // Idle latency of IfNotPresent on a cached image, and of the raw ImageStatus beneath it.
+    let (mut idle, mut idle_raw) = (Vec::new(), Vec::new());
     for _ in 0..300 {
         idle.push(b.cimage_pull(&probe, pb::PullPolicy::IfNotPresent).await.0);
+        let t = Instant::now();
+        b.cri
+            .image_status(ImageStatusRequest {
+                image: spec(&probe),
+                verbose: false,
+            })
+            .await
+            .unwrap();
+        idle_raw.push(t.elapsed());
     }
 
     let mut m = cimage::api::maintenance_client(&daemon.socket);
@@ -602,10 +611,11 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
         .unwrap()
         .into_inner();
     let mut api = b.api.clone();
+    let mut raw_cri = b.cri.clone();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let finished = done.clone();
     let probing = tokio::spawn(async move {
-        let mut busy = Vec::new();
+        let (mut busy, mut busy_raw) = (Vec::new(), Vec::new());
         while !finished.load(std::sync::atomic::Ordering::SeqCst) {
             let t = Instant::now();
             api.pull(pb::PullRequest {
@@ -615,9 +625,18 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
             .await
             .unwrap();
             busy.push(t.elapsed());
+            let t = Instant::now();
+            raw_cri
+                .image_status(ImageStatusRequest {
+                    image: spec(&probe),
+                    verbose: false,
+                })
+                .await
+                .unwrap();
+            busy_raw.push(t.elapsed());
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        busy
+        (busy, busy_raw)
     });
     let mut pulled = 0;
     while let Some(p) = stream.next().await {
@@ -628,7 +647,7 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
     }
     let warm = t.elapsed();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut busy = probing.await.unwrap();
+    let (mut busy, mut busy_raw) = probing.await.unwrap();
     assert_eq!(pulled, N);
     row(
         "pre-warm 20 x 4 MiB images, concurrency 2",
@@ -645,6 +664,25 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
             format!("{:.2} ms", ms(i99)),
             format!("{:.2}x", ms(b99) / ms(i99)),
             "<= 2x idle",
+        );
+        let (ri99, rb99) = (
+            percentile(&mut idle_raw, 0.99),
+            percentile(&mut busy_raw, 0.99),
+        );
+        row(
+            "  raw ImageStatus p99 during pre-warm (vs idle)",
+            format!("{:.2} ms", ms(rb99)),
+            format!("{:.2} ms", ms(ri99)),
+            format!("{:.2}x", ms(rb99) / ms(ri99)),
+            "the runtime's own",
+        );
+        let (b50, r50) = (percentile(&mut busy, 0.5), percentile(&mut busy_raw, 0.5));
+        row(
+            "  p50 during pre-warm: IfNotPresent vs ImageStatus",
+            format!("{:.2} ms", ms(b50)),
+            format!("{:.2} ms", ms(r50)),
+            format!("{:+.2} ms", ms(b50) - ms(r50)),
+            "",
         );
     }
     for image in raw_set.iter().chain(warm_set.iter()) {
