@@ -29,6 +29,8 @@ pub const DEFAULT_PULL_RETRIES: u32 = 3;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// Default for `ImageCache.Launcher.StopGracePeriod`.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Default for `ImageCache.PresenceTtl`.
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(10);
 /// Default for `ImageCache.RuntimeTimeout`.
 pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,6 +95,11 @@ pub struct ImageCacheConfig {
         deserialize_with = "de_duration"
     )]
     pub reconcile_interval: Duration,
+    /// How long the runtime's word that an image is present is trusted before it is asked again
+    /// (`0s`: ask every time). Removals through cimage take effect at once; an image removed
+    /// behind cimage's back may be reported present for this long.
+    #[serde(default = "default_presence_ttl", deserialize_with = "de_duration")]
+    pub presence_ttl: Duration,
     /// Deadline for one CRI call that is not a pull (status, list, remove).
     #[serde(default = "default_runtime_timeout", deserialize_with = "de_duration")]
     pub runtime_timeout: Duration,
@@ -366,6 +373,7 @@ impl Default for ImageCacheConfig {
             pull_retries: DEFAULT_PULL_RETRIES,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
+            presence_ttl: DEFAULT_PRESENCE_TTL,
             registries: BTreeMap::new(),
             launcher: LauncherConfig::default(),
             eviction: EvictionConfig::default(),
@@ -398,6 +406,9 @@ fn default_pull_retries() -> u32 {
 }
 fn default_reconcile_interval() -> Duration {
     DEFAULT_RECONCILE_INTERVAL
+}
+fn default_presence_ttl() -> Duration {
+    DEFAULT_PRESENCE_TTL
 }
 fn default_runtime_timeout() -> Duration {
     DEFAULT_RUNTIME_TIMEOUT

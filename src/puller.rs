@@ -276,18 +276,27 @@ impl Puller {
         credentials: Option<&Credentials>,
     ) -> Result<(RuntimeImage, Action), PullError> {
         let name = image.to_string();
-        let present = retry(
-            self.settings.retries,
-            self.settings.backoff,
-            "look up",
-            || self.runtime.image_status(&name),
-        )
-        .await
-        .map_err(|source| PullError::Runtime {
-            image: name.clone(),
-            what: "look up",
-            source,
-        })?;
+        let present = match self.cache.recall(&name) {
+            Some(img) => Some(img),
+            None => {
+                let found = retry(
+                    self.settings.retries,
+                    self.settings.backoff,
+                    "look up",
+                    || self.runtime.image_status(&name),
+                )
+                .await
+                .map_err(|source| PullError::Runtime {
+                    image: name.clone(),
+                    what: "look up",
+                    source,
+                })?;
+                if let Some(img) = &found {
+                    self.cache.remember(img);
+                }
+                found
+            }
+        };
         let mut decision = policy::decide(policy, image, present.is_some());
         if decision == Decision::Resolve {
             let cached = present.as_ref().expect("Resolve implies present");
@@ -314,7 +323,9 @@ impl Puller {
             }),
             Decision::Pull => {
                 self.make_room(image, credentials).await?;
-                Ok((self.pull_shared(image, credentials).await?, Action::Pulled))
+                let pulled = self.pull_shared(image, credentials).await?;
+                self.cache.remember(&pulled);
+                Ok((pulled, Action::Pulled))
             }
             Decision::Resolve => unreachable!("resolved above"),
         }
@@ -785,6 +796,52 @@ mod tests {
             e.to_string().contains("unreachable") && e.to_string().contains(APP),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn presence_is_trusted_for_the_ttl_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let clock = Arc::new(ManualClock::new(1_000));
+        let cache = Arc::new(
+            Cache::new(
+                Index::open(&dir.path().join("i.redb")).unwrap(),
+                rt.clone(),
+                clock.clone(),
+            )
+            .with_presence_ttl(Duration::from_secs(10)),
+        );
+        let puller = Puller::new(
+            rt.clone(),
+            Arc::new(FakeRegistry::default()),
+            cache.clone(),
+            settings(),
+        );
+        rt.offer(APP, ID1, "sha256:d1", 10);
+        puller.ensure(req(APP, None)).await.unwrap();
+        // Removed behind cimage's back: within the TTL the confirmation stands ...
+        rt.images.lock().unwrap().clear();
+        assert_eq!(
+            puller.ensure(req(APP, None)).await.unwrap().action,
+            Action::Cached
+        );
+        // ... after it, the runtime is asked again and the image is pulled.
+        clock.advance(10_001);
+        assert_eq!(
+            puller.ensure(req(APP, None)).await.unwrap().action,
+            Action::Pulled
+        );
+        // Removing through cimage forgets at once.
+        cache.remove(APP).await.unwrap();
+        assert_eq!(
+            puller
+                .ensure(req(APP, Some(PullPolicy::IfNotPresent)))
+                .await
+                .unwrap()
+                .action,
+            Action::Pulled
+        );
+        assert_eq!(rt.pulls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -147,8 +147,9 @@ async fn run(settings: Settings) -> Result<()> {
     ));
     index.set_popularity_half_life(ic.prewarm.popularity_half_life);
     let metrics = Arc::new(Metrics::default());
-    let mut cache =
-        Cache::new(index, runtime.clone(), Arc::new(SystemClock)).with_metrics(metrics.clone());
+    let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
+        .with_metrics(metrics.clone())
+        .with_presence_ttl(ic.presence_ttl);
     if let Some(eviction) = ic.eviction.settings() {
         cache = cache.with_eviction(eviction);
     }

@@ -81,6 +81,10 @@ pub struct Cache {
     eviction: Option<EvictionSettings>,
     metrics: Arc<Metrics>,
     gc_lock: tokio::sync::Mutex<()>,
+    /// Images the runtime recently confirmed present, by every name (tag, digest reference,
+    /// id), with when: warm requests within `presence_ttl_ms` skip the runtime round trip.
+    confirmed: std::sync::Mutex<std::collections::HashMap<String, (RuntimeImage, i64)>>,
+    presence_ttl_ms: i64,
 }
 
 impl Cache {
@@ -95,7 +99,48 @@ impl Cache {
             eviction: None,
             metrics: Arc::new(Metrics::default()),
             gc_lock: tokio::sync::Mutex::new(()),
+            confirmed: Default::default(),
+            presence_ttl_ms: 0,
         }
+    }
+
+    /// Trusts the runtime's "present" for `ttl` (zero: ask the runtime every time).
+    pub fn with_presence_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.presence_ttl_ms = ttl.as_millis() as i64;
+        self
+    }
+
+    /// Notes that the runtime holds `img` now, under each of its names.
+    pub fn remember(&self, img: &RuntimeImage) {
+        if self.presence_ttl_ms <= 0 {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let mut m = self.confirmed.lock().unwrap();
+        for name in img
+            .repo_tags
+            .iter()
+            .chain(img.repo_digests.iter())
+            .chain(std::iter::once(&img.id))
+        {
+            m.insert(name.clone(), (img.clone(), now));
+        }
+    }
+
+    /// The image under `name` if the runtime confirmed it within the presence TTL.
+    pub fn recall(&self, name: &str) -> Option<RuntimeImage> {
+        let now = self.clock.now_ms();
+        let m = self.confirmed.lock().unwrap();
+        let (img, at) = m.get(name)?;
+        (now - at <= self.presence_ttl_ms).then(|| img.clone())
+    }
+
+    /// Forgets every name of image `id` (it was removed, or turned out to be missing).
+    pub fn forget(&self, id: &str) {
+        self.confirmed
+            .lock()
+            .unwrap()
+            .retain(|_, (img, _)| img.id != id);
     }
 
     /// Turns eviction on with these settings.
@@ -202,6 +247,7 @@ impl Cache {
                     warn!(image = %rec.id, "eviction failed: {e}");
                     continue;
                 }
+                self.forget(&rec.id);
                 let (r, now) = (rec.clone(), self.clock.now_ms());
                 let why = *reason;
                 self.blocking(move |idx| idx.record_eviction(&r, why, now))
@@ -310,6 +356,11 @@ impl Cache {
                 source,
             })?;
         let now = self.clock.now_ms();
+        // What the runtime just listed is confirmed; anything else is forgotten.
+        self.confirmed.lock().unwrap().clear();
+        for img in &images {
+            self.remember(img);
+        }
         let report = self
             .blocking(move |idx| idx.reconcile(&images, now))
             .await?;
@@ -421,6 +472,7 @@ impl Cache {
                 context: format!("removing {image}"),
                 source,
             })?;
+        self.forget(&rt.id);
         let id = rt.id.clone();
         self.blocking(move |idx| idx.remove(&id)).await?;
         Ok(rec)

@@ -444,11 +444,41 @@ impl Launcher {
             run_as_group: Some(v.run_as.1),
             readonly_rootfs: spec.readonly_rootfs,
         };
-        let cid = match self
+        let mut created = self
             .rt
             .create_container(&sandbox_id, &job.pod, &container)
-            .await
-        {
+            .await;
+        if matches!(&created, Err(e) if e.kind == crate::runtime::RuntimeErrorKind::NotFound) {
+            // The image was reported present from a recent confirmation but is gone (removed
+            // behind cimage's back): ask the runtime again, pull if needed, and retry once.
+            warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
+            self.cache.forget(&ensured.record.id);
+            self.cache.release_in_use(&ensured.record.id);
+            task.image_id = None;
+            match self
+                .puller
+                .ensure(EnsureRequest {
+                    image: task.image.clone(),
+                    policy: spec.policy,
+                    credentials: spec.credentials.clone(),
+                    origin: Origin::Job,
+                })
+                .await
+            {
+                Ok(again) => {
+                    self.cache.mark_in_use(&again.record.id);
+                    task.image_id = Some(again.record.id.clone());
+                    let mut retry_spec = container.clone();
+                    retry_spec.image = again.record.id.clone();
+                    created = self
+                        .rt
+                        .create_container(&sandbox_id, &job.pod, &retry_spec)
+                        .await;
+                }
+                Err(e) => return self.fail(task, Stage::Image, e.to_string(), tx).await,
+            }
+        }
+        let cid = match created {
             Ok(id) => id,
             Err(e) => return self.fail(task, Stage::Create, e.to_string(), tx).await,
         };
@@ -1161,6 +1191,45 @@ mod tests {
             "a launch is a use of its image"
         );
         assert!(!r.cache.is_in_use(&img.id), "released after the task");
+    }
+
+    #[tokio::test]
+    async fn an_image_missing_at_container_creation_is_checked_again() {
+        let r = rig();
+        r.tasks.fail_once.lock().unwrap().insert(
+            "CreateContainer",
+            crate::runtime::RuntimeError {
+                op: "CreateContainer",
+                kind: crate::runtime::RuntimeErrorKind::NotFound,
+                message: "failed to get image: not found".into(),
+            },
+        );
+        let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+        let evs = events(rx).await;
+        assert!(
+            evs.contains(&Event::Exited {
+                exit_code: 0,
+                signal: None,
+                reason: "exited".into()
+            }),
+            "{evs:?}"
+        );
+        let creates = r
+            .tasks
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == "CreateContainer")
+            .count();
+        assert_eq!(creates, 2, "retried once after re-checking the image");
+        assert!(r
+            .launcher
+            .task(ROOT, &task.id)
+            .await
+            .unwrap()
+            .failure
+            .is_none());
     }
 
     #[tokio::test]

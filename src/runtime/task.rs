@@ -208,11 +208,16 @@ pub mod fake {
         pub failing: Mutex<HashMap<&'static str, String>>,
         /// Every call made, in order (operation name).
         pub calls: Mutex<Vec<&'static str>>,
+        /// Errors returned once by the next call of an operation.
+        pub fail_once: Mutex<HashMap<&'static str, RuntimeError>>,
     }
 
     impl FakeTaskRuntime {
         fn call(&self, op: &'static str) -> Result<(), RuntimeError> {
             self.calls.lock().unwrap().push(op);
+            if let Some(e) = self.fail_once.lock().unwrap().remove(op) {
+                return Err(e);
+            }
             match self.failing.lock().unwrap().get(op) {
                 Some(m) => Err(RuntimeError {
                     op,
