@@ -314,21 +314,44 @@ impl Index {
         origin: Origin,
         now: i64,
     ) -> Result<ImageRecord, IndexError> {
+        let mut recs = self.record_uses(&[(img.clone(), origin)], now)?;
+        Ok(recs.pop().expect("one use, one record"))
+    }
+
+    /// Records several uses in one write transaction (a group commit): one fsync however many
+    /// requests finished together. Returns the stored records in the same order.
+    pub fn record_uses(
+        &self,
+        uses: &[(RuntimeImage, Origin)],
+        now: i64,
+    ) -> Result<Vec<ImageRecord>, IndexError> {
+        let context = format!("recording {} uses", uses.len());
         let half_life = self.popularity_half_life_ms();
-        let rec = self.update(&img.id, "recording use of", |cur| {
-            let mut rec = cur.unwrap_or_else(|| ImageRecord::fresh(img, origin, now));
-            rec.refresh_from(img);
-            // Pre-warming an image is not a use of it: it would make images popular because
-            // they are pre-warmed, and keep unused ones from ageing out.
-            if origin != Origin::Prewarm {
-                rec.use_count += 1;
-                rec.last_used = now;
-                rec.popularity = rec.popularity_now(now, half_life) + 1.0;
-                rec.popularity_at = now;
+        let tx = self.db.begin_write().map_err(ctx(context.clone()))?;
+        let mut out = Vec::with_capacity(uses.len());
+        {
+            let mut table = tx.open_table(IMAGES).map_err(ctx(context.clone()))?;
+            for (img, origin) in uses {
+                let current = match table.get(img.id.as_str()).map_err(ctx(context.clone()))? {
+                    Some(v) => Some(Self::decode(&img.id, v.value())?),
+                    None => None,
+                };
+                let mut rec = current.unwrap_or_else(|| ImageRecord::fresh(img, *origin, now));
+                rec.refresh_from(img);
+                if *origin != Origin::Prewarm {
+                    rec.use_count += 1;
+                    rec.last_used = now;
+                    rec.popularity = rec.popularity_now(now, half_life) + 1.0;
+                    rec.popularity_at = now;
+                }
+                table
+                    .insert(img.id.as_str(), Self::encode(&rec).as_slice())
+                    .map_err(ctx(context.clone()))?;
+                out.push(rec);
             }
-            Some(rec)
-        })?;
-        Ok(rec.expect("record_use always stores a record"))
+        }
+        tx.commit().map_err(ctx(context))?;
+        Ok(out)
     }
 
     /// Pins or unpins an image the runtime holds (creating its record if needed).

@@ -85,7 +85,16 @@ pub struct Cache {
     /// id), with when: warm requests within `presence_ttl_ms` skip the runtime round trip.
     confirmed: std::sync::Mutex<std::collections::HashMap<String, (RuntimeImage, i64)>>,
     presence_ttl_ms: i64,
+    /// Uses waiting for the next group commit, and whether a writer is committing.
+    pending_uses: Arc<std::sync::Mutex<(Vec<PendingUse>, bool)>>,
 }
+
+/// A use waiting to be committed, with where to send the stored record.
+type PendingUse = (
+    RuntimeImage,
+    Origin,
+    tokio::sync::oneshot::Sender<Result<ImageRecord, String>>,
+);
 
 impl Cache {
     /// A cache over `index` and `runtime`.
@@ -101,6 +110,7 @@ impl Cache {
             gc_lock: tokio::sync::Mutex::new(()),
             confirmed: Default::default(),
             presence_ttl_ms: 0,
+            pending_uses: Default::default(),
         }
     }
 
@@ -373,16 +383,72 @@ impl Cache {
         self.last_reconcile.load(Ordering::SeqCst)
     }
 
-    /// Records one use of an image the runtime holds; durable before it returns.
+    /// Records one use of an image the runtime holds; durable before it returns. Uses that
+    /// arrive while a commit is under way are committed together in the next transaction (group
+    /// commit), so a burst of requests costs one or two fsyncs, not one each.
     pub async fn record_use(
         &self,
         image: RuntimeImage,
         origin: Origin,
     ) -> Result<ImageRecord, CacheError> {
-        let now = self.clock.now_ms();
-        Ok(self
-            .blocking(move |idx| idx.record_use(&image, origin, now))
-            .await?)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut p = self.pending_uses.lock().unwrap();
+            p.0.push((image, origin, tx));
+            !std::mem::replace(&mut p.1, true)
+        };
+        if lead {
+            // The commit loop runs in a task of its own: a request that goes away mid-commit
+            // must not strand the others queued behind it.
+            let (pending, index, clock) = (
+                Arc::clone(&self.pending_uses),
+                Arc::clone(&self.index),
+                Arc::clone(&self.clock),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let batch: Vec<PendingUse> = {
+                        let mut p = pending.lock().unwrap();
+                        if p.0.is_empty() {
+                            p.1 = false;
+                            break;
+                        }
+                        std::mem::take(&mut p.0)
+                    };
+                    let uses: Vec<(RuntimeImage, Origin)> =
+                        batch.iter().map(|(i, o, _)| (i.clone(), *o)).collect();
+                    let now = clock.now_ms();
+                    let result = index::off_thread(Arc::clone(&index), move |idx| {
+                        idx.record_uses(&uses, now)
+                    })
+                    .await;
+                    match result {
+                        Ok(recs) => {
+                            for ((_, _, tx), rec) in batch.into_iter().zip(recs) {
+                                let _ = tx.send(Ok(rec));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for (_, _, tx) in batch {
+                                let _ = tx.send(Err(msg.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        match rx.await {
+            Ok(Ok(rec)) => Ok(rec),
+            Ok(Err(msg)) => Err(CacheError::Index(IndexError {
+                context: "recording a use".into(),
+                source: msg.into(),
+            })),
+            Err(_) => Err(CacheError::Index(IndexError {
+                context: "recording a use".into(),
+                source: "the commit task ended without an answer".into(),
+            })),
+        }
     }
 
     /// Every indexed image.
