@@ -30,7 +30,7 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// Default for `ImageCache.Launcher.StopGracePeriod`.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default for `ImageCache.PresenceTtl`.
-pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::ZERO;
 /// Default for `ImageCache.RuntimeTimeout`.
 pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -95,9 +95,10 @@ pub struct ImageCacheConfig {
         deserialize_with = "de_duration"
     )]
     pub reconcile_interval: Duration,
-    /// How long the runtime's word that an image is present is trusted before it is asked again
-    /// (`0s`: ask every time). Removals through cimage take effect at once; an image removed
-    /// behind cimage's back may be reported present for this long.
+    /// How long the runtime's word that an image is present is trusted before it is asked again.
+    /// Default `0s`: ask every time. A window takes `ImageStatus` off the warm path; removals
+    /// through cimage take effect at once, but an image removed behind cimage's back (e.g.
+    /// `crictl rmi`) may be reported present for this long.
     #[serde(default = "default_presence_ttl", deserialize_with = "de_duration")]
     pub presence_ttl: Duration,
     /// Deadline for one CRI call that is not a pull (status, list, remove).
