@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::pb;
 use super::peer::AdminPolicy;
-use super::service::{caller, policy_from_pb};
+use super::service::{caller, credentials_from_pb, policy_from_pb};
 use crate::launcher::logs::{Chunk, Stream as OutStream};
 use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError};
 use crate::launcher::store::{JobRecord, TaskRecord};
@@ -170,7 +170,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             devices: r.devices,
             readonly_rootfs: r.readonly_rootfs,
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
-            credentials: None,
+            credentials: credentials_from_pb(r.credentials),
         };
         let (_, rx) = self
             .launcher

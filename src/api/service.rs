@@ -135,6 +135,15 @@ pub fn to_pb(r: &ImageRecord) -> pb::Image {
     }
 }
 
+/// Request credentials, if the request carries any.
+pub fn credentials_from_pb(c: Option<pb::Credentials>) -> Option<crate::registry::Credentials> {
+    c.filter(|c| !c.username.is_empty() || !c.password.is_empty())
+        .map(|c| crate::registry::Credentials {
+            username: c.username,
+            password: c.password,
+        })
+}
+
 /// The domain pull policy for an API value (`None`: default by tag).
 pub fn policy_from_pb(p: i32) -> Result<Option<PullPolicy>, Status> {
     match pb::PullPolicy::try_from(p) {
@@ -161,7 +170,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             .ensure(EnsureRequest {
                 image: r.image.clone(),
                 policy: policy_from_pb(r.policy)?,
-                credentials: None,
+                credentials: credentials_from_pb(r.credentials),
                 origin: Origin::Pull,
             })
             .await

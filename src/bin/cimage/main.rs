@@ -1,5 +1,6 @@
 //! cimage: the command-line client of cimaged.
 
+mod auth;
 mod gc;
 mod images;
 mod jobs;
@@ -86,6 +87,7 @@ enum Command {
 }
 
 /// A failure to report: one line on stderr, non-zero exit.
+#[derive(Debug)]
 pub struct Failure(pub String);
 
 impl From<tonic::Status> for Failure {

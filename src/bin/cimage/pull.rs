@@ -20,6 +20,8 @@ pub struct Args {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
     output: Output,
+    #[command(flatten)]
+    auth: crate::auth::AuthArgs,
 }
 
 /// Runs `cimage pull`.
@@ -29,6 +31,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     let mut client = connect(socket).await?;
     let r = client
         .pull(pb::PullRequest {
+            credentials: args.auth.credentials(&args.image)?,
             image: args.image,
             policy: policy as i32,
         })

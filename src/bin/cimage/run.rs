@@ -62,6 +62,8 @@ pub struct Args {
     /// Print lifecycle events (sandbox, image, container, exit) on stderr.
     #[arg(long, short = 'v')]
     verbose: bool,
+    #[command(flatten)]
+    auth: crate::auth::AuthArgs,
     /// Command and arguments (after --); default: the image's.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -92,6 +94,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     crate::connect(socket).await?;
     let mut client = cimage::api::launcher_client(socket);
     let req = pb::LaunchRequest {
+        credentials: args.auth.credentials(&args.image)?,
         job: args.job.unwrap_or_default(),
         step: args.step,
         image: args.image,
