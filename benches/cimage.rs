@@ -170,6 +170,7 @@ impl Bench {
             .pull(pb::PullRequest {
                 image: image.into(),
                 policy: policy as i32,
+                credentials: None,
             })
             .await
             .expect("cimage Pull")
@@ -350,6 +351,7 @@ async fn main() {
                     api.pull(pb::PullRequest {
                         image,
                         policy: pb::PullPolicy::IfNotPresent as i32,
+                        credentials: None,
                     })
                     .await
                     .expect("herd pull")
@@ -431,6 +433,7 @@ async fn launches(
     api.pull(pb::PullRequest {
         image: image.clone(),
         policy: pb::PullPolicy::IfNotPresent as i32,
+        credentials: None,
     })
     .await
     .unwrap();
@@ -621,6 +624,7 @@ async fn prewarm(daemon: &Daemon, b: &mut Bench, registry: &str, run: &str) {
             api.pull(pb::PullRequest {
                 image: probe.clone(),
                 policy: pb::PullPolicy::IfNotPresent as i32,
+                credentials: None,
             })
             .await
             .unwrap();

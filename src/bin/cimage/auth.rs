@@ -138,10 +138,12 @@ impl AuthArgs {
                 })?;
                 (u.to_owned(), p.to_owned())
             }
-            _ => return Err(Failure(format!(
+            _ => {
+                return Err(Failure(format!(
                 "auth file {}: the entry for {registry} has neither auth nor username and password",
                 path.display()
-            ))),
+            )))
+            }
         };
         Ok(Some(pb::Credentials { username, password }))
     }
