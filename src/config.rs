@@ -360,6 +360,10 @@ pub struct RegistryConfig {
     /// How many pulls from this registry may run at once; defaults to `MaxConcurrentPulls`.
     #[serde(default)]
     pub max_concurrent_pulls: Option<usize>,
+    /// PEM file of the CA that signed this registry's TLS certificate (trusted for this registry
+    /// only, besides the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ImageCacheConfig {
@@ -568,6 +572,20 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
                 "ImageCache.Registries",
                 format!("{host:?} is not a registry host (expected host or host:port)"),
             ));
+        }
+        if let Some(ca) = &reg.ca_file {
+            if reg.insecure {
+                return Err(invalid(
+                    "ImageCache.Registries.*.CaFile",
+                    format!("{host:?} is Insecure (plain HTTP); a CaFile makes no sense there"),
+                ));
+            }
+            if !ca.is_absolute() {
+                return Err(invalid(
+                    "ImageCache.Registries.*.CaFile",
+                    format!("for {host:?}: {} must be an absolute path", ca.display()),
+                ));
+            }
         }
         if reg.max_concurrent_pulls == Some(0) {
             return Err(invalid(

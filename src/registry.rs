@@ -97,52 +97,86 @@ pub trait Registry: Send + Sync {
 
 /// [`Registry`] over oci-client.
 ///
-/// Anonymous requests share one client. A client remembers the first credentials it saw for a
-/// registry, so requests with credentials each get a client of their own: one tenant's
-/// credentials must never be used for another's request.
+/// Each registry host gets a client of its own, configured with its settings (plain HTTP for
+/// `Insecure`, its `CaFile` as an extra root), so one registry's CA is never trusted for another.
+/// Anonymous requests share the host's client. A client remembers the first credentials it saw
+/// for a registry, so requests with credentials each get a fresh client: one tenant's credentials
+/// must never be used for another's request.
 pub struct OciRegistry {
-    anonymous: oci_client::Client,
-    insecure_hosts: Vec<String>,
+    hosts: BTreeMap<String, RegistryConfig>,
+    cas: BTreeMap<String, Vec<u8>>,
+    anonymous: std::sync::Mutex<std::collections::HashMap<String, oci_client::Client>>,
 }
 
 impl OciRegistry {
-    /// Builds the registry client from the per-registry settings (`Insecure` hosts use HTTP).
-    pub fn new(registries: &BTreeMap<String, RegistryConfig>) -> Self {
-        let insecure_hosts: Vec<String> = registries
-            .iter()
-            .filter(|(_, r)| r.insecure)
-            .map(|(h, _)| h.clone())
-            .collect();
-        let anonymous = oci_client::Client::new(Self::client_config(&insecure_hosts));
-        Self {
-            anonymous,
-            insecure_hosts,
+    /// Builds the registry side from the per-registry settings; fails when a `CaFile` cannot be
+    /// read or holds no PEM certificate.
+    pub fn new(registries: &BTreeMap<String, RegistryConfig>) -> Result<Self, String> {
+        let mut cas = BTreeMap::new();
+        for (host, r) in registries {
+            if let Some(path) = &r.ca_file {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!(
+                        "ImageCache.Registries.{host}.CaFile {}: {e}",
+                        path.display()
+                    )
+                })?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!(
+                        "ImageCache.Registries.{host}.CaFile {} holds no PEM certificate",
+                        path.display()
+                    ));
+                }
+                cas.insert(host.clone(), pem);
+            }
         }
+        Ok(Self {
+            hosts: registries.clone(),
+            cas,
+            anonymous: Default::default(),
+        })
     }
 
-    fn client_config(insecure_hosts: &[String]) -> ClientConfig {
+    fn client_config(&self, host: &str) -> ClientConfig {
+        let insecure = self.hosts.get(host).is_some_and(|r| r.insecure);
         ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure_hosts.to_vec()),
+            protocol: if insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            extra_root_certificates: self
+                .cas
+                .get(host)
+                .map(|pem| {
+                    vec![oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Pem,
+                        data: pem.clone(),
+                    }]
+                })
+                .unwrap_or_default(),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(30)),
             ..ClientConfig::default()
         }
     }
 
-    /// The shared anonymous client, or a fresh one for a request with credentials.
+    /// The host's shared anonymous client, or a fresh one for a request with credentials.
     fn client_for(
         &self,
+        host: &str,
         credentials: Option<&Credentials>,
-    ) -> (std::borrow::Cow<'_, oci_client::Client>, RegistryAuth) {
+    ) -> (oci_client::Client, RegistryAuth) {
         match credentials {
-            None => (
-                std::borrow::Cow::Borrowed(&self.anonymous),
-                RegistryAuth::Anonymous,
-            ),
+            None => {
+                let mut m = self.anonymous.lock().unwrap();
+                let c = m
+                    .entry(host.to_owned())
+                    .or_insert_with(|| oci_client::Client::new(self.client_config(host)));
+                (c.clone(), RegistryAuth::Anonymous)
+            }
             Some(c) => (
-                std::borrow::Cow::Owned(oci_client::Client::new(Self::client_config(
-                    &self.insecure_hosts,
-                ))),
+                oci_client::Client::new(self.client_config(host)),
                 RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             ),
         }
@@ -227,7 +261,7 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
-        let (client, auth) = self.client_for(credentials);
+        let (client, auth) = self.client_for(image.registry(), credentials);
         client
             .fetch_manifest_digest(&image.to_oci(), &auth)
             .await
@@ -239,7 +273,7 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<u64, RegistryError> {
-        let (client, auth) = self.client_for(credentials);
+        let (client, auth) = self.client_for(image.registry(), credentials);
         let (manifest, _) = client
             .pull_image_manifest(&image.to_oci(), &auth)
             .await

@@ -154,7 +154,7 @@ async fn run(settings: Settings) -> Result<()> {
         cache = cache.with_eviction(eviction);
     }
     let cache = Arc::new(cache);
-    let registry = Arc::new(OciRegistry::new(&ic.registries));
+    let registry = Arc::new(OciRegistry::new(&ic.registries).map_err(anyhow::Error::msg)?);
     let puller = Arc::new(Puller::new(
         runtime.clone(),
         registry,

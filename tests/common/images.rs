@@ -84,6 +84,28 @@ fn sha(data: &[u8]) -> String {
 
 /// Pushes an image made of `layers` to `registry` (plain HTTP) as `repo:tag`.
 pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: &[&str]) -> Pushed {
+    push_with(registry, repo, tag, layers, cmd, None).await
+}
+
+/// Where and how to push to a private registry: HTTPS with this CA, basic auth.
+pub struct Private<'a> {
+    /// PEM CA file.
+    pub ca: &'a std::path::Path,
+    /// User name.
+    pub username: &'a str,
+    /// Password.
+    pub password: &'a str,
+}
+
+/// Pushes as [`push`] does, to a private registry when `private` is given.
+pub async fn push_with(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[Layer],
+    cmd: &[&str],
+    private: Option<Private<'_>>,
+) -> Pushed {
     let mut oci_layers = Vec::new();
     let mut diff_ids = Vec::new();
     let mut blobs = Vec::new();
@@ -116,23 +138,39 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
     let config = serde_json::to_vec(&config).unwrap();
     blobs.push(sha(&config));
     size += config.len() as u64;
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    });
+    let (client, auth) = match &private {
+        None => (
+            Client::new(ClientConfig {
+                protocol: ClientProtocol::Http,
+                ..Default::default()
+            }),
+            RegistryAuth::Anonymous,
+        ),
+        Some(p) => (
+            Client::new(ClientConfig {
+                protocol: ClientProtocol::Https,
+                extra_root_certificates: vec![oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: std::fs::read(p.ca).expect("reading the testbed CA"),
+                }],
+                ..Default::default()
+            }),
+            RegistryAuth::Basic(p.username.into(), p.password.into()),
+        ),
+    };
     let reference: Reference = format!("{registry}/{repo}:{tag}").parse().unwrap();
     client
         .push(
             &reference,
             &oci_layers,
             Config::new(config, IMAGE_CONFIG_MEDIA_TYPE.to_string(), None),
-            &RegistryAuth::Anonymous,
+            &auth,
             None,
         )
         .await
         .unwrap_or_else(|e| panic!("pushing {reference}: {e}"));
     let digest = client
-        .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+        .fetch_manifest_digest(&reference, &auth)
         .await
         .unwrap();
     Pushed {

@@ -22,6 +22,14 @@ pub struct Testbed {
     pub registry: String,
     /// docker-registry's log (access log included).
     pub registry_log: PathBuf,
+    /// The private registry (basic auth over TLS), `127.0.0.1:PORT`.
+    pub private_registry: String,
+    /// The CA that signed the private registry's certificate.
+    pub ca: PathBuf,
+    /// Test accounts of the private registry: (user, password).
+    pub alice: (String, String),
+    /// A second account.
+    pub bob: (String, String),
 }
 
 impl Testbed {
@@ -47,6 +55,10 @@ impl Testbed {
             cri: PathBuf::from(get("CIMAGE_TESTBED_CRI")),
             registry: get("CIMAGE_TESTBED_REGISTRY"),
             registry_log: PathBuf::from(get("CIMAGE_TESTBED_REGISTRY_LOG")),
+            private_registry: get("CIMAGE_TESTBED_PRIVATE_REGISTRY"),
+            ca: PathBuf::from(get("CIMAGE_TESTBED_CA")),
+            alice: ("alice".into(), get("CIMAGE_TESTBED_ALICE_PASSWORD")),
+            bob: ("bob".into(), get("CIMAGE_TESTBED_BOB_PASSWORD")),
         }
     }
 
@@ -151,12 +163,18 @@ impl Daemon {
         if !self.extra_config.contains("Eviction:") {
             extra.push_str("  Eviction:\n    Enabled: false\n");
         }
+        // A test that brings its own Registries section must list the plain registry too.
+        if !self.extra_config.contains("Registries:") {
+            extra.push_str(&format!(
+                "  Registries:\n    \"{}\":\n      Insecure: true\n",
+                self.testbed.registry
+            ));
+        }
         let text = format!(
-            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Registries:\n    \"{reg}\":\n      Insecure: true\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{extra}",
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{extra}",
             base = self.dir.path().display(),
             cri = self.testbed.cri.display(),
             sock = self.socket().display(),
-            reg = self.testbed.registry,
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -205,6 +223,26 @@ impl Daemon {
     /// Runs the CLI against this daemon as root.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_as(None, args)
+    }
+
+    /// Runs the CLI as root with `input` on its standard input (for --password-stdin).
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cimage"))
+            .args(args)
+            .env("CIMAGE_SOCKET", self.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running cimage");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
     }
 
     /// Runs the CLI as `uid:gid` (None: as the test process).
