@@ -116,9 +116,27 @@ pub struct ImageCacheConfig {
     /// Scheduled pre-warming.
     #[serde(default)]
     pub prewarm: PrewarmConfig,
+    /// Registry credentials and who may have private images.
+    #[serde(default)]
+    pub auth: AuthSection,
     /// Address (`host:port`) to serve Prometheus metrics and `/healthz` on; off when unset.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+}
+
+/// The `ImageCache.Auth` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct AuthSection {
+    /// When a cached image needs the request to prove access: `IfPulledWithCredentials`
+    /// (default), `Always` or `Never`.
+    #[serde(default, deserialize_with = "de_verify")]
+    pub verify: crate::policy::Verify,
+}
+
+fn de_verify<'de, D: Deserializer<'de>>(d: D) -> Result<crate::policy::Verify, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// The `ImageCache.Eviction` section.
@@ -383,6 +401,7 @@ impl Default for ImageCacheConfig {
             launcher: LauncherConfig::default(),
             eviction: EvictionConfig::default(),
             prewarm: PrewarmConfig::default(),
+            auth: AuthSection::default(),
             metrics_addr: None,
         }
     }

@@ -8,6 +8,11 @@
 //! | unset         | Always for `:latest`/untagged, IfNotPresent otherwise                      ||
 //!
 //! A `@sha256:` reference is immutable: present means current, so it is never re-pulled.
+//!
+//! Credentials (as Kubernetes KEP-2535): an image first pulled with credentials is served to a
+//! request only if that request's credential fingerprint was recorded for it, or its registry
+//! confirms the request's credentials can read it; otherwise the request is treated as if the
+//! image were absent. See [`access`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -97,10 +102,103 @@ pub fn after_resolve(image: &ImageRef, cached_repo_digests: &[String], resolved:
     }
 }
 
+/// When a cached image needs the request to prove access (`ImageCache.Auth.Verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    /// Only images first pulled with credentials (the default).
+    #[default]
+    IfPulledWithCredentials,
+    /// Every image, anonymous ones included (anonymous requests prove access anonymously).
+    Always,
+    /// Never: every cached image is served to every request.
+    Never,
+}
+
+impl FromStr for Verify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "IfPulledWithCredentials" => Ok(Self::IfPulledWithCredentials),
+            "Always" => Ok(Self::Always),
+            "Never" => Ok(Self::Never),
+            _ => Err(format!(
+                "{s:?} is not IfPulledWithCredentials, Always or Never"
+            )),
+        }
+    }
+}
+
+/// Whether a request may have a cached image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Serve it.
+    Granted,
+    /// Ask the registry with the request's credentials first.
+    CheckWithRegistry,
+}
+
+/// The credential rule for a cached image: `credentialed` and `fingerprints` from its index
+/// record, `request` the request's credential fingerprint (`None`: anonymous).
+pub fn access(
+    credentialed: bool,
+    fingerprints: &[String],
+    request: Option<&str>,
+    verify: Verify,
+) -> Access {
+    let needs_proof = match verify {
+        Verify::Never => false,
+        Verify::IfPulledWithCredentials => credentialed,
+        Verify::Always => true,
+    };
+    let known = request.is_some_and(|fp| fingerprints.iter().any(|f| f == fp));
+    if !needs_proof || known {
+        Access::Granted
+    } else {
+        Access::CheckWithRegistry
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Decision::*;
+
+    #[test]
+    fn the_credential_rule() {
+        let fps = vec!["fp-alice".to_string()];
+        use Verify::*;
+        for (credentialed, request, verify, want) in [
+            (false, None, IfPulledWithCredentials, Access::Granted),
+            (
+                true,
+                Some("fp-alice"),
+                IfPulledWithCredentials,
+                Access::Granted,
+            ),
+            (
+                true,
+                Some("fp-bob"),
+                IfPulledWithCredentials,
+                Access::CheckWithRegistry,
+            ),
+            (
+                true,
+                None,
+                IfPulledWithCredentials,
+                Access::CheckWithRegistry,
+            ),
+            (false, None, Always, Access::CheckWithRegistry),
+            (false, Some("fp-alice"), Always, Access::Granted),
+            (true, None, Never, Access::Granted),
+        ] {
+            assert_eq!(
+                access(credentialed, &fps, request, verify),
+                want,
+                "{credentialed} {request:?} {verify:?}"
+            );
+        }
+        assert!("Sometimes".parse::<Verify>().is_err());
+    }
     use PullPolicy::*;
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
@@ -37,6 +36,8 @@ pub struct PullerSettings {
     pub retries: u32,
     /// First backoff delay; doubled on each retry.
     pub backoff: Duration,
+    /// When cached images need the request to prove access.
+    pub verify: crate::policy::Verify,
 }
 
 impl PullerSettings {
@@ -53,6 +54,7 @@ impl PullerSettings {
             pull_timeout: ic.pull_timeout,
             retries: ic.pull_retries,
             backoff: Duration::from_millis(500),
+            verify: ic.auth.verify,
         }
     }
 }
@@ -187,7 +189,6 @@ pub struct Puller {
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     inflight: Arc<Mutex<HashMap<FlightKey, Flight>>>,
-    fingerprint_salt: [u8; 16],
 }
 
 impl Puller {
@@ -206,7 +207,6 @@ impl Puller {
             settings,
             per_registry: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-            fingerprint_salt: rand::random(),
         }
     }
 
@@ -216,7 +216,16 @@ impl Puller {
         let image = ImageRef::parse(&req.image)?;
         let policy = policy::effective(req.policy, &image);
         let deadline = self.settings.pull_timeout;
-        let work = self.decide_and_pull(&image, policy, req.credentials.as_ref());
+        let fingerprint = req
+            .credentials
+            .as_ref()
+            .map(|c| self.cache.fingerprint(image.registry(), c));
+        let work = self.decide_and_pull(
+            &image,
+            policy,
+            req.credentials.as_ref(),
+            fingerprint.as_deref(),
+        );
         let metrics = Arc::clone(self.cache.metrics());
         let policy_name = policy.to_string();
         let outcome = match tokio::time::timeout(deadline, work).await {
@@ -227,7 +236,7 @@ impl Puller {
             }),
         };
         metrics.observe_pull(started.elapsed());
-        let (rt_image, action) = match outcome {
+        let (rt_image, action, verified) = match outcome {
             Ok(x) => x,
             Err(e) => {
                 metrics.inc(
@@ -249,14 +258,20 @@ impl Puller {
             .digest()
             .map(str::to_owned)
             .or_else(|| image.digest_in(&rt_image.repo_digests).map(str::to_owned));
-        let record =
-            self.cache
-                .record_use(rt_image, req.origin)
-                .await
-                .map_err(|e: CacheError| PullError::Index {
-                    image: image.to_string(),
-                    message: e.to_string(),
-                })?;
+        let record = self
+            .cache
+            .record(crate::cache::Use {
+                image: rt_image,
+                origin: req.origin,
+                fingerprint,
+                pulled: action == Action::Pulled,
+                verified,
+            })
+            .await
+            .map_err(|e: CacheError| PullError::Index {
+                image: image.to_string(),
+                message: e.to_string(),
+            })?;
         let elapsed = started.elapsed();
         info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
         Ok(Ensured {
@@ -269,12 +284,14 @@ impl Puller {
         })
     }
 
+    /// Decides and acts; the flag says whether the registry confirmed the request's access.
     async fn decide_and_pull(
         &self,
         image: &ImageRef,
         policy: PullPolicy,
         credentials: Option<&Credentials>,
-    ) -> Result<(RuntimeImage, Action), PullError> {
+        fingerprint: Option<&str>,
+    ) -> Result<(RuntimeImage, Action, bool), PullError> {
         let name = image.to_string();
         let present = match self.cache.recall(&name) {
             Some(img) => Some(img),
@@ -298,6 +315,7 @@ impl Puller {
             }
         };
         let mut decision = policy::decide(policy, image, present.is_some());
+        let mut verified = false;
         if decision == Decision::Resolve {
             let cached = present.as_ref().expect("Resolve implies present");
             let resolved = retry(
@@ -312,20 +330,58 @@ impl Puller {
                 source,
             })?;
             decision = policy::after_resolve(image, &cached.repo_digests, &resolved);
+            // The HEAD ran with the request's credentials: it proved access.
+            verified = true;
+        }
+        if decision == Decision::UseCached && !verified {
+            let cached = present.as_ref().expect("UseCached implies present");
+            let rec = self
+                .cache
+                .record_of(&cached.id)
+                .await
+                .map_err(|e| PullError::Index {
+                    image: name.clone(),
+                    message: e.to_string(),
+                })?;
+            let (credentialed, fps) = rec
+                .map(|r| (r.credentialed, r.fingerprints))
+                .unwrap_or((false, Vec::new()));
+            if policy::access(credentialed, &fps, fingerprint, self.settings.verify)
+                == policy::Access::CheckWithRegistry
+            {
+                match self.registry.resolve(image, credentials).await {
+                    Ok(_) => verified = true,
+                    Err(e)
+                        if e.is_transient()
+                            || e.kind == crate::registry::RegistryErrorKind::Tls =>
+                    {
+                        return Err(PullError::Registry {
+                            image: name.clone(),
+                            source: e,
+                        })
+                    }
+                    // Not proven: as if the image were absent.
+                    Err(_) => {
+                        decision = policy::decide(policy, image, false);
+                    }
+                }
+            }
         }
         match decision {
-            Decision::UseCached => {
-                Ok((present.expect("UseCached implies present"), Action::Cached))
-            }
+            Decision::UseCached => Ok((
+                present.expect("UseCached implies present"),
+                Action::Cached,
+                verified,
+            )),
             Decision::NotPresent => Err(PullError::NotPresent {
                 image: name,
                 policy,
             }),
             Decision::Pull => {
                 self.make_room(image, credentials).await?;
-                let pulled = self.pull_shared(image, credentials).await?;
+                let pulled = self.pull_shared(image, credentials, fingerprint).await?;
                 self.cache.remember(&pulled);
-                Ok((pulled, Action::Pulled))
+                Ok((pulled, Action::Pulled, false))
             }
             Decision::Resolve => unreachable!("resolved above"),
         }
@@ -358,15 +414,6 @@ impl Puller {
             })
     }
 
-    fn fingerprint(&self, c: &Credentials) -> String {
-        let mut h = Sha256::new();
-        h.update(self.fingerprint_salt);
-        h.update(c.username.as_bytes());
-        h.update([0]);
-        h.update(c.password.as_bytes());
-        format!("{:x}", h.finalize())
-    }
-
     fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
         let mut map = self.per_registry.lock().unwrap();
         map.entry(host.to_owned())
@@ -387,8 +434,9 @@ impl Puller {
         &self,
         image: &ImageRef,
         credentials: Option<&Credentials>,
+        fingerprint: Option<&str>,
     ) -> Result<RuntimeImage, PullError> {
-        let key: FlightKey = (image.to_string(), credentials.map(|c| self.fingerprint(c)));
+        let key: FlightKey = (image.to_string(), fingerprint.map(str::to_owned));
         let flight = {
             let mut inflight = self.inflight.lock().unwrap();
             if let Some(f) = inflight.get(&key) {
@@ -563,6 +611,7 @@ mod tests {
             pull_timeout: Duration::from_secs(5),
             retries: 3,
             backoff: Duration::from_millis(1),
+            verify: crate::policy::Verify::IfPulledWithCredentials,
         }
     }
 

@@ -189,3 +189,108 @@ fn an_auth_file_works_and_tls_needs_the_ca_for_registry_checks() {
     );
     assert!(!d.log().contains(pw.as_str()));
 }
+
+#[test]
+fn a_private_image_is_served_only_to_requests_that_prove_access() {
+    let tb = Testbed::get();
+    let image = private_image(&tb, "tenant");
+    let public = block_on(common::images::push(
+        &tb.registry,
+        &Testbed::unique_repo("public"),
+        "1",
+        &[Layer::random(512)],
+        &["sh"],
+    ))
+    .reference;
+    let d = Daemon::start(&format!("SocketGroup: nogroup\n{}", with_ca(&tb)));
+    let nobody = Some((65534, 65534));
+    let (alice, alice_pw) = &tb.alice;
+    let (bob, bob_pw) = &tb.bob;
+
+    // Root pulls the private image with alice's credentials.
+    let out = d.cli_stdin(
+        &[
+            "pull",
+            &image,
+            "--username",
+            alice,
+            "--password-stdin",
+            "-o",
+            "json",
+        ],
+        &format!("{alice_pw}\n"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Another user without credentials: as if the image were absent.
+    let out = d.cli_as(nobody, &["pull", &image, "--policy", "Never"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!("cimage: image {image} is not present and pull policy is Never")
+    );
+    let out = d.cli_as(nobody, &["pull", &image, "--policy", "IfNotPresent"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("refused access"),
+        "the registry decided: {}",
+        stderr(&out)
+    );
+
+    // ... with wrong credentials: refused.
+    let out = d.cli_as_stdin(
+        nobody,
+        &[
+            "pull",
+            &image,
+            "--policy",
+            "Never",
+            "--username",
+            bob,
+            "--password-stdin",
+        ],
+        "not-bobs-password\n",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+
+    // ... with valid credentials of its own: served from the cache, and remembered.
+    for _ in 0..2 {
+        let out = d.cli_as_stdin(
+            nobody,
+            &[
+                "pull",
+                &image,
+                "--policy",
+                "Never",
+                "--username",
+                bob,
+                "--password-stdin",
+                "-o",
+                "json",
+            ],
+            &format!("{bob_pw}\n"),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["action"], "cached");
+    }
+
+    // An anonymous public image is everyone's.
+    d.pull_json(&public, None);
+    let out = d.cli_as(nobody, &["pull", &public, "--policy", "Never"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Nothing of the secrets in the log or the state directory.
+    let log = d.log();
+    for pw in [alice_pw.as_str(), bob_pw.as_str(), "not-bobs-password"] {
+        assert!(!log.contains(pw), "a password is in the log");
+        for f in walk(d.dir.path()) {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !bytes.windows(pw.len()).any(|w| w == pw.as_bytes()),
+                "a password is in {}",
+                f.display()
+            );
+        }
+    }
+}

@@ -239,6 +239,8 @@ mod tests {
             origin: Origin::Pull,
             popularity: 0.0,
             popularity_at: 0,
+            credentialed: false,
+            fingerprints: vec![],
         }
     }
 

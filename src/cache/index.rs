@@ -70,6 +70,30 @@ pub struct ImageRecord {
     /// When `popularity` was last brought up to date (Unix ms).
     #[serde(default)]
     pub popularity_at: i64,
+    /// First pulled with credentials: served only to requests that prove access.
+    #[serde(default)]
+    pub credentialed: bool,
+    /// Salted fingerprints of the credentials that pulled it or were confirmed by its registry.
+    #[serde(default)]
+    pub fingerprints: Vec<String>,
+}
+
+/// At most this many credential fingerprints are kept per image (the newest).
+pub const MAX_FINGERPRINTS: usize = 64;
+
+/// One use to record.
+#[derive(Debug, Clone)]
+pub struct Use {
+    /// The image as the runtime reports it.
+    pub image: RuntimeImage,
+    /// What it was for.
+    pub origin: Origin,
+    /// The request's credential fingerprint, if it had credentials.
+    pub fingerprint: Option<String>,
+    /// The request pulled the image (rather than using the runtime's copy).
+    pub pulled: bool,
+    /// The registry confirmed the request's credentials can read it.
+    pub verified: bool,
 }
 
 /// One eviction, as recorded.
@@ -109,6 +133,8 @@ impl ImageRecord {
             origin,
             popularity: 0.0,
             popularity_at: now,
+            credentialed: false,
+            fingerprints: Vec::new(),
         }
     }
 
@@ -176,6 +202,7 @@ pub struct ReconcileReport {
 pub struct Index {
     db: std::sync::Arc<Database>,
     instance: String,
+    salt: String,
     half_life_ms: std::sync::atomic::AtomicI64,
 }
 
@@ -193,26 +220,37 @@ impl Index {
         let tx = db.begin_write().map_err(ctx(what.clone()))?;
         tx.open_table(IMAGES).map_err(ctx(what.clone()))?;
         tx.open_table(EVICTIONS).map_err(ctx(what.clone()))?;
-        let instance = {
+        let (instance, salt) = {
             let mut meta = tx.open_table(META).map_err(ctx(what.clone()))?;
-            let existing = meta
-                .get("instance")
-                .map_err(ctx(what.clone()))?
-                .map(|v| v.value().to_owned());
-            match existing {
-                Some(id) => id,
-                None => {
-                    let id = format!("{:016x}", rand::random::<u64>());
-                    meta.insert("instance", id.as_str())
-                        .map_err(ctx(what.clone()))?;
-                    id
+            let mut get_or_make = |key: &str, make: &dyn Fn() -> String| {
+                let existing = meta
+                    .get(key)
+                    .map_err(ctx(what.clone()))?
+                    .map(|v| v.value().to_owned());
+                match existing {
+                    Some(v) => Ok::<_, IndexError>(v),
+                    None => {
+                        let v = make();
+                        meta.insert(key, v.as_str()).map_err(ctx(what.clone()))?;
+                        Ok(v)
+                    }
                 }
-            }
+            };
+            let instance = get_or_make("instance", &|| format!("{:016x}", rand::random::<u64>()))?;
+            // The salt of credential fingerprints: random per node, so a fingerprint says nothing
+            // outside this index.
+            let salt = get_or_make("salt", &|| {
+                (0..4)
+                    .map(|_| format!("{:016x}", rand::random::<u64>()))
+                    .collect()
+            })?;
+            (instance, salt)
         };
         tx.commit().map_err(ctx(what))?;
         Ok(Self {
             db: std::sync::Arc::new(db),
             instance,
+            salt,
             half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
         })
     }
@@ -221,6 +259,23 @@ impl Index {
     /// it as a label, so that several daemons sharing one runtime never touch each other's.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The salted fingerprint of credentials for a registry: what the index keeps instead of
+    /// them, to recognise the same credentials later.
+    pub fn fingerprint(&self, registry: &str, c: &crate::registry::Credentials) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.salt.as_bytes(),
+            registry.as_bytes(),
+            c.username.as_bytes(),
+            c.password.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        format!("{:x}", h.finalize())
     }
 
     /// Sets the half-life of the popularity score.
@@ -314,35 +369,51 @@ impl Index {
         origin: Origin,
         now: i64,
     ) -> Result<ImageRecord, IndexError> {
-        let mut recs = self.record_uses(&[(img.clone(), origin)], now)?;
+        let u = Use {
+            image: img.clone(),
+            origin,
+            fingerprint: None,
+            pulled: false,
+            verified: false,
+        };
+        let mut recs = self.record_uses(&[u], now)?;
         Ok(recs.pop().expect("one use, one record"))
     }
 
     /// Records several uses in one write transaction (a group commit): one fsync however many
     /// requests finished together. Returns the stored records in the same order.
-    pub fn record_uses(
-        &self,
-        uses: &[(RuntimeImage, Origin)],
-        now: i64,
-    ) -> Result<Vec<ImageRecord>, IndexError> {
+    pub fn record_uses(&self, uses: &[Use], now: i64) -> Result<Vec<ImageRecord>, IndexError> {
         let context = format!("recording {} uses", uses.len());
         let half_life = self.popularity_half_life_ms();
         let tx = self.db.begin_write().map_err(ctx(context.clone()))?;
         let mut out = Vec::with_capacity(uses.len());
         {
             let mut table = tx.open_table(IMAGES).map_err(ctx(context.clone()))?;
-            for (img, origin) in uses {
+            for u in uses {
+                let img = &u.image;
                 let current = match table.get(img.id.as_str()).map_err(ctx(context.clone()))? {
                     Some(v) => Some(Self::decode(&img.id, v.value())?),
                     None => None,
                 };
-                let mut rec = current.unwrap_or_else(|| ImageRecord::fresh(img, *origin, now));
+                let fresh = current.is_none();
+                let mut rec = current.unwrap_or_else(|| ImageRecord::fresh(img, u.origin, now));
                 rec.refresh_from(img);
-                if *origin != Origin::Prewarm {
+                if u.origin != Origin::Prewarm {
                     rec.use_count += 1;
                     rec.last_used = now;
                     rec.popularity = rec.popularity_now(now, half_life) + 1.0;
                     rec.popularity_at = now;
+                }
+                if let Some(fp) = &u.fingerprint {
+                    // An image that arrives with credentials is private from then on.
+                    if fresh && u.pulled {
+                        rec.credentialed = true;
+                    }
+                    if (u.pulled || u.verified) && !rec.fingerprints.contains(fp) {
+                        rec.fingerprints.push(fp.clone());
+                        let excess = rec.fingerprints.len().saturating_sub(MAX_FINGERPRINTS);
+                        rec.fingerprints.drain(..excess);
+                    }
                 }
                 table
                     .insert(img.id.as_str(), Self::encode(&rec).as_slice())

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
-pub use index::{EvictionRecord, ImageRecord, Index, IndexError, Origin, ReconcileReport};
+pub use index::{EvictionRecord, ImageRecord, Index, IndexError, Origin, ReconcileReport, Use};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -91,8 +91,7 @@ pub struct Cache {
 
 /// A use waiting to be committed, with where to send the stored record.
 type PendingUse = (
-    RuntimeImage,
-    Origin,
+    Use,
     tokio::sync::oneshot::Sender<Result<ImageRecord, String>>,
 );
 
@@ -391,10 +390,34 @@ impl Cache {
         image: RuntimeImage,
         origin: Origin,
     ) -> Result<ImageRecord, CacheError> {
+        self.record(Use {
+            image,
+            origin,
+            fingerprint: None,
+            pulled: false,
+            verified: false,
+        })
+        .await
+    }
+
+    /// The salted fingerprint of credentials for a registry (see [`Index::fingerprint`]).
+    pub fn fingerprint(&self, registry: &str, c: &crate::registry::Credentials) -> String {
+        self.index.fingerprint(registry, c)
+    }
+
+    /// The index record of an image id, if any.
+    pub async fn record_of(&self, id: &str) -> Result<Option<ImageRecord>, CacheError> {
+        let id = id.to_owned();
+        Ok(self.blocking(move |idx| idx.get(&id)).await?)
+    }
+
+    /// Records one use (with its credential facts); durable before it returns. Uses that arrive
+    /// while a commit is under way are committed together in the next transaction.
+    pub async fn record(&self, u: Use) -> Result<ImageRecord, CacheError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut p = self.pending_uses.lock().unwrap();
-            p.0.push((image, origin, tx));
+            p.0.push((u, tx));
             !std::mem::replace(&mut p.1, true)
         };
         if lead {
@@ -415,8 +438,7 @@ impl Cache {
                         }
                         std::mem::take(&mut p.0)
                     };
-                    let uses: Vec<(RuntimeImage, Origin)> =
-                        batch.iter().map(|(i, o, _)| (i.clone(), *o)).collect();
+                    let uses: Vec<Use> = batch.iter().map(|(u, _)| u.clone()).collect();
                     let now = clock.now_ms();
                     let result = index::off_thread(Arc::clone(&index), move |idx| {
                         idx.record_uses(&uses, now)
@@ -424,13 +446,13 @@ impl Cache {
                     .await;
                     match result {
                         Ok(recs) => {
-                            for ((_, _, tx), rec) in batch.into_iter().zip(recs) {
+                            for ((_, tx), rec) in batch.into_iter().zip(recs) {
                                 let _ = tx.send(Ok(rec));
                             }
                         }
                         Err(e) => {
                             let msg = e.to_string();
-                            for (_, _, tx) in batch {
+                            for (_, tx) in batch {
                                 let _ = tx.send(Err(msg.clone()));
                             }
                         }

@@ -1102,6 +1102,7 @@ mod tests {
                 pull_timeout: Duration::from_secs(5),
                 retries: 0,
                 backoff: Duration::from_millis(1),
+                verify: crate::policy::Verify::IfPulledWithCredentials,
             },
         ));
         let tasks = Arc::new(FakeTaskRuntime::default());

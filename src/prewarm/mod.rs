@@ -502,6 +502,7 @@ mod tests {
                 pull_timeout: Duration::from_secs(5),
                 retries: 0,
                 backoff: Duration::from_millis(1),
+                verify: crate::policy::Verify::IfPulledWithCredentials,
             },
         ));
         let pw = Prewarmer::new(puller.clone(), cache, Arc::new(SystemClock)).unwrap();

@@ -227,15 +227,23 @@ impl Daemon {
 
     /// Runs the CLI as root with `input` on its standard input (for --password-stdin).
     pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        self.cli_as_stdin(None, args, input)
+    }
+
+    /// Runs the CLI as `uid:gid` (None: as the test process) with `input` on standard input.
+    pub fn cli_as_stdin(&self, ids: Option<(u32, u32)>, args: &[&str], input: &str) -> Output {
         use std::io::Write;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cimage"))
-            .args(args)
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cimage"));
+        cmd.args(args)
             .env("CIMAGE_SOCKET", self.socket())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running cimage");
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn().expect("running cimage");
         child
             .stdin
             .take()
