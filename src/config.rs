@@ -132,6 +132,23 @@ pub struct AuthSection {
     /// (default), `Always` or `Never`.
     #[serde(default, deserialize_with = "de_verify")]
     pub verify: crate::policy::Verify,
+    /// docker config.json / podman auth.json files with the node's own credentials, tried in
+    /// order, for pre-warm runs and requests without credentials.
+    #[serde(default)]
+    pub config_files: Vec<PathBuf>,
+    /// Registry host → docker credential helper name (run as `docker-credential-NAME get`).
+    #[serde(default)]
+    pub credential_helpers: BTreeMap<String, String>,
+}
+
+impl AuthSection {
+    /// The node credential sources.
+    pub fn node_credentials(&self) -> crate::credentials::NodeCredentials {
+        crate::credentials::NodeCredentials {
+            config_files: self.config_files.clone(),
+            helpers: self.credential_helpers.clone(),
+        }
+    }
 }
 
 fn de_verify<'de, D: Deserializer<'de>>(d: D) -> Result<crate::policy::Verify, D::Error> {
@@ -668,6 +685,26 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
         sc.to_spec()
             .parse()
             .map_err(|e| invalid("ImageCache.Prewarm.Schedules", e.to_string()))?;
+    }
+    for f in &ic.auth.config_files {
+        if !f.is_absolute() {
+            return Err(invalid(
+                "ImageCache.Auth.ConfigFiles",
+                format!("{} must be an absolute path", f.display()),
+            ));
+        }
+    }
+    for (host, helper) in &ic.auth.credential_helpers {
+        let ok = !helper.is_empty()
+            && helper
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(invalid(
+                "ImageCache.Auth.CredentialHelpers",
+                format!("{helper:?} (for {host:?}) is not a helper name; the helper runs as docker-credential-NAME"),
+            ));
+        }
     }
     let base = config.crane_base_dir;
     let temp_dir = base.join(&container.temp_dir);

@@ -10,6 +10,7 @@ pub mod api;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod cri;
 pub mod launcher;
 pub mod metrics;

@@ -38,6 +38,8 @@ pub struct PullerSettings {
     pub backoff: Duration,
     /// When cached images need the request to prove access.
     pub verify: crate::policy::Verify,
+    /// The node's own credentials, for requests without credentials.
+    pub node_credentials: crate::credentials::NodeCredentials,
 }
 
 impl PullerSettings {
@@ -55,6 +57,7 @@ impl PullerSettings {
             retries: ic.pull_retries,
             backoff: Duration::from_millis(500),
             verify: ic.auth.verify,
+            node_credentials: ic.auth.node_credentials(),
         }
     }
 }
@@ -156,6 +159,14 @@ pub enum PullError {
         /// Why no room can be made.
         message: String,
     },
+    /// The node's credential sources failed (an unreadable auth file, a broken helper).
+    #[error("cannot get the node's credentials for image {image}: {message}")]
+    Credentials {
+        /// The normalised reference.
+        image: String,
+        /// What failed (never a secret).
+        message: String,
+    },
     /// The index could not record the use.
     #[error("image {image} is ready but the index failed: {message}")]
     Index {
@@ -216,6 +227,20 @@ impl Puller {
         let image = ImageRef::parse(&req.image)?;
         let policy = policy::effective(req.policy, &image);
         let deadline = self.settings.pull_timeout;
+        // Per-request credentials win; without them, the node's own (if it has any for this
+        // registry).
+        let mut req = req;
+        if req.credentials.is_none() && !self.settings.node_credentials.is_empty() {
+            let node = self.settings.node_credentials.clone();
+            let host = image.registry().to_owned();
+            req.credentials = tokio::task::spawn_blocking(move || node.lookup(&host))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+                .map_err(|message| PullError::Credentials {
+                    image: image.to_string(),
+                    message,
+                })?;
+        }
         let fingerprint = req
             .credentials
             .as_ref()
@@ -612,6 +637,7 @@ mod tests {
             retries: 3,
             backoff: Duration::from_millis(1),
             verify: crate::policy::Verify::IfPulledWithCredentials,
+            node_credentials: Default::default(),
         }
     }
 

@@ -294,3 +294,67 @@ fn a_private_image_is_served_only_to_requests_that_prove_access() {
         }
     }
 }
+
+#[test]
+fn node_credentials_from_a_helper_or_a_config_file_and_request_credentials_win() {
+    use std::os::unix::fs::PermissionsExt;
+    let tb = Testbed::get();
+    let (bob, bob_pw) = &tb.bob;
+    let bin = tempfile::tempdir().unwrap();
+    let helper = bin.path().join("docker-credential-testbed");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread server\n[ \"$server\" = \"{host}\" ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"{bob}\",\"Secret\":\"{bob_pw}\"}}' \"$server\"\n",
+            host = tb.private_registry
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let d = Daemon::start_with_env(
+        &format!(
+            "Auth:\n  CredentialHelpers:\n    \"{}\": testbed\n",
+            tb.private_registry
+        ),
+        &[("PATH", &path)],
+    );
+    let image = private_image(&tb, "helper");
+    assert_eq!(
+        d.pull_json(&image, None)["action"],
+        "pulled",
+        "the helper's credentials were used"
+    );
+    // A request's own credentials win over the node's: wrong ones are refused.
+    let other = private_image(&tb, "helper2");
+    let out = d.cli_stdin(
+        &["pull", &other, "--username", bob, "--password-stdin"],
+        "wrong\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("refused access"), "{}", stderr(&out));
+    assert!(!d.log().contains(bob_pw.as_str()));
+    drop(d);
+
+    let cfg = bin.path().join("auth.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{{\"auths\":{{\"{}\":{{\"username\":\"{}\",\"password\":\"{}\"}}}}}}",
+            tb.private_registry, tb.alice.0, tb.alice.1
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!("Auth:\n  ConfigFiles: [{}]\n", cfg.display()));
+    let image = private_image(&tb, "cfgfile");
+    assert_eq!(
+        d.pull_json(&image, None)["action"],
+        "pulled",
+        "the config file's credentials were used"
+    );
+    assert!(!d.log().contains(tb.alice.1.as_str()));
+}

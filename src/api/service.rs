@@ -104,6 +104,7 @@ pub fn pull_status(e: &PullError) -> Status {
         PullError::Timeout { .. } => Code::DeadlineExceeded,
         PullError::Index { .. } => Code::Internal,
         PullError::NoRoom { .. } => Code::ResourceExhausted,
+        PullError::Credentials { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }

@@ -1103,6 +1103,7 @@ mod tests {
                 retries: 0,
                 backoff: Duration::from_millis(1),
                 verify: crate::policy::Verify::IfPulledWithCredentials,
+                node_credentials: Default::default(),
             },
         ));
         let tasks = Arc::new(FakeTaskRuntime::default());

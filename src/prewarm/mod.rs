@@ -503,6 +503,7 @@ mod tests {
                 retries: 0,
                 backoff: Duration::from_millis(1),
                 verify: crate::policy::Verify::IfPulledWithCredentials,
+                node_credentials: Default::default(),
             },
         ));
         let pw = Prewarmer::new(puller.clone(), cache, Arc::new(SystemClock)).unwrap();

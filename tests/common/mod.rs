@@ -112,12 +112,19 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub extra_config: String,
+    /// Extra environment for cimaged.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// Starts cimaged with the testbed's runtime and registry, plus `extra` lines appended under
     /// `ImageCache:` (indented by two spaces).
     pub fn start(extra: &str) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables for cimaged.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
         let testbed = Testbed::get();
         let dir = tempfile::Builder::new()
             .prefix("cimaged-test-")
@@ -131,6 +138,10 @@ impl Daemon {
             dir,
             child: None,
             extra_config: extra.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.write_config();
         d.spawn();
@@ -190,6 +201,7 @@ impl Daemon {
             .arg("--config")
             .arg(self.config_path())
             .env("CIMAGE_LOG", "info,cimage=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

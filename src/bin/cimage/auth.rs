@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use cimage::api::pb;
 use cimage::reference::ImageRef;
-use serde::Deserialize;
 
 use crate::Failure;
 
@@ -23,53 +22,6 @@ pub struct AuthArgs {
     /// A docker config.json or podman auth.json holding credentials for the image's registry.
     #[arg(long, conflicts_with = "username")]
     pub auth_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct AuthFile {
-    #[serde(default)]
-    auths: std::collections::HashMap<String, AuthEntry>,
-}
-
-#[derive(Deserialize)]
-struct AuthEntry {
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    username: Option<String>,
-    #[serde(default)]
-    password: Option<String>,
-}
-
-/// Decodes standard base64 (the `auth` field of docker config files).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut buf, mut bits) = (0u32, 0);
-    for c in s.trim().bytes().filter(|c| *c != b'=') {
-        let v = T.iter().position(|t| *t == c)? as u32;
-        buf = (buf << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
-/// The keys a registry may appear under in an auth file.
-fn host_keys(registry: &str) -> Vec<String> {
-    let mut keys = vec![
-        registry.to_owned(),
-        format!("https://{registry}"),
-        format!("http://{registry}"),
-    ];
-    if registry == "docker.io" {
-        keys.push("https://index.docker.io/v1/".into());
-        keys.push("index.docker.io".into());
-    }
-    keys
 }
 
 impl AuthArgs {
@@ -96,55 +48,19 @@ impl AuthArgs {
         let Some(path) = &self.auth_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Failure(format!("cannot read auth file {}: {e}", path.display())))?;
-        let file: AuthFile = serde_json::from_str(&text).map_err(|e| {
-            Failure(format!(
-                "auth file {} is not a docker config.json / auth.json: {}",
-                path.display(),
-                // serde_json's message names a position, not the content.
-                e
-            ))
-        })?;
         let registry = ImageRef::parse(image)
             .map_err(|e| Failure(e.to_string()))?
             .registry()
             .to_owned();
-        let entry = host_keys(&registry)
-            .iter()
-            .find_map(|k| file.auths.get(k))
+        let c = cimage::credentials::from_auth_file(path, &registry)
+            .map_err(Failure)?
             .ok_or_else(|| {
                 Failure(format!(
                     "auth file {} has no credentials for registry {registry}",
                     path.display()
                 ))
             })?;
-        let (username, password) = match (&entry.username, &entry.password, &entry.auth) {
-            (Some(u), Some(p), _) => (u.clone(), p.clone()),
-            (_, _, Some(a)) => {
-                let raw = base64_decode(a)
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        Failure(format!(
-                            "auth file {}: the \"auth\" entry for {registry} is not base64 of user:password",
-                            path.display()
-                        ))
-                    })?;
-                let (u, p) = raw.split_once(':').ok_or_else(|| {
-                    Failure(format!(
-                        "auth file {}: the \"auth\" entry for {registry} is not base64 of user:password",
-                        path.display()
-                    ))
-                })?;
-                (u.to_owned(), p.to_owned())
-            }
-            _ => {
-                return Err(Failure(format!(
-                "auth file {}: the entry for {registry} has neither auth nor username and password",
-                path.display()
-            )))
-            }
-        };
+        let (username, password) = (c.username, c.password);
         Ok(Some(pb::Credentials { username, password }))
     }
 }
@@ -154,23 +70,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decodes_docker_auth_entries() {
-        assert_eq!(base64_decode("YWxpY2U6czNjcmV0").unwrap(), b"alice:s3cret");
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert!(base64_decode("not base64!").is_none());
-    }
-
-    #[test]
     fn reads_an_auth_file_for_the_images_registry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(
             &path,
-            r#"{"auths":{"127.0.0.1:5443":{"auth":"YWxpY2U6czNjcmV0"},"https://quay.io":{"username":"bob","password":"pw"}}}"#,
+            r#"{"auths":{"127.0.0.1:5443":{"auth":"YWxpY2U6czNjcmV0"}}}"#,
         )
         .unwrap();
         let args = AuthArgs {
-            auth_file: Some(path.clone()),
+            auth_file: Some(path),
             ..Default::default()
         };
         let c = args
@@ -181,8 +90,6 @@ mod tests {
             (c.username.as_str(), c.password.as_str()),
             ("alice", "s3cret")
         );
-        let c = args.credentials("quay.io/org/app:1").unwrap().unwrap();
-        assert_eq!(c.username, "bob");
         let e = args.credentials("127.0.0.1:5000/app:1").err().unwrap().0;
         assert!(
             e.contains("no credentials for registry 127.0.0.1:5000") && !e.contains("s3cret"),
