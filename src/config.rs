@@ -399,6 +399,10 @@ pub struct RegistryConfig {
     /// only, besides the system's roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Mirror hosts tried in order, before this registry, to resolve tags (the runtime needs the
+    /// same mirrors in its own configuration to pull through them).
+    #[serde(default)]
+    pub mirrors: Vec<String>,
 }
 
 impl Default for ImageCacheConfig {
@@ -620,6 +624,14 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
                 return Err(invalid(
                     "ImageCache.Registries.*.CaFile",
                     format!("for {host:?}: {} must be an absolute path", ca.display()),
+                ));
+            }
+        }
+        for m in &reg.mirrors {
+            if m.is_empty() || m.contains('/') || m.contains(char::is_whitespace) || m == host {
+                return Err(invalid(
+                    "ImageCache.Registries.*.Mirrors",
+                    format!("{m:?} (for {host:?}) is not a mirror host (host or host:port, not the registry itself)"),
                 ));
             }
         }

@@ -144,6 +144,14 @@ impl ImageRef {
         }
     }
 
+    /// The same repository, tag and digest at another registry host (a mirror).
+    pub fn to_oci_at(&self, host: &str) -> oci_client::Reference {
+        let mut at = self.clone();
+        at.registry = host.to_owned();
+        // Docker Hub's official images live under library/ on mirrors too.
+        at.to_oci()
+    }
+
     /// Finds this repository's manifest digest among a runtime image's `repo_digests`
     /// (entries look like `registry/repository@sha256:…`).
     pub fn digest_in<'a>(&self, repo_digests: &'a [String]) -> Option<&'a str> {

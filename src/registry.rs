@@ -261,6 +261,24 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
+        let mirrors = self
+            .hosts
+            .get(image.registry())
+            .map(|r| r.mirrors.clone())
+            .unwrap_or_default();
+        for mirror in &mirrors {
+            let (client, auth) = self.client_for(mirror, credentials);
+            match client
+                .fetch_manifest_digest(&image.to_oci_at(mirror), &auth)
+                .await
+            {
+                Ok(digest) => return Ok(digest),
+                Err(e) => {
+                    let e = Self::classify(image, e);
+                    tracing::debug!(mirror = %mirror, image = %image, "mirror did not resolve, trying the next: {}", e.what);
+                }
+            }
+        }
         let (client, auth) = self.client_for(image.registry(), credentials);
         client
             .fetch_manifest_digest(&image.to_oci(), &auth)

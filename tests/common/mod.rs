@@ -30,6 +30,14 @@ pub struct Testbed {
     pub alice: (String, String),
     /// A second account.
     pub bob: (String, String),
+    /// An upstream registry with a pull-through mirror in front (plain HTTP).
+    pub upstream: String,
+    /// The upstream's log.
+    pub upstream_log: PathBuf,
+    /// The mirror of `upstream`.
+    pub mirror: String,
+    /// The mirror's log.
+    pub mirror_log: PathBuf,
 }
 
 impl Testbed {
@@ -59,6 +67,10 @@ impl Testbed {
             ca: PathBuf::from(get("CIMAGE_TESTBED_CA")),
             alice: ("alice".into(), get("CIMAGE_TESTBED_ALICE_PASSWORD")),
             bob: ("bob".into(), get("CIMAGE_TESTBED_BOB_PASSWORD")),
+            upstream: get("CIMAGE_TESTBED_UPSTREAM"),
+            upstream_log: PathBuf::from(get("CIMAGE_TESTBED_UPSTREAM_LOG")),
+            mirror: get("CIMAGE_TESTBED_MIRROR"),
+            mirror_log: PathBuf::from(get("CIMAGE_TESTBED_MIRROR_LOG")),
         }
     }
 
@@ -86,7 +98,19 @@ impl Testbed {
 
     /// Access-log requests (`METHOD PATH`) since `mark` whose path mentions `repo`.
     pub fn registry_requests_since(&self, mark: u64, repo: &str) -> Vec<String> {
-        let bytes = std::fs::read(&self.registry_log).unwrap_or_default();
+        requests_in_log(&self.registry_log, mark, repo)
+    }
+}
+
+/// The size of a log now (a mark for [`requests_in_log`]).
+pub fn log_mark(log: &Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Access-log requests (`METHOD PATH`) in `log` since `mark` whose path mentions `repo`.
+pub fn requests_in_log(log: &Path, mark: u64, repo: &str) -> Vec<String> {
+    {
+        let bytes = std::fs::read(log).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
         let needle = format!("/v2/{repo}/");
         text.lines()
@@ -99,7 +123,9 @@ impl Testbed {
             })
             .collect()
     }
+}
 
+impl Testbed {
     /// A repository name no other test uses.
     pub fn unique_repo(prefix: &str) -> String {
         format!("t-{prefix}-{:08x}", rand::random::<u32>())
