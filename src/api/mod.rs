@@ -21,6 +21,15 @@ pub mod pb {
     tonic::include_proto!("cimage.v1");
 }
 
+impl std::fmt::Debug for pb::Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Creates the API socket: parent directory made if missing, a stale socket file replaced, mode
 /// 0660, and group `group` if given, so only root and that group can connect.
 pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
@@ -85,4 +94,29 @@ pub fn launcher_client(
 /// A client for the API at a unix socket (used by the CLI and the tests).
 pub fn client(path: &Path) -> pb::image_cache_client::ImageCacheClient<tonic::transport::Channel> {
     pb::image_cache_client::ImageCacheClient::new(crate::cri::unix_channel(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pb;
+
+    #[test]
+    fn requests_never_show_a_password_in_debug_output() {
+        let creds = Some(pb::Credentials {
+            username: "alice".into(),
+            password: "hunter2-secret".into(),
+        });
+        let pull = pb::PullRequest {
+            image: "x:1".into(),
+            policy: 0,
+            credentials: creds.clone(),
+        };
+        let launch = pb::LaunchRequest {
+            credentials: creds,
+            ..Default::default()
+        };
+        for shown in [format!("{pull:?}"), format!("{launch:#?}")] {
+            assert!(shown.contains("alice") && !shown.contains("hunter2-secret"), "{shown}");
+        }
+    }
 }
