@@ -116,7 +116,10 @@ mod tests {
             ..Default::default()
         };
         for shown in [format!("{pull:?}"), format!("{launch:#?}")] {
-            assert!(shown.contains("alice") && !shown.contains("hunter2-secret"), "{shown}");
+            assert!(
+                shown.contains("alice") && !shown.contains("hunter2-secret"),
+                "{shown}"
+            );
         }
     }
 }

@@ -106,15 +106,74 @@ fn print_settings(s: &Settings) {
         "reconcile every:  {}",
         format_duration(ic.reconcile_interval)
     );
+    println!("presence ttl:     {}", format_duration(ic.presence_ttl));
     for (host, r) in &ic.registries {
         println!(
-            "registry {host}: {}{}",
+            "registry {host}: {}{}{}{}",
             if r.insecure { "plain HTTP" } else { "HTTPS" },
+            r.ca_file
+                .as_ref()
+                .map(|c| format!(", CA {}", c.display()))
+                .unwrap_or_default(),
+            if r.mirrors.is_empty() {
+                String::new()
+            } else {
+                format!(", mirrors {}", r.mirrors.join(" "))
+            },
             r.max_concurrent_pulls
                 .map(|n| format!(", at most {n} pulls at once"))
                 .unwrap_or_default()
         );
     }
+    println!("verify access:    {:?}", ic.auth.verify);
+    for f in &ic.auth.config_files {
+        println!("node auth file:   {}", f.display());
+    }
+    for (host, helper) in &ic.auth.credential_helpers {
+        println!("credential helper for {host}: docker-credential-{helper}");
+    }
+    match ic.eviction.settings() {
+        None => println!("eviction:         off"),
+        Some(e) => println!(
+            "eviction:         above {}% down to {}%, max {}, min age {}, max unused {}",
+            e.high_percent,
+            e.low_percent,
+            e.max_bytes
+                .map(|b| format!("{b} bytes"))
+                .unwrap_or_else(|| "unbounded".into()),
+            format_duration(e.min_age),
+            e.max_unused_age
+                .map(format_duration)
+                .unwrap_or_else(|| "off".into())
+        ),
+    }
+    println!(
+        "launcher:         logs in {}, grace {}, mounts under {}",
+        s.log_dir.display(),
+        format_duration(ic.launcher.stop_grace_period),
+        if ic.launcher.allowed_mount_prefixes.is_empty() {
+            "(none allowed)".to_string()
+        } else {
+            ic.launcher
+                .allowed_mount_prefixes
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    for sc in &ic.prewarm.schedules {
+        println!(
+            "pre-warm {}: \"{}\" {}",
+            sc.name,
+            sc.cron,
+            sc.time_zone.as_deref().unwrap_or("UTC")
+        );
+    }
+    println!(
+        "metrics:          {}",
+        ic.metrics_addr.as_deref().unwrap_or("off")
+    );
 }
 
 async fn run(settings: Settings) -> Result<()> {
