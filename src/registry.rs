@@ -43,6 +43,8 @@ pub enum RegistryErrorKind {
     Unreachable,
     /// TLS verification failed.
     Tls,
+    /// The registry's token service (its `WWW-Authenticate: Bearer realm`) could not be reached.
+    TokenService,
     /// The registry answered with a server error (5xx, 429); may pass.
     Server,
     /// Anything else (malformed answers).
@@ -70,7 +72,9 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.kind,
-            RegistryErrorKind::Unreachable | RegistryErrorKind::Server
+            RegistryErrorKind::Unreachable
+                | RegistryErrorKind::Server
+                | RegistryErrorKind::TokenService
         )
     }
 }
@@ -106,7 +110,14 @@ pub struct OciRegistry {
     hosts: BTreeMap<String, RegistryConfig>,
     cas: BTreeMap<String, Vec<u8>>,
     anonymous: std::sync::Mutex<std::collections::HashMap<String, oci_client::Client>>,
+    /// Clients for credentialed requests, one per (host, credentials), so that bearer tokens
+    /// are reused until they expire. Keyed by a hash salted per process; never persisted.
+    credentialed: std::sync::Mutex<std::collections::HashMap<(String, String), oci_client::Client>>,
+    salt: [u8; 16],
 }
+
+/// Credentialed clients kept at most (the map is cleared when full).
+const MAX_CREDENTIALED_CLIENTS: usize = 256;
 
 impl OciRegistry {
     /// Builds the registry side from the per-registry settings; fails when a `CaFile` cannot be
@@ -134,6 +145,8 @@ impl OciRegistry {
             hosts: registries.clone(),
             cas,
             anonymous: Default::default(),
+            credentialed: Default::default(),
+            salt: rand::random(),
         })
     }
 
@@ -161,25 +174,126 @@ impl OciRegistry {
         }
     }
 
-    /// The host's shared anonymous client, or a fresh one for a request with credentials.
+    fn credentials_key(&self, host: &str, c: &Credentials) -> (String, String) {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        for part in [c.username.as_bytes(), c.password.as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        (host.to_owned(), format!("{:x}", h.finalize()))
+    }
+
+    /// The host's shared anonymous client, or the client for these credentials (true: new, its
+    /// token step not yet done).
     fn client_for(
         &self,
         host: &str,
         credentials: Option<&Credentials>,
-    ) -> (oci_client::Client, RegistryAuth) {
+    ) -> (oci_client::Client, RegistryAuth, bool) {
         match credentials {
             None => {
                 let mut m = self.anonymous.lock().unwrap();
                 let c = m
                     .entry(host.to_owned())
                     .or_insert_with(|| oci_client::Client::new(self.client_config(host)));
-                (c.clone(), RegistryAuth::Anonymous)
+                (c.clone(), RegistryAuth::Anonymous, false)
             }
-            Some(c) => (
-                oci_client::Client::new(self.client_config(host)),
-                RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            ),
+            Some(c) => {
+                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
+                let key = self.credentials_key(host, c);
+                let mut m = self.credentialed.lock().unwrap();
+                if let Some(client) = m.get(&key) {
+                    return (client.clone(), auth, false);
+                }
+                if m.len() >= MAX_CREDENTIALED_CLIENTS {
+                    m.clear();
+                }
+                let client = oci_client::Client::new(self.client_config(host));
+                m.insert(key, client.clone());
+                (client, auth, true)
+            }
         }
+    }
+
+    fn forget_client(&self, host: &str, credentials: Option<&Credentials>) {
+        if let Some(c) = credentials {
+            let key = self.credentials_key(host, c);
+            self.credentialed.lock().unwrap().remove(&key);
+        }
+    }
+
+    /// Runs `op` with the client for `host` and these credentials. A new client first does the
+    /// token step explicitly (oci-client would otherwise swallow a failing token service and
+    /// report a plain 401); a cached client whose token is refused is dropped and the call is
+    /// made once more with a fresh token.
+    async fn with_client<T, F, Fut>(
+        &self,
+        image: &ImageRef,
+        host: &str,
+        credentials: Option<&Credentials>,
+        op: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn(oci_client::Client, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        for attempt in 0..2 {
+            let (client, auth, fresh) = self.client_for(host, credentials);
+            if fresh {
+                let at = image.to_oci_at(host);
+                if let Err(e) = client
+                    .auth(&at, &auth, oci_client::RegistryOperation::Pull)
+                    .await
+                {
+                    self.forget_client(host, credentials);
+                    return Err(Self::classify_token_step(image, host, e));
+                }
+            }
+            match op(client, auth).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let e = Self::classify(image, e);
+                    if e.kind == RegistryErrorKind::Unauthorized && !fresh && attempt == 0 {
+                        self.forget_client(host, credentials);
+                        continue;
+                    }
+                    if e.kind == RegistryErrorKind::Unauthorized {
+                        self.forget_client(host, credentials);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// A failure of the token step: the token service unreachable, or the credentials refused.
+    fn classify_token_step(
+        image: &ImageRef,
+        host: &str,
+        err: OciDistributionError,
+    ) -> RegistryError {
+        if let OciDistributionError::RequestError(e) = &err {
+            let elsewhere = e.url().is_some_and(|u| {
+                let at = match u.port() {
+                    Some(p) => format!("{}:{p}", u.host_str().unwrap_or("")),
+                    None => u.host_str().unwrap_or("").to_owned(),
+                };
+                at != host
+            });
+            if elsewhere {
+                return RegistryError {
+                    registry: image.registry().to_owned(),
+                    image: image.to_string(),
+                    kind: RegistryErrorKind::TokenService,
+                    what: "token service unreachable",
+                    detail: error_chain(e),
+                };
+            }
+        }
+        Self::classify(image, err)
     }
 
     fn classify(image: &ImageRef, err: OciDistributionError) -> RegistryError {
@@ -267,23 +381,26 @@ impl Registry for OciRegistry {
             .map(|r| r.mirrors.clone())
             .unwrap_or_default();
         for mirror in &mirrors {
-            let (client, auth) = self.client_for(mirror, credentials);
-            match client
-                .fetch_manifest_digest(&image.to_oci_at(mirror), &auth)
+            let at = image.to_oci_at(mirror);
+            match self
+                .with_client(image, mirror, credentials, |c, auth| {
+                    let at = at.clone();
+                    async move { c.fetch_manifest_digest(&at, &auth).await }
+                })
                 .await
             {
                 Ok(digest) => return Ok(digest),
                 Err(e) => {
-                    let e = Self::classify(image, e);
                     tracing::debug!(mirror = %mirror, image = %image, "mirror did not resolve, trying the next: {}", e.what);
                 }
             }
         }
-        let (client, auth) = self.client_for(image.registry(), credentials);
-        client
-            .fetch_manifest_digest(&image.to_oci(), &auth)
-            .await
-            .map_err(|e| Self::classify(image, e))
+        let reference = image.to_oci();
+        self.with_client(image, image.registry(), credentials, |c, auth| {
+            let r = reference.clone();
+            async move { c.fetch_manifest_digest(&r, &auth).await }
+        })
+        .await
     }
 
     async fn manifest_size(
@@ -291,11 +408,13 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<u64, RegistryError> {
-        let (client, auth) = self.client_for(image.registry(), credentials);
-        let (manifest, _) = client
-            .pull_image_manifest(&image.to_oci(), &auth)
-            .await
-            .map_err(|e| Self::classify(image, e))?;
+        let reference = image.to_oci();
+        let (manifest, _) = self
+            .with_client(image, image.registry(), credentials, |c, auth| {
+                let r = reference.clone();
+                async move { c.pull_image_manifest(&r, &auth).await }
+            })
+            .await?;
         let layers: i64 = manifest.layers.iter().map(|l| l.size).sum();
         Ok((layers + manifest.config.size).max(0) as u64)
     }

@@ -96,7 +96,9 @@ pub fn pull_status(e: &PullError) -> Status {
         PullError::Registry { source, .. } => match source.kind {
             RegistryErrorKind::NotFound => Code::NotFound,
             RegistryErrorKind::Unauthorized => Code::Unauthenticated,
-            RegistryErrorKind::Unreachable | RegistryErrorKind::Server => Code::Unavailable,
+            RegistryErrorKind::Unreachable
+            | RegistryErrorKind::Server
+            | RegistryErrorKind::TokenService => Code::Unavailable,
             RegistryErrorKind::Tls => Code::FailedPrecondition,
             RegistryErrorKind::Other => Code::Unknown,
         },

@@ -87,10 +87,11 @@ pub async fn push(registry: &str, repo: &str, tag: &str, layers: &[Layer], cmd: 
     push_with(registry, repo, tag, layers, cmd, None).await
 }
 
-/// Where and how to push to a private registry: HTTPS with this CA, basic auth.
+/// Where and how to push to a private registry: credentials, and HTTPS with this CA if given
+/// (plain HTTP otherwise).
 pub struct Private<'a> {
-    /// PEM CA file.
-    pub ca: &'a std::path::Path,
+    /// PEM CA file, for an HTTPS registry.
+    pub ca: Option<&'a std::path::Path>,
     /// User name.
     pub username: &'a str,
     /// Password.
@@ -147,13 +148,19 @@ pub async fn push_with(
             RegistryAuth::Anonymous,
         ),
         Some(p) => (
-            Client::new(ClientConfig {
-                protocol: ClientProtocol::Https,
-                extra_root_certificates: vec![oci_client::client::Certificate {
-                    encoding: oci_client::client::CertificateEncoding::Pem,
-                    data: std::fs::read(p.ca).expect("reading the testbed CA"),
-                }],
-                ..Default::default()
+            Client::new(match p.ca {
+                Some(ca) => ClientConfig {
+                    protocol: ClientProtocol::Https,
+                    extra_root_certificates: vec![oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Pem,
+                        data: std::fs::read(ca).expect("reading the testbed CA"),
+                    }],
+                    ..Default::default()
+                },
+                None => ClientConfig {
+                    protocol: ClientProtocol::Http,
+                    ..Default::default()
+                },
             }),
             RegistryAuth::Basic(p.username.into(), p.password.into()),
         ),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod token;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -38,6 +39,14 @@ pub struct Testbed {
     pub mirror: String,
     /// The mirror's log.
     pub mirror_log: PathBuf,
+    /// The registry with bearer-token auth (plain HTTP).
+    pub token_registry: String,
+    /// Where its token issuer must listen (run by the tests).
+    pub token_issuer: String,
+    /// The issuer's signing key (PKCS#8 PEM) and certificate.
+    pub token_key: PathBuf,
+    /// The issuer's certificate, which the registry trusts.
+    pub token_cert: PathBuf,
 }
 
 impl Testbed {
@@ -71,6 +80,10 @@ impl Testbed {
             upstream_log: PathBuf::from(get("CIMAGE_TESTBED_UPSTREAM_LOG")),
             mirror: get("CIMAGE_TESTBED_MIRROR"),
             mirror_log: PathBuf::from(get("CIMAGE_TESTBED_MIRROR_LOG")),
+            token_registry: get("CIMAGE_TESTBED_TOKEN_REGISTRY"),
+            token_issuer: get("CIMAGE_TESTBED_TOKEN_ISSUER"),
+            token_key: PathBuf::from(get("CIMAGE_TESTBED_TOKEN_KEY")),
+            token_cert: PathBuf::from(get("CIMAGE_TESTBED_TOKEN_CERT")),
         }
     }
 
