@@ -15,7 +15,7 @@ fn private_image(tb: &Testbed, prefix: &str) -> String {
         &[Layer::random(1024)],
         &["sh"],
         Some(Private {
-            ca: &tb.ca,
+            ca: Some(&tb.ca),
             username: &tb.alice.0,
             password: &tb.alice.1,
         }),
