@@ -82,6 +82,21 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, 
     })
 }
 
+/// Keys of a schedule's runs (`NAME\0STARTED`), oldest first.
+fn run_keys(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    schedule: &str,
+    context: &str,
+) -> Result<Vec<String>, IndexError> {
+    let prefix = format!("{schedule}\u{0}");
+    Ok(t.range(prefix.as_str()..)
+        .map_err(|e| err(context, e))?
+        .filter_map(|r| r.ok())
+        .map(|(k, _)| k.value().to_owned())
+        .take_while(|k| k.starts_with(&prefix))
+        .collect())
+}
+
 impl PrewarmStore {
     /// Opens (creating) the tables in `db`.
     pub fn open(db: Arc<Database>) -> Result<Self, IndexError> {
@@ -116,15 +131,7 @@ impl PrewarmStore {
             let mut t = tx.open_table(SCHEDULES).map_err(|e| err(&context, e))?;
             let existed = t.remove(name).map_err(|e| err(&context, e))?.is_some();
             let mut runs = tx.open_table(RUNS).map_err(|e| err(&context, e))?;
-            let prefix = format!("{name}\u{0}");
-            let keys: Vec<String> = runs
-                .range(prefix.as_str()..)
-                .map_err(|e| err(&context, e))?
-                .filter_map(|r| r.ok())
-                .map(|(k, _)| k.value().to_owned())
-                .take_while(|k| k.starts_with(&prefix))
-                .collect();
-            for k in keys {
+            for k in run_keys(&runs, name, &context)? {
                 runs.remove(k.as_str()).map_err(|e| err(&context, e))?;
             }
             existed
@@ -160,14 +167,7 @@ impl PrewarmStore {
             let mut t = tx.open_table(RUNS).map_err(|e| err(&context, e))?;
             t.insert(key.as_str(), bytes.as_slice())
                 .map_err(|e| err(&context, e))?;
-            let prefix = format!("{}\u{0}", run.schedule);
-            let keys: Vec<String> = t
-                .range(prefix.as_str()..)
-                .map_err(|e| err(&context, e))?
-                .filter_map(|r| r.ok())
-                .map(|(k, _)| k.value().to_owned())
-                .take_while(|k| k.starts_with(&prefix))
-                .collect();
+            let keys = run_keys(&t, &run.schedule, &context)?;
             for old in keys.iter().take(keys.len().saturating_sub(HISTORY_LIMIT)) {
                 t.remove(old.as_str()).map_err(|e| err(&context, e))?;
             }
