@@ -61,32 +61,22 @@ impl CriImageRuntime {
         }
     }
 
-    fn spec(image: &str) -> Option<ImageSpec> {
-        Some(ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        })
-    }
-
+    /// [`bounded`] with this client's endpoint and timeout.
     async fn bounded<T>(
         &self,
         op: &'static str,
         fut: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     ) -> Result<T, RuntimeError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(classify(op, &self.endpoint, status)),
-            Err(_) => Err(RuntimeError {
-                op,
-                kind: RuntimeErrorKind::DeadlineExceeded,
-                message: format!(
-                    "no answer from the runtime at {} within {:?}",
-                    self.endpoint.display(),
-                    self.timeout
-                ),
-            }),
-        }
+        bounded(op, &self.endpoint, self.timeout, fut).await
     }
+}
+
+/// An image reference (name, digest reference or id) as CRI takes it.
+fn image_spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
 }
 
 fn to_image(i: k8s_cri::v1::Image) -> RuntimeImage {
@@ -144,7 +134,7 @@ impl ImageRuntime for CriImageRuntime {
     async fn image_status(&self, image: &str) -> Result<Option<RuntimeImage>, RuntimeError> {
         let mut c = self.client.clone();
         let req = ImageStatusRequest {
-            image: Self::spec(image),
+            image: image_spec(image),
             verbose: false,
         };
         let resp = self.bounded("ImageStatus", c.image_status(req)).await?;
@@ -163,7 +153,7 @@ impl ImageRuntime for CriImageRuntime {
             ..Default::default()
         });
         let req = PullImageRequest {
-            image: Self::spec(image),
+            image: image_spec(image),
             auth,
             sandbox_config: None,
         };
@@ -187,7 +177,7 @@ impl ImageRuntime for CriImageRuntime {
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         let mut c = self.client.clone();
         let req = RemoveImageRequest {
-            image: Self::spec(image),
+            image: image_spec(image),
         };
         self.bounded("RemoveImage", c.remove_image(req)).await?;
         Ok(())
@@ -409,7 +399,7 @@ impl TaskRuntime for CriTaskRuntime {
                 name: spec.name.clone(),
                 attempt: 0,
             }),
-            image: Self::image_spec(&spec.image),
+            image: image_spec(&spec.image),
             command: spec.command.clone(),
             working_dir: spec.working_dir.clone(),
             envs: spec
@@ -580,15 +570,6 @@ impl TaskRuntime for CriTaskRuntime {
                 state: container_state(x.state),
             })
             .collect())
-    }
-}
-
-impl CriTaskRuntime {
-    fn image_spec(image: &str) -> Option<ImageSpec> {
-        Some(ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        })
     }
 }
 

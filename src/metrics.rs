@@ -32,49 +32,68 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-const HELP: &[(&str, &str, &str)] = &[
+/// Every metric: name, type, whether its series carry labels, help text. An unlabelled counter
+/// starts at zero; a labelled one has no series until first counted.
+const HELP: &[(&str, &str, bool, &str)] = &[
     (
         "cimage_pulls_total",
         "counter",
+        true,
         "Image requests by pull policy and outcome (pulled, cached, failed).",
     ),
     (
         "cimage_pull_duration_seconds",
         "histogram",
+        false,
         "Time to make an image ready, per request.",
     ),
     (
         "cimage_cache_hits_total",
         "counter",
+        false,
         "Requests answered from the runtime's copy without PullImage.",
     ),
     (
         "cimage_pulled_bytes_total",
         "counter",
+        false,
         "Bytes of images pulled (the runtime's image sizes).",
     ),
     (
         "cimage_evictions_total",
         "counter",
+        true,
         "Images evicted, by reason.",
     ),
     (
         "cimage_prewarm_runs_total",
         "counter",
+        true,
         "Pre-warm runs by outcome (ok, partial, failed, skipped).",
     ),
     (
         "cimage_tasks_total",
         "counter",
+        true,
         "Job steps finished, by final state.",
     ),
-    ("cimage_images", "gauge", "Images in the index."),
+    ("cimage_images", "gauge", false, "Images in the index."),
     (
         "cimage_image_bytes",
         "gauge",
+        false,
         "Total size of the images in the index.",
     ),
 ];
+
+/// The label part of a series, `k="v",…`, values escaped.
+fn series(labels: &[(&str, &str)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// Escapes a label value for the exposition format.
 fn escape(v: &str) -> String {
@@ -86,17 +105,12 @@ fn escape(v: &str) -> String {
 impl Metrics {
     /// Adds `by` to a counter with the given labels (`k="v",…` pairs).
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], by: u64) {
-        let key = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",");
         *self
             .inner
             .lock()
             .unwrap()
             .counters
-            .entry((name, key))
+            .entry((name, series(labels)))
             .or_insert(0) += by;
     }
 
@@ -126,16 +140,11 @@ impl Metrics {
 
     /// The current value of a counter (for tests and status).
     pub fn counter(&self, name: &'static str, labels: &[(&str, &str)]) -> u64 {
-        let key = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",");
         self.inner
             .lock()
             .unwrap()
             .counters
-            .get(&(name, key))
+            .get(&(name, series(labels)))
             .copied()
             .unwrap_or(0)
     }
@@ -144,7 +153,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let inner = self.inner.lock().unwrap();
         let mut out = String::new();
-        for (name, kind, help) in HELP {
+        for (name, kind, labelled, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             match *kind {
@@ -158,17 +167,8 @@ impl Metrics {
                             let _ = writeln!(out, "{n}{{{labels}}} {v}");
                         }
                     }
-                    if !any && !name.ends_with("_total") {
+                    if !any && !labelled {
                         let _ = writeln!(out, "{name} 0");
-                    } else if !any {
-                        // A counter with labels has no series until first counted; an unlabelled
-                        // one starts at zero.
-                        if matches!(
-                            *name,
-                            "cimage_cache_hits_total" | "cimage_pulled_bytes_total"
-                        ) {
-                            let _ = writeln!(out, "{name} 0");
-                        }
                     }
                 }
                 "gauge" => {

@@ -403,40 +403,12 @@ impl Puller {
                 policy,
             }),
             Decision::Pull => {
-                self.make_room(image, credentials).await?;
                 let pulled = self.pull_shared(image, credentials, fingerprint).await?;
                 self.cache.remember(&pulled);
                 Ok((pulled, Action::Pulled, false))
             }
             Decision::Resolve => unreachable!("resolved above"),
         }
-    }
-
-    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
-    /// fails when it cannot fit. An image whose size the registry does not tell is pulled
-    /// without the check (the periodic gc catches up).
-    async fn make_room(
-        &self,
-        image: &ImageRef,
-        credentials: Option<&Credentials>,
-    ) -> Result<(), PullError> {
-        if !self.cache.eviction_enabled() {
-            return Ok(());
-        }
-        let size = match self.registry.manifest_size(image, credentials).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(image = %image, "size unknown before the pull: {e}");
-                return Ok(());
-            }
-        };
-        self.cache
-            .make_room(size)
-            .await
-            .map_err(|e| PullError::NoRoom {
-                image: image.to_string(),
-                message: e.to_string(),
-            })
     }
 
     fn registry_limit(&self, host: &str) -> Arc<Semaphore> {
@@ -467,17 +439,18 @@ impl Puller {
             if let Some(f) = inflight.get(&key) {
                 f.clone()
             } else {
-                let task = tokio::spawn(pull_task(
-                    Arc::clone(&self.runtime),
-                    image.clone(),
-                    credentials.cloned(),
-                    Arc::clone(&self.global),
-                    self.registry_limit(image.registry()),
-                    self.settings.retries,
-                    self.settings.backoff,
-                    Arc::clone(&self.inflight),
-                    key.clone(),
-                ));
+                let job = PullJob {
+                    runtime: Arc::clone(&self.runtime),
+                    registry: Arc::clone(&self.registry),
+                    cache: Arc::clone(&self.cache),
+                    image: image.clone(),
+                    credentials: credentials.cloned(),
+                    global: Arc::clone(&self.global),
+                    per_registry: self.registry_limit(image.registry()),
+                    retries: self.settings.retries,
+                    backoff: self.settings.backoff,
+                };
+                let task = tokio::spawn(job.run(Arc::clone(&self.inflight), key.clone()));
                 let image_name = image.to_string();
                 let f: Flight = async move {
                     task.await.unwrap_or_else(|e| {
@@ -502,37 +475,53 @@ impl Puller {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pull_task(
+/// One pull, shared by every request that joined it: makes room, takes the limits' permits,
+/// pulls through the runtime with retries, and reads back what landed.
+struct PullJob {
     runtime: Arc<dyn ImageRuntime>,
+    registry: Arc<dyn Registry>,
+    cache: Arc<Cache>,
     image: ImageRef,
     credentials: Option<Credentials>,
     global: Arc<Semaphore>,
     per_registry: Arc<Semaphore>,
     retries: u32,
     backoff: Duration,
-    inflight: Arc<Mutex<HashMap<FlightKey, Flight>>>,
-    key: FlightKey,
-) -> Result<RuntimeImage, PullError> {
-    let name = image.to_string();
-    let result = async {
-        let _registry_permit = per_registry
+}
+
+impl PullJob {
+    /// Runs the pull, then takes its flight off the map so later requests start afresh.
+    async fn run(
+        self,
+        inflight: Arc<Mutex<HashMap<FlightKey, Flight>>>,
+        key: FlightKey,
+    ) -> Result<RuntimeImage, PullError> {
+        let result = self.pull().await;
+        inflight.lock().unwrap().remove(&key);
+        result
+    }
+
+    async fn pull(&self) -> Result<RuntimeImage, PullError> {
+        let name = self.image.to_string();
+        self.make_room().await?;
+        let _registry_permit = self
+            .per_registry
             .acquire()
             .await
             .expect("semaphore never closed");
-        let _global_permit = global.acquire().await.expect("semaphore never closed");
+        let _global_permit = self.global.acquire().await.expect("semaphore never closed");
         let err = |source| PullError::Runtime {
             image: name.clone(),
             what: "pull",
             source,
         };
-        let id = retry(retries, backoff, "pull", || {
+        let id = retry(self.retries, self.backoff, "pull", || {
             tracing::debug!(image = %name, "calling PullImage");
-            runtime.pull_image(&name, credentials.as_ref())
+            self.runtime.pull_image(&name, self.credentials.as_ref())
         })
         .await
         .map_err(err)?;
-        let status = runtime.image_status(&id).await.map_err(err)?;
+        let status = self.runtime.image_status(&id).await.map_err(err)?;
         status.ok_or_else(|| {
             err(RuntimeError {
                 op: "ImageStatus",
@@ -541,9 +530,34 @@ async fn pull_task(
             })
         })
     }
-    .await;
-    inflight.lock().unwrap().remove(&key);
-    result
+
+    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
+    /// fails when it cannot fit. Done once per pull, however many requests share it. An image
+    /// whose size the registry does not tell is pulled without the check (the periodic gc
+    /// catches up).
+    async fn make_room(&self) -> Result<(), PullError> {
+        if !self.cache.eviction_enabled() {
+            return Ok(());
+        }
+        let size = match self
+            .registry
+            .manifest_size(&self.image, self.credentials.as_ref())
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(image = %self.image, "size unknown before the pull: {e}");
+                return Ok(());
+            }
+        };
+        self.cache
+            .make_room(size)
+            .await
+            .map_err(|e| PullError::NoRoom {
+                image: self.image.to_string(),
+                message: e.to_string(),
+            })
+    }
 }
 
 /// An error that knows whether a retry may help.
@@ -782,6 +796,47 @@ mod tests {
         assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 1);
         let rec = &r.cache.list().await.unwrap()[0];
         assert_eq!(rec.use_count, 20);
+    }
+
+    #[tokio::test]
+    async fn room_is_made_once_per_shared_pull() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let reg = Arc::new(FakeRegistry::default());
+        let cache = Arc::new(
+            Cache::new(
+                Index::open(&dir.path().join("i.redb")).unwrap(),
+                rt.clone(),
+                Arc::new(ManualClock::new(1)),
+            )
+            .with_eviction(crate::cache::EvictionSettings {
+                high_percent: 100.0,
+                low_percent: 100.0,
+                max_bytes: Some(1 << 30),
+                ..Default::default()
+            }),
+        );
+        let puller = Arc::new(Puller::new(rt.clone(), reg.clone(), cache, settings()));
+        rt.offer(APP, ID1, "sha256:d1", 10);
+        reg.sizes.lock().unwrap().insert(APP.into(), 10);
+        *rt.pull_delay.lock().unwrap() = Duration::from_millis(50);
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                let p = puller.clone();
+                tokio::spawn(
+                    async move { p.ensure(req(APP, Some(PullPolicy::IfNotPresent))).await },
+                )
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(rt.pulls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            reg.size_checks.load(Ordering::SeqCst),
+            1,
+            "one size check for one pull"
+        );
     }
 
     #[tokio::test]

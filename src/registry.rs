@@ -438,6 +438,8 @@ pub mod fake {
         pub resolves: AtomicUsize,
         /// reference → size, for `manifest_size`.
         pub sizes: Mutex<HashMap<String, u64>>,
+        /// Number of `manifest_size` calls.
+        pub size_checks: AtomicUsize,
     }
 
     impl FakeRegistry {
@@ -481,6 +483,7 @@ pub mod fake {
             image: &ImageRef,
             _credentials: Option<&Credentials>,
         ) -> Result<u64, RegistryError> {
+            self.size_checks.fetch_add(1, Ordering::SeqCst);
             self.sizes
                 .lock()
                 .unwrap()

@@ -105,11 +105,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
         } else {
             self.require_admin(&req, "gc")?;
         }
-        let report = self
-            .cache
-            .gc(dry_run, 0)
-            .await
-            .map_err(|e| cache_status(&e))?;
+        let report = self.cache.gc(dry_run).await.map_err(|e| cache_status(&e))?;
         Ok(Response::new(pb::GcResponse {
             dry_run,
             evicted: report

@@ -339,10 +339,9 @@ async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, shutdown: Cancell
                     );
                 }
                 ever_ok = true;
-                if let Err(e) = cache.gc(false, 0).await {
+                if let Err(e) = cache.gc_reconciled().await {
                     warn!("eviction pass failed: {e}");
                 }
-                cache.update_gauges().await;
                 interval
             }
             Err(e) => {

@@ -60,6 +60,18 @@ pub enum CacheError {
     },
 }
 
+/// How a gc runs.
+struct Gc {
+    /// Plan only.
+    dry_run: bool,
+    /// Bytes of an incoming pull to make room for.
+    incoming: u64,
+    /// Reconcile with the runtime first.
+    reconcile: bool,
+    /// Carry the plan out only if it meets the targets.
+    all_or_nothing: bool,
+}
+
 /// What a gc did (or, dry, would do).
 #[derive(Debug, Clone, Default)]
 pub struct GcReport {
@@ -67,7 +79,7 @@ pub struct GcReport {
     pub plan: Plan,
     /// Image filesystem usage before.
     pub fs: Option<FsUsage>,
-    /// Whether anything was actually removed.
+    /// True when nothing was removed: a dry run, or a plan refused for falling short.
     pub dry_run: bool,
 }
 
@@ -199,20 +211,43 @@ impl Cache {
         }
     }
 
-    /// Plans an eviction (making room for `incoming` bytes) and, unless `dry_run`, carries it
-    /// out: each image is removed from the runtime, then forgotten with its eviction recorded in
-    /// one transaction. Without eviction settings the plan is empty.
-    pub async fn gc(&self, dry_run: bool, incoming: u64) -> Result<GcReport, CacheError> {
+    /// Reconciles with the runtime, plans an eviction and, unless `dry_run`, carries it out:
+    /// each image is removed from the runtime, then forgotten with its eviction recorded in one
+    /// transaction. Without eviction settings the plan is empty.
+    pub async fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
+        self.gc_with(Gc {
+            dry_run,
+            incoming: 0,
+            reconcile: true,
+            all_or_nothing: false,
+        })
+        .await
+    }
+
+    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile again).
+    pub async fn gc_reconciled(&self) -> Result<GcReport, CacheError> {
+        self.gc_with(Gc {
+            dry_run: false,
+            incoming: 0,
+            reconcile: false,
+            all_or_nothing: false,
+        })
+        .await
+    }
+
+    async fn gc_with(&self, how: Gc) -> Result<GcReport, CacheError> {
         let Some(settings) = self.eviction.clone() else {
             return Ok(GcReport {
-                dry_run,
+                dry_run: how.dry_run,
                 ..Default::default()
             });
         };
         let _one_at_a_time = self.gc_lock.lock().await;
-        // Plan on what the runtime really holds.
-        if let Err(e) = self.reconcile().await {
-            warn!("gc without a fresh reconciliation: {e}");
+        if how.reconcile {
+            // Plan on what the runtime really holds.
+            if let Err(e) = self.reconcile().await {
+                warn!("gc without a fresh reconciliation: {e}");
+            }
         }
         let images = self.list().await?;
         let sandbox = self
@@ -248,9 +283,10 @@ impl Cache {
             self.clock.now_ms(),
             fs,
             &settings,
-            incoming,
+            how.incoming,
         );
-        if !dry_run {
+        let refuse = how.all_or_nothing && plan.shortfall.is_some();
+        if !how.dry_run && !refuse {
             for (rec, reason) in &plan.evict {
                 if let Err(e) = self.runtime.remove_image(&rec.id).await {
                     warn!(image = %rec.id, "eviction failed: {e}");
@@ -265,9 +301,12 @@ impl Cache {
                     .inc("cimage_evictions_total", &[("reason", reason.as_str())]);
                 info!(image = %rec.id, names = ?rec.names, size = rec.size, reason = reason.as_str(), "image evicted");
             }
-            self.update_gauges().await;
         }
-        Ok(GcReport { plan, fs, dry_run })
+        Ok(GcReport {
+            plan,
+            fs,
+            dry_run: how.dry_run || refuse,
+        })
     }
 
     /// Makes room for an incoming pull of `bytes`: evicts what the rules allow, or fails without
@@ -289,14 +328,19 @@ impl Cache {
         if !over_bytes && !over_fs {
             return Ok(());
         }
-        let dry = self.gc(true, bytes).await?;
-        if let Some(reason) = dry.plan.shortfall {
-            return Err(CacheError::NoRoom { bytes, reason });
+        // One plan, carried out only if it meets the target.
+        let report = self
+            .gc_with(Gc {
+                dry_run: false,
+                incoming: bytes,
+                reconcile: true,
+                all_or_nothing: true,
+            })
+            .await?;
+        match report.plan.shortfall {
+            Some(reason) => Err(CacheError::NoRoom { bytes, reason }),
+            None => Ok(()),
         }
-        if !dry.plan.evict.is_empty() {
-            self.gc(false, bytes).await?;
-        }
-        Ok(())
     }
 
     /// Brings the image count and size gauges up to date.

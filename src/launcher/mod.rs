@@ -707,6 +707,9 @@ impl Launcher {
             self.cache.release_in_use(img);
         }
         task.cleaned = true;
+        self.cache
+            .metrics()
+            .inc("cimage_tasks_total", &[("state", task.state.as_str())]);
         let job_id = task.job.clone();
         let lock = self.job_lock(&job_id);
         {
@@ -1185,6 +1188,12 @@ mod tests {
         assert_eq!(
             (t.state, t.exit_code, t.cleaned),
             (TaskState::Exited, Some(3), true)
+        );
+        assert_eq!(
+            r.cache
+                .metrics()
+                .counter("cimage_tasks_total", &[("state", "exited")]),
+            1
         );
         let img = r.cache.list().await.unwrap().into_iter().next().unwrap();
         assert_eq!(
