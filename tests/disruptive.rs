@@ -24,14 +24,7 @@ fn registry_down_cached_images_still_serve_and_always_fails_clearly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Daemon::start("");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("regdown");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let pushed = tb.push_new("regdown", &[Layer::random(1024)]);
     assert_eq!(d.pull_json(&pushed.reference, None)["action"], "pulled");
 
     tb.script(&["stop-registry"]);
@@ -59,14 +52,8 @@ fn next_pull_works_after_containerd_restarts() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Daemon::start("");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("restart");
-    let a = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let a = tb.push_new("restart", &[Layer::random(1024)]);
+    let repo = a.repo.clone();
     assert_eq!(d.pull_json(&a.reference, None)["action"], "pulled");
 
     tb.script(&["restart-containerd"]);

@@ -17,14 +17,8 @@ fn count_pull_calls(d: &Daemon, reference: &str) -> usize {
 fn never_on_absent_image_errors_and_contacts_nothing() {
     let d = Daemon::start("");
     let tb = &d.testbed;
-    let repo = Testbed::unique_repo("never");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let pushed = tb.push_new("never", &[Layer::random(1024)]);
+    let repo = pushed.repo.clone();
     let mark = tb.registry_log_mark();
     let out = d.cli(&["pull", &pushed.reference, "--policy", "Never"]);
     assert_eq!(out.status.code(), Some(1));
@@ -48,14 +42,8 @@ fn never_on_absent_image_errors_and_contacts_nothing() {
 fn every_policy_row_against_the_real_runtime() {
     let d = Daemon::start("");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("rows");
-    let v1 = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(4096)],
-        &["sh"],
-    ));
+    let v1 = tb.push_new("rows", &[Layer::random(4096)]);
+    let repo = v1.repo.clone();
     let image = v1.reference.clone();
 
     // IfNotPresent, absent: pulled, and the runtime has it (ctr as witness).
@@ -195,14 +183,8 @@ fn every_policy_row_against_the_real_runtime() {
 fn twenty_concurrent_pulls_of_one_cold_image_fetch_each_blob_once() {
     let d = Daemon::start("");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("herd");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(2 << 20), Layer::random(2 << 20)],
-        &["sh"],
-    ));
+    let pushed = tb.push_new("herd", &[Layer::random(2 << 20), Layer::random(2 << 20)]);
+    let repo = pushed.repo.clone();
     let mark = tb.registry_log_mark();
     let children: Vec<_> = (0..20)
         .map(|_| {
@@ -238,14 +220,7 @@ fn twenty_concurrent_pulls_of_one_cold_image_fetch_each_blob_once() {
 fn index_survives_kill_9() {
     let mut d = Daemon::start("");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("crash");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let pushed = tb.push_new("crash", &[Layer::random(1024)]);
     for _ in 0..3 {
         d.pull_json(&pushed.reference, None);
     }
@@ -265,14 +240,7 @@ fn index_survives_kill_9() {
 fn non_root_caller_cannot_remove_or_pin() {
     let d = Daemon::start("SocketGroup: nogroup");
     let tb = d.testbed.clone();
-    let repo = Testbed::unique_repo("perm");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let pushed = tb.push_new("perm", &[Layer::random(1024)]);
     let nobody = Some((65534, 65534));
     // An ordinary user may pull and look.
     let out = d.cli_as(nobody, &["pull", &pushed.reference]);

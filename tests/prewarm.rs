@@ -42,14 +42,7 @@ fn schedule_yaml(name: &str, cron: &str, images: &[&str], extra: &str) -> String
 #[test]
 fn a_schedule_pulls_its_images_and_records_history() {
     let tb = Testbed::get();
-    let repo = Testbed::unique_repo("cron");
-    let img = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(2048)],
-        &["sh"],
-    ));
+    let img = tb.push_new("cron", &[Layer::random(2048)]);
     let d = Daemon::start(&schedule_yaml(
         "every2s",
         "*/2 * * * * *",
@@ -233,14 +226,7 @@ fn top_two_refresh_and_jitter() {
 #[test]
 fn an_api_schedule_survives_kill_9_and_a_missed_run_is_caught_up_once() {
     let tb = Testbed::get();
-    let repo = Testbed::unique_repo("catchup");
-    let img = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let img = tb.push_new("catchup", &[Layer::random(1024)]);
     let mut d = Daemon::start("");
     let out = d.cli(&[
         "prewarm",
@@ -329,14 +315,7 @@ fn metrics_are_served_and_parse() {
     let addr = format!("127.0.0.1:{port}");
     let tb = Testbed::get();
     let d = Daemon::start(&format!("MetricsAddr: {addr}"));
-    let repo = Testbed::unique_repo("metrics");
-    let img = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::random(1024)],
-        &["sh"],
-    ));
+    let img = tb.push_new("metrics", &[Layer::random(1024)]);
     d.pull_json(&img.reference, Some("IfNotPresent"));
     d.pull_json(&img.reference, Some("IfNotPresent"));
     let (code, body) = http_get(&addr, "/metrics");

@@ -70,6 +70,8 @@ impl Layer {
 pub struct Pushed {
     /// `127.0.0.1:5000/repo:tag`.
     pub reference: String,
+    /// The repository it was pushed to.
+    pub repo: String,
     /// Manifest digest.
     pub digest: String,
     /// Digests of the layer and config blobs.
@@ -182,6 +184,7 @@ pub async fn push_with(
         .unwrap();
     Pushed {
         reference: reference.whole(),
+        repo: repo.to_owned(),
         digest,
         blobs,
         size,

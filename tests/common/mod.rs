@@ -139,6 +139,13 @@ pub fn requests_in_log(log: &Path, mark: u64, repo: &str) -> Vec<String> {
 }
 
 impl Testbed {
+    /// Pushes an image made of `layers` to the plain registry, as `REPO:1` in a repository no
+    /// other test uses (named after `prefix`).
+    pub fn push_new(&self, prefix: &str, layers: &[images::Layer]) -> images::Pushed {
+        let repo = Self::unique_repo(prefix);
+        block_on(images::push(&self.registry, &repo, "1", layers, &["sh"]))
+    }
+
     /// A repository name no other test uses.
     pub fn unique_repo(prefix: &str) -> String {
         format!("t-{prefix}-{:08x}", rand::random::<u32>())
@@ -424,4 +431,33 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// Asserts that no secret appears in the daemon's log or in any file under its directory (the
+/// index included).
+pub fn assert_no_secret(d: &Daemon, secrets: &[&str]) {
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    files(d.dir.path(), &mut all);
+    let log = d.log();
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret is in cimaged's log");
+        for f in &all {
+            let bytes = std::fs::read(f).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is in {}",
+                f.display()
+            );
+        }
+    }
 }
