@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::units::{parse_duration, parse_size};
+
 /// Default for `CraneBaseDir`.
 pub const DEFAULT_CRANE_BASE_DIR: &str = "/var/crane";
 /// Default for `Container.TempDir` (relative to `CraneBaseDir`).
@@ -130,8 +132,8 @@ pub struct ImageCacheConfig {
 pub struct AuthSection {
     /// When a cached image needs the request to prove access: `IfPulledWithCredentials`
     /// (default), `Always` or `Never`.
-    #[serde(default, deserialize_with = "de_verify")]
-    pub verify: crate::policy::Verify,
+    #[serde(default)]
+    pub verify: VerifyMode,
     /// docker config.json / podman auth.json files with the node's own credentials, tried in
     /// order, for pre-warm runs and requests without credentials.
     #[serde(default)]
@@ -141,19 +143,16 @@ pub struct AuthSection {
     pub credential_helpers: BTreeMap<String, String>,
 }
 
-impl AuthSection {
-    /// The node credential sources.
-    pub fn node_credentials(&self) -> crate::credentials::NodeCredentials {
-        crate::credentials::NodeCredentials {
-            config_files: self.config_files.clone(),
-            helpers: self.credential_helpers.clone(),
-        }
-    }
-}
-
-fn de_verify<'de, D: Deserializer<'de>>(d: D) -> Result<crate::policy::Verify, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
+/// `ImageCache.Auth.Verify`: when a cached image needs the request to prove access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum VerifyMode {
+    /// Only images first pulled with credentials (the default).
+    #[default]
+    IfPulledWithCredentials,
+    /// Every image, anonymous ones included.
+    Always,
+    /// Never: every cached image is served to every request.
+    Never,
 }
 
 /// The `ImageCache.Eviction` section.
@@ -262,67 +261,6 @@ pub struct ScheduleConfig {
     /// Run once after a start if a fire was missed while cimaged was down.
     #[serde(default)]
     pub catch_up: bool,
-}
-
-impl ScheduleConfig {
-    /// The schedule as the pre-warmer takes it.
-    pub fn to_spec(&self) -> crate::prewarm::ScheduleSpec {
-        crate::prewarm::ScheduleSpec {
-            name: self.name.clone(),
-            cron: self.cron.clone(),
-            time_zone: self.time_zone.clone(),
-            images: self.images.clone(),
-            top: self.top,
-            jitter_ms: self.jitter.map(|j| j.as_millis() as u64).unwrap_or(0),
-            concurrency: self
-                .concurrency
-                .unwrap_or(crate::prewarm::schedule::DEFAULT_CONCURRENCY),
-            catch_up: self.catch_up,
-            from_config: true,
-        }
-    }
-}
-
-impl EvictionConfig {
-    /// The eviction settings, or `None` when eviction is off.
-    pub fn settings(&self) -> Option<crate::cache::EvictionSettings> {
-        self.enabled.then(|| crate::cache::EvictionSettings {
-            high_percent: self.high_percent,
-            low_percent: self.low_percent,
-            max_bytes: self.max_bytes,
-            min_age: self.min_age,
-            max_unused_age: self.max_unused_age,
-            path: self.path.clone(),
-        })
-    }
-}
-
-/// Parses sizes such as `500MiB`, `10GiB`, `2G` (decimal), `1048576`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. 500MiB, 10GiB, 2G)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" => 1000,
-        "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        "T" | "TB" => 1_000_000_000_000,
-        "TiB" => 1 << 40,
-        u => {
-            return Err(format!(
-                "{s:?} has unknown unit {u:?} (use B, KiB, MiB, GiB, TiB, K, M, G, T)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -694,9 +632,6 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
                 format!("schedule name {:?} is used twice", sc.name),
             ));
         }
-        sc.to_spec()
-            .parse()
-            .map_err(|e| invalid("ImageCache.Prewarm.Schedules", e.to_string()))?;
     }
     for f in &ic.auth.config_files {
         if !f.is_absolute() {
@@ -744,66 +679,6 @@ fn unix_endpoint(s: &str) -> Result<PathBuf, &'static str> {
         return Err("must be an absolute socket path");
     }
     Ok(PathBuf::from(path))
-}
-
-/// Parses durations such as `500ms`, `90s`, `10m`, `1h30m`, `2d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "{s:?} is not a duration (expected e.g. 500ms, 90s, 10m, 1h30m)"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?}: number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86400)),
-            "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
-            other => {
-                return Err(format!(
-                    "{s:?} has unknown unit {other:?} (use ms, s, m, h or d)"
-                ))
-            }
-        };
-        total = total.saturating_add(part);
-    }
-    Ok(total)
-}
-
-/// Formats a duration the way [`parse_duration`] reads it back.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    if s != 0 && s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s != 0 && s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -927,34 +802,10 @@ ImageCache:
         .contains("LowPercent"));
         assert!(err(&format!("{base}  Eviction:\n    MaxBytes: lots\n")).contains("line 6"));
         assert!(err(&format!("{base}  MetricsAddr: nowhere\n")).contains("MetricsAddr"));
+        assert!(err(&format!("{base}  Auth:\n    Verify: Sometimes\n")).contains("Sometimes"));
         assert!(err(&format!(
             "{base}  Prewarm:\n    Schedules:\n      - Name: a\n        Cron: x\n        Crn: y\n"
         ))
         .contains("Crn"));
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert!(parse_size("ten").is_err() && parse_size("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        for (text, want) in [
-            ("500ms", Duration::from_millis(500)),
-            ("90s", Duration::from_secs(90)),
-            ("10m", Duration::from_secs(600)),
-            ("1h30m", Duration::from_secs(5400)),
-            ("2d", Duration::from_secs(172800)),
-        ] {
-            assert_eq!(parse_duration(text).unwrap(), want, "{text}");
-            assert_eq!(parse_duration(&format_duration(want)).unwrap(), want);
-        }
-        for bad in ["", "10", "ten", "5 minutes", "3w", "m5"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -11,7 +11,60 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::registry::Credentials;
+/// Registry credentials for one request. `Debug` never shows the secret, and there is no
+/// `Display`: nothing formats a password by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name (not secret, but only shown where needed).
+    pub username: String,
+    /// Password or token (secret).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why credentials could not be had from a node source. Messages name the file or helper and
+/// what went wrong, never a secret (a helper's output is not quoted: it could hold one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// An auth file could not be read.
+    #[error("cannot read auth file {}: {message}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// An auth file is not a docker config.json / auth.json, or an entry is malformed.
+    #[error("auth file {}: {message}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The lookup itself could not run to its end (its worker thread failed).
+    #[error("the node credential lookup failed: {message}")]
+    LookupFailed {
+        /// What happened to it.
+        message: String,
+    },
+    /// A credential helper could not be run, failed or answered nonsense.
+    #[error("credential helper {program}: {message}")]
+    Helper {
+        /// `docker-credential-NAME`.
+        program: String,
+        /// What went wrong.
+        message: String,
+    },
+}
 
 #[derive(Deserialize)]
 struct AuthFile {
@@ -62,23 +115,24 @@ fn host_keys(registry: &str) -> Vec<String> {
 
 /// The credentials an auth file holds for `registry`: `Ok(None)` when it has no entry. Errors
 /// name the file and what is wrong, never a secret.
-pub fn from_auth_file(path: &Path, registry: &str) -> Result<Option<Credentials>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read auth file {}: {e}", path.display()))?;
-    let file: AuthFile = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "auth file {} is not a docker config.json / auth.json: {e}",
-            path.display()
-        )
+pub fn from_auth_file(path: &Path, registry: &str) -> Result<Option<Credentials>, CredentialError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CredentialError::Unreadable {
+        path: path.to_owned(),
+        message: e.to_string(),
     })?;
+    let malformed = |message: String| CredentialError::Malformed {
+        path: path.to_owned(),
+        message,
+    };
+    let file: AuthFile = serde_json::from_str(&text)
+        .map_err(|e| malformed(format!("not a docker config.json / auth.json: {e}")))?;
     let Some(entry) = host_keys(registry).iter().find_map(|k| file.auths.get(k)) else {
         return Ok(None);
     };
     let bad = || {
-        format!(
-            "auth file {}: the \"auth\" entry for {registry} is not base64 of user:password",
-            path.display()
-        )
+        malformed(format!(
+            "the \"auth\" entry for {registry} is not base64 of user:password"
+        ))
     };
     match (&entry.username, &entry.password, &entry.auth) {
         (Some(u), Some(p), _) => Ok(Some(Credentials {
@@ -95,10 +149,9 @@ pub fn from_auth_file(path: &Path, registry: &str) -> Result<Option<Credentials>
                 password: p.to_owned(),
             }))
         }
-        _ => Err(format!(
-            "auth file {}: the entry for {registry} has neither auth nor username and password",
-            path.display()
-        )),
+        _ => Err(malformed(format!(
+            "the entry for {registry} has neither auth nor username and password"
+        ))),
     }
 }
 
@@ -116,21 +169,25 @@ pub fn from_helper(
     name: &str,
     registry: &str,
     timeout: Duration,
-) -> Result<Option<Credentials>, String> {
+) -> Result<Option<Credentials>, CredentialError> {
     let program = format!("docker-credential-{name}");
+    let failed = |message: String| CredentialError::Helper {
+        program: program.clone(),
+        message,
+    };
     let mut child = Command::new(&program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run credential helper {program}: {e}"))?;
+        .map_err(|e| failed(format!("cannot run it: {e}")))?;
     child
         .stdin
         .take()
         .expect("stdin is piped")
         .write_all(registry.as_bytes())
-        .map_err(|e| format!("credential helper {program}: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -141,16 +198,14 @@ pub fn from_helper(
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "credential helper {program} gave no answer within {timeout:?}"
-                ));
+                return Err(failed(format!("gave no answer within {timeout:?}")));
             }
-            Err(e) => return Err(format!("credential helper {program}: {e}")),
+            Err(e) => return Err(failed(e.to_string())),
         }
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("credential helper {program}: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     if !out.status.success() {
         // "credentials not found" is the protocol's way of saying none; other failures are
         // reported without the helper's output, which could hold a secret.
@@ -158,14 +213,10 @@ pub fn from_helper(
         if said.contains("not found") {
             return Ok(None);
         }
-        return Err(format!(
-            "credential helper {program} failed ({})",
-            out.status
-        ));
+        return Err(failed(format!("failed ({})", out.status)));
     }
-    let answer: HelperAnswer = serde_json::from_slice(&out.stdout).map_err(|_| {
-        format!("credential helper {program} did not answer with Username and Secret")
-    })?;
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+        .map_err(|_| failed("did not answer with Username and Secret".into()))?;
     Ok(Some(Credentials {
         username: answer.username,
         password: answer.secret,
@@ -189,7 +240,7 @@ impl NodeCredentials {
 
     /// Credentials for `registry`, or none. Blocking (files, a helper process): call it off the
     /// async workers.
-    pub fn lookup(&self, registry: &str) -> Result<Option<Credentials>, String> {
+    pub fn lookup(&self, registry: &str) -> Result<Option<Credentials>, CredentialError> {
         if let Some(helper) = self.helpers.get(registry) {
             if let Some(c) = from_helper(helper, registry, Duration::from_secs(10))? {
                 return Ok(Some(c));
@@ -207,6 +258,17 @@ impl NodeCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let c = Credentials {
+            username: "alice".into(),
+            password: "s3cr3t-pw".into(),
+        };
+        let shown = format!("{c:?} {:#?}", c);
+        assert!(shown.contains("alice"));
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+    }
 
     #[test]
     fn decodes_docker_auth_entries() {
@@ -235,7 +297,7 @@ mod tests {
         );
         assert!(from_auth_file(&path, "127.0.0.1:5000").unwrap().is_none());
         std::fs::write(&path, r#"{"auths":{"h":{"auth":"%%%"}}}"#).unwrap();
-        let e = from_auth_file(&path, "h").unwrap_err();
+        let e = from_auth_file(&path, "h").unwrap_err().to_string();
         assert!(e.contains("not base64"), "{e}");
 
         let node = NodeCredentials {
@@ -245,8 +307,11 @@ mod tests {
         assert!(node
             .lookup("h")
             .unwrap_err()
+            .to_string()
             .contains("cannot read auth file"));
-        let e = from_helper("cimage-test-no-such-helper", "h", Duration::from_secs(1)).unwrap_err();
+        let e = from_helper("cimage-test-no-such-helper", "h", Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("docker-credential-cimage-test-no-such-helper"),
             "{e}"

@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
-use crate::registry::Credentials;
+use crate::credentials::Credentials;
 use crate::runtime::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, ImageFsUsage, ImageRuntime,
     PodInfo, PodSpec, RuntimeError, RuntimeErrorKind, RuntimeImage, TaskRuntime,

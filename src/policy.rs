@@ -114,20 +114,6 @@ pub enum Verify {
     Never,
 }
 
-impl FromStr for Verify {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "IfPulledWithCredentials" => Ok(Self::IfPulledWithCredentials),
-            "Always" => Ok(Self::Always),
-            "Never" => Ok(Self::Never),
-            _ => Err(format!(
-                "{s:?} is not IfPulledWithCredentials, Always or Never"
-            )),
-        }
-    }
-}
-
 /// Whether a request may have a cached image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -197,7 +183,6 @@ mod tests {
                 "{credentialed} {request:?} {verify:?}"
             );
         }
-        assert!("Sometimes".parse::<Verify>().is_err());
     }
     use PullPolicy::*;
 

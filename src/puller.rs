@@ -17,11 +17,21 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
-use crate::config::{format_duration, Settings};
+use crate::credentials::{CredentialError, Credentials, NodeCredentials};
 use crate::policy::{self, Decision, PullPolicy};
 use crate::reference::{ImageRef, InvalidReference};
-use crate::registry::{Credentials, Registry, RegistryError};
+use crate::registry::{Registry, RegistryError};
 use crate::runtime::{ImageRuntime, RuntimeError, RuntimeImage};
+use crate::units::format_duration;
+
+/// Default for [`PullerSettings::max_concurrent_pulls`] (as `ImageCache.MaxConcurrentPulls`).
+pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for [`PullerSettings::pull_timeout`] (as `ImageCache.PullTimeout`).
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for [`PullerSettings::retries`] (as `ImageCache.PullRetries`).
+pub const DEFAULT_RETRIES: u32 = 3;
+/// First backoff delay of a retry; doubled on each further retry.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Limits and timings of the puller.
 #[derive(Debug, Clone)]
@@ -39,25 +49,19 @@ pub struct PullerSettings {
     /// When cached images need the request to prove access.
     pub verify: crate::policy::Verify,
     /// The node's own credentials, for requests without credentials.
-    pub node_credentials: crate::credentials::NodeCredentials,
+    pub node_credentials: NodeCredentials,
 }
 
-impl PullerSettings {
-    /// The puller's settings from the daemon's configuration.
-    pub fn from_settings(s: &Settings) -> Self {
-        let ic = &s.image_cache;
+impl Default for PullerSettings {
+    fn default() -> Self {
         Self {
-            max_concurrent_pulls: ic.max_concurrent_pulls,
-            per_registry: ic
-                .registries
-                .iter()
-                .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
-                .collect(),
-            pull_timeout: ic.pull_timeout,
-            retries: ic.pull_retries,
-            backoff: Duration::from_millis(500),
-            verify: ic.auth.verify,
-            node_credentials: ic.auth.node_credentials(),
+            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            per_registry: HashMap::new(),
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            backoff: DEFAULT_BACKOFF,
+            verify: crate::policy::Verify::default(),
+            node_credentials: NodeCredentials::default(),
         }
     }
 }
@@ -152,28 +156,28 @@ pub enum PullError {
         after: String,
     },
     /// The image does not fit without evicting pinned or in-use images.
-    #[error("cannot pull image {image}: {message}")]
+    #[error("cannot pull image {image}: {source}")]
     NoRoom {
         /// The normalised reference.
         image: String,
-        /// Why no room can be made.
-        message: String,
+        /// Why no room can be made (shared: one pull's error reaches every requester).
+        source: Arc<CacheError>,
     },
     /// The node's credential sources failed (an unreadable auth file, a broken helper).
-    #[error("cannot get the node's credentials for image {image}: {message}")]
+    #[error("cannot get the node's credentials for image {image}: {source}")]
     Credentials {
         /// The normalised reference.
         image: String,
         /// What failed (never a secret).
-        message: String,
+        source: CredentialError,
     },
-    /// The index could not record the use.
-    #[error("image {image} is ready but the index failed: {message}")]
+    /// The index could not be read or could not record the use.
+    #[error("image {image}: the index failed: {source}")]
     Index {
         /// The normalised reference.
         image: String,
         /// The index's error.
-        message: String,
+        source: Arc<CacheError>,
     },
 }
 
@@ -235,10 +239,14 @@ impl Puller {
             let host = image.registry().to_owned();
             req.credentials = tokio::task::spawn_blocking(move || node.lookup(&host))
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()))
-                .map_err(|message| PullError::Credentials {
+                .unwrap_or_else(|e| {
+                    Err(CredentialError::LookupFailed {
+                        message: e.to_string(),
+                    })
+                })
+                .map_err(|source| PullError::Credentials {
                     image: image.to_string(),
-                    message,
+                    source,
                 })?;
         }
         let fingerprint = req
@@ -295,7 +303,7 @@ impl Puller {
             .await
             .map_err(|e: CacheError| PullError::Index {
                 image: image.to_string(),
-                message: e.to_string(),
+                source: Arc::new(e),
             })?;
         let elapsed = started.elapsed();
         info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
@@ -366,7 +374,7 @@ impl Puller {
                 .await
                 .map_err(|e| PullError::Index {
                     image: name.clone(),
-                    message: e.to_string(),
+                    source: Arc::new(e),
                 })?;
             let (credentialed, fps) = rec
                 .map(|r| (r.credentialed, r.fingerprints))
@@ -555,7 +563,7 @@ impl PullJob {
             .await
             .map_err(|e| PullError::NoRoom {
                 image: self.image.to_string(),
-                message: e.to_string(),
+                source: Arc::new(e),
             })
     }
 }

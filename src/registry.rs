@@ -3,7 +3,6 @@
 //! runtime through CRI so they land where containers need them.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,26 +10,8 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 
-use crate::config::RegistryConfig;
+use crate::credentials::Credentials;
 use crate::reference::ImageRef;
-
-/// Registry credentials for one request. `Debug` and `Display` never show the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// User name (not secret, but only shown where needed).
-    pub username: String,
-    /// Password or token (secret).
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
 
 /// What kind of failure a registry request had; each is a distinct message and status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +80,40 @@ pub trait Registry: Send + Sync {
     ) -> Result<u64, RegistryError>;
 }
 
+/// How cimage talks to one registry host (from `ImageCache.Registries.<host>`).
+#[derive(Debug, Clone, Default)]
+pub struct HostSettings {
+    /// Plain HTTP instead of HTTPS (test and air-gapped setups only).
+    pub insecure: bool,
+    /// PEM file of a CA trusted for this host only, besides the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Mirror hosts tried in order, before this host, to resolve tags.
+    pub mirrors: Vec<String>,
+}
+
+/// Why the registry side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A host's `CaFile` could not be read.
+    #[error("ImageCache.Registries.{host}.CaFile {}: {source}", path.display())]
+    CaUnreadable {
+        /// The registry host.
+        host: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A host's `CaFile` holds no PEM certificate.
+    #[error("ImageCache.Registries.{host}.CaFile {} holds no PEM certificate", path.display())]
+    CaNotPem {
+        /// The registry host.
+        host: String,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+}
+
 /// [`Registry`] over oci-client.
 ///
 /// Each registry host gets a client of its own, configured with its settings (plain HTTP for
@@ -107,7 +122,7 @@ pub trait Registry: Send + Sync {
 /// for a registry, so requests with credentials each get a fresh client: one tenant's credentials
 /// must never be used for another's request.
 pub struct OciRegistry {
-    hosts: BTreeMap<String, RegistryConfig>,
+    hosts: BTreeMap<String, HostSettings>,
     cas: BTreeMap<String, Vec<u8>>,
     anonymous: std::sync::Mutex<std::collections::HashMap<String, oci_client::Client>>,
     /// Clients for credentialed requests, one per (host, credentials), so that bearer tokens
@@ -122,21 +137,20 @@ const MAX_CREDENTIALED_CLIENTS: usize = 256;
 impl OciRegistry {
     /// Builds the registry side from the per-registry settings; fails when a `CaFile` cannot be
     /// read or holds no PEM certificate.
-    pub fn new(registries: &BTreeMap<String, RegistryConfig>) -> Result<Self, String> {
+    pub fn new(registries: &BTreeMap<String, HostSettings>) -> Result<Self, SetupError> {
         let mut cas = BTreeMap::new();
         for (host, r) in registries {
             if let Some(path) = &r.ca_file {
-                let pem = std::fs::read(path).map_err(|e| {
-                    format!(
-                        "ImageCache.Registries.{host}.CaFile {}: {e}",
-                        path.display()
-                    )
+                let pem = std::fs::read(path).map_err(|source| SetupError::CaUnreadable {
+                    host: host.clone(),
+                    path: path.clone(),
+                    source,
                 })?;
                 if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-                    return Err(format!(
-                        "ImageCache.Registries.{host}.CaFile {} holds no PEM certificate",
-                        path.display()
-                    ));
+                    return Err(SetupError::CaNotPem {
+                        host: host.clone(),
+                        path: path.clone(),
+                    });
                 }
                 cas.insert(host.clone(), pem);
             }
@@ -497,21 +511,5 @@ pub mod fake {
                     detail: "fake".into(),
                 })
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_debug_hides_the_password() {
-        let c = Credentials {
-            username: "alice".into(),
-            password: "s3cr3t-pw".into(),
-        };
-        let shown = format!("{c:?} {:#?}", c);
-        assert!(shown.contains("alice"));
-        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
     }
 }

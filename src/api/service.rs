@@ -139,9 +139,9 @@ pub fn to_pb(r: &ImageRecord) -> pb::Image {
 }
 
 /// Request credentials, if the request carries any.
-pub fn credentials_from_pb(c: Option<pb::Credentials>) -> Option<crate::registry::Credentials> {
+pub fn credentials_from_pb(c: Option<pb::Credentials>) -> Option<crate::credentials::Credentials> {
     c.filter(|c| !c.username.is_empty() || !c.password.is_empty())
-        .map(|c| crate::registry::Credentials {
+        .map(|c| crate::credentials::Credentials {
             username: c.username,
             password: c.password,
         })

@@ -128,7 +128,7 @@ pub fn plan(
             (age < s.min_age).then(|| {
                 format!(
                     "younger than MinAge ({})",
-                    crate::config::format_duration(s.min_age)
+                    crate::units::format_duration(s.min_age)
                 )
             })
         });

@@ -263,7 +263,7 @@ impl Index {
 
     /// The salted fingerprint of credentials for a registry: what the index keeps instead of
     /// them, to recognise the same credentials later.
-    pub fn fingerprint(&self, registry: &str, c: &crate::registry::Credentials) -> String {
+    pub fn fingerprint(&self, registry: &str, c: &crate::credentials::Credentials) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         for part in [

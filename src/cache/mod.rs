@@ -445,7 +445,7 @@ impl Cache {
     }
 
     /// The salted fingerprint of credentials for a registry (see [`Index::fingerprint`]).
-    pub fn fingerprint(&self, registry: &str, c: &crate::registry::Credentials) -> String {
+    pub fn fingerprint(&self, registry: &str, c: &crate::credentials::Credentials) -> String {
         self.index.fingerprint(registry, c)
     }
 

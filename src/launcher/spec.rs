@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::credentials::Credentials;
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
-use crate::registry::Credentials;
 use crate::runtime::{DeviceSpec, MountSpec};
 
 /// Who is asking, as established by the API from the socket's peer credentials.
@@ -114,21 +114,9 @@ pub enum SpecError {
     Denied(String),
 }
 
-/// Job ids: 1–64 of `[A-Za-z0-9._-]`, so they are safe as labels and directory names.
+/// Job ids follow [`crate::names::check`], so they are safe as labels and directory names.
 pub fn check_job_id(id: &str) -> Result<(), SpecError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(SpecError::Invalid(format!(
-            "job id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)"
-        )))
-    }
+    crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
 /// Checks a launch for `who`. Mount sources are resolved (symlinks, `..`) before they are

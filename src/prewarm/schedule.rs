@@ -60,8 +60,7 @@ impl ScheduleSpec {
             name: self.name.clone(),
             message,
         };
-        crate::launcher::spec::check_job_id(&self.name)
-            .map_err(|_| err("names are 1-64 characters of A-Z a-z 0-9 . _ -".into()))?;
+        crate::names::check("schedule name", &self.name).map_err(|e| err(e.to_string()))?;
         let cron = CronParser::builder()
             .build()
             .parse(&self.cron)

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use crate::registry::Credentials;
+use crate::credentials::Credentials;
 
 /// One image as the runtime reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

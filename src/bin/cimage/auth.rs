@@ -53,7 +53,7 @@ impl AuthArgs {
             .registry()
             .to_owned();
         let c = cimage::credentials::from_auth_file(path, &registry)
-            .map_err(Failure)?
+            .map_err(|e| Failure(e.to_string()))?
             .ok_or_else(|| {
                 Failure(format!(
                     "auth file {} has no credentials for registry {registry}",

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use cimage::api::pb;
-use cimage::config::parse_duration;
+use cimage::units::parse_duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 

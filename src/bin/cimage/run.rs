@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::Path;
 
 use cimage::api::pb;
-use cimage::config::parse_duration;
 use cimage::launcher::spec::MountRequest;
 use cimage::policy::PullPolicy;
+use cimage::units::parse_duration;
 use futures::StreamExt;
 
 use crate::{check_image_arg, Failure};

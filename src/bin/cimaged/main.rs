@@ -1,5 +1,8 @@
 //! cimaged: the per-node daemon. Keeps the index over the CRI runtime's images, applies pull
-//! policies, and serves the cimage API on a unix socket.
+//! policies, and serves the cimage API on a unix socket. This file starts and stops things;
+//! `wiring` maps the configuration onto each module's settings.
+
+mod wiring;
 
 use std::io::IsTerminal;
 use std::os::unix::fs::PermissionsExt;
@@ -18,14 +21,16 @@ use cimage::api::{
 };
 use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
-use cimage::config::{self, format_duration, Settings};
+use cimage::config::{self, Settings};
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
-use cimage::launcher::{Launcher, LauncherSettings};
+use cimage::launcher::Launcher;
 use cimage::metrics::Metrics;
 use cimage::prewarm::Prewarmer;
-use cimage::puller::{Puller, PullerSettings};
+use cimage::puller::Puller;
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
+use cimage::units::format_duration;
+use wiring::Wiring;
 
 /// cimaged: image pre-pull and cache management daemon for CRI compute nodes.
 ///
@@ -60,8 +65,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let wiring = match wiring::wire(&settings) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("cimaged: {e}");
+            std::process::exit(1);
+        }
+    };
     if args.check_config {
-        print_settings(&settings);
+        print_settings(&settings, &wiring);
         return;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -74,7 +86,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(settings)) {
+    if let Err(e) = rt.block_on(run(settings, wiring)) {
         error!("{e:#}");
         eprintln!("cimaged: {e:#}");
         std::process::exit(1);
@@ -91,7 +103,7 @@ fn init_logging() {
         .init();
 }
 
-fn print_settings(s: &Settings) {
+fn print_settings(s: &Settings, w: &Wiring) {
     let ic = &s.image_cache;
     println!("config: {} is valid", s.source.display());
     println!("runtime endpoint: {}", s.runtime_endpoint.display());
@@ -132,7 +144,7 @@ fn print_settings(s: &Settings) {
     for (host, helper) in &ic.auth.credential_helpers {
         println!("credential helper for {host}: docker-credential-{helper}");
     }
-    match ic.eviction.settings() {
+    match &w.eviction {
         None => println!("eviction:         off"),
         Some(e) => println!(
             "eviction:         above {}% down to {}%, max {}, min age {}, max unused {}",
@@ -176,7 +188,7 @@ fn print_settings(s: &Settings) {
     );
 }
 
-async fn run(settings: Settings) -> Result<()> {
+async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let ic = &settings.image_cache;
     let admin_gid = ic
         .admin_group
@@ -209,16 +221,16 @@ async fn run(settings: Settings) -> Result<()> {
     let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
         .with_metrics(metrics.clone())
         .with_presence_ttl(ic.presence_ttl);
-    if let Some(eviction) = ic.eviction.settings() {
+    if let Some(eviction) = wiring.eviction.clone() {
         cache = cache.with_eviction(eviction);
     }
     let cache = Arc::new(cache);
-    let registry = Arc::new(OciRegistry::new(&ic.registries).map_err(anyhow::Error::msg)?);
+    let registry = Arc::new(OciRegistry::new(&wiring.registries)?);
     let puller = Arc::new(Puller::new(
         runtime.clone(),
         registry,
         cache.clone(),
-        PullerSettings::from_settings(&settings),
+        wiring.puller.clone(),
     ));
 
     let clock = Arc::new(SystemClock);
@@ -230,16 +242,12 @@ async fn run(settings: Settings) -> Result<()> {
         puller.clone(),
         cache.clone(),
         clock,
-        LauncherSettings {
-            allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
-            stop_grace: ic.launcher.stop_grace_period,
-            log_dir: settings.log_dir.clone(),
-        },
+        wiring.launcher.clone(),
     )?;
 
     let prewarm = Prewarmer::new(puller.clone(), cache.clone(), Arc::new(SystemClock))?;
     prewarm
-        .sync_config(ic.prewarm.schedules.iter().map(|s| s.to_spec()).collect())
+        .sync_config(wiring.schedules.clone())
         .await
         .context("ImageCache.Prewarm.Schedules")?;
     match prewarm.catch_up().await {

@@ -1,0 +1,150 @@
+//! From the configuration file's model to each module's own settings. This is the only place
+//! that knows both: `config` describes the file and nothing else, and the domain modules take
+//! plain settings structs, so no domain module imports `config` and `config` imports none.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cimage::cache::EvictionSettings;
+use cimage::config::{ConfigError, Settings, VerifyMode};
+use cimage::credentials::NodeCredentials;
+use cimage::launcher::LauncherSettings;
+use cimage::policy::Verify;
+use cimage::prewarm::schedule::DEFAULT_CONCURRENCY;
+use cimage::prewarm::ScheduleSpec;
+use cimage::puller::{PullerSettings, DEFAULT_BACKOFF};
+use cimage::registry::HostSettings;
+
+/// Every module's settings, derived from one validated configuration.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// The puller's limits, timings and credential sources.
+    pub puller: PullerSettings,
+    /// Eviction rules, or `None` when eviction is off.
+    pub eviction: Option<EvictionSettings>,
+    /// The launcher's mount prefixes, grace period and log directory.
+    pub launcher: LauncherSettings,
+    /// How to reach each configured registry host.
+    pub registries: BTreeMap<String, HostSettings>,
+    /// Schedules defined by the config file, validated and normalised.
+    pub schedules: Vec<ScheduleSpec>,
+}
+
+/// Maps the configuration onto each module's settings, and runs the checks that need a
+/// module's own rules (cron expressions, time zones, image references of schedules). Errors name
+/// the key, like the file's own validation.
+pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
+    let ic = &s.image_cache;
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: s.source.clone(),
+        key,
+        message,
+    };
+    let mut schedules = Vec::with_capacity(ic.prewarm.schedules.len());
+    for sc in &ic.prewarm.schedules {
+        let mut spec = ScheduleSpec {
+            name: sc.name.clone(),
+            cron: sc.cron.clone(),
+            time_zone: sc.time_zone.clone(),
+            images: sc.images.clone(),
+            top: sc.top,
+            jitter_ms: sc.jitter.map(|j| j.as_millis() as u64).unwrap_or(0),
+            concurrency: sc.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            catch_up: sc.catch_up,
+            from_config: true,
+        };
+        spec.parse()
+            .map_err(|e| invalid("ImageCache.Prewarm.Schedules", e.to_string()))?;
+        schedules.push(spec);
+    }
+    let ev = &ic.eviction;
+    Ok(Wiring {
+        puller: PullerSettings {
+            max_concurrent_pulls: ic.max_concurrent_pulls,
+            per_registry: ic
+                .registries
+                .iter()
+                .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
+                .collect::<HashMap<_, _>>(),
+            pull_timeout: ic.pull_timeout,
+            retries: ic.pull_retries,
+            backoff: DEFAULT_BACKOFF,
+            verify: match ic.auth.verify {
+                VerifyMode::IfPulledWithCredentials => Verify::IfPulledWithCredentials,
+                VerifyMode::Always => Verify::Always,
+                VerifyMode::Never => Verify::Never,
+            },
+            node_credentials: NodeCredentials {
+                config_files: ic.auth.config_files.clone(),
+                helpers: ic.auth.credential_helpers.clone(),
+            },
+        },
+        eviction: ev.enabled.then(|| EvictionSettings {
+            high_percent: ev.high_percent,
+            low_percent: ev.low_percent,
+            max_bytes: ev.max_bytes,
+            min_age: ev.min_age,
+            max_unused_age: ev.max_unused_age,
+            path: ev.path.clone(),
+        }),
+        launcher: LauncherSettings {
+            allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
+            stop_grace: ic.launcher.stop_grace_period,
+            log_dir: s.log_dir.clone(),
+        },
+        registries: ic
+            .registries
+            .iter()
+            .map(|(host, r)| {
+                (
+                    host.clone(),
+                    HostSettings {
+                        insecure: r.insecure,
+                        ca_file: r.ca_file.clone(),
+                        mirrors: r.mirrors.clone(),
+                    },
+                )
+            })
+            .collect(),
+        schedules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
+
+    #[test]
+    fn every_section_reaches_its_module() {
+        let s = cimage::config::parse(
+            &format!("{BASE}  MaxConcurrentPulls: 5\n  Registries:\n    \"r:5000\":\n      Insecure: true\n      MaxConcurrentPulls: 1\n      Mirrors: [m:5000]\n  Auth:\n    Verify: Always\n  Eviction:\n    MaxBytes: 1GiB\n  Prewarm:\n    Schedules:\n      - Name: n\n        Cron: \"0 3 * * *\"\n        Images: [busybox]\n"),
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let w = wire(&s).unwrap();
+        assert_eq!(w.puller.max_concurrent_pulls, 5);
+        assert_eq!(w.puller.per_registry.get("r:5000"), Some(&1));
+        assert_eq!(w.puller.verify, Verify::Always);
+        assert_eq!(w.eviction.unwrap().max_bytes, Some(1 << 30));
+        assert!(w.registries["r:5000"].insecure);
+        assert_eq!(w.registries["r:5000"].mirrors, ["m:5000"]);
+        assert_eq!(w.schedules[0].images, ["docker.io/library/busybox:latest"]);
+        assert_eq!(w.schedules[0].concurrency, DEFAULT_CONCURRENCY);
+    }
+
+    #[test]
+    fn a_bad_schedule_names_the_key() {
+        let s = cimage::config::parse(
+            &format!("{BASE}  Prewarm:\n    Schedules:\n      - Name: n\n        Cron: \"every day\"\n        Images: [busybox]\n"),
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let e = wire(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("ImageCache.Prewarm.Schedules") && e.contains("cron"),
+            "{e}"
+        );
+    }
+}
