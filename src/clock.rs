@@ -1,6 +1,5 @@
 //! Wall-clock time behind a trait, so that usage accounting and ages are testable exactly.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A source of wall-clock time in Unix milliseconds.
@@ -23,22 +22,25 @@ impl Clock for SystemClock {
 }
 
 /// A clock that only moves when told to; for tests.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock(std::sync::atomic::AtomicI64);
 
+#[cfg(any(test, feature = "test-util"))]
 impl ManualClock {
     /// A clock standing at `ms`.
     pub fn new(ms: i64) -> Self {
-        Self(AtomicI64::new(ms))
+        Self(std::sync::atomic::AtomicI64::new(ms))
     }
     /// Moves the clock forward by `ms`.
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

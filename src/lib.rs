@@ -21,4 +21,7 @@ pub mod puller;
 pub mod reference;
 pub mod registry;
 pub mod runtime;
+pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod units;

@@ -608,10 +608,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Index;
     use crate::clock::ManualClock;
-    use crate::registry::fake::FakeRegistry;
-    use crate::runtime::fake::FakeRuntime;
     use crate::runtime::RuntimeErrorKind;
     use std::sync::atomic::Ordering;
 
@@ -619,48 +616,14 @@ mod tests {
     const ID1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const ID2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
-    struct Rig {
-        _dir: tempfile::TempDir,
-        rt: Arc<FakeRuntime>,
-        reg: Arc<FakeRegistry>,
-        puller: Arc<Puller>,
-        cache: Arc<Cache>,
-    }
+    use crate::testing::Rig;
 
     fn rig(settings: PullerSettings) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = Arc::new(FakeRuntime::default());
-        let reg = Arc::new(FakeRegistry::default());
-        let cache = Arc::new(Cache::new(
-            Index::open(&dir.path().join("i.redb")).unwrap(),
-            rt.clone(),
-            Arc::new(ManualClock::new(1)),
-        ));
-        let puller = Arc::new(Puller::new(
-            rt.clone(),
-            reg.clone(),
-            cache.clone(),
-            settings,
-        ));
-        Rig {
-            _dir: dir,
-            rt,
-            reg,
-            puller,
-            cache,
-        }
+        Rig::with(settings, Arc::new(ManualClock::new(1)), |c| c)
     }
 
     fn settings() -> PullerSettings {
-        PullerSettings {
-            max_concurrent_pulls: 3,
-            per_registry: HashMap::new(),
-            pull_timeout: Duration::from_secs(5),
-            retries: 3,
-            backoff: Duration::from_millis(1),
-            verify: crate::policy::Verify::IfPulledWithCredentials,
-            node_credentials: Default::default(),
-        }
+        crate::testing::puller_settings()
     }
 
     fn req(image: &str, policy: Option<PullPolicy>) -> EnsureRequest {
@@ -808,23 +771,15 @@ mod tests {
 
     #[tokio::test]
     async fn room_is_made_once_per_shared_pull() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = Arc::new(FakeRuntime::default());
-        let reg = Arc::new(FakeRegistry::default());
-        let cache = Arc::new(
-            Cache::new(
-                Index::open(&dir.path().join("i.redb")).unwrap(),
-                rt.clone(),
-                Arc::new(ManualClock::new(1)),
-            )
-            .with_eviction(crate::cache::EvictionSettings {
+        let r = Rig::with(settings(), Arc::new(ManualClock::new(1)), |c| {
+            c.with_eviction(crate::cache::EvictionSettings {
                 high_percent: 100.0,
                 low_percent: 100.0,
                 max_bytes: Some(1 << 30),
                 ..Default::default()
-            }),
-        );
-        let puller = Arc::new(Puller::new(rt.clone(), reg.clone(), cache, settings()));
+            })
+        });
+        let (rt, reg, puller) = (r.rt.clone(), r.reg.clone(), r.puller.clone());
         rt.offer(APP, ID1, "sha256:d1", 10);
         reg.sizes.lock().unwrap().insert(APP.into(), 10);
         *rt.pull_delay.lock().unwrap() = Duration::from_millis(50);
@@ -938,23 +893,11 @@ mod tests {
 
     #[tokio::test]
     async fn presence_is_trusted_for_the_ttl_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = Arc::new(FakeRuntime::default());
         let clock = Arc::new(ManualClock::new(1_000));
-        let cache = Arc::new(
-            Cache::new(
-                Index::open(&dir.path().join("i.redb")).unwrap(),
-                rt.clone(),
-                clock.clone(),
-            )
-            .with_presence_ttl(Duration::from_secs(10)),
-        );
-        let puller = Puller::new(
-            rt.clone(),
-            Arc::new(FakeRegistry::default()),
-            cache.clone(),
-            settings(),
-        );
+        let r = Rig::with(settings(), clock.clone(), |c| {
+            c.with_presence_ttl(Duration::from_secs(10))
+        });
+        let (rt, cache, puller) = (r.rt.clone(), r.cache.clone(), r.puller.clone());
         rt.offer(APP, ID1, "sha256:d1", 10);
         puller.ensure(req(APP, None)).await.unwrap();
         // Removed behind cimage's back: within the TTL the confirmation stands ...

@@ -435,6 +435,7 @@ impl Registry for OciRegistry {
 }
 
 /// A scripted [`Registry`] for unit tests.
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
     use super::*;
     use std::collections::HashMap;

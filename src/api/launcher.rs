@@ -46,7 +46,7 @@ pub fn launch_status(e: &LaunchError) -> Status {
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
         LaunchError::NotFound(_) => Code::NotFound,
         LaunchError::Conflict(_) => Code::FailedPrecondition,
-        LaunchError::Index(_) => Code::Internal,
+        LaunchError::Store(_) => Code::Internal,
         LaunchError::Runtime(_) => Code::Unavailable,
     };
     Status::new(code, e.to_string())

@@ -41,7 +41,8 @@ fn prewarm_status(e: &PrewarmError) -> Status {
         PrewarmError::Invalid(_) => Code::InvalidArgument,
         PrewarmError::NotFound(_) => Code::NotFound,
         PrewarmError::Conflict(_) => Code::FailedPrecondition,
-        PrewarmError::Index(_) => Code::Internal,
+        PrewarmError::Store(_) => Code::Internal,
+        PrewarmError::Cache(c) => return super::service::cache_status(c),
     };
     Status::new(code, e.to_string())
 }

@@ -21,21 +21,25 @@ pub struct ImageCacheApi {
     cache: Arc<Cache>,
     runtime: Arc<dyn ImageRuntime>,
     admin: AdminPolicy,
+    instance: String,
 }
 
 impl ImageCacheApi {
-    /// A service over the daemon's puller and cache.
+    /// A service over the daemon's puller and cache; `instance` is the store's instance id,
+    /// reported by `status`.
     pub fn new(
         puller: Arc<Puller>,
         cache: Arc<Cache>,
         runtime: Arc<dyn ImageRuntime>,
         admin: AdminPolicy,
+        instance: String,
     ) -> Self {
         Self {
             puller,
             cache,
             runtime,
             admin,
+            instance,
         }
     }
 
@@ -117,7 +121,7 @@ pub fn cache_status(e: &CacheError) -> Status {
         CacheError::NotFound { .. } => Code::NotFound,
         CacheError::Ambiguous { .. } | CacheError::InvalidReference(_) => Code::InvalidArgument,
         CacheError::Runtime { source, .. } => runtime_code(source),
-        CacheError::Index(_) => Code::Internal,
+        CacheError::Store(_) => Code::Internal,
         CacheError::NoRoom { .. } => Code::ResourceExhausted,
     };
     Status::new(code, e.to_string())
@@ -283,7 +287,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             images,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_reconcile: self.cache.last_reconcile(),
-            instance: self.cache.index().instance().to_owned(),
+            instance: self.instance.clone(),
         }))
     }
 }

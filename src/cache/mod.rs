@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
-pub use index::{EvictionRecord, ImageRecord, Index, IndexError, Origin, ReconcileReport, Use};
+pub use index::{EvictionRecord, ImageRecord, Index, Origin, ReconcileReport, Use};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
 
 use crate::clock::Clock;
 use crate::reference::{ImageRef, InvalidReference};
@@ -47,9 +48,9 @@ pub enum CacheError {
         /// The runtime's error.
         source: RuntimeError,
     },
-    /// The index failed.
+    /// The index could not be read or written.
     #[error(transparent)]
-    Index(#[from] IndexError),
+    Store(#[from] StoreError),
     /// An incoming image does not fit without evicting protected images.
     #[error("no room for {bytes} more bytes of images: {reason}")]
     NoRoom {
@@ -354,9 +355,9 @@ impl Cache {
         }
     }
 
-    /// The index (for its instance id and database).
-    pub fn index(&self) -> &Index {
-        &self.index
+    /// The half-life of the popularity score, in ms (for ranking the most used images).
+    pub fn popularity_half_life_ms(&self) -> i64 {
+        self.index.popularity_half_life_ms()
     }
 
     /// Marks an image as in use by a running step; eviction never touches it until released.
@@ -393,9 +394,9 @@ impl Cache {
     /// Runs a blocking index operation off the async workers (redb commits fsync).
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,
-    ) -> Result<T, IndexError> {
-        index::off_thread(Arc::clone(&self.index), move |idx| f(idx)).await
+        f: impl FnOnce(&Index) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Store::off_thread(Arc::clone(&self.index), move |idx| f(idx)).await
     }
 
     /// Makes the index agree with the runtime's image list.
@@ -484,7 +485,7 @@ impl Cache {
                     };
                     let uses: Vec<Use> = batch.iter().map(|(u, _)| u.clone()).collect();
                     let now = clock.now_ms();
-                    let result = index::off_thread(Arc::clone(&index), move |idx| {
+                    let result = Store::off_thread(Arc::clone(&index), move |idx| {
                         idx.record_uses(&uses, now)
                     })
                     .await;
@@ -506,14 +507,11 @@ impl Cache {
         }
         match rx.await {
             Ok(Ok(rec)) => Ok(rec),
-            Ok(Err(msg)) => Err(CacheError::Index(IndexError {
-                context: "recording a use".into(),
-                source: msg.into(),
-            })),
-            Err(_) => Err(CacheError::Index(IndexError {
-                context: "recording a use".into(),
-                source: "the commit task ended without an answer".into(),
-            })),
+            Ok(Err(msg)) => Err(CacheError::Store(StoreError::new("recording a use", msg))),
+            Err(_) => Err(CacheError::Store(StoreError::new(
+                "recording a use",
+                "the commit task ended without an answer",
+            ))),
         }
     }
 
@@ -624,7 +622,7 @@ mod tests {
         let rt = Arc::new(FakeRuntime::default());
         rt.offer("127.0.0.1:5000/app:1", ID, "sha256:d1", 100);
         rt.pull_image("127.0.0.1:5000/app:1", None).await.unwrap();
-        let idx = Index::open(&dir.path().join("i.redb")).unwrap();
+        let idx = Index::open(&Store::open(&dir.path().join("i.redb")).unwrap()).unwrap();
         let cache = Cache::new(idx, rt.clone(), Arc::new(ManualClock::new(1000)));
         (dir, rt, cache)
     }

@@ -24,10 +24,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cache::{Cache, IndexError, Origin};
+use crate::cache::{Cache, Origin};
 use crate::clock::Clock;
 use crate::puller::{Action, EnsureRequest, Puller};
 use crate::runtime::{ContainerSpec, ContainerState, PodSpec, TaskRuntime};
+use crate::store::{Store, StoreError};
 use logs::{Chunk, Tail};
 use spec::{LaunchSpec, Principal, SpecError, Validated};
 use store::{JobRecord, TaskRecord, TaskState, TaskStore};
@@ -158,7 +159,7 @@ pub enum LaunchError {
     Conflict(String),
     /// The durable state failed.
     #[error(transparent)]
-    Index(#[from] IndexError),
+    Store(#[from] StoreError),
     /// The runtime could not be asked.
     #[error("{0}")]
     Runtime(String),
@@ -218,17 +219,18 @@ fn poll_interval(waited: Duration) -> Duration {
 }
 
 impl Launcher {
-    /// A launcher over the runtime, with images made ready by `puller` and state kept in the
-    /// index's database.
+    /// A launcher over the runtime, with images made ready by `puller` and its jobs and tasks
+    /// kept in `store`.
     pub fn new(
         rt: Arc<dyn TaskRuntime>,
         puller: Arc<Puller>,
         cache: Arc<Cache>,
+        store: &Store,
         clock: Arc<dyn Clock>,
         settings: LauncherSettings,
-    ) -> Result<Arc<Self>, IndexError> {
-        let store = TaskStore::open(cache.index().database())?;
-        let instance = cache.index().instance().to_owned();
+    ) -> Result<Arc<Self>, StoreError> {
+        let instance = store.instance().to_owned();
+        let store = TaskStore::open(store)?;
         Ok(Arc::new(Self {
             rt,
             puller,
@@ -244,9 +246,9 @@ impl Launcher {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&TaskStore) -> Result<T, IndexError> + Send + 'static,
-    ) -> Result<T, IndexError> {
-        crate::cache::index::off_thread(self.store.clone(), f).await
+        f: impl FnOnce(&TaskStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Store::off_thread(self.store.clone(), f).await
     }
 
     async fn save_task(&self, task: &TaskRecord) {
@@ -256,7 +258,7 @@ impl Launcher {
         }
     }
 
-    async fn save_job(&self, job: &JobRecord) -> Result<(), IndexError> {
+    async fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         let j = job.clone();
         self.blocking(move |s| s.put_job(&j)).await
     }
@@ -1034,11 +1036,8 @@ impl Launcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Index;
     use crate::clock::SystemClock;
     use crate::puller::PullerSettings;
-    use crate::registry::fake::FakeRegistry;
-    use crate::runtime::fake::FakeRuntime;
     use crate::runtime::task::fake::{FakeTaskRuntime, Script};
 
     const IMG: &str = "127.0.0.1:5000/app:1";
@@ -1059,63 +1058,46 @@ mod tests {
     };
 
     struct Rig {
-        dir: tempfile::TempDir,
+        base: crate::testing::Rig,
         tasks: Arc<FakeTaskRuntime>,
-        cache: Arc<Cache>,
-        puller: Arc<Puller>,
         launcher: Arc<Launcher>,
     }
 
-    fn launcher_over(
-        dir: &std::path::Path,
-        tasks: Arc<FakeTaskRuntime>,
-        cache: Arc<Cache>,
-        puller: Arc<Puller>,
-    ) -> Arc<Launcher> {
+    impl std::ops::Deref for Rig {
+        type Target = crate::testing::Rig;
+        fn deref(&self) -> &Self::Target {
+            &self.base
+        }
+    }
+
+    fn launcher_over(base: &crate::testing::Rig, tasks: Arc<FakeTaskRuntime>) -> Arc<Launcher> {
         Launcher::new(
             tasks,
-            puller,
-            cache,
+            base.puller.clone(),
+            base.cache.clone(),
+            &base.store,
             Arc::new(SystemClock),
             LauncherSettings {
                 allowed_mount_prefixes: vec![],
                 stop_grace: Duration::from_secs(1),
-                log_dir: dir.join("logs"),
+                log_dir: base.dir.path().join("logs"),
             },
         )
         .unwrap()
     }
 
     fn rig() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let images = Arc::new(FakeRuntime::default());
-        images.offer(IMG, "sha256:img1", "sha256:d1", 10);
-        let cache = Arc::new(Cache::new(
-            Index::open(&dir.path().join("i.redb")).unwrap(),
-            images.clone(),
-            Arc::new(SystemClock),
-        ));
-        let puller = Arc::new(Puller::new(
-            images,
-            Arc::new(FakeRegistry::default()),
-            cache.clone(),
-            PullerSettings {
-                max_concurrent_pulls: 2,
-                per_registry: HashMap::new(),
-                pull_timeout: Duration::from_secs(5),
-                retries: 0,
-                backoff: Duration::from_millis(1),
-                verify: crate::policy::Verify::IfPulledWithCredentials,
-                node_credentials: Default::default(),
-            },
-        ));
+        let base = crate::testing::Rig::on_system_clock(PullerSettings {
+            max_concurrent_pulls: 2,
+            retries: 0,
+            ..crate::testing::puller_settings()
+        });
+        base.rt.offer(IMG, "sha256:img1", "sha256:d1", 10);
         let tasks = Arc::new(FakeTaskRuntime::default());
-        let launcher = launcher_over(dir.path(), tasks.clone(), cache.clone(), puller.clone());
+        let launcher = launcher_over(&base, tasks.clone());
         Rig {
-            dir,
+            base,
             tasks,
-            cache,
-            puller,
             launcher,
         }
     }
@@ -1423,12 +1405,7 @@ mod tests {
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_INSTANCE.to_string(), "someone-else".to_string()),
         ]));
-        let again = launcher_over(
-            r.dir.path(),
-            r.tasks.clone(),
-            r.cache.clone(),
-            r.puller.clone(),
-        );
+        let again = launcher_over(&r, r.tasks.clone());
         let report = again.recover().await.unwrap();
         assert_eq!(
             (report.reattached, report.orphan_pods),

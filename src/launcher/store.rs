@@ -2,16 +2,13 @@
 //! per change, so after a `kill -9` the daemon knows which pods and containers are its own and
 //! which tasks to re-attach.
 
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-
-use crate::cache::IndexError;
 use crate::runtime::PodSpec;
+use crate::store::{JsonTable, Store, StoreError};
 
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const JOBS: JsonTable<JobRecord> = JsonTable::new("jobs");
+const TASKS: JsonTable<TaskRecord> = JsonTable::new("tasks");
 
 /// A job: one pod sandbox shared by its steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,81 +111,20 @@ pub struct TaskRecord {
     pub cleaned: bool,
 }
 
-/// The job and task tables.
+/// The job and task tables of the daemon's store.
 #[derive(Clone)]
 pub struct TaskStore {
-    db: Arc<Database>,
-}
-
-fn err(context: &str, e: impl Into<redb::Error>) -> IndexError {
-    IndexError {
-        context: context.to_owned(),
-        source: Box::new(e.into()),
-    }
+    store: Store,
 }
 
 impl TaskStore {
-    /// Opens (creating) the tables in `db`.
-    pub fn open(db: Arc<Database>) -> Result<Self, IndexError> {
-        let tx = db
-            .begin_write()
-            .map_err(|e| err("opening task tables", e))?;
-        tx.open_table(JOBS).map_err(|e| err("opening jobs", e))?;
-        tx.open_table(TASKS).map_err(|e| err("opening tasks", e))?;
-        tx.commit().map_err(|e| err("opening task tables", e))?;
-        Ok(Self { db })
-    }
-
-    fn put<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
-    ) -> Result<(), IndexError> {
-        let context = format!("saving {key}");
-        let bytes = serde_json::to_vec(value).expect("records always serialise");
-        let tx = self.db.begin_write().map_err(|e| err(&context, e))?;
-        {
-            let mut t = tx.open_table(table).map_err(|e| err(&context, e))?;
-            t.insert(key, bytes.as_slice())
-                .map_err(|e| err(&context, e))?;
-        }
-        tx.commit().map_err(|e| err(&context, e))
-    }
-
-    fn get<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<T>, IndexError> {
-        let context = format!("reading {key}");
-        let tx = self.db.begin_read().map_err(|e| err(&context, e))?;
-        let t = tx.open_table(table).map_err(|e| err(&context, e))?;
-        let v = t.get(key).map_err(|e| err(&context, e))?;
-        v.map(|v| {
-            serde_json::from_slice(v.value()).map_err(|e| IndexError {
-                context,
-                source: Box::new(e),
-            })
+    /// The tables in `store` (created if missing).
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        store.ensure_tables(&[JOBS])?;
+        store.ensure_tables(&[TASKS])?;
+        Ok(Self {
+            store: store.clone(),
         })
-        .transpose()
-    }
-
-    fn all<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<T>, IndexError> {
-        let tx = self.db.begin_read().map_err(|e| err("listing", e))?;
-        let t = tx.open_table(table).map_err(|e| err("listing", e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| err("listing", e))? {
-            let (k, v) = entry.map_err(|e| err("listing", e))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| IndexError {
-                context: format!("decoding {}", k.value()),
-                source: Box::new(e),
-            })?);
-        }
-        Ok(out)
     }
 
     /// Saves a task and, if given, its job, in one transaction.
@@ -196,46 +132,38 @@ impl TaskStore {
         &self,
         task: &TaskRecord,
         job: Option<&JobRecord>,
-    ) -> Result<(), IndexError> {
-        let context = format!("saving {}", task.id);
-        let tx = self.db.begin_write().map_err(|e| err(&context, e))?;
-        {
-            let mut t = tx.open_table(TASKS).map_err(|e| err(&context, e))?;
-            let bytes = serde_json::to_vec(task).expect("records always serialise");
-            t.insert(task.id.as_str(), bytes.as_slice())
-                .map_err(|e| err(&context, e))?;
+    ) -> Result<(), StoreError> {
+        self.store.write(&format!("saving task {}", task.id), |w| {
+            w.put(TASKS, &task.id, task)?;
             if let Some(job) = job {
-                let mut j = tx.open_table(JOBS).map_err(|e| err(&context, e))?;
-                let bytes = serde_json::to_vec(job).expect("records always serialise");
-                j.insert(job.id.as_str(), bytes.as_slice())
-                    .map_err(|e| err(&context, e))?;
+                w.put(JOBS, &job.id, job)?;
             }
-        }
-        tx.commit().map_err(|e| err(&context, e))
+            Ok(())
+        })
     }
 
     /// Saves a job.
-    pub fn put_job(&self, job: &JobRecord) -> Result<(), IndexError> {
-        self.put(JOBS, &job.id, job)
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.store.put(JOBS, &job.id, job)
     }
     /// A job by id.
-    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, IndexError> {
-        self.get(JOBS, id)
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.store.get(JOBS, id)
     }
     /// Every job.
-    pub fn jobs(&self) -> Result<Vec<JobRecord>, IndexError> {
-        self.all(JOBS)
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.store.all(JOBS)
     }
     /// Saves a task.
-    pub fn put_task(&self, task: &TaskRecord) -> Result<(), IndexError> {
-        self.put(TASKS, &task.id, task)
+    pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        self.store.put(TASKS, &task.id, task)
     }
     /// A task by id.
-    pub fn task(&self, id: &str) -> Result<Option<TaskRecord>, IndexError> {
-        self.get(TASKS, id)
+    pub fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.store.get(TASKS, id)
     }
     /// Every task.
-    pub fn tasks(&self) -> Result<Vec<TaskRecord>, IndexError> {
-        self.all(TASKS)
+    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.store.all(TASKS)
     }
 }

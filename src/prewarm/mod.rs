@@ -21,10 +21,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cache::{Cache, ImageRecord, IndexError, Origin};
+use crate::cache::{Cache, CacheError, ImageRecord, Origin};
 use crate::clock::Clock;
 use crate::policy::PullPolicy;
 use crate::puller::{Action, EnsureRequest, Puller};
+use crate::store::{Store, StoreError};
 pub use schedule::{ScheduleError, ScheduleSpec};
 use store::{ImageResult, PrewarmStore, RunRecord, StoredSchedule};
 
@@ -42,7 +43,10 @@ pub enum PrewarmError {
     Conflict(String),
     /// The durable state failed.
     #[error(transparent)]
-    Index(#[from] IndexError),
+    Store(#[from] StoreError),
+    /// The image index could not be read.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 /// A schedule as listed: its spec, next fire, and last run.
@@ -69,13 +73,14 @@ pub struct Prewarmer {
 }
 
 impl Prewarmer {
-    /// A pre-warmer keeping its schedules in the index's database.
+    /// A pre-warmer keeping its schedules and runs in `store`.
     pub fn new(
         puller: Arc<Puller>,
         cache: Arc<Cache>,
+        store: &Store,
         clock: Arc<dyn Clock>,
-    ) -> Result<Arc<Self>, IndexError> {
-        let store = PrewarmStore::open(cache.index().database())?;
+    ) -> Result<Arc<Self>, StoreError> {
+        let store = PrewarmStore::open(store)?;
         Ok(Arc::new(Self {
             puller,
             cache,
@@ -88,9 +93,9 @@ impl Prewarmer {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&PrewarmStore) -> Result<T, IndexError> + Send + 'static,
-    ) -> Result<T, IndexError> {
-        crate::cache::index::off_thread(self.store.clone(), f).await
+        f: impl FnOnce(&PrewarmStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Store::off_thread(self.store.clone(), f).await
     }
 
     /// Makes the stored config-defined schedules match the config file: adds and updates them,
@@ -212,13 +217,9 @@ impl Prewarmer {
 
     /// The `n` most popular images now, by decayed use count (images never used are not ranked).
     pub async fn top(&self, n: usize) -> Result<Vec<(ImageRecord, f64)>, PrewarmError> {
-        let images = self
-            .cache
-            .list()
-            .await
-            .map_err(|e| PrewarmError::Conflict(e.to_string()))?;
+        let images = self.cache.list().await?;
         let now = self.clock.now_ms();
-        let half_life = self.cache.index().popularity_half_life_ms();
+        let half_life = self.cache.popularity_half_life_ms();
         let mut ranked: Vec<(ImageRecord, f64)> = images
             .into_iter()
             .map(|r| {
@@ -468,52 +469,35 @@ impl Prewarmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Index;
     use crate::clock::SystemClock;
     use crate::puller::PullerSettings;
-    use crate::registry::fake::FakeRegistry;
-    use crate::runtime::fake::FakeRuntime;
-    use std::collections::HashMap;
 
     struct Rig {
-        _dir: tempfile::TempDir,
-        rt: Arc<FakeRuntime>,
-        reg: Arc<FakeRegistry>,
-        puller: Arc<Puller>,
+        base: crate::testing::Rig,
         pw: Arc<Prewarmer>,
     }
 
-    fn rig() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = Arc::new(FakeRuntime::default());
-        let reg = Arc::new(FakeRegistry::default());
-        let cache = Arc::new(Cache::new(
-            Index::open(&dir.path().join("i.redb")).unwrap(),
-            rt.clone(),
-            Arc::new(SystemClock),
-        ));
-        let puller = Arc::new(Puller::new(
-            rt.clone(),
-            reg.clone(),
-            cache.clone(),
-            PullerSettings {
-                max_concurrent_pulls: 4,
-                per_registry: HashMap::new(),
-                pull_timeout: Duration::from_secs(5),
-                retries: 0,
-                backoff: Duration::from_millis(1),
-                verify: crate::policy::Verify::IfPulledWithCredentials,
-                node_credentials: Default::default(),
-            },
-        ));
-        let pw = Prewarmer::new(puller.clone(), cache, Arc::new(SystemClock)).unwrap();
-        Rig {
-            _dir: dir,
-            rt,
-            reg,
-            puller,
-            pw,
+    impl std::ops::Deref for Rig {
+        type Target = crate::testing::Rig;
+        fn deref(&self) -> &Self::Target {
+            &self.base
         }
+    }
+
+    fn rig() -> Rig {
+        let base = crate::testing::Rig::on_system_clock(PullerSettings {
+            max_concurrent_pulls: 4,
+            retries: 0,
+            ..crate::testing::puller_settings()
+        });
+        let pw = Prewarmer::new(
+            base.puller.clone(),
+            base.cache.clone(),
+            &base.store,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        Rig { base, pw }
     }
 
     fn offer(r: &Rig, image: &str, id: &str, digest: &str) {

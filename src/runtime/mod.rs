@@ -94,6 +94,7 @@ pub trait ImageRuntime: Send + Sync {
 }
 
 /// An in-memory runtime for unit tests: images appear when "pulled" from a fake registry table.
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
     use super::*;
     use std::collections::HashMap;

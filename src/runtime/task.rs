@@ -168,6 +168,7 @@ pub trait TaskRuntime: Send + Sync {
 
 /// An in-memory runtime for the launcher's unit tests: a started container "runs" for a scripted
 /// time and exits with a scripted code, unless stopped.
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
     use super::*;
     use crate::runtime::RuntimeErrorKind;

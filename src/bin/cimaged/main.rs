@@ -29,6 +29,7 @@ use cimage::prewarm::Prewarmer;
 use cimage::puller::Puller;
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
+use cimage::store::Store;
 use cimage::units::format_duration;
 use wiring::Wiring;
 
@@ -209,7 +210,8 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
     std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting mode 0700 on {}", settings.state_dir.display()))?;
-    let index = Index::open(&settings.index_path())?;
+    let store = Store::open(&settings.index_path())?;
+    let index = Index::open(&store)?;
 
     let runtime: Arc<dyn ImageRuntime> = Arc::new(CriImageRuntime::new(
         &settings.image_endpoint,
@@ -241,11 +243,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         )),
         puller.clone(),
         cache.clone(),
+        &store,
         clock,
         wiring.launcher.clone(),
     )?;
 
-    let prewarm = Prewarmer::new(puller.clone(), cache.clone(), Arc::new(SystemClock))?;
+    let prewarm = Prewarmer::new(puller.clone(), cache.clone(), &store, Arc::new(SystemClock))?;
     prewarm
         .sync_config(wiring.schedules.clone())
         .await
@@ -278,7 +281,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
     let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin);
-    let images = ImageCacheApi::new(puller, cache, runtime, admin);
+    let images = ImageCacheApi::new(puller, cache, runtime, admin, store.instance().to_owned());
     let launcher_api = LauncherApi::new(launcher.clone(), admin);
 
     let stop = shutdown.clone();
