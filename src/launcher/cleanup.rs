@@ -1,0 +1,117 @@
+//! Ending a step: recording a failure, removing its container, releasing its image and, when
+//! the job ends with it, tearing its pod down. Safe to run again after a crash.
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::warn;
+
+use super::store::{JobRecord, TaskRecord, TaskState};
+use super::{send, Event, Launcher, Stage, TaskEvent};
+
+impl Launcher {
+    pub(super) async fn fail(
+        &self,
+        task: TaskRecord,
+        stage: Stage,
+        message: String,
+        tx: Option<&UnboundedSender<TaskEvent>>,
+    ) {
+        self.fail_as(task, TaskState::Failed, stage, message, tx)
+            .await
+    }
+
+    pub(super) async fn fail_as(
+        &self,
+        mut task: TaskRecord,
+        state: TaskState,
+        stage: Stage,
+        message: String,
+        tx: Option<&UnboundedSender<TaskEvent>>,
+    ) {
+        warn!(task = %task.id, stage = stage.as_str(), "task failed: {message}");
+        task.state = state;
+        task.failure = Some((stage.as_str().to_owned(), message.clone()));
+        task.finished = Some(self.clock.now_ms());
+        self.save_task(&task).await;
+        send(
+            tx,
+            &task.id,
+            self.clock.now_ms(),
+            Event::Failed { stage, message },
+        );
+        self.cleanup(task, tx).await;
+    }
+
+    /// Removes the container, releases the image, and tears the pod down when the job ends with
+    /// this task (a one-off job), or when the pod was made for a step that never got a container
+    /// and no other step of the job is running. Safe to run again after a crash.
+    pub(super) async fn cleanup(
+        &self,
+        mut task: TaskRecord,
+        tx: Option<&UnboundedSender<TaskEvent>>,
+    ) {
+        if let Some(cid) = &task.container_id {
+            if let Err(e) = self.rt.remove_container(cid).await {
+                warn!(task = %task.id, "removing container {cid} failed: {e}");
+            }
+        }
+        if let Some(img) = &task.image_id {
+            self.cache.release_in_use(img);
+        }
+        task.cleaned = true;
+        self.cache
+            .metrics()
+            .inc("cimage_tasks_total", &[("state", task.state.as_str())]);
+        let job_id = task.job.clone();
+        let lock = self.job_lock(&job_id);
+        {
+            let _g = lock.lock().await;
+            let (job, tasks) = match self
+                .blocking(move |s| Ok((s.job(&job_id)?, s.tasks()?)))
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("cannot read job state during cleanup: {e}");
+                    (None, vec![])
+                }
+            };
+            let mut ended_job = None;
+            if let Some(mut job) = job {
+                let others_live = tasks
+                    .iter()
+                    .any(|t| t.job == job.id && t.id != task.id && !t.state.is_final());
+                let never_ran = task.container_id.is_none();
+                if job.ended.is_none() && (job.one_off || (never_ran && !others_live)) {
+                    self.teardown_pod(&mut job).await;
+                    if job.one_off {
+                        job.ended = Some(self.clock.now_ms());
+                    }
+                    ended_job = Some(job);
+                }
+            }
+            // The job's new state and the task's cleaned mark commit together.
+            let t = task.clone();
+            if let Err(e) = self
+                .blocking(move |s| s.put_task_and_job(&t, ended_job.as_ref()))
+                .await
+            {
+                warn!(task = %task.id, "cannot save cleanup: {e}");
+            }
+        }
+        self.live.lock().unwrap().remove(&task.id);
+        send(tx, &task.id, self.clock.now_ms(), Event::CleanedUp);
+    }
+
+    pub(super) async fn teardown_pod(&self, job: &mut JobRecord) {
+        if let Some(sid) = job.sandbox_id.take() {
+            if let Err(e) = self.rt.stop_pod(&sid).await {
+                warn!(job = %job.id, "stopping pod {sid} failed: {e}");
+            }
+            if let Err(e) = self.rt.remove_pod(&sid).await {
+                warn!(job = %job.id, "removing pod {sid} failed: {e}");
+                // Keep the id so the next sweep tries again.
+                job.sandbox_id = Some(sid);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! What callers ask of running and past work: tasks, jobs, output, cancel, ending a job, and the
+//! drain before the daemon exits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tracing::{info, warn};
+
+use super::logs::{Chunk, Tail};
+use super::spec::Principal;
+use super::store::{JobRecord, TaskRecord, TaskState};
+use super::{LaunchError, Launcher};
+
+impl Launcher {
+    /// A task, if `who` may see it (others' tasks look absent to non-admins).
+    pub async fn task(&self, who: Principal, id: &str) -> Result<TaskRecord, LaunchError> {
+        let key = id.to_owned();
+        match self.blocking(move |s| s.task(&key)).await? {
+            Some(t) if Self::visible(who, t.uid) => Ok(t),
+            _ => Err(LaunchError::NotFound(format!("no task {id}"))),
+        }
+    }
+
+    /// Tasks `who` may see: running ones, or all with `all`. Newest first.
+    pub async fn tasks(&self, who: Principal, all: bool) -> Result<Vec<TaskRecord>, LaunchError> {
+        let mut tasks: Vec<TaskRecord> = self
+            .blocking(|s| s.tasks())
+            .await?
+            .into_iter()
+            .filter(|t| Self::visible(who, t.uid) && (all || !t.state.is_final()))
+            .collect();
+        tasks.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
+        Ok(tasks)
+    }
+
+    /// Jobs `who` may see, with their tasks.
+    pub async fn jobs(
+        &self,
+        who: Principal,
+    ) -> Result<Vec<(JobRecord, Vec<TaskRecord>)>, LaunchError> {
+        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        let mut out: Vec<_> = jobs
+            .into_iter()
+            .filter(|j| Self::visible(who, j.uid))
+            .map(|j| {
+                let ts = tasks.iter().filter(|t| t.job == j.id).cloned().collect();
+                (j, ts)
+            })
+            .collect();
+        out.sort_by_key(|j| std::cmp::Reverse(j.0.created));
+        Ok(out)
+    }
+
+    /// Cancels a task: the container gets SIGTERM, then SIGKILL after the grace period.
+    pub async fn cancel(&self, who: Principal, id: &str) -> Result<TaskRecord, LaunchError> {
+        let task = self.task(who, id).await?;
+        if task.state.is_final() {
+            return Err(LaunchError::Conflict(format!(
+                "task {id} has already finished ({})",
+                task.state.as_str()
+            )));
+        }
+        match self.live.lock().unwrap().get(id) {
+            Some(token) => token.cancel(),
+            None => {
+                return Err(LaunchError::Conflict(format!(
+                    "task {id} is not being run by this daemon"
+                )))
+            }
+        }
+        Ok(task)
+    }
+
+    /// Ends a job: cancels its running steps, waits for them (up to the grace period and a
+    /// margin), and removes its pod.
+    pub async fn end_job(&self, who: Principal, id: &str) -> Result<JobRecord, LaunchError> {
+        let key = id.to_owned();
+        let (job, tasks) = self
+            .blocking(move |s| Ok((s.job(&key)?, s.tasks()?)))
+            .await?;
+        let job = match job {
+            Some(j) if Self::visible(who, j.uid) => j,
+            _ => return Err(LaunchError::NotFound(format!("no job {id}"))),
+        };
+        let running: Vec<String> = tasks
+            .iter()
+            .filter(|t| t.job == job.id && !t.state.is_final())
+            .map(|t| t.id.clone())
+            .collect();
+        for t in &running {
+            if let Some(token) = self.live.lock().unwrap().get(t) {
+                token.cancel();
+            }
+        }
+        let deadline = Instant::now() + self.settings.stop_grace + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && running
+                .iter()
+                .any(|t| self.live.lock().unwrap().contains_key(t))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lock = self.job_lock(&job.id);
+        let _g = lock.lock().await;
+        let key = id.to_owned();
+        let mut job = self.blocking(move |s| s.job(&key)).await?.unwrap_or(job);
+        self.teardown_pod(&mut job).await;
+        job.ended = Some(self.clock.now_ms());
+        self.save_job(&job).await?;
+        info!(job = %job.id, "job ended");
+        Ok(job)
+    }
+
+    /// A task's output so far; with `follow`, keeps sending until the task has finished.
+    pub async fn logs(
+        self: &Arc<Self>,
+        who: Principal,
+        id: &str,
+        follow: bool,
+    ) -> Result<UnboundedReceiver<Chunk>, LaunchError> {
+        let task = self.task(who, id).await?;
+        let (tx, rx) = unbounded_channel();
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tail = Tail::default();
+            loop {
+                for c in tail.read(&task.log_path) {
+                    if tx.send(c).is_err() {
+                        return;
+                    }
+                }
+                if !follow {
+                    return;
+                }
+                let key = task.id.clone();
+                let done = match me.blocking(move |s| s.task(&key)).await {
+                    Ok(Some(t)) => t.state.is_final(),
+                    _ => true,
+                };
+                if done {
+                    for c in tail.read(&task.log_path) {
+                        let _ = tx.send(c);
+                    }
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Before the daemon exits: waits (up to `limit`) for tasks that have finished but are still
+    /// being cleaned up. Tasks still running are left running; the next start re-attaches them.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let live: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
+            let busy = match self.blocking(|s| s.tasks()).await {
+                Ok(tasks) => tasks
+                    .iter()
+                    .any(|t| live.contains(&t.id) && !t.cleaned && t.state != TaskState::Running),
+                Err(_) => false,
+            };
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warn!("shutting down with task cleanups still in progress; the next start finishes them");
+    }
+}

@@ -1,0 +1,117 @@
+//! After a (re)start: re-attach the steps still running, finish those that ended or were lost
+//! while the daemon was down, and remove pods and containers of this instance that nothing claims.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::store::TaskState;
+use super::{LaunchError, Launcher, RecoveryReport, Stage, LABEL_JOB};
+use crate::runtime::ContainerState;
+
+impl Launcher {
+    /// After a (re)start: re-attaches running tasks, finishes those that ended or were lost while
+    /// the daemon was down, and removes pods and containers of this instance that no job or task
+    /// claims.
+    pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, LaunchError> {
+        let mut report = RecoveryReport::default();
+        let (_, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        // Ask the runtime everything first: if it cannot answer, nothing is decided and the
+        // caller retries later (a task must not be declared lost because containerd was down).
+        let rt_err = |e: crate::runtime::RuntimeError| LaunchError::Runtime(e.to_string());
+        let ours = self.ours();
+        let pods = self.rt.list_pods(&ours).await.map_err(rt_err)?;
+        let containers = self.rt.list_containers(&ours).await.map_err(rt_err)?;
+        let mut statuses = HashMap::new();
+        for t in tasks.iter().filter(|t| !t.cleaned) {
+            if let Some(cid) = &t.container_id {
+                let st = self.rt.container_status(cid).await.map_err(rt_err)?;
+                statuses.insert(cid.clone(), st);
+            }
+        }
+        for task in tasks.iter().filter(|t| !t.cleaned) {
+            let mut task = task.clone();
+            if let Some(img) = &task.image_id {
+                self.cache.mark_in_use(img);
+            }
+            let status = task
+                .container_id
+                .as_ref()
+                .and_then(|cid| statuses.get(cid).cloned().flatten());
+            let cancel = CancellationToken::new();
+            match status {
+                _ if task.state.is_final() => {
+                    self.cleanup(task, None).await;
+                    report.finished += 1;
+                }
+                Some(st)
+                    if st.state == ContainerState::Running
+                        || st.state == ContainerState::Exited =>
+                {
+                    if task.state != TaskState::Running {
+                        task.state = TaskState::Running;
+                        task.started.get_or_insert(self.clock.now_ms());
+                        self.save_task(&task).await;
+                    }
+                    info!(task = %task.id, "re-attaching to a task that ran while cimaged was down");
+                    self.live
+                        .lock()
+                        .unwrap()
+                        .insert(task.id.clone(), cancel.clone());
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move { me.wait_and_finish(task, None, cancel).await });
+                    report.reattached += 1;
+                }
+                _ => {
+                    self.fail(
+                        task,
+                        Stage::Start,
+                        "interrupted: cimaged restarted before the container ran".into(),
+                        None,
+                    )
+                    .await;
+                    report.finished += 1;
+                }
+            }
+        }
+        // Re-read: the cleanups above may have ended jobs and released containers.
+        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        let claimed_pods: Vec<&str> = jobs
+            .iter()
+            .filter(|j| j.ended.is_none())
+            .filter_map(|j| j.sandbox_id.as_deref())
+            .collect();
+        for pod in pods
+            .iter()
+            .filter(|p| !claimed_pods.contains(&p.id.as_str()))
+        {
+            let job = pod.labels.get(LABEL_JOB).map(String::as_str).unwrap_or("?");
+            info!(pod = %pod.id, job, "removing orphan pod");
+            let _ = self.rt.stop_pod(&pod.id).await;
+            match self.rt.remove_pod(&pod.id).await {
+                Ok(()) => report.orphan_pods += 1,
+                Err(e) => warn!(pod = %pod.id, "cannot remove orphan pod: {e}"),
+            }
+        }
+        let claimed: Vec<&str> = tasks
+            .iter()
+            .filter(|t| !t.cleaned)
+            .filter_map(|t| t.container_id.as_deref())
+            .collect();
+        for c in containers
+            .iter()
+            .filter(|c| !claimed.contains(&c.id.as_str()))
+        {
+            info!(container = %c.id, "removing orphan container");
+            let _ = self.rt.stop_container(&c.id, Duration::ZERO).await;
+            match self.rt.remove_container(&c.id).await {
+                Ok(()) => report.orphan_containers += 1,
+                Err(e) => warn!(container = %c.id, "cannot remove orphan container: {e}"),
+            }
+        }
+        Ok(report)
+    }
+}

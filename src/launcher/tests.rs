@@ -1,0 +1,400 @@
+//! Unit tests of the launcher over the fake task runtime and the shared rig.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::spec::{LaunchSpec, Principal, SpecError};
+use super::store::TaskState;
+use super::*;
+use crate::cache::Origin;
+use crate::clock::SystemClock;
+use crate::puller::PullerSettings;
+use crate::runtime::task::fake::{FakeTaskRuntime, Script};
+
+const IMG: &str = "127.0.0.1:5000/app:1";
+const ROOT: Principal = Principal {
+    uid: 0,
+    gid: 0,
+    admin: true,
+};
+const ALICE: Principal = Principal {
+    uid: 1000,
+    gid: 1000,
+    admin: false,
+};
+const BOB: Principal = Principal {
+    uid: 1001,
+    gid: 1001,
+    admin: false,
+};
+
+struct Rig {
+    base: crate::testing::Rig,
+    tasks: Arc<FakeTaskRuntime>,
+    launcher: Arc<Launcher>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = crate::testing::Rig;
+    fn deref(&self) -> &Self::Target {
+        &self.base
+    }
+}
+
+fn launcher_over(base: &crate::testing::Rig, tasks: Arc<FakeTaskRuntime>) -> Arc<Launcher> {
+    Launcher::new(
+        tasks,
+        base.puller.clone(),
+        base.cache.clone(),
+        &base.store,
+        Arc::new(SystemClock),
+        LauncherSettings {
+            allowed_mount_prefixes: vec![],
+            stop_grace: Duration::from_secs(1),
+            log_dir: base.dir.path().join("logs"),
+        },
+    )
+    .unwrap()
+}
+
+fn rig() -> Rig {
+    let base = crate::testing::Rig::on_system_clock(PullerSettings {
+        max_concurrent_pulls: 2,
+        retries: 0,
+        ..crate::testing::puller_settings()
+    });
+    base.rt.offer(IMG, "sha256:img1", "sha256:d1", 10);
+    let tasks = Arc::new(FakeTaskRuntime::default());
+    let launcher = launcher_over(&base, tasks.clone());
+    Rig {
+        base,
+        tasks,
+        launcher,
+    }
+}
+
+fn spec(job: Option<&str>) -> LaunchSpec {
+    LaunchSpec {
+        job: job.map(str::to_owned),
+        image: IMG.into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+}
+
+async fn events(mut rx: UnboundedReceiver<TaskEvent>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(e) = rx.recv().await {
+        let done = e.event == Event::CleanedUp;
+        out.push(e.event);
+        if done {
+            break;
+        }
+    }
+    out
+}
+
+fn names(evs: &[Event]) -> Vec<&'static str> {
+    evs.iter()
+        .map(|e| match e {
+            Event::Accepted { .. } => "Accepted",
+            Event::SandboxReady { .. } => "SandboxReady",
+            Event::ImageReady { .. } => "ImageReady",
+            Event::ContainerCreated { .. } => "ContainerCreated",
+            Event::Started => "Started",
+            Event::Output(_) => "Output",
+            Event::Exited { .. } => "Exited",
+            Event::CleanedUp => "CleanedUp",
+            Event::Failed { .. } => "Failed",
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_off_task_runs_through_every_stage_and_leaves_nothing() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_millis(20),
+        exit_code: 3,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert_eq!(
+        names(&evs),
+        [
+            "Accepted",
+            "SandboxReady",
+            "ImageReady",
+            "ContainerCreated",
+            "Started",
+            "Exited",
+            "CleanedUp"
+        ]
+    );
+    assert!(evs.contains(&Event::Exited {
+        exit_code: 3,
+        signal: None,
+        reason: "exited".into()
+    }));
+    assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
+    let t = r.launcher.task(ROOT, &task.id).await.unwrap();
+    assert_eq!(
+        (t.state, t.exit_code, t.cleaned),
+        (TaskState::Exited, Some(3), true)
+    );
+    assert_eq!(
+        r.cache
+            .metrics()
+            .counter("cimage_tasks_total", &[("state", "exited")]),
+        1
+    );
+    let img = r.cache.list().await.unwrap().into_iter().next().unwrap();
+    assert_eq!(
+        (img.use_count, img.origin),
+        (1, Origin::Job),
+        "a launch is a use of its image"
+    );
+    assert!(!r.cache.is_in_use(&img.id), "released after the task");
+}
+
+#[tokio::test]
+async fn an_image_missing_at_container_creation_is_checked_again() {
+    let r = rig();
+    r.tasks.fail_once.lock().unwrap().insert(
+        "CreateContainer",
+        crate::runtime::RuntimeError {
+            op: "CreateContainer",
+            kind: crate::runtime::RuntimeErrorKind::NotFound,
+            message: "failed to get image: not found".into(),
+        },
+    );
+    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.contains(&Event::Exited {
+            exit_code: 0,
+            signal: None,
+            reason: "exited".into()
+        }),
+        "{evs:?}"
+    );
+    let creates = r
+        .tasks
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| **c == "CreateContainer")
+        .count();
+    assert_eq!(creates, 2, "retried once after re-checking the image");
+    assert!(r
+        .launcher
+        .task(ROOT, &task.id)
+        .await
+        .unwrap()
+        .failure
+        .is_none());
+}
+
+#[tokio::test]
+async fn signal_deaths_are_reported_as_signals() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::ZERO,
+        exit_code: 137,
+    });
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(evs.contains(&Event::Exited {
+        exit_code: 137,
+        signal: Some(9),
+        reason: "exited".into()
+    }));
+}
+
+#[tokio::test]
+async fn image_failure_leaves_no_pod() {
+    let r = rig();
+    let mut s = spec(None);
+    s.image = "127.0.0.1:5000/missing:1".into();
+    let (task, rx) = r.launcher.launch(ROOT, s).await.unwrap();
+    let evs = events(rx).await;
+    assert_eq!(
+        names(&evs),
+        ["Accepted", "SandboxReady", "Failed", "CleanedUp"]
+    );
+    assert!(
+        matches!(&evs[2], Event::Failed { stage: Stage::Image, message } if message.contains("missing:1"))
+    );
+    assert_eq!(r.tasks.pod_count(), 0);
+    let t = r.launcher.task(ROOT, &task.id).await.unwrap();
+    assert_eq!(t.failure.unwrap().0, "ImageReady");
+
+    // Also for a named job whose first step fails: the next step gets a fresh pod.
+    let mut s = spec(Some("j1"));
+    s.image = "127.0.0.1:5000/missing:1".into();
+    let (_, rx) = r.launcher.launch(ROOT, s).await.unwrap();
+    events(rx).await;
+    assert_eq!(r.tasks.pod_count(), 0);
+}
+
+#[tokio::test]
+async fn failures_at_create_and_start_still_clean_up() {
+    for op in ["CreateContainer", "StartContainer", "RunPodSandbox"] {
+        let r = rig();
+        r.tasks.failing.lock().unwrap().insert(op, "boom".into());
+        let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+        let evs = events(rx).await;
+        assert!(
+            evs.iter()
+                .any(|e| matches!(e, Event::Failed { message, .. } if message.contains("boom"))),
+            "{op}: {evs:?}"
+        );
+        assert_eq!(
+            (r.tasks.pod_count(), r.tasks.container_count()),
+            (0, 0),
+            "{op}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cancel_and_time_limit_stop_the_container() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.launcher.cancel(ROOT, &task.id).await.unwrap();
+    let evs = waiter.await.unwrap();
+    assert!(
+        evs.contains(&Event::Exited {
+            exit_code: 143,
+            signal: Some(15),
+            reason: "cancelled".into()
+        }),
+        "{evs:?}"
+    );
+    assert_eq!(
+        r.launcher.task(ROOT, &task.id).await.unwrap().state,
+        TaskState::Cancelled
+    );
+
+    let mut s = spec(None);
+    s.timeout = Some(Duration::from_millis(50));
+    let (task, rx) = r.launcher.launch(ROOT, s).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, Event::Exited { reason, .. } if reason == "ExceededTimeLimit")),
+        "{evs:?}"
+    );
+    assert_eq!(
+        r.launcher.task(ROOT, &task.id).await.unwrap().state,
+        TaskState::TimedOut
+    );
+    assert_eq!(r.tasks.pod_count(), 0);
+}
+
+#[tokio::test]
+async fn steps_of_a_job_share_one_pod_until_the_job_ends() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_millis(100),
+        exit_code: 0,
+    });
+    let (a, rxa) = r.launcher.launch(ALICE, spec(Some("job7"))).await.unwrap();
+    let (b, rxb) = r.launcher.launch(ALICE, spec(Some("job7"))).await.unwrap();
+    assert_eq!((a.step, b.step), (0, 1));
+    let (ea, eb) = tokio::join!(events(rxa), events(rxb));
+    let sandbox = |evs: &[Event]| {
+        evs.iter().find_map(|e| match e {
+            Event::SandboxReady { sandbox_id } => Some(sandbox_id.clone()),
+            _ => None,
+        })
+    };
+    assert_eq!(sandbox(&ea), sandbox(&eb));
+    assert_eq!(r.tasks.pod_count(), 1, "the pod outlives the steps");
+    assert!(
+        r.tasks
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == "RunPodSandbox")
+            .count()
+            == 1
+    );
+    // Bob may not add steps to, see, or end Alice's job.
+    assert!(matches!(
+        r.launcher.launch(BOB, spec(Some("job7"))).await,
+        Err(LaunchError::Spec(SpecError::Denied(_)))
+    ));
+    assert!(r.launcher.end_job(BOB, "job7").await.is_err());
+    assert!(r.launcher.task(BOB, &a.id).await.is_err());
+    assert!(r.launcher.tasks(BOB, true).await.unwrap().is_empty());
+    assert_eq!(r.launcher.tasks(ALICE, true).await.unwrap().len(), 2);
+    r.launcher.end_job(ALICE, "job7").await.unwrap();
+    assert_eq!(r.tasks.pod_count(), 0);
+}
+
+#[tokio::test]
+async fn recovery_reattaches_running_tasks_and_sweeps_orphans() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_millis(300),
+        exit_code: 7,
+    });
+    // The first daemon runs on a runtime of its own, so that its crash can be real: shutting
+    // that runtime down stops its waiter mid-task, as `kill -9` would.
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l1 = r.launcher.clone();
+    let (task, mut rx) = first
+        .spawn(async move { l1.launch(ROOT, spec(None)).await.unwrap() })
+        .await
+        .unwrap();
+    while let Some(e) = rx.recv().await {
+        if e.event == Event::Started {
+            break;
+        }
+    }
+    first.shutdown_background();
+    drop(rx);
+    let mut ours = r.launcher.ours();
+    ours.insert(LABEL_JOB.into(), "ghost".into());
+    r.tasks.add_pod(ours);
+    let foreign = r.tasks.add_pod(BTreeMap::from([
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (LABEL_INSTANCE.to_string(), "someone-else".to_string()),
+    ]));
+    let again = launcher_over(&r, r.tasks.clone());
+    let report = again.recover().await.unwrap();
+    assert_eq!(
+        (report.reattached, report.orphan_pods),
+        (1, 1),
+        "{report:?}"
+    );
+    for _ in 0..200 {
+        if again.task(ROOT, &task.id).await.unwrap().cleaned {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = again.task(ROOT, &task.id).await.unwrap();
+    assert_eq!((t.state, t.exit_code), (TaskState::Exited, Some(7)));
+    let left = r.tasks.list_pods(&BTreeMap::new()).await.unwrap();
+    assert_eq!(
+        left.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+        vec![foreign]
+    );
+}

@@ -1,0 +1,132 @@
+//! Waiting for a running step to exit: status polling (containerd 1.6 has no container events),
+//! output forwarding, cancel and time limit (SIGTERM, then SIGKILL after the grace period).
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::logs::Tail;
+use super::store::{TaskRecord, TaskState};
+use super::{send, Event, Launcher, Stage, TaskEvent};
+use crate::runtime::ContainerState;
+
+/// The signal behind an exit code, as runtimes report a signal death as 128+N.
+pub fn signal_of(exit_code: i32) -> Option<i32> {
+    (129..=128 + 64)
+        .contains(&exit_code)
+        .then(|| exit_code - 128)
+}
+
+fn poll_interval(waited: Duration) -> Duration {
+    if waited < Duration::from_secs(1) {
+        Duration::from_millis(5)
+    } else if waited < Duration::from_secs(10) {
+        Duration::from_millis(25)
+    } else {
+        Duration::from_millis(100)
+    }
+}
+
+impl Launcher {
+    /// Waits for the container to exit (stopping it on cancel or at the time limit), records
+    /// the exit, and cleans up. Also used for tasks re-attached after a restart.
+    pub(super) async fn wait_and_finish(
+        &self,
+        mut task: TaskRecord,
+        tx: Option<&UnboundedSender<TaskEvent>>,
+        cancel: CancellationToken,
+    ) {
+        let cid = task
+            .container_id
+            .clone()
+            .expect("a running task has a container");
+        let deadline = task.timeout_ms.map(|limit| {
+            let elapsed =
+                (self.clock.now_ms() - task.started.unwrap_or(task.created)).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+        });
+        let mut tail = Tail::default();
+        let mut stopped_as: Option<TaskState> = None;
+        let mut errors = 0;
+        let waiting = Instant::now();
+        let outcome = loop {
+            for chunk in tail.read(&task.log_path) {
+                send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
+            }
+            match self.rt.container_status(&cid).await {
+                Ok(Some(st)) if st.state == ContainerState::Exited => break Ok(st),
+                Ok(Some(_)) => errors = 0,
+                Ok(None) => break Err(format!("container {cid} disappeared from the runtime")),
+                Err(e) => {
+                    errors += 1;
+                    if errors >= 50 {
+                        break Err(format!("lost track of container {cid}: {e}"));
+                    }
+                }
+            }
+            let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+            tokio::select! {
+                _ = tokio::time::sleep(poll_interval(waiting.elapsed())) => {}
+                _ = cancel.cancelled(), if stopped_as.is_none() => {
+                    stopped_as = Some(TaskState::Cancelled);
+                    info!(task = %task.id, "cancelling: stopping the container");
+                    self.stop(&cid).await;
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && stopped_as.is_none() => {
+                    stopped_as = Some(TaskState::TimedOut);
+                    info!(task = %task.id, "time limit reached: stopping the container");
+                    self.stop(&cid).await;
+                }
+            }
+        };
+        for chunk in tail.read(&task.log_path) {
+            send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
+        }
+        task.finished = Some(self.clock.now_ms());
+        match outcome {
+            Ok(st) => {
+                task.exit_code = Some(st.exit_code);
+                task.signal = signal_of(st.exit_code);
+                task.state = stopped_as.unwrap_or(TaskState::Exited);
+                let reason = match task.state {
+                    TaskState::Cancelled => "cancelled",
+                    TaskState::TimedOut => "ExceededTimeLimit",
+                    _ => "exited",
+                };
+                info!(task = %task.id, exit_code = st.exit_code, reason, "task finished");
+                self.save_task(&task).await;
+                send(
+                    tx,
+                    &task.id,
+                    self.clock.now_ms(),
+                    Event::Exited {
+                        exit_code: st.exit_code,
+                        signal: task.signal,
+                        reason: reason.to_owned(),
+                    },
+                );
+                self.cleanup(task, tx).await;
+            }
+            Err(message) => {
+                // Another waiter (a re-attach racing a slow shutdown) may have finished the task
+                // and removed the container; its record stands.
+                let id = task.id.clone();
+                if let Ok(Some(t)) = self.blocking(move |s| s.task(&id)).await {
+                    if t.state.is_final() {
+                        self.live.lock().unwrap().remove(&task.id);
+                        return;
+                    }
+                }
+                self.fail(task, Stage::Wait, message, tx).await
+            }
+        }
+    }
+
+    async fn stop(&self, cid: &str) {
+        if let Err(e) = self.rt.stop_container(cid, self.settings.stop_grace).await {
+            warn!(container = cid, "stopping failed: {e}");
+        }
+    }
+}
