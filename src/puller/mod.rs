@@ -1,0 +1,321 @@
+//! Makes images ready: applies the pull policy, asks the registry when the policy needs it, and
+//! pulls through the runtime.
+//!
+//! Pulls are single-flight per (image, credential fingerprint): N concurrent requests for one cold
+//! image cause one `PullImage`, whose result they all share. The pull runs in its own task, so a
+//! requester that goes away does not cancel it for the others. A global limit and a per-registry
+//! limit bound how many pulls run at once; transient failures are retried with exponential backoff;
+//! the whole request has a deadline (`PullTimeout`).
+
+mod decision;
+mod flight;
+mod retry;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::cache::{Cache, CacheError, ImageRecord, Origin};
+use crate::credentials::{CredentialError, Credentials, NodeCredentials};
+use crate::policy::{self, PullPolicy};
+use crate::reference::{ImageRef, InvalidReference};
+use crate::registry::{Registry, RegistryError};
+use crate::runtime::{ImageRuntime, RuntimeError};
+use crate::units::format_duration;
+use flight::Flights;
+
+/// Default for [`PullerSettings::max_concurrent_pulls`] (as `ImageCache.MaxConcurrentPulls`).
+pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for [`PullerSettings::pull_timeout`] (as `ImageCache.PullTimeout`).
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for [`PullerSettings::retries`] (as `ImageCache.PullRetries`).
+pub const DEFAULT_RETRIES: u32 = 3;
+/// First backoff delay of a retry; doubled on each further retry.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Limits and timings of the puller.
+#[derive(Debug, Clone)]
+pub struct PullerSettings {
+    /// Pulls that may run at once on the node.
+    pub max_concurrent_pulls: usize,
+    /// Per registry host, pulls that may run at once (default: the global limit).
+    pub per_registry: HashMap<String, usize>,
+    /// Deadline for one request, retries included.
+    pub pull_timeout: Duration,
+    /// Retries of a transient failure.
+    pub retries: u32,
+    /// First backoff delay; doubled on each retry.
+    pub backoff: Duration,
+    /// When cached images need the request to prove access.
+    pub verify: crate::policy::Verify,
+    /// The node's own credentials, for requests without credentials.
+    pub node_credentials: NodeCredentials,
+}
+
+impl Default for PullerSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            per_registry: HashMap::new(),
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            backoff: DEFAULT_BACKOFF,
+            verify: crate::policy::Verify::default(),
+            node_credentials: NodeCredentials::default(),
+        }
+    }
+}
+
+/// One request to make an image ready.
+#[derive(Debug, Clone)]
+pub struct EnsureRequest {
+    /// The image reference as given.
+    pub image: String,
+    /// The policy asked for; `None` applies the default by tag.
+    pub policy: Option<PullPolicy>,
+    /// Registry credentials for this request, if any.
+    pub credentials: Option<Credentials>,
+    /// What the image is for (recorded in the index on first sight).
+    pub origin: Origin,
+}
+
+/// Whether the runtime's `PullImage` was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `PullImage` was called (by this request or by the one it joined).
+    Pulled,
+    /// The runtime's copy was used as it was.
+    Cached,
+}
+
+impl Action {
+    /// `pulled` or `cached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pulled => "pulled",
+            Action::Cached => "cached",
+        }
+    }
+}
+
+/// The outcome of a successful request.
+#[derive(Debug, Clone)]
+pub struct Ensured {
+    /// The normalised reference.
+    pub image: ImageRef,
+    /// The policy applied.
+    pub policy: PullPolicy,
+    /// What happened.
+    pub action: Action,
+    /// The manifest digest the reference stands for, if known.
+    pub digest: Option<String>,
+    /// The index record after this use.
+    pub record: ImageRecord,
+    /// How long the request took.
+    pub elapsed: Duration,
+}
+
+/// Why an image could not be made ready.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PullError {
+    /// The reference is malformed; nothing was contacted.
+    #[error(transparent)]
+    InvalidReference(#[from] InvalidReference),
+    /// The image is absent and the policy forbids pulling; nothing was contacted.
+    #[error("image {image} is not present and pull policy is {policy}")]
+    NotPresent {
+        /// The normalised reference.
+        image: String,
+        /// The policy that forbade the pull.
+        policy: PullPolicy,
+    },
+    /// The registry could not answer for the image.
+    #[error("cannot check image {image} at its registry: {source}")]
+    Registry {
+        /// The normalised reference.
+        image: String,
+        /// The registry's error.
+        source: RegistryError,
+    },
+    /// The runtime failed.
+    #[error("{}", runtime_failure(image, what, source))]
+    Runtime {
+        /// The normalised reference.
+        image: String,
+        /// `pull`, `look up`.
+        what: &'static str,
+        /// The runtime's error.
+        source: RuntimeError,
+    },
+    /// The deadline passed.
+    #[error("pull of image {image} did not finish within {after} (ImageCache.PullTimeout)")]
+    Timeout {
+        /// The normalised reference.
+        image: String,
+        /// The deadline, formatted.
+        after: String,
+    },
+    /// The image does not fit without evicting pinned or in-use images.
+    #[error("cannot pull image {image}: {source}")]
+    NoRoom {
+        /// The normalised reference.
+        image: String,
+        /// Why no room can be made (shared: one pull's error reaches every requester).
+        source: Arc<CacheError>,
+    },
+    /// The node's credential sources failed (an unreadable auth file, a broken helper).
+    #[error("cannot get the node's credentials for image {image}: {source}")]
+    Credentials {
+        /// The normalised reference.
+        image: String,
+        /// What failed (never a secret).
+        source: CredentialError,
+    },
+    /// The index could not be read or could not record the use.
+    #[error("image {image}: the index failed: {source}")]
+    Index {
+        /// The normalised reference.
+        image: String,
+        /// The index's error.
+        source: Arc<CacheError>,
+    },
+}
+
+/// One line that leads with what happened, then the runtime's own words.
+fn runtime_failure(image: &str, what: &str, e: &RuntimeError) -> String {
+    use crate::runtime::RuntimeErrorKind::*;
+    match e.kind {
+        NotFound => format!("image {image} was not found at its registry ({e})"),
+        Unauthorized => format!("the registry refused access to image {image} ({e})"),
+        Unavailable => format!("cannot {what} image {image}: the runtime is not answering ({e})"),
+        _ => format!("runtime failed to {what} image {image}: {e}"),
+    }
+}
+
+/// The puller. Cheap to share behind an `Arc`.
+pub struct Puller {
+    runtime: Arc<dyn ImageRuntime>,
+    registry: Arc<dyn Registry>,
+    cache: Arc<Cache>,
+    settings: PullerSettings,
+    global: Arc<Semaphore>,
+    per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
+    inflight: Flights,
+}
+
+impl Puller {
+    /// A puller over the runtime, the registry and the cache.
+    pub fn new(
+        runtime: Arc<dyn ImageRuntime>,
+        registry: Arc<dyn Registry>,
+        cache: Arc<Cache>,
+        settings: PullerSettings,
+    ) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
+            runtime,
+            registry,
+            cache,
+            settings,
+            per_registry: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Makes `req.image` ready according to the policy and records the use.
+    pub async fn ensure(&self, req: EnsureRequest) -> Result<Ensured, PullError> {
+        let started = Instant::now();
+        let image = ImageRef::parse(&req.image)?;
+        let policy = policy::effective(req.policy, &image);
+        let deadline = self.settings.pull_timeout;
+        // Per-request credentials win; without them, the node's own (if it has any for this
+        // registry).
+        let mut req = req;
+        if req.credentials.is_none() && !self.settings.node_credentials.is_empty() {
+            let node = self.settings.node_credentials.clone();
+            let host = image.registry().to_owned();
+            req.credentials = tokio::task::spawn_blocking(move || node.lookup(&host))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(CredentialError::LookupFailed {
+                        message: e.to_string(),
+                    })
+                })
+                .map_err(|source| PullError::Credentials {
+                    image: image.to_string(),
+                    source,
+                })?;
+        }
+        let fingerprint = req
+            .credentials
+            .as_ref()
+            .map(|c| self.cache.fingerprint(image.registry(), c));
+        let work = self.decide_and_pull(
+            &image,
+            policy,
+            req.credentials.as_ref(),
+            fingerprint.as_deref(),
+        );
+        let metrics = Arc::clone(self.cache.metrics());
+        let policy_name = policy.to_string();
+        let outcome = match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(PullError::Timeout {
+                image: image.to_string(),
+                after: format_duration(deadline),
+            }),
+        };
+        metrics.observe_pull(started.elapsed());
+        let (rt_image, action, verified) = match outcome {
+            Ok(x) => x,
+            Err(e) => {
+                metrics.inc(
+                    "cimage_pulls_total",
+                    &[("policy", &policy_name), ("outcome", "failed")],
+                );
+                return Err(e);
+            }
+        };
+        metrics.inc(
+            "cimage_pulls_total",
+            &[("policy", &policy_name), ("outcome", action.as_str())],
+        );
+        match action {
+            Action::Cached => metrics.inc("cimage_cache_hits_total", &[]),
+            Action::Pulled => metrics.add("cimage_pulled_bytes_total", &[], rt_image.size),
+        }
+        let digest = image
+            .digest()
+            .map(str::to_owned)
+            .or_else(|| image.digest_in(&rt_image.repo_digests).map(str::to_owned));
+        let record = self
+            .cache
+            .record(crate::cache::Use {
+                image: rt_image,
+                origin: req.origin,
+                fingerprint,
+                pulled: action == Action::Pulled,
+                verified,
+            })
+            .await
+            .map_err(|e: CacheError| PullError::Index {
+                image: image.to_string(),
+                source: Arc::new(e),
+            })?;
+        let elapsed = started.elapsed();
+        info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
+        Ok(Ensured {
+            image,
+            policy,
+            action,
+            digest,
+            record,
+            elapsed,
+        })
+    }
+}
