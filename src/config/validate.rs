@@ -1,0 +1,291 @@
+//! Checking a parsed file: required keys, values that make sense together, paths resolved against
+//! `CraneBaseDir`. The result, [`Settings`], is what the daemon is built from.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Config, ImageCacheConfig, RegistryConfig};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a key has the wrong type or is unknown; the message has the location.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("config file {path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key, e.g. `Container.RuntimeEndpoint`.
+        key: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Container support is switched off; cimaged has nothing to do.
+    #[error("container support is disabled (Container.Enabled is not true in {path}); cimaged has nothing to manage")]
+    Disabled {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A validated configuration with every path resolved and every default applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file this came from (for messages).
+    pub source: PathBuf,
+    /// CRI RuntimeService socket path.
+    pub runtime_endpoint: PathBuf,
+    /// CRI ImageService socket path.
+    pub image_endpoint: PathBuf,
+    /// Absolute scratch directory for container tasks.
+    pub temp_dir: PathBuf,
+    /// Absolute directory of the index.
+    pub state_dir: PathBuf,
+    /// Absolute directory of step logs.
+    pub log_dir: PathBuf,
+    /// The `ImageCache` section as written (with defaults).
+    pub image_cache: ImageCacheConfig,
+}
+
+impl Settings {
+    /// The redb file that holds the index.
+    pub fn index_path(&self) -> PathBuf {
+        self.state_dir.join("index.redb")
+    }
+
+    /// The settings for one registry host (defaults when it has no entry).
+    pub fn registry(&self, host: &str) -> RegistryConfig {
+        self.image_cache
+            .registries
+            .get(host)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    validate(config, path)
+}
+
+fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        message,
+    };
+    let container = config.container.ok_or_else(|| ConfigError::Disabled {
+        path: path.to_owned(),
+    })?;
+    if !container.enabled {
+        return Err(ConfigError::Disabled {
+            path: path.to_owned(),
+        });
+    }
+    let runtime = container
+        .runtime_endpoint
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "Container.RuntimeEndpoint",
+                "is required: the CRI runtime's unix socket, e.g. /run/containerd/containerd.sock"
+                    .into(),
+            )
+        })?;
+    let runtime_endpoint = unix_endpoint(runtime)
+        .map_err(|m| invalid("Container.RuntimeEndpoint", format!("{runtime:?} {m}")))?;
+    let image_endpoint = match container.image_endpoint.as_deref() {
+        Some(s) if !s.trim().is_empty() => unix_endpoint(s)
+            .map_err(|m| invalid("Container.ImageEndpoint", format!("{s:?} {m}")))?,
+        _ => runtime_endpoint.clone(),
+    };
+    let ic = config.image_cache;
+    if ic.max_concurrent_pulls == 0 {
+        return Err(invalid(
+            "ImageCache.MaxConcurrentPulls",
+            "must be at least 1".into(),
+        ));
+    }
+    if ic.pull_timeout.is_zero() {
+        return Err(invalid(
+            "ImageCache.PullTimeout",
+            "must be longer than 0s".into(),
+        ));
+    }
+    if ic.reconcile_interval < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.ReconcileInterval",
+            "must be at least 1s".into(),
+        ));
+    }
+    if ic.runtime_timeout.is_zero() {
+        return Err(invalid(
+            "ImageCache.RuntimeTimeout",
+            "must be longer than 0s".into(),
+        ));
+    }
+    for (host, reg) in &ic.registries {
+        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+            return Err(invalid(
+                "ImageCache.Registries",
+                format!("{host:?} is not a registry host (expected host or host:port)"),
+            ));
+        }
+        if let Some(ca) = &reg.ca_file {
+            if reg.insecure {
+                return Err(invalid(
+                    "ImageCache.Registries.*.CaFile",
+                    format!("{host:?} is Insecure (plain HTTP); a CaFile makes no sense there"),
+                ));
+            }
+            if !ca.is_absolute() {
+                return Err(invalid(
+                    "ImageCache.Registries.*.CaFile",
+                    format!("for {host:?}: {} must be an absolute path", ca.display()),
+                ));
+            }
+        }
+        for m in &reg.mirrors {
+            if m.is_empty() || m.contains('/') || m.contains(char::is_whitespace) || m == host {
+                return Err(invalid(
+                    "ImageCache.Registries.*.Mirrors",
+                    format!("{m:?} (for {host:?}) is not a mirror host (host or host:port, not the registry itself)"),
+                ));
+            }
+        }
+        if reg.max_concurrent_pulls == Some(0) {
+            return Err(invalid(
+                "ImageCache.Registries.*.MaxConcurrentPulls",
+                format!("for {host:?} must be at least 1"),
+            ));
+        }
+    }
+    if ic.socket.as_os_str().is_empty() || ic.socket.is_relative() {
+        return Err(invalid(
+            "ImageCache.Socket",
+            format!("{:?} must be an absolute path", ic.socket),
+        ));
+    }
+    for prefix in &ic.launcher.allowed_mount_prefixes {
+        if !prefix.is_absolute() {
+            return Err(invalid(
+                "ImageCache.Launcher.AllowedMountPrefixes",
+                format!("{} must be an absolute path", prefix.display()),
+            ));
+        }
+    }
+    if ic.launcher.stop_grace_period > Duration::from_secs(3600) {
+        return Err(invalid(
+            "ImageCache.Launcher.StopGracePeriod",
+            "must be at most 1h".into(),
+        ));
+    }
+    let ev = &ic.eviction;
+    if !(0.0..=100.0).contains(&ev.high_percent) || !(0.0..=100.0).contains(&ev.low_percent) {
+        return Err(invalid(
+            "ImageCache.Eviction",
+            "HighPercent and LowPercent must be between 0 and 100".into(),
+        ));
+    }
+    if ev.low_percent > ev.high_percent {
+        return Err(invalid(
+            "ImageCache.Eviction.LowPercent",
+            format!(
+                "{} must not be above HighPercent ({})",
+                ev.low_percent, ev.high_percent
+            ),
+        ));
+    }
+    if let Some(addr) = &ic.metrics_addr {
+        addr.parse::<std::net::SocketAddr>().map_err(|e| {
+            invalid(
+                "ImageCache.MetricsAddr",
+                format!("{addr:?} is not host:port ({e}), e.g. 127.0.0.1:9464"),
+            )
+        })?;
+    }
+    let mut names = std::collections::HashSet::new();
+    for sc in &ic.prewarm.schedules {
+        if !names.insert(sc.name.as_str()) {
+            return Err(invalid(
+                "ImageCache.Prewarm.Schedules",
+                format!("schedule name {:?} is used twice", sc.name),
+            ));
+        }
+    }
+    for f in &ic.auth.config_files {
+        if !f.is_absolute() {
+            return Err(invalid(
+                "ImageCache.Auth.ConfigFiles",
+                format!("{} must be an absolute path", f.display()),
+            ));
+        }
+    }
+    for (host, helper) in &ic.auth.credential_helpers {
+        let ok = !helper.is_empty()
+            && helper
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(invalid(
+                "ImageCache.Auth.CredentialHelpers",
+                format!("{helper:?} (for {host:?}) is not a helper name; the helper runs as docker-credential-NAME"),
+            ));
+        }
+    }
+    let base = config.crane_base_dir;
+    let temp_dir = base.join(&container.temp_dir);
+    Ok(Settings {
+        source: path.to_owned(),
+        runtime_endpoint,
+        image_endpoint,
+        log_dir: match &ic.launcher.log_dir {
+            Some(d) => base.join(d),
+            None => temp_dir.clone(),
+        },
+        temp_dir,
+        state_dir: base.join(&ic.state_dir),
+        image_cache: ic,
+    })
+}
+
+/// Accepts `/path/to.sock` or `unix:///path/to.sock`; other schemes are not supported.
+fn unix_endpoint(s: &str) -> Result<PathBuf, &'static str> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    if path.contains("://") {
+        return Err("is not a unix socket (only unix:// endpoints are supported)");
+    }
+    if !path.starts_with('/') {
+        return Err("must be an absolute socket path");
+    }
+    Ok(PathBuf::from(path))
+}
