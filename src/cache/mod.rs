@@ -4,14 +4,15 @@
 //! start-up and periodically, so images removed or added behind cimage's back are noticed.
 
 pub mod evict;
+mod gc;
 pub mod index;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
+pub use gc::GcReport;
 pub use index::{EvictionRecord, ImageRecord, Index, Origin, ReconcileReport, Use};
-use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -59,29 +60,6 @@ pub enum CacheError {
         /// Why it cannot be made.
         reason: String,
     },
-}
-
-/// How a gc runs.
-struct Gc {
-    /// Plan only.
-    dry_run: bool,
-    /// Bytes of an incoming pull to make room for.
-    incoming: u64,
-    /// Reconcile with the runtime first.
-    reconcile: bool,
-    /// Carry the plan out only if it meets the targets.
-    all_or_nothing: bool,
-}
-
-/// What a gc did (or, dry, would do).
-#[derive(Debug, Clone, Default)]
-pub struct GcReport {
-    /// The plan.
-    pub plan: Plan,
-    /// Image filesystem usage before.
-    pub fs: Option<FsUsage>,
-    /// True when nothing was removed: a dry run, or a plan refused for falling short.
-    pub dry_run: bool,
 }
 
 /// Index plus runtime, with the clock that timestamps uses.
@@ -190,158 +168,6 @@ impl Cache {
     /// Every recorded eviction, oldest first.
     pub async fn evictions(&self) -> Result<Vec<EvictionRecord>, CacheError> {
         Ok(self.blocking(|idx| idx.evictions()).await?)
-    }
-
-    async fn image_fs(&self, s: &EvictionSettings) -> Option<FsUsage> {
-        let path = match &s.path {
-            Some(p) => p.clone(),
-            None => {
-                let fs = self.runtime.image_fs_info().await.ok()?;
-                std::path::PathBuf::from(&fs.first()?.mountpoint)
-            }
-        };
-        match evict::fs_usage(&path) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                warn!(
-                    "cannot read usage of the image filesystem at {}: {e}",
-                    path.display()
-                );
-                None
-            }
-        }
-    }
-
-    /// Reconciles with the runtime, plans an eviction and, unless `dry_run`, carries it out:
-    /// each image is removed from the runtime, then forgotten with its eviction recorded in one
-    /// transaction. Without eviction settings the plan is empty.
-    pub async fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
-        self.gc_with(Gc {
-            dry_run,
-            incoming: 0,
-            reconcile: true,
-            all_or_nothing: false,
-        })
-        .await
-    }
-
-    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile again).
-    pub async fn gc_reconciled(&self) -> Result<GcReport, CacheError> {
-        self.gc_with(Gc {
-            dry_run: false,
-            incoming: 0,
-            reconcile: false,
-            all_or_nothing: false,
-        })
-        .await
-    }
-
-    async fn gc_with(&self, how: Gc) -> Result<GcReport, CacheError> {
-        let Some(settings) = self.eviction.clone() else {
-            return Ok(GcReport {
-                dry_run: how.dry_run,
-                ..Default::default()
-            });
-        };
-        let _one_at_a_time = self.gc_lock.lock().await;
-        if how.reconcile {
-            // Plan on what the runtime really holds.
-            if let Err(e) = self.reconcile().await {
-                warn!("gc without a fresh reconciliation: {e}");
-            }
-        }
-        let images = self.list().await?;
-        let sandbox = self
-            .runtime
-            .sandbox_image()
-            .await
-            .ok()
-            .flatten()
-            .and_then(|s| {
-                crate::reference::ImageRef::parse(&s)
-                    .ok()
-                    .map(|r| r.to_string())
-                    .or(Some(s))
-            });
-        let fs = self.image_fs(&settings).await;
-        let protect = |r: &ImageRecord| {
-            if r.pinned {
-                Some("pinned".to_string())
-            } else if self.is_in_use(&r.id) {
-                Some("in use by a running step".to_string())
-            } else if sandbox
-                .as_ref()
-                .is_some_and(|s| r.names.contains(s) || &r.id == s)
-            {
-                Some("the runtime's sandbox image".to_string())
-            } else {
-                None
-            }
-        };
-        let plan = evict::plan(
-            &images,
-            protect,
-            self.clock.now_ms(),
-            fs,
-            &settings,
-            how.incoming,
-        );
-        let refuse = how.all_or_nothing && plan.shortfall.is_some();
-        if !how.dry_run && !refuse {
-            for (rec, reason) in &plan.evict {
-                if let Err(e) = self.runtime.remove_image(&rec.id).await {
-                    warn!(image = %rec.id, "eviction failed: {e}");
-                    continue;
-                }
-                self.forget(&rec.id);
-                let (r, now) = (rec.clone(), self.clock.now_ms());
-                let why = *reason;
-                self.blocking(move |idx| idx.record_eviction(&r, why, now))
-                    .await?;
-                self.metrics
-                    .inc("cimage_evictions_total", &[("reason", reason.as_str())]);
-                info!(image = %rec.id, names = ?rec.names, size = rec.size, reason = reason.as_str(), "image evicted");
-            }
-        }
-        Ok(GcReport {
-            plan,
-            fs,
-            dry_run: how.dry_run || refuse,
-        })
-    }
-
-    /// Makes room for an incoming pull of `bytes`: evicts what the rules allow, or fails without
-    /// evicting anything when the target cannot be met.
-    pub async fn make_room(&self, bytes: u64) -> Result<(), CacheError> {
-        let Some(settings) = &self.eviction else {
-            return Ok(());
-        };
-        // Most pulls are nowhere near a limit: check that cheaply before planning (a plan
-        // reconciles with the runtime first).
-        let over_bytes = match settings.max_bytes {
-            Some(max) => self.list().await?.iter().map(|r| r.size).sum::<u64>() + bytes > max,
-            None => false,
-        };
-        let over_fs = match self.image_fs(settings).await {
-            Some(fs) => fs.percent(fs.used + bytes) > settings.high_percent,
-            None => false,
-        };
-        if !over_bytes && !over_fs {
-            return Ok(());
-        }
-        // One plan, carried out only if it meets the target.
-        let report = self
-            .gc_with(Gc {
-                dry_run: false,
-                incoming: bytes,
-                reconcile: true,
-                all_or_nothing: true,
-            })
-            .await?;
-        match report.plan.shortfall {
-            Some(reason) => Err(CacheError::NoRoom { bytes, reason }),
-            None => Ok(()),
-        }
     }
 
     /// Brings the image count and size gauges up to date.
