@@ -64,42 +64,39 @@ pub fn effective(requested: Option<PullPolicy>, image: &ImageRef) -> PullPolicy 
     })
 }
 
-/// What to do about an image.
+/// What to do about an image. `T` is the runtime's copy, carried by the decisions that use it,
+/// so no caller has to assume it is there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Serve the runtime's copy; the registry is not contacted.
-    UseCached,
+pub enum Decision<T> {
+    /// Serve the runtime's copy (subject to the credential rule); the registry is not contacted
+    /// for freshness.
+    UseCached(T),
     /// Call the runtime's PullImage.
     Pull,
-    /// Ask the registry for the tag's digest, then [`after_resolve`] decides.
-    Resolve,
+    /// Ask the registry for the tag's digest; [`is_current`] then says whether the copy serves.
+    Resolve(T),
     /// Fail: the image is absent and the policy forbids pulling.
     NotPresent,
 }
 
-/// Decides from the policy and whether the runtime has the image.
-pub fn decide(policy: PullPolicy, image: &ImageRef, present: bool) -> Decision {
+/// Decides from the policy and the runtime's copy of the image, if it has one.
+pub fn decide<T>(policy: PullPolicy, image: &ImageRef, present: Option<T>) -> Decision<T> {
     match (policy, present) {
-        (PullPolicy::Never, false) => Decision::NotPresent,
-        (_, false) => Decision::Pull,
-        (PullPolicy::Always, true) if image.digest().is_none() => Decision::Resolve,
-        (_, true) => Decision::UseCached,
+        (PullPolicy::Never, None) => Decision::NotPresent,
+        (_, None) => Decision::Pull,
+        (PullPolicy::Always, Some(c)) if image.digest().is_none() => Decision::Resolve(c),
+        (_, Some(c)) => Decision::UseCached(c),
     }
 }
 
 /// After a [`Decision::Resolve`]: the cached copy is current when the registry's digest for the
 /// tag is one of the digests the runtime recorded for this repository.
-pub fn after_resolve(image: &ImageRef, cached_repo_digests: &[String], resolved: &str) -> Decision {
+pub fn is_current(image: &ImageRef, cached_repo_digests: &[String], resolved: &str) -> bool {
     let name = image.name();
-    let current = cached_repo_digests
+    cached_repo_digests
         .iter()
         .filter_map(|rd| rd.split_once('@'))
-        .any(|(n, d)| n == name && d == resolved);
-    if current {
-        Decision::UseCached
-    } else {
-        Decision::Pull
-    }
+        .any(|(n, d)| n == name && d == resolved)
 }
 
 /// When a cached image needs the request to prove access (`ImageCache.Auth.Verify`).
@@ -197,20 +194,20 @@ mod tests {
         let tagged = r("127.0.0.1:5000/app:1");
         let digest = r(&format!("127.0.0.1:5000/app@{D}"));
         for (policy, image, present, want) in [
-            (Never, &tagged, true, UseCached),
+            (Never, &tagged, true, UseCached(())),
             (Never, &tagged, false, NotPresent),
             (Never, &digest, false, NotPresent),
-            (IfNotPresent, &tagged, true, UseCached),
+            (IfNotPresent, &tagged, true, UseCached(())),
             (IfNotPresent, &tagged, false, Pull),
-            (Always, &tagged, true, Resolve),
+            (Always, &tagged, true, Resolve(())),
             (Always, &tagged, false, Pull),
             // A digest names immutable content: present means current under every policy.
-            (Always, &digest, true, UseCached),
+            (Always, &digest, true, UseCached(())),
             (Always, &digest, false, Pull),
-            (IfNotPresent, &digest, true, UseCached),
+            (IfNotPresent, &digest, true, UseCached(())),
         ] {
             assert_eq!(
-                decide(policy, image, present),
+                decide(policy, image, present.then_some(())),
                 want,
                 "{policy} {image} {present}"
             );
@@ -241,11 +238,11 @@ mod tests {
             "127.0.0.1:5000/other@sha256:bb".to_string(),
             "127.0.0.1:5000/app@sha256:aa".to_string(),
         ];
-        assert_eq!(after_resolve(&image, &cached, "sha256:aa"), UseCached);
-        assert_eq!(after_resolve(&image, &cached, "sha256:cc"), Pull);
+        assert!(is_current(&image, &cached, "sha256:aa"));
+        assert!(!is_current(&image, &cached, "sha256:cc"));
         // The same digest under another repository does not make this tag current.
-        assert_eq!(after_resolve(&image, &cached, "sha256:bb"), Pull);
-        assert_eq!(after_resolve(&image, &[], "sha256:aa"), Pull);
+        assert!(!is_current(&image, &cached, "sha256:bb"));
+        assert!(!is_current(&image, &[], "sha256:aa"));
     }
 
     #[test]

@@ -44,10 +44,10 @@ pub fn launch_status(e: &LaunchError) -> Status {
     let code = match e {
         LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
-        LaunchError::NotFound(_) => Code::NotFound,
-        LaunchError::Conflict(_) => Code::FailedPrecondition,
+        LaunchError::NotFound { .. } => Code::NotFound,
+        LaunchError::Conflict { .. } => Code::FailedPrecondition,
         LaunchError::Store(_) => Code::Internal,
-        LaunchError::Runtime(_) => Code::Unavailable,
+        LaunchError::Runtime { .. } => Code::Unavailable,
     };
     Status::new(code, e.to_string())
 }
@@ -80,7 +80,7 @@ fn event_pb(e: TaskEvent) -> pb::TaskEvent {
         } => E::Exited(pb::Exited {
             exit_code,
             signal: signal.unwrap_or(0),
-            reason,
+            reason: reason.as_str().to_owned(),
         }),
         Event::CleanedUp => E::CleanedUp(pb::CleanedUp {}),
         Event::Failed { stage, message } => E::Failed(pb::Failed {

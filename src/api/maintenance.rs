@@ -64,7 +64,7 @@ fn schedule_pb(s: &ScheduleSpec) -> pb::Schedule {
 fn image_result_pb(r: &ImageResult) -> pb::ImageResult {
     pb::ImageResult {
         image: r.image.clone(),
-        outcome: r.outcome.clone(),
+        outcome: r.outcome.as_str().to_owned(),
         error: r.error.clone().unwrap_or_default(),
         bytes: r.bytes,
         seconds: r.seconds,
@@ -79,7 +79,7 @@ fn run_pb(r: &RunRecord) -> pb::Run {
         started: r.started,
         finished: r.finished.unwrap_or(0),
         jitter_ms: r.jitter_ms,
-        outcome: r.outcome.clone(),
+        outcome: r.outcome.as_str().to_owned(),
         images: r.images.iter().map(image_result_pb).collect(),
     }
 }

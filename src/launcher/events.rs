@@ -68,8 +68,8 @@ pub enum Event {
         exit_code: i32,
         /// The signal, when the exit code says one ended it.
         signal: Option<i32>,
-        /// `exited`, `cancelled` or `ExceededTimeLimit`.
-        reason: String,
+        /// Why it ended.
+        reason: ExitReason,
     },
     /// The container (and for one-off jobs the pod) is gone.
     CleanedUp,
@@ -91,4 +91,26 @@ pub struct TaskEvent {
     pub time_ms: i64,
     /// What happened.
     pub event: Event,
+}
+
+/// Why a task's container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Its process exited (or was killed) by itself.
+    Exited,
+    /// It was stopped on request (`cancel`, `end-job`).
+    Cancelled,
+    /// It was stopped at its time limit (Slurm's word for it).
+    ExceededTimeLimit,
+}
+
+impl ExitReason {
+    /// The name used in events, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exited => "exited",
+            Self::Cancelled => "cancelled",
+            Self::ExceededTimeLimit => "ExceededTimeLimit",
+        }
+    }
 }

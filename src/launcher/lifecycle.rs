@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::spec::{self, LaunchSpec, Principal, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
-use super::{send, Event, LaunchError, Launcher, Stage, TaskEvent, LABEL_TASK};
+use super::{send, Event, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK};
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
 use crate::runtime::{ContainerSpec, PodSpec};
@@ -48,10 +48,11 @@ impl Launcher {
             .iter()
             .any(|t| t.step == step && !t.state.is_final())
         {
-            return Err(LaunchError::Conflict(format!(
-                "step {step} of job {} is already running",
-                v.job
-            )));
+            return Err(LaunchError::Conflict {
+                what: "step",
+                id: format!("{step} of job {}", v.job),
+                why: "is already running".into(),
+            });
         }
         let id = format!("{:012x}", rand::random::<u64>() >> 16);
         let task = TaskRecord {
@@ -112,7 +113,7 @@ impl Launcher {
 
         let (job, sandbox_id) = match self.ensure_sandbox(&v).await {
             Ok(x) => x,
-            Err(e) => return self.fail(task, Stage::Sandbox, e, tx).await,
+            Err(e) => return self.fail(task, Stage::Sandbox, e.to_string(), tx).await,
         };
         send(
             tx,
@@ -249,14 +250,11 @@ impl Launcher {
     pub(super) async fn ensure_sandbox(
         &self,
         v: &Validated,
-    ) -> Result<(JobRecord, String), String> {
+    ) -> Result<(JobRecord, String), SandboxError> {
         let lock = self.job_lock(&v.job);
         let _g = lock.lock().await;
         let id = v.job.clone();
-        let existing = self
-            .blocking(move |s| s.job(&id))
-            .await
-            .map_err(|e| e.to_string())?;
+        let existing = self.blocking(move |s| s.job(&id)).await?;
         let mut job = match existing {
             Some(j) if j.ended.is_none() => j,
             _ => JobRecord {
@@ -279,17 +277,15 @@ impl Launcher {
         if let Some(sid) = &job.sandbox_id {
             return Ok((job.clone(), sid.clone()));
         }
-        std::fs::create_dir_all(&job.pod.log_directory).map_err(|e| {
-            format!(
-                "cannot create log directory {}: {e}",
-                job.pod.log_directory.display()
-            )
+        std::fs::create_dir_all(&job.pod.log_directory).map_err(|source| SandboxError::LogDir {
+            path: job.pod.log_directory.clone(),
+            source,
         })?;
         // The job is saved once the pod exists: a pod created just before a crash carries no
         // claim, and the orphan sweep removes it.
-        let sid = self.rt.run_pod(&job.pod).await.map_err(|e| e.to_string())?;
+        let sid = self.rt.run_pod(&job.pod).await?;
         job.sandbox_id = Some(sid.clone());
-        self.save_job(&job).await.map_err(|e| e.to_string())?;
+        self.save_job(&job).await?;
         Ok((job, sid))
     }
 }

@@ -35,9 +35,9 @@ use tracing::warn;
 use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::puller::Puller;
-use crate::runtime::TaskRuntime;
+use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
-pub use events::{Event, Stage, TaskEvent};
+pub use events::{Event, ExitReason, Stage, TaskEvent};
 use spec::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
 pub use wait::signal_of;
@@ -70,18 +70,54 @@ pub enum LaunchError {
     /// The request is malformed or not allowed; nothing was created.
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// No such task or job (for this caller).
-    #[error("{0}")]
-    NotFound(String),
-    /// The request conflicts with the current state.
-    #[error("{0}")]
-    Conflict(String),
+    /// No such task or job (for this caller: others' work looks absent to non-admins).
+    #[error("no {kind} {id}")]
+    NotFound {
+        /// `task` or `job`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The request conflicts with the current state of a task or job.
+    #[error("{what} {id} {why}")]
+    Conflict {
+        /// `task`, `job` or `step`.
+        what: &'static str,
+        /// Which one.
+        id: String,
+        /// What is in the way, e.g. `has already finished (exited)`.
+        why: String,
+    },
     /// The durable state failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The runtime could not be asked.
-    #[error("{0}")]
-    Runtime(String),
+    #[error("cannot {op}: {source}")]
+    Runtime {
+        /// What was being done, e.g. `list this daemon's pods`.
+        op: &'static str,
+        /// The runtime's error.
+        source: RuntimeError,
+    },
+}
+
+/// Why a job's pod sandbox could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The job's log directory could not be created.
+    #[error("cannot create log directory {}: {source}", path.display())]
+    LogDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The runtime refused the sandbox.
+    #[error("cannot create the pod sandbox: {0}")]
+    Runtime(#[from] RuntimeError),
+    /// The job record could not be read or saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What [`Launcher::recover`] did.

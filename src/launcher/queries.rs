@@ -18,7 +18,10 @@ impl Launcher {
         let key = id.to_owned();
         match self.blocking(move |s| s.task(&key)).await? {
             Some(t) if Self::visible(who, t.uid) => Ok(t),
-            _ => Err(LaunchError::NotFound(format!("no task {id}"))),
+            _ => Err(LaunchError::NotFound {
+                kind: "task",
+                id: id.to_owned(),
+            }),
         }
     }
 
@@ -56,17 +59,20 @@ impl Launcher {
     pub async fn cancel(&self, who: Principal, id: &str) -> Result<TaskRecord, LaunchError> {
         let task = self.task(who, id).await?;
         if task.state.is_final() {
-            return Err(LaunchError::Conflict(format!(
-                "task {id} has already finished ({})",
-                task.state.as_str()
-            )));
+            return Err(LaunchError::Conflict {
+                what: "task",
+                id: id.to_owned(),
+                why: format!("has already finished ({})", task.state.as_str()),
+            });
         }
         match self.live.lock().unwrap().get(id) {
             Some(token) => token.cancel(),
             None => {
-                return Err(LaunchError::Conflict(format!(
-                    "task {id} is not being run by this daemon"
-                )))
+                return Err(LaunchError::Conflict {
+                    what: "task",
+                    id: id.to_owned(),
+                    why: "is not being run by this daemon".into(),
+                })
             }
         }
         Ok(task)
@@ -81,7 +87,12 @@ impl Launcher {
             .await?;
         let job = match job {
             Some(j) if Self::visible(who, j.uid) => j,
-            _ => return Err(LaunchError::NotFound(format!("no job {id}"))),
+            _ => {
+                return Err(LaunchError::NotFound {
+                    kind: "job",
+                    id: id.to_owned(),
+                })
+            }
         };
         let running: Vec<String> = tasks
             .iter()

@@ -21,14 +21,26 @@ impl Launcher {
         let (_, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
         // Ask the runtime everything first: if it cannot answer, nothing is decided and the
         // caller retries later (a task must not be declared lost because containerd was down).
-        let rt_err = |e: crate::runtime::RuntimeError| LaunchError::Runtime(e.to_string());
+        let rt_err = |op| move |source| LaunchError::Runtime { op, source };
         let ours = self.ours();
-        let pods = self.rt.list_pods(&ours).await.map_err(rt_err)?;
-        let containers = self.rt.list_containers(&ours).await.map_err(rt_err)?;
+        let pods = self
+            .rt
+            .list_pods(&ours)
+            .await
+            .map_err(rt_err("list this daemon's pods"))?;
+        let containers = self
+            .rt
+            .list_containers(&ours)
+            .await
+            .map_err(rt_err("list this daemon's containers"))?;
         let mut statuses = HashMap::new();
         for t in tasks.iter().filter(|t| !t.cleaned) {
             if let Some(cid) = &t.container_id {
-                let st = self.rt.container_status(cid).await.map_err(rt_err)?;
+                let st = self
+                    .rt
+                    .container_status(cid)
+                    .await
+                    .map_err(rt_err("read a re-attached container's status"))?;
                 statuses.insert(cid.clone(), st);
             }
         }

@@ -137,7 +137,7 @@ async fn one_off_task_runs_through_every_stage_and_leaves_nothing() {
     assert!(evs.contains(&Event::Exited {
         exit_code: 3,
         signal: None,
-        reason: "exited".into()
+        reason: ExitReason::Exited
     }));
     assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
     let t = r.launcher.task(ROOT, &task.id).await.unwrap();
@@ -177,7 +177,7 @@ async fn an_image_missing_at_container_creation_is_checked_again() {
         evs.contains(&Event::Exited {
             exit_code: 0,
             signal: None,
-            reason: "exited".into()
+            reason: ExitReason::Exited
         }),
         "{evs:?}"
     );
@@ -211,7 +211,7 @@ async fn signal_deaths_are_reported_as_signals() {
     assert!(evs.contains(&Event::Exited {
         exit_code: 137,
         signal: Some(9),
-        reason: "exited".into()
+        reason: ExitReason::Exited
     }));
 }
 
@@ -277,7 +277,7 @@ async fn cancel_and_time_limit_stop_the_container() {
         evs.contains(&Event::Exited {
             exit_code: 143,
             signal: Some(15),
-            reason: "cancelled".into()
+            reason: ExitReason::Cancelled
         }),
         "{evs:?}"
     );
@@ -292,7 +292,7 @@ async fn cancel_and_time_limit_stop_the_container() {
     let evs = events(rx).await;
     assert!(
         evs.iter()
-            .any(|e| matches!(e, Event::Exited { reason, .. } if reason == "ExceededTimeLimit")),
+            .any(|e| matches!(e, Event::Exited { reason, .. } if *reason == ExitReason::ExceededTimeLimit)),
         "{evs:?}"
     );
     assert_eq!(

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::logs::Tail;
 use super::store::{TaskRecord, TaskState};
-use super::{send, Event, Launcher, Stage, TaskEvent};
+use super::{send, Event, ExitReason, Launcher, Stage, TaskEvent};
 use crate::runtime::ContainerState;
 
 /// The signal behind an exit code, as runtimes report a signal death as 128+N.
@@ -91,11 +91,11 @@ impl Launcher {
                 task.signal = signal_of(st.exit_code);
                 task.state = stopped_as.unwrap_or(TaskState::Exited);
                 let reason = match task.state {
-                    TaskState::Cancelled => "cancelled",
-                    TaskState::TimedOut => "ExceededTimeLimit",
-                    _ => "exited",
+                    TaskState::Cancelled => ExitReason::Cancelled,
+                    TaskState::TimedOut => ExitReason::ExceededTimeLimit,
+                    _ => ExitReason::Exited,
                 };
-                info!(task = %task.id, exit_code = st.exit_code, reason, "task finished");
+                info!(task = %task.id, exit_code = st.exit_code, reason = reason.as_str(), "task finished");
                 self.save_task(&task).await;
                 send(
                     tx,
@@ -104,7 +104,7 @@ impl Launcher {
                     Event::Exited {
                         exit_code: st.exit_code,
                         signal: task.signal,
-                        reason: reason.to_owned(),
+                        reason,
                     },
                 );
                 self.cleanup(task, tx).await;

@@ -29,7 +29,7 @@ use crate::policy::PullPolicy;
 use crate::puller::{Action, EnsureRequest, Puller};
 use crate::store::{Store, StoreError};
 pub use schedule::{ScheduleError, ScheduleSpec};
-use store::{ImageResult, PrewarmStore, RunRecord, StoredSchedule};
+use store::{ImageOutcome, ImageResult, PrewarmStore, RunOutcome, RunRecord, StoredSchedule};
 
 /// Why a pre-warm call failed.
 #[derive(Debug, thiserror::Error)]
@@ -281,11 +281,11 @@ impl Prewarmer {
             started: self.clock.now_ms(),
             finished: None,
             jitter_ms: 0,
-            outcome: "running".into(),
+            outcome: RunOutcome::Running,
             images: vec![],
         };
         if !self.running.lock().unwrap().insert(spec.name.clone()) {
-            run.outcome = "skipped".into();
+            run.outcome = RunOutcome::Skipped;
             run.finished = Some(run.started);
             info!(schedule = %spec.name, "pre-warm fire skipped: the previous run is still going");
             metrics.inc("cimage_prewarm_runs_total", &[("outcome", "skipped")]);
@@ -331,19 +331,24 @@ impl Prewarmer {
             .buffer_unordered(spec.concurrency.max(1))
             .collect()
             .await;
-        let failed = results.iter().filter(|r| r.outcome == "failed").count();
+        let failed = results
+            .iter()
+            .filter(|r| r.outcome == ImageOutcome::Failed)
+            .count();
         run.outcome = match (failed, results.len()) {
-            (0, _) => "ok",
-            (f, n) if f == n => "failed",
-            _ => "partial",
-        }
-        .into();
+            (0, _) => RunOutcome::Ok,
+            (f, n) if f == n => RunOutcome::Failed,
+            _ => RunOutcome::Partial,
+        };
         run.images = results;
         run.finished = Some(self.clock.now_ms());
         self.save_run(&run).await;
         self.running.lock().unwrap().remove(&spec.name);
-        metrics.inc("cimage_prewarm_runs_total", &[("outcome", &run.outcome)]);
-        info!(schedule = %spec.name, outcome = %run.outcome, "pre-warm run finished");
+        metrics.inc(
+            "cimage_prewarm_runs_total",
+            &[("outcome", run.outcome.as_str())],
+        );
+        info!(schedule = %spec.name, outcome = run.outcome.as_str(), "pre-warm run finished");
         run
     }
 
@@ -363,13 +368,13 @@ impl Prewarmer {
         match r {
             Ok(e) => {
                 let (outcome, bytes) = match (e.action, was_present) {
-                    (Action::Cached, _) => ("cached", 0),
-                    (Action::Pulled, true) => ("refreshed", e.record.size),
-                    (Action::Pulled, false) => ("pulled", e.record.size),
+                    (Action::Cached, _) => (ImageOutcome::Cached, 0),
+                    (Action::Pulled, true) => (ImageOutcome::Refreshed, e.record.size),
+                    (Action::Pulled, false) => (ImageOutcome::Pulled, e.record.size),
                 };
                 ImageResult {
                     image: e.image.to_string(),
-                    outcome: outcome.into(),
+                    outcome,
                     error: None,
                     bytes,
                     seconds,
@@ -377,7 +382,7 @@ impl Prewarmer {
             }
             Err(e) => ImageResult {
                 image: image.to_owned(),
-                outcome: "failed".into(),
+                outcome: ImageOutcome::Failed,
                 error: Some(e.to_string()),
                 bytes: 0,
                 seconds,

@@ -24,12 +24,70 @@ pub struct StoredSchedule {
 }
 
 /// How one image fared in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageOutcome {
+    /// It was absent and was pulled.
+    Pulled,
+    /// Its tag had moved and the new image was pulled.
+    Refreshed,
+    /// It was present and current.
+    Cached,
+    /// It could not be made ready (see the error).
+    Failed,
+}
+
+impl ImageOutcome {
+    /// The name used in the API, the CLI and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pulled => "pulled",
+            Self::Refreshed => "refreshed",
+            Self::Cached => "cached",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// How a run ended (or that it has not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// Still going.
+    Running,
+    /// Every image is ready.
+    Ok,
+    /// Some images failed.
+    Partial,
+    /// Every image failed.
+    Failed,
+    /// Not run: the previous run of the schedule was still going.
+    Skipped,
+    /// Cut short by a shutdown or a crash of the daemon.
+    Interrupted,
+}
+
+impl RunOutcome {
+    /// The name used in the API, the CLI and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Ok => "ok",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// How one image fared in a run, with its numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageResult {
     /// Normalised reference.
     pub image: String,
-    /// `pulled` (was absent), `refreshed` (the tag had moved), `cached`, or `failed`.
-    pub outcome: String,
+    /// What happened to it.
+    pub outcome: ImageOutcome,
     /// Why it failed.
     pub error: Option<String>,
     /// Bytes pulled (the image's size for pulled and refreshed, 0 otherwise).
@@ -53,8 +111,8 @@ pub struct RunRecord {
     pub finished: Option<i64>,
     /// The random delay applied before starting.
     pub jitter_ms: u64,
-    /// `ok`, `partial`, `failed`, `skipped` (a previous run was still going) or `running`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: RunOutcome,
     /// Per image.
     pub images: Vec<ImageResult>,
 }

@@ -75,7 +75,7 @@ async fn a_run_pulls_refreshes_and_records() {
         .collect();
     assert!(outcomes.contains(&("127.0.0.1:5000/a:1", "pulled")));
     assert!(outcomes.contains(&("127.0.0.1:5000/gone:1", "failed")));
-    assert_eq!(run.outcome, "partial");
+    assert_eq!(run.outcome, RunOutcome::Partial);
     // The tag of a moves: the next run refreshes it; b is current.
     offer(&r, "127.0.0.1:5000/a:1", "sha256:a2", "sha256:da2");
     let run = r.pw.run_now("s", None).await.unwrap();
@@ -149,13 +149,13 @@ async fn overlapping_runs_are_skipped_and_recorded() {
     let skipped =
         r.pw.run(st.spec, "cron", Some(1), Duration::ZERO, None)
             .await;
-    assert_eq!(skipped.outcome, "skipped");
+    assert_eq!(skipped.outcome, RunOutcome::Skipped);
     assert!(matches!(
         r.pw.run_now("slow", None).await,
         Err(PrewarmError::Conflict(_))
     ));
-    assert_eq!(first.await.unwrap().unwrap().outcome, "ok");
-    let outcomes: Vec<String> =
+    assert_eq!(first.await.unwrap().unwrap().outcome, RunOutcome::Ok);
+    let outcomes: Vec<RunOutcome> =
         r.pw.history("slow")
             .await
             .unwrap()
@@ -163,7 +163,7 @@ async fn overlapping_runs_are_skipped_and_recorded() {
             .map(|r| r.outcome)
             .collect();
     assert!(
-        outcomes.contains(&"skipped".to_string()) && outcomes.contains(&"ok".to_string()),
+        outcomes.contains(&RunOutcome::Skipped) && outcomes.contains(&RunOutcome::Ok),
         "{outcomes:?}"
     );
 }

@@ -41,75 +41,86 @@ impl Puller {
                 found
             }
         };
-        let mut decision = policy::decide(policy, image, present.is_some());
-        let mut verified = false;
-        if decision == Decision::Resolve {
-            let cached = present.as_ref().expect("Resolve implies present");
-            let resolved = retry(
-                self.settings.retries,
-                self.settings.backoff,
-                "resolve",
-                || self.registry.resolve(image, credentials),
-            )
-            .await
-            .map_err(|source| PullError::Registry {
-                image: name.clone(),
-                source,
-            })?;
-            decision = policy::after_resolve(image, &cached.repo_digests, &resolved);
-            // The HEAD ran with the request's credentials: it proved access.
-            verified = true;
-        }
-        if decision == Decision::UseCached && !verified {
-            let cached = present.as_ref().expect("UseCached implies present");
-            let rec = self
-                .cache
-                .record_of(&cached.id)
+        let (cached, verified) = match policy::decide(policy, image, present) {
+            Decision::NotPresent => {
+                return Err(PullError::NotPresent {
+                    image: name,
+                    policy,
+                })
+            }
+            Decision::Pull => return self.pull(image, credentials, fingerprint).await,
+            Decision::Resolve(cached) => {
+                let resolved = retry(
+                    self.settings.retries,
+                    self.settings.backoff,
+                    "resolve",
+                    || self.registry.resolve(image, credentials),
+                )
                 .await
-                .map_err(|e| PullError::Index {
+                .map_err(|source| PullError::Registry {
                     image: name.clone(),
-                    source: Arc::new(e),
+                    source,
                 })?;
-            let (credentialed, fps) = rec
-                .map(|r| (r.credentialed, r.fingerprints))
-                .unwrap_or((false, Vec::new()));
-            if policy::access(credentialed, &fps, fingerprint, self.settings.verify)
-                == policy::Access::CheckWithRegistry
-            {
-                match self.registry.resolve(image, credentials).await {
-                    Ok(_) => verified = true,
-                    Err(e)
-                        if e.is_transient()
-                            || e.kind == crate::registry::RegistryErrorKind::Tls =>
-                    {
-                        return Err(PullError::Registry {
-                            image: name.clone(),
-                            source: e,
-                        })
-                    }
-                    // Not proven: as if the image were absent.
-                    Err(_) => {
-                        decision = policy::decide(policy, image, false);
+                if !policy::is_current(image, &cached.repo_digests, &resolved) {
+                    return self.pull(image, credentials, fingerprint).await;
+                }
+                // The HEAD ran with the request's credentials: it proved access.
+                (cached, true)
+            }
+            Decision::UseCached(cached) => {
+                let rec = self
+                    .cache
+                    .record_of(&cached.id)
+                    .await
+                    .map_err(|e| PullError::Index {
+                        image: name.clone(),
+                        source: Arc::new(e),
+                    })?;
+                let (credentialed, fps) = rec
+                    .map(|r| (r.credentialed, r.fingerprints))
+                    .unwrap_or((false, Vec::new()));
+                if policy::access(credentialed, &fps, fingerprint, self.settings.verify)
+                    == policy::Access::Granted
+                {
+                    (cached, false)
+                } else {
+                    match self.registry.resolve(image, credentials).await {
+                        Ok(_) => (cached, true),
+                        Err(e)
+                            if e.is_transient()
+                                || e.kind == crate::registry::RegistryErrorKind::Tls =>
+                        {
+                            return Err(PullError::Registry {
+                                image: name.clone(),
+                                source: e,
+                            })
+                        }
+                        // Not proven: as if the image were absent.
+                        Err(_) => {
+                            return match policy::decide(policy, image, None::<RuntimeImage>) {
+                                Decision::NotPresent => Err(PullError::NotPresent {
+                                    image: name,
+                                    policy,
+                                }),
+                                _ => self.pull(image, credentials, fingerprint).await,
+                            };
+                        }
                     }
                 }
             }
-        }
-        match decision {
-            Decision::UseCached => Ok((
-                present.expect("UseCached implies present"),
-                Action::Cached,
-                verified,
-            )),
-            Decision::NotPresent => Err(PullError::NotPresent {
-                image: name,
-                policy,
-            }),
-            Decision::Pull => {
-                let pulled = self.pull_shared(image, credentials, fingerprint).await?;
-                self.cache.remember(&pulled);
-                Ok((pulled, Action::Pulled, false))
-            }
-            Decision::Resolve => unreachable!("resolved above"),
-        }
+        };
+        Ok((cached, Action::Cached, verified))
+    }
+
+    /// Pulls through the shared flight and notes the result as present.
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+        fingerprint: Option<&str>,
+    ) -> Result<(RuntimeImage, Action, bool), PullError> {
+        let pulled = self.pull_shared(image, credentials, fingerprint).await?;
+        self.cache.remember(&pulled);
+        Ok((pulled, Action::Pulled, false))
     }
 }
