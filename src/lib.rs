@@ -7,6 +7,7 @@
 //! [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC.
 
 pub mod api;
+pub mod background;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::background::Background;
 use crate::cache::{Cache, Index};
 use crate::clock::{Clock, SystemClock};
 use crate::puller::{Puller, PullerSettings};
@@ -34,6 +35,8 @@ pub struct Rig {
     pub cache: Arc<Cache>,
     /// The puller over all of it.
     pub puller: Arc<Puller>,
+    /// The tracked tasks and shutdown token every module of the rig shares.
+    pub background: Background,
 }
 
 impl Rig {
@@ -52,6 +55,7 @@ impl Rig {
         let store = Store::open(&dir.path().join("state.redb")).unwrap();
         let rt = Arc::new(FakeRuntime::default());
         let reg = Arc::new(FakeRegistry::default());
+        let background = Background::new();
         let cache = Arc::new(cache(Cache::new(
             Index::open(&store).unwrap(),
             rt.clone(),
@@ -62,6 +66,7 @@ impl Rig {
             reg.clone(),
             cache.clone(),
             settings,
+            background.clone(),
         ));
         Self {
             dir,
@@ -70,6 +75,7 @@ impl Rig {
             reg,
             cache,
             puller,
+            background,
         }
     }
 }

@@ -7,18 +7,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::background::Background;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 
-/// Serves metrics and health on `addr` until `shutdown`.
+/// Serves metrics and health on `addr` until shutdown begins; connections are tracked tasks of
+/// `background`.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     cache: Arc<Cache>,
-    shutdown: CancellationToken,
+    background: Background,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("binding metrics address {addr}: {e}"))
@@ -27,10 +28,10 @@ pub async fn serve(
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => r?,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = background.shutting_down() => return Ok(()),
         };
         let (m, c) = (Arc::clone(&metrics), Arc::clone(&cache));
-        tokio::spawn(async move {
+        background.spawn(async move {
             if let Err(e) = handle(stream, m, c).await {
                 warn!("metrics connection: {e}");
             }

@@ -1,17 +1,17 @@
 //! The `Launcher` gRPC service: turns requests into [`LaunchSpec`]s for the caller established
 //! from peer credentials, and launcher events into the streamed `TaskEvent`s.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use super::pb;
 use super::peer::AdminPolicy;
 use super::service::{caller, credentials_from_pb, policy_from_pb};
+use super::{ending_at_shutdown, pb, BoxStream};
+use crate::background::Background;
 use crate::launcher::logs::{Chunk, Stream as OutStream};
 use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError};
 use crate::launcher::store::{JobRecord, TaskRecord};
@@ -21,12 +21,18 @@ use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
 pub struct LauncherApi {
     launcher: Arc<Launcher>,
     admin: AdminPolicy,
+    background: Background,
 }
 
 impl LauncherApi {
-    /// A service over the daemon's launcher.
-    pub fn new(launcher: Arc<Launcher>, admin: AdminPolicy) -> Self {
-        Self { launcher, admin }
+    /// A service over the daemon's launcher; its streams end with a clear status when
+    /// `background` shuts down.
+    pub fn new(launcher: Arc<Launcher>, admin: AdminPolicy, background: Background) -> Self {
+        Self {
+            launcher,
+            admin,
+            background,
+        }
     }
 
     fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
@@ -131,8 +137,6 @@ fn job_pb(j: &JobRecord, tasks: &[TaskRecord]) -> pb::Job {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::launcher_server::Launcher for LauncherApi {
     type LaunchStream = BoxStream<pb::TaskEvent>;
@@ -172,13 +176,20 @@ impl pb::launcher_server::Launcher for LauncherApi {
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             credentials: credentials_from_pb(r.credentials),
         };
-        let (_, rx) = self
+        let (task, rx) = self
             .launcher
             .launch(who, spec)
             .await
             .map_err(|e| launch_status(&e))?;
         let stream = UnboundedReceiverStream::new(rx).map(|e| Ok(event_pb(e)));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(ending_at_shutdown(
+            stream,
+            &self.background,
+            format!(
+                "cimaged is shutting down; task {} may still be running and is re-attached when cimaged starts again",
+                task.id
+            ),
+        )))
     }
 
     async fn cancel(&self, req: Request<pb::TaskRef>) -> Result<Response<pb::Task>, Status> {
@@ -228,7 +239,14 @@ impl pb::launcher_server::Launcher for LauncherApi {
             .await
             .map_err(|e| launch_status(&e))?;
         let stream = UnboundedReceiverStream::new(rx).map(|c| Ok(chunk_pb(c)));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(ending_at_shutdown(
+            stream,
+            &self.background,
+            format!(
+                "cimaged is shutting down; output of task {} stopped",
+                r.task_id
+            ),
+        )))
     }
 
     async fn list_jobs(

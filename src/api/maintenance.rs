@@ -1,14 +1,13 @@
 //! The `Maintenance` gRPC service: gc, popularity, and pre-warm schedules.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use super::pb;
 use super::peer::AdminPolicy;
 use super::service::{cache_status, caller, require_admin, to_pb};
+use super::{ending_at_shutdown, pb, BoxStream};
+use crate::background::Background;
 use crate::cache::Cache;
 use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
 use crate::prewarm::store::{ImageResult, RunRecord};
@@ -19,15 +18,23 @@ pub struct MaintenanceApi {
     cache: Arc<Cache>,
     prewarm: Arc<Prewarmer>,
     admin: AdminPolicy,
+    background: Background,
 }
 
 impl MaintenanceApi {
-    /// A service over the daemon's cache and pre-warmer.
-    pub fn new(cache: Arc<Cache>, prewarm: Arc<Prewarmer>, admin: AdminPolicy) -> Self {
+    /// A service over the daemon's cache and pre-warmer; the work behind its streams runs as
+    /// tracked tasks of `background`.
+    pub fn new(
+        cache: Arc<Cache>,
+        prewarm: Arc<Prewarmer>,
+        admin: AdminPolicy,
+        background: Background,
+    ) -> Self {
         Self {
             cache,
             prewarm,
             admin,
+            background,
         }
     }
 
@@ -92,8 +99,6 @@ fn info_pb(i: &ScheduleInfo) -> pb::ScheduleInfo {
         running: i.running,
     }
 }
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for MaintenanceApi {
@@ -229,14 +234,15 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
         let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<ImageResult>();
         let prewarm = Arc::clone(&self.prewarm);
         let forward = tx.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             while let Some(r) = prx.recv().await {
                 let _ = forward.send(Ok(pb::RunProgress {
                     progress: Some(pb::run_progress::Progress::Image(image_result_pb(&r))),
                 }));
             }
         });
-        tokio::spawn(async move {
+        let why = format!("cimaged is shutting down; the run of schedule {name:?} was cut short");
+        self.background.spawn(async move {
             let msg = match prewarm.run_now(&name, Some(ptx)).await {
                 Ok(run) => Ok(pb::RunProgress {
                     progress: Some(pb::run_progress::Progress::Done(run_pb(&run))),
@@ -247,8 +253,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             let _ = tx.send(msg);
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(ending_at_shutdown(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            &self.background,
+            why,
         )))
     }
 

@@ -61,6 +61,27 @@ pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListe
     Ok(listener)
 }
 
+/// A server stream of the API.
+pub type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// Ends `stream` with an `UNAVAILABLE` status saying `why` when it ran out because the daemon
+/// is shutting down, so a client can tell "done" from "the daemon went away".
+pub fn ending_at_shutdown<T: Send + 'static>(
+    stream: impl futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static,
+    background: &crate::background::Background,
+    why: String,
+) -> BoxStream<T> {
+    use futures::StreamExt;
+    let bg = background.clone();
+    let last = futures::stream::once(async move {
+        bg.is_shutting_down()
+            .then(|| Err(tonic::Status::unavailable(why)))
+    })
+    .filter_map(futures::future::ready);
+    Box::pin(stream.chain(last))
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,

@@ -109,6 +109,7 @@ pub fn pull_status(e: &PullError) -> Status {
         PullError::Runtime { source, .. } => runtime_code(source),
         PullError::Timeout { .. } => Code::DeadlineExceeded,
         PullError::Index { .. } => Code::Internal,
+        PullError::ShuttingDown { .. } => Code::Unavailable,
         PullError::NoRoom { .. } => Code::ResourceExhausted,
         PullError::Credentials { .. } => Code::FailedPrecondition,
     };

@@ -14,6 +14,7 @@ pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
 pub use gc::GcReport;
 pub use index::{EvictionRecord, ImageRecord, Index, Origin, ReconcileReport, Use};
 
+use crate::background::Background;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -78,6 +79,8 @@ pub struct Cache {
     presence_ttl_ms: i64,
     /// Uses waiting for the next group commit, and whether a writer is committing.
     pending_uses: Arc<std::sync::Mutex<(Vec<PendingUse>, bool)>>,
+    /// Where the commit loop runs, tracked for shutdown.
+    background: Background,
 }
 
 /// A use waiting to be committed, with where to send the stored record.
@@ -101,7 +104,14 @@ impl Cache {
             confirmed: Default::default(),
             presence_ttl_ms: 0,
             pending_uses: Default::default(),
+            background: Background::new(),
         }
+    }
+
+    /// Runs the cache's own tasks (the group commit) as tracked tasks of `background`.
+    pub fn with_background(mut self, background: Background) -> Self {
+        self.background = background;
+        self
     }
 
     /// Trusts the runtime's "present" for `ttl` (zero: ask the runtime every time).
@@ -299,7 +309,7 @@ impl Cache {
                 Arc::clone(&self.index),
                 Arc::clone(&self.clock),
             );
-            tokio::spawn(async move {
+            self.background.spawn(async move {
                 loop {
                     let batch: Vec<PendingUse> = {
                         let mut p = pending.lock().unwrap();

@@ -98,7 +98,7 @@ impl Launcher {
                 warn!(task = %task.id, "cannot save cleanup: {e}");
             }
         }
-        self.live.lock().unwrap().remove(&task.id);
+        self.forget_live(&task.id);
         send(tx, &task.id, self.clock.now_ms(), Event::CleanedUp);
     }
 

@@ -88,7 +88,8 @@ impl Launcher {
             .insert(task.id.clone(), cancel.clone());
         let (tx, rx) = unbounded_channel();
         info!(task = %task.id, job = %task.job, step, image = %task.image, uid = task.uid, "task accepted");
-        tokio::spawn(Arc::clone(self).run(task.clone(), v, spec, tx, cancel));
+        self.background
+            .spawn(Arc::clone(self).run(task.clone(), v, spec, tx, cancel));
         Ok((task, rx))
     }
 

@@ -44,17 +44,28 @@ pub fn parse_line(line: &str) -> Option<Chunk> {
     })
 }
 
+/// Most bytes one [`Tail::read`] takes from the file, so one read never holds a whole large log
+/// in memory; [`Tail::has_more`] says when another read would find more at once.
+pub const MAX_READ: u64 = 4 << 20;
+
+/// An unfinished line longer than this is dropped: the runtime splits long lines into partial
+/// records far below it, so only a damaged file gets here.
+const MAX_PENDING: usize = 1 << 20;
+
 /// Reads a log file incrementally: each [`Tail::read`] returns the complete lines added since.
 #[derive(Debug, Default)]
 pub struct Tail {
     offset: u64,
     pending: Vec<u8>,
+    more: bool,
 }
 
 impl Tail {
-    /// New chunks since the last call. A missing file yields nothing (the runtime creates it when
-    /// the container starts).
+    /// New chunks since the last call, from at most [`MAX_READ`] bytes. A missing file yields
+    /// nothing (the runtime creates it when the container starts). Blocking: async code uses
+    /// [`Tail::read_off_thread`].
     pub fn read(&mut self, path: &Path) -> Vec<Chunk> {
+        self.more = false;
         let Ok(mut f) = std::fs::File::open(path) else {
             return vec![];
         };
@@ -62,12 +73,16 @@ impl Tail {
             return vec![];
         }
         let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_err() {
+        if (&mut f).take(MAX_READ).read_to_end(&mut buf).is_err() {
             return vec![];
         }
         self.offset += buf.len() as u64;
+        self.more = buf.len() as u64 == MAX_READ;
         self.pending.extend_from_slice(&buf);
         let Some(last_nl) = self.pending.iter().rposition(|&b| b == b'\n') else {
+            if self.pending.len() > MAX_PENDING {
+                self.pending.clear();
+            }
             return vec![];
         };
         let complete: Vec<u8> = self.pending.drain(..=last_nl).collect();
@@ -75,6 +90,29 @@ impl Tail {
             .lines()
             .filter_map(parse_line)
             .collect()
+    }
+
+    /// Whether the last read stopped at [`MAX_READ`] with more to come.
+    pub fn has_more(&self) -> bool {
+        self.more
+    }
+
+    /// [`Tail::read`] on the blocking pool, so file reads never stall the async workers.
+    pub async fn read_off_thread(&mut self, path: &Path) -> Vec<Chunk> {
+        let mut tail = std::mem::take(self);
+        let path = path.to_owned();
+        match tokio::task::spawn_blocking(move || {
+            let chunks = tail.read(&path);
+            (tail, chunks)
+        })
+        .await
+        {
+            Ok((tail, chunks)) => {
+                *self = tail;
+                chunks
+            }
+            Err(_) => Vec::new(),
+        }
     }
 }
 

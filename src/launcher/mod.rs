@@ -32,6 +32,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::background::Background;
 use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::puller::Puller;
@@ -142,8 +143,12 @@ pub struct Launcher {
     clock: Arc<dyn Clock>,
     settings: LauncherSettings,
     instance: String,
+    /// Tasks this daemon is driving, with the token that cancels each.
     live: Mutex<HashMap<String, CancellationToken>>,
+    /// Notified whenever a task leaves `live` (for `end_job`'s wait).
+    live_changed: tokio::sync::Notify,
     job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    background: Background,
 }
 
 fn send(tx: Option<&UnboundedSender<TaskEvent>>, task: &str, now: i64, event: Event) {
@@ -158,7 +163,8 @@ fn send(tx: Option<&UnboundedSender<TaskEvent>>, task: &str, now: i64, event: Ev
 
 impl Launcher {
     /// A launcher over the runtime, with images made ready by `puller` and its jobs and tasks
-    /// kept in `store`.
+    /// kept in `store`. Steps are driven by tracked tasks of `background`; when shutdown
+    /// begins, running steps are left running (the next start re-attaches them).
     pub fn new(
         rt: Arc<dyn TaskRuntime>,
         puller: Arc<Puller>,
@@ -166,6 +172,7 @@ impl Launcher {
         store: &Store,
         clock: Arc<dyn Clock>,
         settings: LauncherSettings,
+        background: Background,
     ) -> Result<Arc<Self>, StoreError> {
         let instance = store.instance().to_owned();
         let store = TaskStore::open(store)?;
@@ -178,7 +185,9 @@ impl Launcher {
             settings,
             instance,
             live: Mutex::new(HashMap::new()),
+            live_changed: tokio::sync::Notify::new(),
             job_locks: Mutex::new(HashMap::new()),
+            background,
         }))
     }
 
@@ -199,6 +208,12 @@ impl Launcher {
     async fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         let j = job.clone();
         self.blocking(move |s| s.put_job(&j)).await
+    }
+
+    /// Takes a task off the live set and wakes whoever waits for that.
+    fn forget_live(&self, task: &str) {
+        self.live.lock().unwrap().remove(task);
+        self.live_changed.notify_waiters();
     }
 
     fn job_lock(&self, job: &str) -> Arc<tokio::sync::Mutex<()>> {

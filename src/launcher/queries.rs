@@ -2,14 +2,14 @@
 //! drain before the daemon exits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::logs::{Chunk, Tail};
 use super::spec::Principal;
-use super::store::{JobRecord, TaskRecord, TaskState};
+use super::store::{JobRecord, TaskRecord};
 use super::{LaunchError, Launcher};
 
 impl Launcher {
@@ -104,13 +104,21 @@ impl Launcher {
                 token.cancel();
             }
         }
-        let deadline = Instant::now() + self.settings.stop_grace + Duration::from_secs(5);
-        while Instant::now() < deadline
-            && running
-                .iter()
-                .any(|t| self.live.lock().unwrap().contains_key(t))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Wait for the steps to finish their cleanup (bounded by the grace period and a
+        // margin), woken whenever a task leaves the live set.
+        let deadline =
+            tokio::time::Instant::now() + self.settings.stop_grace + Duration::from_secs(5);
+        loop {
+            let changed = self.live_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let any_live = {
+                let live = self.live.lock().unwrap();
+                running.iter().any(|t| live.contains_key(t))
+            };
+            if !any_live || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
         }
         let lock = self.job_lock(&job.id);
         let _g = lock.lock().await;
@@ -123,7 +131,8 @@ impl Launcher {
         Ok(job)
     }
 
-    /// A task's output so far; with `follow`, keeps sending until the task has finished.
+    /// A task's output so far; with `follow`, keeps sending until the task has finished (or
+    /// the daemon shuts down).
     pub async fn logs(
         self: &Arc<Self>,
         who: Principal,
@@ -133,13 +142,16 @@ impl Launcher {
         let task = self.task(who, id).await?;
         let (tx, rx) = unbounded_channel();
         let me = Arc::clone(self);
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let mut tail = Tail::default();
             loop {
-                for c in tail.read(&task.log_path) {
+                for c in tail.read_off_thread(&task.log_path).await {
                     if tx.send(c).is_err() {
                         return;
                     }
+                }
+                if tail.has_more() {
+                    continue;
                 }
                 if !follow {
                     return;
@@ -150,37 +162,22 @@ impl Launcher {
                     _ => true,
                 };
                 if done {
-                    for c in tail.read(&task.log_path) {
-                        let _ = tx.send(c);
+                    loop {
+                        for c in tail.read_off_thread(&task.log_path).await {
+                            let _ = tx.send(c);
+                        }
+                        if !tail.has_more() {
+                            return;
+                        }
                     }
-                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = tx.closed() => return,
+                    _ = me.background.shutting_down() => return,
                 }
             }
         });
         Ok(rx)
-    }
-
-    /// Before the daemon exits: waits (up to `limit`) for tasks that have finished but are still
-    /// being cleaned up. Tasks still running are left running; the next start re-attaches them.
-    pub async fn drain(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            let live: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
-            let busy = match self.blocking(|s| s.tasks()).await {
-                Ok(tasks) => tasks
-                    .iter()
-                    .any(|t| live.contains(&t.id) && !t.cleaned && t.state != TaskState::Running),
-                Err(_) => false,
-            };
-            if !busy {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        warn!("shutting down with task cleanups still in progress; the next start finishes them");
     }
 }

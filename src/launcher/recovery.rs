@@ -74,7 +74,8 @@ impl Launcher {
                         .unwrap()
                         .insert(task.id.clone(), cancel.clone());
                     let me = Arc::clone(self);
-                    tokio::spawn(async move { me.wait_and_finish(task, None, cancel).await });
+                    self.background
+                        .spawn(async move { me.wait_and_finish(task, None, cancel).await });
                     report.reattached += 1;
                 }
                 _ => {

@@ -56,6 +56,7 @@ fn launcher_over(base: &crate::testing::Rig, tasks: Arc<FakeTaskRuntime>) -> Arc
             stop_grace: Duration::from_secs(1),
             log_dir: base.dir.path().join("logs"),
         },
+        base.background.clone(),
     )
     .unwrap()
 }
@@ -397,4 +398,41 @@ async fn recovery_reattaches_running_tasks_and_sweeps_orphans() {
         left.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
         vec![foreign]
     );
+}
+
+#[tokio::test]
+async fn shutdown_leaves_running_steps_running_and_ends_their_streams() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(Some("long"))).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r, &task.id, TaskState::Running).await;
+    r.background.begin_shutdown();
+    assert_eq!(
+        r.background.wait(Duration::from_secs(5)).await,
+        0,
+        "every tracked task ends promptly"
+    );
+    let evs = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the event stream ends")
+        .unwrap();
+    assert!(!evs.iter().any(|e| matches!(e, Event::Exited { .. })));
+    // The step is the user's: still running, recorded as running, for the next start.
+    assert_eq!(r.tasks.container_count(), 1);
+    let t = r.launcher.task(ROOT, &task.id).await.unwrap();
+    assert_eq!((t.state, t.cleaned), (TaskState::Running, false));
+}
+
+async fn wait_for_state(r: &Rig, id: &str, want: TaskState) {
+    for _ in 0..500 {
+        if r.launcher.task(ROOT, id).await.unwrap().state == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("task {id} never reached {want:?}");
 }

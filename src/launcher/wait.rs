@@ -52,7 +52,7 @@ impl Launcher {
         let mut errors = 0;
         let waiting = Instant::now();
         let outcome = loop {
-            for chunk in tail.read(&task.log_path) {
+            for chunk in tail.read_off_thread(&task.log_path).await {
                 send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
             }
             match self.rt.container_status(&cid).await {
@@ -79,10 +79,22 @@ impl Launcher {
                     info!(task = %task.id, "time limit reached: stopping the container");
                     self.stop(&cid).await;
                 }
+                _ = self.background.shutting_down() => {
+                    // The step is the user's, not the daemon's: it keeps running, and the next
+                    // start re-attaches it (its record says Running).
+                    info!(task = %task.id, "cimaged is shutting down; the step keeps running");
+                    self.forget_live(&task.id);
+                    return;
+                }
             }
         };
-        for chunk in tail.read(&task.log_path) {
-            send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
+        loop {
+            for chunk in tail.read_off_thread(&task.log_path).await {
+                send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
+            }
+            if !tail.has_more() {
+                break;
+            }
         }
         task.finished = Some(self.clock.now_ms());
         match outcome {
@@ -115,7 +127,7 @@ impl Launcher {
                 let id = task.id.clone();
                 if let Ok(Some(t)) = self.blocking(move |s| s.task(&id)).await {
                     if t.state.is_final() {
-                        self.live.lock().unwrap().remove(&task.id);
+                        self.forget_live(&task.id);
                         return;
                     }
                 }

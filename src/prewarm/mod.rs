@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
 use crate::clock::Clock;
 use crate::policy::PullPolicy;
@@ -72,17 +72,28 @@ pub struct Prewarmer {
     clock: Arc<dyn Clock>,
     changed: Notify,
     running: Mutex<HashSet<String>>,
+    background: Background,
 }
 
 impl Prewarmer {
-    /// A pre-warmer keeping its schedules and runs in `store`.
+    /// A pre-warmer keeping its schedules and runs in `store`, its runs tracked tasks of
+    /// `background`. Runs the store still shows as running were cut short by a crash or a
+    /// shutdown: they are marked interrupted here.
     pub fn new(
         puller: Arc<Puller>,
         cache: Arc<Cache>,
         store: &Store,
         clock: Arc<dyn Clock>,
+        background: Background,
     ) -> Result<Arc<Self>, StoreError> {
         let store = PrewarmStore::open(store)?;
+        let interrupted = store.interrupt_running(clock.now_ms())?;
+        if interrupted > 0 {
+            info!(
+                runs = interrupted,
+                "pre-warm runs cut short by the last stop marked interrupted"
+            );
+        }
         Ok(Arc::new(Self {
             puller,
             cache,
@@ -90,6 +101,7 @@ impl Prewarmer {
             clock,
             changed: Notify::new(),
             running: Mutex::new(HashSet::new()),
+            background,
         }))
     }
 
@@ -336,6 +348,8 @@ impl Prewarmer {
             .filter(|r| r.outcome == ImageOutcome::Failed)
             .count();
         run.outcome = match (failed, results.len()) {
+            // Pulls stop when shutdown begins: the run did not fail, it was cut short.
+            _ if self.background.is_shutting_down() => RunOutcome::Interrupted,
             (0, _) => RunOutcome::Ok,
             (f, n) if f == n => RunOutcome::Failed,
             _ => RunOutcome::Partial,
@@ -414,7 +428,7 @@ impl Prewarmer {
                 caught += 1;
                 info!(schedule = %st.spec.name, "catching up a run missed while cimaged was down");
                 let me = Arc::clone(self);
-                tokio::spawn(async move {
+                self.background.spawn(async move {
                     me.run(st.spec, "catch_up", Some(last_due), Duration::ZERO, None)
                         .await;
                 });
@@ -424,8 +438,8 @@ impl Prewarmer {
     }
 
     /// The timer: sleeps until the earliest next fire (waking early when schedules change),
-    /// then starts every run that is due. Returns when `shutdown` is cancelled.
-    pub async fn timer(self: Arc<Self>, shutdown: CancellationToken) {
+    /// then starts every run that is due. Returns when shutdown begins.
+    pub async fn timer(self: Arc<Self>) {
         loop {
             let now = self.clock.now_ms();
             let mut earliest: Option<i64> = None;
@@ -449,7 +463,7 @@ impl Prewarmer {
                             }
                             let me = Arc::clone(&self);
                             let jitter = schedule::jitter(&st.spec);
-                            tokio::spawn(async move {
+                            self.background.spawn(async move {
                                 me.run(st.spec, "cron", Some(next), jitter, None).await;
                             });
                             earliest = Some(now);
@@ -467,7 +481,7 @@ impl Prewarmer {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                 _ = self.changed.notified() => {}
-                _ = shutdown.cancelled() => return,
+                _ = self.background.shutting_down() => return,
             }
         }
     }

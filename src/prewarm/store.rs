@@ -174,6 +174,23 @@ impl PrewarmStore {
             })
     }
 
+    /// Marks every run still recorded as running as interrupted (finished at `now`), in one
+    /// transaction; returns how many. Called at start-up, when no run can be going on.
+    pub fn interrupt_running(&self, now: i64) -> Result<usize, StoreError> {
+        self.store.write("marking interrupted pre-warm runs", |w| {
+            let mut n = 0;
+            for (key, mut run) in w.all(RUNS)? {
+                if run.outcome == RunOutcome::Running {
+                    run.outcome = RunOutcome::Interrupted;
+                    run.finished = Some(now);
+                    w.put(RUNS, &key, &run)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
     /// A schedule's runs, oldest first.
     pub fn runs(&self, name: &str) -> Result<Vec<RunRecord>, StoreError> {
         self.store.read(&format!("listing runs of {name}"), |r| {

@@ -27,6 +27,7 @@ fn rig() -> Rig {
         base.cache.clone(),
         &base.store,
         Arc::new(SystemClock),
+        base.background.clone(),
     )
     .unwrap();
     Rig { base, pw }
@@ -188,4 +189,37 @@ async fn config_schedules_are_owned_by_the_config() {
         r.pw.remove("nope").await,
         Err(PrewarmError::NotFound(_))
     ));
+}
+
+#[tokio::test]
+async fn runs_cut_short_are_marked_interrupted_at_the_next_start() {
+    let r = rig();
+    r.pw.add(spec("nightly", &["127.0.0.1:5000/a:1"], None))
+        .await
+        .unwrap();
+    let store = PrewarmStore::open(&r.store).unwrap();
+    let run = RunRecord {
+        schedule: "nightly".into(),
+        trigger: "cron".into(),
+        scheduled_for: None,
+        started: 5,
+        finished: None,
+        jitter_ms: 0,
+        outcome: RunOutcome::Running,
+        images: vec![],
+    };
+    store.put_run(&run).unwrap();
+    // As a new daemon over the same store would be after a crash.
+    Prewarmer::new(
+        r.puller.clone(),
+        r.cache.clone(),
+        &r.store,
+        Arc::new(SystemClock),
+        r.background.clone(),
+    )
+    .unwrap();
+    let runs = r.pw.history("nightly").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].outcome, RunOutcome::Interrupted);
+    assert!(runs[0].finished.is_some());
 }

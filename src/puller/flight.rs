@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::retry::retry;
 use super::{PullError, Puller};
@@ -64,7 +65,10 @@ impl Puller {
                     retries: self.settings.retries,
                     backoff: self.settings.backoff,
                 };
-                let task = tokio::spawn(job.run(Arc::clone(&self.inflight), key.clone()));
+                let stop = self.background.shutdown_token().clone();
+                let task =
+                    self.background
+                        .spawn(job.run(Arc::clone(&self.inflight), key.clone(), stop));
                 let image_name = image.to_string();
                 let f: Flight = async move {
                     task.await.unwrap_or_else(|e| {
@@ -104,9 +108,20 @@ struct PullJob {
 }
 
 impl PullJob {
-    /// Runs the pull, then takes its flight off the map so later requests start afresh.
-    async fn run(self, inflight: Flights, key: FlightKey) -> Result<RuntimeImage, PullError> {
-        let result = self.pull().await;
+    /// Runs the pull (until it ends or shutdown begins), then takes its flight off the map so
+    /// later requests start afresh.
+    async fn run(
+        self,
+        inflight: Flights,
+        key: FlightKey,
+        stop: CancellationToken,
+    ) -> Result<RuntimeImage, PullError> {
+        let result = tokio::select! {
+            r = self.pull() => r,
+            _ = stop.cancelled() => Err(PullError::ShuttingDown {
+                image: self.image.to_string(),
+            }),
+        };
         inflight.lock().unwrap().remove(&key);
         result
     }

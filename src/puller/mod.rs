@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::info;
 
+use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
 use crate::credentials::{CredentialError, Credentials, NodeCredentials};
 use crate::policy::{self, PullPolicy};
@@ -176,6 +177,12 @@ pub enum PullError {
         /// What failed (never a secret).
         source: CredentialError,
     },
+    /// The daemon began shutting down while the pull ran; the runtime may finish it by itself.
+    #[error("pull of image {image} stopped: cimaged is shutting down")]
+    ShuttingDown {
+        /// The normalised reference.
+        image: String,
+    },
     /// The index could not be read or could not record the use.
     #[error("image {image}: the index failed: {source}")]
     Index {
@@ -206,15 +213,18 @@ pub struct Puller {
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     inflight: Flights,
+    background: Background,
 }
 
 impl Puller {
-    /// A puller over the runtime, the registry and the cache.
+    /// A puller over the runtime, the registry and the cache; its pulls run as tracked tasks
+    /// of `background` and stop when shutdown begins.
     pub fn new(
         runtime: Arc<dyn ImageRuntime>,
         registry: Arc<dyn Registry>,
         cache: Arc<Cache>,
         settings: PullerSettings,
+        background: Background,
     ) -> Self {
         Self {
             global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
@@ -224,6 +234,7 @@ impl Puller {
             settings,
             per_registry: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            background,
         }
     }
 

@@ -13,12 +13,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use cimage::api::{
     self, launcher::LauncherApi, maintenance::MaintenanceApi, peer, service::ImageCacheApi,
 };
+use cimage::background::Background;
 use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
 use cimage::config::{self, Settings};
@@ -32,6 +32,9 @@ use cimage::runtime::ImageRuntime;
 use cimage::store::Store;
 use cimage::units::format_duration;
 use wiring::Wiring;
+
+/// How long shutdown waits for tracked work (cleanups being written, uses being committed).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
 
 /// cimaged: image pre-pull and cache management daemon for CRI compute nodes.
 ///
@@ -220,7 +223,10 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     ));
     index.set_popularity_half_life(ic.prewarm.popularity_half_life);
     let metrics = Arc::new(Metrics::default());
+    // Every task the daemon spawns is tracked here; shutdown cancels its token and waits.
+    let background = Background::new();
     let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
+        .with_background(background.clone())
         .with_metrics(metrics.clone())
         .with_presence_ttl(ic.presence_ttl);
     if let Some(eviction) = wiring.eviction.clone() {
@@ -233,6 +239,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         registry,
         cache.clone(),
         wiring.puller.clone(),
+        background.clone(),
     ));
 
     let clock = Arc::new(SystemClock);
@@ -246,9 +253,16 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         &store,
         clock,
         wiring.launcher.clone(),
+        background.clone(),
     )?;
 
-    let prewarm = Prewarmer::new(puller.clone(), cache.clone(), &store, Arc::new(SystemClock))?;
+    let prewarm = Prewarmer::new(
+        puller.clone(),
+        cache.clone(),
+        &store,
+        Arc::new(SystemClock),
+        background.clone(),
+    )?;
     prewarm
         .sync_config(wiring.schedules.clone())
         .await
@@ -259,60 +273,65 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         Err(e) => warn!("pre-warm catch-up failed: {e}"),
     }
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(recover_loop(launcher.clone(), shutdown.clone()));
-    tokio::spawn(prewarm.clone().timer(shutdown.clone()));
+    background.spawn(recover_loop(launcher.clone(), background.clone()));
+    background.spawn(prewarm.clone().timer());
     if let Some(addr) = &ic.metrics_addr {
         let addr = addr.parse().context("ImageCache.MetricsAddr")?;
-        let (m, c, stop) = (metrics.clone(), cache.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = api::http::serve(addr, m, c, stop).await {
+        let (m, c, bg) = (metrics.clone(), cache.clone(), background.clone());
+        background.spawn(async move {
+            if let Err(e) = api::http::serve(addr, m, c, bg).await {
                 error!("metrics endpoint stopped: {e}");
             }
         });
     }
-    tokio::spawn(reconcile_loop(
+    background.spawn(reconcile_loop(
         cache.clone(),
         ic.reconcile_interval,
-        shutdown.clone(),
+        background.clone(),
     ));
 
     let listener = api::bind_socket(&ic.socket, socket_gid)?;
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
-    let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin);
+    let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin, background.clone());
     let images = ImageCacheApi::new(puller, cache, runtime, admin, store.instance().to_owned());
-    let launcher_api = LauncherApi::new(launcher.clone(), admin);
+    let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
+    let bg = background.clone();
+    background.spawn(async move {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = bg.shutting_down() => {}
         }
-        stop.cancel();
+        bg.begin_shutdown();
     });
 
-    let served = api::serve(
-        listener,
-        images,
-        launcher_api,
-        maintenance,
-        shutdown.clone().cancelled_owned(),
-    )
+    // Stops accepting at shutdown; open streams end (with a status saying why) as the work
+    // behind them sees the token.
+    let bg = background.clone();
+    let served = api::serve(listener, images, launcher_api, maintenance, async move {
+        bg.shutting_down().await
+    })
     .await;
-    shutdown.cancel();
+    background.begin_shutdown();
     let _ = std::fs::remove_file(&ic.socket);
-    launcher.drain(Duration::from_secs(15)).await;
+    let left = background.wait(SHUTDOWN_BOUND).await;
+    if left > 0 {
+        warn!(
+            tasks = left,
+            "shutting down with work still in progress; the next start finishes it"
+        );
+    }
     served.context("serving the API")?;
     info!("cimaged stopped");
     Ok(())
 }
 
 /// Re-attaches tasks and sweeps orphans once the runtime answers (retrying every 5 s).
-async fn recover_loop(launcher: Arc<Launcher>, shutdown: CancellationToken) {
+async fn recover_loop(launcher: Arc<Launcher>, background: Background) {
     loop {
         match launcher.recover().await {
             Ok(r) => {
@@ -329,14 +348,14 @@ async fn recover_loop(launcher: Arc<Launcher>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = shutdown.cancelled() => return,
+            _ = background.shutting_down() => return,
         }
     }
 }
 
 /// Reconciles at start-up (retrying every 5 s while the runtime is not reachable), then every
 /// `interval`.
-async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, shutdown: CancellationToken) {
+async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, background: Background) {
     let mut ever_ok = false;
     loop {
         let next = match cache.reconcile().await {
@@ -366,7 +385,7 @@ async fn reconcile_loop(cache: Arc<Cache>, interval: Duration, shutdown: Cancell
         };
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
-            _ = shutdown.cancelled() => return,
+            _ = background.shutting_down() => return,
         }
     }
 }
