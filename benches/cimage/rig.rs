@@ -1,0 +1,178 @@
+//! What every section of the benchmark uses: the daemon under test, the raw CRI client beside
+//! it, timing helpers and the table row.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cimage::api::pb;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{ImageSpec, PullImageRequest, RemoveImageRequest};
+use tonic::transport::Channel;
+
+pub(crate) const REPS: usize = 5;
+
+pub(crate) fn env_file() -> std::collections::HashMap<String, String> {
+    let dir = std::env::var("CIMAGE_TESTBED_DIR").unwrap_or_else(|_| "/tmp/cimage-testbed".into());
+    let text = std::fs::read_to_string(Path::new(&dir).join("env"))
+        .expect("the benchmark needs the testbed: run scripts/bench (or scripts/testbed up)");
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+pub(crate) fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    })
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(crate) fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx]
+}
+
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+    pub(crate) socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub(crate) fn start(cri: &str, registry: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cimaged.sock");
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  Registries:\n    \"{registry}\":\n      Insecure: true\n",
+                dir.path().display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("cimaged.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
+            .arg("--config")
+            .arg(&config)
+            .env("CIMAGE_LOG", "warn,cimage::puller=debug")
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Daemon {
+            child,
+            log,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn pull_calls(&self, image: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("calling PullImage") && l.contains(image))
+            .count()
+    }
+
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) struct Bench {
+    pub(crate) cri: ImageServiceClient<Channel>,
+    pub(crate) api: pb::image_cache_client::ImageCacheClient<Channel>,
+}
+
+impl Bench {
+    pub(crate) async fn remove(&mut self, image: &str) {
+        let _ = self
+            .cri
+            .remove_image(RemoveImageRequest { image: spec(image) })
+            .await;
+    }
+
+    pub(crate) async fn raw_pull(&mut self, image: &str) -> Duration {
+        let t = Instant::now();
+        self.cri
+            .pull_image(PullImageRequest {
+                image: spec(image),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .expect("raw PullImage");
+        t.elapsed()
+    }
+
+    pub(crate) async fn cimage_pull(
+        &mut self,
+        image: &str,
+        policy: pb::PullPolicy,
+    ) -> (Duration, String) {
+        let t = Instant::now();
+        let r = self
+            .api
+            .pull(pb::PullRequest {
+                image: image.into(),
+                policy: policy as i32,
+                credentials: None,
+            })
+            .await
+            .expect("cimage Pull")
+            .into_inner();
+        (t.elapsed(), r.action)
+    }
+
+    /// Median cold pull through cimage and through raw CRI, alternating which goes first.
+    pub(crate) async fn cold(&mut self, image: &str) -> (Duration, Duration) {
+        let (mut raw, mut via) = (Vec::new(), Vec::new());
+        for rep in 0..REPS {
+            for first_raw in [rep % 2 == 0, rep % 2 != 0] {
+                self.remove(image).await;
+                if first_raw {
+                    raw.push(self.raw_pull(image).await);
+                } else {
+                    let (d, action) = self.cimage_pull(image, pb::PullPolicy::IfNotPresent).await;
+                    assert_eq!(action, "pulled", "cold pull must pull");
+                    via.push(d);
+                }
+            }
+        }
+        (percentile(&mut via, 0.5), percentile(&mut raw, 0.5))
+    }
+}
+
+pub(crate) fn row(name: &str, cimage: String, raw: String, ratio: String, target: &str) {
+    println!("{name:<44} {cimage:>16} {raw:>16} {ratio:>8}  {target}");
+}
