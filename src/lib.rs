@@ -4,7 +4,10 @@
 //! The data path reads one way: [`api`] → [`policy`] → [`puller`] → [`cache`]. Outside systems sit
 //! behind small traits with a real implementation and a test double: [`runtime::ImageRuntime`]
 //! (CRI ImageService, real one in [`cri`]), [`registry::Registry`] (oci-client) and
-//! [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC.
+//! [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC. State lives in one [`store`]; every
+//! background task is tracked by [`background`] so shutdown can wait for it.
+
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod background;
@@ -13,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod cri;
+pub mod identity;
 pub mod launcher;
 pub mod metrics;
 pub mod names;

@@ -7,19 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn busybox(tb: &Testbed) -> String {
-    format!("{}/busybox:1", tb.registry)
-}
-
-/// `cimage run` with `args` before `--` and `cmd` after; returns the output.
-fn run(d: &Daemon, args: &[&str], cmd: &[&str]) -> std::process::Output {
-    let mut all = vec!["run"];
-    all.extend_from_slice(args);
-    all.push("--");
-    all.extend_from_slice(cmd);
-    d.cli(&all)
-}
-
 fn task_json(d: &Daemon, id: &str) -> serde_json::Value {
     let out = d.cli(&["ps", "-a", "-o", "json"]);
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps -o json");
@@ -60,14 +47,6 @@ fn wait_cleaned(d: &Daemon, id: &str) {
     }
 }
 
-fn job_pods(d: &Daemon, job: &str) -> Vec<String> {
-    let instance = d.instance();
-    cri_pods(
-        &d.testbed,
-        &[("io.cimage.instance", &instance), ("io.cimage.job", job)],
-    )
-}
-
 #[test]
 fn exit_codes_and_signals_become_the_cli_exit_status() {
     let d = Daemon::start("");
@@ -105,7 +84,7 @@ fn output_env_workdir_and_user_reach_the_container_and_the_log() {
             "--workdir",
             "/tmp",
             "--user",
-            "1234:5678",
+            "daemon:5678",
         ],
         &[
             "sh",
@@ -114,7 +93,7 @@ fn output_env_workdir_and_user_reach_the_container_and_the_log() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "hello there\n/tmp\n1234\n5678\n");
+    assert_eq!(stdout(&out), "hello there\n/tmp\n1\n5678\n");
     assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
 
     let ps: serde_json::Value =
@@ -122,7 +101,7 @@ fn output_env_workdir_and_user_reach_the_container_and_the_log() {
     let task = &ps.as_array().unwrap()[0];
     let id = task["id"].as_str().unwrap();
     let logs = d.cli(&["logs", id]);
-    assert_eq!(stdout(&logs), "hello there\n/tmp\n1234\n5678\n");
+    assert_eq!(stdout(&logs), "hello there\n/tmp\n1\n5678\n");
     assert!(stderr(&logs).contains("to-stderr"));
     let file = std::fs::read_to_string(task["log_path"].as_str().unwrap()).unwrap();
     assert!(
@@ -278,7 +257,7 @@ fn an_image_that_cannot_be_pulled_fails_at_image_ready_and_leaves_no_pod() {
 
 #[test]
 fn non_root_launches_only_as_itself_and_sees_only_its_tasks() {
-    let d = Daemon::start("SocketGroup: nogroup");
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
     let img = busybox(&d.testbed);
     let nobody = Some((65534, 65534));
     let out = d.cli_as(nobody, &["run", "--image", &img, "--user", "0", "--", "id"]);

@@ -13,7 +13,7 @@ use super::service::{caller, credentials_from_pb, policy_from_pb};
 use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
 use crate::launcher::logs::{Chunk, Stream as OutStream};
-use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError};
+use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError, UserRef, UserRequest};
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
 
@@ -148,11 +148,21 @@ impl pb::launcher_server::Launcher for LauncherApi {
     ) -> Result<Response<Self::LaunchStream>, Status> {
         let who = self.principal(&req)?;
         let r = req.into_inner();
-        if r.gid.is_some() && r.uid.is_none() {
-            return Err(Status::invalid_argument(
-                "a gid needs a uid (--user UID:GID)",
-            ));
-        }
+        let user = match (r.uid, r.user_name.is_empty()) {
+            (Some(_), false) => {
+                return Err(Status::invalid_argument(
+                    "give the user by uid or by user_name, not both",
+                ))
+            }
+            (Some(uid), true) => Some(UserRef::Uid(uid)),
+            (None, false) => Some(UserRef::Name(r.user_name.clone())),
+            (None, true) if r.gid.is_some() => {
+                return Err(Status::invalid_argument(
+                    "a gid needs a user (--user USER:GID)",
+                ))
+            }
+            (None, true) => None,
+        };
         let spec = LaunchSpec {
             job: (!r.job.is_empty()).then_some(r.job),
             step: r.step,
@@ -161,7 +171,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             command: r.command,
             env: r.env.into_iter().map(|e| (e.name, e.value)).collect(),
             workdir: r.workdir,
-            user: r.uid.map(|u| (u, r.gid)),
+            user: user.map(|user| UserRequest { user, gid: r.gid }),
             mounts: r
                 .mounts
                 .into_iter()

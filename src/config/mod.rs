@@ -313,6 +313,16 @@ pub struct LauncherConfig {
     /// `Container.TempDir`.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// Devices steps may have: absolute device paths and globs (`/dev/nvidia*`), matched against
+    /// the resolved device node, and CDI names (`nvidia.com/gpu=*`) on runtimes with CDI.
+    /// Empty (the default): no devices.
+    #[serde(default)]
+    pub allowed_devices: Vec<String>,
+    /// Whether users who are neither root nor in `AdminGroup` may launch containers through
+    /// cimage directly (outside the scheduler). Default false: they may pull, list and follow
+    /// their own tasks only.
+    #[serde(default)]
+    pub allow_user_launch: bool,
 }
 
 impl Default for LauncherConfig {
@@ -321,6 +331,8 @@ impl Default for LauncherConfig {
             allowed_mount_prefixes: Vec::new(),
             stop_grace_period: DEFAULT_STOP_GRACE_PERIOD,
             log_dir: None,
+            allowed_devices: Vec::new(),
+            allow_user_launch: false,
         }
     }
 }

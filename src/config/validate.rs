@@ -203,6 +203,17 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    for d in &ic.launcher.allowed_devices {
+        let cdi = d.contains('=') && d.split('=').next().is_some_and(|k| k.contains('/'));
+        if !(d.starts_with("/dev/") || cdi) || d.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "ImageCache.Launcher.AllowedDevices",
+                format!(
+                    "{d:?} is neither a /dev path or glob nor a CDI name (vendor.com/class=name)"
+                ),
+            ));
+        }
+    }
     if ic.launcher.stop_grace_period > Duration::from_secs(3600) {
         return Err(invalid(
             "ImageCache.Launcher.StopGracePeriod",

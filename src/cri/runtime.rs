@@ -11,8 +11,8 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, PodInfo, PodSpec, RuntimeError,
-    RuntimeErrorKind, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, PodInfo, PodSpec,
+    ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
 };
 
 /// CRI RuntimeService client: pod sandboxes and containers.
@@ -58,6 +58,28 @@ impl CriTaskRuntime {
 }
 
 /// Host network (no CNI needed, as batch jobs expect), PID and IPC shared by the pod's steps.
+/// The process identity in the verbose info's generated OCI spec
+/// (`runtimeSpec.process.user`), as containerd and CRI-O report it.
+fn identity_from_info(json: &str) -> Option<ProcessIdentity> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let user = v.get("runtimeSpec")?.get("process")?.get("user")?;
+    let id = |k: &str| user.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
+    Some(ProcessIdentity {
+        uid: id("uid")?,
+        gid: id("gid")?,
+        additional_gids: user
+            .get("additionalGids")
+            .and_then(|g| g.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
 fn pod_namespaces() -> cri::NamespaceOption {
     cri::NamespaceOption {
         network: cri::NamespaceMode::Node as i32,
@@ -216,6 +238,22 @@ impl TaskRuntime for CriTaskRuntime {
                         .run_as_group
                         .map(|g| cri::Int64Value { value: g.into() }),
                     readonly_rootfs: spec.readonly_rootfs,
+                    supplemental_groups: spec
+                        .supplemental_groups
+                        .iter()
+                        .map(|g| i64::from(*g))
+                        .collect(),
+                    no_new_privs: spec.no_new_privileges,
+                    capabilities: spec.drop_all_capabilities.then(|| cri::Capability {
+                        drop_capabilities: vec!["ALL".into()],
+                        ..Default::default()
+                    }),
+                    // Never privileged; always the runtime's default seccomp profile.
+                    privileged: false,
+                    seccomp: Some(cri::SecurityProfile {
+                        profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                        localhost_ref: String::new(),
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -276,6 +314,39 @@ impl TaskRuntime for CriTaskRuntime {
             Err(e) if e.kind == RuntimeErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    async fn container_identity(&self, id: &str) -> Result<Option<ProcessIdentity>, RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ContainerStatusRequest {
+            container_id: id.to_owned(),
+            verbose: true,
+        };
+        let r = bounded(
+            "ContainerStatus",
+            &self.endpoint,
+            self.timeout,
+            c.container_status(req),
+        )
+        .await?;
+        Ok(r.info.get("info").and_then(|json| identity_from_info(json)))
+    }
+
+    async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
+        let mut c = self.client.clone();
+        let r = bounded(
+            "Version",
+            &self.endpoint,
+            self.timeout,
+            c.version(cri::VersionRequest {
+                version: String::new(),
+            }),
+        )
+        .await?;
+        Ok(RuntimeVersion {
+            name: r.runtime_name,
+            version: r.runtime_version,
+        })
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -340,5 +411,25 @@ impl TaskRuntime for CriTaskRuntime {
                 state: container_state(x.state),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_process_identity_of_a_generated_spec() {
+        let info = r#"{"sandboxID":"x","runtimeSpec":{"process":{"user":{"uid":65534,"gid":65534,"additionalGids":[65534,6]}}}}"#;
+        assert_eq!(
+            identity_from_info(info),
+            Some(ProcessIdentity {
+                uid: 65534,
+                gid: 65534,
+                additional_gids: vec![65534, 6]
+            })
+        );
+        assert_eq!(identity_from_info("{}"), None);
+        assert_eq!(identity_from_info("not json"), None);
     }
 }

@@ -80,10 +80,12 @@ impl Launcher {
                 let others_live = tasks
                     .iter()
                     .any(|t| t.job == job.id && t.id != task.id && !t.state.is_final());
-                let never_ran = task.container_id.is_none();
-                if job.ended.is_none() && (job.one_off || (never_ran && !others_live)) {
+                let never_started = task.started.is_none();
+                let others_ever = tasks.iter().any(|t| t.job == job.id && t.id != task.id);
+                if job.ended.is_none() && (job.one_off || (never_started && !others_live)) {
                     self.teardown_pod(&mut job).await;
-                    if job.one_off {
+                    // A job whose only step never started leaves no claim on its id.
+                    if job.one_off || !others_ever {
                         job.ended = Some(self.clock.now_ms());
                     }
                     ended_job = Some(job);

@@ -7,7 +7,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::spec::{self, LaunchSpec, Principal, SpecError, Validated};
+use super::devices::CdiSupport;
+use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{send, Event, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK};
 use crate::cache::Origin;
@@ -23,18 +24,58 @@ impl Launcher {
         who: Principal,
         spec: LaunchSpec,
     ) -> Result<(TaskRecord, UnboundedReceiver<TaskEvent>), LaunchError> {
-        let v = spec::validate(&spec, who, &self.settings.allowed_mount_prefixes)?;
+        if !who.admin && !self.settings.allow_user_launch {
+            return Err(SpecError::Denied(format!(
+                "uid {} may not launch containers on this node: steps start through the \
+                 scheduler (a site that lets users run them directly sets \
+                 ImageCache.Launcher.AllowUserLaunch: true)",
+                who.uid
+            ))
+            .into());
+        }
+        let users = Arc::clone(&self.users);
+        let request = spec.user.clone();
+        let identity = tokio::task::spawn_blocking(move || {
+            spec::resolve_identity(who, request.as_ref(), users.as_ref())
+        })
+        .await
+        .map_err(|e| SpecError::Invalid(format!("the user lookup failed: {e}")))??;
+        let cdi = match spec.devices.iter().any(|d| d.contains('=')) {
+            false => None,
+            true => Some(CdiSupport::of(&self.rt.version().await.map_err(
+                |source| LaunchError::Runtime {
+                    op: "ask the runtime's version (for CDI support)",
+                    source,
+                },
+            )?)),
+        };
+        let rules = Rules {
+            allowed_mount_prefixes: self.settings.allowed_mount_prefixes.clone(),
+            allowed_devices: self.settings.allowed_devices.clone(),
+            cdi,
+        };
+        let mut v = spec::validate(&spec, identity, &rules)?;
+        v.creator = who.uid;
         let lock = self.job_lock(&v.job);
         let guard = lock.lock().await;
         let job_id = v.job.clone();
         let (existing, tasks) = self
             .blocking(move |s| Ok((s.job(&job_id)?, s.tasks()?)))
             .await?;
-        if let Some(j) = &existing {
-            if j.uid != v.run_as.0 && !who.admin {
+        // Only a live job claims its id (a job whose first step failed has ended).
+        if let Some(j) = existing.as_ref().filter(|j| j.ended.is_none()) {
+            if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
+                // Not a word about whose it is.
                 return Err(SpecError::Denied(format!(
-                    "job {} belongs to uid {}; uid {} cannot add steps to it",
-                    j.id, j.uid, who.uid
+                    "job {} exists and is not open to uid {}; choose another job id",
+                    j.id, who.uid
+                ))
+                .into());
+            }
+            if j.uid != v.identity.uid {
+                return Err(SpecError::Denied(format!(
+                    "job {} runs its steps as uid {}; a step for uid {} cannot join it",
+                    j.id, j.uid, v.identity.uid
                 ))
                 .into());
             }
@@ -64,7 +105,7 @@ impl Launcher {
             id,
             job: v.job.clone(),
             step,
-            uid: v.run_as.0,
+            uid: v.identity.uid,
             image: v.image.to_string(),
             image_id: None,
             container_id: None,
@@ -171,9 +212,14 @@ impl Launcher {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            run_as_user: Some(v.run_as.0),
-            run_as_group: Some(v.run_as.1),
+            run_as_user: Some(v.identity.uid),
+            run_as_group: Some(v.identity.gid),
             readonly_rootfs: spec.readonly_rootfs,
+            supplemental_groups: v.identity.supplementary(),
+            // A step as a user gets that user's rights and no more: setuid binaries and file
+            // capabilities in the image raise nothing, and no capability is kept.
+            no_new_privileges: v.identity.uid != 0,
+            drop_all_capabilities: v.identity.uid != 0,
         };
         let mut created = self
             .rt
@@ -217,6 +263,10 @@ impl Launcher {
         // claim and the orphan sweep removes it, and the task is finished off as interrupted.
         task.container_id = Some(cid.clone());
         task.state = TaskState::Created;
+        if let Err(message) = self.check_identity(&cid, &v.identity).await {
+            // The container is removed by the cleanup that follows the failure.
+            return self.fail(task, Stage::Create, message, tx).await;
+        }
         send(
             tx,
             &task.id,
@@ -247,6 +297,44 @@ impl Launcher {
         self.wait_and_finish(task, tx, cancel).await;
     }
 
+    /// Reads back who the created container's process will be and refuses anything beyond the
+    /// host identity: containerd 1.6 adds the groups the image's /etc/group gives the user, and
+    /// has no strict supplemental-groups policy to stop it.
+    async fn check_identity(&self, cid: &str, want: &Identity) -> Result<(), String> {
+        let got = match self.rt.container_identity(cid).await {
+            Ok(Some(got)) => got,
+            Ok(None) => {
+                return Err(format!(
+                    "the runtime did not report the identity of container {cid}; its groups \
+                     cannot be checked, so the step is refused"
+                ))
+            }
+            Err(e) => return Err(format!("cannot check the identity of container {cid}: {e}")),
+        };
+        if (got.uid, got.gid) != (want.uid, want.gid) {
+            return Err(format!(
+                "the runtime would run the step as {}:{}, not {}:{} as asked; refused",
+                got.uid, got.gid, want.uid, want.gid
+            ));
+        }
+        let mut extra: Vec<u32> = got
+            .additional_gids
+            .iter()
+            .copied()
+            .filter(|g| !want.groups.contains(g))
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        if !extra.is_empty() {
+            return Err(format!(
+                "the image adds groups {extra:?} to user {} (uid {}) through its /etc/group; a \
+                 step gets only its host groups {:?}, so it is refused",
+                want.name, want.uid, want.groups
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates the job's pod sandbox unless it has one.
     pub(super) async fn ensure_sandbox(
         &self,
@@ -260,7 +348,8 @@ impl Launcher {
             Some(j) if j.ended.is_none() => j,
             _ => JobRecord {
                 id: v.job.clone(),
-                uid: v.run_as.0,
+                uid: v.identity.uid,
+                creator: v.creator,
                 one_off: v.one_off,
                 pod: PodSpec {
                     name: format!("cimage-{}", v.job),
@@ -268,7 +357,7 @@ impl Launcher {
                     namespace: "cimage".into(),
                     hostname: String::new(),
                     log_directory: self.settings.log_dir.join(&v.job),
-                    labels: self.base_labels(&v.job, v.run_as.0),
+                    labels: self.base_labels(&v.job, v.identity.uid),
                 },
                 sandbox_id: None,
                 created: self.clock.now_ms(),

@@ -12,6 +12,7 @@
 //! `GetContainerEvents`): every 5 ms for the first second, then more slowly.
 
 mod cleanup;
+pub mod devices;
 mod events;
 mod lifecycle;
 pub mod logs;
@@ -35,6 +36,7 @@ use tracing::warn;
 use crate::background::Background;
 use crate::cache::Cache;
 use crate::clock::Clock;
+use crate::identity::Users;
 use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
@@ -63,6 +65,43 @@ pub struct LauncherSettings {
     pub stop_grace: Duration,
     /// Directory of job log directories.
     pub log_dir: PathBuf,
+    /// Device paths, globs and CDI names steps may have (`ImageCache.Launcher.AllowedDevices`).
+    pub allowed_devices: Vec<String>,
+    /// Whether callers that are neither root nor in the admin group may launch
+    /// (`ImageCache.Launcher.AllowUserLaunch`).
+    pub allow_user_launch: bool,
+}
+
+impl LauncherSettings {
+    /// Settings with these log directory and defaults otherwise: no mounts, no devices, a 10 s
+    /// grace, launches by root and the admin group only.
+    pub fn with_log_dir(log_dir: PathBuf) -> Self {
+        Self {
+            allowed_mount_prefixes: Vec::new(),
+            stop_grace: Duration::from_secs(10),
+            log_dir,
+            allowed_devices: Vec::new(),
+            allow_user_launch: false,
+        }
+    }
+}
+
+/// What a launcher works with: the systems it drives and the daemon's shared parts.
+pub struct Parts {
+    /// The CRI RuntimeService.
+    pub runtime: Arc<dyn TaskRuntime>,
+    /// Makes images ready.
+    pub puller: Arc<Puller>,
+    /// The image cache (in-use marks).
+    pub cache: Arc<Cache>,
+    /// Where jobs and tasks are kept.
+    pub store: Store,
+    /// Timestamps.
+    pub clock: Arc<dyn Clock>,
+    /// The host's user database (steps run as host users with their host groups).
+    pub users: Arc<dyn Users>,
+    /// Tracked tasks and the shutdown token.
+    pub background: Background,
 }
 
 /// Why a launcher call failed.
@@ -137,6 +176,7 @@ pub struct RecoveryReport {
 /// Runs job steps in containers.
 pub struct Launcher {
     rt: Arc<dyn TaskRuntime>,
+    users: Arc<dyn Users>,
     puller: Arc<Puller>,
     cache: Arc<Cache>,
     store: TaskStore,
@@ -162,32 +202,25 @@ fn send(tx: Option<&UnboundedSender<TaskEvent>>, task: &str, now: i64, event: Ev
 }
 
 impl Launcher {
-    /// A launcher over the runtime, with images made ready by `puller` and its jobs and tasks
-    /// kept in `store`. Steps are driven by tracked tasks of `background`; when shutdown
-    /// begins, running steps are left running (the next start re-attaches them).
-    pub fn new(
-        rt: Arc<dyn TaskRuntime>,
-        puller: Arc<Puller>,
-        cache: Arc<Cache>,
-        store: &Store,
-        clock: Arc<dyn Clock>,
-        settings: LauncherSettings,
-        background: Background,
-    ) -> Result<Arc<Self>, StoreError> {
-        let instance = store.instance().to_owned();
-        let store = TaskStore::open(store)?;
+    /// A launcher over `parts.runtime`, with images made ready by the puller and its jobs and
+    /// tasks kept in the store. Steps are driven by tracked tasks of `parts.background`; when
+    /// shutdown begins, running steps are left running (the next start re-attaches them).
+    pub fn new(parts: Parts, settings: LauncherSettings) -> Result<Arc<Self>, StoreError> {
+        let instance = parts.store.instance().to_owned();
+        let store = TaskStore::open(&parts.store)?;
         Ok(Arc::new(Self {
-            rt,
-            puller,
-            cache,
+            rt: parts.runtime,
+            users: parts.users,
+            puller: parts.puller,
+            cache: parts.cache,
             store,
-            clock,
+            clock: parts.clock,
             settings,
             instance,
             live: Mutex::new(HashMap::new()),
             live_changed: tokio::sync::Notify::new(),
             job_locks: Mutex::new(HashMap::new()),
-            background,
+            background: parts.background,
         }))
     }
 

@@ -1,10 +1,12 @@
 //! What a launch asks for, and its validation: everything is checked before anything is created,
 //! so a refused launch changes nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use super::devices::{self, CdiSupport};
 use crate::credentials::Credentials;
+use crate::identity::{HostUser, Users};
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
 use crate::runtime::{DeviceSpec, MountSpec};
@@ -53,6 +55,147 @@ impl std::str::FromStr for MountRequest {
     }
 }
 
+/// A host user by uid or name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRef {
+    /// By uid.
+    Uid(u32),
+    /// By login name.
+    Name(String),
+}
+
+/// Who a step should run as: a host user, and a gid when not the user's primary group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRequest {
+    /// The user.
+    pub user: UserRef,
+    /// The gid; `None`: the primary gid of the user's passwd entry.
+    pub gid: Option<u32>,
+}
+
+impl std::str::FromStr for UserRequest {
+    type Err = String;
+    /// Parses `USER[:GID]`, USER a uid or a login name.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (u, g) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let gid = g
+            .map(|g| {
+                g.parse::<u32>()
+                    .map_err(|_| format!("user {s:?}: the group must be a numeric gid"))
+            })
+            .transpose()?;
+        let user = match u.parse::<u32>() {
+            Ok(uid) => UserRef::Uid(uid),
+            Err(_)
+                if !u.is_empty()
+                    && u.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) =>
+            {
+                UserRef::Name(u.to_owned())
+            }
+            Err(_) => return Err(format!("user {s:?} is not UID[:GID] or NAME[:GID]")),
+        };
+        Ok(Self { user, gid })
+    }
+}
+
+/// The host identity a step runs as: its user, its gid and every host group of the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The uid (owns the task).
+    pub uid: u32,
+    /// The gid of the process.
+    pub gid: u32,
+    /// The login name.
+    pub name: String,
+    /// Every gid the process may have: `gid` and the user's host groups (sorted).
+    pub groups: Vec<u32>,
+}
+
+impl Identity {
+    /// The supplementary gids to ask the runtime for: the groups besides `gid`.
+    pub fn supplementary(&self) -> Vec<u32> {
+        self.groups
+            .iter()
+            .copied()
+            .filter(|g| *g != self.gid)
+            .collect()
+    }
+}
+
+/// Resolves who a step runs as, through the host's user database: the caller when `request` is
+/// `None`. A non-root caller may only run as itself, with its primary group or one of its host
+/// groups; only root may name another user (uid 0 included). The user must exist on the host.
+/// Blocking (NSS).
+pub fn resolve_identity(
+    who: Principal,
+    request: Option<&UserRequest>,
+    users: &dyn Users,
+) -> Result<Identity, SpecError> {
+    let lookup = |r: &UserRef| -> Result<HostUser, SpecError> {
+        let found = match r {
+            UserRef::Uid(uid) => users.by_uid(*uid),
+            UserRef::Name(name) => users.by_name(name),
+        }
+        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+        found.ok_or_else(|| {
+            SpecError::Invalid(match r {
+                UserRef::Uid(uid) => format!(
+                    "uid {uid} has no passwd entry on this node; a step runs as a host user"
+                ),
+                UserRef::Name(n) => {
+                    format!("user {n:?} does not exist on this node; a step runs as a host user")
+                }
+            })
+        })
+    };
+    let (user, gid) = match request {
+        None => (lookup(&UserRef::Uid(who.uid))?, None),
+        Some(r) => (lookup(&r.user)?, r.gid),
+    };
+    let gid = gid.unwrap_or(user.gid);
+    let groups = users
+        .groups(&user, gid)
+        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+    if who.uid != 0 {
+        if user.uid != who.uid {
+            return Err(SpecError::Denied(format!(
+                "uid {} may only launch as itself, not as {} (uid {})",
+                who.uid, user.name, user.uid
+            )));
+        }
+        let own = users
+            .groups(&user, user.gid)
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
+        if gid != who.gid && !own.contains(&gid) {
+            return Err(SpecError::Denied(format!(
+                "uid {} may only launch as itself with one of its own groups, not gid {gid}",
+                who.uid
+            )));
+        }
+    }
+    Ok(Identity {
+        uid: user.uid,
+        gid,
+        name: user.name,
+        groups,
+    })
+}
+
+/// What the node allows a launch, besides the caller's own rights.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Host prefixes mounts must lie under.
+    pub allowed_mount_prefixes: Vec<PathBuf>,
+    /// Device paths, globs and CDI names steps may have.
+    pub allowed_devices: Vec<String>,
+    /// Whether the runtime honours CDI names.
+    pub cdi: Option<CdiSupport>,
+}
+
 /// One step to launch.
 #[derive(Debug, Clone, Default)]
 pub struct LaunchSpec {
@@ -70,8 +213,8 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     /// Working directory ("" for the image's).
     pub workdir: String,
-    /// `uid[:gid]` to run as; `None`: the caller.
-    pub user: Option<(u32, Option<u32>)>,
+    /// The host user (and optionally group) to run as; `None`: the caller.
+    pub user: Option<UserRequest>,
     /// Host mounts.
     pub mounts: Vec<MountRequest>,
     /// Devices by path (`/dev/…`) or CDI name (`vendor.com/class=name`).
@@ -93,8 +236,10 @@ pub struct Validated {
     pub one_off: bool,
     /// The normalised image.
     pub image: ImageRef,
-    /// uid and gid the process runs as; the uid also owns the task.
-    pub run_as: (u32, u32),
+    /// The host identity the process runs as; its uid also owns the task.
+    pub identity: Identity,
+    /// The uid that asked (set by the launcher; a new job records it as its creator).
+    pub creator: u32,
     /// Canonical mounts.
     pub mounts: Vec<MountSpec>,
     /// Devices by path.
@@ -119,14 +264,16 @@ pub fn check_job_id(id: &str) -> Result<(), SpecError> {
     crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
-/// Checks a launch for `who`. Mount sources are resolved (symlinks, `..`) before they are
-/// compared with `allowed_prefixes`, which are resolved too.
+/// Checks a launch that runs as `identity` (see [`resolve_identity`]) against the node's
+/// `rules`. Mount sources are resolved (symlinks, `..`) before they are compared with the
+/// allowed prefixes, which are resolved too.
 pub fn validate(
     spec: &LaunchSpec,
-    who: Principal,
-    allowed_prefixes: &[PathBuf],
+    identity: Identity,
+    rules: &Rules,
 ) -> Result<Validated, SpecError> {
     let invalid = |m: String| SpecError::Invalid(m);
+    let allowed_prefixes = &rules.allowed_mount_prefixes;
     let (job, one_off) = match &spec.job {
         Some(j) => {
             check_job_id(j)?;
@@ -151,20 +298,6 @@ pub fn validate(
     if spec.timeout == Some(Duration::ZERO) {
         return Err(invalid("time limit must be longer than 0s".into()));
     }
-    let run_as = match spec.user {
-        None if who.uid == 0 => (0, 0),
-        None => (who.uid, who.gid),
-        Some((uid, gid)) => {
-            let gid = gid.unwrap_or(if uid == who.uid { who.gid } else { uid });
-            if who.uid != 0 && (uid != who.uid || gid != who.gid) {
-                return Err(SpecError::Denied(format!(
-                    "uid {} may only launch as itself ({}:{}), not as {uid}:{gid}",
-                    who.uid, who.uid, who.gid
-                )));
-            }
-            (uid, gid)
-        }
-    };
     let prefixes: Vec<PathBuf> = allowed_prefixes
         .iter()
         .filter_map(|p| p.canonicalize().ok())
@@ -197,38 +330,14 @@ pub fn validate(
             readonly: m.readonly,
         });
     }
-    let mut devices = Vec::new();
-    let mut cdi_devices = Vec::new();
-    for d in &spec.devices {
-        if d.contains('=') {
-            let (kind, name) = d.split_once('=').unwrap();
-            if !kind.contains('/') || name.is_empty() {
-                return Err(invalid(format!(
-                    "device {d:?} is neither a /dev path nor a CDI name (vendor.com/class=name)"
-                )));
-            }
-            cdi_devices.push(d.clone());
-            continue;
-        }
-        let real = Path::new(d)
-            .canonicalize()
-            .map_err(|e| invalid(format!("device {d} cannot be used: {e}")))?;
-        if !real.starts_with("/dev") {
-            return Err(SpecError::Denied(format!(
-                "device {d} resolves to {}, which is not under /dev",
-                real.display()
-            )));
-        }
-        devices.push(DeviceSpec {
-            host_path: real,
-            container_path: d.clone(),
-        });
-    }
+    let cdi = rules.cdi.clone().unwrap_or(CdiSupport::Supported);
+    let (devices, cdi_devices) = devices::check(&spec.devices, &rules.allowed_devices, &cdi)?;
     Ok(Validated {
         job,
         one_off,
         image,
-        run_as,
+        creator: identity.uid,
+        identity,
         mounts,
         devices,
         cdi_devices,
@@ -251,11 +360,6 @@ fn describe(prefixes: &[PathBuf]) -> String {
 mod tests {
     use super::*;
 
-    const USER: Principal = Principal {
-        uid: 1000,
-        gid: 100,
-        admin: false,
-    };
     const ROOT: Principal = Principal {
         uid: 0,
         gid: 0,
@@ -269,19 +373,67 @@ mod tests {
         }
     }
 
+    fn alice() -> Identity {
+        Identity {
+            uid: 1000,
+            gid: 100,
+            name: "alice".into(),
+            groups: vec![100],
+        }
+    }
+
+    fn validate_as(s: &LaunchSpec, prefixes: &[PathBuf]) -> Result<Validated, SpecError> {
+        validate(
+            s,
+            alice(),
+            &Rules {
+                allowed_mount_prefixes: prefixes.to_vec(),
+                ..Default::default()
+            },
+        )
+    }
+
     #[test]
-    fn users_launch_only_as_themselves() {
-        assert_eq!(validate(&spec(), USER, &[]).unwrap().run_as, (1000, 100));
-        assert_eq!(validate(&spec(), ROOT, &[]).unwrap().run_as, (0, 0));
-        let mut s = spec();
-        s.user = Some((1000, None));
-        assert_eq!(validate(&s, USER, &[]).unwrap().run_as, (1000, 100));
-        s.user = Some((0, None));
-        assert!(matches!(validate(&s, USER, &[]), Err(SpecError::Denied(_))));
-        s.user = Some((1000, Some(0)));
-        assert!(matches!(validate(&s, USER, &[]), Err(SpecError::Denied(_))));
-        s.user = Some((1234, Some(99)));
-        assert_eq!(validate(&s, ROOT, &[]).unwrap().run_as, (1234, 99));
+    fn users_launch_only_as_themselves_with_their_host_groups() {
+        let users = crate::identity::fake::FakeUsers::standard();
+        let alice = Principal {
+            uid: 1000,
+            gid: 1000,
+            admin: false,
+        };
+        let ask = |who, r: Option<&str>| {
+            let req = r.map(|r| r.parse::<UserRequest>().unwrap());
+            resolve_identity(who, req.as_ref(), &users)
+        };
+        let me = ask(alice, None).unwrap();
+        assert_eq!(
+            (me.uid, me.gid, me.groups.clone()),
+            (1000, 1000, vec![27, 1000])
+        );
+        assert_eq!(me.supplementary(), vec![27]);
+        assert_eq!(ask(alice, Some("alice")).unwrap(), me);
+        assert_eq!(
+            ask(alice, Some("1000:27")).unwrap().gid,
+            27,
+            "one of her groups"
+        );
+        for other in ["0", "bob", "1001", "1000:0"] {
+            assert!(
+                matches!(ask(alice, Some(other)), Err(SpecError::Denied(_))),
+                "{other}"
+            );
+        }
+        assert_eq!(ask(ROOT, None).unwrap().uid, 0);
+        let bob = ask(ROOT, Some("bob")).unwrap();
+        assert_eq!(
+            (bob.uid, bob.gid, bob.groups.clone()),
+            (1001, 1001, vec![1001])
+        );
+        assert_eq!(ask(ROOT, Some("1000:5678")).unwrap().groups, vec![27, 5678]);
+        let e = ask(ROOT, Some("4242")).unwrap_err().to_string();
+        assert!(e.contains("no passwd entry"), "{e}");
+        assert!("nobody:x".parse::<UserRequest>().is_err());
+        assert!("a b".parse::<UserRequest>().is_err());
     }
 
     #[test]
@@ -300,7 +452,7 @@ mod tests {
                 target: "/data".into(),
                 readonly: true,
             }];
-            validate(&s, USER, &prefixes)
+            validate_as(&s, &prefixes)
         };
         let ok = with(allowed.join("data")).unwrap();
         assert_eq!(
@@ -330,7 +482,7 @@ mod tests {
             target: "rel".into(),
             readonly: false,
         }];
-        assert!(validate(&s, USER, &prefixes).is_err());
+        assert!(validate_as(&s, &prefixes).is_err());
     }
 
     #[test]
@@ -344,35 +496,22 @@ mod tests {
     }
 
     #[test]
-    fn devices_by_path_or_cdi_name() {
-        let mut s = spec();
-        s.devices = vec!["/dev/null".into(), "nvidia.com/gpu=0".into()];
-        let v = validate(&s, USER, &[]).unwrap();
-        assert_eq!(v.devices[0].host_path, PathBuf::from("/dev/null"));
-        assert_eq!(v.cdi_devices, vec!["nvidia.com/gpu=0".to_string()]);
-        s.devices = vec!["/etc/passwd".into()];
-        assert!(matches!(validate(&s, USER, &[]), Err(SpecError::Denied(_))));
-        s.devices = vec!["gpu=0".into()];
-        assert!(validate(&s, USER, &[]).is_err());
-    }
-
-    #[test]
     fn other_checks() {
         let mut s = spec();
         s.job = Some("../etc".into());
-        assert!(validate(&s, USER, &[]).is_err());
+        assert!(validate_as(&s, &[]).is_err());
         s.job = Some("job-42.a_b".into());
-        let v = validate(&s, USER, &[]).unwrap();
+        let v = validate_as(&s, &[]).unwrap();
         assert!(!v.one_off && v.job == "job-42.a_b");
-        assert!(validate(&spec(), USER, &[]).unwrap().one_off);
+        assert!(validate_as(&spec(), &[]).unwrap().one_off);
         let mut s = spec();
         s.workdir = "relative".into();
-        assert!(validate(&s, USER, &[]).is_err());
+        assert!(validate_as(&s, &[]).is_err());
         let mut s = spec();
         s.env = vec![("A=B".into(), "x".into())];
-        assert!(validate(&s, USER, &[]).is_err());
+        assert!(validate_as(&s, &[]).is_err());
         let mut s = spec();
         s.image = "Bad Image".into();
-        assert!(validate(&s, USER, &[]).is_err());
+        assert!(validate_as(&s, &[]).is_err());
     }
 }

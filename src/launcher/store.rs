@@ -15,8 +15,11 @@ const TASKS: JsonTable<TaskRecord> = JsonTable::new("tasks");
 pub struct JobRecord {
     /// Job id.
     pub id: String,
-    /// Owner uid.
+    /// The uid its steps run as.
     pub uid: u32,
+    /// The uid that created it (records from before this field: root).
+    #[serde(default)]
+    pub creator: u32,
     /// A one-off job ends with its only step.
     pub one_off: bool,
     /// The sandbox's configuration (needed again for every container created in it).

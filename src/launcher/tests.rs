@@ -11,6 +11,7 @@ use super::store::TaskState;
 use super::*;
 use crate::cache::Origin;
 use crate::clock::SystemClock;
+use crate::identity::fake::FakeUsers;
 use crate::puller::PullerSettings;
 use crate::runtime::task::fake::{FakeTaskRuntime, Script};
 
@@ -45,23 +46,40 @@ impl std::ops::Deref for Rig {
 }
 
 fn launcher_over(base: &crate::testing::Rig, tasks: Arc<FakeTaskRuntime>) -> Arc<Launcher> {
+    launcher_with(base, tasks, |_| {})
+}
+
+fn launcher_with(
+    base: &crate::testing::Rig,
+    tasks: Arc<FakeTaskRuntime>,
+    adjust: impl FnOnce(&mut LauncherSettings),
+) -> Arc<Launcher> {
+    let mut settings = LauncherSettings {
+        stop_grace: Duration::from_secs(1),
+        allow_user_launch: true,
+        ..LauncherSettings::with_log_dir(base.dir.path().join("logs"))
+    };
+    adjust(&mut settings);
     Launcher::new(
-        tasks,
-        base.puller.clone(),
-        base.cache.clone(),
-        &base.store,
-        Arc::new(SystemClock),
-        LauncherSettings {
-            allowed_mount_prefixes: vec![],
-            stop_grace: Duration::from_secs(1),
-            log_dir: base.dir.path().join("logs"),
+        Parts {
+            runtime: tasks,
+            puller: base.puller.clone(),
+            cache: base.cache.clone(),
+            store: base.store.clone(),
+            clock: Arc::new(SystemClock),
+            users: Arc::new(FakeUsers::standard()),
+            background: base.background.clone(),
         },
-        base.background.clone(),
+        settings,
     )
     .unwrap()
 }
 
 fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+fn rig_with(adjust: impl FnOnce(&mut LauncherSettings)) -> Rig {
     let base = crate::testing::Rig::on_system_clock(PullerSettings {
         max_concurrent_pulls: 2,
         retries: 0,
@@ -69,7 +87,7 @@ fn rig() -> Rig {
     });
     base.rt.offer(IMG, "sha256:img1", "sha256:d1", 10);
     let tasks = Arc::new(FakeTaskRuntime::default());
-    let launcher = launcher_over(&base, tasks.clone());
+    let launcher = launcher_with(&base, tasks.clone(), adjust);
     Rig {
         base,
         tasks,
@@ -435,4 +453,128 @@ async fn wait_for_state(r: &Rig, id: &str, want: TaskState) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("task {id} never reached {want:?}");
+}
+
+#[tokio::test]
+async fn a_user_step_runs_with_no_privileges_and_exactly_its_host_groups() {
+    let r = rig();
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    events(rx).await;
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    events(rx).await;
+    let created = r.tasks.created.lock().unwrap().clone();
+    let alice = &created[0];
+    assert_eq!(
+        (alice.run_as_user, alice.run_as_group),
+        (Some(1000), Some(1000))
+    );
+    assert_eq!(alice.supplemental_groups, vec![27]);
+    assert!(alice.no_new_privileges && alice.drop_all_capabilities);
+    let root = &created[1];
+    assert_eq!(root.run_as_user, Some(0));
+    assert!(!root.no_new_privileges && !root.drop_all_capabilities);
+}
+
+#[tokio::test]
+async fn groups_added_by_the_image_refuse_the_step_and_leave_nothing() {
+    let r = rig();
+    r.tasks.image_groups.lock().unwrap().push(6);
+    let (task, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter().any(|e| matches!(e, Event::Failed { stage: Stage::Create, message } if message.contains("adds groups [6]"))),
+        "{evs:?}"
+    );
+    assert!(!evs.contains(&Event::Started));
+    assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
+    assert_eq!(
+        r.launcher.task(ROOT, &task.id).await.unwrap().state,
+        TaskState::Failed
+    );
+}
+
+#[tokio::test]
+async fn users_launch_only_where_the_node_allows_it() {
+    let r = rig_with(|s| s.allow_user_launch = false);
+    let e = r.launcher.launch(ALICE, spec(None)).await.unwrap_err();
+    assert!(e.to_string().contains("AllowUserLaunch"), "{e}");
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    events(rx).await;
+    assert!(
+        r.tasks
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == "RunPodSandbox")
+            .count()
+            == 1
+    );
+}
+
+#[tokio::test]
+async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    // Bob takes the id a scheduler would use.
+    let (bobs, _rx) = r
+        .launcher
+        .launch(BOB, spec(Some("slurm-44")))
+        .await
+        .unwrap();
+    wait_for_state(&r, &bobs.id, TaskState::Running).await;
+    // Root launching Alice's step under that id does not join Bob's pod.
+    let mut for_alice = spec(Some("slurm-44"));
+    for_alice.user = Some("1000".parse().unwrap());
+    let e = r.launcher.launch(ROOT, for_alice).await.unwrap_err();
+    assert!(e.to_string().contains("runs its steps as uid 1001"), "{e}");
+    // Alice cannot join it either, and is not told whose it is.
+    let e = r
+        .launcher
+        .launch(ALICE, spec(Some("slurm-44")))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not open to uid 1000") && !e.to_string().contains("1001"),
+        "{e}"
+    );
+    r.launcher.cancel(BOB, &bobs.id).await.unwrap();
+
+    // A first step that fails leaves the id free.
+    let mut broken = spec(Some("j9"));
+    broken.image = "127.0.0.1:5000/missing:1".into();
+    let (_, rx) = r.launcher.launch(ALICE, broken).await.unwrap();
+    events(rx).await;
+    *r.tasks.script.lock().unwrap() = None;
+    let (_, rx) = r.launcher.launch(BOB, spec(Some("j9"))).await.unwrap();
+    let evs = events(rx).await;
+    assert!(evs.contains(&Event::Started), "{evs:?}");
+}
+
+#[tokio::test]
+async fn devices_come_only_from_the_allow_list_and_cdi_needs_a_runtime_with_cdi() {
+    let r = rig_with(|s| s.allowed_devices = vec!["/dev/null".into(), "nvidia.com/gpu=*".into()]);
+    let mut s = spec(None);
+    s.devices = vec!["/dev/null".into()];
+    let (_, rx) = r.launcher.launch(ALICE, s).await.unwrap();
+    events(rx).await;
+    assert_eq!(r.tasks.created.lock().unwrap()[0].devices.len(), 1);
+    for (d, want) in [
+        ("/dev/zero", "AllowedDevices"),
+        ("/dev", "not a character or block device"),
+        ("nvidia.com/gpu=0", "does not support CDI"),
+    ] {
+        let mut s = spec(None);
+        s.devices = vec![d.into()];
+        let e = r.launcher.launch(ALICE, s).await.unwrap_err();
+        assert!(e.to_string().contains(want), "{d}: {e}");
+    }
+    assert_eq!(
+        r.tasks.created.lock().unwrap().len(),
+        1,
+        "nothing more was created"
+    );
 }

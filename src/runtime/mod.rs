@@ -233,5 +233,5 @@ pub mod fake {
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, DeviceSpec, MountSpec, PodInfo,
-    PodSpec, TaskRuntime,
+    PodSpec, ProcessIdentity, RuntimeVersion, TaskRuntime,
 };

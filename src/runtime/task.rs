@@ -76,6 +76,44 @@ pub struct ContainerSpec {
     pub run_as_group: Option<u32>,
     /// Read-only root filesystem.
     pub readonly_rootfs: bool,
+    /// Supplementary gids of the process (the host's groups of its user, besides its gid).
+    pub supplemental_groups: Vec<u32>,
+    /// Set `no_new_privs`: setuid and file capabilities do not raise privileges.
+    pub no_new_privileges: bool,
+    /// Drop every capability.
+    pub drop_all_capabilities: bool,
+}
+
+/// Who a created container's process will run as, read back from the spec the runtime
+/// generated (so that what the image adds is seen, not only what was asked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    /// The process uid.
+    pub uid: u32,
+    /// The process gid.
+    pub gid: u32,
+    /// Every additional gid, whoever added it (the request or the image's /etc/group).
+    pub additional_gids: Vec<u32>,
+}
+
+/// The runtime's name and version (CRI `Version`), e.g. `containerd` `v1.6.20`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeVersion {
+    /// `containerd`, `cri-o`, ...
+    pub name: String,
+    /// As the runtime reports it, e.g. `v1.6.20` or `1.28.1`.
+    pub version: String,
+}
+
+impl RuntimeVersion {
+    /// (major, minor) of the version, if it parses.
+    pub fn major_minor(&self) -> Option<(u32, u32)> {
+        let v = self.version.trim_start_matches('v');
+        let mut parts = v.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some((major, minor))
+    }
 }
 
 /// A container's lifecycle state as the runtime reports it.
@@ -151,6 +189,11 @@ pub trait TaskRuntime: Send + Sync {
         pod: &PodSpec,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError>;
+    /// The identity the created container's process will have, from the runtime's generated
+    /// spec (CRI verbose `ContainerStatus`); `None` when the runtime does not report it.
+    async fn container_identity(&self, id: &str) -> Result<Option<ProcessIdentity>, RuntimeError>;
+    /// The runtime's name and version.
+    async fn version(&self) -> Result<RuntimeVersion, RuntimeError>;
     /// Starts a created container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// A container's status; `None` if the runtime does not know it.
@@ -187,6 +230,7 @@ pub mod fake {
 
     #[derive(Debug)]
     struct FakeContainer {
+        identity: ProcessIdentity,
         pod: String,
         labels: BTreeMap<String, String>,
         started: Option<Instant>,
@@ -211,6 +255,12 @@ pub mod fake {
         pub calls: Mutex<Vec<&'static str>>,
         /// Errors returned once by the next call of an operation.
         pub fail_once: Mutex<HashMap<&'static str, RuntimeError>>,
+        /// Gids "the image's /etc/group" adds to every container created from now on.
+        pub image_groups: Mutex<Vec<u32>>,
+        /// Every container spec created, in order.
+        pub created: Mutex<Vec<ContainerSpec>>,
+        /// What [`TaskRuntime::version`] answers (default containerd v1.6.20).
+        pub runtime_version: Mutex<Option<RuntimeVersion>>,
     }
 
     impl FakeTaskRuntime {
@@ -328,9 +378,17 @@ pub mod fake {
                 runs_for: Duration::ZERO,
                 exit_code: 0,
             });
+            let mut additional_gids = spec.supplemental_groups.clone();
+            additional_gids.extend(self.image_groups.lock().unwrap().iter().copied());
+            self.created.lock().unwrap().push(spec.clone());
             self.containers.lock().unwrap().insert(
                 id.clone(),
                 FakeContainer {
+                    identity: ProcessIdentity {
+                        uid: spec.run_as_user.unwrap_or(0),
+                        gid: spec.run_as_group.unwrap_or(0),
+                        additional_gids,
+                    },
                     pod: pod_id.to_owned(),
                     labels: spec.labels.clone(),
                     started: None,
@@ -339,6 +397,30 @@ pub mod fake {
                 },
             );
             Ok(id)
+        }
+        async fn container_identity(
+            &self,
+            id: &str,
+        ) -> Result<Option<ProcessIdentity>, RuntimeError> {
+            self.call("ContainerStatus")?;
+            Ok(self
+                .containers
+                .lock()
+                .unwrap()
+                .get(id)
+                .map(|c| c.identity.clone()))
+        }
+        async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
+            self.call("Version")?;
+            Ok(self
+                .runtime_version
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or(RuntimeVersion {
+                    name: "containerd".into(),
+                    version: "v1.6.20".into(),
+                }))
         }
         async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
             self.call("StartContainer")?;

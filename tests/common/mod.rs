@@ -211,11 +211,16 @@ impl Daemon {
     }
 
     fn write_config(&self) {
-        let mut extra: String = self
+        // `Launcher.KEY: value` lines go into the Launcher section the base config has.
+        let (launcher, rest): (Vec<&str>, Vec<&str>) = self
             .extra_config
             .lines()
-            .map(|l| format!("  {l}\n"))
+            .partition(|l| l.starts_with("Launcher."));
+        let launcher: String = launcher
+            .iter()
+            .map(|l| format!("    {}\n", &l["Launcher.".len()..]))
             .collect();
+        let mut extra: String = rest.iter().map(|l| format!("  {l}\n")).collect();
         // Daemons share one containerd; only tests about eviction may evict.
         if !self.extra_config.contains("Eviction:") {
             extra.push_str("  Eviction:\n    Enabled: false\n");
@@ -228,7 +233,7 @@ impl Daemon {
             ));
         }
         let text = format!(
-            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{extra}",
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{launcher}{extra}",
             base = self.dir.path().display(),
             cri = self.testbed.cri.display(),
             sock = self.socket().display(),
@@ -460,4 +465,27 @@ pub fn assert_no_secret(d: &Daemon, secrets: &[&str]) {
             );
         }
     }
+}
+
+/// The testbed's busybox image.
+pub fn busybox(tb: &Testbed) -> String {
+    format!("{}/busybox:1", tb.registry)
+}
+
+/// `cimage run` with `args` before `--` and `cmd` after; returns the output.
+pub fn run(d: &Daemon, args: &[&str], cmd: &[&str]) -> std::process::Output {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.extend_from_slice(cmd);
+    d.cli(&all)
+}
+
+/// The pods of `job` that this daemon made.
+pub fn job_pods(d: &Daemon, job: &str) -> Vec<String> {
+    let instance = d.instance();
+    cri_pods(
+        &d.testbed,
+        &[("io.cimage.instance", &instance), ("io.cimage.job", job)],
+    )
 }

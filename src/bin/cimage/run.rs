@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use cimage::api::pb;
-use cimage::launcher::spec::MountRequest;
+use cimage::launcher::spec::{MountRequest, UserRef, UserRequest};
 use cimage::policy::PullPolicy;
 use cimage::units::parse_duration;
 use futures::StreamExt;
@@ -41,9 +41,11 @@ pub struct Args {
     /// Working directory inside the container.
     #[arg(long, short = 'w')]
     workdir: Option<String>,
-    /// UID[:GID] to run as (default: yourself; only root may choose another).
-    #[arg(long, short = 'u', value_parser = parse_user)]
-    user: Option<(u32, Option<u32>)>,
+    /// Host user to run as, USER[:GID] with USER a name or a uid (default: yourself; only root
+    /// may choose another user). The step gets that user's host groups and nothing more; a step
+    /// as a user other than root runs with no_new_privs and no capabilities.
+    #[arg(long, short = 'u', value_parser = |s: &str| s.parse::<UserRequest>())]
+    user: Option<UserRequest>,
     /// Host mount SRC:DST[:ro] (repeatable); SRC must lie under ImageCache.Launcher.AllowedMountPrefixes.
     #[arg(long = "mount", short = 'm', value_parser = |s: &str| s.parse::<MountRequest>())]
     mounts: Vec<MountRequest>,
@@ -76,17 +78,6 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_user(s: &str) -> Result<(u32, Option<u32>), String> {
-    let bad = || format!("{s:?} is not UID[:GID] (numbers)");
-    match s.split_once(':') {
-        Some((u, g)) => Ok((
-            u.parse().map_err(|_| bad())?,
-            Some(g.parse().map_err(|_| bad())?),
-        )),
-        None => Ok((s.parse().map_err(|_| bad())?, None)),
-    }
-}
-
 /// Runs `cimage run`; returns the exit status to leave with.
 pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     check_image_arg(&args.image, false)?;
@@ -106,8 +97,15 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
             .map(|(name, value)| pb::EnvVar { name, value })
             .collect(),
         workdir: args.workdir.unwrap_or_default(),
-        uid: args.user.map(|u| u.0),
-        gid: args.user.and_then(|u| u.1),
+        uid: args.user.as_ref().and_then(|u| match u.user {
+            UserRef::Uid(uid) => Some(uid),
+            UserRef::Name(_) => None,
+        }),
+        user_name: match args.user.as_ref().map(|u| &u.user) {
+            Some(UserRef::Name(n)) => n.clone(),
+            _ => String::new(),
+        },
+        gid: args.user.as_ref().and_then(|u| u.gid),
         mounts: args
             .mounts
             .into_iter()

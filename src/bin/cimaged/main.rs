@@ -23,7 +23,8 @@ use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
 use cimage::config::{self, Settings};
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
-use cimage::launcher::Launcher;
+use cimage::identity::Nss;
+use cimage::launcher::{Launcher, Parts};
 use cimage::metrics::Metrics;
 use cimage::prewarm::Prewarmer;
 use cimage::puller::Puller;
@@ -244,16 +245,19 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
 
     let clock = Arc::new(SystemClock);
     let launcher = Launcher::new(
-        Arc::new(CriTaskRuntime::new(
-            &settings.runtime_endpoint,
-            ic.runtime_timeout,
-        )),
-        puller.clone(),
-        cache.clone(),
-        &store,
-        clock,
+        Parts {
+            runtime: Arc::new(CriTaskRuntime::new(
+                &settings.runtime_endpoint,
+                ic.runtime_timeout,
+            )),
+            puller: puller.clone(),
+            cache: cache.clone(),
+            store: store.clone(),
+            clock,
+            users: Arc::new(Nss),
+            background: background.clone(),
+        },
         wiring.launcher.clone(),
-        background.clone(),
     )?;
 
     let prewarm = Prewarmer::new(

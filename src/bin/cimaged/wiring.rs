@@ -90,6 +90,8 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
             stop_grace: ic.launcher.stop_grace_period,
             log_dir: s.log_dir.clone(),
+            allowed_devices: ic.launcher.allowed_devices.clone(),
+            allow_user_launch: ic.launcher.allow_user_launch,
         },
         registries: ic
             .registries

@@ -1,0 +1,206 @@
+//! Job steps are confined: a step has the rights of its host user and nothing more. Run against
+//! the testbed's real containerd and runc, with images built here that try what a hostile user
+//! would: a setuid-root binary, an /etc/group that adds the user to `disk`, devices and job ids
+//! that are not theirs.
+
+mod common;
+
+use common::images::Layer;
+use common::*;
+
+/// A static probe that prints the identity and privileges it ends up with.
+const PROBE_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    printf("euid=%d\n", (int)geteuid());
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "CapEff:", 7) || !strncmp(line, "NoNewPrivs:", 11) ||
+            !strncmp(line, "Seccomp:", 8))
+            fputs(line, stdout);
+    return 0;
+}
+"#;
+
+/// Builds the probe (static, so the image needs no C library).
+fn probe() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("probe.c");
+    let bin = dir.path().join("probe");
+    std::fs::write(&src, PROBE_C).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("cc (gcc) is needed; scripts/testbed install adds it");
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::read(bin).unwrap()
+}
+
+/// busybox with the files of `extra` on top.
+fn image_with(d: &Daemon, prefix: &str, extra: Vec<(String, Vec<u8>, u32)>) -> String {
+    d.testbed
+        .push_new(prefix, &[Layer::busybox(), Layer(extra)])
+        .reference
+}
+
+fn job_id(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xffffff)
+}
+
+#[test]
+fn a_setuid_root_binary_in_the_image_raises_nothing() {
+    let d = Daemon::start("");
+    let img = image_with(&d, "suid", vec![("bin/probe".into(), probe(), 0o4755)]);
+    let out = run(&d, &["--image", &img, "--user", "nobody"], &["/bin/probe"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("euid=65534"), "{text}");
+    assert!(text.contains("CapEff:\t0000000000000000"), "{text}");
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+    assert!(
+        text.contains("Seccomp:\t2"),
+        "runtime default seccomp: {text}"
+    );
+}
+
+#[test]
+fn groups_from_the_images_etc_group_refuse_the_step_and_leave_nothing() {
+    let d = Daemon::start("");
+    let img = image_with(
+        &d,
+        "groups",
+        vec![
+            (
+                "etc/passwd".into(),
+                b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n".to_vec(),
+                0o644,
+            ),
+            (
+                "etc/group".into(),
+                b"root:x:0:\ndisk:x:6:nobody\nshadow:x:42:nobody\n".to_vec(),
+                0o644,
+            ),
+        ],
+    );
+    let job = job_id("groups");
+    let out = run(
+        &d,
+        &["--image", &img, "--user", "nobody", "--job", &job],
+        &["id", "-G"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("adds groups [6, 42]"), "{err}");
+    assert!(job_pods(&d, &job).is_empty(), "no pod left behind");
+}
+
+#[test]
+fn a_step_has_exactly_its_host_users_groups() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(
+        &d,
+        &["--image", &img, "--user", "cimage-test"],
+        &["id", "-G"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut inside: Vec<u32> = stdout(&out)
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    inside.sort_unstable();
+    let host = std::process::Command::new("id")
+        .args(["-G", "cimage-test"])
+        .output()
+        .unwrap();
+    let mut host: Vec<u32> = stdout(&host)
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    host.sort_unstable();
+    assert!(
+        host.len() >= 3,
+        "the test user has supplementary groups: {host:?}"
+    );
+    assert_eq!(inside, host);
+    let out = run(
+        &d,
+        &["--image", &img, "--user", "no-such-user-cimage"],
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("does not exist on this node"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn only_allowed_device_nodes_reach_a_step() {
+    let d = Daemon::start("Launcher.AllowedDevices: [/dev/null, \"nvidia.com/gpu=*\"]");
+    let img = busybox(&d.testbed);
+    for (device, want) in [
+        ("/dev/zero", "AllowedDevices"),
+        ("/dev", "not a character or block device"),
+        ("nvidia.com/gpu=0", "does not support CDI"),
+    ] {
+        let job = job_id("dev");
+        let out = run(
+            &d,
+            &["--image", &img, "--job", &job, "--device", device],
+            &["true"],
+        );
+        assert_eq!(out.status.code(), Some(125), "{device}");
+        assert!(stderr(&out).contains(want), "{device}: {}", stderr(&out));
+        assert!(job_pods(&d, &job).is_empty(), "{device}: nothing created");
+    }
+    let out = run(
+        &d,
+        &["--image", &img, "--user", "nobody", "--device", "/dev/null"],
+        &["sh", "-c", "echo x > /dev/null && echo ok"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ok\n");
+}
+
+#[test]
+fn users_launch_only_when_the_node_allows_it_and_cannot_squat_a_job() {
+    let nobody = Some((65534, 65534));
+    let d = Daemon::start("SocketGroup: nogroup");
+    let img = busybox(&d.testbed);
+    let out = d.cli_as(nobody, &["run", "--image", &img, "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("AllowUserLaunch"), "{}", stderr(&out));
+    drop(d);
+
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let job = job_id("slurm");
+    let out = d.cli_as(
+        nobody,
+        &[
+            "run", "--detach", "--job", &job, "--image", &img, "--", "sleep", "300",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let squatter = stdout(&out).trim().to_owned();
+    // The scheduler's step for another user does not join the squatter's pod.
+    let out = run(
+        &d,
+        &["--job", &job, "--image", &img, "--user", "daemon"],
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("runs its steps as uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(job_pods(&d, &job).len(), 1);
+    assert!(d.cli(&["cancel", &squatter]).status.success());
+}
