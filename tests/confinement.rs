@@ -188,7 +188,7 @@ fn users_launch_only_when_the_node_allows_it_and_cannot_squat_a_job() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let squatter = stdout(&out).trim().to_owned();
+    assert!(!stdout(&out).trim().is_empty());
     // The scheduler's step for another user does not join the squatter's pod.
     let out = run(
         &d,
@@ -202,5 +202,106 @@ fn users_launch_only_when_the_node_allows_it_and_cannot_squat_a_job() {
         stderr(&out)
     );
     assert_eq!(job_pods(&d, &job).len(), 1);
-    assert!(d.cli(&["cancel", &squatter]).status.success());
+    assert!(d.cli_as(nobody, &["end-job", &job]).status.success());
+    assert!(job_pods(&d, &job).is_empty());
+}
+
+/// A directory under the daemon's allowed mount prefix, owned by `uid` with `mode`.
+fn scratch_dir(d: &Daemon, name: &str, uid: u32, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = d.dir.path().join("scratch").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
+
+#[test]
+fn swapping_a_mount_source_for_a_symlink_after_the_launch_never_mounts_the_target() {
+    let nobody = Some((65534, 65534));
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    let base = scratch_dir(&d, "swap", 65534, 0o755);
+    for i in 0..20 {
+        let src = base.join(format!("d{i}"));
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("marker"), "checked").unwrap();
+        let m = format!("{}:/data:ro", src.display());
+        let out = d.cli_as(
+            nobody,
+            &[
+                "run",
+                "--detach",
+                "--image",
+                &img,
+                "--mount",
+                &m,
+                "--",
+                "sh",
+                "-c",
+                "sleep 0.3; ls /data",
+            ],
+        );
+        assert!(out.status.success(), "{i}: {}", stderr(&out));
+        let task = stdout(&out).trim().to_owned();
+        // As soon as the launch is accepted: the checked directory becomes a link to /etc.
+        std::fs::rename(&src, base.join(format!("d{i}.real"))).unwrap();
+        std::os::unix::fs::symlink("/etc", &src).unwrap();
+        let mut listing = String::new();
+        for _ in 0..200 {
+            let logs = d.cli_as(nobody, &["logs", &task]);
+            listing = stdout(&logs);
+            if listing.contains("marker") || listing.contains("passwd") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(listing.contains("marker"), "{i}: {listing}");
+        assert!(
+            !listing.contains("passwd"),
+            "{i}: the link target was mounted: {listing}"
+        );
+    }
+}
+
+#[test]
+fn a_mount_source_is_checked_with_the_step_users_own_permissions() {
+    let nobody = Some((65534, 65534));
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    // Another user's private directory holding a world-readable file.
+    let private = scratch_dir(&d, "private", 1, 0o700);
+    std::fs::write(private.join("secret.txt"), "not yours").unwrap();
+    let m = format!("{}:/s:ro", private.join("secret.txt").display());
+    let out = d.cli_as(
+        nobody,
+        &["run", "--image", &img, "--mount", &m, "--", "cat", "/s"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", stdout(&out));
+    assert!(stderr(&out).contains("not searchable"), "{}", stderr(&out));
+    // Readable but not writable: read-only works, read-write is refused.
+    let shared = scratch_dir(&d, "shared", 1, 0o755);
+    std::fs::write(shared.join("f"), "readable").unwrap();
+    let ro = format!("{}:/s:ro", shared.display());
+    let out = d.cli_as(
+        nobody,
+        &["run", "--image", &img, "--mount", &ro, "--", "cat", "/s/f"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "readable");
+    let rw = format!("{}:/s", shared.display());
+    let out = d.cli_as(
+        nobody,
+        &["run", "--image", &img, "--mount", &rw, "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("may not write it"),
+        "{}",
+        stderr(&out)
+    );
+    // Root, for whom the same private file is reachable, gets it.
+    let out = run(&d, &["--image", &img, "--mount", &m], &["cat", "/s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "not yours");
 }

@@ -130,10 +130,12 @@ fn mounts_inside_the_allowed_prefixes_work_and_others_are_refused_before_anythin
     let outside = d.dir.path().join("secret");
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, scratch.join("escape")).unwrap();
-    for src in [
-        outside.clone(),
-        scratch.join("escape"),
-        scratch.join("../secret"),
+    for (src, why) in [
+        (outside.clone(), "outside the allowed prefixes"),
+        (scratch.join("escape"), "symbolic link"),
+        (scratch.join("../secret"), ". or .."),
+        (scratch.join("missing"), "does not exist"),
+        (std::path::PathBuf::from("scratch/input"), "absolute"),
     ] {
         let m = format!("{}:/data", src.display());
         let out = run(
@@ -143,10 +145,7 @@ fn mounts_inside_the_allowed_prefixes_work_and_others_are_refused_before_anythin
         );
         assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
         let err = stderr(&out);
-        assert!(
-            err.contains("outside the allowed prefixes") && err.contains("AllowedMountPrefixes"),
-            "{err}"
-        );
+        assert!(err.contains(why), "{}: {err}", src.display());
     }
     assert_eq!(
         cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]),

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 0),
     ("background", 0),
     ("credentials", 0),
+    ("identity", 0),
     ("store", 0),
     ("config", 1),
     ("policy", 1),

@@ -1,6 +1,8 @@
 //! Ending a step: recording a failure, removing its container, releasing its image and, when
 //! the job ends with it, tearing its pod down. Safe to run again after a crash.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
@@ -57,6 +59,7 @@ impl Launcher {
         if let Some(img) = &task.image_id {
             self.cache.release_in_use(img);
         }
+        self.release_mounts(&task.id).await;
         task.cleaned = true;
         self.cache
             .metrics()
@@ -114,6 +117,16 @@ impl Launcher {
                 // Keep the id so the next sweep tries again.
                 job.sandbox_id = Some(sid);
             }
+        }
+    }
+
+    /// Unbinds the task's staged mounts (once its container is gone).
+    pub(super) async fn release_mounts(&self, task: &str) {
+        let (stager, id) = (Arc::clone(&self.mounts), task.to_owned());
+        match tokio::task::spawn_blocking(move || stager.release(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(task, "{e}"),
+            Err(e) => warn!(task, "releasing the mounts failed: {e}"),
         }
     }
 }

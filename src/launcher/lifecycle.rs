@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::devices::CdiSupport;
+use super::mounts::MountError;
 use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{send, Event, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK};
@@ -96,6 +97,26 @@ impl Launcher {
             });
         }
         let id = format!("{:012x}", rand::random::<u64>() >> 16);
+        // Open, check as the step's user and bind the mount sources now: what is checked is
+        // what the container gets, whatever happens to the paths afterwards.
+        if !v.mount_requests.is_empty() {
+            let (stager, task_id, requests, identity, prefixes) = (
+                Arc::clone(&self.mounts),
+                id.clone(),
+                v.mount_requests.clone(),
+                v.identity.clone(),
+                self.settings.allowed_mount_prefixes.clone(),
+            );
+            let staged = tokio::task::spawn_blocking(move || {
+                stager.stage(&task_id, &requests, &identity, &prefixes)
+            })
+            .await
+            .map_err(|e| SpecError::Invalid(format!("staging the mounts failed: {e}")))?;
+            v.mounts = staged.map_err(|e| match e {
+                MountError::Denied { .. } => SpecError::Denied(e.to_string()),
+                _ => SpecError::Invalid(e.to_string()),
+            })?;
+        }
         let task = TaskRecord {
             log_path: self
                 .settings
@@ -120,7 +141,10 @@ impl Launcher {
             cleaned: false,
         };
         let t = task.clone();
-        self.blocking(move |s| s.put_task(&t)).await?;
+        if let Err(e) = self.blocking(move |s| s.put_task(&t)).await {
+            self.release_mounts(&task.id).await;
+            return Err(e.into());
+        }
         drop(guard);
         let cancel = CancellationToken::new();
         self.live

@@ -16,6 +16,7 @@ pub mod devices;
 mod events;
 mod lifecycle;
 pub mod logs;
+pub mod mounts;
 mod queries;
 mod recovery;
 pub mod spec;
@@ -41,6 +42,7 @@ use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
 pub use events::{Event, ExitReason, Stage, TaskEvent};
+use mounts::MountStager;
 use spec::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
 pub use wait::signal_of;
@@ -100,6 +102,8 @@ pub struct Parts {
     pub clock: Arc<dyn Clock>,
     /// The host's user database (steps run as host users with their host groups).
     pub users: Arc<dyn Users>,
+    /// Stages host mounts (the path mounted is the path checked).
+    pub mounts: Arc<dyn MountStager>,
     /// Tracked tasks and the shutdown token.
     pub background: Background,
 }
@@ -177,6 +181,7 @@ pub struct RecoveryReport {
 pub struct Launcher {
     rt: Arc<dyn TaskRuntime>,
     users: Arc<dyn Users>,
+    mounts: Arc<dyn MountStager>,
     puller: Arc<Puller>,
     cache: Arc<Cache>,
     store: TaskStore,
@@ -211,6 +216,7 @@ impl Launcher {
         Ok(Arc::new(Self {
             rt: parts.runtime,
             users: parts.users,
+            mounts: parts.mounts,
             puller: parts.puller,
             cache: parts.cache,
             store,

@@ -125,6 +125,21 @@ impl Launcher {
                 Err(e) => warn!(container = %c.id, "cannot remove orphan container: {e}"),
             }
         }
+        // Mounts staged for tasks that no longer hold them (a crash between staging and the
+        // task's record, or during a cleanup).
+        let holding: Vec<&str> = tasks
+            .iter()
+            .filter(|t| !t.cleaned)
+            .map(|t| t.id.as_str())
+            .collect();
+        let stager = Arc::clone(&self.mounts);
+        let staged = tokio::task::spawn_blocking(move || stager.staged_tasks())
+            .await
+            .unwrap_or_default();
+        for task in staged.iter().filter(|t| !holding.contains(&t.as_str())) {
+            info!(task, "releasing mounts no task holds");
+            self.release_mounts(task).await;
+        }
         Ok(report)
     }
 }

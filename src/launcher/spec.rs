@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::devices::{self, CdiSupport};
+use super::mounts::{self, MountError};
 use crate::credentials::Credentials;
 use crate::identity::{HostUser, Users};
 use crate::policy::PullPolicy;
@@ -240,7 +241,9 @@ pub struct Validated {
     pub identity: Identity,
     /// The uid that asked (set by the launcher; a new job records it as its creator).
     pub creator: u32,
-    /// Canonical mounts.
+    /// The mounts asked for (their paths checked, not yet opened).
+    pub mount_requests: Vec<MountRequest>,
+    /// The staged mounts the runtime is given (filled in when they are staged).
     pub mounts: Vec<MountSpec>,
     /// Devices by path.
     pub devices: Vec<DeviceSpec>,
@@ -298,37 +301,22 @@ pub fn validate(
     if spec.timeout == Some(Duration::ZERO) {
         return Err(invalid("time limit must be longer than 0s".into()));
     }
-    let prefixes: Vec<PathBuf> = allowed_prefixes
-        .iter()
-        .filter_map(|p| p.canonicalize().ok())
-        .collect();
-    let mut mounts = Vec::new();
     for m in &spec.mounts {
-        if !m.target.starts_with('/') {
+        if !m.target.starts_with('/') || m.target.contains(char::is_control) {
             return Err(invalid(format!(
                 "mount target {:?} must be an absolute path",
                 m.target
             )));
         }
-        let real = m.source.canonicalize().map_err(|e| {
-            invalid(format!(
-                "mount source {} cannot be used: {e}",
-                m.source.display()
-            ))
-        })?;
-        if !prefixes.iter().any(|p| real.starts_with(p)) {
-            return Err(SpecError::Denied(format!(
-                "mount source {} (resolved to {}) is outside the allowed prefixes {} (ImageCache.Launcher.AllowedMountPrefixes)",
-                m.source.display(),
-                real.display(),
-                describe(allowed_prefixes)
-            )));
+        // The path checks that need no file system; the rest is done when the mount is staged
+        // (see `mounts`), on the very file that is then mounted.
+        match mounts::locate(&m.source, allowed_prefixes) {
+            Ok(_) => {}
+            Err(e @ MountError::Refused { .. }) if e.to_string().contains("outside") => {
+                return Err(SpecError::Denied(e.to_string()))
+            }
+            Err(e) => return Err(invalid(e.to_string())),
         }
-        mounts.push(MountSpec {
-            host_path: real,
-            container_path: m.target.clone(),
-            readonly: m.readonly,
-        });
     }
     let cdi = rules.cdi.clone().unwrap_or(CdiSupport::Supported);
     let (devices, cdi_devices) = devices::check(&spec.devices, &rules.allowed_devices, &cdi)?;
@@ -338,22 +326,11 @@ pub fn validate(
         image,
         creator: identity.uid,
         identity,
-        mounts,
+        mount_requests: spec.mounts.clone(),
+        mounts: Vec::new(),
         devices,
         cdi_devices,
     })
-}
-
-fn describe(prefixes: &[PathBuf]) -> String {
-    if prefixes.is_empty() {
-        "(none configured)".into()
-    } else {
-        prefixes
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 #[cfg(test)]
@@ -437,52 +414,31 @@ mod tests {
     }
 
     #[test]
-    fn mounts_must_resolve_under_an_allowed_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let allowed = dir.path().join("scratch");
-        let outside = dir.path().join("secret");
-        std::fs::create_dir_all(allowed.join("data")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
-        let prefixes = vec![allowed.clone()];
-        let with = |src: PathBuf| {
+    fn mount_paths_are_checked_before_anything_is_opened() {
+        let prefixes = vec![PathBuf::from("/scratch")];
+        let with = |src: &str, target: &str| {
             let mut s = spec();
             s.mounts = vec![MountRequest {
-                source: src,
-                target: "/data".into(),
+                source: src.into(),
+                target: target.into(),
                 readonly: true,
             }];
             validate_as(&s, &prefixes)
         };
-        let ok = with(allowed.join("data")).unwrap();
-        assert_eq!(
-            ok.mounts[0].host_path,
-            allowed.join("data").canonicalize().unwrap()
-        );
-        for escape in [
-            outside.clone(),
-            allowed.join("link"),
-            allowed.join("data/../../secret"),
+        let ok = with("/scratch/alice", "/data").unwrap();
+        assert_eq!(ok.mount_requests.len(), 1);
+        assert!(ok.mounts.is_empty(), "staged later");
+        assert!(matches!(with("/etc", "/data"), Err(SpecError::Denied(_))));
+        for (src, target) in [
+            ("/scratch/../etc", "/data"),
+            ("scratch/alice", "/data"),
+            ("/scratch/alice", "rel"),
         ] {
-            let e = with(escape.clone()).unwrap_err();
             assert!(
-                matches!(e, SpecError::Denied(_)),
-                "{}: {e}",
-                escape.display()
+                matches!(with(src, target), Err(SpecError::Invalid(_))),
+                "{src} {target}"
             );
-            assert!(e.to_string().contains("AllowedMountPrefixes"), "{e}");
         }
-        assert!(matches!(
-            with(allowed.join("missing")),
-            Err(SpecError::Invalid(_))
-        ));
-        let mut s = spec();
-        s.mounts = vec![MountRequest {
-            source: allowed,
-            target: "rel".into(),
-            readonly: false,
-        }];
-        assert!(validate_as(&s, &prefixes).is_err());
     }
 
     #[test]

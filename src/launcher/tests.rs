@@ -68,6 +68,7 @@ fn launcher_with(
             store: base.store.clone(),
             clock: Arc::new(SystemClock),
             users: Arc::new(FakeUsers::standard()),
+            mounts: Arc::new(super::mounts::fake::CheckOnly::default()),
             background: base.background.clone(),
         },
         settings,

@@ -24,6 +24,7 @@ use cimage::clock::SystemClock;
 use cimage::config::{self, Settings};
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
 use cimage::identity::Nss;
+use cimage::launcher::mounts::BindStager;
 use cimage::launcher::{Launcher, Parts};
 use cimage::metrics::Metrics;
 use cimage::prewarm::Prewarmer;
@@ -255,6 +256,10 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             store: store.clone(),
             clock,
             users: Arc::new(Nss),
+            mounts: Arc::new(
+                BindStager::new(settings.state_dir.join("mnt"))
+                    .context("creating the mount staging directory")?,
+            ),
             background: background.clone(),
         },
         wiring.launcher.clone(),
