@@ -59,6 +59,8 @@ pub(crate) async fn launches(
             image: image_id.clone(),
             command: vec!["true".into()],
             log_path: format!("raw-{i}.log"),
+            run_as_user: Some(65534),
+            run_as_group: Some(65534),
             ..Default::default()
         };
         let cid = rt.create_container(&sid, &pod, &spec).await.unwrap();
@@ -77,6 +79,7 @@ pub(crate) async fn launches(
                 image: image.clone(),
                 policy: pb::PullPolicy::IfNotPresent as i32,
                 command: vec!["true".into()],
+                uid: Some(65534),
                 ..Default::default()
             })
             .await
@@ -91,7 +94,7 @@ pub(crate) async fn launches(
 
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_cimage"))
-            .args(["run", "--image", &image, "--", "true"])
+            .args(["run", "--image", &image, "--user", "65534", "--", "true"])
             .env("CIMAGE_SOCKET", &daemon.socket)
             .output()
             .unwrap();
