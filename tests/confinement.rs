@@ -244,7 +244,11 @@ fn swapping_a_mount_source_for_a_symlink_after_the_launch_never_mounts_the_targe
         );
         assert!(out.status.success(), "{i}: {}", stderr(&out));
         let task = stdout(&out).trim().to_owned();
-        // As soon as the launch is accepted: the checked directory becomes a link to /etc.
+        // Even runs swap as soon as the launch is accepted, odd ones once the container exists
+        // and runs: the checked directory becomes a link to /etc.
+        if i % 2 == 1 {
+            wait_for_running(&d, &task);
+        }
         std::fs::rename(&src, base.join(format!("d{i}.real"))).unwrap();
         std::os::unix::fs::symlink("/etc", &src).unwrap();
         let mut listing = String::new();
@@ -262,6 +266,37 @@ fn swapping_a_mount_source_for_a_symlink_after_the_launch_never_mounts_the_targe
             "{i}: the link target was mounted: {listing}"
         );
     }
+    wait_until_idle(&d);
+}
+
+/// Waits until a task's container runs.
+fn wait_for_running(d: &Daemon, task: &str) {
+    for _ in 0..400 {
+        let ps: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
+        let state = ps
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == task))
+            .map(|t| t["state"].as_str().unwrap_or("").to_owned());
+        if state.as_deref() == Some("running") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("task {task} never ran");
+}
+
+/// Waits until the daemon runs no task (so that none outlives the test).
+fn wait_until_idle(d: &Daemon) {
+    for _ in 0..400 {
+        let ps: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["ps", "-o", "json"]).stdout).unwrap();
+        if ps.as_array().is_some_and(|a| a.is_empty()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("tasks still running");
 }
 
 #[test]
