@@ -51,19 +51,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: u64 = rest[..digits]
             .parse()
-            .map_err(|_| format!("{s:?}: number too large"))?;
+            .map_err(|_| format!("{s:?} is too large"))?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
+        let too_large = || format!("{s:?} is too large");
+        let secs = |mult: u64| {
+            n.checked_mul(mult)
+                .map(Duration::from_secs)
+                .ok_or_else(too_large)
+        };
         let part = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86400)?,
             "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
             other => {
                 return Err(format!(
@@ -71,9 +77,98 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 ))
             }
         };
-        total = total.saturating_add(part);
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("{s:?} is too large"))?;
     }
     Ok(total)
+}
+
+/// The longest time limit a step may have: a year (longer is a typo, or an overflow).
+pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(365 * 86400);
+
+/// Parses a step's time limit as Slurm users write it (`--time`): `MINUTES`, `MM:SS`,
+/// `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, or with units (`500ms`, `90s`, `10m`,
+/// `1h30m`). `UNLIMITED` (or `INFINITE`) means no limit and gives `None`; `0` is refused
+/// rather than silently meaning "no limit". At most [`MAX_TIME_LIMIT`].
+pub fn parse_time_limit(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
+        return Ok(None);
+    }
+    let bad = || {
+        format!(
+            "time limit {:?} is not MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, a duration \
+             such as 90s or 1h30m, or UNLIMITED",
+            crate::units::quote_short(t)
+        )
+    };
+    let d = if t.chars().any(|c| c.is_ascii_alphabetic()) {
+        parse_duration(t).map_err(|e| format!("time limit: {e}"))?
+    } else {
+        let num = |x: &str| -> Result<u64, String> {
+            if x.is_empty() || !x.chars().all(|c| c.is_ascii_digit()) {
+                return Err(bad());
+            }
+            x.parse::<u64>().map_err(|_| bad())
+        };
+        let (days, clock) = match t.split_once('-') {
+            Some((d, rest)) => (num(d)?, Some(rest)),
+            None => (0, None),
+        };
+        let secs: Option<u64> = match clock {
+            // D-HH, D-HH:MM, D-HH:MM:SS
+            Some(rest) => {
+                let p: Vec<&str> = rest.split(':').collect();
+                let (h, m, s) = match p.as_slice() {
+                    [h] => (num(h)?, 0, 0),
+                    [h, m] => (num(h)?, num(m)?, 0),
+                    [h, m, s] => (num(h)?, num(m)?, num(s)?),
+                    _ => return Err(bad()),
+                };
+                days.checked_mul(86400)
+                    .and_then(|d| d.checked_add(h.checked_mul(3600)?))
+                    .and_then(|d| d.checked_add(m.checked_mul(60)?))
+                    .and_then(|d| d.checked_add(s))
+            }
+            // MINUTES, MM:SS, HH:MM:SS
+            None => {
+                let p: Vec<&str> = t.split(':').collect();
+                match p.as_slice() {
+                    [m] => num(m)?.checked_mul(60),
+                    [m, s] => num(m)?
+                        .checked_mul(60)
+                        .and_then(|x| x.checked_add(num(s).ok()?)),
+                    [h, m, s] => num(h)?
+                        .checked_mul(3600)
+                        .and_then(|x| x.checked_add(num(m).ok()?.checked_mul(60)?))
+                        .and_then(|x| x.checked_add(num(s).ok()?)),
+                    _ => return Err(bad()),
+                }
+            }
+        };
+        Duration::from_secs(secs.ok_or_else(|| format!("time limit {t:?} is too large"))?)
+    };
+    if d.is_zero() {
+        return Err(format!(
+            "time limit {t:?} is zero; give a positive limit, or UNLIMITED for none"
+        ));
+    }
+    if d > MAX_TIME_LIMIT {
+        return Err(format!(
+            "time limit {t:?} is longer than a year; give a shorter one, or UNLIMITED for none"
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// At most `MAX_QUOTE` characters of `s`, with `…` when cut: what an error may echo of an input.
+pub fn quote_short(s: &str) -> String {
+    const MAX_QUOTE: usize = 200;
+    match s.char_indices().nth(MAX_QUOTE) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back.
@@ -119,5 +214,43 @@ mod tests {
         for bad in ["", "10", "ten", "5 minutes", "3w", "m5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        let e = parse_duration("213503982334602d").unwrap_err();
+        assert!(e.contains("too large"), "overflows u64 seconds: {e}");
+        let e = parse_duration("18446744073709551615s1s").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn time_limits_in_slurm_forms() {
+        let m = |n: u64| Some(Duration::from_secs(n * 60));
+        for (text, want) in [
+            ("90", m(90)),
+            ("1:30", Some(Duration::from_secs(90))),
+            ("1:30:00", m(90)),
+            ("2-00", m(2 * 24 * 60)),
+            ("1-12:30", m(36 * 60 + 30)),
+            ("1-00:00:30", Some(Duration::from_secs(86400 + 30))),
+            ("90s", Some(Duration::from_secs(90))),
+            ("1h30m", m(90)),
+            ("UNLIMITED", None),
+            ("infinite", None),
+        ] {
+            assert_eq!(parse_time_limit(text), Ok(want), "{text}");
+        }
+        for (bad, why) in [
+            ("0", "zero"),
+            ("0s", "zero"),
+            ("18446744073709552s", "longer than a year"),
+            ("99999999999999999999", "not MINUTES"),
+            ("1:2:3:4", "not MINUTES"),
+            ("-5", "not MINUTES"),
+            ("1-", "not MINUTES"),
+            ("a:b", "time limit"),
+            ("400d", "longer than a year"),
+        ] {
+            let e = parse_time_limit(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(quote_short(&"x".repeat(300)).chars().count(), 201);
     }
 }

@@ -386,3 +386,29 @@ fn after_kill_9_a_running_task_is_reattached_and_unknown_pods_are_removed() {
     assert!(cri_pods(&d.testbed, &[("io.cimage.instance", &instance)]).is_empty());
     assert!(d.log().contains("re-attaching"), "{}", d.log());
 }
+
+#[test]
+fn time_limits_take_slurms_forms_and_nonsense_is_refused_before_anything_runs() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    for (flag, limit) in [
+        ("--timeout", "1:30:00"),
+        ("--time", "2-00"),
+        ("--time", "UNLIMITED"),
+    ] {
+        let out = run(&d, &["--image", &img, flag, limit], &["true"]);
+        assert!(out.status.success(), "{flag} {limit}: {}", stderr(&out));
+    }
+    for (limit, why) in [
+        ("18446744073709552s", "longer than a year"),
+        ("0", "UNLIMITED for none"),
+        ("1:2:3:4", "not MINUTES"),
+    ] {
+        let out = run(&d, &["--image", &img, "--timeout", limit], &["true"]);
+        assert_eq!(out.status.code(), Some(2), "{limit}: a usage error");
+        assert!(stderr(&out).contains(why), "{limit}: {}", stderr(&out));
+    }
+    // A limit in Slurm's minutes form is a limit: 1:00 is one minute, so `sleep 2` finishes.
+    let out = run(&d, &["--image", &img, "--time", "1:00"], &["sleep", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

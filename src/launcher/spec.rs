@@ -301,6 +301,14 @@ pub fn validate(
     if spec.timeout == Some(Duration::ZERO) {
         return Err(invalid("time limit must be longer than 0s".into()));
     }
+    if spec
+        .timeout
+        .is_some_and(|t| t > crate::units::MAX_TIME_LIMIT)
+    {
+        return Err(invalid(
+            "time limit is longer than a year; give a shorter one, or none".into(),
+        ));
+    }
     for m in &spec.mounts {
         if !m.target.starts_with('/') || m.target.contains(char::is_control) {
             return Err(invalid(format!(

@@ -6,7 +6,7 @@ use std::path::Path;
 use cimage::api::pb;
 use cimage::launcher::spec::{MountRequest, UserRef, UserRequest};
 use cimage::policy::PullPolicy;
-use cimage::units::parse_duration;
+use cimage::units::parse_time_limit;
 use futures::StreamExt;
 
 use crate::{check_image_arg, Failure};
@@ -55,9 +55,11 @@ pub struct Args {
     /// Mount the container's root filesystem read-only.
     #[arg(long)]
     read_only: bool,
-    /// Time limit (e.g. 90s, 2h); past it the task is stopped and reported ExceededTimeLimit.
-    #[arg(long, value_parser = |s: &str| parse_duration(s))]
-    timeout: Option<std::time::Duration>,
+    /// Time limit, as Slurm's --time takes it: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
+    /// D-HH:MM:SS, or 90s / 1h30m; UNLIMITED for none (the default). Past it the task is stopped
+    /// and reported ExceededTimeLimit.
+    #[arg(long, alias = "time", value_name = "LIMIT", value_parser = |s: &str| parse_time_limit(s).map(TimeLimit))]
+    timeout: Option<TimeLimit>,
     /// Print the task id and return at once; follow with `cimage logs -f ID`.
     #[arg(long, short = 'd')]
     detach: bool,
@@ -77,6 +79,10 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("{s:?} is not K=V")),
     }
 }
+
+/// A parsed `--timeout`: `None` is UNLIMITED.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeLimit(Option<std::time::Duration>);
 
 /// Runs `cimage run`; returns the exit status to leave with.
 pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
@@ -117,7 +123,12 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
             .collect(),
         devices: args.devices,
         readonly_rootfs: args.read_only,
-        timeout_ms: args.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        // At most a year, so the milliseconds fit.
+        timeout_ms: args
+            .timeout
+            .and_then(|t| t.0)
+            .map(|t| t.as_millis() as u64)
+            .unwrap_or(0),
     };
     let mut stream = client.launch(req).await?.into_inner();
     let mut task_id = String::new();
