@@ -16,11 +16,15 @@ pub struct ImageRef {
     explicit_tag: bool,
 }
 
+/// Longest reference accepted: the name is at most 255 characters; with a tag (128) and a
+/// digest this is ample.
+pub const MAX_REFERENCE_LEN: usize = 1024;
+
 /// Why a string is not an image reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid image reference {input:?}: {reason}")]
 pub struct InvalidReference {
-    /// What was given.
+    /// What was given (at most 200 characters of it: errors never echo a whole hostile input).
     pub input: String,
     /// What is wrong with it.
     pub reason: String,
@@ -35,14 +39,17 @@ impl ImageRef {
     /// regex costs more than the rest of the command.
     pub fn parse(input: &str) -> Result<Self, InvalidReference> {
         let bad = |reason: &str| InvalidReference {
-            input: input.to_owned(),
-            reason: reason.to_owned(),
+            input: crate::units::quote_short(input),
+            reason: crate::units::quote_short(reason),
         };
         if input.trim().is_empty() {
             return Err(bad("empty reference"));
         }
+        if input.len() > MAX_REFERENCE_LEN {
+            return Err(bad(&format!("longer than {MAX_REFERENCE_LEN} characters")));
+        }
         if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad("contains whitespace"));
+            return Err(bad("contains whitespace or control characters"));
         }
         if input.contains("://") {
             return Err(bad(
@@ -202,8 +209,12 @@ fn check_domain(d: &str) -> Result<(), String> {
         None => (d, None),
     };
     if let Some(p) = port {
-        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
-            return Err(format!("registry {d:?} has an invalid port"));
+        let port_ok = !p.is_empty()
+            && p.len() <= 5
+            && p.chars().all(|c| c.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n));
+        if !port_ok {
+            return Err(format!("registry {d:?} has an invalid port (1-65535)"));
         }
     }
     let label_ok = |l: &str| {
@@ -328,13 +339,23 @@ mod tests {
             "app:.hidden",
             "a//b",
             "app@sha256:XYZ",
+            "127.0.0.1:99999/app:1",
+            "127.0.0.1:0/app:1",
+            "app:1\nINFO forged log line",
+            "app\0:1",
         ] {
             let e = ImageRef::parse(bad).unwrap_err();
             assert!(
                 e.to_string().contains("invalid image reference"),
                 "{bad}: {e}"
             );
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
         }
+        // A huge input gets a short, one-line error.
+        let huge = format!("{}\n", "a".repeat(100_000));
+        let e = ImageRef::parse(&huge).unwrap_err().to_string();
+        assert!(e.len() < 300 && !e.contains('\n'), "{} chars", e.len());
+        assert!(ImageRef::parse("127.0.0.1:65535/app:1").is_ok());
     }
 
     #[test]

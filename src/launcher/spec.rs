@@ -285,10 +285,33 @@ pub fn validate(
         None => (format!("run-{:012x}", rand::random::<u64>() >> 16), true),
     };
     let image = ImageRef::parse(&spec.image).map_err(|e| invalid(e.to_string()))?;
-    for (k, _) in &spec.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
+    for (k, v) in &spec.env {
+        let identifier = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !identifier {
             return Err(invalid(format!(
-                "environment variable name {k:?} is not valid"
+                "environment variable name {:?} is not a valid name (letters, digits and _, not starting with a digit)",
+                crate::units::quote_short(k)
+            )));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!(
+                "environment variable {k} holds a NUL byte"
+            )));
+        }
+    }
+    for (what, s) in std::iter::once(("working directory", spec.workdir.as_str())).chain(
+        spec.command
+            .iter()
+            .map(|c| ("command argument", c.as_str())),
+    ) {
+        if s.contains('\0') {
+            return Err(invalid(format!(
+                "{what} {:?} holds a NUL byte",
+                crate::units::quote_short(s)
             )));
         }
     }
