@@ -71,7 +71,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let wiring = match wiring::wire(&settings) {
+    let wiring = match wiring::wire(&settings).and_then(|w| {
+        wiring::preflight(&settings, &w)?;
+        Ok(w)
+    }) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("cimaged: {e}");

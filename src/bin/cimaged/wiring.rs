@@ -111,6 +111,59 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
     })
 }
 
+/// What start-up would fail on, checked before anything starts, so that `--check-config` calls
+/// valid exactly what the daemon accepts: the registries' CA files, the node's auth files, the
+/// socket and admin groups, the socket path's length and directory, the state directory, and
+/// the metrics address. Each failure names its key.
+pub fn preflight(s: &Settings, w: &Wiring) -> Result<(), ConfigError> {
+    let ic = &s.image_cache;
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: s.source.clone(),
+        key,
+        message,
+    };
+    cimage::registry::OciRegistry::new(&w.registries)
+        .map_err(|e| invalid("ImageCache.Registries.*.CaFile", e.to_string()))?;
+    for f in &ic.auth.config_files {
+        cimage::credentials::from_auth_file(f, "preflight.invalid")
+            .map_err(|e| invalid("ImageCache.Auth.ConfigFiles", e.to_string()))?;
+    }
+    for (key, group) in [
+        ("ImageCache.SocketGroup", &ic.socket_group),
+        ("ImageCache.AdminGroup", &ic.admin_group),
+    ] {
+        if let Some(g) = group {
+            cimage::api::peer::resolve_group(g).map_err(|m| invalid(key, m))?;
+        }
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if ic.socket.as_os_str().len() > 107 {
+        return Err(invalid(
+            "ImageCache.Socket",
+            format!(
+                "{} is {} bytes long; a unix socket path holds at most 107",
+                ic.socket.display(),
+                ic.socket.as_os_str().len()
+            ),
+        ));
+    }
+    if let Some(dir) = ic.socket.parent() {
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(
+                "ImageCache.Socket",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+    }
+    if s.state_dir.exists() && !s.state_dir.is_dir() {
+        return Err(invalid(
+            "ImageCache.StateDir",
+            format!("{} exists and is not a directory", s.state_dir.display()),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +187,53 @@ mod tests {
         assert_eq!(w.registries["r:5000"].mirrors, ["m:5000"]);
         assert_eq!(w.schedules[0].images, ["docker.io/library/busybox:latest"]);
         assert_eq!(w.schedules[0].concurrency, DEFAULT_CONCURRENCY);
+    }
+
+    #[test]
+    fn preflight_checks_what_start_up_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "not a directory").unwrap();
+        let notpem = dir.path().join("ca.txt");
+        std::fs::write(&notpem, "hello").unwrap();
+        let long = format!("/{}/s.sock", "x".repeat(120));
+        for (extra, key) in [
+            (format!("CaFile: {}", notpem.display()), "CaFile"),
+            (
+                format!("CaFile: {}/missing.pem", dir.path().display()),
+                "CaFile",
+            ),
+        ] {
+            let text = format!("{BASE}  Registries:\n    \"r.io\":\n      {extra}\n");
+            let s = cimage::config::parse(&text, Path::new("c.yaml")).unwrap();
+            let e = preflight(&s, &wire(&s).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        for (extra, key) in [
+            (
+                "  SocketGroup: no-such-group-cimage\n".to_owned(),
+                "ImageCache.SocketGroup",
+            ),
+            (format!("  Socket: {long}\n"), "ImageCache.Socket"),
+            (
+                format!("  StateDir: {}\n", file.display()),
+                "ImageCache.StateDir",
+            ),
+            (
+                format!(
+                    "  Auth:\n    ConfigFiles: [{}/missing.json]\n",
+                    dir.path().display()
+                ),
+                "ImageCache.Auth.ConfigFiles",
+            ),
+        ] {
+            let s = cimage::config::parse(&format!("{BASE}{extra}"), Path::new("c.yaml")).unwrap();
+            let e = preflight(&s, &wire(&s).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let s = cimage::config::parse(&format!("{BASE}  PullRetries: 1\n"), Path::new("c.yaml"))
+            .unwrap();
+        preflight(&s, &wire(&s).unwrap()).unwrap();
     }
 
     #[test]
