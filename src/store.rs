@@ -74,6 +74,10 @@ impl<T> JsonTable<T> {
     }
 }
 
+/// redb's page cache. Its default is a gigabyte, which a daemon beside the jobs of a compute
+/// node must not take: the working set (live tasks, the image index) is far smaller.
+const CACHE_BYTES: usize = 16 << 20;
+
 /// The string-to-string table of store-wide facts (the daemon's instance id, salts).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
@@ -97,7 +101,10 @@ impl Store {
     /// it (two daemons with one `StateDir`).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let what = format!("opening {}", path.display());
-        let db = Database::create(path).map_err(|e| match e {
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::new(
                 what.clone(),
                 "the file is open in another process (is another cimaged running with the same StateDir?)",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use super::peer::AdminPolicy;
@@ -191,7 +191,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             .launch(who, spec)
             .await
             .map_err(|e| launch_status(&e))?;
-        let stream = UnboundedReceiverStream::new(rx).map(|e| Ok(event_pb(e)));
+        let stream = ReceiverStream::new(rx).map(|e| Ok(event_pb(e)));
         Ok(Response::new(ending_at_shutdown(
             stream,
             &self.background,
@@ -248,7 +248,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             .logs(who, &r.task_id, r.follow)
             .await
             .map_err(|e| launch_status(&e))?;
-        let stream = UnboundedReceiverStream::new(rx).map(|c| Ok(chunk_pb(c)));
+        let stream = ReceiverStream::new(rx).map(|c| Ok(chunk_pb(c)));
         Ok(Response::new(ending_at_shutdown(
             stream,
             &self.background,

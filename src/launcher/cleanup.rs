@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::store::{JobRecord, TaskRecord, TaskState};
-use super::{send, Event, Launcher, Stage, TaskEvent};
+use super::{send, Event, EventSink, Launcher, Stage};
 
 impl Launcher {
     pub(super) async fn fail(
@@ -15,7 +14,7 @@ impl Launcher {
         task: TaskRecord,
         stage: Stage,
         message: String,
-        tx: Option<&UnboundedSender<TaskEvent>>,
+        tx: Option<&EventSink>,
     ) {
         self.fail_as(task, TaskState::Failed, stage, message, tx)
             .await
@@ -27,7 +26,7 @@ impl Launcher {
         state: TaskState,
         stage: Stage,
         message: String,
-        tx: Option<&UnboundedSender<TaskEvent>>,
+        tx: Option<&EventSink>,
     ) {
         warn!(task = %task.id, stage = stage.as_str(), "task failed: {message}");
         task.state = state;
@@ -46,11 +45,7 @@ impl Launcher {
     /// Removes the container, releases the image, and tears the pod down when the job ends with
     /// this task (a one-off job), or when the pod was made for a step that never got a container
     /// and no other step of the job is running. Safe to run again after a crash.
-    pub(super) async fn cleanup(
-        &self,
-        mut task: TaskRecord,
-        tx: Option<&UnboundedSender<TaskEvent>>,
-    ) {
+    pub(super) async fn cleanup(&self, mut task: TaskRecord, tx: Option<&EventSink>) {
         if let Some(cid) = &task.container_id {
             if let Err(e) = self.rt.remove_container(cid).await {
                 warn!(task = %task.id, "removing container {cid} failed: {e}");

@@ -1,7 +1,96 @@
 //! What a task reports while it runs: the stage it reached, its output, how it ended.
 
-use super::logs::Chunk;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::logs::{Chunk, Stream};
 use crate::puller::Action;
+
+/// Events buffered for a client that does not read: beyond this, output is dropped (the step's
+/// log file keeps all of it) so that a stalled client cannot make the daemon hold its output.
+pub const EVENT_BUFFER: usize = 256;
+
+/// Slots kept for lifecycle events, which are never dropped: output may use the rest.
+const LIFECYCLE_RESERVE: usize = 16;
+
+/// Where a task's events go: a bounded channel to the client that launched it.
+pub struct EventSink {
+    tx: mpsc::Sender<TaskEvent>,
+    dropped: AtomicU64,
+}
+
+impl EventSink {
+    /// A sink and the receiver the client reads.
+    pub fn channel() -> (Self, mpsc::Receiver<TaskEvent>) {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        (
+            Self {
+                tx,
+                dropped: AtomicU64::new(0),
+            },
+            rx,
+        )
+    }
+
+    /// Whether output may be sent now: the client reads (or is gone, when nothing needs to be
+    /// kept for it).
+    pub fn has_room_for_output(&self) -> bool {
+        self.tx.is_closed() || self.tx.capacity() > LIFECYCLE_RESERVE
+    }
+
+    /// Whether the client went away.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waits up to `limit` for room for output; false if the client did not read meanwhile.
+    pub async fn room_for_output(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.has_room_for_output() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Counts output that is given up on (the client stopped reading for good).
+    pub fn give_up_output(&self, pieces: u64) {
+        self.dropped.fetch_add(pieces, Ordering::Relaxed);
+    }
+
+    /// Sends an event without ever waiting: output beyond the buffer is dropped and counted,
+    /// and the client is told how much once it reads again. Callers that can wait check
+    /// [`EventSink::has_room_for_output`] first, so that output is paused rather than dropped.
+    pub fn send(&self, task: &str, now: i64, event: Event) {
+        let is_output = matches!(event, Event::Output(_));
+        if is_output && self.tx.capacity() <= LIFECYCLE_RESERVE {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let _ = self.tx.try_send(TaskEvent {
+                task_id: task.to_owned(),
+                time_ms: now,
+                event: Event::Output(Chunk {
+                    stream: Stream::Stderr,
+                    text: format!(
+                        "[cimage: {dropped} pieces of output were not sent because this client \
+                         was not reading; `cimage logs {task}` has all of it]\n"
+                    ),
+                }),
+            });
+        }
+        let _ = self.tx.try_send(TaskEvent {
+            task_id: task.to_owned(),
+            time_ms: now,
+            event,
+        });
+    }
+}
 
 /// The stage a task failed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -11,7 +11,9 @@ use super::devices::CdiSupport;
 use super::mounts::MountError;
 use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
-use super::{send, Event, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK};
+use super::{
+    send, Event, EventSink, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK,
+};
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
 use crate::runtime::{ContainerSpec, PodSpec};
@@ -24,7 +26,7 @@ impl Launcher {
         self: &Arc<Self>,
         who: Principal,
         spec: LaunchSpec,
-    ) -> Result<(TaskRecord, UnboundedReceiver<TaskEvent>), LaunchError> {
+    ) -> Result<(TaskRecord, Receiver<TaskEvent>), LaunchError> {
         if !who.admin && !self.settings.allow_user_launch {
             return Err(SpecError::Denied(format!(
                 "uid {} may not launch containers on this node: steps start through the \
@@ -151,7 +153,7 @@ impl Launcher {
             .lock()
             .unwrap()
             .insert(task.id.clone(), cancel.clone());
-        let (tx, rx) = unbounded_channel();
+        let (tx, rx) = EventSink::channel();
         info!(task = %task.id, job = %task.job, step, image = %task.image, uid = task.uid, "task accepted");
         self.background
             .spawn(Arc::clone(self).run(task.clone(), v, spec, tx, cancel));
@@ -163,7 +165,7 @@ impl Launcher {
         mut task: TaskRecord,
         v: Validated,
         spec: LaunchSpec,
-        tx: UnboundedSender<TaskEvent>,
+        tx: EventSink,
         cancel: CancellationToken,
     ) {
         let tx = Some(&tx);

@@ -30,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -41,7 +40,7 @@ use crate::identity::Users;
 use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
-pub use events::{Event, ExitReason, Stage, TaskEvent};
+pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
 use mounts::MountStager;
 use spec::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
@@ -196,13 +195,9 @@ pub struct Launcher {
     background: Background,
 }
 
-fn send(tx: Option<&UnboundedSender<TaskEvent>>, task: &str, now: i64, event: Event) {
-    if let Some(tx) = tx {
-        let _ = tx.send(TaskEvent {
-            task_id: task.to_owned(),
-            time_ms: now,
-            event,
-        });
+fn send(tx: Option<&EventSink>, task: &str, now: i64, event: Event) {
+    if let Some(sink) = tx {
+        sink.send(task, now, event);
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{channel, Receiver};
 use tracing::info;
 
 use super::logs::{Chunk, Tail};
@@ -138,15 +138,16 @@ impl Launcher {
         who: Principal,
         id: &str,
         follow: bool,
-    ) -> Result<UnboundedReceiver<Chunk>, LaunchError> {
+    ) -> Result<Receiver<Chunk>, LaunchError> {
         let task = self.task(who, id).await?;
-        let (tx, rx) = unbounded_channel();
+        // Bounded: a client that stops reading pauses the reading of the file, nothing piles up.
+        let (tx, rx) = channel(64);
         let me = Arc::clone(self);
         self.background.spawn(async move {
             let mut tail = Tail::default();
             loop {
                 for c in tail.read_off_thread(&task.log_path).await {
-                    if tx.send(c).is_err() {
+                    if tx.send(c).await.is_err() {
                         return;
                     }
                 }
@@ -164,7 +165,9 @@ impl Launcher {
                 if done {
                     loop {
                         for c in tail.read_off_thread(&task.log_path).await {
-                            let _ = tx.send(c);
+                            if tx.send(c).await.is_err() {
+                                return;
+                            }
                         }
                         if !tail.has_more() {
                             return;

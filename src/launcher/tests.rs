@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use super::spec::{LaunchSpec, Principal, SpecError};
 use super::store::TaskState;
@@ -105,7 +105,7 @@ fn spec(job: Option<&str>) -> LaunchSpec {
     }
 }
 
-async fn events(mut rx: UnboundedReceiver<TaskEvent>) -> Vec<Event> {
+async fn events(mut rx: Receiver<TaskEvent>) -> Vec<Event> {
     let mut out = Vec::new();
     while let Some(e) = rx.recv().await {
         let done = e.event == Event::CleanedUp;

@@ -3,14 +3,19 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::logs::Tail;
+use std::collections::VecDeque;
+
+use super::logs::{Chunk, Tail};
 use super::store::{TaskRecord, TaskState};
-use super::{send, Event, ExitReason, Launcher, Stage, TaskEvent};
+use super::{send, Event, EventSink, ExitReason, Launcher, Stage};
 use crate::runtime::ContainerState;
+
+/// How long the end of a step's output waits for a client that does not read before it is
+/// given up on (it stays in the log: `cimage logs`).
+const OUTPUT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The signal behind an exit code, as runtimes report a signal death as 128+N.
 pub fn signal_of(exit_code: i32) -> Option<i32> {
@@ -35,7 +40,7 @@ impl Launcher {
     pub(super) async fn wait_and_finish(
         &self,
         mut task: TaskRecord,
-        tx: Option<&UnboundedSender<TaskEvent>>,
+        tx: Option<&EventSink>,
         cancel: CancellationToken,
     ) {
         let cid = task
@@ -51,9 +56,12 @@ impl Launcher {
         let mut stopped_as: Option<TaskState> = None;
         let mut errors = 0;
         let waiting = Instant::now();
+        // Output read from the log but not yet taken by the client: reading pauses while the
+        // client is behind (the log file keeps everything), so this stays at most one read.
+        let mut pending: VecDeque<Chunk> = VecDeque::new();
         let outcome = loop {
-            for chunk in tail.read_off_thread(&task.log_path).await {
-                send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
+            if let Some(sink) = tx {
+                self.forward(sink, &task, &mut tail, &mut pending).await;
             }
             match self.rt.container_status(&cid).await {
                 Ok(Some(st)) if st.state == ContainerState::Exited => break Ok(st),
@@ -88,12 +96,17 @@ impl Launcher {
                 }
             }
         };
-        loop {
-            for chunk in tail.read_off_thread(&task.log_path).await {
-                send(tx, &task.id, self.clock.now_ms(), Event::Output(chunk));
-            }
-            if !tail.has_more() {
-                break;
+        if let Some(sink) = tx {
+            // The rest of the output, waiting (a bounded time) for a client that is behind.
+            loop {
+                self.forward(sink, &task, &mut tail, &mut pending).await;
+                if pending.is_empty() && !tail.has_more() {
+                    break;
+                }
+                if !sink.room_for_output(OUTPUT_PATIENCE).await {
+                    sink.give_up_output(pending.len() as u64);
+                    break;
+                }
             }
         }
         task.finished = Some(self.clock.now_ms());
@@ -133,6 +146,30 @@ impl Launcher {
                 }
                 self.fail(task, Stage::Wait, message, tx).await
             }
+        }
+    }
+
+    /// Sends what output the client has room for, reading more from the log only when
+    /// nothing is pending.
+    async fn forward(
+        &self,
+        sink: &EventSink,
+        task: &TaskRecord,
+        tail: &mut Tail,
+        pending: &mut VecDeque<Chunk>,
+    ) {
+        if sink.is_closed() {
+            pending.clear();
+            return;
+        }
+        if pending.is_empty() && sink.has_room_for_output() {
+            pending.extend(tail.read_off_thread(&task.log_path).await);
+        }
+        while sink.has_room_for_output() {
+            let Some(chunk) = pending.pop_front() else {
+                break;
+            };
+            sink.send(&task.id, self.clock.now_ms(), Event::Output(chunk));
         }
     }
 
