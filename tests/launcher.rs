@@ -412,3 +412,28 @@ fn time_limits_take_slurms_forms_and_nonsense_is_refused_before_anything_runs() 
     let out = run(&d, &["--image", &img, "--time", "1:00"], &["sleep", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_cancel_acknowledged_before_a_kill_9_is_carried_out_after_the_restart() {
+    let mut d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    // Ignores SIGTERM: the stop takes the whole grace period (3 s here).
+    let out = run(
+        &d,
+        &["--detach", "--image", &img],
+        &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    wait_state(&d, &id, &["running"], Duration::from_secs(20));
+    assert!(d.cli(&["cancel", &id]).status.success());
+    d.kill9();
+    d.spawn();
+    let t = wait_state(
+        &d,
+        &id,
+        &["cancelled", "exited", "failed"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(t["state"], "cancelled", "{t}");
+}

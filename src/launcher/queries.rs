@@ -9,7 +9,7 @@ use tracing::info;
 
 use super::logs::{Chunk, Tail};
 use super::spec::Principal;
-use super::store::{JobRecord, TaskRecord};
+use super::store::{cancel_key, end_key, JobRecord, TaskRecord};
 use super::{LaunchError, Launcher};
 
 impl Launcher {
@@ -65,16 +65,18 @@ impl Launcher {
                 why: format!("has already finished ({})", task.state.as_str()),
             });
         }
-        match self.live.lock().unwrap().get(id) {
-            Some(token) => token.cancel(),
-            None => {
-                return Err(LaunchError::Conflict {
-                    what: "task",
-                    id: id.to_owned(),
-                    why: "is not being run by this daemon".into(),
-                })
-            }
-        }
+        let token = self.live.lock().unwrap().get(id).cloned();
+        let Some(token) = token else {
+            return Err(LaunchError::Conflict {
+                what: "task",
+                id: id.to_owned(),
+                why: "is not being run by this daemon".into(),
+            });
+        };
+        // Durable before it is acknowledged: after a crash the next start carries it out.
+        let (keys, now) = (vec![cancel_key(id)], self.clock.now_ms());
+        self.blocking(move |s| s.put_intents(&keys, now)).await?;
+        token.cancel();
         Ok(task)
     }
 
@@ -99,6 +101,11 @@ impl Launcher {
             .filter(|t| t.job == job.id && !t.state.is_final())
             .map(|t| t.id.clone())
             .collect();
+        // The end and its cancels are durable before anything is stopped.
+        let mut keys: Vec<String> = running.iter().map(|t| cancel_key(t)).collect();
+        keys.push(end_key(&job.id));
+        let now = self.clock.now_ms();
+        self.blocking(move |s| s.put_intents(&keys, now)).await?;
         for t in &running {
             if let Some(token) = self.live.lock().unwrap().get(t) {
                 token.cancel();

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::store::TaskState;
+use super::spec::Principal;
+use super::store::{cancel_key, TaskState};
 use super::{LaunchError, Launcher, RecoveryReport, Stage, LABEL_JOB};
 use crate::runtime::ContainerState;
 
@@ -18,7 +19,9 @@ impl Launcher {
     /// claims.
     pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, LaunchError> {
         let mut report = RecoveryReport::default();
-        let (_, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
+        let (jobs, tasks, intents) = self
+            .blocking(|s| Ok((s.jobs()?, s.tasks()?, s.intents()?)))
+            .await?;
         // Ask the runtime everything first: if it cannot answer, nothing is decided and the
         // caller retries later (a task must not be declared lost because containerd was down).
         let rt_err = |op| move |source| LaunchError::Runtime { op, source };
@@ -54,6 +57,7 @@ impl Launcher {
                 .as_ref()
                 .and_then(|cid| statuses.get(cid).cloned().flatten());
             let cancel = CancellationToken::new();
+            let cancel_asked = intents.contains(&cancel_key(&task.id));
             match status {
                 _ if task.state.is_final() => {
                     self.cleanup(task, None).await;
@@ -69,6 +73,11 @@ impl Launcher {
                         self.save_task(&task).await;
                     }
                     info!(task = %task.id, "re-attaching to a task that ran while cimaged was down");
+                    if cancel_asked {
+                        // Acknowledged before the stop: carried out now.
+                        info!(task = %task.id, "carrying out a cancel asked before the restart");
+                        cancel.cancel();
+                    }
                     self.live
                         .lock()
                         .unwrap()
@@ -79,16 +88,45 @@ impl Launcher {
                     report.reattached += 1;
                 }
                 _ => {
-                    self.fail(
-                        task,
-                        Stage::Start,
-                        "interrupted: cimaged restarted before the container ran".into(),
-                        None,
-                    )
-                    .await;
+                    // Where it stopped: the sandbox first, then image and container (which are
+                    // not saved on the way; the record says Running once the container runs).
+                    let sandbox_ready = jobs
+                        .iter()
+                        .any(|j| j.id == task.job && j.sandbox_id.is_some() && j.ended.is_none());
+                    let stage = if sandbox_ready {
+                        Stage::Image
+                    } else {
+                        Stage::Sandbox
+                    };
+                    let (state, message) = if cancel_asked {
+                        (
+                            TaskState::Cancelled,
+                            "cancelled before the container started".to_owned(),
+                        )
+                    } else {
+                        (
+                            TaskState::Failed,
+                            format!(
+                                "interrupted: cimaged stopped at {} before the container ran",
+                                stage.as_str()
+                            ),
+                        )
+                    };
+                    self.fail_as(task, state, stage, message, None).await;
                     report.finished += 1;
                 }
             }
+        }
+        // Jobs whose end was asked before the stop: ended now, in the background (their steps
+        // were re-attached with their cancels above).
+        for job in intents.iter().filter_map(|k| k.strip_prefix("job:")) {
+            info!(job, "carrying out an end-job asked before the restart");
+            let (me, job) = (Arc::clone(self), job.to_owned());
+            self.background.spawn(async move {
+                if let Err(e) = me.end_job(Principal::ROOT, &job).await {
+                    warn!(job, "cannot end the job: {e}");
+                }
+            });
         }
         // Re-read: the cleanups above may have ended jobs and released containers.
         let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;

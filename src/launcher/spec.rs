@@ -23,6 +23,15 @@ pub struct Principal {
     pub admin: bool,
 }
 
+impl Principal {
+    /// The daemon itself acting (carrying out what root or an admin asked before a restart).
+    pub const ROOT: Principal = Principal {
+        uid: 0,
+        gid: 0,
+        admin: true,
+    };
+}
+
 /// A host path to mount, as asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountRequest {

@@ -9,6 +9,20 @@ use crate::store::{JsonTable, Store, StoreError};
 
 const JOBS: JsonTable<JobRecord> = JsonTable::new("jobs");
 const TASKS: JsonTable<TaskRecord> = JsonTable::new("tasks");
+/// Durable intents (`task:ID` to cancel a task, `job:ID` to end a job) → when they were asked
+/// (Unix ms). Kept apart from the records, which the code driving a task rewrites whole, so that
+/// no save of a task can undo an acknowledged cancel.
+const INTENTS: JsonTable<i64> = JsonTable::new("intents");
+
+/// The intent key of a task's cancel.
+pub fn cancel_key(task: &str) -> String {
+    format!("task:{task}")
+}
+
+/// The intent key of a job's end.
+pub fn end_key(job: &str) -> String {
+    format!("job:{job}")
+}
 
 /// A job: one pod sandbox shared by its steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +139,7 @@ impl TaskStore {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         store.ensure_tables(&[JOBS])?;
         store.ensure_tables(&[TASKS])?;
+        store.ensure_tables(&[INTENTS])?;
         Ok(Self {
             store: store.clone(),
         })
@@ -138,16 +153,46 @@ impl TaskStore {
     ) -> Result<(), StoreError> {
         self.store.write(&format!("saving task {}", task.id), |w| {
             w.put(TASKS, &task.id, task)?;
+            if task.cleaned {
+                // Carried out: the cancel is no longer an intent.
+                w.remove(INTENTS, &cancel_key(&task.id))?;
+            }
             if let Some(job) = job {
                 w.put(JOBS, &job.id, job)?;
+                if job.ended.is_some() {
+                    w.remove(INTENTS, &end_key(&job.id))?;
+                }
             }
             Ok(())
         })
     }
 
-    /// Saves a job.
+    /// Saves a job (an ended job's end intent goes with it, in the same transaction).
     pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
-        self.store.put(JOBS, &job.id, job)
+        self.store.write(&format!("saving job {}", job.id), |w| {
+            w.put(JOBS, &job.id, job)?;
+            if job.ended.is_some() {
+                w.remove(INTENTS, &end_key(&job.id))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records intents (see [`cancel_key`], [`end_key`]) durably, in one transaction.
+    pub fn put_intents(&self, keys: &[String], now: i64) -> Result<(), StoreError> {
+        self.store.write("saving intents", |w| {
+            for k in keys {
+                w.put(INTENTS, k, &now)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every intent not yet carried out.
+    pub fn intents(&self) -> Result<Vec<String>, StoreError> {
+        self.store.read("listing intents", |r| {
+            Ok(r.all(INTENTS)?.into_iter().map(|(k, _)| k).collect())
+        })
     }
     /// A job by id.
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
