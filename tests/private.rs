@@ -200,6 +200,27 @@ fn a_private_image_is_served_only_to_requests_that_prove_access() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // Another user does not even see its name, in any listing.
+    let seen = |who: Option<(u32, u32)>| {
+        let mut text = String::new();
+        for args in [
+            &["images", "-o", "json"][..],
+            &["top", "-o", "json"][..],
+            &["gc", "--dry-run", "-o", "json"][..],
+        ] {
+            text.push_str(&stdout(&d.cli_as(who, args)));
+        }
+        let repo = image.rsplit_once(':').unwrap().0.to_owned();
+        text.contains(&repo)
+    };
+    assert!(!seen(nobody), "nobody sees a private image's name");
+    let out = d.cli_as(nobody, &["inspect", &image]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("not present"),
+        "{}",
+        stderr(&out)
+    );
+
     // Another user without credentials: as if the image were absent.
     let out = d.cli_as(nobody, &["pull", &image, "--policy", "Never"]);
     assert_eq!(out.status.code(), Some(1));
@@ -252,6 +273,9 @@ fn a_private_image_is_served_only_to_requests_that_prove_access() {
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(j["action"], "cached");
     }
+    // Having proved access, nobody sees the name; root always does.
+    assert!(seen(nobody), "after proving access");
+    assert!(seen(None));
 
     // An anonymous public image is everyone's.
     d.pull_json(&public, None);

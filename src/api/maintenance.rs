@@ -8,7 +8,7 @@ use super::peer::AdminPolicy;
 use super::service::{cache_status, caller, require_admin, to_pb};
 use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
-use crate::cache::Cache;
+use crate::cache::{Cache, ImageRecord};
 use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
 use crate::prewarm::store::{ImageResult, RunRecord};
 use crate::prewarm::{PrewarmError, Prewarmer, ScheduleInfo};
@@ -41,6 +41,17 @@ impl MaintenanceApi {
     fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
         require_admin(&self.admin, req, what).map(|_| ())
     }
+}
+
+/// An image as `uid` may see it: a private image it did not prove access to keeps its id, size
+/// and counts but not its names.
+fn shown_to(r: &ImageRecord, uid: u32, admin: bool) -> pb::Image {
+    let mut image = to_pb(r);
+    if !admin && !r.visible_to(uid) {
+        image.names = vec!["<private>".into()];
+        image.digests = Vec::new();
+    }
+    image
 }
 
 fn prewarm_status(e: &PrewarmError) -> Status {
@@ -106,11 +117,12 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
 
     async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
         let dry_run = req.get_ref().dry_run;
-        if dry_run {
-            caller(&req)?;
-        } else {
+        let who = caller(&req)?;
+        if !dry_run {
             self.require_admin(&req, "gc")?;
         }
+        let admin = self.admin.is_admin(&who);
+        let to_pb = |r: &ImageRecord| shown_to(r, who.uid, admin);
         let report = self.cache.gc(dry_run).await.map_err(|e| cache_status(&e))?;
         Ok(Response::new(pb::GcResponse {
             dry_run,
@@ -140,7 +152,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
     }
 
     async fn top(&self, req: Request<pb::TopRequest>) -> Result<Response<pb::TopResponse>, Status> {
-        caller(&req)?;
+        let who = caller(&req)?;
+        let admin = self.admin.is_admin(&who);
+        let to_pb = |r: &ImageRecord| shown_to(r, who.uid, admin);
         let limit = match req.into_inner().limit {
             0 => 20,
             n => n as usize,

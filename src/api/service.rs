@@ -180,10 +180,12 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
                 policy: policy_from_pb(r.policy)?,
                 credentials: credentials_from_pb(r.credentials),
                 origin: Origin::Pull,
+                requester: Some(who.uid),
             })
             .await
             .map_err(|e| {
-                info!(uid = who.uid, image = %r.image, error = %e, "pull failed");
+                // Debug-quoted and cut: a request's string never starts a log line of its own.
+                info!(uid = who.uid, image = ?crate::units::quote_short(&r.image), error = %e, "pull failed");
                 pull_status(&e)
             })?;
         Ok(Response::new(pb::PullResponse {
@@ -201,10 +203,16 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         &self,
         req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        caller(&req)?;
+        let who = caller(&req)?;
+        let admin = self.admin.is_admin(&who);
         let images = self.cache.list().await.map_err(|e| cache_status(&e))?;
         Ok(Response::new(pb::ListImagesResponse {
-            images: images.iter().map(to_pb).collect(),
+            // Private images' names are for those who proved access to them.
+            images: images
+                .iter()
+                .filter(|r| admin || r.visible_to(who.uid))
+                .map(to_pb)
+                .collect(),
         }))
     }
 
@@ -212,13 +220,18 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         &self,
         req: Request<pb::InspectImageRequest>,
     ) -> Result<Response<pb::Image>, Status> {
-        caller(&req)?;
+        let who = caller(&req)?;
+        let admin = self.admin.is_admin(&who);
         let image = req.into_inner().image;
         let (_, rec) = self
             .cache
             .find(&image)
             .await
             .map_err(|e| cache_status(&e))?;
+        if !admin && !rec.visible_to(who.uid) {
+            // The same answer as for an absent image.
+            return Err(cache_status(&CacheError::NotFound { image }));
+        }
         Ok(Response::new(to_pb(&rec)))
     }
 

@@ -241,6 +241,7 @@ mod tests {
             popularity_at: 0,
             credentialed: false,
             fingerprints: vec![],
+            granted_uids: vec![],
         }
     }
 

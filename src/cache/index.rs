@@ -74,6 +74,20 @@ pub struct ImageRecord {
     /// Salted fingerprints of the credentials that pulled it or were confirmed by its registry.
     #[serde(default)]
     pub fingerprints: Vec<String>,
+    /// Callers (uids) that proved access to a credentialed image: only they, root and the admin
+    /// group see its names.
+    #[serde(default)]
+    pub granted_uids: Vec<u32>,
+}
+
+/// At most this many uids are kept per image (the newest).
+pub const MAX_GRANTED_UIDS: usize = 256;
+
+impl ImageRecord {
+    /// Whether `uid` may see this image's names: it is public, or `uid` proved access to it.
+    pub fn visible_to(&self, uid: u32) -> bool {
+        !self.credentialed || self.granted_uids.contains(&uid)
+    }
 }
 
 /// At most this many credential fingerprints are kept per image (the newest).
@@ -92,6 +106,8 @@ pub struct Use {
     pub pulled: bool,
     /// The registry confirmed the request's credentials can read it.
     pub verified: bool,
+    /// The caller's uid, when the use comes from an API caller.
+    pub requester: Option<u32>,
 }
 
 /// One eviction, as recorded.
@@ -133,6 +149,7 @@ impl ImageRecord {
             popularity_at: now,
             credentialed: false,
             fingerprints: Vec::new(),
+            granted_uids: Vec::new(),
         }
     }
 
@@ -260,6 +277,7 @@ impl Index {
             fingerprint: None,
             pulled: false,
             verified: false,
+            requester: None,
         };
         let mut recs = self.record_uses(&[u], now)?;
         Ok(recs.pop().expect("one use, one record"))
@@ -288,6 +306,14 @@ impl Index {
                         // An image that arrives with credentials is private from then on.
                         if fresh && u.pulled {
                             rec.credentialed = true;
+                        }
+                        if let Some(uid) = u.requester.filter(|_| u.pulled || u.verified) {
+                            if !rec.granted_uids.contains(&uid) {
+                                rec.granted_uids.push(uid);
+                                let excess =
+                                    rec.granted_uids.len().saturating_sub(MAX_GRANTED_UIDS);
+                                rec.granted_uids.drain(..excess);
+                            }
                         }
                         if (u.pulled || u.verified) && !rec.fingerprints.contains(fp) {
                             rec.fingerprints.push(fp.clone());

@@ -277,6 +277,7 @@ impl Cache {
             fingerprint: None,
             pulled: false,
             verified: false,
+            requester: None,
         })
         .await
     }

@@ -197,6 +197,7 @@ impl Launcher {
             policy: spec.policy,
             credentials: spec.credentials.clone(),
             origin: Origin::Job,
+            requester: Some(task.uid),
         });
         let ensured = tokio::select! {
             r = ensure => r,
@@ -265,6 +266,7 @@ impl Launcher {
                     policy: spec.policy,
                     credentials: spec.credentials.clone(),
                     origin: Origin::Job,
+                    requester: Some(task.uid),
                 })
                 .await
             {

@@ -376,6 +376,7 @@ impl Prewarmer {
                 policy: Some(PullPolicy::Always),
                 credentials: None,
                 origin: Origin::Prewarm,
+                requester: None,
             })
             .await;
         let seconds = t.elapsed().as_secs_f64();

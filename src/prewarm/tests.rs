@@ -115,6 +115,7 @@ async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
                     policy: None,
                     credentials: None,
                     origin: Origin::Job,
+                    requester: None,
                 })
                 .await
                 .unwrap();

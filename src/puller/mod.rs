@@ -83,6 +83,9 @@ pub struct EnsureRequest {
     pub credentials: Option<Credentials>,
     /// What the image is for (recorded in the index on first sight).
     pub origin: Origin,
+    /// The API caller's uid, if a caller asked: a caller who proves access to a private image
+    /// may see its name from then on.
+    pub requester: Option<u32>,
 }
 
 /// Whether the runtime's `PullImage` was called.
@@ -312,6 +315,7 @@ impl Puller {
                 fingerprint,
                 pulled: action == Action::Pulled,
                 verified,
+                requester: req.requester,
             })
             .await
             .map_err(|e: CacheError| PullError::Index {

@@ -25,6 +25,7 @@ fn req(image: &str, policy: Option<PullPolicy>) -> EnsureRequest {
         policy,
         credentials: None,
         origin: Origin::Pull,
+        requester: None,
     }
 }
 
@@ -320,4 +321,30 @@ async fn malformed_reference_contacts_nothing() {
     let e = r.puller.ensure(req("Not A Ref", None)).await.unwrap_err();
     assert!(matches!(e, PullError::InvalidReference(_)));
     assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_private_image_is_visible_only_to_callers_who_proved_access() {
+    let r = rig(settings());
+    r.rt.offer(APP, ID1, "sha256:d1", 10);
+    r.reg.set(APP, "sha256:d1");
+    let alice = crate::credentials::Credentials {
+        username: "alice".into(),
+        password: "pw".into(),
+    };
+    let mut pull = req(APP, None);
+    pull.credentials = Some(alice.clone());
+    pull.requester = Some(1000);
+    let rec = r.puller.ensure(pull).await.unwrap().record;
+    assert!(rec.credentialed);
+    assert!(rec.visible_to(1000) && !rec.visible_to(1001));
+    // Bob proves access with credentials the registry accepts: from then on he sees it too.
+    let mut bob = req(APP, Some(PullPolicy::IfNotPresent));
+    bob.credentials = Some(crate::credentials::Credentials {
+        username: "bob".into(),
+        password: "pw2".into(),
+    });
+    bob.requester = Some(1001);
+    let rec = r.puller.ensure(bob).await.unwrap().record;
+    assert!(rec.visible_to(1001));
 }
