@@ -281,6 +281,20 @@ impl Write<'_> {
         )
     }
 
+    /// A store-wide fact.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let t = self.tx.open_table(META).map_err(ctx(self.context))?;
+        let v = t.get(key).map_err(ctx(self.context))?;
+        Ok(v.map(|v| v.value().to_owned()))
+    }
+
+    /// Sets a store-wide fact.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(META).map_err(ctx(self.context))?;
+        t.insert(key, value).map_err(ctx(self.context))?;
+        Ok(())
+    }
+
     /// The keys that start with `prefix`, in order.
     pub fn keys_with_prefix<T>(
         &self,

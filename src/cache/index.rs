@@ -15,6 +15,11 @@ use crate::store::{JsonTable, Store, StoreError};
 const IMAGES: JsonTable<ImageRecord> = JsonTable::new("images");
 const EVICTIONS: JsonTable<EvictionRecord> = JsonTable::new("evictions");
 
+/// The meta key naming how the fingerprints in the records were made.
+const FINGERPRINT_SCHEME_KEY: &str = "fingerprint_scheme";
+/// Argon2id keyed with the node key (see [`crate::credentials::Fingerprinter`]).
+const FINGERPRINT_SCHEME: &str = "argon2id-node-key-v1";
+
 /// How an image came to be on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -179,7 +184,6 @@ pub struct ReconcileReport {
 /// The index of images, over the daemon's store.
 pub struct Index {
     store: Store,
-    salt: String,
     half_life_ms: std::sync::atomic::AtomicI64,
 }
 
@@ -188,35 +192,25 @@ impl Index {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         store.ensure_tables(&[IMAGES])?;
         store.ensure_tables(&[EVICTIONS])?;
-        // The salt of credential fingerprints: random per node, so a fingerprint says nothing
-        // outside this index.
-        let salt = store.meta_or_init("salt", || {
-            (0..4)
-                .map(|_| format!("{:016x}", rand::random::<u64>()))
-                .collect()
+        // Fingerprints of an older scheme (salted SHA-256 with the salt in this file) are
+        // dropped, in one transaction: the images stay private and their users prove access
+        // again with a registry check on next use.
+        store.write("upgrading credential fingerprints", |w| {
+            if w.meta(FINGERPRINT_SCHEME_KEY)?.as_deref() == Some(FINGERPRINT_SCHEME) {
+                return Ok(());
+            }
+            for (id, mut rec) in w.all(IMAGES)? {
+                if !rec.fingerprints.is_empty() {
+                    rec.fingerprints.clear();
+                    w.put(IMAGES, &id, &rec)?;
+                }
+            }
+            w.set_meta(FINGERPRINT_SCHEME_KEY, FINGERPRINT_SCHEME)
         })?;
         Ok(Self {
             store: store.clone(),
-            salt,
             half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
         })
-    }
-
-    /// The salted fingerprint of credentials for a registry: what the index keeps instead of
-    /// them, to recognise the same credentials later.
-    pub fn fingerprint(&self, registry: &str, c: &crate::credentials::Credentials) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for part in [
-            self.salt.as_bytes(),
-            registry.as_bytes(),
-            c.username.as_bytes(),
-            c.password.as_bytes(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        format!("{:x}", h.finalize())
     }
 
     /// Sets the half-life of the popularity score.
@@ -482,6 +476,30 @@ mod tests {
         assert_eq!(report.removed, 1);
         assert!(idx.get("a").unwrap().is_none());
         assert_eq!(idx.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn fingerprints_of_an_older_scheme_are_dropped_at_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("index.redb")).unwrap();
+        let idx = Index::open(&store).unwrap();
+        let u = Use {
+            image: img("a", "r/a:1", 1),
+            origin: Origin::Pull,
+            fingerprint: Some("old-sha256-fingerprint".into()),
+            pulled: true,
+            verified: false,
+            requester: Some(1000),
+        };
+        idx.record_uses(&[u], 1).unwrap();
+        // As a file written by the previous scheme would say.
+        store
+            .write("t", |w| w.set_meta(FINGERPRINT_SCHEME_KEY, "salted-sha256"))
+            .unwrap();
+        let idx = Index::open(&store).unwrap();
+        let rec = idx.get("a").unwrap().unwrap();
+        assert!(rec.fingerprints.is_empty(), "dropped");
+        assert!(rec.credentialed, "still private: access is verified again");
     }
 
     #[test]

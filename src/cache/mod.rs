@@ -282,11 +282,6 @@ impl Cache {
         .await
     }
 
-    /// The salted fingerprint of credentials for a registry (see [`Index::fingerprint`]).
-    pub fn fingerprint(&self, registry: &str, c: &crate::credentials::Credentials) -> String {
-        self.index.fingerprint(registry, c)
-    }
-
     /// The index record of an image id, if any.
     pub async fn record_of(&self, id: &str) -> Result<Option<ImageRecord>, CacheError> {
         let id = id.to_owned();

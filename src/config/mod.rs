@@ -25,6 +25,9 @@ pub const DEFAULT_CRANE_BASE_DIR: &str = "/var/crane";
 pub const DEFAULT_TEMP_DIR: &str = "supervisor/containers/";
 /// Default for `ImageCache.Socket`.
 pub const DEFAULT_SOCKET: &str = "/run/cimage/cimaged.sock";
+/// Default for `ImageCache.NodeKeyFile`: outside `StateDir`, so a copy of the index does not
+/// carry the key of its credential fingerprints.
+pub const DEFAULT_NODE_KEY_FILE: &str = "/etc/cimage/node.key";
 /// Default for `ImageCache.StateDir` (relative to `CraneBaseDir`).
 pub const DEFAULT_STATE_DIR: &str = "cimage/";
 /// Default for `ImageCache.MaxConcurrentPulls`.
@@ -88,6 +91,10 @@ pub struct ImageCacheConfig {
     /// Directory of the redb index, relative to `CraneBaseDir` unless absolute.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The node's secret that keys credential fingerprints (32 bytes, mode 0600, made at first
+    /// start); absolute, and outside `StateDir`.
+    #[serde(default = "default_node_key_file")]
+    pub node_key_file: PathBuf,
     /// How many pulls may run at once on this node.
     #[serde(default = "default_max_concurrent_pulls")]
     pub max_concurrent_pulls: usize,
@@ -368,6 +375,7 @@ impl Default for ImageCacheConfig {
             socket_group: None,
             admin_group: None,
             state_dir: default_state_dir(),
+            node_key_file: default_node_key_file(),
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
             pull_retries: DEFAULT_PULL_RETRIES,
@@ -392,6 +400,9 @@ fn default_temp_dir() -> PathBuf {
 }
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_node_key_file() -> PathBuf {
+    PathBuf::from(DEFAULT_NODE_KEY_FILE)
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)

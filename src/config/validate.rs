@@ -274,6 +274,23 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
         }
     }
     let base = config.crane_base_dir;
+    let state_dir = base.join(&ic.state_dir);
+    if !ic.node_key_file.is_absolute() {
+        return Err(invalid(
+            "ImageCache.NodeKeyFile",
+            format!("{} must be an absolute path", ic.node_key_file.display()),
+        ));
+    }
+    if ic.node_key_file.starts_with(&state_dir) {
+        return Err(invalid(
+            "ImageCache.NodeKeyFile",
+            format!(
+                "{} is inside StateDir ({}); keep the key apart from the index it protects",
+                ic.node_key_file.display(),
+                state_dir.display()
+            ),
+        ));
+    }
     let temp_dir = base.join(&container.temp_dir);
     Ok(Settings {
         source: path.to_owned(),
@@ -284,7 +301,7 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             None => temp_dir.clone(),
         },
         temp_dir,
-        state_dir: base.join(&ic.state_dir),
+        state_dir,
         image_cache: ic,
     })
 }

@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
-use crate::credentials::{CredentialError, Credentials, NodeCredentials};
+use crate::credentials::{CredentialError, Credentials, Fingerprinter, NodeCredentials};
 use crate::policy::{self, PullPolicy};
 use crate::reference::{ImageRef, InvalidReference};
 use crate::registry::{Registry, RegistryError};
@@ -56,6 +56,8 @@ pub struct PullerSettings {
     pub verify: crate::policy::Verify,
     /// The node's own credentials, for requests without credentials.
     pub node_credentials: NodeCredentials,
+    /// Makes the credential fingerprints the index keeps.
+    pub fingerprinter: Arc<Fingerprinter>,
 }
 
 impl Default for PullerSettings {
@@ -68,6 +70,9 @@ impl Default for PullerSettings {
             backoff: DEFAULT_BACKOFF,
             verify: crate::policy::Verify::default(),
             node_credentials: NodeCredentials::default(),
+            // A key of this process only: fingerprints do not outlive it. The daemon loads the
+            // node's key.
+            fingerprinter: Arc::new(Fingerprinter::with_key(rand::random())),
         }
     }
 }
@@ -268,7 +273,23 @@ impl Puller {
         let fingerprint = req
             .credentials
             .as_ref()
-            .map(|c| self.cache.fingerprint(image.registry(), c));
+            .map(|c| (c.clone(), image.registry().to_owned()));
+        let fingerprint = match fingerprint {
+            None => None,
+            Some((c, registry)) => {
+                let f = Arc::clone(&self.settings.fingerprinter);
+                Some(
+                    tokio::task::spawn_blocking(move || f.fingerprint(&registry, &c))
+                        .await
+                        .map_err(|e| PullError::Credentials {
+                            image: image.to_string(),
+                            source: CredentialError::LookupFailed {
+                                message: e.to_string(),
+                            },
+                        })?,
+                )
+            }
+        };
         let work = self.decide_and_pull(
             &image,
             policy,

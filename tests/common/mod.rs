@@ -233,7 +233,7 @@ impl Daemon {
             ));
         }
         let text = format!(
-            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{launcher}{extra}",
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  NodeKeyFile: {base}/node.key\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{launcher}{extra}",
             base = self.dir.path().display(),
             cri = self.testbed.cri.display(),
             sock = self.socket().display(),

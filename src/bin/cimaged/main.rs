@@ -22,13 +22,14 @@ use cimage::background::Background;
 use cimage::cache::{Cache, Index};
 use cimage::clock::SystemClock;
 use cimage::config::{self, Settings};
+use cimage::credentials::Fingerprinter;
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
 use cimage::identity::Nss;
 use cimage::launcher::mounts::BindStager;
 use cimage::launcher::{Launcher, Parts};
 use cimage::metrics::Metrics;
 use cimage::prewarm::Prewarmer;
-use cimage::puller::Puller;
+use cimage::puller::{Puller, PullerSettings};
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
 use cimage::store::Store;
@@ -243,7 +244,13 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         runtime.clone(),
         registry,
         cache.clone(),
-        wiring.puller.clone(),
+        PullerSettings {
+            fingerprinter: Arc::new(
+                Fingerprinter::load_or_create(&ic.node_key_file)
+                    .context("ImageCache.NodeKeyFile")?,
+            ),
+            ..wiring.puller.clone()
+        },
         background.clone(),
     ));
 

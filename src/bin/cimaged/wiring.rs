@@ -77,6 +77,9 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 config_files: ic.auth.config_files.clone(),
                 helpers: ic.auth.credential_helpers.clone(),
             },
+            // Replaced at start by one keyed with ImageCache.NodeKeyFile (reading the key is
+            // start-up's business, not the mapping's).
+            ..PullerSettings::default()
         },
         eviction: ev.enabled.then(|| EvictionSettings {
             high_percent: ev.high_percent,
