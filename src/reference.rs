@@ -16,6 +16,20 @@ pub struct ImageRef {
     explicit_tag: bool,
 }
 
+/// Whether `s` names a local image by id rather than a registry reference: `sha256:` and 64
+/// hex digits, or an id prefix of 12 to 64 hex digits. Such an image is looked up in the
+/// runtime and never pulled; a shorter hex string is an ordinary repository name.
+pub fn local_image_id(s: &str) -> Option<&str> {
+    let hex = |x: &str| {
+        x.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    match s.strip_prefix("sha256:") {
+        Some(rest) => (rest.len() == 64 && hex(rest)).then_some(s),
+        None => ((12..=64).contains(&s.len()) && hex(s)).then_some(s),
+    }
+}
+
 /// Longest reference accepted: the name is at most 255 characters; with a tag (128) and a
 /// digest this is ample.
 pub const MAX_REFERENCE_LEN: usize = 1024;
@@ -356,6 +370,22 @@ mod tests {
         let e = ImageRef::parse(&huge).unwrap_err().to_string();
         assert!(e.len() < 300 && !e.contains('\n'), "{} chars", e.len());
         assert!(ImageRef::parse("127.0.0.1:65535/app:1").is_ok());
+    }
+
+    #[test]
+    fn image_ids_name_local_images() {
+        let full = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(local_image_id(&full), Some(full.as_str()));
+        assert_eq!(local_image_id("abcdef012345"), Some("abcdef012345"));
+        for not in [
+            "abcdef01234",
+            "sha256:abc",
+            "busybox",
+            "ABCDEF012345",
+            "abcdef01234g",
+        ] {
+            assert_eq!(local_image_id(not), None, "{not}");
+        }
     }
 
     #[test]

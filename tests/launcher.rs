@@ -437,3 +437,38 @@ fn a_cancel_acknowledged_before_a_kill_9_is_carried_out_after_the_restart() {
     );
     assert_eq!(t["state"], "cancelled", "{t}");
 }
+
+#[test]
+fn run_by_image_id_uses_the_local_image_without_any_registry_request() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    assert!(d.cli(&["pull", &img]).status.success());
+    let out = d.cli(&["inspect", &img, "-o", "json"]);
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mark = d.testbed.registry_log_mark();
+    for by in [
+        id.clone(),
+        id["sha256:".len().."sha256:".len() + 12].to_owned(),
+    ] {
+        let out = run(
+            &d,
+            &["--image", &by, "--policy", "Always"],
+            &["echo", "by-id"],
+        );
+        assert!(out.status.success(), "{by}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "by-id\n");
+    }
+    assert!(
+        d.testbed
+            .registry_requests_since(mark, "busybox")
+            .is_empty(),
+        "no registry request for a run by id"
+    );
+    let absent = format!("sha256:{}", "0".repeat(64));
+    let out = run(&d, &["--image", &absent], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("never pulled"), "{}", stderr(&out));
+}

@@ -96,7 +96,7 @@ fn runtime_code(e: &RuntimeError) -> Code {
 pub fn pull_status(e: &PullError) -> Status {
     let code = match e {
         PullError::InvalidReference(_) => Code::InvalidArgument,
-        PullError::NotPresent { .. } => Code::NotFound,
+        PullError::NotPresent { .. } | PullError::LocalAbsent { .. } => Code::NotFound,
         PullError::Registry { source, .. } => match source.kind {
             RegistryErrorKind::NotFound => Code::NotFound,
             RegistryErrorKind::Unauthorized => Code::Unauthenticated,

@@ -244,8 +244,8 @@ pub struct Validated {
     pub job: String,
     /// Whether the job ends with this step.
     pub one_off: bool,
-    /// The normalised image.
-    pub image: ImageRef,
+    /// The normalised image reference, or the local image id it was asked by.
+    pub image: String,
     /// The host identity the process runs as; its uid also owns the task.
     pub identity: Identity,
     /// The uid that asked (set by the launcher; a new job records it as its creator).
@@ -293,7 +293,12 @@ pub fn validate(
         }
         None => (format!("run-{:012x}", rand::random::<u64>() >> 16), true),
     };
-    let image = ImageRef::parse(&spec.image).map_err(|e| invalid(e.to_string()))?;
+    let image = match crate::reference::local_image_id(&spec.image) {
+        Some(id) => id.to_owned(),
+        None => ImageRef::parse(&spec.image)
+            .map_err(|e| invalid(e.to_string()))?
+            .to_string(),
+    };
     for (k, v) in &spec.env {
         let identifier = k
             .chars()

@@ -9,6 +9,7 @@
 
 mod decision;
 mod flight;
+mod local;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -115,8 +116,8 @@ impl Action {
 /// The outcome of a successful request.
 #[derive(Debug, Clone)]
 pub struct Ensured {
-    /// The normalised reference.
-    pub image: ImageRef,
+    /// The normalised reference (or the image id it was asked by).
+    pub image: String,
     /// The policy applied.
     pub policy: PullPolicy,
     /// What happened.
@@ -135,6 +136,12 @@ pub enum PullError {
     /// The reference is malformed; nothing was contacted.
     #[error(transparent)]
     InvalidReference(#[from] InvalidReference),
+    /// An image id names no image on this node; ids are never pulled.
+    #[error("image {id} is not present on this node (an image id names a local image; it is never pulled from a registry)")]
+    LocalAbsent {
+        /// The id as given.
+        id: String,
+    },
     /// The image is absent and the policy forbids pulling; nothing was contacted.
     #[error("image {image} is not present and pull policy is {policy}")]
     NotPresent {
@@ -246,9 +253,14 @@ impl Puller {
         }
     }
 
-    /// Makes `req.image` ready according to the policy and records the use.
+    /// Makes `req.image` ready according to the policy and records the use. An image id
+    /// (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is looked up
+    /// in the runtime and never pulled.
     pub async fn ensure(&self, req: EnsureRequest) -> Result<Ensured, PullError> {
         let started = Instant::now();
+        if crate::reference::local_image_id(&req.image).is_some() {
+            return self.ensure_local(req, started).await;
+        }
         let image = ImageRef::parse(&req.image)?;
         let policy = policy::effective(req.policy, &image);
         let deadline = self.settings.pull_timeout;
@@ -346,7 +358,7 @@ impl Puller {
         let elapsed = started.elapsed();
         info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
         Ok(Ensured {
-            image,
+            image: image.to_string(),
             policy,
             action,
             digest,

@@ -348,3 +348,35 @@ async fn a_private_image_is_visible_only_to_callers_who_proved_access() {
     let rec = r.puller.ensure(bob).await.unwrap().record;
     assert!(rec.visible_to(1001));
 }
+
+#[tokio::test]
+async fn an_image_id_names_a_local_image_and_is_never_pulled() {
+    let r = rig(settings());
+    r.rt.offer(APP, ID1, "sha256:d1", 10);
+    r.puller.ensure(req(APP, None)).await.unwrap();
+    let (pulls, resolves) = (
+        r.rt.pulls.load(Ordering::SeqCst),
+        r.reg.resolves.load(Ordering::SeqCst),
+    );
+    for by in [ID1, &ID1["sha256:".len().."sha256:".len() + 12]] {
+        let ok = r
+            .puller
+            .ensure(req(by, Some(PullPolicy::Always)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (ok.action, ok.record.id.as_str()),
+            (Action::Cached, ID1),
+            "{by}"
+        );
+    }
+    let e = r.puller.ensure(req(ID2, None)).await.unwrap_err();
+    assert!(matches!(e, PullError::LocalAbsent { .. }), "{e}");
+    assert!(e.to_string().contains("never pulled"), "{e}");
+    assert_eq!(r.rt.pulls.load(Ordering::SeqCst), pulls, "no PullImage");
+    assert_eq!(
+        r.reg.resolves.load(Ordering::SeqCst),
+        resolves,
+        "no registry request"
+    );
+}

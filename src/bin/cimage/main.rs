@@ -110,6 +110,10 @@ pub async fn connect(socket: &Path) -> Result<ImageCacheClient<Channel>, Failure
 /// Checks an image argument locally so malformed input is refused before anything is contacted.
 /// Image ids (`sha256:…`) and id prefixes (6+ hex digits) are accepted where `ids` is true.
 pub fn check_image_arg(arg: &str, ids: bool) -> Result<(), Failure> {
+    // An image id (`sha256:` + 64 hex, or 12+ hex digits) names a local image everywhere.
+    if cimage::reference::local_image_id(arg).is_some() {
+        return Ok(());
+    }
     let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
     if ids {
         if let Some(rest) = arg.strip_prefix("sha256:") {
