@@ -104,3 +104,82 @@ fn a_client_that_stops_reading_a_steps_output_does_not_grow_the_daemon() {
     let logs = d.cli(&["logs", &task]);
     assert_eq!(logs.stdout.len(), 300_000_000);
 }
+
+/// Forks a child that, as uid 65534, opens `n` connections to `socket` and holds them until it
+/// is killed; returns its pid once they are open.
+fn hold_connections_as_nobody(socket: &std::path::Path, n: usize) -> libc::pid_t {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(socket.as_os_str().as_bytes()).unwrap();
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (i, b) in path.as_bytes().iter().enumerate() {
+        addr.sun_path[i] = *b as libc::c_char;
+    }
+    let mut ready = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
+    // SAFETY: the child makes only system calls on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        unsafe {
+            let lim = libc::rlimit {
+                rlim_cur: (n + 64) as libc::rlim_t,
+                rlim_max: (n + 64) as libc::rlim_t,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::setgroups(0, std::ptr::null());
+            libc::setresgid(65534, 65534, 65534);
+            libc::setresuid(65534, 65534, 65534);
+            let mut opened: u32 = 0;
+            for _ in 0..n {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if fd >= 0
+                    && libc::connect(
+                        fd,
+                        &addr as *const _ as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                    ) == 0
+                {
+                    opened += 1;
+                }
+            }
+            libc::write(ready[1], &opened as *const u32 as *const libc::c_void, 4);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let mut opened: u32 = 0;
+    unsafe { libc::read(ready[0], &mut opened as *mut u32 as *mut libc::c_void, 4) };
+    assert!(opened > 0, "the child opened no connection");
+    pid
+}
+
+#[test]
+fn status_answers_while_another_uid_holds_ten_thousand_connections() {
+    let d = Daemon::start("SocketGroup: nogroup");
+    let child = hold_connections_as_nobody(&d.socket(), 10_000);
+    let started = std::time::Instant::now();
+    let mut status = std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(["--socket"])
+        .arg(d.socket())
+        .args(["status", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ok = loop {
+        if let Some(s) = status.try_wait().unwrap() {
+            break s.success();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = status.kill();
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    assert!(ok, "cimage status did not answer within 20 s");
+}

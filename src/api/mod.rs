@@ -3,6 +3,7 @@
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
 //! Domain errors become `tonic::Status` codes here ([`service`]).
 
+pub mod gate;
 pub mod http;
 pub mod launcher;
 pub mod maintenance;
@@ -13,7 +14,6 @@ use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::Path;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 /// The generated cimage API types (proto/cimage/v1/cimage.proto).
 #[allow(missing_docs, clippy::all)]
@@ -82,19 +82,50 @@ pub fn ending_at_shutdown<T: Send + 'static>(
     Box::pin(stream.chain(last))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Largest request the API decodes: requests are small (a launch with its environment is a few
+/// KiB); anything bigger is refused before it is read.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Serves the API on `listener` until `shutdown` resolves, admitting connections through
+/// `gate` (per-uid caps, idle limit).
 pub async fn serve(
     listener: UnixListener,
+    gate: gate::Gate,
     images: service::ImageCacheApi,
     launcher: launcher::LauncherApi,
     maintenance: maintenance::MaintenanceApi,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = futures::stream::unfold((listener, gate), |(listener, gate)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    if let Some(g) = gate.admit(stream) {
+                        return Some((Ok::<_, std::io::Error>(g), (listener, gate)));
+                    }
+                    // Over its uid's cap: closed at once (dropped).
+                }
+                Err(e) => return Some((Err(e), (listener, gate))),
+            }
+        }
+    });
     tonic::transport::Server::builder()
-        .add_service(pb::image_cache_server::ImageCacheServer::new(images))
-        .add_service(pb::launcher_server::LauncherServer::new(launcher))
-        .add_service(pb::maintenance_server::MaintenanceServer::new(maintenance))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        // Dead peers are found by keepalive pings; a live one answers them.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(
+            pb::image_cache_server::ImageCacheServer::new(images)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::launcher_server::LauncherServer::new(launcher)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::maintenance_server::MaintenanceServer::new(maintenance)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

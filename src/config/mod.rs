@@ -85,6 +85,18 @@ pub struct ImageCacheConfig {
     /// Group (name or numeric gid) that owns the API socket, so its members can connect.
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// API connections one uid may hold at once (root and `AdminGroup`: `MaxConnectionsPerAdmin`).
+    #[serde(default = "default_max_connections_per_user")]
+    pub max_connections_per_user: usize,
+    /// API connections root or a member of `AdminGroup` may hold at once.
+    #[serde(default = "default_max_connections_per_admin")]
+    pub max_connections_per_admin: usize,
+    /// An API connection that sends nothing for this long is closed.
+    #[serde(
+        default = "default_connection_idle_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub connection_idle_timeout: Duration,
     /// Group (name or numeric gid) whose members may use admin calls, besides root.
     #[serde(default)]
     pub admin_group: Option<String>,
@@ -373,6 +385,9 @@ impl Default for ImageCacheConfig {
         Self {
             socket: default_socket(),
             socket_group: None,
+            max_connections_per_user: default_max_connections_per_user(),
+            max_connections_per_admin: default_max_connections_per_admin(),
+            connection_idle_timeout: default_connection_idle_timeout(),
             admin_group: None,
             state_dir: default_state_dir(),
             node_key_file: default_node_key_file(),
@@ -400,6 +415,15 @@ fn default_temp_dir() -> PathBuf {
 }
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_max_connections_per_user() -> usize {
+    64
+}
+fn default_max_connections_per_admin() -> usize {
+    1024
+}
+fn default_connection_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_node_key_file() -> PathBuf {
     PathBuf::from(DEFAULT_NODE_KEY_FILE)

@@ -135,6 +135,18 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at least 1".into(),
         ));
     }
+    if ic.max_connections_per_user == 0 || ic.max_connections_per_admin == 0 {
+        return Err(invalid(
+            "ImageCache.MaxConnectionsPerUser",
+            "MaxConnectionsPerUser and MaxConnectionsPerAdmin must be at least 1".into(),
+        ));
+    }
+    if ic.connection_idle_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.ConnectionIdleTimeout",
+            "must be at least 1s".into(),
+        ));
+    }
     if ic.pull_timeout.is_zero() {
         return Err(invalid(
             "ImageCache.PullTimeout",

@@ -31,15 +31,20 @@ pub(super) fn image_spec(image: &str) -> Option<ImageSpec> {
     })
 }
 
-/// Opens a lazy gRPC channel to a unix socket; nothing is dialled until the first call.
+/// Opens a lazy gRPC channel to a unix socket; nothing is dialled until the first call. The
+/// channel pings its peer every 30 s (a quiet stream is not an idle connection, and a peer that
+/// went away is noticed) and gives up connecting after 5 s.
 pub fn unix_channel(path: &Path) -> Channel {
     let path: PathBuf = path.to_owned();
-    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
-        move |_: Uri| {
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        },
-    ))
+        }))
 }
 
 /// Maps a CRI status to a runtime error kind. containerd reports registry failures during a pull

@@ -331,9 +331,22 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     // Stops accepting at shutdown; open streams end (with a status saying why) as the work
     // behind them sees the token.
     let bg = background.clone();
-    let served = api::serve(listener, images, launcher_api, maintenance, async move {
-        bg.shutting_down().await
-    })
+    let gate = api::gate::Gate::new(
+        api::gate::Limits {
+            per_user: ic.max_connections_per_user,
+            per_admin: ic.max_connections_per_admin,
+            idle: ic.connection_idle_timeout,
+        },
+        move |uid, gid, pid| admin.is_admin(&peer::Caller { uid, gid, pid }),
+    );
+    let served = api::serve(
+        listener,
+        gate,
+        images,
+        launcher_api,
+        maintenance,
+        async move { bg.shutting_down().await },
+    )
     .await;
     background.begin_shutdown();
     let _ = std::fs::remove_file(&ic.socket);

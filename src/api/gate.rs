@@ -1,0 +1,232 @@
+//! Who may hold how many connections to the API socket, and for how long without a word.
+//!
+//! Every accepted connection is counted against its peer's uid (from `SO_PEERCRED`); past the
+//! uid's cap it is closed at once, so no one user can take the daemon's file descriptors or its
+//! accept loop from the others. A connection that sends nothing for the idle limit is closed (the
+//! CLI keeps long, quiet streams such as `run` of a silent step alive with HTTP/2 pings).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+/// Connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections one ordinary uid may hold at once.
+    pub per_user: usize,
+    /// Connections root and the admin group may hold at once.
+    pub per_admin: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle: Duration,
+}
+
+/// Default [`Limits::per_user`].
+pub const DEFAULT_PER_USER: usize = 64;
+/// Default [`Limits::per_admin`].
+pub const DEFAULT_PER_ADMIN: usize = 1024;
+/// Default [`Limits::idle`].
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_user: DEFAULT_PER_USER,
+            per_admin: DEFAULT_PER_ADMIN,
+            idle: DEFAULT_IDLE,
+        }
+    }
+}
+
+/// Counts open connections per uid.
+pub struct Gate {
+    limits: Limits,
+    is_admin: Box<dyn Fn(u32, u32, Option<i32>) -> bool + Send + Sync>,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl Gate {
+    /// A gate with these limits; `is_admin(uid, gid, pid)` says who gets the admin cap.
+    pub fn new(
+        limits: Limits,
+        is_admin: impl Fn(u32, u32, Option<i32>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            limits,
+            is_admin: Box::new(is_admin),
+            open: Default::default(),
+        }
+    }
+
+    /// Admits a connection, or refuses it (`None`) when its uid holds its cap already or its
+    /// peer cannot be identified.
+    pub fn admit(&self, stream: UnixStream) -> Option<Gated> {
+        let cred = stream.peer_cred().ok()?;
+        let cap = if (self.is_admin)(cred.uid(), cred.gid(), cred.pid()) {
+            self.limits.per_admin
+        } else {
+            self.limits.per_user
+        };
+        {
+            let mut open = self.open.lock().unwrap();
+            let n = open.entry(cred.uid()).or_insert(0);
+            if *n >= cap {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Gated {
+            inner: stream,
+            slot: Slot {
+                uid: cred.uid(),
+                open: Arc::clone(&self.open),
+            },
+            idle: self.limits.idle,
+            deadline: Box::pin(tokio::time::sleep(self.limits.idle)),
+        })
+    }
+
+    /// Connections open now for `uid`.
+    pub fn open_for(&self, uid: u32) -> usize {
+        self.open.lock().unwrap().get(&uid).copied().unwrap_or(0)
+    }
+}
+
+/// A connection's place in its uid's count, given back when the connection closes.
+struct Slot {
+    uid: u32,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// An admitted connection: the unix stream, its slot, and its idle deadline.
+pub struct Gated {
+    inner: UnixStream,
+    slot: Slot,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl AsyncRead for Gated {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + self.idle;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connection of uid {} idle too long", self.slot.uid),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Gated {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Gated {
+    type ConnectInfo = UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_uid_holds_at_most_its_cap_and_slots_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let gate = Gate::new(
+            Limits {
+                per_user: 2,
+                per_admin: 2,
+                idle: Duration::from_secs(60),
+            },
+            |_, _, _| false,
+        );
+        let mut held = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(UnixStream::connect(&path).await.unwrap());
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(gate.admit(s));
+        }
+        let me = unsafe { libc::getuid() };
+        assert!(held[0].is_some() && held[1].is_some() && held[2].is_none());
+        assert_eq!(gate.open_for(me), 2);
+        held.clear();
+        assert_eq!(gate.open_for(me), 0, "closing gives the slots back");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_says_nothing_is_closed_after_the_idle_limit() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let gate = Gate::new(
+            Limits {
+                idle: Duration::from_millis(50),
+                ..Limits::default()
+            },
+            |_, _, _| false,
+        );
+        let _client = UnixStream::connect(&path).await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let mut g = gate.admit(s).unwrap();
+        let mut buf = [0u8; 8];
+        let e = tokio::time::timeout(Duration::from_secs(5), g.read(&mut buf))
+            .await
+            .expect("the idle limit ends the read")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+}
