@@ -342,6 +342,13 @@ pub struct LauncherConfig {
     /// their own tasks only.
     #[serde(default)]
     pub allow_user_launch: bool,
+    /// Launches one user (not root, not `AdminGroup`) may have in flight at once.
+    #[serde(default = "default_max_launches_per_user")]
+    pub max_launches_per_user: usize,
+}
+
+fn default_max_launches_per_user() -> usize {
+    32
 }
 
 impl Default for LauncherConfig {
@@ -352,6 +359,7 @@ impl Default for LauncherConfig {
             log_dir: None,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
+            max_launches_per_user: default_max_launches_per_user(),
         }
     }
 }

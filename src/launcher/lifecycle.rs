@@ -36,6 +36,7 @@ impl Launcher {
             ))
             .into());
         }
+        let reservation = self.reserve_launch(who)?;
         let users = Arc::clone(&self.users);
         let request = spec.user.clone();
         let identity = tokio::task::spawn_blocking(move || {
@@ -153,6 +154,7 @@ impl Launcher {
             .lock()
             .unwrap()
             .insert(task.id.clone(), cancel.clone());
+        reservation.accept(&task.id);
         let (tx, rx) = EventSink::channel();
         info!(task = %task.id, job = %task.job, step, image = %task.image, uid = task.uid, "task accepted");
         self.background

@@ -71,6 +71,38 @@ pub struct LauncherSettings {
     /// Whether callers that are neither root nor in the admin group may launch
     /// (`ImageCache.Launcher.AllowUserLaunch`).
     pub allow_user_launch: bool,
+    /// Launches one such caller may have in flight (`ImageCache.Launcher.MaxLaunchesPerUser`).
+    pub max_launches_per_user: usize,
+}
+
+/// Default of [`LauncherSettings::max_launches_per_user`].
+pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
+
+/// A caller's place among its launches in flight, taken before a launch is checked and given
+/// back unless the launch is accepted (then the task holds it until it leaves the live set).
+struct Reservation {
+    map: Arc<Mutex<HashMap<String, u32>>>,
+    key: Option<String>,
+}
+
+impl Reservation {
+    /// Hands the place over to the accepted task.
+    fn accept(mut self, task: &str) {
+        if let Some(key) = self.key.take() {
+            let mut map = self.map.lock().unwrap();
+            if let Some(uid) = map.remove(&key) {
+                map.insert(task.to_owned(), uid);
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.map.lock().unwrap().remove(key);
+        }
+    }
 }
 
 impl LauncherSettings {
@@ -83,6 +115,7 @@ impl LauncherSettings {
             log_dir,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
+            max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
         }
     }
 }
@@ -191,6 +224,9 @@ pub struct Launcher {
     live: Mutex<HashMap<String, CancellationToken>>,
     /// Notified whenever a task leaves `live` (for `end_job`'s wait).
     live_changed: tokio::sync::Notify,
+    /// Launches in flight by callers that are neither root nor admins: key (task id, or a
+    /// reservation while the launch is being accepted) → the caller's uid.
+    launched_by: Arc<Mutex<HashMap<String, u32>>>,
     job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     background: Background,
 }
@@ -220,6 +256,7 @@ impl Launcher {
             instance,
             live: Mutex::new(HashMap::new()),
             live_changed: tokio::sync::Notify::new(),
+            launched_by: Default::default(),
             job_locks: Mutex::new(HashMap::new()),
             background: parts.background,
         }))
@@ -244,9 +281,35 @@ impl Launcher {
         self.blocking(move |s| s.put_job(&j)).await
     }
 
+    /// Reserves a place among `who`'s launches in flight, or refuses when it has its share
+    /// (root and admins are not counted).
+    fn reserve_launch(&self, who: Principal) -> Result<Reservation, SpecError> {
+        let map = Arc::clone(&self.launched_by);
+        if who.admin {
+            return Ok(Reservation { map, key: None });
+        }
+        let mut m = map.lock().unwrap();
+        let n = m.values().filter(|u| **u == who.uid).count();
+        if n >= self.settings.max_launches_per_user {
+            return Err(SpecError::Denied(format!(
+                "uid {} has {n} launches in flight, its limit \
+                 (ImageCache.Launcher.MaxLaunchesPerUser); wait for one to end",
+                who.uid
+            )));
+        }
+        let key = format!("reserved-{:016x}", rand::random::<u64>());
+        m.insert(key.clone(), who.uid);
+        drop(m);
+        Ok(Reservation {
+            map,
+            key: Some(key),
+        })
+    }
+
     /// Takes a task off the live set and wakes whoever waits for that.
     fn forget_live(&self, task: &str) {
         self.live.lock().unwrap().remove(task);
+        self.launched_by.lock().unwrap().remove(task);
         self.live_changed.notify_waiters();
     }
 

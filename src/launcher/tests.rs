@@ -685,3 +685,32 @@ async fn a_step_interrupted_before_its_container_ran_is_recorded_where_it_stoppe
     assert_eq!(stage, "ImageReady", "{message}");
     assert!(message.contains("interrupted"), "{message}");
 }
+
+#[tokio::test]
+async fn a_user_has_at_most_its_share_of_launches_in_flight() {
+    let r = rig_with(|s| s.max_launches_per_user = 1);
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (first, _rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let e = r.launcher.launch(ALICE, spec(None)).await.unwrap_err();
+    assert!(e.to_string().contains("MaxLaunchesPerUser"), "{e}");
+    // Others, and root, are not held back by Alice's share.
+    let (b, _rxb) = r.launcher.launch(BOB, spec(None)).await.unwrap();
+    let (c, _rxc) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    // A refused launch gave its reservation back; a finished one its place.
+    r.launcher.cancel(ALICE, &first.id).await.unwrap();
+    let mut again = None;
+    for _ in 0..400 {
+        if let Ok(x) = r.launcher.launch(ALICE, spec(None)).await {
+            again = Some(x);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (again, _rx2) = again.expect("Alice's place comes back once her task has ended");
+    for t in [&b.id, &c.id, &again.id] {
+        r.launcher.cancel(ROOT, t).await.unwrap();
+    }
+}

@@ -95,6 +95,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             log_dir: s.log_dir.clone(),
             allowed_devices: ic.launcher.allowed_devices.clone(),
             allow_user_launch: ic.launcher.allow_user_launch,
+            max_launches_per_user: ic.launcher.max_launches_per_user,
         },
         registries: ic
             .registries
