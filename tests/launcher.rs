@@ -472,3 +472,41 @@ fn run_by_image_id_uses_the_local_image_without_any_registry_request() {
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("never pulled"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_cli_says_so_when_cimaged_goes_away_while_a_step_runs() {
+    let mut d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(["run", "--image", &img, "--", "sleep", "300"])
+        .env("CIMAGE_SOCKET", d.socket())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let ps: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["ps", "-o", "json"]).stdout).unwrap();
+        if let Some(t) = ps.as_array().and_then(|a| a.first()) {
+            if t["state"] == "running" {
+                break t["id"].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "the step never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    d.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&id) && err.contains("may still be running"),
+        "{err}"
+    );
+    // Back, the daemon re-attaches the step; then it is cancelled and nothing is left.
+    d.spawn();
+    wait_state(&d, &id, &["running"], Duration::from_secs(20));
+    assert!(d.cli(&["cancel", &id]).status.success());
+    wait_state(&d, &id, &["cancelled"], Duration::from_secs(20));
+}

@@ -80,6 +80,10 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Exit status when the daemon went away while the step may still run (as docker's 126 is
+/// "the container could not be run to its end by the tool").
+pub const DAEMON_GONE: u8 = 126;
+
 /// A parsed `--timeout`: `None` is UNLIMITED.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeLimit(Option<std::time::Duration>);
@@ -154,7 +158,21 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
             }
         };
         let Some(ev) = next else { break };
-        let ev = ev?;
+        let ev = match ev {
+            Ok(ev) => ev,
+            // The daemon went away (or is shutting down) while the step may still run.
+            Err(s) if !task_id.is_empty() => {
+                let _ = std::io::stdout().flush();
+                eprintln!(
+                    "cimage: cimaged went away while task {task_id} was running ({}); the step \
+                     may still be running: follow it with `cimage logs -f {task_id}` once cimaged \
+                     is back",
+                    s.message()
+                );
+                return Ok(DAEMON_GONE);
+            }
+            Err(s) => return Err(s.into()),
+        };
         use pb::task_event::Event as E;
         let verbose = |what: String| {
             if args.verbose {
@@ -217,8 +235,12 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     }
     match exit {
         Some(code) => Ok(code),
-        None => Err(Failure(format!(
-            "lost contact with cimaged before task {task_id} finished; see `cimage ps -a`"
-        ))),
+        None => {
+            eprintln!(
+                "cimage: lost contact with cimaged before task {task_id} finished; the step may \
+                 still be running: see `cimage ps -a` once cimaged is back"
+            );
+            Ok(DAEMON_GONE)
+        }
     }
 }
