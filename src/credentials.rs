@@ -120,11 +120,21 @@ pub fn from_auth_file(path: &Path, registry: &str) -> Result<Option<Credentials>
         path: path.to_owned(),
         message: e.to_string(),
     })?;
+    parse_auth_file(&text, path, registry)
+}
+
+/// The credentials the text of an auth file holds for `registry` (see [`from_auth_file`];
+/// `path` is only named in errors).
+pub fn parse_auth_file(
+    text: &str,
+    path: &Path,
+    registry: &str,
+) -> Result<Option<Credentials>, CredentialError> {
     let malformed = |message: String| CredentialError::Malformed {
         path: path.to_owned(),
         message,
     };
-    let file: AuthFile = serde_json::from_str(&text)
+    let file: AuthFile = serde_json::from_str(text)
         .map_err(|e| malformed(format!("not a docker config.json / auth.json: {e}")))?;
     let Some(entry) = host_keys(registry).iter().find_map(|k| file.auths.get(k)) else {
         return Ok(None);
