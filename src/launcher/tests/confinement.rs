@@ -1,0 +1,158 @@
+//! Confinement: privileges, host groups, who may launch and join, devices, launch shares.
+
+use std::time::Duration;
+
+use super::*;
+
+#[tokio::test]
+async fn a_user_step_runs_with_no_privileges_and_exactly_its_host_groups() {
+    let r = rig();
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    events(rx).await;
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    events(rx).await;
+    let created = r.tasks.created.lock().unwrap().clone();
+    let alice = &created[0];
+    assert_eq!(
+        (alice.run_as_user, alice.run_as_group),
+        (Some(1000), Some(1000))
+    );
+    assert_eq!(alice.supplemental_groups, vec![27]);
+    assert!(alice.no_new_privileges && alice.drop_all_capabilities);
+    let root = &created[1];
+    assert_eq!(root.run_as_user, Some(0));
+    assert!(!root.no_new_privileges && !root.drop_all_capabilities);
+}
+
+#[tokio::test]
+async fn groups_added_by_the_image_refuse_the_step_and_leave_nothing() {
+    let r = rig();
+    r.tasks.image_groups.lock().unwrap().push(6);
+    let (task, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter().any(|e| matches!(e, Event::Failed { stage: Stage::Create, message } if message.contains("adds groups [6]"))),
+        "{evs:?}"
+    );
+    assert!(!evs.contains(&Event::Started));
+    assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
+    assert_eq!(
+        r.launcher.task(ROOT, &task.id).await.unwrap().state,
+        TaskState::Failed
+    );
+}
+
+#[tokio::test]
+async fn users_launch_only_where_the_node_allows_it() {
+    let r = rig_with(|s| s.allow_user_launch = false);
+    let e = r.launcher.launch(ALICE, spec(None)).await.unwrap_err();
+    assert!(e.to_string().contains("AllowUserLaunch"), "{e}");
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    events(rx).await;
+    assert!(
+        r.tasks
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == "RunPodSandbox")
+            .count()
+            == 1
+    );
+}
+
+#[tokio::test]
+async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    // Bob takes the id a scheduler would use.
+    let (bobs, _rx) = r
+        .launcher
+        .launch(BOB, spec(Some("slurm-44")))
+        .await
+        .unwrap();
+    wait_for_state(&r, &bobs.id, TaskState::Running).await;
+    // Root launching Alice's step under that id does not join Bob's pod.
+    let mut for_alice = spec(Some("slurm-44"));
+    for_alice.user = Some("1000".parse().unwrap());
+    let e = r.launcher.launch(ROOT, for_alice).await.unwrap_err();
+    assert!(e.to_string().contains("runs its steps as uid 1001"), "{e}");
+    // Alice cannot join it either, and is not told whose it is.
+    let e = r
+        .launcher
+        .launch(ALICE, spec(Some("slurm-44")))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not open to uid 1000") && !e.to_string().contains("1001"),
+        "{e}"
+    );
+    r.launcher.cancel(BOB, &bobs.id).await.unwrap();
+
+    // A first step that fails leaves the id free.
+    let mut broken = spec(Some("j9"));
+    broken.image = "127.0.0.1:5000/missing:1".into();
+    let (_, rx) = r.launcher.launch(ALICE, broken).await.unwrap();
+    events(rx).await;
+    *r.tasks.script.lock().unwrap() = None;
+    let (_, rx) = r.launcher.launch(BOB, spec(Some("j9"))).await.unwrap();
+    let evs = events(rx).await;
+    assert!(evs.contains(&Event::Started), "{evs:?}");
+}
+
+#[tokio::test]
+async fn devices_come_only_from_the_allow_list_and_cdi_needs_a_runtime_with_cdi() {
+    let r = rig_with(|s| s.allowed_devices = vec!["/dev/null".into(), "nvidia.com/gpu=*".into()]);
+    let mut s = spec(None);
+    s.devices = vec!["/dev/null".into()];
+    let (_, rx) = r.launcher.launch(ALICE, s).await.unwrap();
+    events(rx).await;
+    assert_eq!(r.tasks.created.lock().unwrap()[0].devices.len(), 1);
+    for (d, want) in [
+        ("/dev/zero", "AllowedDevices"),
+        ("/dev", "not a character or block device"),
+        ("nvidia.com/gpu=0", "does not support CDI"),
+    ] {
+        let mut s = spec(None);
+        s.devices = vec![d.into()];
+        let e = r.launcher.launch(ALICE, s).await.unwrap_err();
+        assert!(e.to_string().contains(want), "{d}: {e}");
+    }
+    assert_eq!(
+        r.tasks.created.lock().unwrap().len(),
+        1,
+        "nothing more was created"
+    );
+}
+
+#[tokio::test]
+async fn a_user_has_at_most_its_share_of_launches_in_flight() {
+    let r = rig_with(|s| s.max_launches_per_user = 1);
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (first, _rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let e = r.launcher.launch(ALICE, spec(None)).await.unwrap_err();
+    assert!(e.to_string().contains("MaxLaunchesPerUser"), "{e}");
+    // Others, and root, are not held back by Alice's share.
+    let (b, _rxb) = r.launcher.launch(BOB, spec(None)).await.unwrap();
+    let (c, _rxc) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    // A refused launch gave its reservation back; a finished one its place.
+    r.launcher.cancel(ALICE, &first.id).await.unwrap();
+    let mut again = None;
+    for _ in 0..400 {
+        if let Ok(x) = r.launcher.launch(ALICE, spec(None)).await {
+            again = Some(x);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (again, _rx2) = again.expect("Alice's place comes back once her task has ended");
+    for t in [&b.id, &c.id, &again.id] {
+        r.launcher.cancel(ROOT, t).await.unwrap();
+    }
+}
