@@ -49,16 +49,7 @@ async fn users_launch_only_where_the_node_allows_it() {
     assert!(e.to_string().contains("AllowUserLaunch"), "{e}");
     let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
     events(rx).await;
-    assert!(
-        r.tasks
-            .calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| **c == "RunPodSandbox")
-            .count()
-            == 1
-    );
+    assert_eq!(calls(&r, "RunPodSandbox"), 1);
 }
 
 #[tokio::test]
@@ -74,7 +65,7 @@ async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
         .launch(BOB, spec(Some("slurm-44")))
         .await
         .unwrap();
-    wait_for_state(&r, &bobs.id, TaskState::Running).await;
+    wait_for_state(&r.launcher, &bobs.id, TaskState::Running).await;
     // Root launching Alice's step under that id does not join Bob's pod.
     let mut for_alice = spec(Some("slurm-44"));
     for_alice.user = Some("1000".parse().unwrap());

@@ -12,29 +12,12 @@ async fn a_cancel_is_durable_before_it_is_acknowledged_and_carried_out_after_a_c
         runs_for: Duration::from_secs(30),
         exit_code: 0,
     });
-    // The first daemon runs on a runtime of its own, so that its crash can be real.
-    let first = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let l1 = r.launcher.clone();
-    let (task, mut rx) = first
-        .spawn(async move { l1.launch(ROOT, spec(Some("durable"))).await.unwrap() })
-        .await
-        .unwrap();
-    while let Some(e) = rx.recv().await {
-        if e.event == Event::Started {
-            break;
-        }
-    }
+    let task = launch_then_crash(&r, spec(Some("durable")), |e| *e == Event::Started).await;
     // The cancel was acknowledged, and the daemon died before stopping the container.
     let store = super::store::TaskStore::open(&r.store).unwrap();
     store
         .put_intents(&[super::store::cancel_key(&task.id)], 1)
         .unwrap();
-    first.shutdown_background();
-    drop(rx);
     assert_eq!(r.tasks.container_count(), 1);
     let again = launcher_over(&r, r.tasks.clone());
     again.recover().await.unwrap();
@@ -58,7 +41,7 @@ async fn a_cancel_is_durable_before_it_is_acknowledged_and_carried_out_after_a_c
     });
     let (t2, rx) = again.launch(ROOT, spec(None)).await.unwrap();
     let waiter = tokio::spawn(events(rx));
-    wait_for_state_of(&again, &t2.id, TaskState::Running).await;
+    wait_for_state(&again, &t2.id, TaskState::Running).await;
     again.cancel(ROOT, &t2.id).await.unwrap();
     assert!(store
         .intents()
@@ -66,16 +49,6 @@ async fn a_cancel_is_durable_before_it_is_acknowledged_and_carried_out_after_a_c
         .contains(&super::store::cancel_key(&t2.id)));
     waiter.await.unwrap();
     assert!(store.intents().unwrap().is_empty());
-}
-
-async fn wait_for_state_of(l: &Launcher, id: &str, want: TaskState) {
-    for _ in 0..500 {
-        if l.task(ROOT, id).await.unwrap().state == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("task {id} never reached {want:?}");
 }
 
 #[tokio::test]
@@ -86,23 +59,7 @@ async fn a_step_interrupted_before_its_container_ran_is_recorded_where_it_stoppe
     let mut s = spec(Some("stuck"));
     s.image = "127.0.0.1:5000/slow:1".into();
     r.rt.offer(&s.image, "sha256:slow", "sha256:ds", 10);
-    let first = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let l1 = r.launcher.clone();
-    let (task, mut rx) = first
-        .spawn(async move { l1.launch(ROOT, s).await.unwrap() })
-        .await
-        .unwrap();
-    while let Some(e) = rx.recv().await {
-        if matches!(e.event, Event::SandboxReady { .. }) {
-            break;
-        }
-    }
-    first.shutdown_background();
-    drop(rx);
+    let task = launch_then_crash(&r, s, |e| matches!(e, Event::SandboxReady { .. })).await;
     let again = launcher_over(&r, r.tasks.clone());
     again.recover().await.unwrap();
     let t = again.task(ROOT, &task.id).await.unwrap();

@@ -100,6 +100,40 @@ fn rig_with(adjust: impl FnOnce(&mut LauncherSettings)) -> Rig {
     }
 }
 
+/// Launches `s` as root in a daemon that "crashes" once `until` sees an event: the launcher runs
+/// on a runtime of its own, so that shutting that runtime down stops its tasks mid-flight, as
+/// `kill -9` would.
+async fn launch_then_crash(r: &Rig, s: LaunchSpec, until: fn(&Event) -> bool) -> TaskRecord {
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l1 = r.launcher.clone();
+    let (task, mut rx) = first
+        .spawn(async move { l1.launch(ROOT, s).await.unwrap() })
+        .await
+        .unwrap();
+    while let Some(e) = rx.recv().await {
+        if until(&e.event) {
+            break;
+        }
+    }
+    first.shutdown_background();
+    task
+}
+
+/// How many times the runtime was asked for `op`.
+fn calls(r: &Rig, op: &str) -> usize {
+    r.tasks
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| **c == op)
+        .count()
+}
+
 fn spec(job: Option<&str>) -> LaunchSpec {
     LaunchSpec {
         job: job.map(str::to_owned),
@@ -345,16 +379,7 @@ async fn steps_of_a_job_share_one_pod_until_the_job_ends() {
     };
     assert_eq!(sandbox(&ea), sandbox(&eb));
     assert_eq!(r.tasks.pod_count(), 1, "the pod outlives the steps");
-    assert!(
-        r.tasks
-            .calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| **c == "RunPodSandbox")
-            .count()
-            == 1
-    );
+    assert_eq!(calls(&r, "RunPodSandbox"), 1);
     // Bob may not add steps to, see, or end Alice's job.
     assert!(matches!(
         r.launcher.launch(BOB, spec(Some("job7"))).await,
@@ -375,25 +400,7 @@ async fn recovery_reattaches_running_tasks_and_sweeps_orphans() {
         runs_for: Duration::from_millis(300),
         exit_code: 7,
     });
-    // The first daemon runs on a runtime of its own, so that its crash can be real: shutting
-    // that runtime down stops its waiter mid-task, as `kill -9` would.
-    let first = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let l1 = r.launcher.clone();
-    let (task, mut rx) = first
-        .spawn(async move { l1.launch(ROOT, spec(None)).await.unwrap() })
-        .await
-        .unwrap();
-    while let Some(e) = rx.recv().await {
-        if e.event == Event::Started {
-            break;
-        }
-    }
-    first.shutdown_background();
-    drop(rx);
+    let task = launch_then_crash(&r, spec(None), |e| *e == Event::Started).await;
     let mut ours = r.launcher.ours();
     ours.insert(LABEL_JOB.into(), "ghost".into());
     r.tasks.add_pod(ours);
@@ -432,7 +439,7 @@ async fn shutdown_leaves_running_steps_running_and_ends_their_streams() {
     });
     let (task, rx) = r.launcher.launch(ROOT, spec(Some("long"))).await.unwrap();
     let waiter = tokio::spawn(events(rx));
-    wait_for_state(&r, &task.id, TaskState::Running).await;
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
     r.background.begin_shutdown();
     assert_eq!(
         r.background.wait(Duration::from_secs(5)).await,
@@ -450,9 +457,9 @@ async fn shutdown_leaves_running_steps_running_and_ends_their_streams() {
     assert_eq!((t.state, t.cleaned), (TaskState::Running, false));
 }
 
-async fn wait_for_state(r: &Rig, id: &str, want: TaskState) {
+async fn wait_for_state(l: &Launcher, id: &str, want: TaskState) {
     for _ in 0..500 {
-        if r.launcher.task(ROOT, id).await.unwrap().state == want {
+        if l.task(ROOT, id).await.unwrap().state == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
