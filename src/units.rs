@@ -162,13 +162,18 @@ pub fn parse_time_limit(s: &str) -> Result<Option<Duration>, String> {
     Ok(Some(d))
 }
 
-/// At most `MAX_QUOTE` characters of `s`, with `…` when cut: what an error may echo of an input.
+/// The start of `s` that shows in at most 200 characters once escaped (as `{:?}` shows it),
+/// with `…` when cut: what an error or a log line may echo of an input.
 pub fn quote_short(s: &str) -> String {
     const MAX_QUOTE: usize = 200;
-    match s.char_indices().nth(MAX_QUOTE) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
+    let mut shown = 0;
+    for (i, c) in s.char_indices() {
+        shown += c.escape_debug().count();
+        if shown > MAX_QUOTE {
+            return format!("{}…", &s[..i]);
+        }
     }
+    s.to_owned()
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back.
@@ -252,5 +257,8 @@ mod tests {
             assert!(e.contains(why), "{bad}: {e}");
         }
         assert_eq!(quote_short(&"x".repeat(300)).chars().count(), 201);
+        // Escaped characters count as they show.
+        let q = format!("{:?}", quote_short(&"\u{1a}".repeat(300)));
+        assert!(q.len() < 220, "{} characters", q.len());
     }
 }
