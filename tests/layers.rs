@@ -39,7 +39,9 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            if path.file_name().unwrap() != "bin" {
+            // The daemon's binary sits above everything; `tests/` folders hold unit tests.
+            let dir = path.file_name().unwrap();
+            if dir != "bin" && dir != "tests" {
                 sources(&path, out);
             }
         } else if path.extension().is_some_and(|e| e == "rs") {
