@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
+
+use super::peer::Caller;
 
 /// Connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -49,16 +51,13 @@ impl Default for Limits {
 /// Counts open connections per uid.
 pub struct Gate {
     limits: Limits,
-    is_admin: Box<dyn Fn(u32, u32, Option<i32>) -> bool + Send + Sync>,
+    is_admin: Box<dyn Fn(&Caller) -> bool + Send + Sync>,
     open: Arc<Mutex<HashMap<u32, usize>>>,
 }
 
 impl Gate {
-    /// A gate with these limits; `is_admin(uid, gid, pid)` says who gets the admin cap.
-    pub fn new(
-        limits: Limits,
-        is_admin: impl Fn(u32, u32, Option<i32>) -> bool + Send + Sync + 'static,
-    ) -> Self {
+    /// A gate with these limits; `is_admin(caller)` says who gets the admin cap.
+    pub fn new(limits: Limits, is_admin: impl Fn(&Caller) -> bool + Send + Sync + 'static) -> Self {
         Self {
             limits,
             is_admin: Box::new(is_admin),
@@ -67,17 +66,18 @@ impl Gate {
     }
 
     /// Admits a connection, or refuses it (`None`) when its uid holds its cap already or its
-    /// peer cannot be identified.
+    /// peer cannot be identified. The peer's identity is read here, once, and travels with the
+    /// connection to every request on it.
     pub fn admit(&self, stream: UnixStream) -> Option<Gated> {
-        let cred = stream.peer_cred().ok()?;
-        let cap = if (self.is_admin)(cred.uid(), cred.gid(), cred.pid()) {
+        let caller = Caller::of_stream(&stream).ok()?;
+        let cap = if (self.is_admin)(&caller) {
             self.limits.per_admin
         } else {
             self.limits.per_user
         };
         {
             let mut open = self.open.lock().unwrap();
-            let n = open.entry(cred.uid()).or_insert(0);
+            let n = open.entry(caller.uid).or_insert(0);
             if *n >= cap {
                 return None;
             }
@@ -86,9 +86,10 @@ impl Gate {
         Some(Gated {
             inner: stream,
             slot: Slot {
-                uid: cred.uid(),
+                uid: caller.uid,
                 open: Arc::clone(&self.open),
             },
+            caller,
             idle: self.limits.idle,
             deadline: Box::pin(tokio::time::sleep(self.limits.idle)),
         })
@@ -121,6 +122,7 @@ impl Drop for Slot {
 /// An admitted connection: the unix stream, its slot, and its idle deadline.
 pub struct Gated {
     inner: UnixStream,
+    caller: Caller,
     slot: Slot,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
@@ -169,9 +171,9 @@ impl AsyncWrite for Gated {
 }
 
 impl Connected for Gated {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = Caller;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.caller.clone()
     }
 }
 
@@ -190,7 +192,7 @@ mod tests {
                 per_admin: 2,
                 idle: Duration::from_secs(60),
             },
-            |_, _, _| false,
+            |_| false,
         );
         let mut held = Vec::new();
         let mut clients = Vec::new();
@@ -217,7 +219,7 @@ mod tests {
                 idle: Duration::from_millis(50),
                 ..Limits::default()
             },
-            |_, _, _| false,
+            |_| false,
         );
         let _client = UnixStream::connect(&path).await.unwrap();
         let (s, _) = listener.accept().await.unwrap();

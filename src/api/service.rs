@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
@@ -66,19 +65,8 @@ pub fn require_admin<T>(
 
 /// The caller's identity from the socket's peer credentials.
 pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .ok_or_else(|| {
-            Status::unauthenticated(
-                "cannot identify the caller: no peer credentials on the connection",
-            )
-        })?;
-    Ok(Caller {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid(),
+    req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+        Status::unauthenticated("cannot identify the caller: no peer credentials on the connection")
     })
 }
 

@@ -337,7 +337,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             per_admin: ic.max_connections_per_admin,
             idle: ic.connection_idle_timeout,
         },
-        move |uid, gid, pid| admin.is_admin(&peer::Caller { uid, gid, pid }),
+        move |caller| admin.is_admin(caller),
     );
     let served = api::serve(
         listener,
