@@ -119,9 +119,11 @@ pub fn check(
             };
             return Err(not_allowed(d, &what, allowed));
         }
+        // Inside, the device appears where it really is on the host: a path the caller chose
+        // could name any file of the image.
         nodes.push(DeviceSpec {
+            container_path: real_str.into_owned(),
             host_path: real,
-            container_path: d.clone(),
         });
     }
     Ok((nodes, cdi_names))

@@ -59,7 +59,7 @@ impl Launcher {
             cdi,
         };
         let mut v = spec::validate(&spec, identity, &rules)?;
-        v.creator = who.uid;
+        v.creator = who;
         let lock = self.job_lock(&v.job);
         let guard = lock.lock().await;
         let job_id = v.job.clone();
@@ -68,21 +68,7 @@ impl Launcher {
             .await?;
         // Only a live job claims its id (a job whose first step failed has ended).
         if let Some(j) = existing.as_ref().filter(|j| j.ended.is_none()) {
-            if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
-                // Not a word about whose it is.
-                return Err(SpecError::Denied(format!(
-                    "job {} exists and is not open to uid {}; choose another job id",
-                    j.id, who.uid
-                ))
-                .into());
-            }
-            if j.uid != v.identity.uid {
-                return Err(SpecError::Denied(format!(
-                    "job {} runs its steps as uid {}; a step for uid {} cannot join it",
-                    j.id, j.uid, v.identity.uid
-                ))
-                .into());
-            }
+            may_join(j, &v)?;
         }
         let job_tasks: Vec<&TaskRecord> = tasks.iter().filter(|t| t.job == v.job).collect();
         let step = match spec.step {
@@ -375,11 +361,16 @@ impl Launcher {
         let id = v.job.clone();
         let existing = self.blocking(move |s| s.job(&id)).await?;
         let mut job = match existing {
-            Some(j) if j.ended.is_none() => j,
+            // Checked again here, where the job is saved: two launches that both found the id
+            // free may race to it, and only the first one's user gets it.
+            Some(j) if j.ended.is_none() => {
+                may_join(&j, v).map_err(SandboxError::Denied)?;
+                j
+            }
             _ => JobRecord {
                 id: v.job.clone(),
                 uid: v.identity.uid,
-                creator: v.creator,
+                creator: v.creator.uid,
                 one_off: v.one_off,
                 pod: PodSpec {
                     name: format!("cimage-{}", v.job),
@@ -408,4 +399,24 @@ impl Launcher {
         self.save_job(&job).await?;
         Ok((job, sid))
     }
+}
+
+/// Whether the step `v` may join the live job `j`: its caller created the job, runs as the
+/// job's user, or is an admin; and the step runs as the job's user.
+fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
+    let who = v.creator;
+    if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
+        // Not a word about whose it is.
+        return Err(SpecError::Denied(format!(
+            "job {} exists and is not open to uid {}; choose another job id",
+            j.id, who.uid
+        )));
+    }
+    if j.uid != v.identity.uid {
+        return Err(SpecError::Denied(format!(
+            "job {} runs its steps as uid {}; a step for uid {} cannot join it",
+            j.id, j.uid, v.identity.uid
+        )));
+    }
+    Ok(())
 }

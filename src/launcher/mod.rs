@@ -194,6 +194,9 @@ pub enum SandboxError {
     /// The job record could not be read or saved.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another launch took the job id first, for a user this step may not join.
+    #[error(transparent)]
+    Denied(SpecError),
 }
 
 /// What [`Launcher::recover`] did.

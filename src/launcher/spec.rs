@@ -162,10 +162,18 @@ pub fn resolve_identity(
             })
         })
     };
-    let (user, gid) = match request {
+    let (mut user, gid) = match request {
         None => (lookup(&UserRef::Uid(who.uid))?, None),
         Some(r) => (lookup(&r.user)?, r.gid),
     };
+    if who.uid != 0
+        && user.uid == who.uid
+        && matches!(request, Some(r) if matches!(r.user, UserRef::Name(_)))
+    {
+        // Another name for the same uid (an alias line in passwd) is still the caller: the
+        // step gets the uid's own entry, its name and primary group, as `id` would show them.
+        user = lookup(&UserRef::Uid(who.uid))?;
+    }
     let gid = gid.unwrap_or(user.gid);
     let groups = users
         .groups(&user, gid)
@@ -248,8 +256,9 @@ pub struct Validated {
     pub image: String,
     /// The host identity the process runs as; its uid also owns the task.
     pub identity: Identity,
-    /// The uid that asked (set by the launcher; a new job records it as its creator).
-    pub creator: u32,
+    /// Who asked (set by the launcher; a new job records its uid as its creator, and joining
+    /// a job is checked against it).
+    pub creator: Principal,
     /// The mounts asked for (their paths checked, not yet opened).
     pub mount_requests: Vec<MountRequest>,
     /// The staged mounts the runtime is given (filled in when they are staged).
@@ -269,6 +278,70 @@ pub enum SpecError {
     /// Not allowed for this caller.
     #[error("{0}")]
     Denied(String),
+}
+
+/// Container paths a step's mounts may not cover: the file systems the runtime sets up.
+const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Files cimage writes into every step that runs as a user (see [`super::mounts::etc_files`]):
+/// the host's account of the user, which the runtime reads to set the groups.
+pub const IDENTITY_FILES: &[&str] = &["/etc/passwd", "/etc/group"];
+
+/// Whether `path` lies strictly below `dir` (both normal and absolute).
+fn under(path: &str, dir: &str) -> bool {
+    (dir == "/" && path != "/")
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The first of `dirs` that `path` is or lies below.
+fn under_any<'a>(path: &str, dirs: &[&'a str]) -> Option<&'a str> {
+    dirs.iter().copied().find(|d| path == *d || under(path, d))
+}
+
+/// A path inside the container, as given for `what`: absolute, without control characters, `.`
+/// or `..` (the runtime resolves it inside the image, where cimage cannot see). Returns it with
+/// repeated and trailing slashes removed.
+pub fn container_path(what: &str, p: &str) -> Result<String, SpecError> {
+    let bad =
+        |why: &str| SpecError::Invalid(format!("{what} {:?} {why}", crate::units::quote_short(p)));
+    if !p.starts_with('/') {
+        return Err(bad("must be an absolute path"));
+    }
+    if p.chars().any(char::is_control) {
+        return Err(bad("holds control characters"));
+    }
+    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.iter().any(|c| *c == "." || *c == "..") {
+        return Err(bad("holds . or .. components; give the path itself"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Where a step's mount may not go: over the whole root, into the runtime's `/proc`, `/sys` or
+/// `/dev`, or over the identity files cimage writes (or their directory).
+fn check_mount_target(target: &str) -> Result<(), SpecError> {
+    if target == "/" {
+        return Err(SpecError::Denied(
+            "mount target / would replace the image's whole file system; mount below it".into(),
+        ));
+    }
+    if let Some(fs) = under_any(target, RUNTIME_FILESYSTEMS) {
+        return Err(SpecError::Denied(format!(
+            "mount target {target} is inside {fs}, which the runtime sets up; mount elsewhere"
+        )));
+    }
+    if let Some(f) = IDENTITY_FILES
+        .iter()
+        .find(|f| **f == target || under(f, target))
+    {
+        return Err(SpecError::Denied(format!(
+            "mount target {target} would cover {f}, which cimage writes from the host's user \
+             database; mount elsewhere"
+        )));
+    }
+    Ok(())
 }
 
 /// Job ids follow [`crate::names::check`], so they are safe as labels and directory names.
@@ -329,11 +402,13 @@ pub fn validate(
             )));
         }
     }
-    if !spec.workdir.is_empty() && !spec.workdir.starts_with('/') {
-        return Err(invalid(format!(
-            "working directory {:?} must be an absolute path",
-            spec.workdir
-        )));
+    if !spec.workdir.is_empty() {
+        let w = container_path("working directory", &spec.workdir)?;
+        if let Some(fs) = under_any(&w, &["/proc", "/sys"]) {
+            return Err(SpecError::Denied(format!(
+                "working directory {w} is inside {fs}, which a step may not start in"
+            )));
+        }
     }
     if spec.timeout == Some(Duration::ZERO) {
         return Err(invalid("time limit must be longer than 0s".into()));
@@ -346,13 +421,22 @@ pub fn validate(
             "time limit is longer than a year; give a shorter one, or none".into(),
         ));
     }
+    let mut mount_requests = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
-        if !m.target.starts_with('/') || m.target.contains(char::is_control) {
+        let target = container_path("mount target", &m.target)?;
+        check_mount_target(&target)?;
+        if let Some(other) = mount_requests.iter().find(|o: &&MountRequest| {
+            o.target == target || under(&target, &o.target) || under(&o.target, &target)
+        }) {
             return Err(invalid(format!(
-                "mount target {:?} must be an absolute path",
-                m.target
+                "mount targets {} and {target} overlap; give each mount its own place",
+                other.target
             )));
         }
+        mount_requests.push(MountRequest {
+            target,
+            ..m.clone()
+        });
         // The path checks that need no file system; the rest is done when the mount is staged
         // (see `mounts`), on the very file that is then mounted.
         match mounts::locate(&m.source, allowed_prefixes) {
@@ -369,9 +453,13 @@ pub fn validate(
         job,
         one_off,
         image,
-        creator: identity.uid,
+        creator: Principal {
+            uid: identity.uid,
+            gid: identity.gid,
+            admin: false,
+        },
         identity,
-        mount_requests: spec.mounts.clone(),
+        mount_requests,
         mounts: Vec::new(),
         devices,
         cdi_devices,
@@ -456,6 +544,9 @@ mod tests {
         assert!(e.contains("no passwd entry"), "{e}");
         assert!("nobody:x".parse::<UserRequest>().is_err());
         assert!("a b".parse::<UserRequest>().is_err());
+        // An alias line for her uid with root's group gives her nothing: she is her own entry.
+        users.add(1000, 0, "alice-root", &[0]);
+        assert_eq!(ask(alice, Some("alice-root")).unwrap(), me);
     }
 
     #[test]
@@ -484,6 +575,49 @@ mod tests {
                 "{src} {target}"
             );
         }
+        assert_eq!(
+            with("/scratch/alice", "//data//x/").unwrap().mount_requests[0].target,
+            "/data/x"
+        );
+        for target in ["/data/../etc", "/data/./x", "/da\nta"] {
+            assert!(
+                matches!(with("/scratch/alice", target), Err(SpecError::Invalid(_))),
+                "{target}"
+            );
+        }
+        for target in [
+            "/",
+            "//",
+            "/proc",
+            "/proc/1/root",
+            "/sys/fs",
+            "/dev",
+            "/dev/shm",
+            "/etc",
+            "/etc/passwd",
+            "/etc/group",
+        ] {
+            let e = with("/scratch/alice", target).unwrap_err();
+            assert!(matches!(e, SpecError::Denied(_)), "{target}: {e}");
+        }
+        for target in ["/etc/hosts.d", "/devices", "/process", "/etcetera"] {
+            assert!(with("/scratch/alice", target).is_ok(), "{target}");
+        }
+        let mut s = spec();
+        s.mounts = ["/data", "/data/in"]
+            .iter()
+            .map(|t| MountRequest {
+                source: "/scratch/alice".into(),
+                target: (*t).into(),
+                readonly: true,
+            })
+            .collect();
+        let e = validate_as(&s, &prefixes).unwrap_err().to_string();
+        assert!(e.contains("overlap"), "{e}");
+        s.mounts[1].target = "/data/".into();
+        assert!(validate_as(&s, &prefixes).is_err(), "the same place twice");
+        s.mounts[1].target = "/database".into();
+        assert!(validate_as(&s, &prefixes).is_ok());
     }
 
     #[test]
@@ -508,6 +642,12 @@ mod tests {
         let mut s = spec();
         s.workdir = "relative".into();
         assert!(validate_as(&s, &[]).is_err());
+        for w in ["/proc/self/fd/7", "/proc", "/sys/kernel", "/work/../proc/1"] {
+            s.workdir = w.into();
+            assert!(validate_as(&s, &[]).is_err(), "{w}");
+        }
+        s.workdir = "/work/dir".into();
+        assert!(validate_as(&s, &[]).is_ok());
         let mut s = spec();
         s.env = vec![("A=B".into(), "x".into())];
         assert!(validate_as(&s, &[]).is_err());

@@ -95,6 +95,38 @@ async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
 }
 
 #[tokio::test]
+async fn two_launches_racing_for_a_new_job_id_give_it_to_the_first_user_only() {
+    // Both launches found the id free; the pods are made in order, and the second user's step
+    // must not land in the first one's pod.
+    let r = rig();
+    let users = FakeUsers::standard();
+    let validated = |who: Principal| {
+        let id = spec::resolve_identity(who, None, &users).unwrap();
+        let mut v = spec::validate(&spec(Some("slurm-45")), id, &spec::Rules::default()).unwrap();
+        v.creator = who;
+        v
+    };
+    let (job, _) = r.launcher.ensure_sandbox(&validated(BOB)).await.unwrap();
+    assert_eq!(job.uid, 1001);
+    let e = r
+        .launcher
+        .ensure_sandbox(&validated(ALICE))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SandboxError::Denied(_)), "{e}");
+    assert!(e.to_string().contains("not open to uid 1000"), "{e}");
+    assert_eq!(r.tasks.pod_count(), 1, "no second pod, no shared pod");
+    let mut root_for_alice = validated(ROOT);
+    root_for_alice.identity = validated(ALICE).identity;
+    let e = r
+        .launcher
+        .ensure_sandbox(&root_for_alice)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("runs its steps as uid 1001"), "{e}");
+}
+
+#[tokio::test]
 async fn devices_come_only_from_the_allow_list_and_cdi_needs_a_runtime_with_cdi() {
     let r = rig_with(|s| s.allowed_devices = vec!["/dev/null".into(), "nvidia.com/gpu=*".into()]);
     let mut s = spec(None);
