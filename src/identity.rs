@@ -36,6 +36,8 @@ pub trait Users: Send + Sync {
     /// Every gid of the user's groups on the host: its primary `gid` and its supplementary
     /// groups, as `getgrouplist` gives them.
     fn groups(&self, user: &HostUser, gid: u32) -> Result<Vec<u32>, IdentityError>;
+    /// The host's name of a group, if it has one (for the `/etc/group` a step sees).
+    fn group_name(&self, gid: u32) -> Result<Option<String>, IdentityError>;
 }
 
 /// [`Users`] through the C library's NSS calls.
@@ -126,6 +128,42 @@ impl Users for Nss {
             n = count;
         }
     }
+
+    fn group_name(&self, gid: u32) -> Result<Option<String>, IdentityError> {
+        Self::group_name_of(gid)
+    }
+}
+
+impl Nss {
+    fn group_name_of(gid: u32) -> Result<Option<String>, IdentityError> {
+        let mut size = 1024usize;
+        loop {
+            let mut buf = vec![0 as libc::c_char; size];
+            // SAFETY: group is plain old data; getgrgid_r fills it and points its strings into
+            // buf, which outlives the read below.
+            let mut grp: libc::group = unsafe { std::mem::zeroed() };
+            let mut result: *mut libc::group = std::ptr::null_mut();
+            let rc = unsafe {
+                libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+            };
+            if rc == libc::ERANGE && size < (1 << 20) {
+                size *= 4;
+                continue;
+            }
+            if rc != 0 {
+                return Err(IdentityError {
+                    what: format!("gid {gid}"),
+                    message: std::io::Error::from_raw_os_error(rc).to_string(),
+                });
+            }
+            if result.is_null() {
+                return Ok(None);
+            }
+            // SAFETY: result points at grp, whose gr_name points into buf (NUL-terminated).
+            let name = unsafe { CStr::from_ptr(grp.gr_name) };
+            return Ok(Some(name.to_string_lossy().into_owned()));
+        }
+    }
 }
 
 /// A user database held in memory, for unit tests.
@@ -191,6 +229,14 @@ pub mod fake {
             g.dedup();
             Ok(g)
         }
+        fn group_name(&self, gid: u32) -> Result<Option<String>, IdentityError> {
+            // Each user's primary group is named after it; others have no name.
+            let users = self.users.lock().unwrap();
+            Ok(users
+                .iter()
+                .find(|(u, _)| u.gid == gid)
+                .map(|(u, _)| u.name.clone()))
+        }
     }
 }
 
@@ -207,5 +253,6 @@ mod tests {
         assert!(groups.contains(&root.gid), "{groups:?}");
         assert_eq!(Nss.by_name("no-such-user-cimage").unwrap(), None);
         assert_eq!(Nss.by_name("bad\0name").unwrap(), None);
+        assert_eq!(Nss.group_name(0).unwrap().as_deref(), Some("root"));
     }
 }

@@ -114,15 +114,7 @@ fn a_step_has_exactly_its_host_users_groups() {
         .map(|g| g.parse().unwrap())
         .collect();
     inside.sort_unstable();
-    let host = std::process::Command::new("id")
-        .args(["-G", "cimage-test"])
-        .output()
-        .unwrap();
-    let mut host: Vec<u32> = stdout(&host)
-        .split_whitespace()
-        .map(|g| g.parse().unwrap())
-        .collect();
-    host.sort_unstable();
+    let host = host_groups("cimage-test");
     assert!(
         host.len() >= 3,
         "the test user has supplementary groups: {host:?}"
@@ -138,6 +130,65 @@ fn a_step_has_exactly_its_host_users_groups() {
         stderr(&out).contains("does not exist on this node"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// The host groups of `user`, sorted.
+fn host_groups(user: &str) -> Vec<u32> {
+    let host = std::process::Command::new("id")
+        .args(["-G", user])
+        .output()
+        .unwrap();
+    let mut host: Vec<u32> = stdout(&host)
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    host.sort_unstable();
+    host
+}
+
+#[test]
+fn an_etc_group_that_renames_gids_changes_no_group_of_the_step() {
+    // runc looks supplementary gids up by name or number: a line named "100" with gid 6 would
+    // turn the host group users (100) into disk (6). The image's file is never read.
+    let d = Daemon::start("");
+    let img = image_with(
+        &d,
+        "renames",
+        vec![(
+            "etc/group".into(),
+            b"100:x:6:\n44:x:42:\nroot:x:0:\n".to_vec(),
+            0o644,
+        )],
+    );
+    let host = host_groups("cimage-test");
+    assert!(host.contains(&100) && host.contains(&44), "{host:?}");
+    let out = run(
+        &d,
+        &["--image", &img, "--user", "cimage-test"],
+        &[
+            "sh",
+            "-c",
+            "id -G; cat /etc/group; awk '$5 == \"/etc/group\" { print $6 }' /proc/self/mountinfo",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let mut inside: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    inside.sort_unstable();
+    assert_eq!(inside, host, "{text}");
+    assert!(text.contains("users:x:100:cimage-test"), "{text}");
+    assert!(!text.contains("100:x:6"), "{text}");
+    let options = text.lines().last().unwrap();
+    assert!(
+        options.split(',').any(|o| o == "ro"),
+        "mounted read-only: {text}"
     );
 }
 

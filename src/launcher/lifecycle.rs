@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::devices::CdiSupport;
+use super::etc_files::etc_files;
 use super::mounts::MountError;
 use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
@@ -39,8 +40,18 @@ impl Launcher {
         let reservation = self.reserve_launch(who)?;
         let users = Arc::clone(&self.users);
         let request = spec.user.clone();
-        let identity = tokio::task::spawn_blocking(move || {
-            spec::resolve_identity(who, request.as_ref(), users.as_ref())
+        let (identity, group_names) = tokio::task::spawn_blocking(move || {
+            let identity = spec::resolve_identity(who, request.as_ref(), users.as_ref())?;
+            let mut names = Vec::new();
+            if identity.uid != 0 {
+                for &gid in &identity.groups {
+                    let name = users
+                        .group_name(gid)
+                        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+                    names.push((gid, name));
+                }
+            }
+            Ok::<_, SpecError>((identity, names))
         })
         .await
         .map_err(|e| SpecError::Invalid(format!("the user lookup failed: {e}")))??;
@@ -87,8 +98,10 @@ impl Launcher {
         }
         let id = format!("{:012x}", rand::random::<u64>() >> 16);
         // Open, check as the step's user and bind the mount sources now: what is checked is
-        // what the container gets, whatever happens to the paths afterwards.
-        if !v.mount_requests.is_empty() {
+        // what the container gets, whatever happens to the paths afterwards. A step as a user
+        // also gets the host's account of it as /etc/passwd and /etc/group.
+        let identity_files = (v.identity.uid != 0).then(|| etc_files(&v.identity, &group_names));
+        if !v.mount_requests.is_empty() || identity_files.is_some() {
             let (stager, task_id, requests, identity, prefixes) = (
                 Arc::clone(&self.mounts),
                 id.clone(),
@@ -97,7 +110,17 @@ impl Launcher {
                 self.settings.allowed_mount_prefixes.clone(),
             );
             let staged = tokio::task::spawn_blocking(move || {
-                stager.stage(&task_id, &requests, &identity, &prefixes)
+                let mut mounts = stager.stage(&task_id, &requests, &identity, &prefixes)?;
+                if let Some((passwd, group)) = identity_files {
+                    match stager.identity_files(&task_id, &passwd, &group) {
+                        Ok(files) => mounts.extend(files),
+                        Err(e) => {
+                            let _ = stager.release(&task_id);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(mounts)
             })
             .await
             .map_err(|e| SpecError::Invalid(format!("staging the mounts failed: {e}")))?;

@@ -13,6 +13,7 @@
 
 mod cleanup;
 pub mod devices;
+mod etc_files;
 mod events;
 mod lifecycle;
 pub mod logs;

@@ -60,6 +60,15 @@ pub trait MountStager: Send + Sync {
         identity: &Identity,
         prefixes: &[PathBuf],
     ) -> Result<Vec<MountSpec>, MountError>;
+    /// Writes `task`'s `/etc/passwd` and `/etc/group` (see [`super::etc_files`]) where the
+    /// user cannot change them; returns their read-only mounts. Released with the mounts.
+    /// Blocking.
+    fn identity_files(
+        &self,
+        task: &str,
+        passwd: &str,
+        group: &str,
+    ) -> Result<Vec<MountSpec>, MountError>;
     /// Releases the staged mounts of `task` (none is fine). Blocking.
     fn release(&self, task: &str) -> Result<(), MountError>;
     /// Tasks that have staged mounts now (for the sweep after a restart).
@@ -419,6 +428,33 @@ impl MountStager for BindStager {
         Ok(staged)
     }
 
+    fn identity_files(
+        &self,
+        task: &str,
+        passwd: &str,
+        group: &str,
+    ) -> Result<Vec<MountSpec>, MountError> {
+        let dir = self.root.join(task);
+        let host = |path: &Path, e: std::io::Error| MountError::Host {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| host(&dir, e))?;
+        let mut mounts = Vec::new();
+        for (name, text) in [("passwd", passwd), ("group", group)] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| host(&path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| host(&path, e))?;
+            mounts.push(MountSpec {
+                host_path: path,
+                container_path: format!("/etc/{name}"),
+                readonly: true,
+            });
+        }
+        Ok(mounts)
+    }
+
     fn release(&self, task: &str) -> Result<(), MountError> {
         let dir = self.root.join(task);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -454,11 +490,13 @@ impl MountStager for BindStager {
 pub mod fake {
     use super::*;
 
-    /// Checks like [`BindStager`] without mounting; records releases.
+    /// Checks like [`BindStager`] without mounting; records releases and identity files.
     #[derive(Default)]
     pub struct CheckOnly {
         /// Tasks released, in order.
         pub released: std::sync::Mutex<Vec<String>>,
+        /// Identity files asked for: (task, passwd, group).
+        pub identity_files: std::sync::Mutex<Vec<(String, String, String)>>,
     }
 
     impl MountStager for CheckOnly {
@@ -480,6 +518,26 @@ pub mod fake {
                     })
                 })
                 .collect()
+        }
+        fn identity_files(
+            &self,
+            task: &str,
+            passwd: &str,
+            group: &str,
+        ) -> Result<Vec<MountSpec>, MountError> {
+            self.identity_files.lock().unwrap().push((
+                task.to_owned(),
+                passwd.to_owned(),
+                group.to_owned(),
+            ));
+            Ok(["passwd", "group"]
+                .iter()
+                .map(|f| MountSpec {
+                    host_path: PathBuf::from(format!("/staged/{task}/{f}")),
+                    container_path: format!("/etc/{f}"),
+                    readonly: true,
+                })
+                .collect())
         }
         fn release(&self, task: &str) -> Result<(), MountError> {
             self.released.lock().unwrap().push(task.to_owned());

@@ -19,9 +19,20 @@ async fn a_user_step_runs_with_no_privileges_and_exactly_its_host_groups() {
     );
     assert_eq!(alice.supplemental_groups, vec![27]);
     assert!(alice.no_new_privileges && alice.drop_all_capabilities);
+    // The image's account of users and groups is covered by the host's, read-only.
+    let etc: Vec<(&str, bool)> = alice
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.as_str(), m.readonly))
+        .collect();
+    assert_eq!(etc, [("/etc/passwd", true), ("/etc/group", true)]);
     let root = &created[1];
     assert_eq!(root.run_as_user, Some(0));
     assert!(!root.no_new_privileges && !root.drop_all_capabilities);
+    assert!(
+        root.mounts.is_empty(),
+        "a root step keeps the image's files"
+    );
 }
 
 #[tokio::test]
