@@ -386,6 +386,32 @@ fn a_mount_source_is_checked_with_the_step_users_own_permissions() {
         "{}",
         stderr(&out)
     );
+    // Her own directory is writable through a read-write mount, and a read-only mount of it
+    // is read-only inside.
+    let own = scratch_dir(&d, "own", 65534, 0o755);
+    let (rw, ro) = (
+        format!("{}:/w", own.display()),
+        format!("{}:/r:ro", own.display()),
+    );
+    let out = d.cli_as(
+        nobody,
+        &[
+            "run",
+            "--image",
+            &img,
+            "--mount",
+            &rw,
+            "--mount",
+            &ro,
+            "--",
+            "sh",
+            "-c",
+            "echo hi > /w/made && cat /r/made && (echo no > /r/other 2>/dev/null || echo refused)",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hi\nrefused\n");
+    assert!(!own.join("other").exists());
     // Root, for whom the same private file is reachable, gets it.
     let out = run(&d, &["--image", &img, "--mount", &m], &["cat", "/s"]);
     assert!(out.status.success(), "{}", stderr(&out));

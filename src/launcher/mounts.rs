@@ -282,15 +282,33 @@ impl BindStager {
                     if libc::fstat(rd, &mut st2) != 0 || st2.st_ino != ino || st2.st_dev != dev {
                         return CHILD_CHANGED;
                     }
-                    if writable
-                        && libc::faccessat(
-                            parent,
-                            last.as_ptr(),
+                    // Asked of the open file itself (through its /proc/self/fd link), not of
+                    // its name, which could name another file by now. The child's real and
+                    // effective ids are the user's, so access(2) answers for the user.
+                    if writable {
+                        let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0\0";
+                        let mut digits = [0u8; 10];
+                        let (mut n, mut len) = (rd as u32, 0);
+                        loop {
+                            digits[len] = b'0' + (n % 10) as u8;
+                            len += 1;
+                            n /= 10;
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        for i in 0..len {
+                            path[14 + i] = digits[len - 1 - i];
+                        }
+                        if libc::syscall(
+                            libc::SYS_faccessat,
+                            libc::AT_FDCWD,
+                            path.as_ptr(),
                             libc::W_OK,
-                            libc::AT_EACCESS | libc::AT_SYMLINK_NOFOLLOW,
                         ) != 0
-                    {
-                        return CHILD_UNWRITABLE;
+                        {
+                            return CHILD_UNWRITABLE;
+                        }
                     }
                     CHILD_OK
                 })();
@@ -390,6 +408,33 @@ impl BindStager {
                 target.display(),
                 std::io::Error::last_os_error()
             )));
+        }
+        // The staged copy takes no part in mount propagation, and a read-only mount is
+        // read-only here already, not only in the container.
+        let mut remounts = vec![(libc::MS_PRIVATE, "making it private")];
+        if req.readonly {
+            remounts.push((
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                "making it read-only",
+            ));
+        }
+        for (flags, what) in remounts {
+            // SAFETY: a NUL-terminated path; no source, type or data.
+            let rc = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    to.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: as above; undoes the bind just made.
+                unsafe { libc::umount2(to.as_ptr(), libc::MNT_DETACH) };
+                return Err(host(format!("{what} {}: {e}", target.display())));
+            }
         }
         Ok(MountSpec {
             host_path: target,
