@@ -23,8 +23,24 @@ impl Launcher {
     /// Accepts a step: validates it (nothing is created if that fails), records it, and runs it
     /// in the background. The receiver gets its lifecycle events and output; dropping it does not
     /// stop the task.
+    ///
+    /// The acceptance runs as a task of its own: a caller that goes away mid-way (its request
+    /// future dropped) leaves either an accepted task or nothing, never mounts staged for a task
+    /// that was not recorded.
     pub async fn launch(
         self: &Arc<Self>,
+        who: Principal,
+        spec: LaunchSpec,
+    ) -> Result<(TaskRecord, Receiver<TaskEvent>), LaunchError> {
+        let me = Arc::clone(self);
+        self.background
+            .spawn(async move { me.accept(who, spec).await })
+            .await
+            .map_err(|e| SpecError::Invalid(format!("the launch was interrupted: {e}")))?
+    }
+
+    async fn accept(
+        self: Arc<Self>,
         who: Principal,
         spec: LaunchSpec,
     ) -> Result<(TaskRecord, Receiver<TaskEvent>), LaunchError> {
@@ -167,7 +183,7 @@ impl Launcher {
         let (tx, rx) = EventSink::channel();
         info!(task = %task.id, job = %task.job, step, image = %task.image, uid = task.uid, "task accepted");
         self.background
-            .spawn(Arc::clone(self).run(task.clone(), v, spec, tx, cancel));
+            .spawn(Arc::clone(&self).run(task.clone(), v, spec, tx, cancel));
         Ok((task, rx))
     }
 

@@ -67,3 +67,47 @@ async fn a_step_interrupted_before_its_container_ran_is_recorded_where_it_stoppe
     assert_eq!(stage, "ImageReady", "{message}");
     assert!(message.contains("interrupted"), "{message}");
 }
+
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_launch_does_not_stop_it_half_way() {
+    let r = rig();
+    let stager = Arc::new(super::super::mounts::fake::CheckOnly::default());
+    let launcher = Launcher::new(
+        Parts {
+            runtime: r.tasks.clone(),
+            puller: r.puller.clone(),
+            cache: r.cache.clone(),
+            store: r.store.clone(),
+            clock: Arc::new(SystemClock),
+            users: Arc::new(FakeUsers::standard()),
+            mounts: stager.clone(),
+            background: r.background.clone(),
+        },
+        LauncherSettings {
+            allow_user_launch: true,
+            ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
+        },
+    )
+    .unwrap();
+    // The request future is dropped after its first poll, while the launch is under way.
+    let gone = tokio::time::timeout(Duration::ZERO, launcher.launch(ALICE, spec(None))).await;
+    assert!(gone.is_err(), "dropped before it answered");
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        tasks = launcher.tasks(ROOT, true).await.unwrap();
+        if tasks.iter().any(|t| t.state.is_final() && t.cleaned) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(tasks.len(), 1, "the launch went through: {tasks:?}");
+    assert_eq!(tasks[0].state, TaskState::Exited);
+    let files = stager.identity_files.lock().unwrap().clone();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].2.contains(":x:27:alice"), "{}", files[0].2);
+    assert_eq!(
+        *stager.released.lock().unwrap(),
+        [tasks[0].id.clone()],
+        "what was staged for it was released"
+    );
+}
