@@ -135,6 +135,25 @@ const CHILD_UNWRITABLE: i32 = 3;
 const CHILD_CHANGED: i32 = 4;
 const CHILD_NO_IDENTITY: i32 = 5;
 
+/// `struct __user_cap_header_struct` of capget(2).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct` of capget(2) (two of them for version 3).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 /// An open `O_PATH` file descriptor, closed on drop.
 struct Fd(i32);
 
@@ -241,6 +260,19 @@ impl BindStager {
                             identity.uid,
                             identity.uid,
                         ) != 0
+                    {
+                        return CHILD_NO_IDENTITY;
+                    }
+                    // Leaving uid 0 clears every capability; the check relies on that, so it
+                    // makes sure for a user (a keep-caps securebit would leave them).
+                    let header = CapHeader {
+                        version: CAPABILITY_VERSION_3,
+                        pid: 0,
+                    };
+                    let mut caps = [CapData::default(); 2];
+                    if identity.uid != 0
+                        && (libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) != 0
+                            || caps.iter().any(|c| c.effective != 0 || c.permitted != 0))
                     {
                         return CHILD_NO_IDENTITY;
                     }
