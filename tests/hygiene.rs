@@ -68,7 +68,7 @@ fn a_client_that_stops_reading_a_steps_output_does_not_grow_the_daemon() {
     assert!(run(&d, &["--image", &img], &["true"]).status.success());
     let idle = rss_kib(pid);
     let line = "x".repeat(1023);
-    let script = format!("/bin/busybox yes {line} | /bin/busybox head -c 300000000");
+    let script = format!("/bin/busybox yes {line} | /bin/busybox head -c 400000000");
     let stalled = block_on(async {
         let mut launcher = cimage::api::launcher_client(&d.socket());
         let stream = launcher
@@ -102,7 +102,7 @@ fn a_client_that_stops_reading_a_steps_output_does_not_grow_the_daemon() {
         serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
     let task = ps.as_array().unwrap()[0]["id"].as_str().unwrap().to_owned();
     let logs = d.cli(&["logs", &task]);
-    assert_eq!(logs.stdout.len(), 300_000_000);
+    assert_eq!(logs.stdout.len(), 400_000_000);
 }
 
 /// Forks a child that, as uid 65534, opens `n` connections to `socket` and holds them until it
