@@ -5,7 +5,7 @@
 //! | Never         | use it                                             | error, nothing contacted |
 //! | IfNotPresent  | use it                                             | pull                  |
 //! | Always        | HEAD the tag; same digest → use it, else pull      | pull                  |
-//! | unset         | Always for `:latest`/untagged, IfNotPresent otherwise                      ||
+//! | unset         | `ImageCache.DefaultPullPolicy`: IfNotPresent (default), Always, or ByTag (Always for `:latest`/untagged, IfNotPresent otherwise) ||
 //!
 //! A `@sha256:` reference is immutable: present means current, so it is never re-pulled.
 //!
@@ -54,13 +54,45 @@ impl FromStr for PullPolicy {
     }
 }
 
-/// The policy that applies when the request names none: `Always` for `:latest` or untagged
-/// references, `IfNotPresent` for other tags and for digests.
-pub fn effective(requested: Option<PullPolicy>, image: &ImageRef) -> PullPolicy {
-    requested.unwrap_or(if image.is_latest() {
-        PullPolicy::Always
-    } else {
-        PullPolicy::IfNotPresent
+/// The policy for requests that name none (`ImageCache.DefaultPullPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DefaultPolicy {
+    /// IfNotPresent for every reference: CraneSched's default.
+    #[default]
+    IfNotPresent,
+    /// Always for every tag.
+    Always,
+    /// Kubernetes' convention: Always for `:latest` or untagged references, IfNotPresent for
+    /// other tags.
+    ByTag,
+}
+
+impl FromStr for DefaultPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "ifnotpresent" => Ok(Self::IfNotPresent),
+            "always" => Ok(Self::Always),
+            "bytag" => Ok(Self::ByTag),
+            _ => Err(format!(
+                "unknown default pull policy {s:?} (expected IfNotPresent, Always or ByTag)"
+            )),
+        }
+    }
+}
+
+/// The policy that applies to a request: the one it names, else the node's default. A digest
+/// reference is immutable whatever the policy (see [`decide`]).
+pub fn effective(
+    requested: Option<PullPolicy>,
+    image: &ImageRef,
+    default: DefaultPolicy,
+) -> PullPolicy {
+    requested.unwrap_or(match default {
+        DefaultPolicy::IfNotPresent => PullPolicy::IfNotPresent,
+        DefaultPolicy::Always => PullPolicy::Always,
+        DefaultPolicy::ByTag if image.is_latest() => PullPolicy::Always,
+        DefaultPolicy::ByTag => PullPolicy::IfNotPresent,
     })
 }
 
@@ -224,11 +256,29 @@ mod tests {
             ("127.0.0.1:5000/app:1", IfNotPresent),
             ("127.0.0.1:5000/latest:1", IfNotPresent),
         ] {
-            assert_eq!(effective(None, &r(image)), want, "{image}");
+            assert_eq!(
+                effective(None, &r(image), DefaultPolicy::ByTag),
+                want,
+                "{image}"
+            );
+            assert_eq!(
+                effective(None, &r(image), DefaultPolicy::IfNotPresent),
+                IfNotPresent,
+                "{image}"
+            );
+            assert_eq!(effective(None, &r(image), DefaultPolicy::Always), Always);
         }
         let d = r(&format!("127.0.0.1:5000/app@{D}"));
-        assert_eq!(effective(None, &d), IfNotPresent);
-        assert_eq!(effective(Some(Never), &r("busybox")), Never);
+        assert_eq!(effective(None, &d, DefaultPolicy::ByTag), IfNotPresent);
+        for default in [
+            DefaultPolicy::IfNotPresent,
+            DefaultPolicy::Always,
+            DefaultPolicy::ByTag,
+        ] {
+            assert_eq!(effective(Some(Never), &r("busybox"), default), Never);
+        }
+        assert_eq!("bytag".parse(), Ok(DefaultPolicy::ByTag));
+        assert!("sometimes".parse::<DefaultPolicy>().is_err());
     }
 
     #[test]

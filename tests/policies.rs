@@ -126,7 +126,8 @@ fn every_policy_row_against_the_real_runtime() {
         "pulled"
     );
 
-    // Untagged means latest and defaults to Always: pulled, then cached after a HEAD.
+    // Untagged means latest, and without a policy it is IfNotPresent like every tag: pulled,
+    // then served from the cache without any registry request; with Always, after a HEAD.
     block_on(push(
         &tb.registry,
         &repo,
@@ -138,11 +139,16 @@ fn every_policy_row_against_the_real_runtime() {
     let j = d.pull_json(&untagged, None);
     assert_eq!(
         (j["action"].as_str(), j["policy"].as_str()),
-        (Some("pulled"), Some("Always"))
+        (Some("pulled"), Some("IfNotPresent"))
     );
     assert_eq!(j["image"], format!("{untagged}:latest"));
     let mark = tb.registry_log_mark();
     assert_eq!(d.pull_json(&untagged, None)["action"], "cached");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let reqs = tb.registry_requests_since(mark, &repo);
+    assert!(reqs.is_empty(), "{reqs:?}");
+    let mark = tb.registry_log_mark();
+    assert_eq!(d.pull_json(&untagged, Some("Always"))["action"], "cached");
     std::thread::sleep(std::time::Duration::from_millis(200));
     let reqs = tb.registry_requests_since(mark, &repo);
     assert!(

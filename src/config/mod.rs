@@ -128,6 +128,11 @@ pub struct ImageCacheConfig {
     /// `crictl rmi`) may be reported present for this long.
     #[serde(default = "default_presence_ttl", deserialize_with = "de_duration")]
     pub presence_ttl: Duration,
+    /// The pull policy of a request that names none: `IfNotPresent` (default, for every tag),
+    /// `Always`, or `ByTag` (Kubernetes' convention: `Always` for `:latest` and untagged
+    /// references). A digest reference is never pulled again once present.
+    #[serde(default)]
+    pub default_pull_policy: DefaultPullPolicy,
     /// Deadline for one CRI call that is not a pull (status, list, remove).
     #[serde(default = "default_runtime_timeout", deserialize_with = "de_duration")]
     pub runtime_timeout: Duration,
@@ -149,6 +154,18 @@ pub struct ImageCacheConfig {
     /// Address (`host:port`) to serve Prometheus metrics and `/healthz` on; off when unset.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+}
+
+/// `ImageCache.DefaultPullPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum DefaultPullPolicy {
+    /// IfNotPresent for every reference.
+    #[default]
+    IfNotPresent,
+    /// Always for every tag.
+    Always,
+    /// Always for `:latest` and untagged references, IfNotPresent for other tags.
+    ByTag,
 }
 
 /// The `ImageCache.Auth` section.
@@ -405,6 +422,7 @@ impl Default for ImageCacheConfig {
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
             presence_ttl: DEFAULT_PRESENCE_TTL,
+            default_pull_policy: DefaultPullPolicy::default(),
             registries: BTreeMap::new(),
             launcher: LauncherConfig::default(),
             eviction: EvictionConfig::default(),

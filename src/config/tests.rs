@@ -43,6 +43,24 @@ fn good_config_resolves_paths_and_defaults() {
     assert!(s.registry("127.0.0.1:5000").insecure);
     assert!(!s.registry("docker.io").insecure);
     assert_eq!(s.image_cache.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
+    assert_eq!(
+        s.image_cache.default_pull_policy,
+        DefaultPullPolicy::IfNotPresent
+    );
+    let by_tag = GOOD.replace(
+        "  PullTimeout: 10m",
+        "  PullTimeout: 10m\n  DefaultPullPolicy: ByTag",
+    );
+    let s = parse(&by_tag, Path::new("c.yaml")).unwrap();
+    assert_eq!(s.image_cache.default_pull_policy, DefaultPullPolicy::ByTag);
+    let e = err(&GOOD.replace(
+        "  PullTimeout: 10m",
+        "  PullTimeout: 10m\n  DefaultPullPolicy: Sometimes",
+    ));
+    assert!(
+        e.contains("Sometimes") || e.contains("DefaultPullPolicy"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -59,6 +59,8 @@ pub struct PullerSettings {
     pub node_credentials: NodeCredentials,
     /// Makes the credential fingerprints the index keeps.
     pub fingerprinter: Arc<Fingerprinter>,
+    /// The policy of requests that name none (`ImageCache.DefaultPullPolicy`).
+    pub default_policy: crate::policy::DefaultPolicy,
 }
 
 impl Default for PullerSettings {
@@ -74,6 +76,7 @@ impl Default for PullerSettings {
             // A key of this process only: fingerprints do not outlive it. The daemon loads the
             // node's key.
             fingerprinter: Arc::new(Fingerprinter::with_key(rand::random())),
+            default_policy: crate::policy::DefaultPolicy::default(),
         }
     }
 }
@@ -262,7 +265,7 @@ impl Puller {
             return self.ensure_local(req, started).await;
         }
         let image = ImageRef::parse(&req.image)?;
-        let policy = policy::effective(req.policy, &image);
+        let policy = policy::effective(req.policy, &image, self.settings.default_policy);
         let deadline = self.settings.pull_timeout;
         // Per-request credentials win; without them, the node's own (if it has any for this
         // registry).

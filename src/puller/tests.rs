@@ -100,8 +100,27 @@ async fn each_policy_row() {
 }
 
 #[tokio::test]
-async fn default_policy_for_latest_checks_the_registry() {
+async fn by_default_latest_is_served_from_the_cache_without_a_registry_request() {
     let r = rig(settings());
+    let latest = "127.0.0.1:5000/app:latest";
+    r.rt.offer(latest, ID1, "sha256:d1", 10);
+    r.reg.set(latest, "sha256:d1");
+    let first = r.puller.ensure(req(latest, None)).await.unwrap();
+    assert_eq!(first.action, Action::Pulled);
+    let again = r.puller.ensure(req(latest, None)).await.unwrap();
+    assert_eq!(
+        (again.action, again.policy),
+        (Action::Cached, PullPolicy::IfNotPresent)
+    );
+    assert_eq!(r.reg.resolves.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn by_tag_default_policy_for_latest_checks_the_registry() {
+    let r = rig(PullerSettings {
+        default_policy: crate::policy::DefaultPolicy::ByTag,
+        ..settings()
+    });
     let latest = "127.0.0.1:5000/app:latest";
     r.rt.offer(latest, ID1, "sha256:d1", 10);
     r.reg.set(latest, "sha256:d1");

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use cimage::cache::EvictionSettings;
-use cimage::config::{ConfigError, Settings, VerifyMode};
+use cimage::config::{ConfigError, DefaultPullPolicy, Settings, VerifyMode};
 use cimage::credentials::NodeCredentials;
 use cimage::launcher::LauncherSettings;
-use cimage::policy::Verify;
+use cimage::policy::{DefaultPolicy, Verify};
 use cimage::prewarm::schedule::DEFAULT_CONCURRENCY;
 use cimage::prewarm::ScheduleSpec;
 use cimage::puller::{PullerSettings, DEFAULT_BACKOFF};
@@ -76,6 +76,11 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             node_credentials: NodeCredentials {
                 config_files: ic.auth.config_files.clone(),
                 helpers: ic.auth.credential_helpers.clone(),
+            },
+            default_policy: match ic.default_pull_policy {
+                DefaultPullPolicy::IfNotPresent => DefaultPolicy::IfNotPresent,
+                DefaultPullPolicy::Always => DefaultPolicy::Always,
+                DefaultPullPolicy::ByTag => DefaultPolicy::ByTag,
             },
             // Replaced at start by one keyed with ImageCache.NodeKeyFile (reading the key is
             // start-up's business, not the mapping's).
