@@ -3,6 +3,7 @@
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
 //! Domain errors become `tonic::Status` codes here ([`service`]).
 
+pub mod cri_image;
 pub mod gate;
 pub mod http;
 pub mod launcher;
@@ -33,6 +34,15 @@ impl std::fmt::Debug for pb::Credentials {
 /// Creates the API socket: parent directory made if missing, a stale socket file replaced, mode
 /// 0660, and group `group` if given, so only root and that group can connect.
 pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    bind_socket_mode(path, 0o660, group)
+}
+
+/// As [`bind_socket`], with the socket file's `mode` (0600 for root's alone).
+pub fn bind_socket_mode(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> std::io::Result<UnixListener> {
     let with = |what: &str, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
     };
@@ -53,8 +63,8 @@ pub fn bind_socket(path: &Path, group: Option<u32>) -> std::io::Result<UnixListe
         std::fs::remove_file(path).map_err(|e| with("removing stale socket", e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| with("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| with("setting mode 0660 on", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| with(&format!("setting mode {mode:o} on"), e))?;
     if let Some(gid) = group {
         chown(path, None, Some(gid)).map_err(|e| with("changing the group of", e))?;
     }

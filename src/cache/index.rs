@@ -32,6 +32,8 @@ pub enum Origin {
     Prewarm,
     /// Found in the runtime, pulled by someone else.
     Runtime,
+    /// Asked for through cimaged's CRI image endpoint (Craned, kubelet, crictl).
+    Cri,
 }
 
 impl Origin {
@@ -42,6 +44,7 @@ impl Origin {
             Origin::Pull => "pull",
             Origin::Prewarm => "prewarm",
             Origin::Runtime => "runtime",
+            Origin::Cri => "cri",
         }
     }
 }

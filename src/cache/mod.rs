@@ -423,6 +423,15 @@ impl Cache {
             .await?)
     }
 
+    /// Takes an image the runtime no longer holds (removed through the CRI endpoint) out of
+    /// the index and the presence cache.
+    pub async fn removed(&self, id: &str) -> Result<(), CacheError> {
+        self.forget(id);
+        let id = id.to_owned();
+        self.blocking(move |idx| idx.remove(&id)).await?;
+        Ok(())
+    }
+
     /// Removes an image from the runtime, then from the index. A crash between the two leaves a
     /// stale entry that the next reconciliation removes.
     pub async fn remove(&self, image: &str) -> Result<ImageRecord, CacheError> {

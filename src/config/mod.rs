@@ -25,6 +25,8 @@ pub const DEFAULT_CRANE_BASE_DIR: &str = "/var/crane";
 pub const DEFAULT_TEMP_DIR: &str = "supervisor/containers/";
 /// Default for `ImageCache.Socket`.
 pub const DEFAULT_SOCKET: &str = "/run/cimage/cimaged.sock";
+/// Default for `ImageCache.ImageService.Socket`: the CRI image endpoint cimaged serves.
+pub const DEFAULT_IMAGE_SERVICE_SOCKET: &str = "/run/cimage/image.sock";
 /// Default for `ImageCache.NodeKeyFile`: outside `StateDir`, so a copy of the index does not
 /// carry the key of its credential fingerprints.
 pub const DEFAULT_NODE_KEY_FILE: &str = "/etc/cimage/node.key";
@@ -154,6 +156,39 @@ pub struct ImageCacheConfig {
     /// Address (`host:port`) to serve Prometheus metrics and `/healthz` on; off when unset.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// The CRI image service cimaged serves to Craned, kubelet and crictl.
+    #[serde(default)]
+    pub image_service: ImageServiceConfig,
+}
+
+/// The `ImageCache.ImageService` section: cimaged as the node's CRI image endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ImageServiceConfig {
+    /// Serve `runtime.v1.ImageService` (default on).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Its unix socket (mode 0600, root only).
+    #[serde(default = "default_image_service_socket")]
+    pub socket: PathBuf,
+    /// The runtime's image endpoint cimaged itself talks to. Unset: `Container.ImageEndpoint`,
+    /// unless that names `Socket` (a config shared with Craned), then `Container.RuntimeEndpoint`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+}
+
+impl Default for ImageServiceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: default_image_service_socket(),
+            upstream: None,
+        }
+    }
+}
+
+fn default_image_service_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_IMAGE_SERVICE_SOCKET)
 }
 
 /// `ImageCache.DefaultPullPolicy`.
@@ -429,6 +464,7 @@ impl Default for ImageCacheConfig {
             prewarm: PrewarmConfig::default(),
             auth: AuthSection::default(),
             metrics_addr: None,
+            image_service: ImageServiceConfig::default(),
         }
     }
 }

@@ -131,3 +131,54 @@ fn eviction_prewarm_and_metrics_sections() {
     ))
     .contains("Crn"));
 }
+
+#[test]
+fn the_image_service_upstream_never_loops_back_to_cimaged() {
+    // One config shared with Craned: its ImageEndpoint is cimaged's socket, cimaged goes to the
+    // runtime.
+    let shared = GOOD.replace(
+        "  RuntimeEndpoint: /run/containerd/containerd.sock",
+        "  RuntimeEndpoint: /run/containerd/containerd.sock\n  ImageEndpoint: unix:///run/cimage/image.sock",
+    );
+    let s = parse(&shared, Path::new("c.yaml")).unwrap();
+    assert_eq!(
+        s.image_endpoint,
+        PathBuf::from("/run/containerd/containerd.sock")
+    );
+    assert!(s.image_cache.image_service.enabled);
+    assert_eq!(
+        s.image_cache.image_service.socket,
+        PathBuf::from(DEFAULT_IMAGE_SERVICE_SOCKET)
+    );
+    // An explicit upstream wins; one that is cimaged's own socket is refused by name.
+    let with = |lines: &str| {
+        GOOD.replace(
+            "  PullTimeout: 10m",
+            &format!("  PullTimeout: 10m\n{lines}"),
+        )
+    };
+    let s = parse(
+        &with("  ImageService:\n    Upstream: /run/crio/crio.sock"),
+        Path::new("c.yaml"),
+    )
+    .unwrap();
+    assert_eq!(s.image_endpoint, PathBuf::from("/run/crio/crio.sock"));
+    let e = err(&with(
+        "  ImageService:\n    Upstream: /run/cimage/image.sock",
+    ));
+    assert!(
+        e.contains("ImageCache.ImageService.Upstream") && e.contains("call itself"),
+        "{e}"
+    );
+    let e = err(&with(
+        "  ImageService:\n    Socket: /run/containerd/containerd.sock",
+    ));
+    assert!(
+        e.contains("Container.RuntimeEndpoint") && e.contains("call itself"),
+        "{e}"
+    );
+    let e = err(&with(
+        "  ImageService:\n    Socket: /run/cimage/cimaged.sock",
+    ));
+    assert!(e.contains("socket of its own"), "{e}");
+}

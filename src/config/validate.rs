@@ -123,12 +123,55 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
         })?;
     let runtime_endpoint = unix_endpoint(runtime)
         .map_err(|m| invalid("Container.RuntimeEndpoint", format!("{runtime:?} {m}")))?;
-    let image_endpoint = match container.image_endpoint.as_deref() {
-        Some(s) if !s.trim().is_empty() => unix_endpoint(s)
-            .map_err(|m| invalid("Container.ImageEndpoint", format!("{s:?} {m}")))?,
-        _ => runtime_endpoint.clone(),
-    };
     let ic = config.image_cache;
+    let own = &ic.image_service.socket;
+    if !own.is_absolute() {
+        return Err(invalid(
+            "ImageCache.ImageService.Socket",
+            format!("{} must be an absolute path", own.display()),
+        ));
+    }
+    if own == &ic.socket {
+        return Err(invalid(
+            "ImageCache.ImageService.Socket",
+            format!(
+                "{} is also ImageCache.Socket; the CRI endpoint needs a socket of its own",
+                own.display()
+            ),
+        ));
+    }
+    // cimaged's own upstream: the override, else Container.ImageEndpoint unless that is
+    // cimaged's socket (one config file shared with Craned), else the runtime's socket.
+    let (image_endpoint, from) = match (
+        &ic.image_service.upstream,
+        container.image_endpoint.as_deref(),
+    ) {
+        (Some(u), _) => (
+            unix_endpoint(u)
+                .map_err(|m| invalid("ImageCache.ImageService.Upstream", format!("{u:?} {m}")))?,
+            "ImageCache.ImageService.Upstream",
+        ),
+        (None, Some(s)) if !s.trim().is_empty() => {
+            let e = unix_endpoint(s)
+                .map_err(|m| invalid("Container.ImageEndpoint", format!("{s:?} {m}")))?;
+            if &e == own {
+                (runtime_endpoint.clone(), "Container.RuntimeEndpoint")
+            } else {
+                (e, "Container.ImageEndpoint")
+            }
+        }
+        _ => (runtime_endpoint.clone(), "Container.RuntimeEndpoint"),
+    };
+    if &image_endpoint == own {
+        return Err(invalid(
+            from,
+            format!(
+                "names {}, cimaged's own image service: it would call itself; name the \
+                 runtime's socket (e.g. /run/containerd/containerd.sock)",
+                own.display()
+            ),
+        ));
+    }
     if ic.max_concurrent_pulls == 0 {
         return Err(invalid(
             "ImageCache.MaxConcurrentPulls",

@@ -198,6 +198,11 @@ impl Daemon {
         self.dir.path().join("cimaged.sock")
     }
 
+    /// The CRI image endpoint this daemon serves.
+    pub fn cri_socket(&self) -> PathBuf {
+        self.dir.path().join("image.sock")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("config.yaml")
     }
@@ -221,6 +226,13 @@ impl Daemon {
             .map(|l| format!("    {}\n", &l["Launcher.".len()..]))
             .collect();
         let mut extra: String = rest.iter().map(|l| format!("  {l}\n")).collect();
+        // Each daemon serves the CRI image endpoint on a socket of its own.
+        if !self.extra_config.contains("ImageService:") {
+            extra.push_str(&format!(
+                "  ImageService:\n    Socket: {}\n",
+                self.cri_socket().display()
+            ));
+        }
         // Daemons share one containerd; only tests about eviction may evict.
         if !self.extra_config.contains("Eviction:") {
             extra.push_str("  Eviction:\n    Enabled: false\n");

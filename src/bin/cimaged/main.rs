@@ -121,6 +121,10 @@ fn print_settings(s: &Settings, w: &Wiring) {
     println!("temp dir:         {}", s.temp_dir.display());
     println!("index:            {}", s.index_path().display());
     println!("socket:           {}", ic.socket.display());
+    match ic.image_service.enabled {
+        true => println!("CRI image socket: {}", ic.image_service.socket.display()),
+        false => println!("CRI image socket: off"),
+    }
     println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
     println!("pull timeout:     {}", format_duration(ic.pull_timeout));
     println!("pull retries:     {}", ic.pull_retries);
@@ -310,6 +314,34 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     ));
 
     let listener = api::bind_socket(&ic.socket, socket_gid)?;
+    // The CRI image endpoint: root's alone, served beside the API until shutdown.
+    let cri_socket = ic
+        .image_service
+        .enabled
+        .then(|| ic.image_service.socket.clone());
+    if let Some(path) = &cri_socket {
+        let cri_listener =
+            api::bind_socket_mode(path, 0o600, None).context("ImageCache.ImageService.Socket")?;
+        let service = api::cri_image::CriImageApi::new(
+            &settings.image_endpoint,
+            puller.clone(),
+            cache.clone(),
+            background.clone(),
+        );
+        let bg = background.clone();
+        info!(socket = %path.display(), upstream = %settings.image_endpoint.display(), "serving the CRI image service");
+        background.spawn(async move {
+            let shutdown = bg.clone();
+            if let Err(e) = api::cri_image::serve(cri_listener, service, async move {
+                shutdown.shutting_down().await
+            })
+            .await
+            {
+                error!("the CRI image service stopped: {e}");
+                bg.begin_shutdown();
+            }
+        });
+    }
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
     let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin, background.clone());
@@ -350,6 +382,9 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     .await;
     background.begin_shutdown();
     let _ = std::fs::remove_file(&ic.socket);
+    if let Some(path) = &cri_socket {
+        let _ = std::fs::remove_file(path);
+    }
     let left = background.wait(SHUTDOWN_BOUND).await;
     if left > 0 {
         warn!(

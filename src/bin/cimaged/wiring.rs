@@ -145,23 +145,29 @@ pub fn preflight(s: &Settings, w: &Wiring) -> Result<(), ConfigError> {
             cimage::api::peer::resolve_group(g).map_err(|m| invalid(key, m))?;
         }
     }
-    // sun_path holds 108 bytes with the terminating NUL.
-    if ic.socket.as_os_str().len() > 107 {
-        return Err(invalid(
-            "ImageCache.Socket",
-            format!(
-                "{} is {} bytes long; a unix socket path holds at most 107",
-                ic.socket.display(),
-                ic.socket.as_os_str().len()
-            ),
-        ));
+    let mut sockets = vec![("ImageCache.Socket", &ic.socket)];
+    if ic.image_service.enabled {
+        sockets.push(("ImageCache.ImageService.Socket", &ic.image_service.socket));
     }
-    if let Some(dir) = ic.socket.parent() {
-        if dir.exists() && !dir.is_dir() {
+    for (key, socket) in sockets {
+        // sun_path holds 108 bytes with the terminating NUL.
+        if socket.as_os_str().len() > 107 {
             return Err(invalid(
-                "ImageCache.Socket",
-                format!("{} is not a directory", dir.display()),
+                key,
+                format!(
+                    "{} is {} bytes long; a unix socket path holds at most 107",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
             ));
+        }
+        if let Some(dir) = socket.parent() {
+            if dir.exists() && !dir.is_dir() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
         }
     }
     if s.state_dir.exists() && !s.state_dir.is_dir() {

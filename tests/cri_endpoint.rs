@@ -1,0 +1,242 @@
+//! cimaged as the node's CRI image endpoint, called the way Craned and kubelet call it: a
+//! `runtime.v1.ImageService` gRPC client on cimaged's image socket, against the testbed's real
+//! containerd and registry, its answers compared with containerd's own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::images::Layer;
+use common::*;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{
+    AuthConfig, ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest,
+    PullImageRequest, RemoveImageRequest,
+};
+use tonic::transport::Channel;
+
+fn client(socket: &std::path::Path) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(cimage::cri::unix_channel(socket))
+}
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// As Craned sends it: an AuthConfig always, empty when it has no credentials.
+fn pull(image: &str) -> PullImageRequest {
+    PullImageRequest {
+        image: spec(image),
+        auth: Some(AuthConfig::default()),
+        sandbox_config: None,
+    }
+}
+
+fn status(image: &str) -> ImageStatusRequest {
+    ImageStatusRequest {
+        image: spec(image),
+        verbose: false,
+    }
+}
+
+/// GETs of `blob` from the registry since `mark`: one per runtime pull of an image none of
+/// whose blobs the runtime has.
+fn blob_gets(tb: &Testbed, mark: u64, repo: &str, blob: &str) -> usize {
+    tb.registry_requests_since(mark, repo)
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.ends_with(blob))
+        .count()
+}
+
+fn use_count(d: &Daemon, id: &str) -> u64 {
+    let out = d.cli(&["images", "-o", "json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"].as_str() == Some(id))
+        .map(|i| i["use_count"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_endpoint_answers_as_containerd_does_and_counts_uses() {
+    let d = Daemon::start("");
+    let tb = &d.testbed;
+    let img = tb.push_new("cri-basic", &[Layer::busybox(), Layer::random(4096)]);
+    block_on(async {
+        let mut ours = client(&d.cri_socket());
+        let mut theirs = client(&tb.cri);
+        // kubelet and crictl check the endpoint with ImageFsInfo first.
+        let a = ours.image_fs_info(ImageFsInfoRequest {}).await.unwrap();
+        let b = theirs.image_fs_info(ImageFsInfoRequest {}).await.unwrap();
+        assert_eq!(
+            a.get_ref().image_filesystems.len(),
+            b.get_ref().image_filesystems.len()
+        );
+        // Absent: the runtime's own "no image".
+        let s = ours.image_status(status(&img.reference)).await.unwrap();
+        assert!(s.get_ref().image.is_none());
+        let id = ours
+            .pull_image(pull(&img.reference))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert!(id.starts_with("sha256:"), "{id}");
+        let s = ours.image_status(status(&img.reference)).await.unwrap();
+        let t = theirs.image_status(status(&img.reference)).await.unwrap();
+        assert_eq!(
+            s.get_ref().image,
+            t.get_ref().image,
+            "containerd's own answer"
+        );
+        assert_eq!(s.get_ref().image.as_ref().unwrap().id, id);
+        let listed = ours
+            .list_images(ListImagesRequest { filter: None })
+            .await
+            .unwrap();
+        assert!(listed.get_ref().images.iter().any(|i| i.id == id));
+        // The pull and the status right after it on one connection are one use; a status on a
+        // new connection (Craned's next step) is another.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(use_count(&d, &id), 1);
+        let mut next_step = client(&d.cri_socket());
+        assert!(next_step
+            .image_status(status(&img.reference))
+            .await
+            .unwrap()
+            .get_ref()
+            .image
+            .is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(use_count(&d, &id), 2);
+        // A pinned image is not removed; unpinned, it goes from the runtime and the index.
+        assert!(d.cli(&["pin", &img.reference]).status.success());
+        let e = ours
+            .remove_image(RemoveImageRequest { image: spec(&id) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("pinned"), "{}", e.message());
+        assert!(d.cli(&["unpin", &img.reference]).status.success());
+        ours.remove_image(RemoveImageRequest { image: spec(&id) })
+            .await
+            .unwrap();
+        let t = theirs.image_status(status(&img.reference)).await.unwrap();
+        assert!(t.get_ref().image.is_none(), "removed from containerd");
+        assert_eq!(use_count(&d, &id), 0, "and from the index");
+    });
+}
+
+#[test]
+fn twenty_concurrent_pulls_of_a_cold_image_make_one_runtime_pull() {
+    let d = Daemon::start("");
+    let tb = &d.testbed;
+    let img = tb.push_new("cri-herd", &[Layer::random(4 << 20)]);
+    let mark = tb.registry_log_mark();
+    let ids = block_on(async {
+        let pulls = (0..20).map(|_| {
+            // A connection each, as Craned's supervisors have.
+            let mut c = client(&d.cri_socket());
+            let r = pull(&img.reference);
+            async move { c.pull_image(r).await.map(|r| r.into_inner().image_ref) }
+        });
+        futures::future::join_all(pulls).await
+    });
+    let first = ids[0].as_ref().unwrap().clone();
+    assert!(
+        ids.iter().all(|i| i.as_ref().ok() == Some(&first)),
+        "{ids:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for blob in &img.blobs {
+        assert_eq!(blob_gets(tb, mark, &img.repo, blob), 1, "{blob}");
+    }
+}
+
+#[test]
+fn a_pull_outlives_a_client_whose_deadline_passed_and_its_retry_joins_it() {
+    let d = Daemon::start("");
+    let tb = &d.testbed;
+    let img = tb.push_new("cri-deadline", &[Layer::random(128 << 20)]);
+    let mark = tb.registry_log_mark();
+    block_on(async {
+        let mut c = client(&d.cri_socket());
+        let mut req = tonic::Request::new(pull(&img.reference));
+        req.set_timeout(Duration::from_millis(300));
+        let e = c.pull_image(req).await.unwrap_err();
+        // Go clients see DeadlineExceeded; tonic's own timer reports Cancelled.
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{e:?}"
+        );
+        // Craned's retry, on a new connection.
+        let mut again = client(&d.cri_socket());
+        let id = again
+            .pull_image(pull(&img.reference))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert!(id.starts_with("sha256:"));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for blob in &img.blobs {
+        assert_eq!(
+            blob_gets(tb, mark, &img.repo, blob),
+            1,
+            "one runtime pull: {blob}"
+        );
+    }
+}
+
+#[test]
+fn a_config_shared_with_craned_names_cimageds_socket_as_the_image_endpoint() {
+    // Craned and cimaged read one file; its ImageEndpoint is cimaged's socket, and cimaged
+    // itself goes to the runtime.
+    let mut d = Daemon::start("");
+    d.kill9();
+    let cfg = std::fs::read_to_string(d.config_path()).unwrap();
+    let shared = cfg.replacen(
+        "  RuntimeEndpoint:",
+        &format!(
+            "  ImageEndpoint: unix://{}\n  RuntimeEndpoint:",
+            d.cri_socket().display()
+        ),
+        1,
+    );
+    std::fs::write(d.config_path(), shared).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cimaged"))
+        .args([
+            "--config",
+            d.config_path().to_str().unwrap(),
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("image endpoint:   {}", d.testbed.cri.display())),
+        "{text}"
+    );
+    // The daemon started on that file serves the endpoint.
+    d.spawn();
+    let img = d.testbed.push_new("cri-shared", &[Layer::busybox()]);
+    let id = block_on(async {
+        client(&d.cri_socket())
+            .pull_image(pull(&img.reference))
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref
+    });
+    assert!(id.starts_with("sha256:"));
+}
