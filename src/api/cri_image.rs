@@ -38,6 +38,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use super::authority::AuthorityFix;
 use super::service::pull_status;
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, Origin};
@@ -57,9 +58,10 @@ const SAME_USE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
 
-/// An accepted connection of the CRI socket, numbered.
+/// An accepted connection of the CRI socket, numbered; what the client sends goes through
+/// [`AuthorityFix`] (older gRPC clients name the socket's path as `:authority`).
 pub struct CriConn {
-    inner: UnixStream,
+    inner: AuthorityFix<UnixStream>,
     id: ConnId,
 }
 
@@ -86,13 +88,13 @@ impl AsyncWrite for CriConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        Pin::new(self.inner.get_mut()).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        Pin::new(self.inner.get_mut()).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Pin::new(self.inner.get_mut()).poll_shutdown(cx)
     }
 }
 
@@ -306,7 +308,10 @@ pub async fn serve(
                         _ => continue,
                     }
                     let id = ConnId(next.fetch_add(1, Ordering::Relaxed));
-                    let conn = CriConn { inner: stream, id };
+                    let conn = CriConn {
+                        inner: AuthorityFix::new(stream),
+                        id,
+                    };
                     return Some((Ok::<_, io::Error>(conn), (listener, next)));
                 }
                 Err(e) => return Some((Err(e), (listener, next))),

@@ -3,6 +3,7 @@
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
 //! Domain errors become `tonic::Status` codes here ([`service`]).
 
+pub mod authority;
 pub mod cri_image;
 pub mod gate;
 pub mod http;

@@ -185,6 +185,10 @@ pub fn rfc3339(ms: i64) -> Option<String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes, as other
+    // command-line tools do, instead of panicking on the broken pipe.
+    // SAFETY: restoring the default disposition of one signal, before any thread writes.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => match run::run(&cli.socket, a).await {
