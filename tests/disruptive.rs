@@ -253,3 +253,85 @@ fn eviction_by_max_bytes_keeps_pins_in_use_and_young_images() {
     );
     assert!(!in_runtime(&tb, &a.reference));
 }
+
+#[test]
+fn an_image_of_a_container_made_directly_through_cri_survives_eviction() {
+    use cimage::runtime::{ContainerSpec, PodSpec, TaskRuntime};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = Testbed::get();
+    let theirs = tb.push_new("evcri", &[Layer::busybox(), Layer::random(64 << 10)]);
+    let mine = tb.push_new("evcri-free", &[Layer::random(64 << 10)]);
+    // Kubelet (here: a CRI client of containerd, not cimaged) makes a pod and a container from
+    // `theirs`; the container is created, never started.
+    // One runtime for the CRI client: its channel lives on it.
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio
+        .block_on(async { cimage::cri::CriTaskRuntime::new(&tb.cri, Duration::from_secs(60)) });
+    let pod = PodSpec {
+        name: format!("other-{}", rand::random::<u32>()),
+        uid: format!("{:016x}", rand::random::<u64>()),
+        namespace: "someone-else".into(),
+        hostname: String::new(),
+        log_directory: std::env::temp_dir(),
+        labels: Default::default(),
+    };
+    let d = Daemon::start("");
+    for r in [&theirs.reference, &mine.reference] {
+        assert_eq!(d.pull_json(r, None)["action"], "pulled");
+    }
+    let id = d.pull_json(&theirs.reference, None)["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(d);
+    let pod_id = tokio.block_on(rt.run_pod(&pod)).unwrap();
+    let created = tokio.block_on(rt.create_container(
+        &pod_id,
+        &pod,
+        &ContainerSpec {
+            name: "app".into(),
+            image: id.clone(),
+            command: vec!["sleep".into(), "60".into()],
+            ..Default::default()
+        },
+    ));
+    let cleanup = || {
+        let _ = tokio.block_on(rt.stop_pod(&pod_id));
+        let _ = tokio.block_on(rt.remove_pod(&pod_id));
+    };
+    if let Err(e) = created {
+        cleanup();
+        panic!("creating the container: {e}");
+    }
+    // A daemon over a tiny MaxBytes, with every other image pinned, may evict only these two
+    // once they are older than MinAge (its index sees them first at its start).
+    let d = Daemon::start(&eviction_config(1, "3s"));
+    let (_, ids) = runtime_images(&tb);
+    let others: Vec<String> = ids.into_iter().filter(|i| *i != id).collect();
+    let free_id = d.pull_json(&mine.reference, None)["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    pin_all(
+        &d,
+        &others
+            .iter()
+            .filter(|i| **i != free_id)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let out = d.cli(&["gc"]);
+    cleanup();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains(&format!("evicted {}", mine.reference)),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!("evicted {}", theirs.reference)),
+        "{text}"
+    );
+    assert!(in_runtime(&tb, &theirs.reference), "kept for the container");
+}

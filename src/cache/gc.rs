@@ -102,12 +102,29 @@ impl Cache {
                     .map(|r| r.to_string())
                     .or(Some(s))
             });
+        // Whoever made them (cimage, kubelet, Craned, crictl), the runtime's containers keep
+        // their images; when it cannot say which, nothing is evicted this time.
+        let containers = match self.runtime.images_in_use().await {
+            Ok(images) => Some(images),
+            Err(e) => {
+                warn!("cannot list the runtime's containers, so no image is evicted now: {e}");
+                None
+            }
+        };
         let fs = self.image_fs(&settings).await;
         let protect = |r: &ImageRecord| {
             if r.pinned {
                 Some("pinned".to_string())
             } else if self.is_in_use(&r.id) {
                 Some("in use by a running step".to_string())
+            } else if containers
+                .as_ref()
+                .is_none_or(|c| c.iter().any(|i| *i == r.id || r.names.contains(i)))
+            {
+                Some(match containers {
+                    Some(_) => "used by a container the runtime knows".to_string(),
+                    None => "the runtime's containers are unknown".to_string(),
+                })
             } else if sandbox
                 .as_ref()
                 .is_some_and(|s| r.names.contains(s) || &r.id == s)

@@ -499,6 +499,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn images_of_containers_made_by_others_are_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        const OTHER: &str =
+            "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        rt.offer("127.0.0.1:5000/app:1", ID, "sha256:d1", 100);
+        rt.offer("127.0.0.1:5000/other:1", OTHER, "sha256:d2", 100);
+        for r in ["127.0.0.1:5000/app:1", "127.0.0.1:5000/other:1"] {
+            rt.pull_image(r, None).await.unwrap();
+        }
+        let idx = Index::open(&Store::open(&dir.path().join("i.redb")).unwrap()).unwrap();
+        let cache = Cache::new(idx, rt.clone(), Arc::new(ManualClock::new(1000))).with_eviction(
+            EvictionSettings {
+                max_bytes: Some(1),
+                min_age: std::time::Duration::ZERO,
+                path: Some(dir.path().to_owned()),
+                ..Default::default()
+            },
+        );
+        // A container kubelet made from `app`, known to the runtime only.
+        rt.container_images.lock().unwrap().push(ID.to_owned());
+        // While the runtime cannot list its containers, nothing goes.
+        rt.containers_unknown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let report = cache.gc(false).await.unwrap();
+        assert!(report.plan.evict.is_empty(), "{:?}", report.plan);
+        rt.containers_unknown
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let report = cache.gc(false).await.unwrap();
+        let gone: Vec<&str> = report
+            .plan
+            .evict
+            .iter()
+            .map(|(r, _)| r.id.as_str())
+            .collect();
+        assert_eq!(gone, [OTHER]);
+        let kept = report
+            .plan
+            .protected
+            .iter()
+            .find(|(r, _)| r.id == ID)
+            .unwrap();
+        assert!(kept.1.contains("container"), "{}", kept.1);
+        assert_eq!(rt.images.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn reconcile_adopts_and_forgets() {
         let (_d, rt, cache) = setup().await;
         let r = cache.reconcile().await.unwrap();

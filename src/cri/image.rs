@@ -136,6 +136,34 @@ impl ImageRuntime for CriImageRuntime {
             .await?;
         Ok(sandbox_image_from(&resp.info))
     }
+
+    async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError> {
+        self.container_images().await
+    }
+}
+
+impl CriImageRuntime {
+    /// The images of every container the runtime knows ([`ImageRuntime::images_in_use`]).
+    async fn container_images(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut c = self.runtime.clone();
+        let resp = self
+            .bounded(
+                "ListContainers",
+                c.list_containers(cri::ListContainersRequest { filter: None }),
+            )
+            .await?;
+        let mut out = Vec::new();
+        for ct in resp.containers {
+            out.push(ct.image_ref);
+            if let Some(i) = ct.image {
+                out.push(i.image);
+            }
+        }
+        out.retain(|s| !s.is_empty());
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
 }
 
 /// The sandbox image from a verbose CRI `Status`: containerd puts its CRI config, with

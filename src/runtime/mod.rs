@@ -91,6 +91,9 @@ pub trait ImageRuntime: Send + Sync {
     async fn image_fs_info(&self) -> Result<Vec<ImageFsUsage>, RuntimeError>;
     /// The image the runtime uses for pod sandboxes, if it says; never evicted.
     async fn sandbox_image(&self) -> Result<Option<String>, RuntimeError>;
+    /// The images of every container the runtime knows, in any state and whoever created it
+    /// (ids and the names they were created by), as kubelet's image GC counts them.
+    async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError>;
 }
 
 /// An in-memory runtime for unit tests: images appear when "pulled" from a fake registry table.
@@ -119,6 +122,10 @@ pub mod fake {
         pub max_parallel: AtomicUsize,
         /// What `sandbox_image` answers.
         pub sandbox: Mutex<Option<String>>,
+        /// Images of containers created outside cimage (what ListContainers reports).
+        pub container_images: Mutex<Vec<String>>,
+        /// ListContainers fails.
+        pub containers_unknown: std::sync::atomic::AtomicBool,
         running: AtomicUsize,
     }
 
@@ -226,6 +233,16 @@ pub mod fake {
 
         async fn sandbox_image(&self) -> Result<Option<String>, RuntimeError> {
             Ok(self.sandbox.lock().unwrap().clone())
+        }
+        async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError> {
+            match self.containers_unknown.load(Ordering::SeqCst) {
+                true => Err(RuntimeError {
+                    op: "ListContainers",
+                    kind: RuntimeErrorKind::Unavailable,
+                    message: "the runtime does not answer".into(),
+                }),
+                false => Ok(self.container_images.lock().unwrap().clone()),
+            }
         }
     }
 }
