@@ -356,3 +356,64 @@ fn metrics_are_served_and_parse() {
     );
     assert_eq!(http_get(&addr, "/nope").0, 404);
 }
+
+#[test]
+fn popularity_outlives_presence_and_top_two_brings_back_removed_images() {
+    let tb = Testbed::get();
+    let d = Daemon::start("");
+    let mut imgs = Vec::new();
+    for (n, uses) in [("a", 5), ("b", 3), ("c", 1)] {
+        let p = tb.push_new(&format!("gone{n}"), &[Layer::random(1024)]);
+        for _ in 0..uses {
+            d.pull_json(&p.reference, None);
+        }
+        imgs.push(p);
+    }
+    for p in &imgs {
+        let out = d.cli(&["rm", &p.reference]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(!ctr_images(&tb).contains(&p.reference));
+    }
+    let top: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["top", "-o", "json"]).stdout).unwrap();
+    let ranked: Vec<(String, bool, u64)> = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["image"]["names"][0].as_str().unwrap().to_owned(),
+                t["absent"].as_bool().unwrap(),
+                t["image"]["use_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, bool, u64)> = imgs
+        .iter()
+        .zip([5, 3, 1])
+        .map(|(p, n)| (p.reference.clone(), true, n))
+        .collect();
+    assert_eq!(ranked, want);
+    let out = d.cli(&["top"]);
+    assert!(stdout(&out).contains("absent"), "{}", stdout(&out));
+    let out = d.cli(&[
+        "prewarm",
+        "add",
+        "back",
+        "--cron",
+        "0 3 * * *",
+        "--top",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["prewarm", "run", "back"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let present = ctr_images(&tb);
+    assert!(present.contains(&imgs[0].reference) && present.contains(&imgs[1].reference));
+    assert!(!present.contains(&imgs[2].reference), "only the top two");
+    // Back on the node, each keeps its history.
+    let top: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["top", "-o", "json"]).stdout).unwrap();
+    assert_eq!(top[0]["image"]["use_count"], 5);
+    assert_eq!(top[0]["absent"], false);
+}

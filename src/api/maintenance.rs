@@ -167,9 +167,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
         Ok(Response::new(pb::TopResponse {
             images: top
                 .iter()
-                .map(|(r, score)| pb::RankedImage {
-                    image: Some(to_pb(r)),
-                    score: *score,
+                .map(|r| pb::RankedImage {
+                    image: Some(to_pb(&r.record)),
+                    score: r.score,
+                    absent: !r.present,
                 })
                 .collect(),
         }))

@@ -188,13 +188,18 @@ pub struct ReconcileReport {
 pub struct Index {
     store: Store,
     half_life_ms: std::sync::atomic::AtomicI64,
+    forget_after_ms: std::sync::atomic::AtomicI64,
 }
+
+/// Default of `ImageCache.Prewarm.ForgetAbsentAfter`: 90 days.
+pub const DEFAULT_FORGET_ABSENT_AFTER_MS: i64 = 90 * 86_400_000;
 
 impl Index {
     /// The index in `store` (its tables are created if missing).
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         store.ensure_tables(&[IMAGES])?;
         store.ensure_tables(&[EVICTIONS])?;
+        store.ensure_tables(&[super::gone::GONE])?;
         // Fingerprints of an older scheme (salted SHA-256 with the salt in this file) are
         // dropped, in one transaction: the images stay private and their users prove access
         // again with a registry check on next use.
@@ -213,7 +218,21 @@ impl Index {
         Ok(Self {
             store: store.clone(),
             half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
+            forget_after_ms: std::sync::atomic::AtomicI64::new(DEFAULT_FORGET_ABSENT_AFTER_MS),
         })
+    }
+
+    /// Sets how long an absent image's name is remembered after its last use.
+    pub fn set_forget_absent_after(&self, after: std::time::Duration) {
+        self.forget_after_ms.store(
+            after.as_millis().min(i64::MAX as u128) as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Images that left the node, by name, with the history they left (see `gone`).
+    pub fn gone(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.store.all(super::gone::GONE)
     }
 
     /// Sets the half-life of the popularity score.
@@ -291,7 +310,15 @@ impl Index {
                     let img = &u.image;
                     let current = w.get(IMAGES, &img.id)?;
                     let fresh = current.is_none();
-                    let mut rec = current.unwrap_or_else(|| ImageRecord::fresh(img, u.origin, now));
+                    let mut rec = match current {
+                        Some(rec) => rec,
+                        None => {
+                            // Back on the node: it takes up the history its names left.
+                            let mut rec = ImageRecord::fresh(img, u.origin, now);
+                            super::gone::revive(w, &mut rec, now, half_life)?;
+                            rec
+                        }
+                    };
                     rec.refresh_from(img);
                     if u.origin != Origin::Prewarm {
                         rec.use_count += 1;
@@ -342,13 +369,16 @@ impl Index {
     }
 
     /// Forgets an image (after it was removed from the runtime).
-    pub fn remove(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
-        let mut old = None;
-        self.update(id, "removing", |cur| {
-            old = cur;
-            None
-        })?;
-        Ok(old)
+    pub fn remove(&self, id: &str, now: i64) -> Result<Option<ImageRecord>, StoreError> {
+        let half_life = self.popularity_half_life_ms();
+        self.store.write(&format!("removing {id}"), |w| {
+            let old = w.get(IMAGES, id)?;
+            if let Some(rec) = &old {
+                w.remove(IMAGES, id)?;
+                super::gone::remember(w, rec, now, half_life)?;
+            }
+            Ok(old)
+        })
     }
 
     /// Forgets an evicted image and records the eviction, in one transaction.
@@ -367,7 +397,10 @@ impl Index {
         };
         self.store
             .write(&format!("recording eviction of {}", rec.id), |w| {
+                // The stored record: its uses may have moved on since the plan was made.
+                let stored = w.get(IMAGES, &rec.id)?.unwrap_or_else(|| rec.clone());
                 w.remove(IMAGES, &rec.id)?;
+                super::gone::remember(w, &stored, now, self.popularity_half_life_ms())?;
                 w.put(EVICTIONS, &format!("{now:020}-{}", rec.id), &ev)
             })
     }
@@ -389,8 +422,13 @@ impl Index {
             let mut report = ReconcileReport::default();
             let existing: HashMap<String, ImageRecord> = w.all(IMAGES)?.into_iter().collect();
             let live: HashSet<&str> = runtime.iter().map(|i| i.id.as_str()).collect();
-            for id in existing.keys().filter(|id| !live.contains(id.as_str())) {
+            let half_life = self.popularity_half_life_ms();
+            for (id, rec) in existing
+                .iter()
+                .filter(|(id, _)| !live.contains(id.as_str()))
+            {
                 w.remove(IMAGES, id)?;
+                super::gone::remember(w, rec, now, half_life)?;
                 report.removed += 1;
             }
             for img in runtime {
@@ -406,11 +444,17 @@ impl Index {
                     }
                     None => {
                         report.added += 1;
-                        ImageRecord::fresh(img, Origin::Runtime, now)
+                        let mut rec = ImageRecord::fresh(img, Origin::Runtime, now);
+                        super::gone::revive(w, &mut rec, now, half_life)?;
+                        rec
                     }
                 };
                 w.put(IMAGES, &img.id, &next)?;
             }
+            let max_age = self
+                .forget_after_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            super::gone::prune(w, now, half_life, max_age)?;
             Ok(report)
         })
     }

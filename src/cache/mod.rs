@@ -5,6 +5,7 @@
 
 pub mod evict;
 mod gc;
+mod gone;
 pub mod index;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -347,6 +348,11 @@ impl Cache {
         }
     }
 
+    /// Images that left the node, by name, with the use history they left behind.
+    pub async fn gone(&self) -> Result<Vec<ImageRecord>, CacheError> {
+        Ok(self.blocking(|idx| idx.gone()).await?)
+    }
+
     /// Every indexed image.
     pub async fn list(&self) -> Result<Vec<ImageRecord>, CacheError> {
         Ok(self.blocking(|idx| idx.list()).await?)
@@ -428,7 +434,8 @@ impl Cache {
     pub async fn removed(&self, id: &str) -> Result<(), CacheError> {
         self.forget(id);
         let id = id.to_owned();
-        self.blocking(move |idx| idx.remove(&id)).await?;
+        let now = self.clock.now_ms();
+        self.blocking(move |idx| idx.remove(&id, now)).await?;
         Ok(())
     }
 
@@ -445,7 +452,8 @@ impl Cache {
             })?;
         self.forget(&rt.id);
         let id = rt.id.clone();
-        self.blocking(move |idx| idx.remove(&id)).await?;
+        let now = self.clock.now_ms();
+        self.blocking(move |idx| idx.remove(&id, now)).await?;
         Ok(rec)
     }
 }

@@ -294,6 +294,13 @@ pub struct PrewarmConfig {
     /// Half-life of the decayed use counts that rank images for `Top: N`.
     #[serde(default = "default_half_life", deserialize_with = "de_duration")]
     pub popularity_half_life: Duration,
+    /// How long an image that left the node keeps its place in the ranking after its last use
+    /// (it is also forgotten once its score decays below 0.01).
+    #[serde(
+        default = "default_forget_absent_after",
+        deserialize_with = "de_duration"
+    )]
+    pub forget_absent_after: Duration,
     /// Schedules defined by the node's configuration.
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
@@ -303,6 +310,7 @@ impl Default for PrewarmConfig {
     fn default() -> Self {
         Self {
             popularity_half_life: default_half_life(),
+            forget_absent_after: default_forget_absent_after(),
             schedules: Vec::new(),
         }
     }
@@ -310,6 +318,10 @@ impl Default for PrewarmConfig {
 
 fn default_half_life() -> Duration {
     Duration::from_secs(7 * 86400)
+}
+
+fn default_forget_absent_after() -> Duration {
+    Duration::from_secs(90 * 86400)
 }
 
 /// One pre-warm schedule.

@@ -64,6 +64,18 @@ pub struct ScheduleInfo {
     pub running: bool,
 }
 
+/// One image in the popularity ranking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    /// Its record; for an image no longer on the node, the history its name left (its `id`
+    /// is the one it had).
+    pub record: ImageRecord,
+    /// Decayed use count now.
+    pub score: f64,
+    /// On the node now.
+    pub present: bool,
+}
+
 /// Runs pre-warm schedules.
 pub struct Prewarmer {
     puller: Arc<Puller>,
@@ -229,20 +241,34 @@ impl Prewarmer {
         Ok(self.blocking(move |s| s.runs(&n)).await?)
     }
 
-    /// The `n` most popular images now, by decayed use count (images never used are not ranked).
-    pub async fn top(&self, n: usize) -> Result<Vec<(ImageRecord, f64)>, PrewarmError> {
+    /// The `n` most popular images now, by decayed use count (images never used are not
+    /// ranked), those on the node and those that left it but are still remembered by name.
+    pub async fn top(&self, n: usize) -> Result<Vec<Ranked>, PrewarmError> {
         let images = self.cache.list().await?;
+        let gone = self.cache.gone().await?;
         let now = self.clock.now_ms();
         let half_life = self.cache.popularity_half_life_ms();
-        let mut ranked: Vec<(ImageRecord, f64)> = images
+        let here: std::collections::HashSet<String> =
+            images.iter().flat_map(|r| r.names.clone()).collect();
+        let present = images.into_iter().map(|r| (r, true));
+        let absent = gone
             .into_iter()
-            .map(|r| {
-                let p = r.popularity_now(now, half_life);
-                (r, p)
+            .filter(|g| !g.names.iter().any(|n| here.contains(n)))
+            .map(|g| (g, false));
+        let mut ranked: Vec<Ranked> = present
+            .chain(absent)
+            .map(|(record, present)| Ranked {
+                score: record.popularity_now(now, half_life),
+                record,
+                present,
             })
-            .filter(|(r, p)| *p > 0.0 && !r.names.is_empty())
+            .filter(|r| r.score > 0.0 && !r.record.names.is_empty())
             .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
+        ranked.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(a.record.names.cmp(&b.record.names))
+        });
         ranked.truncate(n);
         Ok(ranked)
     }
@@ -315,8 +341,8 @@ impl Prewarmer {
         if let Some(n) = spec.top.filter(|n| *n > 0) {
             match self.top(n).await {
                 Ok(top) => {
-                    for (r, _) in top {
-                        if let Some(name) = r.names.first() {
+                    for r in top {
+                        if let Some(name) = r.record.names.first() {
                             if !images.contains(name) {
                                 images.push(name.clone());
                             }

@@ -131,7 +131,41 @@ async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
     assert_eq!(names, ["127.0.0.1:5000/a:1", "127.0.0.1:5000/b:1"]);
     let top = r.pw.top(3).await.unwrap();
     assert_eq!(
-        top.iter().map(|(rec, _)| rec.use_count).collect::<Vec<_>>(),
+        top.iter().map(|r| r.record.use_count).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+
+    // Popularity outlives presence: removed, the two keep their ranks, marked absent, and the
+    // schedule brings them back with their history.
+    for img in ["a", "b"] {
+        r.cache
+            .remove(&format!("127.0.0.1:5000/{img}:1"))
+            .await
+            .unwrap();
+    }
+    let top = r.pw.top(3).await.unwrap();
+    let seen: Vec<(&str, bool, u64)> = top
+        .iter()
+        .map(|t| (t.record.names[0].as_str(), t.present, t.record.use_count))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("127.0.0.1:5000/a:1", false, 3),
+            ("127.0.0.1:5000/b:1", false, 2),
+            ("127.0.0.1:5000/c:1", true, 1)
+        ]
+    );
+    let run = r.pw.run_now("top", None).await.unwrap();
+    assert!(
+        run.images.iter().all(|i| i.outcome.as_str() == "pulled"),
+        "{:?}",
+        run.images
+    );
+    let top = r.pw.top(3).await.unwrap();
+    assert!(top.iter().all(|t| t.present));
+    assert_eq!(
+        top.iter().map(|r| r.record.use_count).collect::<Vec<_>>(),
         [3, 2, 1]
     );
 }

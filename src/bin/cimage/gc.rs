@@ -117,18 +117,24 @@ pub async fn top(socket: &Path, args: TopArgs) -> Result<(), Failure> {
         let all: Vec<Value> = r
             .images
             .iter()
-            .map(|i| json!({"image": i.image.as_ref().map(image_json), "score": i.score}))
+            .map(|i| {
+                json!({"image": i.image.as_ref().map(image_json), "score": i.score, "absent": i.absent})
+            })
             .collect();
         println!("{}", Value::Array(all));
         return Ok(());
     }
-    println!("{:>4}  {:>8}  {:>5}  NAME", "RANK", "SCORE", "USES");
+    println!(
+        "{:>4}  {:>8}  {:>5}  {:<7}  NAME",
+        "RANK", "SCORE", "USES", "HERE"
+    );
     for (n, i) in r.images.iter().enumerate() {
         println!(
-            "{:>4}  {:>8.2}  {:>5}  {}",
+            "{:>4}  {:>8.2}  {:>5}  {:<7}  {}",
             n + 1,
             i.score,
             i.image.as_ref().map(|i| i.use_count).unwrap_or(0),
+            if i.absent { "absent" } else { "yes" },
             name(&i.image)
         );
     }

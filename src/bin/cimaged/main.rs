@@ -232,6 +232,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         ic.runtime_timeout,
     ));
     index.set_popularity_half_life(ic.prewarm.popularity_half_life);
+    index.set_forget_absent_after(ic.prewarm.forget_absent_after);
     let metrics = Arc::new(Metrics::default());
     // Every task the daemon spawns is tracked here; shutdown cancels its token and waits.
     let background = Background::new();
