@@ -69,6 +69,36 @@ fn a_setuid_root_binary_in_the_image_raises_nothing() {
 }
 
 #[test]
+fn a_step_as_root_cannot_reach_the_kernels_settings() {
+    let d = Daemon::start("");
+    let img = busybox(&d.testbed);
+    let out = run(
+        &d,
+        &["--image", &img],
+        &["sh", "-c", "awk '{ print $5, $6 }' /proc/self/mountinfo"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mounted = |path: &str| {
+        text.lines()
+            .filter(|l| l.split(' ').next() == Some(path))
+            .map(|l| l.split(' ').nth(1).unwrap_or("").to_owned())
+            .last()
+    };
+    // What this kernel has of kubelet's default paths must be covered inside.
+    let exists = |p: &&&str| std::path::Path::new(p).exists();
+    for path in cimage::cri::READONLY_PATHS.iter().filter(exists) {
+        let options = mounted(path).unwrap_or_else(|| panic!("{path} not remounted: {text}"));
+        assert!(options.split(',').any(|o| o == "ro"), "{path}: {options}");
+    }
+    let masked: Vec<&&str> = cimage::cri::MASKED_PATHS.iter().filter(exists).collect();
+    assert!(!masked.is_empty());
+    for path in masked {
+        assert!(mounted(path).is_some(), "{path} not masked: {text}");
+    }
+}
+
+#[test]
 fn groups_from_the_images_etc_group_refuse_the_step_and_leave_nothing() {
     let d = Daemon::start("");
     let img = image_with(
@@ -406,11 +436,23 @@ fn a_mount_source_is_checked_with_the_step_users_own_permissions() {
             "--",
             "sh",
             "-c",
-            "echo hi > /w/made && cat /r/made && (echo no > /r/other 2>/dev/null || echo refused)",
+            "echo hi > /w/made && cat /r/made && (echo no > /r/other 2>/dev/null || echo refused) \
+             && awk '$5 == \"/w\" || $5 == \"/r\" { print $5, $6 }' /proc/self/mountinfo",
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "hi\nrefused\n");
+    let text = stdout(&out);
+    assert!(text.starts_with("hi\nrefused\n"), "{text}");
+    // Neither honours a setuid bit or a device node; /r is read-only.
+    for line in text.lines().skip(2) {
+        let options: Vec<&str> = line.split(' ').nth(1).unwrap().split(',').collect();
+        assert!(
+            options.contains(&"nosuid") && options.contains(&"nodev"),
+            "{line}"
+        );
+        assert_eq!(options.contains(&"ro"), line.starts_with("/r "), "{line}");
+    }
+    assert_eq!(text.lines().count(), 4, "{text}");
     assert!(!own.join("other").exists());
     // Root, for whom the same private file is reachable, gets it.
     let out = run(&d, &["--image", &img, "--mount", &m], &["cat", "/s"]);

@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 
 use crate::runtime::{RuntimeError, RuntimeErrorKind};
 pub use image::CriImageRuntime;
-pub use runtime::CriTaskRuntime;
+pub use runtime::{CriTaskRuntime, MASKED_PATHS, READONLY_PATHS};
 
 /// An image reference (name, digest reference or id) as CRI takes it.
 pub(super) fn image_spec(image: &str) -> Option<ImageSpec> {

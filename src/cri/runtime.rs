@@ -15,6 +15,31 @@ use crate::runtime::{
     ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
 };
 
+/// Paths hidden from every step: the default set kubelet sends for a container that is not
+/// privileged (the kernel's and firmware's internals).
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths every step sees read-only: kubelet's default set (kernel settings and triggers).
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
 /// CRI RuntimeService client: pod sandboxes and containers.
 #[derive(Clone)]
 pub struct CriTaskRuntime {
@@ -254,6 +279,10 @@ impl TaskRuntime for CriTaskRuntime {
                         profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
                         localhost_ref: String::new(),
                     }),
+                    // containerd applies only the paths the request names: without these a
+                    // step as root could write /proc/sys or /proc/sysrq-trigger.
+                    masked_paths: MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
+                    readonly_paths: READONLY_PATHS.iter().map(|p| p.to_string()).collect(),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -441,15 +441,37 @@ impl BindStager {
                 std::io::Error::last_os_error()
             )));
         }
-        // The staged copy takes no part in mount propagation, and a read-only mount is
-        // read-only here already, not only in the container.
-        let mut remounts = vec![(libc::MS_PRIVATE, "making it private")];
-        if req.readonly {
-            remounts.push((
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                "making it read-only",
-            ));
+        // The staged copy takes no part in mount propagation; it honours no setuid bit or
+        // device node, keeps the source mount's other flags (a remount replaces them all), and
+        // a read-only mount is read-only here already, not only in the container.
+        // SAFETY: statvfs is plain old data, filled by fstatvfs for our open descriptor.
+        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: see above.
+        if unsafe { libc::fstatvfs(fd.0, &mut vfs) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: undoes the bind just made.
+            unsafe { libc::umount2(to.as_ptr(), libc::MNT_DETACH) };
+            return Err(host(format!("reading its mount flags: {e}")));
         }
+        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV;
+        for (st, ms) in [
+            (libc::ST_RDONLY, libc::MS_RDONLY),
+            (libc::ST_NOEXEC, libc::MS_NOEXEC),
+            (libc::ST_NOATIME, libc::MS_NOATIME),
+            (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+            (libc::ST_RELATIME, libc::MS_RELATIME),
+        ] {
+            if vfs.f_flag & st != 0 {
+                flags |= ms;
+            }
+        }
+        if req.readonly {
+            flags |= libc::MS_RDONLY;
+        }
+        let remounts = [
+            (libc::MS_PRIVATE, "making it private"),
+            (flags, "setting its flags"),
+        ];
         for (flags, what) in remounts {
             // SAFETY: a NUL-terminated path; no source, type or data.
             let rc = unsafe {
@@ -471,7 +493,10 @@ impl BindStager {
         Ok(MountSpec {
             host_path: target,
             container_path: req.target.clone(),
-            readonly: req.readonly,
+            // Read-only where it is staged, and a bind of it stays so. Asking the runtime for
+            // read-only would make runc remount it with that flag alone, dropping nosuid and
+            // nodev.
+            readonly: false,
         })
     }
 }

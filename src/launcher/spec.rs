@@ -404,7 +404,7 @@ pub fn validate(
     }
     if !spec.workdir.is_empty() {
         let w = container_path("working directory", &spec.workdir)?;
-        if let Some(fs) = under_any(&w, &["/proc", "/sys"]) {
+        if let Some(fs) = under_any(&w, &["/proc", "/sys", "/dev"]) {
             return Err(SpecError::Denied(format!(
                 "working directory {w} is inside {fs}, which a step may not start in"
             )));
@@ -642,7 +642,13 @@ mod tests {
         let mut s = spec();
         s.workdir = "relative".into();
         assert!(validate_as(&s, &[]).is_err());
-        for w in ["/proc/self/fd/7", "/proc", "/sys/kernel", "/work/../proc/1"] {
+        for w in [
+            "/proc/self/fd/7",
+            "/proc",
+            "/sys/kernel",
+            "/work/../proc/1",
+            "/dev/fd/7",
+        ] {
             s.workdir = w.into();
             assert!(validate_as(&s, &[]).is_err(), "{w}");
         }
