@@ -81,9 +81,9 @@ fn a_step_as_root_cannot_reach_the_kernels_settings() {
     let text = stdout(&out);
     let mounted = |path: &str| {
         text.lines()
-            .filter(|l| l.split(' ').next() == Some(path))
+            .rev()
+            .find(|l| l.split(' ').next() == Some(path))
             .map(|l| l.split(' ').nth(1).unwrap_or("").to_owned())
-            .last()
     };
     // What this kernel has of kubelet's default paths must be covered inside.
     let exists = |p: &&&str| std::path::Path::new(p).exists();
