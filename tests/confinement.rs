@@ -223,6 +223,44 @@ fn an_etc_group_that_renames_gids_changes_no_group_of_the_step() {
 }
 
 #[test]
+fn an_image_whose_etc_group_is_a_symlink_runs_no_step_as_a_user() {
+    // The link would send cimage's /etc/group into the pod's /dev/shm, where the job's own
+    // file then covers it, and runc would read that.
+    let d = Daemon::start("");
+    let img = image_with(&d, "grouplink", vec![]);
+    let linked = d
+        .testbed
+        .push_new(
+            "grouplink",
+            &[
+                Layer::busybox(),
+                Layer(vec![(
+                    "etc/group".into(),
+                    b"/dev/shm/group".to_vec(),
+                    0o120777,
+                )]),
+            ],
+        )
+        .reference;
+    let job = job_id("grouplink");
+    let out = run(
+        &d,
+        &["--image", &linked, "--user", "cimage-test", "--job", &job],
+        &["id", "-G"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("/etc/group is a symlink to /dev/shm/group"),
+        "{err}"
+    );
+    assert!(job_pods(&d, &job).is_empty(), "nothing left");
+    // The same step from a plain image runs.
+    let out = run(&d, &["--image", &img, "--user", "cimage-test"], &["true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn only_allowed_device_nodes_reach_a_step() {
     let d = Daemon::start("Launcher.AllowedDevices: [/dev/null, \"nvidia.com/gpu=*\"]");
     let img = busybox(&d.testbed);

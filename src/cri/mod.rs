@@ -9,6 +9,7 @@
 
 mod image;
 mod runtime;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

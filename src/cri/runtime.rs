@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, PodInfo, PodSpec,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, EtcCheck, PodInfo, PodSpec,
     ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
 };
 
@@ -44,6 +44,8 @@ pub const READONLY_PATHS: &[&str] = &[
 #[derive(Clone)]
 pub struct CriTaskRuntime {
     client: RuntimeServiceClient<Channel>,
+    /// The same connection, for containerd's own services (snapshots).
+    channel: Channel,
     endpoint: PathBuf,
     timeout: Duration,
 }
@@ -52,8 +54,10 @@ impl CriTaskRuntime {
     /// A client for the RuntimeService at `endpoint`; `timeout` bounds each call (a stop waits
     /// its grace period on top).
     pub fn new(endpoint: &Path, timeout: Duration) -> Self {
+        let channel = unix_channel(endpoint);
         Self {
-            client: RuntimeServiceClient::new(unix_channel(endpoint)),
+            client: RuntimeServiceClient::new(channel.clone()),
+            channel,
             endpoint: endpoint.to_owned(),
             timeout,
         }
@@ -359,6 +363,38 @@ impl TaskRuntime for CriTaskRuntime {
         )
         .await?;
         Ok(r.info.get("info").and_then(|json| identity_from_info(json)))
+    }
+
+    async fn check_etc(&self, id: &str) -> Result<EtcCheck, RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ContainerStatusRequest {
+            container_id: id.to_owned(),
+            verbose: true,
+        };
+        let r = bounded(
+            "ContainerStatus",
+            &self.endpoint,
+            self.timeout,
+            c.container_status(req),
+        )
+        .await?;
+        let Some(info) = r.info.get("info") else {
+            return Ok(EtcCheck::Unknown(
+                "the runtime gives no verbose container status".into(),
+            ));
+        };
+        tokio::time::timeout(
+            self.timeout,
+            super::snapshot::check(self.channel.clone(), info),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RuntimeError {
+                op: "Snapshots.Mounts",
+                kind: RuntimeErrorKind::DeadlineExceeded,
+                message: format!("no answer within {:?}", self.timeout),
+            })
+        })
     }
 
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
-use crate::runtime::{ContainerSpec, PodSpec};
+use crate::runtime::{ContainerSpec, EtcCheck, PodSpec};
 
 impl Launcher {
     /// Accepts a step: validates it (nothing is created if that fails), records it, and runs it
@@ -322,6 +322,11 @@ impl Launcher {
             // The container is removed by the cleanup that follows the failure.
             return self.fail(task, Stage::Create, message, tx).await;
         }
+        if v.identity.uid != 0 {
+            if let Err(message) = self.check_etc(&cid, &task.image).await {
+                return self.fail(task, Stage::Create, message, tx).await;
+            }
+        }
         send(
             tx,
             &task.id,
@@ -388,6 +393,27 @@ impl Launcher {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses an image whose `/etc`, `/etc/passwd` or `/etc/group` is a symlink (or not a
+    /// directory and regular files): cimage's own files for the step would be mounted where the
+    /// link points, and runc would read the job's file instead when it sets the groups.
+    async fn check_etc(&self, cid: &str, image: &str) -> Result<(), String> {
+        match self.rt.check_etc(cid).await {
+            Ok(EtcCheck::Plain) => Ok(()),
+            Ok(EtcCheck::Redirected(why)) => Err(format!(
+                "in image {image}, {why}: a step as a user would not get its host groups for \
+                 sure, so it is refused (make /etc/group a regular file in the image)"
+            )),
+            Ok(EtcCheck::Unknown(why)) => {
+                warn!(
+                    image,
+                    "cannot check the image's /etc before the start: {why}"
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot check the image's /etc: {e}")),
+        }
     }
 
     /// Creates the job's pod sandbox unless it has one.

@@ -96,6 +96,17 @@ pub struct ProcessIdentity {
     pub additional_gids: Vec<u32>,
 }
 
+/// What a created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcCheck {
+    /// A directory and regular files (or absent): mounts over them land where they say.
+    Plain,
+    /// A symlink or something else, which would send a mount elsewhere; says what.
+    Redirected(String),
+    /// The runtime does not let cimage look; says why.
+    Unknown(String),
+}
+
 /// The runtime's name and version (CRI `Version`), e.g. `containerd` `v1.6.20`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeVersion {
@@ -194,6 +205,8 @@ pub trait TaskRuntime: Send + Sync {
     async fn container_identity(&self, id: &str) -> Result<Option<ProcessIdentity>, RuntimeError>;
     /// The runtime's name and version.
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError>;
+    /// What the created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`.
+    async fn check_etc(&self, id: &str) -> Result<EtcCheck, RuntimeError>;
     /// Starts a created container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// A container's status; `None` if the runtime does not know it.
@@ -261,6 +274,8 @@ pub mod fake {
         pub created: Mutex<Vec<ContainerSpec>>,
         /// What [`TaskRuntime::version`] answers (default containerd v1.6.20).
         pub runtime_version: Mutex<Option<RuntimeVersion>>,
+        /// What [`TaskRuntime::check_etc`] answers (default: plain).
+        pub etc: Mutex<Option<EtcCheck>>,
     }
 
     impl FakeTaskRuntime {
@@ -421,6 +436,10 @@ pub mod fake {
                     name: "containerd".into(),
                     version: "v1.6.20".into(),
                 }))
+        }
+        async fn check_etc(&self, _id: &str) -> Result<EtcCheck, RuntimeError> {
+            self.call("CheckEtc")?;
+            Ok(self.etc.lock().unwrap().clone().unwrap_or(EtcCheck::Plain))
         }
         async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
             self.call("StartContainer")?;

@@ -10,7 +10,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
-/// One layer: a tar of (path, contents, mode) entries.
+/// One layer: a tar of (path, contents, mode) entries; a mode of type symlink (`0o120777`)
+/// makes a symlink to the path in contents.
 pub struct Layer(pub Vec<(String, Vec<u8>, u32)>);
 
 impl Layer {
@@ -41,6 +42,17 @@ impl Layer {
     fn tar(&self, symlinks: bool) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, data, mode) in &self.0 {
+            if mode & 0o170000 == 0o120000 {
+                // A symlink: its contents name the target.
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                h.set_mtime(0);
+                let target = String::from_utf8(data.clone()).unwrap();
+                b.append_link(&mut h, path, target).unwrap();
+                continue;
+            }
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(*mode);

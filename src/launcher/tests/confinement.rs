@@ -54,6 +54,25 @@ async fn groups_added_by_the_image_refuse_the_step_and_leave_nothing() {
 }
 
 #[tokio::test]
+async fn an_image_whose_etc_group_is_a_symlink_runs_no_step_as_a_user() {
+    let r = rig();
+    *r.tasks.etc.lock().unwrap() = Some(crate::runtime::EtcCheck::Redirected(
+        "/etc/group is a symlink to /dev/shm/group".into(),
+    ));
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter().any(|e| matches!(e, Event::Failed { stage: Stage::Create, message } if message.contains("/dev/shm/group"))),
+        "{evs:?}"
+    );
+    assert!(!evs.contains(&Event::Started));
+    assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
+    // Root, which no group file can raise, still runs it.
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    assert!(events(rx).await.contains(&Event::Started));
+}
+
+#[tokio::test]
 async fn users_launch_only_where_the_node_allows_it() {
     let r = rig_with(|s| s.allow_user_launch = false);
     let e = r.launcher.launch(ALICE, spec(None)).await.unwrap_err();
