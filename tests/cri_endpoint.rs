@@ -240,3 +240,69 @@ fn a_config_shared_with_craned_names_cimageds_socket_as_the_image_endpoint() {
     });
     assert!(id.starts_with("sha256:"));
 }
+
+#[test]
+fn under_systemd_the_socket_waits_for_cimaged_and_readiness_is_told() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // The config of a daemon that is then stopped: what a socket unit and a service would run.
+    let mut d = Daemon::start("");
+    d.kill9();
+    let _ = std::fs::remove_file(d.cri_socket());
+    // systemd's part: the listening socket, and the notification socket.
+    let listener = std::os::unix::net::UnixListener::bind(d.cri_socket()).unwrap();
+    let notify_path = d.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // A client (Craned starting a step) connects before cimaged runs; its call waits.
+    let socket = d.cri_socket();
+    let early = std::thread::spawn(move || {
+        block_on(async {
+            let mut c = client(&socket);
+            let mut req = tonic::Request::new(ImageFsInfoRequest {});
+            req.set_timeout(Duration::from_secs(30));
+            c.image_fs_info(req).await.map(|r| r.into_inner())
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let fd = listener.as_raw_fd();
+    let log = std::fs::File::create(d.dir.path().join("activated.log")).unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_cimaged"))
+        .arg(d.config_path())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: only dup2 or fcntl between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear it instead.
+            let rc = match fd {
+                3 => libc::fcntl(3, libc::F_SETFD, 0),
+                _ => libc::dup2(fd, 3),
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf);
+    let answered = early.join().unwrap();
+    // The socket stays for the next start, as systemd holds it.
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(d.dir.path().join("activated.log")).unwrap();
+    let n = n.unwrap_or_else(|e| panic!("no readiness ({e}):\n{log}"));
+    assert_eq!(&buf[..n], b"READY=1");
+    let info = answered.unwrap_or_else(|e| panic!("{e:?}\n{log}"));
+    assert!(!info.image_filesystems.is_empty());
+    assert!(log.contains("CRI image socket from systemd"), "{log}");
+    assert!(d.cri_socket().exists());
+}

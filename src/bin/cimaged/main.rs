@@ -2,6 +2,7 @@
 //! policies, and serves the cimage API on a unix socket. This file starts and stops things;
 //! `wiring` maps the configuration onto each module's settings.
 
+mod systemd;
 mod wiring;
 
 use std::io::IsTerminal;
@@ -320,9 +321,19 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         .image_service
         .enabled
         .then(|| ic.image_service.socket.clone());
+    let mut from_systemd = false;
     if let Some(path) = &cri_socket {
-        let cri_listener =
-            api::bind_socket_mode(path, 0o600, None).context("ImageCache.ImageService.Socket")?;
+        // Held by a systemd socket unit while cimaged was down, or made now.
+        let cri_listener = match systemd::activated(path) {
+            Some(l) => {
+                from_systemd = true;
+                info!(socket = %path.display(), "CRI image socket from systemd");
+                tokio::net::UnixListener::from_std(l)
+                    .context("ImageCache.ImageService.Socket (from systemd)")?
+            }
+            None => api::bind_socket_mode(path, 0o600, None)
+                .context("ImageCache.ImageService.Socket")?,
+        };
         let service = api::cri_image::CriImageApi::new(
             &settings.image_endpoint,
             puller.clone(),
@@ -372,6 +383,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         },
         move |caller| admin.is_admin(caller),
     );
+    systemd::notify("READY=1");
     let served = api::serve(
         listener,
         gate,
@@ -382,8 +394,10 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     )
     .await;
     background.begin_shutdown();
+    systemd::notify("STOPPING=1");
     let _ = std::fs::remove_file(&ic.socket);
-    if let Some(path) = &cri_socket {
+    // A socket systemd holds stays for the next start.
+    if let Some(path) = cri_socket.as_ref().filter(|_| !from_systemd) {
         let _ = std::fs::remove_file(path);
     }
     let left = background.wait(SHUTDOWN_BOUND).await;
