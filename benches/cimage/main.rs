@@ -9,9 +9,12 @@
 //! - launch-to-exit of a trivial task on a warm image: `cimage run` (the CLI process) and the gRPC
 //!   `Launch` stream vs the raw CRI sequence (RunPodSandbox, CreateContainer, StartContainer,
 //!   ContainerStatus polling, RemoveContainer, StopPodSandbox, RemovePodSandbox), 30 runs each
+//! - cimaged's CRI image endpoint vs containerd's: cold `PullImage`, `ImageStatus` p50/p99, 20
+//!   concurrent `PullImage`s of one cold image
 //! - a pre-warm run of 20 synthetic images at concurrency 2 vs the same pulls issued by raw CRI at
 //!   concurrency 2, and `IfNotPresent` checks of a cached image during the run vs idle
 
+mod cri;
 #[path = "../../tests/common/images.rs"]
 #[allow(dead_code)]
 mod images;
@@ -32,7 +35,7 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, warm, always, herd, launch, prewarm).
+/// (comma-separated: cold, warm, always, herd, cri, launch, prewarm).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
         Ok(list) if !list.is_empty() => list.split(',').any(|s| s.trim() == section),
@@ -216,6 +219,29 @@ async fn main() {
             "-".into(),
             "= 1",
         );
+    }
+    if want("cri") {
+        eprintln!("bench: the CRI image endpoint ...");
+        let cold = push(
+            &registry,
+            &format!("bench-cri-{run}"),
+            "1",
+            &(0..4).map(|_| Layer::random(16 << 20)).collect::<Vec<_>>(),
+            &["sh"],
+        )
+        .await;
+        let herd = push(
+            &registry,
+            &format!("bench-cri-herd-{run}"),
+            "1",
+            &(0..4).map(|_| Layer::random(16 << 20)).collect::<Vec<_>>(),
+            &["sh"],
+        )
+        .await;
+        cri::endpoint(&daemon, &mut b, &cold.reference, &herd.reference).await;
+        for image in [&cold.reference, &herd.reference] {
+            b.remove(image).await;
+        }
     }
     if want("launch") {
         eprintln!("bench: launch-to-exit, {LAUNCHES} runs each ...");

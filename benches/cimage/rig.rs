@@ -43,6 +43,8 @@ pub(crate) struct Daemon {
     pub(crate) child: Child,
     pub(crate) log: PathBuf,
     pub(crate) socket: PathBuf,
+    /// cimaged's CRI image endpoint.
+    pub(crate) cri_socket: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -50,13 +52,15 @@ impl Daemon {
     pub(crate) fn start(cri: &str, registry: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("cimaged.sock");
+        let cri_socket = dir.path().join("image.sock");
         let config = dir.path().join("config.yaml");
         std::fs::write(
             &config,
             format!(
-                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  Registries:\n    \"{registry}\":\n      Insecure: true\n",
+                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  ImageService:\n    Socket: {}\n  Registries:\n    \"{registry}\":\n      Insecure: true\n",
                 dir.path().display(),
-                socket.display()
+                socket.display(),
+                cri_socket.display()
             ),
         )
         .unwrap();
@@ -79,6 +83,7 @@ impl Daemon {
             child,
             log,
             socket,
+            cri_socket,
             _dir: dir,
         }
     }

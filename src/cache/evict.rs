@@ -73,7 +73,8 @@ impl EvictionReason {
 /// Size and usage of a filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FsUsage {
-    /// Total bytes.
+    /// Bytes used plus bytes that may still be written (df's size for its Use%; blocks
+    /// reserved for root are left out).
     pub total: u64,
     /// Used bytes.
     pub used: u64,
@@ -214,9 +215,13 @@ pub fn fs_usage(path: &std::path::Path) -> std::io::Result<FsUsage> {
     let total = st.f_blocks as u64 * frsize;
     let avail = st.f_bavail as u64 * frsize;
     let free = st.f_bfree as u64 * frsize;
-    // Count reserved blocks as used, as df does: what users can still write is what matters.
-    let used = total.saturating_sub(free) + free.saturating_sub(avail);
-    Ok(FsUsage { total, used })
+    // As df's Use%: used over what is used plus what may still be written, so blocks reserved
+    // for root count on neither side.
+    let used = total.saturating_sub(free);
+    Ok(FsUsage {
+        total: used + avail,
+        used,
+    })
 }
 
 #[cfg(test)]
@@ -349,8 +354,26 @@ mod tests {
     }
 
     #[test]
-    fn reads_a_real_filesystem() {
+    fn reads_a_real_filesystem_as_df_does() {
         let u = fs_usage(std::path::Path::new("/")).unwrap();
         assert!(u.total > 0 && u.used <= u.total);
+        // df's Use% for the same filesystem, rounded up as df rounds.
+        let out = std::process::Command::new("df")
+            .args(["--output=pcent", "/"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let df: f64 = text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        assert!(
+            (u.percent(u.used).ceil() - df).abs() <= 1.0,
+            "{u:?} vs df {df}%"
+        );
     }
 }
