@@ -17,8 +17,22 @@ use serde::Deserialize;
 pub struct Credentials {
     /// User name (not secret, but only shown where needed).
     pub username: String,
-    /// Password or token (secret).
+    /// The secret: a password, or the token `kind` says.
     pub password: String,
+    /// What the secret is.
+    pub kind: SecretKind,
+}
+
+/// What the secret of [`Credentials`] is (CRI's `AuthConfig` has a field for each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SecretKind {
+    /// A password (HTTP basic, or a registry's token endpoint with basic credentials).
+    #[default]
+    Password,
+    /// An OAuth2 refresh token (`identity_token`), exchanged by the runtime.
+    IdentityToken,
+    /// A bearer token sent to the registry as is (`registry_token`).
+    RegistryToken,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -26,6 +40,7 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -148,6 +163,7 @@ pub fn parse_auth_file(
         (Some(u), Some(p), _) => Ok(Some(Credentials {
             username: u.clone(),
             password: p.clone(),
+            kind: crate::credentials::SecretKind::Password,
         })),
         (_, _, Some(a)) => {
             let raw = base64_decode(a)
@@ -157,6 +173,7 @@ pub fn parse_auth_file(
             Ok(Some(Credentials {
                 username: u.to_owned(),
                 password: p.to_owned(),
+                kind: crate::credentials::SecretKind::Password,
             }))
         }
         _ => Err(malformed(format!(
@@ -230,6 +247,7 @@ pub fn from_helper(
     Ok(Some(Credentials {
         username: answer.username,
         password: answer.secret,
+        kind: crate::credentials::SecretKind::Password,
     }))
 }
 
@@ -346,6 +364,18 @@ impl Fingerprinter {
     /// the async workers.
     pub fn fingerprint(&self, registry: &str, c: &Credentials) -> String {
         use sha2::{Digest, Sha256};
+        // A token and a password of the same text are different credentials.
+        let tagged;
+        let c = match c.kind {
+            SecretKind::Password => c,
+            kind => {
+                tagged = Credentials {
+                    username: format!("\0{kind:?}\0{}", c.username),
+                    ..c.clone()
+                };
+                &tagged
+            }
+        };
         let mut h = Sha256::new();
         h.update(self.process_salt);
         for part in [
@@ -399,6 +429,7 @@ mod tests {
         let c = Credentials {
             username: "alice".into(),
             password: "s3cr3t-pw".into(),
+            kind: crate::credentials::SecretKind::Password,
         };
         let shown = format!("{c:?} {:#?}", c);
         assert!(shown.contains("alice"));
@@ -418,11 +449,21 @@ mod tests {
         let c = Credentials {
             username: "alice".into(),
             password: "s3cr3t-pw".into(),
+            kind: crate::credentials::SecretKind::Password,
         };
         let fp = a.fingerprint("r.io", &c);
         assert_eq!(fp.len(), 64);
         assert!(!fp.contains("s3cr3t"));
         assert_eq!(a.fingerprint("r.io", &c), fp, "memoised");
+        let token = Credentials {
+            kind: SecretKind::RegistryToken,
+            ..c.clone()
+        };
+        assert_ne!(
+            a.fingerprint("r.io", &token),
+            fp,
+            "a token is not a password"
+        );
         // The same key file gives the same fingerprints; another key does not.
         let again = Fingerprinter::load_or_create(&path).unwrap();
         assert_eq!(again.fingerprint("r.io", &c), fp);

@@ -10,7 +10,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, SecretKind};
 use crate::reference::ImageRef;
 
 /// What kind of failure a registry request had; each is a distinct message and status.
@@ -215,7 +215,13 @@ impl OciRegistry {
                 (c.clone(), RegistryAuth::Anonymous, false)
             }
             Some(c) => {
-                let auth = RegistryAuth::Basic(c.username.clone(), c.password.clone());
+                let auth = match c.kind {
+                    SecretKind::RegistryToken => RegistryAuth::Bearer(c.password.clone()),
+                    // An identity token never gets here (the runtime exchanges it).
+                    SecretKind::Password | SecretKind::IdentityToken => {
+                        RegistryAuth::Basic(c.username.clone(), c.password.clone())
+                    }
+                };
                 let key = self.credentials_key(host, c);
                 let mut m = self.credentialed.lock().unwrap();
                 if let Some(client) = m.get(&key) {

@@ -157,25 +157,31 @@ impl CriImageApi {
     }
 }
 
-/// The credentials of a CRI `AuthConfig`: `username`/`password`, or `auth` (base64 of
-/// `user:password`); empty strings mean none. Tokens (`identity_token`, `registry_token`) are
-/// refused by name: cimage's registry client speaks basic credentials only.
+/// The credentials of a CRI `AuthConfig`, in the runtime's order: `username`/`password`, an
+/// `identity_token` (an OAuth2 refresh token, which the runtime exchanges), `auth` (base64 of
+/// `user:password`), a `registry_token` (a bearer token); empty strings mean none.
 pub fn credentials_of(auth: Option<AuthConfig>) -> Result<Option<Credentials>, Status> {
     let Some(a) = auth else { return Ok(None) };
-    if !a.identity_token.is_empty() || !a.registry_token.is_empty() {
-        return Err(Status::invalid_argument(
-            "PullImage: identity_token and registry_token are not supported by cimage; give \
-             username and password (or auth)",
-        ));
+    if !a.identity_token.is_empty() {
+        return Ok(Some(Credentials {
+            username: a.username,
+            password: a.identity_token,
+            kind: crate::credentials::SecretKind::IdentityToken,
+        }));
     }
     if !a.username.is_empty() || !a.password.is_empty() {
         return Ok(Some(Credentials {
             username: a.username,
             password: a.password,
+            kind: crate::credentials::SecretKind::Password,
         }));
     }
     if a.auth.is_empty() {
-        return Ok(None);
+        return Ok((!a.registry_token.is_empty()).then(|| Credentials {
+            username: String::new(),
+            password: a.registry_token,
+            kind: crate::credentials::SecretKind::RegistryToken,
+        }));
     }
     let bad = || Status::invalid_argument("PullImage: auth is not base64 of user:password");
     let raw = crate::credentials::base64_decode(a.auth.trim()).ok_or_else(bad)?;
@@ -184,6 +190,7 @@ pub fn credentials_of(auth: Option<AuthConfig>) -> Result<Option<Credentials>, S
     Ok(Some(Credentials {
         username: user.to_owned(),
         password: pass.to_owned(),
+        kind: crate::credentials::SecretKind::Password,
     }))
 }
 
@@ -339,6 +346,7 @@ mod tests {
         let want = Some(Credentials {
             username: "alice".into(),
             password: "pw:with:colons".into(),
+            kind: crate::credentials::SecretKind::Password,
         });
         let plain = AuthConfig {
             username: "alice".into(),
@@ -364,11 +372,27 @@ mod tests {
         };
         let e = credentials_of(Some(bad)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            !format!("{e:?}").contains("not base64!"),
+            "the input is not quoted"
+        );
+        // Tokens keep their kind: the runtime gets them in the same fields.
         let token = AuthConfig {
             registry_token: "secret-token".into(),
             ..Default::default()
         };
-        let e = credentials_of(Some(token)).unwrap_err();
-        assert!(!e.message().contains("secret-token"), "{}", e.message());
+        let c = credentials_of(Some(token)).unwrap().unwrap();
+        assert_eq!(c.kind, crate::credentials::SecretKind::RegistryToken);
+        assert!(!format!("{c:?}").contains("secret-token"));
+        let refresh = AuthConfig {
+            username: "<token>".into(),
+            identity_token: "refresh-secret".into(),
+            ..Default::default()
+        };
+        let c = credentials_of(Some(refresh)).unwrap().unwrap();
+        assert_eq!(
+            (c.kind, c.username.as_str()),
+            (crate::credentials::SecretKind::IdentityToken, "<token>")
+        );
     }
 }

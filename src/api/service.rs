@@ -137,6 +137,7 @@ pub fn credentials_from_pb(c: Option<pb::Credentials>) -> Option<crate::credenti
         .map(|c| crate::credentials::Credentials {
             username: c.username,
             password: c.password,
+            kind: crate::credentials::SecretKind::Password,
         })
 }
 

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use super::{bounded, classify, image_spec, unix_channel};
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, SecretKind};
 use crate::runtime::{ImageFsUsage, ImageRuntime, RuntimeError, RuntimeImage};
 
 /// CRI ImageService client (with a RuntimeService client for the runtime's own settings).
@@ -78,10 +78,21 @@ impl ImageRuntime for CriImageRuntime {
         credentials: Option<&Credentials>,
     ) -> Result<String, RuntimeError> {
         let mut c = self.client.clone();
-        let auth = credentials.map(|cr| AuthConfig {
-            username: cr.username.clone(),
-            password: cr.password.clone(),
-            ..Default::default()
+        let auth = credentials.map(|cr| match cr.kind {
+            SecretKind::Password => AuthConfig {
+                username: cr.username.clone(),
+                password: cr.password.clone(),
+                ..Default::default()
+            },
+            SecretKind::IdentityToken => AuthConfig {
+                username: cr.username.clone(),
+                identity_token: cr.password.clone(),
+                ..Default::default()
+            },
+            SecretKind::RegistryToken => AuthConfig {
+                registry_token: cr.password.clone(),
+                ..Default::default()
+            },
         });
         let req = PullImageRequest {
             image: image_spec(image),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::retry::retry;
 use super::{Action, PullError, Puller};
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, SecretKind};
 use crate::policy::{self, Decision, PullPolicy};
 use crate::reference::ImageRef;
 use crate::runtime::RuntimeImage;
@@ -41,6 +41,9 @@ impl Puller {
                 found
             }
         };
+        // An OAuth2 refresh token is exchanged by the runtime, not by cimage's registry client:
+        // with one, the runtime's own pull checks the tag and the access.
+        let runtime_only = credentials.is_some_and(|c| c.kind == SecretKind::IdentityToken);
         let (cached, verified) = match policy::decide(policy, image, present) {
             Decision::NotPresent => {
                 return Err(PullError::NotPresent {
@@ -49,6 +52,9 @@ impl Puller {
                 })
             }
             Decision::Pull => return self.pull(image, credentials, fingerprint).await,
+            Decision::Resolve(_) if runtime_only => {
+                return self.pull(image, credentials, fingerprint).await
+            }
             Decision::Resolve(cached) => {
                 let resolved = retry(
                     self.settings.retries,
@@ -84,7 +90,17 @@ impl Puller {
                 {
                     (cached, false)
                 } else {
-                    match self.registry.resolve(image, credentials).await {
+                    let proven = match runtime_only {
+                        true => Err(crate::registry::RegistryError {
+                            registry: image.registry().to_owned(),
+                            image: name.clone(),
+                            kind: crate::registry::RegistryErrorKind::Unauthorized,
+                            what: "not checked",
+                            detail: "an identity token is the runtime's to exchange".into(),
+                        }),
+                        false => self.registry.resolve(image, credentials).await,
+                    };
+                    match proven {
                         Ok(_) => (cached, true),
                         Err(e)
                             if e.is_transient()

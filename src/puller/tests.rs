@@ -350,6 +350,7 @@ async fn a_private_image_is_visible_only_to_callers_who_proved_access() {
     let alice = crate::credentials::Credentials {
         username: "alice".into(),
         password: "pw".into(),
+        kind: crate::credentials::SecretKind::Password,
     };
     let mut pull = req(APP, None);
     pull.credentials = Some(alice.clone());
@@ -362,6 +363,7 @@ async fn a_private_image_is_visible_only_to_callers_who_proved_access() {
     bob.credentials = Some(crate::credentials::Credentials {
         username: "bob".into(),
         password: "pw2".into(),
+        kind: crate::credentials::SecretKind::Password,
     });
     bob.requester = Some(1001);
     let rec = r.puller.ensure(bob).await.unwrap().record;
@@ -398,4 +400,27 @@ async fn an_image_id_names_a_local_image_and_is_never_pulled() {
         resolves,
         "no registry request"
     );
+}
+
+#[tokio::test]
+async fn an_identity_token_is_left_to_the_runtime_to_exchange() {
+    let r = rig(settings());
+    r.rt.offer(APP, ID1, "sha256:d1", 10);
+    r.reg.set(APP, "sha256:d1");
+    r.puller.ensure(req(APP, None)).await.unwrap();
+    let (pulls, resolves) = (
+        r.rt.pulls.load(Ordering::SeqCst),
+        r.reg.resolves.load(Ordering::SeqCst),
+    );
+    // Always with a refresh token: no HEAD of cimage's own, the runtime's pull decides.
+    let mut with_token = req(APP, Some(PullPolicy::Always));
+    with_token.credentials = Some(crate::credentials::Credentials {
+        username: "<token>".into(),
+        password: "refresh".into(),
+        kind: crate::credentials::SecretKind::IdentityToken,
+    });
+    let ok = r.puller.ensure(with_token).await.unwrap();
+    assert_eq!(ok.action, Action::Pulled);
+    assert_eq!(r.rt.pulls.load(Ordering::SeqCst), pulls + 1);
+    assert_eq!(r.reg.resolves.load(Ordering::SeqCst), resolves);
 }
