@@ -111,3 +111,29 @@ pub(crate) async fn endpoint(daemon: &Daemon, b: &mut Bench, cold: &str, herd: &
         "= 1",
     );
 }
+
+/// Cold `PullImage` of a realistic image (a Debian root filesystem with python3) through the
+/// endpoint and directly, alternating.
+pub(crate) async fn realistic(daemon: &Daemon, b: &mut Bench, image: &str, label: &str) {
+    let mut ours = ImageServiceClient::new(cimage::cri::unix_channel(&daemon.cri_socket));
+    let mut raw = b.cri.clone();
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    for rep in 0..3 {
+        for first_raw in [rep % 2 == 0, rep % 2 != 0] {
+            b.remove(image).await;
+            match first_raw {
+                true => direct.push(pull(&mut raw, image).await),
+                false => via.push(pull(&mut ours, image).await),
+            }
+        }
+    }
+    let (v, r) = (percentile(&mut via, 0.5), percentile(&mut direct, 0.5));
+    row(
+        label,
+        format!("{:.1} ms", ms(v)),
+        format!("{:.1} ms", ms(r)),
+        format!("{:.3}x", ms(v) / ms(r)),
+        "<= 1.03x",
+    );
+    b.remove(image).await;
+}

@@ -242,6 +242,31 @@ async fn main() {
         for image in [&cold.reference, &herd.reference] {
             b.remove(image).await;
         }
+        // A realistic image, when scripts/bench could build one (mmdebstrap).
+        if let Ok(path) = std::env::var("CIMAGE_BENCH_ROOTFS") {
+            let tar = std::fs::read(&path).expect("reading CIMAGE_BENCH_ROOTFS");
+            let files = tar::Archive::new(&tar[..])
+                .entries()
+                .map(|e| e.count())
+                .unwrap_or(0);
+            eprintln!(
+                "bench: pushing the {} MB root filesystem ...",
+                tar.len() >> 20
+            );
+            let real = push(
+                &registry,
+                &format!("bench-debian-{run}"),
+                "1",
+                &[Layer::tarball(tar)],
+                &["python3"],
+            )
+            .await;
+            let label = format!(
+                "CRI endpoint: cold PullImage, Debian+python3 ({} MB, {files} files)",
+                real.size >> 20
+            );
+            cri::realistic(&daemon, &mut b, &real.reference, &label).await;
+        }
     }
     if want("launch") {
         eprintln!("bench: launch-to-exit, {LAUNCHES} runs each ...");

@@ -10,6 +10,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
+/// The path that marks a [`Layer::tarball`]: no file of a real layer has it.
+const TARBALL: &str = "\0tarball";
+
 /// One layer: a tar of (path, contents, mode) entries; a mode of type symlink (`0o120777`)
 /// makes a symlink to the path in contents.
 pub struct Layer(pub Vec<(String, Vec<u8>, u32)>);
@@ -39,7 +42,17 @@ impl Layer {
         )])
     }
 
+    /// A layer that is this tar archive as it is (a root filesystem made elsewhere).
+    pub fn tarball(tar: Vec<u8>) -> Self {
+        Layer(vec![(TARBALL.to_owned(), tar, 0)])
+    }
+
     fn tar(&self, symlinks: bool) -> Vec<u8> {
+        if let [(path, data, _)] = &self.0[..] {
+            if path == TARBALL {
+                return data.clone();
+            }
+        }
         let mut b = tar::Builder::new(Vec::new());
         for (path, data, mode) in &self.0 {
             if mode & 0o170000 == 0o120000 {
