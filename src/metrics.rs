@@ -48,6 +48,12 @@ const HELP: &[(&str, &str, bool, &str)] = &[
         "Time to make an image ready, per request.",
     ),
     (
+        "cimage_stale_served_total",
+        "counter",
+        false,
+        "Always requests served from the cached copy unchecked while the registry was unreachable (OnRegistryUnavailable: UseCached).",
+    ),
+    (
         "cimage_cache_hits_total",
         "counter",
         false,

@@ -49,6 +49,17 @@ pub struct RegistryError {
 }
 
 impl RegistryError {
+    /// The registry could not be reached or failed on its side (unreachable, its token
+    /// service down, 5xx): not a refusal (401/403), not an absence (404), not a TLS mismatch.
+    pub fn is_down(&self) -> bool {
+        matches!(
+            self.kind,
+            RegistryErrorKind::Unreachable
+                | RegistryErrorKind::TokenService
+                | RegistryErrorKind::Server
+        )
+    }
+
     /// Whether a retry may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(

@@ -45,6 +45,20 @@ fn registry_down_cached_images_still_serve_and_always_fails_clearly() {
         "{err}"
     );
     assert!(err.contains(&tb.registry), "names the registry: {err}");
+
+    // A node that prefers running jobs to checking tags serves its copy, marked stale; an
+    // image it does not have still fails.
+    let lenient = Daemon::start("OnRegistryUnavailable: UseCached");
+    let j = lenient.pull_json(&pushed.reference, Some("Always"));
+    assert_eq!(
+        (j["action"].as_str(), j["stale"].as_bool()),
+        (Some("cached"), Some(true)),
+        "{j}"
+    );
+    assert!(lenient.log().contains("serving the cached copy unchecked"));
+    let absent = format!("{}/never-pushed-{}:1", tb.registry, rand::random::<u32>());
+    let out = lenient.cli(&["pull", &absent, "--policy", "Always"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
 }
 
 #[test]

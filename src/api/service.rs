@@ -185,6 +185,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             policy: ensured.policy.to_string(),
             seconds: ensured.elapsed.as_secs_f64(),
             size: ensured.record.size,
+            stale: ensured.stale,
         }))
     }
 

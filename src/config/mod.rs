@@ -135,6 +135,11 @@ pub struct ImageCacheConfig {
     /// references). A digest reference is never pulled again once present.
     #[serde(default)]
     pub default_pull_policy: DefaultPullPolicy,
+    /// What an `Always` request does when its registry cannot be reached (connection refused,
+    /// timeout, 5xx; not 401/403/404): `Fail` (default), or `UseCached` to serve the node's copy
+    /// unchecked, with a warning, a metric and `stale` in the answer.
+    #[serde(default)]
+    pub on_registry_unavailable: OnRegistryUnavailable,
     /// Deadline for one CRI call that is not a pull (status, list, remove).
     #[serde(default = "default_runtime_timeout", deserialize_with = "de_duration")]
     pub runtime_timeout: Duration,
@@ -189,6 +194,16 @@ impl Default for ImageServiceConfig {
 
 fn default_image_service_socket() -> PathBuf {
     PathBuf::from(DEFAULT_IMAGE_SERVICE_SOCKET)
+}
+
+/// `ImageCache.OnRegistryUnavailable`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum OnRegistryUnavailable {
+    /// The request fails.
+    #[default]
+    Fail,
+    /// The cached copy is served unchecked.
+    UseCached,
 }
 
 /// `ImageCache.DefaultPullPolicy`.
@@ -470,6 +485,7 @@ impl Default for ImageCacheConfig {
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
             presence_ttl: DEFAULT_PRESENCE_TTL,
             default_pull_policy: DefaultPullPolicy::default(),
+            on_registry_unavailable: OnRegistryUnavailable::default(),
             registries: BTreeMap::new(),
             launcher: LauncherConfig::default(),
             eviction: EvictionConfig::default(),

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::warn;
+
 use super::retry::retry;
 use super::{Action, PullError, Puller};
 use crate::credentials::{Credentials, SecretKind};
@@ -18,7 +20,7 @@ impl Puller {
         policy: PullPolicy,
         credentials: Option<&Credentials>,
         fingerprint: Option<&str>,
-    ) -> Result<(RuntimeImage, Action, bool), PullError> {
+    ) -> Result<(RuntimeImage, Action, bool, bool), PullError> {
         let name = image.to_string();
         let present = match self.cache.recall(&name) {
             Some(img) => Some(img),
@@ -62,11 +64,23 @@ impl Puller {
                     "resolve",
                     || self.registry.resolve(image, credentials),
                 )
-                .await
-                .map_err(|source| PullError::Registry {
-                    image: name.clone(),
-                    source,
-                })?;
+                .await;
+                let resolved = match resolved {
+                    Ok(r) => r,
+                    // The registry is down, not refusing: serve the copy the node has, if the
+                    // site said so, and say that it is unchecked.
+                    Err(e) if self.settings.use_cached_when_registry_down && e.is_down() => {
+                        warn!(image = %name, "registry unreachable, serving the cached copy unchecked: {e}");
+                        self.cache.metrics().inc("cimage_stale_served_total", &[]);
+                        return Ok((cached, Action::Cached, false, true));
+                    }
+                    Err(source) => {
+                        return Err(PullError::Registry {
+                            image: name.clone(),
+                            source,
+                        })
+                    }
+                };
                 if !policy::is_current(image, &cached.repo_digests, &resolved) {
                     return self.pull(image, credentials, fingerprint).await;
                 }
@@ -125,7 +139,7 @@ impl Puller {
                 }
             }
         };
-        Ok((cached, Action::Cached, verified))
+        Ok((cached, Action::Cached, verified, false))
     }
 
     /// Pulls through the shared flight and notes the result as present.
@@ -134,9 +148,9 @@ impl Puller {
         image: &ImageRef,
         credentials: Option<&Credentials>,
         fingerprint: Option<&str>,
-    ) -> Result<(RuntimeImage, Action, bool), PullError> {
+    ) -> Result<(RuntimeImage, Action, bool, bool), PullError> {
         let pulled = self.pull_shared(image, credentials, fingerprint).await?;
         self.cache.remember(&pulled);
-        Ok((pulled, Action::Pulled, false))
+        Ok((pulled, Action::Pulled, false, false))
     }
 }

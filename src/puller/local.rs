@@ -81,6 +81,7 @@ impl Puller {
             digest: None,
             record,
             elapsed,
+            stale: false,
         })
     }
 }

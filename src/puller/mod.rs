@@ -61,6 +61,9 @@ pub struct PullerSettings {
     pub fingerprinter: Arc<Fingerprinter>,
     /// The policy of requests that name none (`ImageCache.DefaultPullPolicy`).
     pub default_policy: crate::policy::DefaultPolicy,
+    /// Whether an `Always` request whose registry cannot be reached is served from the cached
+    /// copy (`ImageCache.OnRegistryUnavailable: UseCached`).
+    pub use_cached_when_registry_down: bool,
 }
 
 impl Default for PullerSettings {
@@ -77,6 +80,7 @@ impl Default for PullerSettings {
             // node's key.
             fingerprinter: Arc::new(Fingerprinter::with_key(rand::random())),
             default_policy: crate::policy::DefaultPolicy::default(),
+            use_cached_when_registry_down: false,
         }
     }
 }
@@ -131,6 +135,9 @@ pub struct Ensured {
     pub record: ImageRecord,
     /// How long the request took.
     pub elapsed: Duration,
+    /// Served from the cached copy because the registry could not be reached to check it
+    /// (`OnRegistryUnavailable: UseCached`).
+    pub stale: bool,
 }
 
 /// Why an image could not be made ready.
@@ -321,7 +328,7 @@ impl Puller {
             }),
         };
         metrics.observe_pull(started.elapsed());
-        let (rt_image, action, verified) = match outcome {
+        let (rt_image, action, verified, stale) = match outcome {
             Ok(x) => x,
             Err(e) => {
                 metrics.inc(
@@ -367,6 +374,7 @@ impl Puller {
             digest,
             record,
             elapsed,
+            stale,
         })
     }
 }

@@ -424,3 +424,30 @@ async fn an_identity_token_is_left_to_the_runtime_to_exchange() {
     assert_eq!(r.rt.pulls.load(Ordering::SeqCst), pulls + 1);
     assert_eq!(r.reg.resolves.load(Ordering::SeqCst), resolves);
 }
+
+#[tokio::test]
+async fn with_use_cached_an_unreachable_registry_serves_the_copy_marked_stale() {
+    for use_cached in [false, true] {
+        let r = rig(PullerSettings {
+            use_cached_when_registry_down: use_cached,
+            ..settings()
+        });
+        r.rt.offer(APP, ID1, "sha256:d1", 10);
+        r.reg.set(APP, "sha256:d1");
+        r.puller.ensure(req(APP, None)).await.unwrap();
+        r.reg.down.store(true, Ordering::SeqCst);
+        let got = r.puller.ensure(req(APP, Some(PullPolicy::Always))).await;
+        match use_cached {
+            false => assert!(matches!(got, Err(PullError::Registry { .. })), "{got:?}"),
+            true => {
+                let ok = got.unwrap();
+                assert!(ok.stale && ok.action == Action::Cached);
+                assert!(r
+                    .cache
+                    .metrics()
+                    .render()
+                    .contains("cimage_stale_served_total 1"));
+            }
+        }
+    }
+}

@@ -48,6 +48,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                 "policy": r.policy,
                 "seconds": r.seconds,
                 "size": r.size,
+                "stale": r.stale,
             })
         ),
         Output::Table => println!(
@@ -63,6 +64,12 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
             r.seconds,
             r.policy
         ),
+    }
+    if r.stale {
+        eprintln!(
+            "cimage: the registry could not be reached: served the node's copy of {} unchecked",
+            r.image
+        );
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use cimage::cache::EvictionSettings;
-use cimage::config::{ConfigError, DefaultPullPolicy, Settings, VerifyMode};
+use cimage::config::{ConfigError, DefaultPullPolicy, OnRegistryUnavailable, Settings, VerifyMode};
 use cimage::credentials::NodeCredentials;
 use cimage::launcher::LauncherSettings;
 use cimage::policy::{DefaultPolicy, Verify};
@@ -77,6 +77,8 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 config_files: ic.auth.config_files.clone(),
                 helpers: ic.auth.credential_helpers.clone(),
             },
+            use_cached_when_registry_down: ic.on_registry_unavailable
+                == OnRegistryUnavailable::UseCached,
             default_policy: match ic.default_pull_policy {
                 DefaultPullPolicy::IfNotPresent => DefaultPolicy::IfNotPresent,
                 DefaultPullPolicy::Always => DefaultPolicy::Always,
