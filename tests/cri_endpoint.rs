@@ -306,3 +306,70 @@ fn under_systemd_the_socket_waits_for_cimaged_and_readiness_is_told() {
     assert!(log.contains("CRI image socket from systemd"), "{log}");
     assert!(d.cri_socket().exists());
 }
+
+#[test]
+fn credentials_of_a_cri_pull_work_in_every_form_and_never_leak() {
+    let tb = Testbed::get();
+    let repo = Testbed::unique_repo("cri-private");
+    let (user, pw) = tb.alice.clone();
+    let pushed = block_on(common::images::push_with(
+        &tb.private_registry,
+        &repo,
+        "1",
+        &[Layer::random(1024)],
+        &["sh"],
+        Some(common::images::Private {
+            ca: Some(&tb.ca),
+            username: &user,
+            password: &pw,
+        }),
+    ));
+    let d = Daemon::start(&format!(
+        "Registries:\n  \"{}\":\n    Insecure: true\n  \"{}\":\n    CaFile: {}\n",
+        tb.registry,
+        tb.private_registry,
+        tb.ca.display()
+    ));
+    let encoded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    };
+    block_on(async {
+        let mut c = client(&d.cri_socket());
+        // Without credentials: refused, as containerd would.
+        let e = c.pull_image(pull(&pushed.reference)).await.unwrap_err();
+        assert!(!e.message().contains(&pw));
+        for auth in [
+            AuthConfig {
+                username: user.clone(),
+                password: pw.clone(),
+                ..Default::default()
+            },
+            AuthConfig {
+                auth: encoded.clone(),
+                server_address: tb.private_registry.clone(),
+                ..Default::default()
+            },
+        ] {
+            let mut req = pull(&pushed.reference);
+            req.auth = Some(auth);
+            let id = c.pull_image(req).await.unwrap().into_inner().image_ref;
+            assert!(id.starts_with("sha256:"));
+        }
+        // A wrong password is refused, and its refusal quotes no secret either.
+        let mut wrong = pull(&pushed.reference);
+        wrong.auth = Some(AuthConfig {
+            username: user.clone(),
+            password: "wrong-password-cri".into(),
+            ..Default::default()
+        });
+        let e = c.pull_image(wrong).await.unwrap_err();
+        assert!(
+            !e.message().contains("wrong-password-cri"),
+            "{}",
+            e.message()
+        );
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_no_secret(&d, &[&pw, &encoded, "wrong-password-cri"]);
+}
