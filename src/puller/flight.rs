@@ -64,6 +64,7 @@ impl Puller {
                     per_registry: self.registry_limit(image.registry()),
                     retries: self.settings.retries,
                     backoff: self.settings.backoff,
+                    deadline: self.settings.pull_timeout,
                 };
                 let stop = self.background.shutdown_token().clone();
                 let task =
@@ -105,6 +106,9 @@ struct PullJob {
     per_registry: Arc<Semaphore>,
     retries: u32,
     backoff: Duration,
+    /// The pull itself ends by this deadline (`PullTimeout`), whoever still waits for it: a
+    /// stalled registry connection must not hold a pull slot for hours.
+    deadline: Duration,
 }
 
 impl PullJob {
@@ -117,7 +121,12 @@ impl PullJob {
         stop: CancellationToken,
     ) -> Result<RuntimeImage, PullError> {
         let result = tokio::select! {
-            r = self.pull() => r,
+            r = tokio::time::timeout(self.deadline, self.pull()) => r.unwrap_or_else(|_| {
+                Err(PullError::Timeout {
+                    image: self.image.to_string(),
+                    after: crate::units::format_duration(self.deadline),
+                })
+            }),
             _ = stop.cancelled() => Err(PullError::ShuttingDown {
                 image: self.image.to_string(),
             }),
@@ -128,13 +137,14 @@ impl PullJob {
 
     async fn pull(&self) -> Result<RuntimeImage, PullError> {
         let name = self.image.to_string();
-        self.make_room().await?;
         let _registry_permit = self
             .per_registry
             .acquire()
             .await
             .expect("semaphore never closed");
         let _global_permit = self.global.acquire().await.expect("semaphore never closed");
+        // Room is made once the pull may start, for pulls that will really happen now.
+        self.make_room().await?;
         let err = |source| PullError::Runtime {
             image: name.clone(),
             what: "pull",

@@ -451,3 +451,25 @@ async fn with_use_cached_an_unreachable_registry_serves_the_copy_marked_stale() 
         }
     }
 }
+
+#[tokio::test]
+async fn a_hung_pull_ends_at_the_pull_timeout_and_frees_its_slot() {
+    let r = rig(PullerSettings {
+        pull_timeout: Duration::from_millis(200),
+        max_concurrent_pulls: 1,
+        ..settings()
+    });
+    r.rt.offer(APP, ID1, "sha256:d1", 10);
+    *r.rt.pull_delay.lock().unwrap() = Duration::from_secs(3600);
+    let e = r.puller.ensure(req(APP, None)).await.unwrap_err();
+    assert!(matches!(e, PullError::Timeout { .. }), "{e}");
+    // The registry is back to normal: the next request pulls at once instead of joining the
+    // hung pull or waiting for its slot.
+    *r.rt.pull_delay.lock().unwrap() = Duration::ZERO;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ok = tokio::time::timeout(Duration::from_secs(5), r.puller.ensure(req(APP, None)))
+        .await
+        .expect("not stuck behind the hung pull")
+        .unwrap();
+    assert_eq!(ok.action, Action::Pulled);
+}
