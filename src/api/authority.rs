@@ -7,11 +7,13 @@
 //!
 //! The rewrite works on the bytes the client sends, before the server reads them: in each
 //! HEADERS block (with its CONTINUATION frames) every literal `:authority` field whose name is
-//! the HPACK static entry 1 gets the value `localhost`. Literal values are never decoded, only
-//! skipped by their length prefixes. The server's HPACK table then holds the shorter value where
-//! the client's holds the longer one; as entries are addressed from the newest, and a smaller
-//! entry is evicted no earlier, every entry the client refers to is still where it expects it.
-//! Everything else passes through unchanged.
+//! the HPACK static entry 1 gets a new value. Literal values are never decoded, only skipped by
+//! their length prefixes. A field the server adds to its HPACK table gets the one-character
+//! value `x`, never longer than what the client added (a non-empty encoded string decodes to at
+//! least one character): the server's entry is then no larger than the client's, and as entries
+//! are addressed from the newest and a smaller one is evicted no earlier, every entry the client
+//! refers to is still where it expects it. A field not indexed gets `localhost`. A block too big
+//! to hold, or anything that is not HTTP/2 as expected, passes through unchanged.
 
 use std::io;
 use std::pin::Pin;
@@ -28,7 +30,13 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The largest frame a peer must accept without settings saying more.
 const DEFAULT_MAX_FRAME: usize = 16384;
+/// The value of an `:authority` the server does not index.
 const NEW_AUTHORITY: &[u8] = b"localhost";
+/// The value of an `:authority` the server adds to its table (see the module's text).
+const NEW_INDEXED_AUTHORITY: &[u8] = b"x";
+/// A header block (HEADERS and its CONTINUATIONs) held for rewriting is at most this big;
+/// beyond it, the frames pass on as they came.
+const MAX_BLOCK: usize = 64 << 10;
 
 /// Reads an HPACK integer with an `n`-bit prefix at `b[*i]`; advances `i`.
 fn integer(b: &[u8], i: &mut usize, n: u8) -> Option<usize> {
@@ -84,11 +92,16 @@ pub fn rewrite_block(b: &[u8]) -> Option<Vec<u8>> {
                 skip_string(b, &mut i)?;
             }
             let head = start..i;
-            skip_string(b, &mut i)?;
-            if index == 1 {
+            let value = skip_string(b, &mut i)?;
+            // A non-empty encoded value (prefix byte plus at least one byte).
+            if index == 1 && value.len() > 1 {
+                let new = match prefix {
+                    6 => NEW_INDEXED_AUTHORITY,
+                    _ => NEW_AUTHORITY,
+                };
                 out.extend_from_slice(&b[head]);
-                out.push(NEW_AUTHORITY.len() as u8);
-                out.extend_from_slice(NEW_AUTHORITY);
+                out.push(new.len() as u8);
+                out.extend_from_slice(new);
                 continue;
             }
         }
@@ -110,6 +123,8 @@ pub struct AuthorityFix<R> {
     preface_done: bool,
     /// A HEADERS frame waiting for its CONTINUATIONs: frame header and collected block.
     pending: Option<([u8; 9], Vec<u8>, Vec<u8>)>,
+    /// Rewriting was given up: bytes pass as they come.
+    passing: bool,
     eof: bool,
 }
 
@@ -123,6 +138,7 @@ impl<R> AuthorityFix<R> {
             taken: 0,
             preface_done: false,
             pending: None,
+            passing: false,
             eof: false,
         }
     }
@@ -137,24 +153,50 @@ impl<R> AuthorityFix<R> {
         &mut self.inner
     }
 
-    fn emit_headers(&mut self, mut head: [u8; 9], prefix: Vec<u8>, block: Vec<u8>) {
-        let block = match rewrite_block(&block) {
-            Some(b) if prefix.len() + b.len() <= DEFAULT_MAX_FRAME => b,
-            // Unparsable or too big: leave it to the server to judge.
-            _ => block,
-        };
-        let len = prefix.len() + block.len();
+    fn emit_headers(&mut self, head: [u8; 9], prefix: Vec<u8>, block: Vec<u8>) {
+        // Unparsable: left to the server to judge.
+        let block = rewrite_block(&block).unwrap_or(block);
+        self.emit_block(head, &prefix, &block, true);
+    }
+
+    /// Writes a header block as a HEADERS frame (padding dropped) and as many CONTINUATION
+    /// frames as the default frame size needs; the last says END_HEADERS when `end`.
+    fn emit_block(&mut self, mut head: [u8; 9], prefix: &[u8], block: &[u8], end: bool) {
+        let first = block.len().min(DEFAULT_MAX_FRAME - prefix.len());
+        let (now, mut rest) = block.split_at(first);
+        let len = prefix.len() + now.len();
         head[0..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
         head[3] = HEADERS;
-        // One frame carries the whole block now; its padding is dropped.
-        head[4] = (head[4] | END_HEADERS) & !PADDED;
+        head[4] &= !PADDED;
+        head[4] = match rest.is_empty() && end {
+            true => head[4] | END_HEADERS,
+            false => head[4] & !END_HEADERS,
+        };
         self.out.extend_from_slice(&head);
-        self.out.extend_from_slice(&prefix);
-        self.out.extend_from_slice(&block);
+        self.out.extend_from_slice(prefix);
+        self.out.extend_from_slice(now);
+        while !rest.is_empty() {
+            let (chunk, more) = rest.split_at(rest.len().min(DEFAULT_MAX_FRAME));
+            let mut h = head;
+            h[0..3].copy_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
+            h[3] = CONTINUATION;
+            h[4] = if more.is_empty() && end {
+                END_HEADERS
+            } else {
+                0
+            };
+            self.out.extend_from_slice(&h);
+            self.out.extend_from_slice(chunk);
+            rest = more;
+        }
     }
 
     /// Moves every complete frame from `raw` to `out`.
     fn process(&mut self) {
+        if self.passing {
+            self.out.append(&mut self.raw);
+            return;
+        }
         if !self.preface_done {
             if self.raw.len() < PREFACE.len() {
                 if !PREFACE.starts_with(&self.raw) {
@@ -174,6 +216,12 @@ impl<R> AuthorityFix<R> {
                 return;
             }
             let len = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
+            if len > DEFAULT_MAX_FRAME && self.pending.is_none() {
+                // A frame bigger than a server takes by default (DATA, after settings said
+                // more): nothing to rewrite from here on; no frame is held whole.
+                self.pass_all();
+                return;
+            }
             if self.raw.len() < 9 + len {
                 return;
             }
@@ -203,7 +251,9 @@ impl<R> AuthorityFix<R> {
                         self.pending = Some((head, prefix, block));
                     }
                 }
-                (CONTINUATION, Some((h, prefix, mut block))) => {
+                (CONTINUATION, Some((h, prefix, mut block)))
+                    if head[5..9] == h[5..9] && block.len() + payload.len() <= MAX_BLOCK =>
+                {
                     block.extend_from_slice(payload);
                     if flags & END_HEADERS != 0 {
                         self.emit_headers(h, prefix, block);
@@ -212,25 +262,23 @@ impl<R> AuthorityFix<R> {
                     }
                 }
                 (_, Some((h, prefix, block))) => {
-                    // Not a continuation where one must be: a protocol error the server will
-                    // name; pass what was held as it came.
-                    let mut held = h;
-                    let len = prefix.len() + block.len();
-                    held[0..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
-                    held[4] &= !PADDED;
-                    self.out.extend_from_slice(&held);
-                    self.out.extend_from_slice(&prefix);
-                    self.out.extend_from_slice(&block);
+                    // Not the continuation one must be, or a block too big to hold: what was
+                    // held goes on unchanged, and so does everything after it (the server
+                    // names any protocol error).
+                    self.emit_block(h, &prefix, &block, false);
                     self.out.extend_from_slice(&frame);
+                    self.pass_all();
+                    return;
                 }
                 (_, None) => self.out.extend_from_slice(&frame),
             }
         }
     }
 
-    /// Gives up rewriting (not HTTP/2 as expected): everything passes as it is.
+    /// Gives up rewriting (not HTTP/2 as expected): everything passes as it is, from now on.
     fn pass_all(&mut self) {
         self.preface_done = true;
+        self.passing = true;
         self.out.append(&mut self.raw);
     }
 }
@@ -302,15 +350,23 @@ mod tests {
         block.push(0xbe);
         let got = rewrite_block(&block).unwrap();
         let mut want = vec![0x83, 0x86, 0x04, 0x03, b'/', b'a', b'b'];
-        want.extend(authority(b"localhost"));
+        want.extend(authority(b"x"));
         want.push(0xbe);
         assert_eq!(got, want);
         // A Huffman-coded value (H bit) is replaced the same way; its length is all we read.
         let huff = [0x41, 0x83, 0xaa, 0xbb, 0xcc, 0x82];
         assert_eq!(
             rewrite_block(&huff).unwrap(),
-            [&authority(b"localhost")[..], &[0x82]].concat()
+            [&authority(b"x")[..], &[0x82]].concat()
         );
+        // Not indexed by the server: the value can be the usual one.
+        let plain = [0x01, 0x05, b'/', b'r', b'u', b'n', b'/'];
+        assert_eq!(
+            rewrite_block(&plain).unwrap(),
+            [&[0x01, 9][..], b"localhost"].concat()
+        );
+        // An empty value is left alone (nothing shorter to put in its place).
+        assert_eq!(rewrite_block(&[0x41, 0x00]).unwrap(), [0x41, 0x00]);
         // Truncated blocks are not guessed at.
         assert!(rewrite_block(&[0x41, 0x10, b'x']).is_none());
         // Long integers (multi-byte prefixes) are followed.
@@ -347,12 +403,54 @@ mod tests {
         r.read_to_end(&mut got).await.unwrap();
         let mut want = PREFACE.to_vec();
         want.extend(&settings);
-        let new_block = [vec![0x83], authority(b"localhost")].concat();
+        let new_block = [vec![0x83], authority(b"x")].concat();
         let mut p = vec![0, 0, 0, 0, 16];
         p.extend(&new_block);
         want.extend(frame(HEADERS, PRIORITY | END_HEADERS, 1, &p));
         want.extend(frame(0x0, 0x1, 1, b"data"));
         assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn big_blocks_go_out_in_frames_a_server_takes_and_odd_ones_pass() {
+        // A block of 24,000 bytes.
+        let mut block = authority(b"/tmp/s.sock");
+        for _ in 0..4000 {
+            block.extend([0x00, 0x01, b'a', 0x02, b'b', b'c']);
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let mut r = AuthorityFix::new(&input[..]);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        // In one frame over the default frame size: not held, passed on as it came.
+        assert_eq!(got, input);
+        // In a HEADERS and a CONTINUATION: rewritten, and out in frames a server takes.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &block[..10000]));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, &block[10000..]));
+        let mut r = AuthorityFix::new(&input[..]);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        let new_block = rewrite_block(&block).unwrap();
+        let mut want = PREFACE.to_vec();
+        want.extend(frame(HEADERS, 0, 1, &new_block[..DEFAULT_MAX_FRAME]));
+        want.extend(frame(
+            CONTINUATION,
+            END_HEADERS,
+            1,
+            &new_block[DEFAULT_MAX_FRAME..],
+        ));
+        assert_eq!(got, want);
+        // A CONTINUATION of another stream breaks the rules: the rest passes unchanged.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &block[..100]));
+        input.extend(frame(CONTINUATION, END_HEADERS, 3, &block[100..200]));
+        input.extend(frame(HEADERS, END_HEADERS, 5, &authority(b"/tmp/s.sock")));
+        let mut r = AuthorityFix::new(&input[..]);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, input);
     }
 
     #[tokio::test]

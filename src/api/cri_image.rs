@@ -157,41 +157,66 @@ impl CriImageApi {
     }
 }
 
-/// The credentials of a CRI `AuthConfig`, in the runtime's order: `username`/`password`, an
-/// `identity_token` (an OAuth2 refresh token, which the runtime exchanges), `auth` (base64 of
-/// `user:password`), a `registry_token` (a bearer token); empty strings mean none.
-pub fn credentials_of(auth: Option<AuthConfig>) -> Result<Option<Credentials>, Status> {
+/// The credentials of a CRI `AuthConfig` for an image on registry `host`, as containerd reads
+/// them: none when `server_address` names another registry (credentials for one registry are
+/// never sent to another); then `username`/`password`, an `identity_token` (an OAuth2 refresh
+/// token, which the runtime exchanges), `auth` (base64 of `user:password`), and last a
+/// `registry_token` (a bearer token). Empty strings mean none.
+pub fn credentials_of(
+    auth: Option<AuthConfig>,
+    host: Option<&str>,
+) -> Result<Option<Credentials>, Status> {
+    use crate::credentials::SecretKind;
     let Some(a) = auth else { return Ok(None) };
-    if !a.identity_token.is_empty() {
-        return Ok(Some(Credentials {
-            username: a.username,
-            password: a.identity_token,
-            kind: crate::credentials::SecretKind::IdentityToken,
-        }));
+    if !a.server_address.is_empty()
+        && host.is_some_and(|h| registry_host(&a.server_address) != registry_host(h))
+    {
+        return Ok(None);
     }
-    if !a.username.is_empty() || !a.password.is_empty() {
+    if !a.username.is_empty() {
         return Ok(Some(Credentials {
             username: a.username,
             password: a.password,
-            kind: crate::credentials::SecretKind::Password,
+            kind: SecretKind::Password,
         }));
     }
-    if a.auth.is_empty() {
-        return Ok((!a.registry_token.is_empty()).then(|| Credentials {
+    if !a.identity_token.is_empty() {
+        return Ok(Some(Credentials {
             username: String::new(),
-            password: a.registry_token,
-            kind: crate::credentials::SecretKind::RegistryToken,
+            password: a.identity_token,
+            kind: SecretKind::IdentityToken,
         }));
     }
-    let bad = || Status::invalid_argument("PullImage: auth is not base64 of user:password");
-    let raw = crate::credentials::base64_decode(a.auth.trim()).ok_or_else(bad)?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (user, pass) = text.split_once(':').ok_or_else(bad)?;
-    Ok(Some(Credentials {
-        username: user.to_owned(),
-        password: pass.to_owned(),
-        kind: crate::credentials::SecretKind::Password,
+    if !a.auth.is_empty() {
+        let bad = || Status::invalid_argument("PullImage: auth is not base64 of user:password");
+        let raw = crate::credentials::base64_decode(a.auth.trim()).ok_or_else(bad)?;
+        let text = String::from_utf8(raw).map_err(|_| bad())?;
+        let (user, pass) = text.split_once(':').ok_or_else(bad)?;
+        return Ok(Some(Credentials {
+            username: user.to_owned(),
+            password: pass.to_owned(),
+            kind: SecretKind::Password,
+        }));
+    }
+    Ok((!a.registry_token.is_empty()).then(|| Credentials {
+        username: String::new(),
+        password: a.registry_token,
+        kind: SecretKind::RegistryToken,
     }))
+}
+
+/// A registry's `host[:port]` from a server address as clients write it (`https://host/v1/`),
+/// with Docker Hub's other names folded into `docker.io`.
+fn registry_host(address: &str) -> &str {
+    let rest = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    let host = rest.split('/').next().unwrap_or(rest);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        h => h,
+    }
 }
 
 fn image_of(spec: Option<k8s_cri::v1::ImageSpec>, op: &str) -> Result<String, Status> {
@@ -237,7 +262,10 @@ impl ImageService for CriImageApi {
         let conn = req.extensions().get::<ConnId>().copied();
         let r = req.into_inner();
         let image = image_of(r.image, "PullImage")?;
-        let credentials = credentials_of(r.auth)?;
+        let host = crate::reference::ImageRef::parse(&image)
+            .ok()
+            .map(|i| i.registry().to_owned());
+        let credentials = credentials_of(r.auth, host.as_deref())?;
         let puller = Arc::clone(&self.puller);
         // A task of its own: the pull goes on when this caller's deadline passes.
         let pull = self.background.spawn(async move {
@@ -353,7 +381,10 @@ mod tests {
             password: "pw:with:colons".into(),
             ..Default::default()
         };
-        assert_eq!(credentials_of(Some(plain)).unwrap(), want);
+        assert_eq!(
+            credentials_of(Some(plain), Some("127.0.0.1:5443")).unwrap(),
+            want
+        );
         let encoded = AuthConfig {
             auth: {
                 use base64::Engine;
@@ -362,15 +393,21 @@ mod tests {
             server_address: "127.0.0.1:5443".into(),
             ..Default::default()
         };
-        assert_eq!(credentials_of(Some(encoded)).unwrap(), want);
+        assert_eq!(
+            credentials_of(Some(encoded), Some("127.0.0.1:5443")).unwrap(),
+            want
+        );
         // Craned always sends an AuthConfig, with empty strings when it has none.
-        assert_eq!(credentials_of(Some(AuthConfig::default())).unwrap(), None);
-        assert_eq!(credentials_of(None).unwrap(), None);
+        assert_eq!(
+            credentials_of(Some(AuthConfig::default()), None).unwrap(),
+            None
+        );
+        assert_eq!(credentials_of(None, None).unwrap(), None);
         let bad = AuthConfig {
             auth: "not base64!".into(),
             ..Default::default()
         };
-        let e = credentials_of(Some(bad)).unwrap_err();
+        let e = credentials_of(Some(bad), None).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(
             !format!("{e:?}").contains("not base64!"),
@@ -381,18 +418,36 @@ mod tests {
             registry_token: "secret-token".into(),
             ..Default::default()
         };
-        let c = credentials_of(Some(token)).unwrap().unwrap();
+        let c = credentials_of(Some(token), None).unwrap().unwrap();
         assert_eq!(c.kind, crate::credentials::SecretKind::RegistryToken);
         assert!(!format!("{c:?}").contains("secret-token"));
         let refresh = AuthConfig {
-            username: "<token>".into(),
             identity_token: "refresh-secret".into(),
             ..Default::default()
         };
-        let c = credentials_of(Some(refresh)).unwrap().unwrap();
+        let c = credentials_of(Some(refresh), None).unwrap().unwrap();
         assert_eq!(
             (c.kind, c.username.as_str()),
-            (crate::credentials::SecretKind::IdentityToken, "<token>")
+            (crate::credentials::SecretKind::IdentityToken, ""),
+            "a refresh token goes with no user name, as containerd reads it"
         );
+        // Credentials for another registry are not used at all.
+        let elsewhere = AuthConfig {
+            username: "alice".into(),
+            password: "pw".into(),
+            server_address: "https://other.example:5000/v1/".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            credentials_of(Some(elsewhere.clone()), Some("127.0.0.1:5443")).unwrap(),
+            None
+        );
+        let hub = AuthConfig {
+            server_address: "https://index.docker.io/v1/".into(),
+            ..elsewhere
+        };
+        assert!(credentials_of(Some(hub), Some("docker.io"))
+            .unwrap()
+            .is_some());
     }
 }

@@ -69,7 +69,11 @@ impl Puller {
                     Ok(r) => r,
                     // The registry is down, not refusing: serve the copy the node has, if the
                     // site said so, and say that it is unchecked.
-                    Err(e) if self.settings.use_cached_when_registry_down && e.is_down() => {
+                    Err(e)
+                        if self.settings.use_cached_when_registry_down
+                            && e.is_down()
+                            && self.may_use_unchecked(&cached, fingerprint).await =>
+                    {
                         warn!(image = %name, "registry unreachable, serving the cached copy unchecked: {e}");
                         self.cache.metrics().inc("cimage_stale_served_total", &[]);
                         return Ok((cached, Action::Cached, false, true));
@@ -140,6 +144,19 @@ impl Puller {
             }
         };
         Ok((cached, Action::Cached, verified, false))
+    }
+
+    /// Whether this request may have the cached copy without the registry's word: the image is
+    /// not private, or the request proved access before (the credential rule, unchanged when
+    /// the registry is down).
+    async fn may_use_unchecked(&self, cached: &RuntimeImage, fingerprint: Option<&str>) -> bool {
+        let (credentialed, fps) = match self.cache.record_of(&cached.id).await {
+            Ok(Some(r)) => (r.credentialed, r.fingerprints),
+            Ok(None) => (false, Vec::new()),
+            Err(_) => return false,
+        };
+        policy::access(credentialed, &fps, fingerprint, self.settings.verify)
+            == policy::Access::Granted
     }
 
     /// Pulls through the shared flight and notes the result as present.

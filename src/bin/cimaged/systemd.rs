@@ -41,6 +41,10 @@ pub fn activated(path: &Path) -> Option<UnixListener> {
             .map(|c| *c as u8)
             .collect();
         if Path::new(std::ffi::OsStr::from_bytes(&bytes)) == path {
+            // Not for the helpers and tools cimaged runs: closed on exec. (LISTEN_PID names
+            // this process, so a child never takes the variables as its own.)
+            // SAFETY: fcntl on a descriptor this process owns.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             // SAFETY: systemd passed this descriptor to this process to own.
             let l = unsafe { UnixListener::from_raw_fd(fd) };
             l.set_nonblocking(true).ok()?;
