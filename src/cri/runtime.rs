@@ -11,8 +11,8 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, EtcCheck, PodInfo, PodSpec,
-    ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, PodInfo,
+    PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
 };
 
 /// Paths hidden from every step: the default set kubelet sends for a container that is not
@@ -349,7 +349,7 @@ impl TaskRuntime for CriTaskRuntime {
         }
     }
 
-    async fn container_identity(&self, id: &str) -> Result<Option<ProcessIdentity>, RuntimeError> {
+    async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError> {
         let mut c = self.client.clone();
         let req = cri::ContainerStatusRequest {
             container_id: id.to_owned(),
@@ -362,39 +362,29 @@ impl TaskRuntime for CriTaskRuntime {
             c.container_status(req),
         )
         .await?;
-        Ok(r.info.get("info").and_then(|json| identity_from_info(json)))
-    }
-
-    async fn check_etc(&self, id: &str) -> Result<EtcCheck, RuntimeError> {
-        let mut c = self.client.clone();
-        let req = cri::ContainerStatusRequest {
-            container_id: id.to_owned(),
-            verbose: true,
-        };
-        let r = bounded(
-            "ContainerStatus",
-            &self.endpoint,
-            self.timeout,
-            c.container_status(req),
-        )
-        .await?;
-        let Some(info) = r.info.get("info") else {
-            return Ok(EtcCheck::Unknown(
+        let info = r.info.get("info");
+        let identity = info.and_then(|json| identity_from_info(json));
+        let etc = match (etc, info) {
+            (false, _) => None,
+            (true, None) => Some(EtcCheck::Unknown(
                 "the runtime gives no verbose container status".into(),
-            ));
+            )),
+            (true, Some(info)) => Some(
+                tokio::time::timeout(
+                    self.timeout,
+                    super::snapshot::check(self.channel.clone(), info),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RuntimeError {
+                        op: "Snapshots.Mounts",
+                        kind: RuntimeErrorKind::DeadlineExceeded,
+                        message: format!("no answer within {:?}", self.timeout),
+                    })
+                })?,
+            ),
         };
-        tokio::time::timeout(
-            self.timeout,
-            super::snapshot::check(self.channel.clone(), info),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(RuntimeError {
-                op: "Snapshots.Mounts",
-                kind: RuntimeErrorKind::DeadlineExceeded,
-                message: format!("no answer within {:?}", self.timeout),
-            })
-        })
+        Ok(Created { identity, etc })
     }
 
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {

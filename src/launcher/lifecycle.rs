@@ -17,7 +17,7 @@ use super::{
 };
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
-use crate::runtime::{ContainerSpec, EtcCheck, PodSpec};
+use crate::runtime::{ContainerSpec, EtcCheck, PodSpec, ProcessIdentity};
 
 impl Launcher {
     /// Accepts a step: validates it (nothing is created if that fails), records it, and runs it
@@ -318,14 +318,17 @@ impl Launcher {
         // claim and the orphan sweep removes it, and the task is finished off as interrupted.
         task.container_id = Some(cid.clone());
         task.state = TaskState::Created;
-        if let Err(message) = self.check_identity(&cid, &v.identity).await {
-            // The container is removed by the cleanup that follows the failure.
+        // Read back before the start; a step as a user also needs a plain /etc in its image.
+        // A failure removes the container in the cleanup that follows.
+        let checked = match self.rt.inspect_created(&cid, v.identity.uid != 0).await {
+            Ok(created) => check_identity(&cid, created.identity, &v.identity)
+                .and_then(|()| check_etc(created.etc, &task.image)),
+            Err(e) => Err(format!(
+                "cannot read back container {cid} before its start: {e}"
+            )),
+        };
+        if let Err(message) = checked {
             return self.fail(task, Stage::Create, message, tx).await;
-        }
-        if v.identity.uid != 0 {
-            if let Err(message) = self.check_etc(&cid, &task.image).await {
-                return self.fail(task, Stage::Create, message, tx).await;
-            }
         }
         send(
             tx,
@@ -355,65 +358,6 @@ impl Launcher {
         self.save_task(&task).await;
         send(tx, &task.id, self.clock.now_ms(), Event::Started);
         self.wait_and_finish(task, tx, cancel).await;
-    }
-
-    /// Reads back who the created container's process will be and refuses anything beyond the
-    /// host identity: containerd 1.6 adds the groups the image's /etc/group gives the user, and
-    /// has no strict supplemental-groups policy to stop it.
-    async fn check_identity(&self, cid: &str, want: &Identity) -> Result<(), String> {
-        let got = match self.rt.container_identity(cid).await {
-            Ok(Some(got)) => got,
-            Ok(None) => {
-                return Err(format!(
-                    "the runtime did not report the identity of container {cid}; its groups \
-                     cannot be checked, so the step is refused"
-                ))
-            }
-            Err(e) => return Err(format!("cannot check the identity of container {cid}: {e}")),
-        };
-        if (got.uid, got.gid) != (want.uid, want.gid) {
-            return Err(format!(
-                "the runtime would run the step as {}:{}, not {}:{} as asked; refused",
-                got.uid, got.gid, want.uid, want.gid
-            ));
-        }
-        let mut extra: Vec<u32> = got
-            .additional_gids
-            .iter()
-            .copied()
-            .filter(|g| !want.groups.contains(g))
-            .collect();
-        extra.sort_unstable();
-        extra.dedup();
-        if !extra.is_empty() {
-            return Err(format!(
-                "the image adds groups {extra:?} to user {} (uid {}) through its /etc/group; a \
-                 step gets only its host groups {:?}, so it is refused",
-                want.name, want.uid, want.groups
-            ));
-        }
-        Ok(())
-    }
-
-    /// Refuses an image whose `/etc`, `/etc/passwd` or `/etc/group` is a symlink (or not a
-    /// directory and regular files): cimage's own files for the step would be mounted where the
-    /// link points, and runc would read the job's file instead when it sets the groups.
-    async fn check_etc(&self, cid: &str, image: &str) -> Result<(), String> {
-        match self.rt.check_etc(cid).await {
-            Ok(EtcCheck::Plain) => Ok(()),
-            Ok(EtcCheck::Redirected(why)) => Err(format!(
-                "in image {image}, {why}: a step as a user would not get its host groups for \
-                 sure, so it is refused (make /etc/group a regular file in the image)"
-            )),
-            Ok(EtcCheck::Unknown(why)) => {
-                warn!(
-                    image,
-                    "cannot check the image's /etc before the start: {why}"
-                );
-                Ok(())
-            }
-            Err(e) => Err(format!("cannot check the image's /etc: {e}")),
-        }
     }
 
     /// Creates the job's pod sandbox unless it has one.
@@ -484,4 +428,58 @@ fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a created container whose read-back identity goes beyond the
+/// host identity: containerd 1.6 adds the groups the image's /etc/group gives the user, and
+/// has no strict supplemental-groups policy to stop it.
+fn check_identity(cid: &str, got: Option<ProcessIdentity>, want: &Identity) -> Result<(), String> {
+    let Some(got) = got else {
+        return Err(format!(
+            "the runtime did not report the identity of container {cid}; its groups \
+             cannot be checked, so the step is refused"
+        ));
+    };
+    if (got.uid, got.gid) != (want.uid, want.gid) {
+        return Err(format!(
+            "the runtime would run the step as {}:{}, not {}:{} as asked; refused",
+            got.uid, got.gid, want.uid, want.gid
+        ));
+    }
+    let mut extra: Vec<u32> = got
+        .additional_gids
+        .iter()
+        .copied()
+        .filter(|g| !want.groups.contains(g))
+        .collect();
+    extra.sort_unstable();
+    extra.dedup();
+    if !extra.is_empty() {
+        return Err(format!(
+            "the image adds groups {extra:?} to user {} (uid {}) through its /etc/group; a \
+             step gets only its host groups {:?}, so it is refused",
+            want.name, want.uid, want.groups
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an image whose `/etc`, `/etc/passwd` or `/etc/group` is a symlink (or not a
+/// directory and regular files): cimage's own files for the step would be mounted where the
+/// link points, and runc would read the job's file instead when it sets the groups.
+fn check_etc(etc: Option<EtcCheck>, image: &str) -> Result<(), String> {
+    match etc {
+        None | Some(EtcCheck::Plain) => Ok(()),
+        Some(EtcCheck::Redirected(why)) => Err(format!(
+            "in image {image}, {why}: a step as a user would not get its host groups for \
+             sure, so it is refused (make /etc/group a regular file in the image)"
+        )),
+        Some(EtcCheck::Unknown(why)) => {
+            warn!(
+                image,
+                "cannot check the image's /etc before the start: {why}"
+            );
+            Ok(())
+        }
+    }
 }

@@ -249,6 +249,6 @@ pub mod fake {
 
 pub mod task;
 pub use task::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, DeviceSpec, EtcCheck, MountSpec,
-    PodInfo, PodSpec, ProcessIdentity, RuntimeVersion, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
+    MountSpec, PodInfo, PodSpec, ProcessIdentity, RuntimeVersion, TaskRuntime,
 };

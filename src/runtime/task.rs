@@ -96,6 +96,15 @@ pub struct ProcessIdentity {
     pub additional_gids: Vec<u32>,
 }
 
+/// A created container, read back before it starts ([`TaskRuntime::inspect_created`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// Who its process will run as, if the runtime says.
+    pub identity: Option<ProcessIdentity>,
+    /// What its image holds at `/etc`, when asked.
+    pub etc: Option<EtcCheck>,
+}
+
 /// What a created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EtcCheck {
@@ -200,13 +209,13 @@ pub trait TaskRuntime: Send + Sync {
         pod: &PodSpec,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError>;
-    /// The identity the created container's process will have, from the runtime's generated
-    /// spec (CRI verbose `ContainerStatus`); `None` when the runtime does not report it.
-    async fn container_identity(&self, id: &str) -> Result<Option<ProcessIdentity>, RuntimeError>;
+    /// What a created container will be, read back before it starts from one verbose
+    /// `ContainerStatus`: the identity its process will have (from the runtime's generated
+    /// spec; `None` when the runtime does not report it) and, when `etc` is asked, what its
+    /// image holds at `/etc`.
+    async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError>;
     /// The runtime's name and version.
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError>;
-    /// What the created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`.
-    async fn check_etc(&self, id: &str) -> Result<EtcCheck, RuntimeError>;
     /// Starts a created container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// A container's status; `None` if the runtime does not know it.
@@ -274,7 +283,7 @@ pub mod fake {
         pub created: Mutex<Vec<ContainerSpec>>,
         /// What [`TaskRuntime::version`] answers (default containerd v1.6.20).
         pub runtime_version: Mutex<Option<RuntimeVersion>>,
-        /// What [`TaskRuntime::check_etc`] answers (default: plain).
+        /// The `/etc` that [`TaskRuntime::inspect_created`] reports (default: plain).
         pub etc: Mutex<Option<EtcCheck>>,
     }
 
@@ -413,17 +422,16 @@ pub mod fake {
             );
             Ok(id)
         }
-        async fn container_identity(
-            &self,
-            id: &str,
-        ) -> Result<Option<ProcessIdentity>, RuntimeError> {
+        async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError> {
             self.call("ContainerStatus")?;
-            Ok(self
+            let identity = self
                 .containers
                 .lock()
                 .unwrap()
                 .get(id)
-                .map(|c| c.identity.clone()))
+                .map(|c| c.identity.clone());
+            let etc = etc.then(|| self.etc.lock().unwrap().clone().unwrap_or(EtcCheck::Plain));
+            Ok(Created { identity, etc })
         }
         async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
             self.call("Version")?;
@@ -436,10 +444,6 @@ pub mod fake {
                     name: "containerd".into(),
                     version: "v1.6.20".into(),
                 }))
-        }
-        async fn check_etc(&self, _id: &str) -> Result<EtcCheck, RuntimeError> {
-            self.call("CheckEtc")?;
-            Ok(self.etc.lock().unwrap().clone().unwrap_or(EtcCheck::Plain))
         }
         async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
             self.call("StartContainer")?;
