@@ -241,16 +241,7 @@ impl ImageService for CriImageApi {
         let conn = req.extensions().get::<ConnId>().copied();
         let resp = self.upstream.clone().image_status(req.into_inner()).await?;
         if let Some(i) = &resp.get_ref().image {
-            self.count_use(
-                conn,
-                RuntimeImage {
-                    id: i.id.clone(),
-                    repo_tags: i.repo_tags.clone(),
-                    repo_digests: i.repo_digests.clone(),
-                    size: i.size,
-                    pinned: i.pinned,
-                },
-            );
+            self.count_use(conn, crate::cri::to_image(i.clone()));
         }
         Ok(resp)
     }

@@ -429,8 +429,8 @@ impl Cache {
             .await?)
     }
 
-    /// Takes an image the runtime no longer holds (removed through the CRI endpoint) out of
-    /// the index and the presence cache.
+    /// Takes an image the runtime no longer holds (removed by `remove` or through the CRI
+    /// endpoint) out of the index and the presence cache, keeping its popularity by name.
     pub async fn removed(&self, id: &str) -> Result<(), CacheError> {
         self.forget(id);
         let id = id.to_owned();
@@ -450,10 +450,7 @@ impl Cache {
                 context: format!("removing {image}"),
                 source,
             })?;
-        self.forget(&rt.id);
-        let id = rt.id.clone();
-        let now = self.clock.now_ms();
-        self.blocking(move |idx| idx.remove(&id, now)).await?;
+        self.removed(&rt.id).await?;
         Ok(rec)
     }
 }

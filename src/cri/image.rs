@@ -50,7 +50,8 @@ impl CriImageRuntime {
     }
 }
 
-fn to_image(i: k8s_cri::v1::Image) -> RuntimeImage {
+/// The domain's view of a CRI image.
+pub fn to_image(i: k8s_cri::v1::Image) -> RuntimeImage {
     RuntimeImage {
         id: i.id,
         repo_tags: i.repo_tags,

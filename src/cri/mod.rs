@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
 use crate::runtime::{RuntimeError, RuntimeErrorKind};
-pub use image::CriImageRuntime;
+pub use image::{to_image, CriImageRuntime};
 pub use runtime::{CriTaskRuntime, MASKED_PATHS, READONLY_PATHS};
 
 /// An image reference (name, digest reference or id) as CRI takes it.
