@@ -122,8 +122,14 @@ fn entry(path: &Path) -> Entry {
     };
     let t = md.file_type();
     if t.is_symlink() {
+        // The target is the image's to choose: cut and escaped before it reaches an error
+        // and the log.
         let to = std::fs::read_link(path)
-            .map(|p| p.display().to_string())
+            .map(|p| {
+                crate::units::quote_short(&p.display().to_string())
+                    .escape_debug()
+                    .to_string()
+            })
             .unwrap_or_default();
         return Entry::Symlink(to);
     }
@@ -285,6 +291,13 @@ mod tests {
         std::fs::remove_dir_all(top.join("etc")).unwrap();
         std::os::unix::fs::symlink("/opt/etc", top.join("etc")).unwrap();
         assert!(matches!(inspect(&all), EtcCheck::Redirected(_)));
+        // A target made to forge a log line shows escaped.
+        std::fs::remove_file(top.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/x\nINFO forged", top.join("etc")).unwrap();
+        match inspect(&all) {
+            EtcCheck::Redirected(why) => assert!(why.contains("/x\\nINFO forged"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         // No /etc at all is fine (the runtime makes it).
         assert_eq!(inspect(&[layer(t.path(), "empty")]), EtcCheck::Plain);
     }
