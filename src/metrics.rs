@@ -1,29 +1,35 @@
 //! Prometheus metrics, kept in memory and rendered in the text exposition format. The domain
 //! modules count into [`Metrics`]; the daemon serves [`Metrics::render`] on
 //! `ImageCache.MetricsAddr` (off by default).
+//!
+//! Every metric is declared once in [`CATALOG`] with its type and help; a name that is not
+//! there is never rendered (a unit test checks that every name counted in the code is
+//! declared).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::time::Duration;
 
-/// Upper bounds (seconds) of the pull duration histogram's buckets.
-pub const PULL_BUCKETS: [f64; 14] = [
+/// Upper bounds (seconds) of every duration histogram's buckets.
+pub const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0,
 ];
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Histogram {
-    counts: [u64; PULL_BUCKETS.len()],
+    counts: [u64; DURATION_BUCKETS.len()],
     count: u64,
     sum: f64,
 }
 
+/// A series: metric name and its rendered labels.
+type Series = (&'static str, String);
+
 #[derive(Default)]
 struct Inner {
-    counters: BTreeMap<(&'static str, String), u64>,
-    gauges: BTreeMap<&'static str, f64>,
-    pull_duration: Histogram,
+    counters: BTreeMap<Series, u64>,
+    gauges: BTreeMap<Series, f64>,
+    histograms: BTreeMap<Series, Histogram>,
 }
 
 /// The daemon's metrics.
@@ -32,63 +38,146 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-/// Every metric: name, type, whether its series carry labels, help text. An unlabelled counter
-/// starts at zero; a labelled one has no series until first counted.
-const HELP: &[(&str, &str, bool, &str)] = &[
+/// What kind of metric a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Durations in [`DURATION_BUCKETS`].
+    Histogram,
+}
+
+/// Every metric: name, kind, whether its series carry labels, help text. An unlabelled counter
+/// or gauge starts at zero; a labelled one has no series until first counted.
+pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
+    (
+        "cimage_build_info",
+        Kind::Gauge,
+        true,
+        "Always 1; the version label says which cimaged runs.",
+    ),
+    (
+        "cimage_requests_total",
+        Kind::Counter,
+        true,
+        "Image requests (pull, launch, pre-warm, CRI endpoint) by pull policy and result (pulled, cached, failed).",
+    ),
     (
         "cimage_pulls_total",
-        "counter",
+        Kind::Counter,
         true,
-        "Image requests by pull policy and outcome (pulled, cached, failed).",
+        "Deprecated: the same count as cimage_requests_total, with label outcome; removed in the next release.",
+    ),
+    (
+        "cimage_request_duration_seconds",
+        Kind::Histogram,
+        true,
+        "Time to make an image ready, per request, by result.",
+    ),
+    (
+        "cimage_runtime_pulls_total",
+        Kind::Counter,
+        true,
+        "Real pulls through the runtime's PullImage, by registry and result (pulled, failed); requests that joined one count once.",
     ),
     (
         "cimage_pull_duration_seconds",
-        "histogram",
+        Kind::Histogram,
+        true,
+        "Time of real runtime pulls (queueing, room-making and retries included), by registry.",
+    ),
+    (
+        "cimage_pull_retries_total",
+        Kind::Counter,
+        true,
+        "Retries of a registry check or a runtime pull, by registry and the reason of the failure retried (stalled, transient, unreachable, ...).",
+    ),
+    (
+        "cimage_pull_failures_total",
+        Kind::Counter,
+        true,
+        "Real pulls that failed, and requests whose registry check failed, by registry and reason.",
+    ),
+    (
+        "cimage_pulls_in_flight",
+        Kind::Gauge,
         false,
-        "Time to make an image ready, per request.",
+        "Real pulls under way (queued ones included).",
+    ),
+    (
+        "cimage_pulls_queued",
+        Kind::Gauge,
+        false,
+        "Real pulls waiting for a slot (ImageCache.MaxConcurrentPulls or a registry's limit).",
+    ),
+    (
+        "cimage_pulled_bytes_total",
+        Kind::Counter,
+        true,
+        "Bytes of images pulled through the runtime (the runtime's image sizes), by registry.",
     ),
     (
         "cimage_stale_served_total",
-        "counter",
+        Kind::Counter,
         false,
         "Always requests served from the cached copy unchecked while the registry was unreachable (OnRegistryUnavailable: UseCached).",
     ),
     (
         "cimage_cache_hits_total",
-        "counter",
+        Kind::Counter,
         false,
         "Requests answered from the runtime's copy without PullImage.",
     ),
     (
-        "cimage_pulled_bytes_total",
-        "counter",
-        false,
-        "Bytes of images pulled (the runtime's image sizes).",
-    ),
-    (
         "cimage_evictions_total",
-        "counter",
+        Kind::Counter,
         true,
         "Images evicted, by reason.",
     ),
     (
+        "cimage_evicted_bytes_total",
+        Kind::Counter,
+        false,
+        "Bytes of the images evicted.",
+    ),
+    (
         "cimage_prewarm_runs_total",
-        "counter",
+        Kind::Counter,
         true,
         "Pre-warm runs by outcome (ok, partial, failed, skipped).",
     ),
     (
         "cimage_tasks_total",
-        "counter",
+        Kind::Counter,
         true,
         "Job steps finished, by final state.",
     ),
-    ("cimage_images", "gauge", false, "Images in the index."),
+    (
+        "cimage_launch_duration_seconds",
+        Kind::Histogram,
+        true,
+        "Time of each stage of a step's launch (sandbox, image, create, start), by stage.",
+    ),
+    ("cimage_images", Kind::Gauge, false, "Images in the index."),
     (
         "cimage_image_bytes",
-        "gauge",
+        Kind::Gauge,
         false,
         "Total size of the images in the index.",
+    ),
+    (
+        "cimage_last_reconcile_timestamp_seconds",
+        Kind::Gauge,
+        false,
+        "Unix time of the last successful reconciliation of the index with the runtime (0: none yet).",
+    ),
+    (
+        "cimage_image_fs_used_ratio",
+        Kind::Gauge,
+        false,
+        "Used share of the image filesystem as df counts it: used / (used + available).",
     ),
 ];
 
@@ -108,6 +197,15 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// `name{labels}` or `name` alone.
+fn with_labels(name: &str, labels: &str) -> String {
+    if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    }
+}
+
 impl Metrics {
     /// Adds `by` to a counter with the given labels (`k="v",…` pairs).
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], by: u64) {
@@ -125,17 +223,36 @@ impl Metrics {
         self.add(name, labels, 1);
     }
 
-    /// Sets a gauge.
+    /// Sets an unlabelled gauge.
     pub fn set(&self, name: &'static str, value: f64) {
-        self.inner.lock().unwrap().gauges.insert(name, value);
+        self.set_labelled(name, &[], value);
     }
 
-    /// Records one pull duration.
-    pub fn observe_pull(&self, d: Duration) {
-        let secs = d.as_secs_f64();
+    /// Sets a gauge's series.
+    pub fn set_labelled(&self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        self.inner
+            .lock()
+            .unwrap()
+            .gauges
+            .insert((name, series(labels)), value);
+    }
+
+    /// Moves an unlabelled gauge by `by` (up or down).
+    pub fn gauge_add(&self, name: &'static str, by: f64) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .gauges
+            .entry((name, String::new()))
+            .or_insert(0.0) += by;
+    }
+
+    /// Records one duration (seconds) in a histogram's series.
+    pub fn observe(&self, name: &'static str, labels: &[(&str, &str)], secs: f64) {
         let mut inner = self.inner.lock().unwrap();
-        let h = &mut inner.pull_duration;
-        for (i, bound) in PULL_BUCKETS.iter().enumerate() {
+        let h = inner.histograms.entry((name, series(labels))).or_default();
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
             if secs <= *bound {
                 h.counts[i] += 1;
             }
@@ -155,40 +272,76 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// The current value of a gauge's series (0 when never set).
+    pub fn gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> f64 {
+        self.inner
+            .lock()
+            .unwrap()
+            .gauges
+            .get(&(name, series(labels)))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
     /// Everything in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let inner = self.inner.lock().unwrap();
         let mut out = String::new();
-        for (name, kind, labelled, help) in HELP {
+        for (name, kind, labelled, help) in CATALOG {
+            let kind_name = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
             let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            match *kind {
-                "counter" => {
+            let _ = writeln!(out, "# TYPE {name} {kind_name}");
+            match kind {
+                Kind::Counter => {
                     let mut any = false;
-                    for ((n, labels), v) in inner.counters.iter().filter(|((n, _), _)| n == name) {
+                    for ((_, labels), v) in inner.counters.iter().filter(|((n, _), _)| n == name) {
                         any = true;
-                        if labels.is_empty() {
-                            let _ = writeln!(out, "{n} {v}");
-                        } else {
-                            let _ = writeln!(out, "{n}{{{labels}}} {v}");
-                        }
+                        let _ = writeln!(out, "{} {v}", with_labels(name, labels));
                     }
                     if !any && !labelled {
                         let _ = writeln!(out, "{name} 0");
                     }
                 }
-                "gauge" => {
-                    let v = inner.gauges.get(name).copied().unwrap_or(0.0);
-                    let _ = writeln!(out, "{name} {v}");
-                }
-                _ => {
-                    let h = &inner.pull_duration;
-                    for (i, bound) in PULL_BUCKETS.iter().enumerate() {
-                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", h.counts[i]);
+                Kind::Gauge => {
+                    let mut any = false;
+                    for ((_, labels), v) in inner.gauges.iter().filter(|((n, _), _)| n == name) {
+                        any = true;
+                        let _ = writeln!(out, "{} {v}", with_labels(name, labels));
                     }
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-                    let _ = writeln!(out, "{name}_sum {}", h.sum);
-                    let _ = writeln!(out, "{name}_count {}", h.count);
+                    if !any && !labelled {
+                        let _ = writeln!(out, "{name} 0");
+                    }
+                }
+                Kind::Histogram => {
+                    for ((_, labels), h) in inner.histograms.iter().filter(|((n, _), _)| n == name)
+                    {
+                        let sep = if labels.is_empty() { "" } else { "," };
+                        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                                h.counts[i]
+                            );
+                        }
+                        let _ =
+                            writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+                        let _ = writeln!(
+                            out,
+                            "{} {}",
+                            with_labels(&format!("{name}_sum"), labels),
+                            h.sum
+                        );
+                        let _ = writeln!(
+                            out,
+                            "{} {}",
+                            with_labels(&format!("{name}_count"), labels),
+                            h.count
+                        );
+                    }
                 }
             }
         }
@@ -201,36 +354,80 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_gauges_and_the_histogram() {
+    fn renders_counters_gauges_and_histograms() {
         let m = Metrics::default();
         m.inc(
-            "cimage_pulls_total",
-            &[("policy", "Always"), ("outcome", "cached")],
+            "cimage_requests_total",
+            &[("policy", "Always"), ("result", "cached")],
         );
         m.inc(
-            "cimage_pulls_total",
-            &[("policy", "Always"), ("outcome", "cached")],
+            "cimage_requests_total",
+            &[("policy", "Always"), ("result", "cached")],
         );
-        m.add("cimage_pulled_bytes_total", &[], 1024);
+        m.add("cimage_pulled_bytes_total", &[("registry", "r:5000")], 1024);
         m.set("cimage_images", 3.0);
-        m.observe_pull(Duration::from_millis(30));
+        m.gauge_add("cimage_pulls_in_flight", 1.0);
+        m.gauge_add("cimage_pulls_in_flight", 1.0);
+        m.gauge_add("cimage_pulls_in_flight", -1.0);
+        m.set_labelled("cimage_build_info", &[("version", "1.2.3")], 1.0);
+        m.observe(
+            "cimage_pull_duration_seconds",
+            &[("registry", "r:5000")],
+            0.03,
+        );
         let text = m.render();
         assert!(
-            text.contains("cimage_pulls_total{policy=\"Always\",outcome=\"cached\"} 2"),
+            text.contains("cimage_requests_total{policy=\"Always\",result=\"cached\"} 2"),
             "{text}"
         );
-        assert!(text.contains("cimage_pulled_bytes_total 1024"));
+        assert!(text.contains("cimage_pulled_bytes_total{registry=\"r:5000\"} 1024"));
         assert!(text.contains("cimage_cache_hits_total 0"));
         assert!(text.contains("cimage_images 3"));
-        assert!(text.contains("cimage_pull_duration_seconds_bucket{le=\"0.025\"} 0"));
-        assert!(text.contains("cimage_pull_duration_seconds_bucket{le=\"0.05\"} 1"));
-        assert!(text.contains("cimage_pull_duration_seconds_count 1"));
+        assert!(text.contains("cimage_pulls_in_flight 1"));
+        assert!(text.contains("cimage_pulls_queued 0"));
+        assert!(text.contains("cimage_build_info{version=\"1.2.3\"} 1"));
+        assert!(text
+            .contains("cimage_pull_duration_seconds_bucket{registry=\"r:5000\",le=\"0.025\"} 0"));
+        assert!(
+            text.contains("cimage_pull_duration_seconds_bucket{registry=\"r:5000\",le=\"0.05\"} 1")
+        );
+        assert!(text.contains("cimage_pull_duration_seconds_count{registry=\"r:5000\"} 1"));
         assert_eq!(
             m.counter(
-                "cimage_pulls_total",
-                &[("policy", "Always"), ("outcome", "cached")]
+                "cimage_requests_total",
+                &[("policy", "Always"), ("result", "cached")]
             ),
             2
         );
+    }
+
+    /// Every `"cimage_…"` name the sources count into is declared in the catalog (else it
+    /// would never be rendered).
+    #[test]
+    fn every_metric_counted_is_declared() {
+        let mut missing = Vec::new();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                if p.extension().is_none_or(|x| x != "rs") || p.ends_with("metrics.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap();
+                for piece in text.split('"').skip(1).step_by(2) {
+                    let is_name = piece.starts_with("cimage_")
+                        && piece.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+                    if is_name && !CATALOG.iter().any(|(n, ..)| *n == piece) {
+                        missing.push(format!("{piece} in {}", p.display()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "undeclared metrics: {missing:?}");
     }
 }

@@ -60,6 +60,20 @@ impl RegistryError {
         )
     }
 
+    /// The `reason` label of metrics: `not_found`, `unauthorized`, `unreachable`, `tls`,
+    /// `token_service`, `server` or `other`.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            RegistryErrorKind::NotFound => "not_found",
+            RegistryErrorKind::Unauthorized => "unauthorized",
+            RegistryErrorKind::Unreachable => "unreachable",
+            RegistryErrorKind::Tls => "tls",
+            RegistryErrorKind::TokenService => "token_service",
+            RegistryErrorKind::Server => "server",
+            RegistryErrorKind::Other => "other",
+        }
+    }
+
     /// Whether a retry may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -82,13 +96,44 @@ pub trait Registry: Send + Sync {
         credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError>;
 
-    /// The size of the image for this host's platform: its config and layers as stored
-    /// (compressed), the same measure the runtime reports for images. Fetches the manifest.
-    async fn manifest_size(
+    /// The image's manifest for this host's platform: its config and layer blobs as stored
+    /// (compressed). Their sum is the same measure the runtime reports for images; the layers
+    /// are what a pull downloads.
+    async fn manifest(
         &self,
         image: &ImageRef,
         credentials: Option<&Credentials>,
-    ) -> Result<u64, RegistryError>;
+    ) -> Result<ImageManifest, RegistryError>;
+}
+
+/// One blob a manifest names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    /// `sha256:…`.
+    pub digest: String,
+    /// Bytes as stored (compressed).
+    pub size: u64,
+}
+
+/// What a pull of an image downloads: its config and its layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageManifest {
+    /// The image config blob.
+    pub config: Blob,
+    /// The layer blobs, bottom first.
+    pub layers: Vec<Blob>,
+}
+
+impl ImageManifest {
+    /// Config and layers: the image's size as the runtime counts it.
+    pub fn size(&self) -> u64 {
+        self.config.size + self.layer_bytes()
+    }
+
+    /// The layers' bytes: what a cold pull downloads, apart from the small config.
+    pub fn layer_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
 }
 
 /// How cimage talks to one registry host (from `ImageCache.Registries.<host>`).
@@ -434,11 +479,11 @@ impl Registry for OciRegistry {
         .await
     }
 
-    async fn manifest_size(
+    async fn manifest(
         &self,
         image: &ImageRef,
         credentials: Option<&Credentials>,
-    ) -> Result<u64, RegistryError> {
+    ) -> Result<ImageManifest, RegistryError> {
         let reference = image.to_oci();
         let (manifest, _) = self
             .with_client(image, image.registry(), credentials, |c, auth| {
@@ -446,8 +491,14 @@ impl Registry for OciRegistry {
                 async move { c.pull_image_manifest(&r, &auth).await }
             })
             .await?;
-        let layers: i64 = manifest.layers.iter().map(|l| l.size).sum();
-        Ok((layers + manifest.config.size).max(0) as u64)
+        let blob = |d: &oci_client::manifest::OciDescriptor| Blob {
+            digest: d.digest.clone(),
+            size: d.size.max(0) as u64,
+        };
+        Ok(ImageManifest {
+            config: blob(&manifest.config),
+            layers: manifest.layers.iter().map(blob).collect(),
+        })
     }
 }
 
@@ -468,9 +519,9 @@ pub mod fake {
         pub down: std::sync::atomic::AtomicBool,
         /// Number of `resolve` calls.
         pub resolves: AtomicUsize,
-        /// reference → size, for `manifest_size`.
+        /// reference → size, for `manifest` (one layer of that size, an empty config).
         pub sizes: Mutex<HashMap<String, u64>>,
-        /// Number of `manifest_size` calls.
+        /// Number of `manifest` calls.
         pub size_checks: AtomicUsize,
     }
 
@@ -510,17 +561,26 @@ pub mod fake {
                 .ok_or_else(|| err(RegistryErrorKind::NotFound, "repository or tag not found"))
         }
 
-        async fn manifest_size(
+        async fn manifest(
             &self,
             image: &ImageRef,
             _credentials: Option<&Credentials>,
-        ) -> Result<u64, RegistryError> {
+        ) -> Result<ImageManifest, RegistryError> {
             self.size_checks.fetch_add(1, Ordering::SeqCst);
             self.sizes
                 .lock()
                 .unwrap()
                 .get(&image.to_string())
-                .copied()
+                .map(|&size| ImageManifest {
+                    config: Blob {
+                        digest: format!("sha256:{:064x}", 0),
+                        size: 0,
+                    },
+                    layers: vec![Blob {
+                        digest: format!("sha256:{:064x}", size),
+                        size,
+                    }],
+                })
                 .ok_or_else(|| RegistryError {
                     registry: image.registry().into(),
                     image: image.to_string(),

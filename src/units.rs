@@ -192,9 +192,39 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// A span as a clock reads it, largest unit first and every smaller one shown: `2m0s`,
+/// `1h5m30s`, `45s`, `1.5s`, `250ms` (what `ImageCache.PullStallTimeout` messages say).
+pub fn format_span(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, (s / 60) % 60, s % 60);
+    let frac = d.subsec_millis();
+    if s == 0 {
+        return format!("{frac}ms");
+    }
+    let secs = if frac == 0 {
+        format!("{sec}s")
+    } else {
+        format!("{}s", format!("{sec}.{frac:03}").trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_like_a_clock() {
+        assert_eq!(format_span(Duration::from_secs(120)), "2m0s");
+        assert_eq!(format_span(Duration::from_secs(3930)), "1h5m30s");
+        assert_eq!(format_span(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_span(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_span(Duration::from_secs(45)), "45s");
+    }
 
     #[test]
     fn sizes() {

@@ -262,6 +262,7 @@ impl ImageService for CriImageApi {
         let pull = self.background.spawn(async move {
             puller
                 .ensure(EnsureRequest {
+                    progress: None,
                     image,
                     policy: Some(PullPolicy::Always),
                     credentials,

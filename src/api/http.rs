@@ -13,18 +13,28 @@ use crate::background::Background;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 
-/// Serves metrics and health on `addr` until shutdown begins; connections are tracked tasks of
-/// `background`.
+/// Binds `addr` (at start, so that an address in use stops cimaged with an error, as the
+/// socket does).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind ImageCache.MetricsAddr {addr}: {e}"),
+        )
+    })
+}
+
+/// Serves metrics and health on `listener` until shutdown begins; connections are tracked tasks
+/// of `background`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     metrics: Arc<Metrics>,
     cache: Arc<Cache>,
     background: Background,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("binding metrics address {addr}: {e}"))
-    })?;
-    info!(%addr, "serving /metrics and /healthz");
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving /metrics and /healthz");
+    }
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => r?,

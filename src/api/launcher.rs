@@ -70,6 +70,7 @@ fn event_pb(e: TaskEvent) -> pb::TaskEvent {
     let event = match e.event {
         Event::Accepted { job, step } => E::Accepted(pb::Accepted { job, step }),
         Event::SandboxReady { sandbox_id } => E::SandboxReady(pb::SandboxReady { sandbox_id }),
+        Event::ImagePulling(p) => E::ImagePulling(super::service::progress_pb(&p)),
         Event::ImageReady { image, action } => E::ImageReady(pb::ImageReady {
             image,
             action: action.as_str().to_owned(),

@@ -11,7 +11,7 @@ use crate::background::Background;
 use crate::cache::{Cache, ImageRecord};
 use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
 use crate::prewarm::store::{ImageResult, RunRecord};
-use crate::prewarm::{PrewarmError, Prewarmer, ScheduleInfo};
+use crate::prewarm::{PrewarmError, Prewarmer, RunEvent, ScheduleInfo};
 
 /// The service implementation.
 pub struct MaintenanceApi {
@@ -246,13 +246,19 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
             Some(_) => {}
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::RunProgress, Status>>();
-        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<ImageResult>();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<RunEvent>();
         let prewarm = Arc::clone(&self.prewarm);
         let forward = tx.clone();
         self.background.spawn(async move {
+            use pb::run_progress::Progress as P;
             while let Some(r) = prx.recv().await {
+                let progress = match r {
+                    RunEvent::Started(image) => P::Started(image),
+                    RunEvent::Pulling(p) => P::Pulling(super::service::progress_pb(&p)),
+                    RunEvent::Finished(r) => P::Image(image_result_pb(&r)),
+                };
                 let _ = forward.send(Ok(pb::RunProgress {
-                    progress: Some(pb::run_progress::Progress::Image(image_result_pb(&r))),
+                    progress: Some(progress),
                 }));
             }
         });

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
-use super::pb;
 use super::peer::{AdminPolicy, Caller};
+use super::{ending_at_shutdown, pb, BoxStream};
+use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
 use crate::policy::PullPolicy;
-use crate::puller::{EnsureRequest, PullError, Puller};
+use crate::puller::{EnsureRequest, Ensured, PullError, PullProgress, Puller};
 use crate::registry::RegistryErrorKind;
 use crate::runtime::{ImageRuntime, RuntimeError, RuntimeErrorKind};
 
@@ -21,17 +22,19 @@ pub struct ImageCacheApi {
     runtime: Arc<dyn ImageRuntime>,
     admin: AdminPolicy,
     instance: String,
+    background: Background,
 }
 
 impl ImageCacheApi {
     /// A service over the daemon's puller and cache; `instance` is the store's instance id,
-    /// reported by `status`.
+    /// reported by `status`; streamed pulls run as tracked tasks of `background`.
     pub fn new(
         puller: Arc<Puller>,
         cache: Arc<Cache>,
         runtime: Arc<dyn ImageRuntime>,
         admin: AdminPolicy,
         instance: String,
+        background: Background,
     ) -> Self {
         Self {
             puller,
@@ -39,7 +42,24 @@ impl ImageCacheApi {
             runtime,
             admin,
             instance,
+            background,
         }
+    }
+
+    /// The request as the puller takes it.
+    fn ensure_request(
+        who: &Caller,
+        r: pb::PullRequest,
+        progress: Option<crate::puller::ProgressSink>,
+    ) -> Result<EnsureRequest, Status> {
+        Ok(EnsureRequest {
+            image: r.image,
+            policy: policy_from_pb(r.policy)?,
+            credentials: credentials_from_pb(r.credentials),
+            origin: Origin::Pull,
+            requester: Some(who.uid),
+            progress,
+        })
     }
 
     fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<Caller, Status> {
@@ -96,6 +116,7 @@ pub fn pull_status(e: &PullError) -> Status {
         },
         PullError::Runtime { source, .. } => runtime_code(source),
         PullError::Timeout { .. } => Code::DeadlineExceeded,
+        PullError::Stalled { .. } => Code::Unavailable,
         PullError::Index { .. } => Code::Internal,
         PullError::ShuttingDown { .. } => Code::Unavailable,
         PullError::NoRoom { .. } => Code::ResourceExhausted,
@@ -114,6 +135,47 @@ pub fn cache_status(e: &CacheError) -> Status {
         CacheError::NoRoom { .. } => Code::ResourceExhausted,
     };
     Status::new(code, e.to_string())
+}
+
+/// A pull's progress as the API shows it.
+pub fn progress_pb(p: &PullProgress) -> pb::PullProgress {
+    pb::PullProgress {
+        image: p.image.clone(),
+        registry: p.registry.clone(),
+        phase: p.phase.as_str().to_owned(),
+        queue_position: p.queue_position,
+        done_bytes: p.done_bytes,
+        total_bytes: p.total_bytes,
+        layers: p
+            .layers
+            .iter()
+            .map(|l| pb::LayerProgress {
+                digest: l.digest.clone(),
+                done_bytes: l.done,
+                total_bytes: l.total,
+            })
+            .collect(),
+        bytes_known: p.bytes_known,
+        rate_bytes_per_second: p.rate,
+        requesters: p.requesters,
+        attempt: p.attempt,
+        age_seconds: p.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        error: p.error.clone().unwrap_or_default(),
+    }
+}
+
+/// A served request as the API shows it.
+fn response_pb(e: &Ensured) -> pb::PullResponse {
+    pb::PullResponse {
+        image: e.image.to_string(),
+        digest: e.digest.clone().unwrap_or_default(),
+        image_id: e.record.id.clone(),
+        action: e.action.as_str().to_owned(),
+        policy: e.policy.to_string(),
+        seconds: e.elapsed.as_secs_f64(),
+        size: e.record.size,
+        stale: e.stale,
+    }
 }
 
 /// An index record as the API shows it.
@@ -162,31 +224,83 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
     ) -> Result<Response<pb::PullResponse>, Status> {
         let who = caller(&req)?;
         let r = req.into_inner();
+        let image = r.image.clone();
         let ensured = self
             .puller
-            .ensure(EnsureRequest {
-                image: r.image.clone(),
-                policy: policy_from_pb(r.policy)?,
-                credentials: credentials_from_pb(r.credentials),
-                origin: Origin::Pull,
-                requester: Some(who.uid),
-            })
+            .ensure(Self::ensure_request(&who, r, None)?)
             .await
             .map_err(|e| {
                 // Debug-quoted and cut: a request's string never starts a log line of its own.
-                info!(uid = who.uid, image = ?crate::units::quote_short(&r.image), error = %e, "pull failed");
+                info!(uid = who.uid, image = ?crate::units::quote_short(&image), error = %e, "pull failed");
                 pull_status(&e)
             })?;
-        Ok(Response::new(pb::PullResponse {
-            image: ensured.image.to_string(),
-            digest: ensured.digest.unwrap_or_default(),
-            image_id: ensured.record.id.clone(),
-            action: ensured.action.as_str().to_owned(),
-            policy: ensured.policy.to_string(),
-            seconds: ensured.elapsed.as_secs_f64(),
-            size: ensured.record.size,
-            stale: ensured.stale,
-        }))
+        Ok(Response::new(response_pb(&ensured)))
+    }
+
+    type PullStreamStream = BoxStream<pb::PullEvent>;
+
+    async fn pull_stream(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStreamStream>, Status> {
+        use pb::pull_event::Event as E;
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let image = r.image.clone();
+        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
+        let ensure_req = Self::ensure_request(&who, r, Some(progress))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::PullEvent, Status>>();
+        let puller = Arc::clone(&self.puller);
+        self.background.spawn(async move {
+            let ensure = puller.ensure(ensure_req);
+            tokio::pin!(ensure);
+            let result = loop {
+                tokio::select! {
+                    r = &mut ensure => break r,
+                    Some(p) = pulling.recv() => {
+                        let _ = tx.send(Ok(pb::PullEvent { event: Some(E::Progress(progress_pb(&p))) }));
+                    }
+                }
+            };
+            // What the pull said before it ended goes first.
+            while let Ok(p) = pulling.try_recv() {
+                let _ = tx.send(Ok(pb::PullEvent {
+                    event: Some(E::Progress(progress_pb(&p))),
+                }));
+            }
+            let _ = tx.send(match result {
+                Ok(e) => Ok(pb::PullEvent {
+                    event: Some(E::Done(response_pb(&e))),
+                }),
+                Err(e) => {
+                    info!(uid = who.uid, image = ?crate::units::quote_short(&image), error = %e, "pull failed");
+                    Err(pull_status(&e))
+                }
+            });
+        });
+        Ok(Response::new(ending_at_shutdown(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            &self.background,
+            "cimaged is shutting down; the pull was stopped".to_owned(),
+        )))
+    }
+
+    async fn list_pulls(
+        &self,
+        req: Request<pb::ListPullsRequest>,
+    ) -> Result<Response<pb::ListPullsResponse>, Status> {
+        let who = caller(&req)?;
+        let admin = self.admin.is_admin(&who);
+        let pulls = self
+            .puller
+            .pulls()
+            .into_iter()
+            // A pull with credentials may be of a private image: its name is for those who
+            // wait on it.
+            .filter(|f| admin || !f.credentialed || f.uids.contains(&who.uid))
+            .map(|f| progress_pb(&f.progress))
+            .collect();
+        Ok(Response::new(pb::ListPullsResponse { pulls }))
     }
 
     async fn list_images(

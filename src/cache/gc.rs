@@ -31,6 +31,20 @@ pub struct GcReport {
 }
 
 impl Cache {
+    /// Usage of the image filesystem as `df` counts it (also kept as the gauge
+    /// `cimage_image_fs_used_ratio`); `None` when it cannot be read.
+    pub async fn image_fs_usage(&self) -> Option<FsUsage> {
+        let s = self.eviction.clone().unwrap_or_default();
+        self.image_fs(&s).await
+    }
+
+    /// The eviction watermarks (`HighPercent`, `LowPercent`) when eviction is on.
+    pub fn watermarks(&self) -> Option<(f64, f64)> {
+        self.eviction
+            .as_ref()
+            .map(|e| (e.high_percent, e.low_percent))
+    }
+
     async fn image_fs(&self, s: &EvictionSettings) -> Option<FsUsage> {
         let path = match &s.path {
             Some(p) => p.clone(),
@@ -40,7 +54,11 @@ impl Cache {
             }
         };
         match evict::fs_usage(&path) {
-            Ok(u) => Some(u),
+            Ok(u) => {
+                self.metrics
+                    .set("cimage_image_fs_used_ratio", u.percent(u.used) / 100.0);
+                Some(u)
+            }
             Err(e) => {
                 warn!(
                     "cannot read usage of the image filesystem at {}: {e}",
@@ -156,6 +174,8 @@ impl Cache {
                     .await?;
                 self.metrics
                     .inc("cimage_evictions_total", &[("reason", reason.as_str())]);
+                self.metrics
+                    .add("cimage_evicted_bytes_total", &[], rec.size);
                 info!(image = %rec.id, names = ?rec.names, size = rec.size, reason = reason.as_str(), "image evicted");
             }
         }

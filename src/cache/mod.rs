@@ -256,6 +256,10 @@ impl Cache {
             .blocking(move |idx| idx.reconcile(&images, now))
             .await?;
         self.last_reconcile.store(now, Ordering::SeqCst);
+        self.metrics.set(
+            "cimage_last_reconcile_timestamp_seconds",
+            now as f64 / 1000.0,
+        );
         Ok(report)
     }
 

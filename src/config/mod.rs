@@ -34,6 +34,8 @@ pub const DEFAULT_NODE_KEY_FILE: &str = "/etc/cimage/node.key";
 pub const DEFAULT_STATE_DIR: &str = "cimage/";
 /// Default for `ImageCache.MaxConcurrentPulls`.
 pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for `ImageCache.PullStallTimeout`.
+pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default for `ImageCache.PullTimeout`.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default for `ImageCache.PullRetries`.
@@ -115,6 +117,14 @@ pub struct ImageCacheConfig {
     /// Deadline for one pull, retries included (e.g. `10m`, `90s`).
     #[serde(default = "default_pull_timeout", deserialize_with = "de_duration")]
     pub pull_timeout: Duration,
+    /// A pull whose download bytes have not moved for this long while a layer is still being
+    /// fetched is cancelled and retried (e.g. `2m`); only where the runtime reports bytes
+    /// (containerd). Unpacking is never a stall.
+    #[serde(
+        default = "default_pull_stall_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub pull_stall_timeout: Duration,
     /// How many times a transient pull failure is retried (exponential backoff from 500 ms).
     #[serde(default = "default_pull_retries")]
     pub pull_retries: u32,
@@ -480,6 +490,7 @@ impl Default for ImageCacheConfig {
             node_key_file: default_node_key_file(),
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
             pull_retries: DEFAULT_PULL_RETRIES,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,
@@ -526,6 +537,10 @@ fn default_max_concurrent_pulls() -> usize {
 }
 fn default_pull_timeout() -> Duration {
     DEFAULT_PULL_TIMEOUT
+}
+
+fn default_pull_stall_timeout() -> Duration {
+    DEFAULT_PULL_STALL_TIMEOUT
 }
 fn default_pull_retries() -> u32 {
     DEFAULT_PULL_RETRIES

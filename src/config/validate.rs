@@ -196,6 +196,12 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be longer than 0s".into(),
         ));
     }
+    if ic.pull_stall_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.PullStallTimeout",
+            "must be at least 1s".into(),
+        ));
+    }
     if ic.reconcile_interval < Duration::from_secs(1) {
         return Err(invalid(
             "ImageCache.ReconcileInterval",

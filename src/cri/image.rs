@@ -14,15 +14,17 @@ use k8s_cri::v1::{
 use tonic::transport::Channel;
 use tonic::Status;
 
+use super::content::ContentClient;
 use super::{bounded, classify, image_spec, unix_channel};
 use crate::credentials::{Credentials, SecretKind};
-use crate::runtime::{ImageFsUsage, ImageRuntime, RuntimeError, RuntimeImage};
+use crate::runtime::{ImageFsUsage, ImageRuntime, Ingest, RuntimeError, RuntimeImage};
 
 /// CRI ImageService client (with a RuntimeService client for the runtime's own settings).
 #[derive(Clone)]
 pub struct CriImageRuntime {
     client: ImageServiceClient<Channel>,
     runtime: RuntimeServiceClient<Channel>,
+    content: ContentClient,
     endpoint: PathBuf,
     timeout: Duration,
 }
@@ -32,8 +34,10 @@ impl CriImageRuntime {
     /// `runtime_endpoint`); `timeout` bounds every call but `PullImage`, whose deadline the
     /// puller owns.
     pub fn new(endpoint: &Path, runtime_endpoint: &Path, timeout: Duration) -> Self {
+        let channel = unix_channel(endpoint);
         Self {
-            client: ImageServiceClient::new(unix_channel(endpoint)),
+            content: ContentClient::new(channel.clone(), endpoint, timeout),
+            client: ImageServiceClient::new(channel),
             runtime: RuntimeServiceClient::new(unix_channel(runtime_endpoint)),
             endpoint: endpoint.to_owned(),
             timeout,
@@ -147,6 +151,14 @@ impl ImageRuntime for CriImageRuntime {
             .bounded("Status", c.status(cri::StatusRequest { verbose: true }))
             .await?;
         Ok(sandbox_image_from(&resp.info))
+    }
+
+    async fn downloads(&self) -> Result<Option<Vec<Ingest>>, RuntimeError> {
+        self.content.ingests().await
+    }
+
+    async fn has_blob(&self, digest: &str) -> Result<Option<bool>, RuntimeError> {
+        self.content.has_blob(digest).await
     }
 
     async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError> {

@@ -7,6 +7,7 @@
 //! restarts the channel reconnects by itself on the next call (the puller retries the one call that
 //! meets the broken connection).
 
+mod content;
 mod image;
 mod runtime;
 mod snapshot;

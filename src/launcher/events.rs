@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
 use super::logs::{Chunk, Stream};
-use crate::puller::Action;
+use crate::puller::{Action, PullProgress};
 
 /// Events buffered for a client that does not read: beyond this, output is dropped (the step's
 /// log file keeps all of it) so that a stalled client cannot make the daemon hold its output.
@@ -65,6 +65,10 @@ impl EventSink {
     /// and the client is told how much once it reads again. Callers that can wait check
     /// [`EventSink::has_room_for_output`] first, so that output is paused rather than dropped.
     pub fn send(&self, task: &str, now: i64, event: Event) {
+        // Pull progress is a view of the moment: one a slow client misses is not owed to it.
+        if matches!(event, Event::ImagePulling(_)) && self.tx.capacity() <= LIFECYCLE_RESERVE {
+            return;
+        }
         let is_output = matches!(event, Event::Output(_));
         if is_output && self.tx.capacity() <= LIFECYCLE_RESERVE {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -121,7 +125,7 @@ impl Stage {
 }
 
 /// A lifecycle event of a task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The launch was accepted; the task has an id.
     Accepted {
@@ -135,6 +139,8 @@ pub enum Event {
         /// Sandbox id.
         sandbox_id: String,
     },
+    /// The image is being pulled: where the pull is (sent on each change, while it runs).
+    ImagePulling(PullProgress),
     /// The image is in the runtime.
     ImageReady {
         /// Normalised reference.

@@ -206,10 +206,12 @@ impl Launcher {
             },
         );
 
+        let sandbox_started = std::time::Instant::now();
         let (job, sandbox_id) = match self.ensure_sandbox(&v).await {
             Ok(x) => x,
             Err(e) => return self.fail(task, Stage::Sandbox, e.to_string(), tx).await,
         };
+        self.stage_time(Stage::Sandbox, sandbox_started);
         send(
             tx,
             &task.id,
@@ -219,19 +221,33 @@ impl Launcher {
             },
         );
 
+        let image_started = std::time::Instant::now();
+        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
         let ensure = self.puller.ensure(EnsureRequest {
             image: task.image.clone(),
             policy: spec.policy,
             credentials: spec.credentials.clone(),
             origin: Origin::Job,
             requester: Some(task.uid),
+            progress: Some(progress),
         });
-        let ensured = tokio::select! {
-            r = ensure => r,
-            _ = cancel.cancelled() => {
-                return self.fail_as(task, TaskState::Cancelled, Stage::Image, "cancelled before the container started".into(), tx).await;
+        tokio::pin!(ensure);
+        let ensured = loop {
+            tokio::select! {
+                r = &mut ensure => break r,
+                Some(p) = pulling.recv() => {
+                    send(tx, &task.id, self.clock.now_ms(), Event::ImagePulling(p));
+                }
+                _ = cancel.cancelled() => {
+                    return self.fail_as(task, TaskState::Cancelled, Stage::Image, "cancelled before the container started".into(), tx).await;
+                }
             }
         };
+        // What the pull said last (done or failed) may still wait in the channel.
+        while let Ok(p) = pulling.try_recv() {
+            send(tx, &task.id, self.clock.now_ms(), Event::ImagePulling(p));
+        }
+        self.stage_time(Stage::Image, image_started);
         let ensured = match ensured {
             Ok(e) => e,
             Err(e) => return self.fail(task, Stage::Image, e.to_string(), tx).await,
@@ -248,6 +264,7 @@ impl Launcher {
             },
         );
 
+        let create_started = std::time::Instant::now();
         let mut labels = self.base_labels(&task.job, task.uid);
         labels.insert(LABEL_TASK.to_owned(), task.id.clone());
         let container = ContainerSpec {
@@ -294,6 +311,7 @@ impl Launcher {
                     credentials: spec.credentials.clone(),
                     origin: Origin::Job,
                     requester: Some(task.uid),
+                    progress: None,
                 })
                 .await
             {
@@ -330,6 +348,7 @@ impl Launcher {
         if let Err(message) = checked {
             return self.fail(task, Stage::Create, message, tx).await;
         }
+        self.stage_time(Stage::Create, create_started);
         send(
             tx,
             &task.id,
@@ -350,14 +369,32 @@ impl Launcher {
                 )
                 .await;
         }
+        let start_started = std::time::Instant::now();
         if let Err(e) = self.rt.start_container(&cid).await {
             return self.fail(task, Stage::Start, e.to_string(), tx).await;
         }
+        self.stage_time(Stage::Start, start_started);
         task.state = TaskState::Running;
         task.started = Some(self.clock.now_ms());
         self.save_task(&task).await;
         send(tx, &task.id, self.clock.now_ms(), Event::Started);
         self.wait_and_finish(task, tx, cancel).await;
+    }
+
+    /// Records how long a launch stage took (`cimage_launch_duration_seconds{stage}`).
+    fn stage_time(&self, stage: Stage, since: std::time::Instant) {
+        let name = match stage {
+            Stage::Sandbox => "sandbox",
+            Stage::Image => "image",
+            Stage::Create => "create",
+            Stage::Start => "start",
+            Stage::Wait => "wait",
+        };
+        self.cache.metrics().observe(
+            "cimage_launch_duration_seconds",
+            &[("stage", name)],
+            since.elapsed().as_secs_f64(),
+        );
     }
 
     /// Creates the job's pod sandbox unless it has one.

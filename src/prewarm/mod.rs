@@ -31,6 +31,17 @@ use crate::store::{Store, StoreError};
 pub use schedule::{ScheduleError, ScheduleSpec};
 use store::{ImageOutcome, ImageResult, PrewarmStore, RunOutcome, RunRecord, StoredSchedule};
 
+/// What a run started by hand reports as it goes.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// Work on an image began (the normalised reference or the name as listed).
+    Started(String),
+    /// An image's pull moved.
+    Pulling(crate::puller::PullProgress),
+    /// An image is done with.
+    Finished(ImageResult),
+}
+
 /// Why a pre-warm call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PrewarmError {
@@ -273,12 +284,12 @@ impl Prewarmer {
         Ok(ranked)
     }
 
-    /// Runs a schedule now, without jitter, sending each image's result to `progress` as it
-    /// comes. Fails if the schedule is already running.
+    /// Runs a schedule now, without jitter, sending each image's start, pull progress and
+    /// result to `progress` as they come. Fails if the schedule is already running.
     pub async fn run_now(
         self: &Arc<Self>,
         name: &str,
-        progress: Option<UnboundedSender<ImageResult>>,
+        progress: Option<UnboundedSender<RunEvent>>,
     ) -> Result<RunRecord, PrewarmError> {
         let all = self.blocking(|s| s.all()).await?;
         let st = all
@@ -309,7 +320,7 @@ impl Prewarmer {
         trigger: &str,
         scheduled_for: Option<i64>,
         jitter: Duration,
-        progress: Option<UnboundedSender<ImageResult>>,
+        progress: Option<UnboundedSender<RunEvent>>,
     ) -> RunRecord {
         let metrics = Arc::clone(self.cache.metrics());
         let mut run = RunRecord {
@@ -359,9 +370,9 @@ impl Prewarmer {
                 let me = Arc::clone(self);
                 let progress = progress.clone();
                 async move {
-                    let r = me.warm_one(&image).await;
+                    let r = me.warm_one(&image, progress.as_ref()).await;
                     if let Some(p) = &progress {
-                        let _ = p.send(r.clone());
+                        let _ = p.send(RunEvent::Finished(r.clone()));
                     }
                     r
                 }
@@ -392,19 +403,39 @@ impl Prewarmer {
         run
     }
 
-    async fn warm_one(&self, image: &str) -> ImageResult {
+    async fn warm_one(
+        &self,
+        image: &str,
+        events: Option<&UnboundedSender<RunEvent>>,
+    ) -> ImageResult {
         let t = Instant::now();
         let was_present = self.cache.find(image).await.is_ok();
-        let r = self
-            .puller
-            .ensure(EnsureRequest {
-                image: image.to_owned(),
-                policy: Some(PullPolicy::Always),
-                credentials: None,
-                origin: Origin::Prewarm,
-                requester: None,
-            })
-            .await;
+        if let Some(ev) = events {
+            let _ = ev.send(RunEvent::Started(image.to_owned()));
+        }
+        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
+        let ensure = self.puller.ensure(EnsureRequest {
+            image: image.to_owned(),
+            policy: Some(PullPolicy::Always),
+            credentials: None,
+            origin: Origin::Prewarm,
+            requester: None,
+            progress: events.map(|_| progress),
+        });
+        tokio::pin!(ensure);
+        let r = loop {
+            tokio::select! {
+                r = &mut ensure => break r,
+                Some(p) = pulling.recv() => {
+                    if let Some(ev) = events {
+                        let _ = ev.send(RunEvent::Pulling(p));
+                    }
+                }
+            }
+        };
+        while let (Ok(p), Some(ev)) = (pulling.try_recv(), events) {
+            let _ = ev.send(RunEvent::Pulling(p));
+        }
         let seconds = t.elapsed().as_secs_f64();
         match r {
             Ok(e) => {

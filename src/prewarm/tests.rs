@@ -116,6 +116,7 @@ async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
                     credentials: None,
                     origin: Origin::Job,
                     requester: None,
+                    progress: None,
                 })
                 .await
                 .unwrap();

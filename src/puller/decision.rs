@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+use super::flight::Requester;
 use super::retry::retry;
 use super::{Action, PullError, Puller};
 use crate::credentials::{Credentials, SecretKind};
@@ -20,6 +21,7 @@ impl Puller {
         policy: PullPolicy,
         credentials: Option<&Credentials>,
         fingerprint: Option<&str>,
+        who: &Requester,
     ) -> Result<(RuntimeImage, Action, bool, bool), PullError> {
         let name = image.to_string();
         let present = match self.cache.recall(&name) {
@@ -29,6 +31,7 @@ impl Puller {
                     self.settings.retries,
                     self.settings.backoff,
                     "look up",
+                    |_| {},
                     || self.runtime.image_status(&name),
                 )
                 .await
@@ -53,15 +56,21 @@ impl Puller {
                     policy,
                 })
             }
-            Decision::Pull => return self.pull(image, credentials, fingerprint).await,
+            Decision::Pull => return self.pull(image, credentials, fingerprint, who).await,
             Decision::Resolve(_) if runtime_only => {
-                return self.pull(image, credentials, fingerprint).await
+                return self.pull(image, credentials, fingerprint, who).await
             }
             Decision::Resolve(cached) => {
                 let resolved = retry(
                     self.settings.retries,
                     self.settings.backoff,
                     "resolve",
+                    |e: &crate::registry::RegistryError| {
+                        self.cache.metrics().inc(
+                            "cimage_pull_retries_total",
+                            &[("registry", image.registry()), ("reason", e.reason())],
+                        )
+                    },
                     || self.registry.resolve(image, credentials),
                 )
                 .await;
@@ -86,7 +95,7 @@ impl Puller {
                     }
                 };
                 if !policy::is_current(image, &cached.repo_digests, &resolved) {
-                    return self.pull(image, credentials, fingerprint).await;
+                    return self.pull(image, credentials, fingerprint, who).await;
                 }
                 // The HEAD ran with the request's credentials: it proved access.
                 (cached, true)
@@ -136,7 +145,7 @@ impl Puller {
                                     image: name,
                                     policy,
                                 }),
-                                _ => self.pull(image, credentials, fingerprint).await,
+                                _ => self.pull(image, credentials, fingerprint, who).await,
                             };
                         }
                     }
@@ -165,8 +174,11 @@ impl Puller {
         image: &ImageRef,
         credentials: Option<&Credentials>,
         fingerprint: Option<&str>,
+        who: &Requester,
     ) -> Result<(RuntimeImage, Action, bool, bool), PullError> {
-        let pulled = self.pull_shared(image, credentials, fingerprint).await?;
+        let pulled = self
+            .pull_shared(image, credentials, fingerprint, who)
+            .await?;
         self.cache.remember(&pulled);
         Ok((pulled, Action::Pulled, false, false))
     }

@@ -10,6 +10,7 @@
 mod decision;
 mod flight;
 mod local;
+pub mod progress;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -29,7 +30,9 @@ use crate::reference::{ImageRef, InvalidReference};
 use crate::registry::{Registry, RegistryError};
 use crate::runtime::{ImageRuntime, RuntimeError};
 use crate::units::format_duration;
-use flight::Flights;
+use flight::{Flights, Queue, Requester};
+pub use flight::{InFlight, ProgressSink};
+pub use progress::{LayerProgress, Phase, PullProgress};
 
 /// Default for [`PullerSettings::max_concurrent_pulls`] (as `ImageCache.MaxConcurrentPulls`).
 pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
@@ -37,6 +40,8 @@ pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default for [`PullerSettings::retries`] (as `ImageCache.PullRetries`).
 pub const DEFAULT_RETRIES: u32 = 3;
+/// Default for [`PullerSettings::stall_timeout`] (as `ImageCache.PullStallTimeout`).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// First backoff delay of a retry; doubled on each further retry.
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -49,6 +54,9 @@ pub struct PullerSettings {
     pub per_registry: HashMap<String, usize>,
     /// Deadline for one request, retries included.
     pub pull_timeout: Duration,
+    /// An attempt whose download bytes have not moved for this long, while a layer is still
+    /// being fetched, is cancelled and retried (only where the runtime reports bytes).
+    pub stall_timeout: Duration,
     /// Retries of a transient failure.
     pub retries: u32,
     /// First backoff delay; doubled on each retry.
@@ -72,6 +80,7 @@ impl Default for PullerSettings {
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
             per_registry: HashMap::new(),
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             retries: DEFAULT_RETRIES,
             backoff: DEFAULT_BACKOFF,
             verify: crate::policy::Verify::default(),
@@ -99,6 +108,8 @@ pub struct EnsureRequest {
     /// The API caller's uid, if a caller asked: a caller who proves access to a private image
     /// may see its name from then on.
     pub requester: Option<u32>,
+    /// Where the progress of a real pull goes, if the caller follows it.
+    pub progress: Option<ProgressSink>,
 }
 
 /// Whether the runtime's `PullImage` was called.
@@ -178,6 +189,16 @@ pub enum PullError {
         /// The runtime's error.
         source: RuntimeError,
     },
+    /// The download bytes stopped moving for `PullStallTimeout` on every attempt.
+    #[error("pull of image {image} failed: no progress for {after} from {registry} (ImageCache.PullStallTimeout)")]
+    Stalled {
+        /// The normalised reference.
+        image: String,
+        /// The registry host that stopped sending.
+        registry: String,
+        /// The stall timeout, formatted (`2m0s`).
+        after: String,
+    },
     /// The deadline passed.
     #[error("pull of image {image} did not finish within {after} (ImageCache.PullTimeout)")]
     Timeout {
@@ -218,6 +239,26 @@ pub enum PullError {
     },
 }
 
+impl PullError {
+    /// The `reason` label of metrics: `invalid_reference`, `not_present`, `stalled`,
+    /// `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
+    /// runtime's own reason (`not_found`, `unauthorized`, `unreachable`, …).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PullError::InvalidReference(_) => "invalid_reference",
+            PullError::LocalAbsent { .. } | PullError::NotPresent { .. } => "not_present",
+            PullError::Registry { source, .. } => source.reason(),
+            PullError::Runtime { source, .. } => source.reason(),
+            PullError::Stalled { .. } => "stalled",
+            PullError::Timeout { .. } => "timeout",
+            PullError::NoRoom { .. } => "no_room",
+            PullError::Credentials { .. } => "credentials",
+            PullError::ShuttingDown { .. } => "shutdown",
+            PullError::Index { .. } => "index",
+        }
+    }
+}
+
 /// One line that leads with what happened, then the runtime's own words.
 fn runtime_failure(image: &str, what: &str, e: &RuntimeError) -> String {
     use crate::runtime::RuntimeErrorKind::*;
@@ -238,6 +279,7 @@ pub struct Puller {
     global: Arc<Semaphore>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     inflight: Flights,
+    queue: Arc<Queue>,
     background: Background,
 }
 
@@ -259,6 +301,7 @@ impl Puller {
             settings,
             per_registry: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            queue: Arc::default(),
             background,
         }
     }
@@ -312,11 +355,16 @@ impl Puller {
                 )
             }
         };
+        let who = Requester {
+            uid: req.requester,
+            progress: req.progress.clone(),
+        };
         let work = self.decide_and_pull(
             &image,
             policy,
             req.credentials.as_ref(),
             fingerprint.as_deref(),
+            &who,
         );
         let metrics = Arc::clone(self.cache.metrics());
         let policy_name = policy.to_string();
@@ -327,24 +375,33 @@ impl Puller {
                 after: format_duration(deadline),
             }),
         };
-        metrics.observe_pull(started.elapsed());
-        let (rt_image, action, verified, stale) = match outcome {
-            Ok(x) => x,
-            Err(e) => {
-                metrics.inc(
-                    "cimage_pulls_total",
-                    &[("policy", &policy_name), ("outcome", "failed")],
-                );
-                return Err(e);
-            }
+        let result = match &outcome {
+            Ok((_, action, _, _)) => action.as_str(),
+            Err(_) => "failed",
         };
+        if let Err(e @ PullError::Registry { .. }) = &outcome {
+            metrics.inc(
+                "cimage_pull_failures_total",
+                &[("registry", image.registry()), ("reason", e.reason())],
+            );
+        }
+        metrics.observe(
+            "cimage_request_duration_seconds",
+            &[("result", result)],
+            started.elapsed().as_secs_f64(),
+        );
+        metrics.inc(
+            "cimage_requests_total",
+            &[("policy", &policy_name), ("result", result)],
+        );
+        // The series of earlier releases (deprecated: cimage_requests_total counts the same).
         metrics.inc(
             "cimage_pulls_total",
-            &[("policy", &policy_name), ("outcome", action.as_str())],
+            &[("policy", &policy_name), ("outcome", result)],
         );
-        match action {
-            Action::Cached => metrics.inc("cimage_cache_hits_total", &[]),
-            Action::Pulled => metrics.add("cimage_pulled_bytes_total", &[], rt_image.size),
+        let (rt_image, action, verified, stale) = outcome?;
+        if action == Action::Cached {
+            metrics.inc("cimage_cache_hits_total", &[]);
         }
         let digest = image
             .digest()

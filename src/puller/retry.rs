@@ -25,11 +25,13 @@ impl Transient for RegistryError {
     }
 }
 
-/// Runs `op`, retrying transient failures up to `retries` times with exponential backoff.
+/// Runs `op`, retrying transient failures up to `retries` times with exponential backoff;
+/// `on_retry` hears each failure that is retried.
 pub(super) async fn retry<T, E, F, Fut>(
     retries: u32,
     backoff: Duration,
     what: &str,
+    mut on_retry: impl FnMut(&E),
     mut op: F,
 ) -> Result<T, E>
 where
@@ -42,6 +44,7 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && attempt < retries => {
+                on_retry(&e);
                 let delay = backoff * 2u32.pow(attempt);
                 attempt += 1;
                 warn!(attempt, retries, delay_ms = delay.as_millis() as u64, error = %e, "{what} failed, retrying");

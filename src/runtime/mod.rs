@@ -30,6 +30,18 @@ pub struct ImageFsUsage {
     pub used_bytes: u64,
 }
 
+/// One blob the runtime is downloading right now (an in-flight ingest of containerd's content
+/// store). It disappears once the blob is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ingest {
+    /// The blob's digest (`sha256:…`), as the manifest names it.
+    pub digest: String,
+    /// Bytes received so far.
+    pub offset: u64,
+    /// The blob's size, when the runtime knows it (0 otherwise).
+    pub total: u64,
+}
+
 /// What kind of failure a runtime call had; decides retries and the caller's status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeErrorKind {
@@ -61,6 +73,19 @@ pub struct RuntimeError {
 }
 
 impl RuntimeError {
+    /// The `reason` label of metrics: `unavailable`, `not_found`, `unauthorized`, `timeout`,
+    /// `transient` or `other`.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            RuntimeErrorKind::Unavailable => "unavailable",
+            RuntimeErrorKind::NotFound => "not_found",
+            RuntimeErrorKind::Unauthorized => "unauthorized",
+            RuntimeErrorKind::DeadlineExceeded => "timeout",
+            RuntimeErrorKind::Transient => "transient",
+            RuntimeErrorKind::Other => "other",
+        }
+    }
+
     /// Whether retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -94,6 +119,16 @@ pub trait ImageRuntime: Send + Sync {
     /// The images of every container the runtime knows, in any state and whoever created it
     /// (ids and the names they were created by), as kubelet's image GC counts them.
     async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError>;
+    /// The downloads under way, with their bytes; `None` when the runtime cannot tell (CRI has
+    /// no such call: containerd answers through its content service, CRI-O does not at all).
+    async fn downloads(&self) -> Result<Option<Vec<Ingest>>, RuntimeError> {
+        Ok(None)
+    }
+    /// Whether the runtime already holds blob `digest` (a layer shared with another image is
+    /// not downloaded again); `None` when it cannot tell.
+    async fn has_blob(&self, _digest: &str) -> Result<Option<bool>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 /// An in-memory runtime for unit tests: images appear when "pulled" from a fake registry table.
@@ -126,6 +161,10 @@ pub mod fake {
         pub container_images: Mutex<Vec<String>>,
         /// ListContainers fails.
         pub containers_unknown: std::sync::atomic::AtomicBool,
+        /// What `downloads` answers (`None`: the runtime cannot tell, as CRI-O).
+        pub ingests: Mutex<Option<Vec<Ingest>>>,
+        /// Blobs `has_blob` reports as held.
+        pub blobs: Mutex<Vec<String>>,
         running: AtomicUsize,
     }
 
@@ -243,6 +282,13 @@ pub mod fake {
                 }),
                 false => Ok(self.container_images.lock().unwrap().clone()),
             }
+        }
+        async fn downloads(&self) -> Result<Option<Vec<Ingest>>, RuntimeError> {
+            Ok(self.ingests.lock().unwrap().clone())
+        }
+        async fn has_blob(&self, digest: &str) -> Result<Option<bool>, RuntimeError> {
+            let known = self.ingests.lock().unwrap().is_some();
+            Ok(known.then(|| self.blobs.lock().unwrap().iter().any(|b| b == digest)))
         }
     }
 }

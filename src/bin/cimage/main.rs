@@ -6,7 +6,9 @@ mod images;
 mod jobs;
 mod pin;
 mod prewarm;
+mod progress;
 mod pull;
+mod pulls;
 mod rm;
 mod run;
 mod status;
@@ -46,8 +48,10 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Make an image ready on this node under a pull policy.
+    /// Make an image ready on this node under a pull policy, showing the pull as it moves.
     Pull(pull::Args),
+    /// List the pulls in flight and queued: image, phase, bytes, requesters, age.
+    Pulls(pulls::Args),
     /// List the images the node holds, with usage.
     Images(images::ListArgs),
     /// Show one image (by reference, id or id prefix).
@@ -212,6 +216,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Pull(a) => pull::run(&cli.socket, a).await,
+        Command::Pulls(a) => pulls::run(&cli.socket, a).await,
         Command::Images(a) => images::list(&cli.socket, a).await,
         Command::Inspect(a) => images::inspect(&cli.socket, a).await,
         Command::Rm(a) => rm::run(&cli.socket, a).await,

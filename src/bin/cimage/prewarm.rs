@@ -221,10 +221,26 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             println!("running schedule {} ...", a.name);
+            let mut view = crate::progress::PullView::new(Output::Table);
             while let Some(p) = stream.next().await {
-                match p?.progress {
-                    Some(pb::run_progress::Progress::Image(i)) => print_image(&i),
+                let p = match p {
+                    Ok(p) => p,
+                    Err(s) => {
+                        view.clear();
+                        return Err(s.into());
+                    }
+                };
+                match p.progress {
+                    Some(pb::run_progress::Progress::Started(image)) => {
+                        view.note(&format!("  {image}: started"));
+                    }
+                    Some(pb::run_progress::Progress::Pulling(p)) => view.update(&p),
+                    Some(pb::run_progress::Progress::Image(i)) => {
+                        view.finish(&i.image);
+                        print_image(&i);
+                    }
                     Some(pb::run_progress::Progress::Done(r)) => {
+                        view.clear();
                         let bytes: u64 = r.images.iter().map(|i| i.bytes).sum();
                         println!(
                             "run {}: {} images, {} pulled",

@@ -6,7 +6,9 @@ use cimage::api::pb;
 use cimage::policy::PullPolicy;
 use serde_json::json;
 
+use crate::progress::PullView;
 use crate::{check_image_arg, connect, human_size, Failure, Output};
+use futures::StreamExt;
 
 /// Arguments of `cimage pull`.
 #[derive(clap::Args, Debug)]
@@ -24,19 +26,42 @@ pub struct Args {
     auth: crate::auth::AuthArgs,
 }
 
-/// Runs `cimage pull`.
+/// Runs `cimage pull`: the pull's progress on stderr while it moves, the result on stdout.
 pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     check_image_arg(&args.image, false)?;
     let policy = crate::policy_pb(args.policy);
     let mut client = connect(socket).await?;
-    let r = client
-        .pull(pb::PullRequest {
+    let mut stream = client
+        .pull_stream(pb::PullRequest {
             credentials: args.auth.credentials(&args.image)?,
-            image: args.image,
+            image: args.image.clone(),
             policy: policy as i32,
         })
         .await?
         .into_inner();
+    let mut view = PullView::new(args.output);
+    let mut done = None;
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(s) => {
+                view.clear();
+                return Err(s.into());
+            }
+        };
+        match ev.event {
+            Some(pb::pull_event::Event::Progress(p)) => view.update(&p),
+            Some(pb::pull_event::Event::Done(r)) => done = Some(r),
+            None => {}
+        }
+    }
+    view.clear();
+    let Some(r) = done else {
+        return Err(Failure(format!(
+            "cimaged ended the pull of {} without a result",
+            args.image
+        )));
+    };
     match args.output {
         Output::Json => println!(
             "{}",
@@ -51,19 +76,20 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                 "stale": r.stale,
             })
         ),
-        Output::Table => println!(
-            "{} {} ({}, {}) in {:.3}s under policy {}",
-            r.action,
-            r.image,
-            if r.digest.is_empty() {
-                &r.image_id
-            } else {
-                &r.digest
-            },
-            human_size(r.size),
-            r.seconds,
-            r.policy
-        ),
+        Output::Table => {
+            println!(
+                "{} {} ({}) in {:.3}s under policy {}",
+                r.action,
+                r.image,
+                human_size(r.size),
+                r.seconds,
+                r.policy
+            );
+            if !r.digest.is_empty() {
+                println!("  manifest digest: {}", r.digest);
+            }
+            println!("  image id:        {}", r.image_id);
+        }
     }
     if r.stale {
         eprintln!(

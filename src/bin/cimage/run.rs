@@ -139,6 +139,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     let mut exit: Option<u8> = None;
     let mut failure: Option<String> = None;
     let mut interrupts = 0;
+    let mut view = crate::progress::PullView::new(crate::Output::Table);
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| Failure(format!("cannot handle SIGINT: {e}")))?;
     loop {
@@ -192,7 +193,12 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
                 ));
             }
             Some(E::SandboxReady(s)) => verbose(format!("SandboxReady {}", s.sandbox_id)),
-            Some(E::ImageReady(i)) => verbose(format!("ImageReady {} ({})", i.image, i.action)),
+            Some(E::ImagePulling(p)) if args.verbose => view.update(&p),
+            Some(E::ImagePulling(_)) => {}
+            Some(E::ImageReady(i)) => {
+                view.clear();
+                verbose(format!("ImageReady {} ({})", i.image, i.action))
+            }
             Some(E::ContainerCreated(c)) => verbose(format!("ContainerCreated {}", c.container_id)),
             Some(E::Started(_)) => verbose("Started".into()),
             Some(E::Output(o)) => {
@@ -216,6 +222,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
                 exit = Some(x.exit_code.clamp(0, 255) as u8);
             }
             Some(E::Failed(f)) => {
+                view.clear();
                 failure = Some(format!(
                     "task {} failed at {}: {}",
                     ev.task_id, f.stage, f.message

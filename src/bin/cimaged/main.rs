@@ -128,6 +128,10 @@ fn print_settings(s: &Settings, w: &Wiring) {
     }
     println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
     println!("pull timeout:     {}", format_duration(ic.pull_timeout));
+    println!(
+        "pull stall after: {}",
+        format_duration(ic.pull_stall_timeout)
+    );
     println!("pull retries:     {}", ic.pull_retries);
     println!(
         "reconcile every:  {}",
@@ -235,6 +239,11 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     index.set_popularity_half_life(ic.prewarm.popularity_half_life);
     index.set_forget_absent_after(ic.prewarm.forget_absent_after);
     let metrics = Arc::new(Metrics::default());
+    metrics.set_labelled(
+        "cimage_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1.0,
+    );
     // Every task the daemon spawns is tracked here; shutdown cancels its token and waits.
     let background = Background::new();
     let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
@@ -302,9 +311,10 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     background.spawn(prewarm.clone().timer());
     if let Some(addr) = &ic.metrics_addr {
         let addr = addr.parse().context("ImageCache.MetricsAddr")?;
+        let listener = api::http::bind(addr).await?;
         let (m, c, bg) = (metrics.clone(), cache.clone(), background.clone());
         background.spawn(async move {
-            if let Err(e) = api::http::serve(addr, m, c, bg).await {
+            if let Err(e) = api::http::serve(listener, m, c, bg).await {
                 error!("metrics endpoint stopped: {e}");
             }
         });
@@ -357,7 +367,14 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
     let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin, background.clone());
-    let images = ImageCacheApi::new(puller, cache, runtime, admin, store.instance().to_owned());
+    let images = ImageCacheApi::new(
+        puller,
+        cache,
+        runtime,
+        admin,
+        store.instance().to_owned(),
+        background.clone(),
+    );
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
     let bg = background.clone();

@@ -66,6 +66,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
                 .collect::<HashMap<_, _>>(),
             pull_timeout: ic.pull_timeout,
+            stall_timeout: ic.pull_stall_timeout,
             retries: ic.pull_retries,
             backoff: DEFAULT_BACKOFF,
             verify: match ic.auth.verify {
