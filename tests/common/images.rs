@@ -103,6 +103,8 @@ pub struct Pushed {
     pub blobs: Vec<String>,
     /// Bytes of the layer and config blobs as stored (what the runtime reports as its size).
     pub size: u64,
+    /// Bytes of the layer blobs alone (what a pull's progress counts).
+    pub layer_bytes: u64,
 }
 
 fn sha(data: &[u8]) -> String {
@@ -138,6 +140,7 @@ pub async fn push_with(
     let mut diff_ids = Vec::new();
     let mut blobs = Vec::new();
     let mut size = 0u64;
+    let mut layer_bytes = 0u64;
     for l in layers {
         let raw = l.tar(true);
         diff_ids.push(sha(&raw));
@@ -146,6 +149,7 @@ pub async fn push_with(
         let gz = gz.finish().unwrap();
         blobs.push(sha(&gz));
         size += gz.len() as u64;
+        layer_bytes += gz.len() as u64;
         oci_layers.push(ImageLayer::new(
             gz,
             IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
@@ -213,5 +217,6 @@ pub async fn push_with(
         digest,
         blobs,
         size,
+        layer_bytes,
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod proxy;
 pub mod token;
 
 use std::collections::HashMap;
@@ -244,8 +245,14 @@ impl Daemon {
                 self.testbed.registry
             ));
         }
+        // A test may set its own retries.
+        let retries = if self.extra_config.contains("PullRetries:") {
+            ""
+        } else {
+            "  PullRetries: 2\n"
+        };
         let text = format!(
-            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  NodeKeyFile: {base}/node.key\n  PullRetries: 2\n  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{launcher}{extra}",
+            "CraneBaseDir: {base}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {sock}\n  StateDir: state/\n  NodeKeyFile: {base}/node.key\n{retries}  Launcher:\n    AllowedMountPrefixes: [{base}/scratch]\n    StopGracePeriod: 3s\n{launcher}{extra}",
             base = self.dir.path().display(),
             cri = self.testbed.cri.display(),
             sock = self.socket().display(),

@@ -248,7 +248,11 @@ mod tests {
         let mut f = progress("failed", 0);
         f.attempt = 3;
         f.error = "no progress for 2m0s from r".into();
-        assert!(text_line(&f).ends_with(": no progress for 2m0s from r"), "{}", text_line(&f));
+        assert!(
+            text_line(&f).ends_with(": no progress for 2m0s from r"),
+            "{}",
+            text_line(&f)
+        );
     }
 
     #[test]
