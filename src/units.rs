@@ -192,6 +192,23 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Bytes in binary units, one decimal: `512 B`, `1.5 MiB`, `12.0 GiB` (every size cimage
+/// prints for people goes through here).
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// A span as a clock reads it, largest unit first and every smaller one shown: `2m0s`,
 /// `1h5m30s`, `45s`, `1.5s`, `250ms` (what `ImageCache.PullStallTimeout` messages say).
 pub fn format_span(d: Duration) -> String {

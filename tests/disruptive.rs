@@ -37,7 +37,7 @@ fn registry_down_cached_images_still_serve_and_always_fails_clearly() {
         );
     }
     let out = d.cli(&["pull", &pushed.reference, "--policy", "Always"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "unavailable: try again");
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
@@ -58,7 +58,7 @@ fn registry_down_cached_images_still_serve_and_always_fails_clearly() {
     assert!(lenient.log().contains("serving the cached copy unchecked"));
     let absent = format!("{}/never-pushed-{}:1", tb.registry, rand::random::<u32>());
     let out = lenient.cli(&["pull", &absent, "--policy", "Always"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
 #[test]

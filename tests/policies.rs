@@ -21,7 +21,7 @@ fn never_on_absent_image_errors_and_contacts_nothing() {
     let repo = pushed.repo.clone();
     let mark = tb.registry_log_mark();
     let out = d.cli(&["pull", &pushed.reference, "--policy", "Never"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "not present under Never");
     assert_eq!(
         stderr(&out).trim(),
         format!(
@@ -254,7 +254,7 @@ fn non_root_caller_cannot_remove_or_pin() {
     assert!(d.cli_as(nobody, &["images"]).status.success());
     for verb in ["rm", "pin", "unpin"] {
         let out = d.cli_as(nobody, &[verb, &pushed.reference]);
-        assert_eq!(out.status.code(), Some(1), "{verb}");
+        assert_eq!(out.status.code(), Some(5), "{verb}: permission denied");
         let err = stderr(&out);
         assert!(
             err.contains("admin call") && err.contains("uid 65534"),
@@ -282,7 +282,7 @@ fn malformed_reference_is_refused_before_anything_is_contacted() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     let err = stderr(&out);
     assert!(
         err.contains("invalid image reference \"Not/A:Valid:Ref\""),

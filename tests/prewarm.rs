@@ -287,7 +287,7 @@ fn bad_schedules_are_refused_with_the_reason() {
         let mut all = vec!["prewarm", "add", "bad"];
         all.extend(args);
         let out = d.cli(&all);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2), "bad input is a usage error");
         assert!(stderr(&out).contains(want), "{}", stderr(&out));
     }
     let ls: serde_json::Value =

@@ -43,7 +43,7 @@ fn basic_auth_over_tls_with_right_wrong_and_missing_credentials() {
     let (user, pw) = &tb.alice;
 
     let out = d.cli(&["pull", &image]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5), "refused: permission denied");
     let err = stderr(&out);
     assert!(
         err.contains(&image) && err.contains("refused access"),
@@ -54,7 +54,7 @@ fn basic_auth_over_tls_with_right_wrong_and_missing_credentials() {
         &["pull", &image, "--username", user, "--password-stdin"],
         "wrong-password\n",
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     let err = stderr(&out);
     assert!(
         err.contains(&image) && err.contains("refused access"),

@@ -23,6 +23,8 @@ pub struct ImageCacheApi {
     admin: AdminPolicy,
     instance: String,
     background: Background,
+    prewarm: Option<Arc<crate::prewarm::Prewarmer>>,
+    metrics_addr: Option<String>,
 }
 
 impl ImageCacheApi {
@@ -43,7 +45,20 @@ impl ImageCacheApi {
             admin,
             instance,
             background,
+            prewarm: None,
+            metrics_addr: None,
         }
+    }
+
+    /// What `status` also reports: the pre-warm schedules' next fires and the metrics address.
+    pub fn with_status_of(
+        mut self,
+        prewarm: Arc<crate::prewarm::Prewarmer>,
+        metrics_addr: Option<String>,
+    ) -> Self {
+        self.prewarm = Some(prewarm);
+        self.metrics_addr = metrics_addr;
+        self
     }
 
     /// The request as the puller takes it.
@@ -379,24 +394,45 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         caller(&req)?;
-        let (runtime_ok, runtime_message) = match self.runtime.image_fs_info().await {
+        let (runtime_ok, runtime_message, mountpoint) = match self.runtime.image_fs_info().await {
             Ok(fs) => (
                 true,
                 fs.iter()
                     .map(|f| {
                         format!(
-                            "image filesystem {} uses {} bytes",
-                            f.mountpoint, f.used_bytes
+                            "images on {} take {}",
+                            f.mountpoint,
+                            crate::units::format_size(f.used_bytes)
                         )
                     })
                     .collect::<Vec<_>>()
                     .join("; "),
+                fs.first().map(|f| f.mountpoint.clone()).unwrap_or_default(),
             ),
-            Err(e) => (false, e.to_string()),
+            Err(e) => (false, e.to_string(), String::new()),
         };
         let (index_ok, images) = match self.cache.list().await {
             Ok(l) => (true, l.len() as u64),
             Err(_) => (false, 0),
+        };
+        let fs = self.cache.image_fs_usage().await;
+        let (high, low) = self.cache.watermarks().unwrap_or((0.0, 0.0));
+        let pulls = self.puller.pulls();
+        let queued = self.puller.queued();
+        let schedules = match &self.prewarm {
+            Some(p) => p
+                .list()
+                .await
+                .map(|l| {
+                    l.into_iter()
+                        .map(|i| pb::ScheduleFire {
+                            name: i.spec.name,
+                            next_fire: i.next_fire.unwrap_or(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
         };
         Ok(Response::new(pb::StatusResponse {
             runtime_ok,
@@ -405,6 +441,16 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             images,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             last_reconcile: self.cache.last_reconcile(),
+            image_fs_used_bytes: fs.map(|f| f.used).unwrap_or(0),
+            image_fs_size_bytes: fs.map(|f| f.total).unwrap_or(0),
+            image_fs_mountpoint: mountpoint,
+            eviction_enabled: self.cache.eviction_enabled(),
+            high_percent: high,
+            low_percent: low,
+            pulls_in_flight: pulls.len() as u32,
+            pulls_queued: queued as u32,
+            schedules,
+            metrics_addr: self.metrics_addr.clone().unwrap_or_default(),
             instance: self.instance.clone(),
         }))
     }

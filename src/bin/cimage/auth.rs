@@ -33,10 +33,10 @@ impl AuthArgs {
             std::io::stdin()
                 .lock()
                 .read_line(&mut line)
-                .map_err(|e| Failure(format!("reading the password from standard input: {e}")))?;
+                .map_err(|e| Failure::new(format!("reading the password from standard input: {e}")))?;
             let password = line.trim_end_matches(['\n', '\r']).to_owned();
             if password.is_empty() {
-                return Err(Failure(
+                return Err(Failure::new(
                     "--password-stdin read an empty password from standard input".into(),
                 ));
             }
@@ -49,13 +49,13 @@ impl AuthArgs {
             return Ok(None);
         };
         let registry = ImageRef::parse(image)
-            .map_err(|e| Failure(e.to_string()))?
+            .map_err(|e| Failure::new(e.to_string()))?
             .registry()
             .to_owned();
         let c = cimage::credentials::from_auth_file(path, &registry)
-            .map_err(|e| Failure(e.to_string()))?
+            .map_err(|e| Failure::new(e.to_string()))?
             .ok_or_else(|| {
-                Failure(format!(
+                Failure::new(format!(
                     "auth file {} has no credentials for registry {registry}",
                     path.display()
                 ))
@@ -90,7 +90,7 @@ mod tests {
             (c.username.as_str(), c.password.as_str()),
             ("alice", "s3cret")
         );
-        let e = args.credentials("127.0.0.1:5000/app:1").err().unwrap().0;
+        let e = args.credentials("127.0.0.1:5000/app:1").err().unwrap().message;
         assert!(
             e.contains("no credentials for registry 127.0.0.1:5000") && !e.contains("s3cret"),
             "{e}"

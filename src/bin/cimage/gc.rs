@@ -16,7 +16,7 @@ pub struct GcArgs {
     dry_run: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// Arguments of `cimage top`.
@@ -27,7 +27,7 @@ pub struct TopArgs {
     limit: u32,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 fn name(i: &Option<pb::Image>) -> String {

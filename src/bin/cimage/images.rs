@@ -12,7 +12,7 @@ use crate::{check_image_arg, connect, human_size, rfc3339, Failure, Output};
 pub struct ListArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// Arguments of `cimage inspect`.
@@ -22,7 +22,7 @@ pub struct InspectArgs {
     image: String,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// The manifest digest of an image: the part after `@` of its first digest reference.

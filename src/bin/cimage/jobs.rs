@@ -12,7 +12,7 @@ use crate::{connect, rfc3339, Failure, Output};
 pub struct JobsArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// Arguments of `cimage end-job`.

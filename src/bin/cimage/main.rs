@@ -28,7 +28,7 @@ use cimage::reference::ImageRef;
 /// Pull images under a pull policy, list and inspect what the node holds, run job steps in
 /// containers, and (as root or a member of ImageCache.AdminGroup) remove and pin images.
 #[derive(Parser, Debug)]
-#[command(version, propagate_version = true)]
+#[command(version, propagate_version = true, after_help = EXIT_TABLE)]
 struct Cli {
     /// cimaged's API socket.
     #[arg(long, global = true, env = "CIMAGE_SOCKET", default_value = cimage::config::DEFAULT_SOCKET)]
@@ -90,20 +90,101 @@ enum Command {
     },
 }
 
-/// A failure to report: one line on stderr, non-zero exit.
+/// How a command ended, as its exit status says. Every command uses these; `run` and `exec`
+/// exit with the step's own code instead (125 when it could not be launched, 126 when cimaged
+/// went away while it may still run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 1: the command failed.
+    Failed = 1,
+    /// 2: bad usage: an unknown flag, a malformed argument.
+    Usage = 2,
+    /// 3: not found, or not present under pull policy Never.
+    NotFound = 3,
+    /// 4: unavailable (a registry, the runtime or cimaged itself; try again), or `status`
+    /// found cimaged unhealthy.
+    Unavailable = 4,
+    /// 5: permission denied (an admin call, another user's task, a registry's refusal).
+    Denied = 5,
+}
+
+impl Exit {
+    /// The `code` of a JSON error.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exit::Failed => "failed",
+            Exit::Usage => "usage",
+            Exit::NotFound => "not_found",
+            Exit::Unavailable => "unavailable",
+            Exit::Denied => "permission_denied",
+        }
+    }
+}
+
+/// The exit-status table, as `--help` prints it.
+const EXIT_TABLE: &str = "Exit status: 0 ok; 1 failed; 2 usage (a bad flag or argument); 3 not found, or \
+not present under --policy Never; 4 unavailable (a registry, the runtime or cimaged: try again; \
+also `status` when unhealthy); 5 permission denied. `run` exits with the step's code (125: not \
+launched, 126: cimaged went away while the step may still run). With -o json a failure also \
+prints {\"error\": {\"code\", \"exit\", \"message\"}} on stdout.";
+
+/// A failure to report: one line on stderr (and a JSON error on stdout under `-o json`), and
+/// its exit status.
 #[derive(Debug)]
-pub struct Failure(pub String);
+pub struct Failure {
+    /// What went wrong, in one line.
+    pub message: String,
+    /// The exit status it means.
+    pub exit: Exit,
+}
+
+impl Failure {
+    /// A failure (exit 1).
+    pub fn new(message: String) -> Self {
+        Self {
+            message,
+            exit: Exit::Failed,
+        }
+    }
+
+    /// Bad usage (exit 2).
+    pub fn usage(message: String) -> Self {
+        Self {
+            message,
+            exit: Exit::Usage,
+        }
+    }
+
+    /// Something to try again later (exit 4).
+    pub fn unavailable(message: String) -> Self {
+        Self {
+            message,
+            exit: Exit::Unavailable,
+        }
+    }
+}
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        Failure(s.message().to_owned())
+        use tonic::Code;
+        let exit = match s.code() {
+            Code::NotFound => Exit::NotFound,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => Exit::Unavailable,
+            Code::PermissionDenied | Code::Unauthenticated => Exit::Denied,
+            Code::InvalidArgument => Exit::Usage,
+            _ => Exit::Failed,
+        };
+        Failure {
+            message: s.message().to_owned(),
+            exit,
+        }
     }
 }
 
 /// Connects to cimaged, failing with a message that says what to check.
 pub async fn connect(socket: &Path) -> Result<ImageCacheClient<Channel>, Failure> {
     if let Err(e) = tokio::net::UnixStream::connect(socket).await {
-        return Err(Failure(format!(
+        return Err(Failure::unavailable(format!(
             "cannot reach cimaged at {}: {e} (is cimaged running? use --socket or CIMAGE_SOCKET)",
             socket.display()
         )));
@@ -131,7 +212,7 @@ pub fn check_image_arg(arg: &str, ids: bool) -> Result<(), Failure> {
     }
     ImageRef::parse(arg)
         .map(|_| ())
-        .map_err(|e| Failure(e.to_string()))
+        .map_err(|e| Failure::usage(e.to_string()))
 }
 
 /// The API value of a pull policy given on the command line.
@@ -146,20 +227,9 @@ pub fn policy_pb(p: Option<cimage::policy::PullPolicy>) -> cimage::api::pb::Pull
     }
 }
 
-/// Bytes in binary units, e.g. `12.3 MiB`.
+/// Bytes in binary units, e.g. `12.3 MiB` ([`cimage::units::format_size`]).
 pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    cimage::units::format_size(n)
 }
 
 /// Unix milliseconds as RFC 3339 UTC (`2026-11-27T17:04:03Z`); `None` for 0 (never).
@@ -194,11 +264,12 @@ async fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of one signal, before any thread writes.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    let json = cli.command.prints_json();
     let result = match cli.command {
         Command::Run(a) => match run::run(&cli.socket, a).await {
             Ok(code) => return ExitCode::from(code),
-            Err(Failure(msg)) => {
-                eprintln!("cimage: {msg}");
+            Err(f) => {
+                eprintln!("cimage: {}", f.message);
                 return ExitCode::from(run::LAUNCH_FAILED);
             }
         },
@@ -226,10 +297,41 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(msg)) => {
-            eprintln!("cimage: {msg}");
-            ExitCode::FAILURE
+        Err(f) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {
+                        "code": f.exit.name(),
+                        "exit": f.exit as u8,
+                        "message": f.message,
+                    }})
+                );
+            }
+            eprintln!("cimage: {}", f.message);
+            ExitCode::from(f.exit as u8)
         }
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON (`-o json`): a failure is then reported on stdout
+    /// as JSON too.
+    fn prints_json(&self) -> bool {
+        let o = match self {
+            Command::Pull(a) => a.output,
+            Command::Pulls(a) => a.output,
+            Command::Images(a) => a.output,
+            Command::Inspect(a) => a.output,
+            Command::Status(a) => a.output,
+            Command::Ps(a) => a.output,
+            Command::Jobs(a) => a.output,
+            Command::Gc(a) => a.output,
+            Command::Top(a) => a.output,
+            Command::Prewarm(c) => c.output(),
+            _ => Output::Table,
+        };
+        o == Output::Json
     }
 }
 

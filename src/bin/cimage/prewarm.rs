@@ -24,6 +24,17 @@ pub enum Command {
     History(HistoryArgs),
 }
 
+impl Command {
+    /// The output format asked for (table for subcommands without one).
+    pub fn output(&self) -> Output {
+        match self {
+            Command::Ls(a) => a.output,
+            Command::History(a) => a.output,
+            _ => Output::Table,
+        }
+    }
+}
+
 /// Arguments of `cimage prewarm add`.
 #[derive(clap::Args, Debug)]
 #[command(
@@ -249,7 +260,7 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                             human_size(bytes)
                         );
                         if r.outcome == "failed" || r.outcome == "partial" {
-                            return Err(Failure(format!(
+                            return Err(Failure::new(format!(
                                 "pre-warm run of {} was {}",
                                 a.name, r.outcome
                             )));

@@ -21,7 +21,7 @@ pub struct Args {
     policy: Option<PullPolicy>,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
     #[command(flatten)]
     auth: crate::auth::AuthArgs,
 }
@@ -57,7 +57,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     }
     view.clear();
     let Some(r) = done else {
-        return Err(Failure(format!(
+        return Err(Failure::new(format!(
             "cimaged ended the pull of {} without a result",
             args.image
         )));

@@ -19,7 +19,7 @@ admin sees the pulls it waits on and those made without credentials."
 pub struct Args {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// A span in the largest whole units: `45s`, `3m12s`, `2h5m`.

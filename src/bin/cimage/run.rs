@@ -141,7 +141,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     let mut interrupts = 0;
     let mut view = crate::progress::PullView::new(crate::Output::Table);
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Failure(format!("cannot handle SIGINT: {e}")))?;
+        .map_err(|e| Failure::new(format!("cannot handle SIGINT: {e}")))?;
     loop {
         let next = tokio::select! {
             n = stream.next() => n,
@@ -207,7 +207,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
                 } else {
                     std::io::stdout().write_all(&o.data)
                 };
-                r.map_err(|e| Failure(format!("writing output: {e}")))?;
+                r.map_err(|e| Failure::new(format!("writing output: {e}")))?;
             }
             Some(E::Exited(x)) => {
                 let sig = if x.signal > 0 {

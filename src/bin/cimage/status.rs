@@ -12,7 +12,7 @@ use crate::{connect, rfc3339, Failure, Output};
 pub struct Args {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// Runs `cimage status`; fails (exit 1) when the runtime or the index is unhealthy.
@@ -53,6 +53,6 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     if s.runtime_ok && s.index_ok {
         Ok(())
     } else {
-        Err(Failure("cimaged is unhealthy (see above)".into()))
+        Err(Failure::unavailable("cimaged is unhealthy (see above)".into()))
     }
 }

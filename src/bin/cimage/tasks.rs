@@ -17,7 +17,7 @@ pub struct PsArgs {
     all: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
 }
 
 /// Arguments of `cimage logs`.
@@ -111,7 +111,7 @@ pub async fn logs(socket: &Path, args: LogsArgs) -> Result<(), Failure> {
         } else {
             std::io::stdout().write_all(&chunk.data)
         };
-        r.map_err(|e| Failure(format!("writing output: {e}")))?;
+        r.map_err(|e| Failure::new(format!("writing output: {e}")))?;
     }
     Ok(())
 }

@@ -366,7 +366,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
-    let maintenance = MaintenanceApi::new(cache.clone(), prewarm, admin, background.clone());
+    let maintenance = MaintenanceApi::new(cache.clone(), prewarm.clone(), admin, background.clone());
     let images = ImageCacheApi::new(
         puller,
         cache,
@@ -374,7 +374,8 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         admin,
         store.instance().to_owned(),
         background.clone(),
-    );
+    )
+    .with_status_of(prewarm, ic.metrics_addr.clone());
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
     let bg = background.clone();
