@@ -49,9 +49,9 @@ fn every_policy_row_against_the_real_runtime() {
     // IfNotPresent, absent: pulled, and the runtime has it (ctr as witness).
     let j = d.pull_json(&image, Some("IfNotPresent"));
     assert_eq!(j["action"], "pulled");
-    assert_eq!(j["digest"], v1.digest.as_str());
+    assert_eq!(j["manifest_digest"], v1.digest.as_str());
     assert_eq!(j["image"], image.as_str());
-    assert!(j["seconds"].as_f64().unwrap() > 0.0);
+    assert!(j["elapsed_seconds"].as_f64().unwrap() > 0.0);
     assert!(ctr_images(&tb).contains(&image));
 
     // IfNotPresent and Never, present: cached, and the registry hears nothing.
@@ -98,7 +98,7 @@ fn every_policy_row_against_the_real_runtime() {
     assert_ne!(v1.digest, v2.digest);
     let j = d.pull_json(&image, Some("Always"));
     assert_eq!(
-        (j["action"].as_str(), j["digest"].as_str()),
+        (j["action"].as_str(), j["manifest_digest"].as_str()),
         (Some("pulled"), Some(v2.digest.as_str()))
     );
 
@@ -174,7 +174,7 @@ fn every_policy_row_against_the_real_runtime() {
     for key in [
         "digest",
         "names",
-        "size",
+        "size_bytes",
         "last_used",
         "use_count",
         "pinned",
@@ -182,7 +182,7 @@ fn every_policy_row_against_the_real_runtime() {
         assert!(rec.get(key).is_some(), "images -o json lacks {key}: {rec}");
     }
     assert_eq!(rec["use_count"], 1);
-    assert!(rec["size"].as_u64().unwrap() > 1024);
+    assert!(rec["size_bytes"].as_u64().unwrap() > 1024);
 }
 
 #[test]

@@ -58,7 +58,7 @@ fn a_schedule_pulls_its_images_and_records_history() {
     let image = &first["images"][0];
     assert_eq!(image["image"], img.reference.as_str());
     assert_eq!(image["outcome"], "pulled");
-    assert!(image["bytes"].as_u64().unwrap() > 2048);
+    assert!(image["pulled_bytes"].as_u64().unwrap() > 2048);
     assert!(ctr_images(&tb).contains(&img.reference));
     // Later runs find it current.
     wait_for(&d, "a cached run", Duration::from_secs(15), || {
@@ -213,7 +213,7 @@ fn top_two_refresh_and_jitter() {
         .collect();
     let jitters: Vec<u64> = runs
         .iter()
-        .map(|r| r["jitter_ms"].as_u64().unwrap())
+        .map(|r| (r["jitter_seconds"].as_f64().unwrap() * 1000.0).round() as u64)
         .collect();
     assert!(jitters.iter().all(|j| *j <= 1000), "{jitters:?}");
     assert!(

@@ -246,7 +246,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
         let r = req.into_inner();
         let rx = self
             .launcher
-            .logs(who, &r.task_id, r.follow)
+            .logs(who, &r.task_id, r.follow, r.tail)
             .await
             .map_err(|e| launch_status(&e))?;
         let stream = ReceiverStream::new(rx).map(|c| Ok(chunk_pb(c)));

@@ -398,7 +398,14 @@ impl Cache {
         let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
         if let Some(rest) = image.strip_prefix("sha256:") {
             if rest.len() == 64 && hex(rest) {
-                return Ok(image.to_owned());
+                // An image id, or the manifest digest `pull` reports: both name one image.
+                let suffix = format!("@{image}");
+                let by_digest = self
+                    .list()
+                    .await?
+                    .into_iter()
+                    .find(|r| r.id != image && r.digests.iter().any(|d| d.ends_with(&suffix)));
+                return Ok(by_digest.map(|r| r.id).unwrap_or_else(|| image.to_owned()));
             }
         }
         if image.len() >= 6 && hex(image) && image.len() <= 64 {

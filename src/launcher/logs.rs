@@ -92,6 +92,49 @@ impl Tail {
             .collect()
     }
 
+    /// A reader that starts at the last `n` lines of the file (all of it when it has fewer),
+    /// found by reading backwards from the end in blocks. Blocking.
+    pub fn last_lines(path: &Path, n: u32) -> Self {
+        const BLOCK: u64 = 64 << 10;
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return Self::default();
+        };
+        let Ok(len) = f.seek(SeekFrom::End(0)) else {
+            return Self::default();
+        };
+        if n == 0 {
+            return Self {
+                offset: len,
+                ..Self::default()
+            };
+        }
+        // Newlines from the end; the file's own last one ends the last line.
+        let mut seen = 0u64;
+        let mut end = len;
+        let mut buf = vec![0u8; BLOCK as usize];
+        while end > 0 {
+            let start = end.saturating_sub(BLOCK);
+            let chunk = &mut buf[..(end - start) as usize];
+            if f.seek(SeekFrom::Start(start)).is_err() || f.read_exact(chunk).is_err() {
+                return Self::default();
+            }
+            for (i, b) in chunk.iter().enumerate().rev() {
+                let at = start + i as u64;
+                if *b == b'\n' && at + 1 != len {
+                    seen += 1;
+                    if seen == u64::from(n) {
+                        return Self {
+                            offset: at + 1,
+                            ..Self::default()
+                        };
+                    }
+                }
+            }
+            end = start;
+        }
+        Self::default()
+    }
+
     /// Whether the last read stopped at [`MAX_READ`] with more to come.
     pub fn has_more(&self) -> bool {
         self.more
@@ -120,6 +163,29 @@ impl Tail {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn reads_only_the_last_lines_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        // Enough lines to span several blocks read backwards.
+        for i in 0..20_000 {
+            writeln!(f, "2026-11-27T17:04:03.1Z stdout F line {i}").unwrap();
+        }
+        let texts = |n| {
+            Tail::last_lines(&path, n)
+                .read(&path)
+                .into_iter()
+                .map(|c| c.text)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(2), ["line 19998\n", "line 19999\n"]);
+        assert_eq!(texts(1500).len(), 1500);
+        assert_eq!(texts(1500)[0], "line 18500\n");
+        assert_eq!(texts(0), Vec::<String>::new());
+        assert_eq!(Tail::last_lines(&path, 50_000).read(&path).len(), 20_000);
+    }
 
     #[test]
     fn parses_cri_lines() {

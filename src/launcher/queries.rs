@@ -145,13 +145,22 @@ impl Launcher {
         who: Principal,
         id: &str,
         follow: bool,
+        last: Option<u32>,
     ) -> Result<Receiver<Chunk>, LaunchError> {
         let task = self.task(who, id).await?;
         // Bounded: a client that stops reading pauses the reading of the file, nothing piles up.
         let (tx, rx) = channel(64);
         let me = Arc::clone(self);
         self.background.spawn(async move {
-            let mut tail = Tail::default();
+            let mut tail = match last {
+                None => Tail::default(),
+                Some(n) => {
+                    let path = task.log_path.clone();
+                    tokio::task::spawn_blocking(move || Tail::last_lines(&path, n))
+                        .await
+                        .unwrap_or_default()
+                }
+            };
             loop {
                 for c in tail.read_off_thread(&task.log_path).await {
                     if tx.send(c).await.is_err() {

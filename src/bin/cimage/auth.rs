@@ -30,10 +30,9 @@ impl AuthArgs {
     pub fn credentials(&self, image: &str) -> Result<Option<pb::Credentials>, Failure> {
         if let Some(user) = &self.username {
             let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| Failure::new(format!("reading the password from standard input: {e}")))?;
+            std::io::stdin().lock().read_line(&mut line).map_err(|e| {
+                Failure::new(format!("reading the password from standard input: {e}"))
+            })?;
             let password = line.trim_end_matches(['\n', '\r']).to_owned();
             if password.is_empty() {
                 return Err(Failure::new(
@@ -90,7 +89,11 @@ mod tests {
             (c.username.as_str(), c.password.as_str()),
             ("alice", "s3cret")
         );
-        let e = args.credentials("127.0.0.1:5000/app:1").err().unwrap().message;
+        let e = args
+            .credentials("127.0.0.1:5000/app:1")
+            .err()
+            .unwrap()
+            .message;
         assert!(
             e.contains("no credentials for registry 127.0.0.1:5000") && !e.contains("s3cret"),
             "{e}"

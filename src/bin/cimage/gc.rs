@@ -65,8 +65,9 @@ pub async fn gc(socket: &Path, args: GcArgs) -> Result<(), Failure> {
                 "evicted": ev,
                 "protected": pr,
                 "shortfall": (!r.shortfall.is_empty()).then_some(&r.shortfall),
-                "fs_total": r.fs_total,
-                "fs_used": r.fs_used,
+                "fs_size_bytes": r.fs_total,
+                "fs_used_bytes": r.fs_used,
+                "fs_used_percent": crate::status::df_percent(r.fs_used, r.fs_total),
             })
         );
         return Ok(());
@@ -77,10 +78,10 @@ pub async fn gc(socket: &Path, args: GcArgs) -> Result<(), Failure> {
     }
     if r.fs_total > 0 {
         println!(
-            "image filesystem: {} of {} used ({:.1}%)",
+            "image filesystem: {} used of {} ({}%, as df counts)",
             human_size(r.fs_used),
             human_size(r.fs_total),
-            r.fs_used as f64 * 100.0 / r.fs_total as f64
+            crate::status::df_percent(r.fs_used, r.fs_total)
         );
     }
     let verb = if r.dry_run { "would evict" } else { "evicted" };

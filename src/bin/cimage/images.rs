@@ -5,11 +5,19 @@ use std::path::Path;
 use cimage::api::pb;
 use serde_json::{json, Value};
 
-use crate::{check_image_arg, connect, human_size, rfc3339, Failure, Output};
+use cimage::reference::ImageRef;
+
+use crate::{check_image_arg, connect, human_size, rfc3339, when, Failure, Output};
 
 /// Arguments of `cimage images`.
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
+    /// Only images of this repository (REPO) or this reference (REPO:TAG), e.g.
+    /// 127.0.0.1:5000/app or busybox:1.
+    filter: Option<String>,
+    /// Print image ids only, one per line.
+    #[arg(long, short)]
+    quiet: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
@@ -18,7 +26,7 @@ pub struct ListArgs {
 /// Arguments of `cimage inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// Image reference, image id (sha256:…) or id prefix (6+ hex digits).
+    /// Image reference, image id or manifest digest (sha256:…), or id prefix (6+ hex digits).
     image: String,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
@@ -41,7 +49,7 @@ pub fn image_json(i: &pb::Image) -> Value {
         "digest": digest(i),
         "names": i.names,
         "digests": i.digests,
-        "size": i.size,
+        "size_bytes": i.size,
         "first_seen": rfc3339(i.first_seen),
         "last_used": rfc3339(i.last_used),
         "use_count": i.use_count,
@@ -55,6 +63,43 @@ fn short_id(id: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
+/// What `cimage images REPO[:TAG]` keeps: a repository, or one reference of it.
+struct Filter {
+    repo: String,
+    tag: Option<String>,
+}
+
+impl Filter {
+    fn parse(arg: &str) -> Result<Self, Failure> {
+        let r = ImageRef::parse(arg).map_err(|e| Failure::usage(e.to_string()))?;
+        // A tag given explicitly narrows to that reference; a bare repository keeps every tag.
+        let last = arg.rsplit('/').next().unwrap_or(arg);
+        let tagged = last.contains(':') || arg.contains('@');
+        let full = r.to_string();
+        let repo = full
+            .split('@')
+            .next()
+            .map(|n| match n.rfind(':') {
+                Some(c) if c > n.rfind('/').unwrap_or(0) => n[..c].to_owned(),
+                _ => n.to_owned(),
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            tag: tagged.then_some(full),
+            repo,
+        })
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match &self.tag {
+            Some(full) => name == full,
+            None => name
+                .strip_prefix(&self.repo)
+                .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@')),
+        }
+    }
+}
+
 /// Runs `cimage images`.
 pub async fn list(socket: &Path, args: ListArgs) -> Result<(), Failure> {
     let mut client = connect(socket).await?;
@@ -64,13 +109,23 @@ pub async fn list(socket: &Path, args: ListArgs) -> Result<(), Failure> {
         .into_inner()
         .images;
     images.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.id.cmp(&b.id)));
+    if let Some(f) = &args.filter {
+        let wanted = Filter::parse(f)?;
+        images.retain(|i| i.names.iter().any(|n| wanted.matches(n)));
+    }
+    if args.quiet {
+        for i in &images {
+            println!("{}", i.id);
+        }
+        return Ok(());
+    }
     if args.output == Output::Json {
         let all: Vec<Value> = images.iter().map(image_json).collect();
         println!("{}", Value::Array(all));
         return Ok(());
     }
     println!(
-        "{:<12}  {:>10}  {:>5}  {:<20}  {:<6}  {:<7}  NAMES",
+        "{:<12}  {:>10}  {:>5}  {:<26}  {:<6}  {:<7}  NAMES",
         "ID", "SIZE", "USES", "LAST USED", "PINNED", "ORIGIN"
     );
     for i in &images {
@@ -80,11 +135,11 @@ pub async fn list(socket: &Path, args: ListArgs) -> Result<(), Failure> {
             i.names.join(",")
         };
         println!(
-            "{:<12}  {:>10}  {:>5}  {:<20}  {:<6}  {:<7}  {}",
+            "{:<12}  {:>10}  {:>5}  {:<26}  {:<6}  {:<7}  {}",
             short_id(&i.id),
             human_size(i.size),
             i.use_count,
-            rfc3339(i.last_used).unwrap_or_else(|| "never".into()),
+            when(i.last_used),
             if i.pinned { "yes" } else { "no" },
             i.origin,
             names
@@ -108,18 +163,31 @@ pub async fn inspect(socket: &Path, args: InspectArgs) -> Result<(), Failure> {
             println!("names:      {}", i.names.join(", "));
             println!("digests:    {}", i.digests.join(", "));
             println!("size:       {} ({} bytes)", human_size(i.size), i.size);
-            println!(
-                "first seen: {}",
-                rfc3339(i.first_seen).unwrap_or_else(|| "-".into())
-            );
-            println!(
-                "last used:  {}",
-                rfc3339(i.last_used).unwrap_or_else(|| "never".into())
-            );
+            println!("first seen: {}", when(i.first_seen));
+            println!("last used:  {}", when(i.last_used));
             println!("use count:  {}", i.use_count);
             println!("pinned:     {}", if i.pinned { "yes" } else { "no" });
             println!("origin:     {}", i.origin);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_by_repository_or_reference() {
+        let by_repo = Filter::parse("127.0.0.1:5000/app").unwrap();
+        assert!(by_repo.matches("127.0.0.1:5000/app:1"));
+        assert!(by_repo.matches("127.0.0.1:5000/app:2"));
+        assert!(!by_repo.matches("127.0.0.1:5000/apple:1"));
+        let by_tag = Filter::parse("127.0.0.1:5000/app:2").unwrap();
+        assert!(!by_tag.matches("127.0.0.1:5000/app:1"));
+        assert!(by_tag.matches("127.0.0.1:5000/app:2"));
+        let hub = Filter::parse("busybox").unwrap();
+        assert!(hub.matches("docker.io/library/busybox:1"));
+        assert!(Filter::parse("Bad:Ref:x").is_err());
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use cimage::api::pb;
 use serde_json::{json, Value};
 
-use crate::{connect, rfc3339, Failure, Output};
+use crate::{connect, rfc3339, when, Failure, Output};
 
 /// Arguments of `cimage jobs`.
 #[derive(clap::Args, Debug)]
@@ -45,18 +45,18 @@ pub async fn list(socket: &Path, args: JobsArgs) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "{:<24}  {:>6}  {:<7}  {:>5}  {:>7}  {:<20}  POD",
+        "{:<24}  {:>6}  {:<7}  {:>5}  {:>7}  {:<26}  POD",
         "JOB", "UID", "STATE", "STEPS", "RUNNING", "CREATED"
     );
     for j in &jobs {
         println!(
-            "{:<24}  {:>6}  {:<7}  {:>5}  {:>7}  {:<20}  {}",
+            "{:<24}  {:>6}  {:<7}  {:>5}  {:>7}  {:<26}  {}",
             j.id,
             j.uid,
             if j.ended > 0 { "ended" } else { "active" },
             j.tasks.len(),
             j.running,
-            rfc3339(j.created).unwrap_or_default(),
+            when(j.created),
             if j.sandbox_id.is_empty() {
                 "-"
             } else {

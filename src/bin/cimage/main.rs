@@ -122,7 +122,8 @@ impl Exit {
 }
 
 /// The exit-status table, as `--help` prints it.
-const EXIT_TABLE: &str = "Exit status: 0 ok; 1 failed; 2 usage (a bad flag or argument); 3 not found, or \
+const EXIT_TABLE: &str =
+    "Exit status: 0 ok; 1 failed; 2 usage (a bad flag or argument); 3 not found, or \
 not present under --policy Never; 4 unavailable (a registry, the runtime or cimaged: try again; \
 also `status` when unhealthy); 5 permission denied. `run` exits with the step's code (125: not \
 launched, 126: cimaged went away while the step may still run). With -o json a failure also \
@@ -136,6 +137,8 @@ pub struct Failure {
     pub message: String,
     /// The exit status it means.
     pub exit: Exit,
+    /// The command's JSON already says it (no error document follows).
+    pub in_output: bool,
 }
 
 impl Failure {
@@ -144,6 +147,7 @@ impl Failure {
         Self {
             message,
             exit: Exit::Failed,
+            in_output: false,
         }
     }
 
@@ -152,6 +156,7 @@ impl Failure {
         Self {
             message,
             exit: Exit::Usage,
+            in_output: false,
         }
     }
 
@@ -160,6 +165,7 @@ impl Failure {
         Self {
             message,
             exit: Exit::Unavailable,
+            in_output: false,
         }
     }
 }
@@ -177,6 +183,7 @@ impl From<tonic::Status> for Failure {
         Failure {
             message: s.message().to_owned(),
             exit,
+            in_output: false,
         }
     }
 }
@@ -230,6 +237,38 @@ pub fn policy_pb(p: Option<cimage::policy::PullPolicy>) -> cimage::api::pb::Pull
 /// Bytes in binary units, e.g. `12.3 MiB` ([`cimage::units::format_size`]).
 pub fn human_size(n: u64) -> String {
     cimage::units::format_size(n)
+}
+
+/// How long ago (or how far ahead) a time is, in its largest unit: `45s ago`, `3m ago`,
+/// `in 12h`, `2d ago`.
+pub fn relative(ms: i64, now_ms: i64) -> String {
+    let d = (now_ms - ms) / 1000;
+    let a = d.unsigned_abs();
+    let span = match a {
+        0..=59 => format!("{a}s"),
+        60..=3599 => format!("{}m", a / 60),
+        3600..=172_799 => format!("{}h", a / 3600),
+        _ => format!("{}d", a / 86400),
+    };
+    if d >= 0 {
+        format!("{span} ago")
+    } else {
+        format!("in {span}")
+    }
+}
+
+/// Unix milliseconds as a table shows them: local time to the minute with how long ago, e.g.
+/// `2026-11-28 14:03 (3m ago)`; `never` for 0.
+pub fn when(ms: i64) -> String {
+    use chrono::TimeZone;
+    if ms <= 0 {
+        return "never".into();
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    match chrono::Local.timestamp_millis_opt(ms).single() {
+        Some(t) => format!("{} ({})", t.format("%Y-%m-%d %H:%M"), relative(ms, now)),
+        None => rfc3339(ms).unwrap_or_default(),
+    }
 }
 
 /// Unix milliseconds as RFC 3339 UTC (`2026-11-27T17:04:03Z`); `None` for 0 (never).
@@ -298,7 +337,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            if json {
+            if json && !f.in_output {
                 println!(
                     "{}",
                     serde_json::json!({"error": {
@@ -352,6 +391,17 @@ mod tests {
             rfc3339(951_782_400_000).as_deref(),
             Some("2000-02-29T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn relative_ages() {
+        let now = 1_000_000_000;
+        assert_eq!(relative(now - 45_000, now), "45s ago");
+        assert_eq!(relative(now - 180_000, now), "3m ago");
+        assert_eq!(relative(now + 12 * 3_600_000, now), "in 12h");
+        assert_eq!(relative(now - 3 * 86_400_000, now), "3d ago");
+        assert_eq!(when(0), "never");
+        assert!(when(now).ends_with("ago)"));
     }
 
     #[test]

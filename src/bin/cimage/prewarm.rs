@@ -7,7 +7,7 @@ use cimage::units::parse_duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::{check_image_arg, connect, human_size, rfc3339, Failure, Output};
+use crate::{check_image_arg, connect, human_size, rfc3339, when, Failure, Output};
 
 /// Subcommands of `cimage prewarm`.
 #[derive(clap::Subcommand, Debug)]
@@ -97,16 +97,15 @@ fn run_json(r: &pb::Run) -> Value {
         "trigger": r.trigger,
         "scheduled_for": rfc3339(r.scheduled_for),
         "started": rfc3339(r.started),
-        "started_ms": r.started,
         "finished": rfc3339(r.finished),
-        "jitter_ms": r.jitter_ms,
+        "jitter_seconds": r.jitter_ms as f64 / 1000.0,
         "outcome": r.outcome,
         "images": r.images.iter().map(|i| json!({
             "image": i.image,
             "outcome": i.outcome,
             "error": (!i.error.is_empty()).then_some(&i.error),
-            "bytes": i.bytes,
-            "seconds": i.seconds,
+            "pulled_bytes": i.bytes,
+            "elapsed_seconds": i.seconds,
         })).collect::<Vec<_>>(),
     })
 }
@@ -152,7 +151,7 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
             println!(
                 "added schedule {}; next run {}",
                 s.name,
-                rfc3339(info.next_fire).unwrap_or_else(|| "never".into())
+                when(info.next_fire)
             );
         }
         Command::Ls(a) => {
@@ -168,9 +167,9 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                         let s = i.schedule.clone().unwrap_or_default();
                         json!({
                             "name": s.name, "cron": s.cron,
-                            "time_zone": (!s.time_zone.is_empty()).then_some(&s.time_zone),
+                            "time_zone": if s.time_zone.is_empty() { "UTC" } else { s.time_zone.as_str() },
                             "images": s.images, "top": (s.top > 0).then_some(s.top),
-                            "jitter_ms": s.jitter_ms, "concurrency": s.concurrency,
+                            "jitter_seconds": s.jitter_ms as f64 / 1000.0, "concurrency": s.concurrency,
                             "catch_up": s.catch_up, "from_config": s.from_config,
                             "next_fire": rfc3339(i.next_fire), "running": i.running,
                             "last_run": i.last_run.as_ref().map(run_json),
@@ -181,7 +180,7 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                 return Ok(());
             }
             println!(
-                "{:<20}  {:<18}  {:<14}  {:<20}  {:<8}  WHAT",
+                "{:<20}  {:<18}  {:<14}  {:<26}  {:<8}  WHAT",
                 "NAME", "CRON", "ZONE", "NEXT RUN", "LAST"
             );
             for i in &all {
@@ -195,7 +194,7 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                     );
                 }
                 println!(
-                    "{:<20}  {:<18}  {:<14}  {:<20}  {:<8}  {}{}",
+                    "{:<20}  {:<18}  {:<14}  {:<26}  {:<8}  {}{}",
                     s.name,
                     s.cron,
                     if s.time_zone.is_empty() {
@@ -203,7 +202,7 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
                     } else {
                         &s.time_zone
                     },
-                    rfc3339(i.next_fire).unwrap_or_else(|| "never".into()),
+                    when(i.next_fire),
                     if i.running {
                         "running".to_string()
                     } else {
@@ -282,11 +281,11 @@ pub async fn run(socket: &Path, cmd: Command) -> Result<(), Failure> {
             }
             for r in &runs {
                 println!(
-                    "{}  {:<8} {:<8} jitter {}ms",
-                    rfc3339(r.started).unwrap_or_default(),
+                    "{}  {:<8} {:<8} jitter {}",
+                    when(r.started),
                     r.trigger,
                     r.outcome,
-                    r.jitter_ms
+                    cimage::units::format_span(std::time::Duration::from_millis(r.jitter_ms))
                 );
                 for i in &r.images {
                     print_image(i);

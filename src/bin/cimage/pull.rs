@@ -67,12 +67,12 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
             "{}",
             json!({
                 "image": r.image,
-                "digest": r.digest,
+                "manifest_digest": (!r.digest.is_empty()).then_some(&r.digest),
                 "image_id": r.image_id,
                 "action": r.action,
                 "policy": r.policy,
-                "seconds": r.seconds,
-                "size": r.size,
+                "elapsed_seconds": r.seconds,
+                "size_bytes": r.size,
                 "stale": r.stale,
             })
         ),

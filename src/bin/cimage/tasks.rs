@@ -7,7 +7,7 @@ use cimage::api::pb;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::{connect, rfc3339, Failure, Output};
+use crate::{connect, rfc3339, when, Failure, Output};
 
 /// Arguments of `cimage ps`.
 #[derive(clap::Args, Debug)]
@@ -15,6 +15,9 @@ pub struct PsArgs {
     /// Show finished tasks too.
     #[arg(long, short)]
     all: bool,
+    /// Only the tasks of this job (finished ones included).
+    #[arg(long, value_name = "JOB")]
+    job: Option<String>,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
@@ -28,6 +31,9 @@ pub struct LogsArgs {
     /// Keep printing until the task finishes.
     #[arg(long, short)]
     follow: bool,
+    /// Only the last N lines (then, with -f, what follows).
+    #[arg(long, short = 'n', value_name = "N")]
+    tail: Option<u32>,
 }
 
 /// Arguments of `cimage cancel`.
@@ -63,21 +69,27 @@ pub async fn ps(socket: &Path, args: PsArgs) -> Result<(), Failure> {
     connect(socket).await?;
     let mut c = cimage::api::launcher_client(socket);
     let tasks = c
-        .list_tasks(pb::ListTasksRequest { all: args.all })
+        .list_tasks(pb::ListTasksRequest {
+            all: args.all || args.job.is_some(),
+        })
         .await?
         .into_inner()
         .tasks;
+    let tasks: Vec<pb::Task> = match &args.job {
+        Some(j) => tasks.into_iter().filter(|t| &t.job == j).collect(),
+        None => tasks,
+    };
     if args.output == Output::Json {
         println!("{}", Value::Array(tasks.iter().map(task_json).collect()));
         return Ok(());
     }
     println!(
-        "{:<12}  {:<20}  {:>4}  {:<10}  {:>4}  {:>6}  {:<20}  IMAGE",
+        "{:<12}  {:<20}  {:>4}  {:<10}  {:>4}  {:>6}  {:<26}  IMAGE",
         "TASK", "JOB", "STEP", "STATE", "EXIT", "UID", "CREATED"
     );
     for t in &tasks {
         println!(
-            "{:<12}  {:<20}  {:>4}  {:<10}  {:>4}  {:>6}  {:<20}  {}",
+            "{:<12}  {:<20}  {:>4}  {:<10}  {:>4}  {:>6}  {:<26}  {}",
             t.id,
             t.job,
             t.step,
@@ -86,7 +98,7 @@ pub async fn ps(socket: &Path, args: PsArgs) -> Result<(), Failure> {
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
             t.uid,
-            rfc3339(t.created).unwrap_or_default(),
+            when(t.created),
             t.image
         );
     }
@@ -101,6 +113,7 @@ pub async fn logs(socket: &Path, args: LogsArgs) -> Result<(), Failure> {
         .logs(pb::LogsRequest {
             task_id: args.task,
             follow: args.follow,
+            tail: args.tail,
         })
         .await?
         .into_inner();

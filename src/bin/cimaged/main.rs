@@ -366,7 +366,8 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
     info!(socket = %ic.socket.display(), runtime = %settings.image_endpoint.display(), "cimaged listening");
     let admin = peer::AdminPolicy { admin_gid };
-    let maintenance = MaintenanceApi::new(cache.clone(), prewarm.clone(), admin, background.clone());
+    let maintenance =
+        MaintenanceApi::new(cache.clone(), prewarm.clone(), admin, background.clone());
     let images = ImageCacheApi::new(
         puller,
         cache,
