@@ -31,7 +31,10 @@ fn status_reports_the_image_filesystem_as_df_does() {
     let mount = fs["mountpoint"].as_str().unwrap();
     let ours = fs["used_percent"].as_u64().unwrap();
     let df = df_percent(mount);
-    assert!(ours.abs_diff(df) <= 1, "status {ours}% vs df {df}% for {mount}");
+    assert!(
+        ours.abs_diff(df) <= 1,
+        "status {ours}% vs df {df}% for {mount}"
+    );
     assert!(fs["size_bytes"].as_u64().unwrap() >= fs["used_bytes"].as_u64().unwrap());
     assert_eq!(s["pulls_in_flight"], 0);
     let table = stdout(&d.cli(&["status"]));
@@ -88,14 +91,21 @@ fn an_image_is_found_by_its_manifest_digest_and_listings_filter() {
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["error"]["code"], "not_found", "{e}");
     assert_eq!(e["error"]["exit"], 3);
-    assert!(e["error"]["message"].as_str().unwrap().contains(&b.reference));
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&b.reference));
 }
 
 #[test]
 fn exit_statuses_say_what_went_wrong() {
     let d = Daemon::start("");
     let tb = d.testbed.clone();
-    let absent = format!("{}/never-pushed-{:08x}:1", tb.registry, rand::random::<u32>());
+    let absent = format!(
+        "{}/never-pushed-{:08x}:1",
+        tb.registry,
+        rand::random::<u32>()
+    );
     let out = d.cli(&["pull", &absent, "--policy", "Never", "-o", "json"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

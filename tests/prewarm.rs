@@ -341,9 +341,26 @@ fn metrics_are_served_and_parse() {
         samples["cimage_pulls_total{policy=\"IfNotPresent\",outcome=\"cached\"}"],
         1.0
     );
+    // The same counts under the new name.
+    for result in ["pulled", "cached"] {
+        assert_eq!(
+            samples
+                [&format!("cimage_requests_total{{policy=\"IfNotPresent\",result=\"{result}\"}}")],
+            1.0
+        );
+    }
     assert_eq!(samples["cimage_cache_hits_total"], 1.0);
-    assert!(samples["cimage_pulled_bytes_total"] > 1024.0);
-    assert_eq!(samples["cimage_pull_duration_seconds_count"], 2.0);
+    let reg = format!("registry=\"{}\"", tb.registry);
+    assert!(samples[&format!("cimage_pulled_bytes_total{{{reg}}}")] > 1024.0);
+    // A real pull's duration once; each request's under its result.
+    assert_eq!(
+        samples[&format!("cimage_pull_duration_seconds_count{{{reg}}}")],
+        1.0
+    );
+    assert_eq!(
+        samples["cimage_request_duration_seconds_count{result=\"cached\"}"],
+        1.0
+    );
     assert!(samples["cimage_images"] >= 1.0);
     for kind in ["counter", "histogram", "gauge"] {
         assert!(body.contains(&format!(" {kind}\n")), "TYPE {kind} declared");

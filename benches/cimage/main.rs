@@ -3,6 +3,8 @@
 //! testbed); it prints one table of ratios.
 //!
 //! - cold pull via cimage vs raw CRI `PullImage` (4 × 16 MiB layers; 100 small layers)
+//! - a cold pull followed with byte progress (`PullStream`) vs one through a daemon that reads no
+//!   bytes (`PullByteProgress: false`); warm `PullStream` vs `Pull`
 //! - warm `IfNotPresent` through cimage's gRPC API (p50/p99), beside raw CRI `ImageStatus`
 //! - `Always` with an unchanged digest vs one registry HEAD
 //! - 50 concurrent requests for one cold image: `PullImage` calls and wall time vs one pull
@@ -20,6 +22,7 @@ mod cri;
 mod images;
 mod launch;
 mod prewarm;
+mod progress;
 mod rig;
 
 use std::path::Path;
@@ -35,7 +38,7 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, warm, always, herd, cri, launch, prewarm).
+/// (comma-separated: cold, progress, warm, always, herd, cri, launch, prewarm).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
         Ok(list) if !list.is_empty() => list.split(',').any(|s| s.trim() == section),
@@ -113,6 +116,11 @@ async fn main() {
                 "<= 1.05x",
             );
         }
+    }
+    if want("progress") {
+        eprintln!("bench: the cost of following a pull ...");
+        let quiet = Daemon::start_with(&cri_path, &registry, "PullByteProgress: false");
+        progress::progress(&daemon, &quiet, &mut b, &big.reference).await;
     }
     let image = big.reference.clone();
     if want("warm") {

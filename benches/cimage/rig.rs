@@ -50,6 +50,11 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(cri: &str, registry: &str) -> Self {
+        Self::start_with(cri, registry, "")
+    }
+
+    /// A daemon with `extra` lines (`Key: value`) added to its `ImageCache` section.
+    pub(crate) fn start_with(cri: &str, registry: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("cimaged.sock");
         let cri_socket = dir.path().join("image.sock");
@@ -57,10 +62,14 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  ImageService:\n    Socket: {}\n  Registries:\n    \"{registry}\":\n      Insecure: true\n",
+                "CraneBaseDir: {}\nContainer:\n  Enabled: true\n  RuntimeEndpoint: {cri}\nImageCache:\n  Socket: {}\n  MaxConcurrentPulls: 3\n  ImageService:\n    Socket: {}\n  Registries:\n    \"{registry}\":\n      Insecure: true\n{}",
                 dir.path().display(),
                 socket.display(),
-                cri_socket.display()
+                cri_socket.display(),
+                extra
+                    .lines()
+                    .map(|l| format!("  {l}\n"))
+                    .collect::<String>()
             ),
         )
         .unwrap();

@@ -125,6 +125,11 @@ pub struct ImageCacheConfig {
         deserialize_with = "de_duration"
     )]
     pub pull_stall_timeout: Duration,
+    /// Ask the runtime for the bytes of pulls in flight (containerd's content service, twice a
+    /// second per pull). `false`: pulls report phases only, and `PullStallTimeout` does not
+    /// apply.
+    #[serde(default = "default_true")]
+    pub pull_byte_progress: bool,
     /// How many times a transient pull failure is retried (exponential backoff from 500 ms).
     #[serde(default = "default_pull_retries")]
     pub pull_retries: u32,
@@ -491,6 +496,7 @@ impl Default for ImageCacheConfig {
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
             pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
+            pull_byte_progress: true,
             pull_retries: DEFAULT_PULL_RETRIES,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,

@@ -218,6 +218,7 @@ impl Puller {
                     backoff: self.settings.backoff,
                     deadline: self.settings.pull_timeout,
                     stall: self.settings.stall_timeout,
+                    byte_progress: self.settings.byte_progress,
                     progress: Arc::clone(&progress),
                 };
                 let stop = self.background.shutdown_token().clone();
@@ -336,6 +337,8 @@ struct PullJob {
     deadline: Duration,
     /// `PullStallTimeout`.
     stall: Duration,
+    /// `PullByteProgress`: ask the runtime for bytes at all.
+    byte_progress: bool,
     progress: Arc<watch::Sender<PullProgress>>,
 }
 
@@ -445,7 +448,8 @@ impl PullJob {
             p.queue_position = 0;
         });
         // One look at the runtime's downloads says whether it reports bytes at all.
-        let bytes_known = matches!(self.runtime.downloads().await, Ok(Some(_)));
+        let bytes_known =
+            self.byte_progress && matches!(self.runtime.downloads().await, Ok(Some(_)));
         let manifest = if bytes_known || self.cache.eviction_enabled() {
             self.manifest().await
         } else {

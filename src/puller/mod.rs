@@ -57,6 +57,8 @@ pub struct PullerSettings {
     /// An attempt whose download bytes have not moved for this long, while a layer is still
     /// being fetched, is cancelled and retried (only where the runtime reports bytes).
     pub stall_timeout: Duration,
+    /// Whether the runtime is asked for the bytes of pulls in flight (`PullByteProgress`).
+    pub byte_progress: bool,
     /// Retries of a transient failure.
     pub retries: u32,
     /// First backoff delay; doubled on each retry.
@@ -81,6 +83,7 @@ impl Default for PullerSettings {
             per_registry: HashMap::new(),
             pull_timeout: DEFAULT_PULL_TIMEOUT,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            byte_progress: true,
             retries: DEFAULT_RETRIES,
             backoff: DEFAULT_BACKOFF,
             verify: crate::policy::Verify::default(),

@@ -128,10 +128,13 @@ fn print_settings(s: &Settings, w: &Wiring) {
     }
     println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
     println!("pull timeout:     {}", format_duration(ic.pull_timeout));
-    println!(
-        "pull stall after: {}",
-        format_duration(ic.pull_stall_timeout)
-    );
+    match ic.pull_byte_progress {
+        true => println!(
+            "pull progress:    bytes; a pull stalls after {} without",
+            format_duration(ic.pull_stall_timeout)
+        ),
+        false => println!("pull progress:    phases only (PullByteProgress: false)"),
+    }
     println!("pull retries:     {}", ic.pull_retries);
     println!(
         "reconcile every:  {}",

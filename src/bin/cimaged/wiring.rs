@@ -67,6 +67,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 .collect::<HashMap<_, _>>(),
             pull_timeout: ic.pull_timeout,
             stall_timeout: ic.pull_stall_timeout,
+            byte_progress: ic.pull_byte_progress,
             retries: ic.pull_retries,
             backoff: DEFAULT_BACKOFF,
             verify: match ic.auth.verify {
