@@ -123,7 +123,8 @@ fn exit_statuses_say_what_went_wrong() {
 
 #[test]
 fn tasks_of_one_job_and_the_tail_of_a_log() {
-    let d = Daemon::start("");
+    let port = free_port();
+    let d = Daemon::start(&format!("MetricsAddr: 127.0.0.1:{port}"));
     let image = busybox(&d.testbed);
     let job = format!("tail-{:08x}", rand::random::<u32>());
     let out = run(
@@ -142,4 +143,26 @@ fn tasks_of_one_job_and_the_tail_of_a_log() {
     let out = d.cli(&["logs", "--tail", "3", id]);
     assert_eq!(stdout(&out), "line 498\nline 499\nline 500\n");
     let _ = d.cli(&["end-job", &job]);
+    // Each launch stage was timed, once per step.
+    let page = scrape(port);
+    for stage in ["sandbox", "image", "create", "start"] {
+        assert_eq!(
+            series(
+                &page,
+                &format!("cimage_launch_duration_seconds_count{{stage=\"{stage}\"}}")
+            ),
+            2.0,
+            "{stage}: {page}"
+        );
+    }
+    assert_eq!(
+        series(
+            &page,
+            "cimage_request_duration_seconds_count{result=\"cached\"}"
+        ) + series(
+            &page,
+            "cimage_request_duration_seconds_count{result=\"pulled\"}"
+        ),
+        2.0
+    );
 }

@@ -223,13 +223,13 @@ fn a_private_image_is_served_only_to_requests_that_prove_access() {
 
     // Another user without credentials: as if the image were absent.
     let out = d.cli_as(nobody, &["pull", &image, "--policy", "Never"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert_eq!(
         stderr(&out).trim(),
         format!("cimage: image {image} is not present and pull policy is Never")
     );
     let out = d.cli_as(nobody, &["pull", &image, "--policy", "IfNotPresent"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     assert!(
         stderr(&out).contains("refused access"),
         "the registry decided: {}",
@@ -250,7 +250,7 @@ fn a_private_image_is_served_only_to_requests_that_prove_access() {
         ],
         "not-bobs-password\n",
     );
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
 
     // ... with valid credentials of its own: served from the cache, and remembered.
     for _ in 0..2 {
@@ -329,7 +329,7 @@ fn node_credentials_from_a_helper_or_a_config_file_and_request_credentials_win()
         &["pull", &other, "--username", bob, "--password-stdin"],
         "wrong\n",
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     assert!(stderr(&out).contains("refused access"), "{}", stderr(&out));
     assert_no_secret(&d, &[bob_pw.as_str()]);
     drop(d);

@@ -12,34 +12,6 @@ use common::proxy::Proxy;
 use common::*;
 use futures::StreamExt;
 
-/// A free loopback port for the metrics endpoint.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The metrics page.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of one series on the metrics page (0 when absent).
-fn series(page: &str, name_and_labels: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 /// Registries sections for a daemon that pulls through `proxy` (cimaged reads manifests over
 /// plain HTTP there too).
 fn registries(tb: &Testbed, proxy: &str) -> String {

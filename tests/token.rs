@@ -57,7 +57,7 @@ fn token_registry_pulls_checks_and_distinct_errors() {
     );
 
     let out = with_bob(&["pull", &image, "--policy", "Always"], "wrong");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5), "refused: permission denied");
     assert!(stderr(&out).contains("access denied"), "{}", stderr(&out));
 
     // Token service down: a cached token still works; credentials without one fail distinctly.
@@ -77,7 +77,7 @@ fn token_registry_pulls_checks_and_distinct_errors() {
         ],
         &format!("{alice_pw}\n"),
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "unavailable: try again");
     let err = stderr(&out);
     assert!(
         err.contains("token service unreachable") && err.contains(&tb.token_registry),

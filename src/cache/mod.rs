@@ -559,6 +559,15 @@ mod tests {
             .unwrap();
         assert!(kept.1.contains("container"), "{}", kept.1);
         assert_eq!(rt.images.lock().unwrap().len(), 1);
+        // Counted with its bytes, and the disk's use as df sees it kept as a gauge.
+        let m = cache.metrics();
+        assert_eq!(m.counter("cimage_evicted_bytes_total", &[]), 100);
+        assert_eq!(
+            m.counter("cimage_evictions_total", &[("reason", "max_bytes")]),
+            1
+        );
+        let ratio = m.gauge("cimage_image_fs_used_ratio", &[]);
+        assert!(ratio > 0.0 && ratio <= 1.0, "{ratio}");
     }
 
     #[tokio::test]

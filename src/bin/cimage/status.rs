@@ -38,7 +38,7 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                 "version": s.version,
                 "healthy": healthy,
                 "runtime_ok": s.runtime_ok,
-                "runtime": s.runtime_message,
+                "runtime_error": (!s.runtime_ok).then_some(&s.runtime_message),
                 "index_ok": s.index_ok,
                 "images": s.images,
                 "image_fs": fs_known.then(|| json!({
