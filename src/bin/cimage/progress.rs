@@ -128,17 +128,18 @@ impl PullView {
 /// Redraws a live line.
 fn draw(bar: &ProgressBar, p: &pb::PullProgress) {
     let bytes = p.bytes_known && p.total_bytes > 0 && p.phase == "downloading";
+    // The bar and the message take what the terminal's width leaves; nothing wraps.
     let style = if bytes {
         ProgressStyle::with_template(
-            "{prefix} {msg:<11} [{bar:28}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{prefix} {msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
     } else {
-        ProgressStyle::with_template("{prefix} {spinner} {msg}")
+        ProgressStyle::with_template("{prefix} {spinner} {wide_msg}")
     }
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
     bar.set_style(style);
-    bar.set_prefix(p.image.clone());
+    bar.set_prefix(short_name(&p.image));
     if bytes {
         bar.set_length(p.total_bytes);
         bar.set_position(p.done_bytes);
@@ -147,6 +148,18 @@ fn draw(bar: &ProgressBar, p: &pb::PullProgress) {
         bar.set_message(text_detail(p));
         bar.enable_steady_tick(Duration::from_millis(120));
     }
+}
+
+/// An image name cut to at most 40 characters from the left (the tag end is what tells pulls
+/// apart), for a live line.
+fn short_name(image: &str) -> String {
+    const MAX: usize = 40;
+    let n = image.chars().count();
+    if n <= MAX {
+        return image.to_owned();
+    }
+    let tail: String = image.chars().skip(n - (MAX - 1)).collect();
+    format!("…{tail}")
 }
 
 /// The phase with its qualifiers: `queued (#2)`, `downloading (attempt 2)`.
@@ -253,6 +266,15 @@ mod tests {
             "{}",
             text_line(&f)
         );
+    }
+
+    #[test]
+    fn long_names_keep_their_end() {
+        assert_eq!(short_name("r/app:1"), "r/app:1");
+        let long = "127.0.0.1:5100/t-progress-big-0ddddc72-and-more:1";
+        let s = short_name(long);
+        assert_eq!(s.chars().count(), 40);
+        assert!(s.starts_with('…') && s.ends_with("and-more:1"), "{s}");
     }
 
     #[test]
