@@ -52,6 +52,7 @@ pub(crate) async fn launches(
             hostname: String::new(),
             log_directory: logs.path().to_owned(),
             labels: Default::default(),
+            cgroup_parent: None,
         };
         let sid = rt.run_pod(&pod).await.unwrap();
         let spec = ContainerSpec {

@@ -58,6 +58,19 @@ pub fn launch_status(e: &LaunchError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// A CPU count as the launcher takes it (thousandths); 0 is none.
+fn cpus_pb(cpus: f64) -> Result<Option<u32>, Status> {
+    if cpus == 0.0 {
+        return Ok(None);
+    }
+    if !cpus.is_finite() || !(0.0..=4096.0).contains(&cpus) {
+        return Err(Status::invalid_argument(format!(
+            "CPU limit {cpus} is out of range: give between 0.01 and 4096 CPUs"
+        )));
+    }
+    Ok(Some((cpus * 1000.0).round() as u32))
+}
+
 fn chunk_pb(c: Chunk) -> pb::LogChunk {
     pb::LogChunk {
         stderr: c.stream == OutStream::Stderr,
@@ -186,6 +199,13 @@ impl pb::launcher_server::Launcher for LauncherApi {
             readonly_rootfs: r.readonly_rootfs,
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             credentials: credentials_from_pb(r.credentials),
+            resources: crate::runtime::Resources {
+                millicpus: cpus_pb(r.cpus)?,
+                memory_bytes: (r.memory_bytes > 0).then_some(r.memory_bytes),
+                cpuset_cpus: (!r.cpuset_cpus.is_empty()).then_some(r.cpuset_cpus),
+            },
+            cgroup_parent: (!r.cgroup_parent.is_empty()).then_some(r.cgroup_parent),
+            name: (!r.name.is_empty()).then_some(r.name),
         };
         let (task, rx) = self
             .launcher

@@ -439,6 +439,11 @@ pub struct LauncherConfig {
     /// Launches one user (not root, not `AdminGroup`) may have in flight at once.
     #[serde(default = "default_max_launches_per_user")]
     pub max_launches_per_user: usize,
+    /// Cgroup parents any launching caller may place a job's pod under: absolute cgroup paths
+    /// (a parent and everything below it) or systemd slice names (a slice and those named
+    /// after it, `crane.slice` → `crane-job_42.slice`). Root and `AdminGroup` may use any.
+    #[serde(default)]
+    pub allowed_cgroup_parents: Vec<String>,
 }
 
 fn default_max_launches_per_user() -> usize {
@@ -454,6 +459,7 @@ impl Default for LauncherConfig {
             allowed_devices: Vec::new(),
             allow_user_launch: false,
             max_launches_per_user: default_max_launches_per_user(),
+            allowed_cgroup_parents: Vec::new(),
         }
     }
 }

@@ -75,6 +75,7 @@ impl CriTaskRuntime {
             log_directory: spec.log_directory.display().to_string(),
             labels: spec.labels.clone().into_iter().collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: spec.cgroup_parent.clone().unwrap_or_default(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(pod_namespaces()),
                     ..Default::default()
@@ -84,6 +85,32 @@ impl CriTaskRuntime {
             ..Default::default()
         }
     }
+}
+
+/// CFS period the CPU quota is given over (the kernel's default, 100 ms).
+const CPU_PERIOD_US: i64 = 100_000;
+
+/// A step's limits as CRI takes them; `None` when none is asked for (the runtime's defaults).
+fn container_resources(r: &crate::runtime::Resources) -> Option<cri::LinuxContainerResources> {
+    if r.is_empty() {
+        return None;
+    }
+    let mut out = cri::LinuxContainerResources::default();
+    if let Some(m) = r.millicpus {
+        out.cpu_period = CPU_PERIOD_US;
+        out.cpu_quota = i64::from(m) * CPU_PERIOD_US / 1000;
+        // As kubelet does: 1024 shares per CPU, at least 2.
+        out.cpu_shares = (i64::from(m) * 1024 / 1000).max(2);
+    }
+    if let Some(b) = r.memory_bytes {
+        out.memory_limit_in_bytes = b as i64;
+        // No swap beyond the limit (as kubelet without swap): the limit is the step's memory.
+        out.memory_swap_limit_in_bytes = b as i64;
+    }
+    if let Some(c) = &r.cpuset_cpus {
+        out.cpuset_cpus = c.clone();
+    }
+    Some(out)
 }
 
 /// Host network (no CNI needed, as batch jobs expect), PID and IPC shared by the pod's steps.
@@ -258,6 +285,7 @@ impl TaskRuntime for CriTaskRuntime {
             labels: spec.labels.clone().into_iter().collect(),
             log_path: spec.log_path.clone(),
             linux: Some(cri::LinuxContainerConfig {
+                resources: container_resources(&spec.resources),
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     namespace_options: Some(pod_namespaces()),
                     run_as_user: spec

@@ -197,6 +197,8 @@ pub enum ExitReason {
     Cancelled,
     /// It was stopped at its time limit (Slurm's word for it).
     ExceededTimeLimit,
+    /// The kernel killed it for passing its memory limit (Slurm's word for it).
+    OutOfMemory,
 }
 
 impl ExitReason {
@@ -206,6 +208,7 @@ impl ExitReason {
             Self::Exited => "exited",
             Self::Cancelled => "cancelled",
             Self::ExceededTimeLimit => "ExceededTimeLimit",
+            Self::OutOfMemory => "OutOfMemory",
         }
     }
 }

@@ -84,6 +84,8 @@ impl Launcher {
             allowed_mount_prefixes: self.settings.allowed_mount_prefixes.clone(),
             allowed_devices: self.settings.allowed_devices.clone(),
             cdi,
+            allowed_cgroup_parents: self.settings.allowed_cgroup_parents.clone(),
+            any_cgroup_parent: who.admin,
         };
         let mut v = spec::validate(&spec, identity, &rules)?;
         v.creator = who;
@@ -267,6 +269,9 @@ impl Launcher {
         let create_started = std::time::Instant::now();
         let mut labels = self.base_labels(&task.job, task.uid);
         labels.insert(LABEL_TASK.to_owned(), task.id.clone());
+        if let Some(n) = &v.name {
+            labels.insert(super::LABEL_NAME.to_owned(), n.clone());
+        }
         let container = ContainerSpec {
             name: format!("step-{}-{}", task.step, task.id),
             // The image id, not the tag: what was checked is what runs.
@@ -291,6 +296,7 @@ impl Launcher {
             // capabilities in the image raise nothing, and no capability is kept.
             no_new_privileges: v.identity.uid != 0,
             drop_all_capabilities: v.identity.uid != 0,
+            resources: v.resources.clone(),
         };
         let mut created = self
             .rt
@@ -425,6 +431,7 @@ impl Launcher {
                     hostname: String::new(),
                     log_directory: self.settings.log_dir.join(&v.job),
                     labels: self.base_labels(&v.job, v.identity.uid),
+                    cgroup_parent: v.cgroup_parent.clone(),
                 },
                 sandbox_id: None,
                 created: self.clock.now_ms(),
@@ -463,6 +470,19 @@ fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
             "job {} runs its steps as uid {}; a step for uid {} cannot join it",
             j.id, j.uid, v.identity.uid
         )));
+    }
+    // The pod was placed by the job's first step; its later steps stay there.
+    if let Some(p) = &v.cgroup_parent {
+        if j.pod.cgroup_parent.as_ref() != Some(p) {
+            return Err(SpecError::Invalid(format!(
+                "job {}'s pod is under cgroup parent {}; a later step cannot move it to {p}",
+                j.id,
+                j.pod
+                    .cgroup_parent
+                    .as_deref()
+                    .unwrap_or("the runtime's default")
+            )));
+        }
     }
     Ok(())
 }

@@ -55,6 +55,8 @@ pub const LABEL_INSTANCE: &str = "io.cimage.instance";
 pub const LABEL_JOB: &str = "io.cimage.job";
 /// Label naming the task (containers only).
 pub const LABEL_TASK: &str = "io.cimage.task";
+/// Label with the step's name, when it was given one (containers only).
+pub const LABEL_NAME: &str = "io.cimage.name";
 /// Label naming the owner uid.
 pub const LABEL_UID: &str = "io.cimage.uid";
 
@@ -74,6 +76,8 @@ pub struct LauncherSettings {
     pub allow_user_launch: bool,
     /// Launches one such caller may have in flight (`ImageCache.Launcher.MaxLaunchesPerUser`).
     pub max_launches_per_user: usize,
+    /// Cgroup parents any launching caller may use (`ImageCache.Launcher.AllowedCgroupParents`).
+    pub allowed_cgroup_parents: Vec<String>,
 }
 
 /// Default of [`LauncherSettings::max_launches_per_user`].
@@ -117,6 +121,7 @@ impl LauncherSettings {
             allowed_devices: Vec::new(),
             allow_user_launch: false,
             max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
+            allowed_cgroup_parents: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::credentials::Credentials;
 use crate::identity::{HostUser, Users};
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
-use crate::runtime::{DeviceSpec, MountSpec};
+use crate::runtime::{DeviceSpec, MountSpec, Resources};
 
 /// Who is asking, as established by the API from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +212,11 @@ pub struct Rules {
     pub allowed_devices: Vec<String>,
     /// Whether the runtime honours CDI names.
     pub cdi: Option<CdiSupport>,
+    /// Cgroup parents (prefixes) any launching caller may place a job under
+    /// (`Launcher.AllowedCgroupParents`).
+    pub allowed_cgroup_parents: Vec<String>,
+    /// The caller may place a job under any cgroup parent (root and `AdminGroup`).
+    pub any_cgroup_parent: bool,
 }
 
 /// One step to launch.
@@ -243,6 +248,13 @@ pub struct LaunchSpec {
     pub timeout: Option<Duration>,
     /// Registry credentials for the image.
     pub credentials: Option<Credentials>,
+    /// CPU and memory limits of the step.
+    pub resources: Resources,
+    /// The cgroup the job's pod goes under (the first step of a job sets it; later steps keep
+    /// it).
+    pub cgroup_parent: Option<String>,
+    /// A name for the step, shown beside its task id (a container label).
+    pub name: Option<String>,
 }
 
 /// A launch that passed every check.
@@ -267,6 +279,12 @@ pub struct Validated {
     pub devices: Vec<DeviceSpec>,
     /// CDI devices.
     pub cdi_devices: Vec<String>,
+    /// CPU and memory limits.
+    pub resources: Resources,
+    /// The cgroup parent asked for, checked.
+    pub cgroup_parent: Option<String>,
+    /// The step's name, checked.
+    pub name: Option<String>,
 }
 
 /// Why a launch was refused before anything was created.
@@ -449,7 +467,17 @@ pub fn validate(
     }
     let cdi = rules.cdi.clone().unwrap_or(CdiSupport::Supported);
     let (devices, cdi_devices) = devices::check(&spec.devices, &rules.allowed_devices, &cdi)?;
+    check_resources(&spec.resources)?;
+    if let Some(p) = &spec.cgroup_parent {
+        check_cgroup_parent(p, rules)?;
+    }
+    if let Some(n) = &spec.name {
+        crate::names::check("step name", n).map_err(|e| invalid(e.to_string()))?;
+    }
     Ok(Validated {
+        resources: spec.resources.clone(),
+        cgroup_parent: spec.cgroup_parent.clone(),
+        name: spec.name.clone(),
         job,
         one_off,
         image,
@@ -466,9 +494,139 @@ pub fn validate(
     })
 }
 
+/// Smallest memory limit a step may have: runc refuses less than about 6 MiB.
+pub const MIN_MEMORY: u64 = 6 << 20;
+
+/// Most CPUs a step may ask for (in thousandths).
+const MAX_MILLICPUS: u32 = 4096 * 1000;
+
+/// Checks the limits' values (not whether the node has that much: the kernel enforces them).
+fn check_resources(r: &Resources) -> Result<(), SpecError> {
+    let invalid = |m: String| Err(SpecError::Invalid(m));
+    if let Some(m) = r.millicpus {
+        if m < 10 || m > MAX_MILLICPUS {
+            return invalid(format!(
+                "CPU limit {} is out of range: give between 0.01 and {} CPUs",
+                f64::from(m) / 1000.0,
+                MAX_MILLICPUS / 1000
+            ));
+        }
+    }
+    if let Some(b) = r.memory_bytes {
+        if b < MIN_MEMORY {
+            return invalid(format!(
+                "memory limit {} is below the 6 MiB a container needs to start",
+                crate::units::format_size(b)
+            ));
+        }
+    }
+    if let Some(c) = &r.cpuset_cpus {
+        let ok = !c.is_empty()
+            && c.len() <= 256
+            && c.split(',').all(|part| {
+                let mut ends = part.splitn(2, '-');
+                let num = |s: Option<&str>| {
+                    s.is_some_and(|s| !s.is_empty() && s.chars().all(|ch| ch.is_ascii_digit()))
+                };
+                let first = ends.next();
+                match ends.next() {
+                    None => num(first),
+                    Some(last) => num(first) && num(Some(last)),
+                }
+            });
+        if !ok {
+            return invalid(format!(
+                "CPU set {:?} is not a cpuset list (e.g. 0-3,8)",
+                crate::units::quote_short(c)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a cgroup parent: a plain absolute cgroup path (cgroupfs driver) or a systemd slice
+/// name (`job-42.slice`, systemd driver), and that the caller may use it.
+fn check_cgroup_parent(p: &str, rules: &Rules) -> Result<(), SpecError> {
+    let allowed_char = |c: char| c.is_ascii_alphanumeric() || "/_.-@:".contains(c);
+    let path_ok =
+        p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//");
+    let slice_ok = p.ends_with(".slice") && !p.contains('/');
+    if p.len() > 256 || !p.chars().all(allowed_char) || !(path_ok || slice_ok) {
+        return Err(SpecError::Invalid(format!(
+            "cgroup parent {:?} is neither an absolute cgroup path (/crane/job_42) nor a systemd \
+             slice name (crane-job_42.slice)",
+            crate::units::quote_short(p)
+        )));
+    }
+    if rules.any_cgroup_parent {
+        return Ok(());
+    }
+    let within = rules.allowed_cgroup_parents.iter().any(|prefix| {
+        p == prefix
+            || (prefix.ends_with(".slice")
+                && p.starts_with(prefix.trim_end_matches(".slice"))
+                && p.ends_with(".slice"))
+            || p.strip_prefix(prefix.as_str())
+                .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
+    });
+    if within {
+        Ok(())
+    } else {
+        Err(SpecError::Denied(format!(
+            "cgroup parent {p} is not under ImageCache.Launcher.AllowedCgroupParents; only root \
+             and the admin group may place a job elsewhere"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_and_cgroup_parents_are_checked() {
+        let r = |millicpus, memory_bytes, cpuset: Option<&str>| Resources {
+            millicpus,
+            memory_bytes,
+            cpuset_cpus: cpuset.map(str::to_owned),
+        };
+        assert!(check_resources(&r(Some(500), Some(32 << 20), Some("0-1,3"))).is_ok());
+        for bad in [
+            r(Some(0), None, None),
+            r(None, Some(1 << 20), None),
+            r(None, None, Some("0-")),
+            r(None, None, Some("a")),
+        ] {
+            assert!(check_resources(&bad).is_err(), "{bad:?}");
+        }
+        let user = Rules {
+            allowed_cgroup_parents: vec!["/crane".into(), "crane.slice".into()],
+            ..Default::default()
+        };
+        for ok in ["/crane/job_1", "/crane", "crane-job_1.slice"] {
+            assert!(check_cgroup_parent(ok, &user).is_ok(), "{ok}");
+        }
+        for denied in ["/system.slice/x", "/cranex", "other.slice"] {
+            assert!(
+                matches!(
+                    check_cgroup_parent(denied, &user),
+                    Err(SpecError::Denied(_))
+                ),
+                "{denied}"
+            );
+        }
+        for bad in ["relative", "/a/../b", "/a b", "a/b.slice"] {
+            assert!(
+                matches!(check_cgroup_parent(bad, &user), Err(SpecError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        let admin = Rules {
+            any_cgroup_parent: true,
+            ..Default::default()
+        };
+        assert!(check_cgroup_parent("/anywhere/job", &admin).is_ok());
+    }
 
     const ROOT: Principal = Principal {
         uid: 0,

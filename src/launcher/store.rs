@@ -62,6 +62,8 @@ pub enum TaskState {
     Cancelled,
     /// Stopped at its time limit.
     TimedOut,
+    /// Killed by the kernel for passing its memory limit (the runtime's `OOMKilled`).
+    OutOfMemory,
     /// Could not be run (see failure).
     Failed,
 }
@@ -71,7 +73,11 @@ impl TaskState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskState::Exited | TaskState::Cancelled | TaskState::TimedOut | TaskState::Failed
+            TaskState::Exited
+                | TaskState::Cancelled
+                | TaskState::TimedOut
+                | TaskState::OutOfMemory
+                | TaskState::Failed
         )
     }
 
@@ -84,6 +90,7 @@ impl TaskState {
             TaskState::Exited => "exited",
             TaskState::Cancelled => "cancelled",
             TaskState::TimedOut => "timed_out",
+            TaskState::OutOfMemory => "out_of_memory",
             TaskState::Failed => "failed",
         }
     }

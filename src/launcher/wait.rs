@@ -114,10 +114,17 @@ impl Launcher {
             Ok(st) => {
                 task.exit_code = Some(st.exit_code);
                 task.signal = signal_of(st.exit_code);
-                task.state = stopped_as.unwrap_or(TaskState::Exited);
+                // The kernel's OOM killer says so through the runtime's reason.
+                let oom = st.reason == "OOMKilled";
+                task.state = match stopped_as {
+                    Some(s) => s,
+                    None if oom => TaskState::OutOfMemory,
+                    None => TaskState::Exited,
+                };
                 let reason = match task.state {
                     TaskState::Cancelled => ExitReason::Cancelled,
                     TaskState::TimedOut => ExitReason::ExceededTimeLimit,
+                    TaskState::OutOfMemory => ExitReason::OutOfMemory,
                     _ => ExitReason::Exited,
                 };
                 info!(task = %task.id, exit_code = st.exit_code, reason = reason.as_str(), "task finished");

@@ -296,5 +296,5 @@ pub mod fake {
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    MountSpec, PodInfo, PodSpec, ProcessIdentity, RuntimeVersion, TaskRuntime,
+    MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, TaskRuntime,
 };

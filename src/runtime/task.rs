@@ -25,6 +25,29 @@ pub struct PodSpec {
     pub log_directory: PathBuf,
     /// Labels (cimage marker, instance, job, uid).
     pub labels: BTreeMap<String, String>,
+    /// The cgroup the pod (and so every step of the job) is placed under, e.g. the scheduler's
+    /// cgroup of the job (a `.slice` name with containerd's systemd cgroup driver).
+    #[serde(default)]
+    pub cgroup_parent: Option<String>,
+}
+
+/// CPU and memory limits of one container (CRI `LinuxContainerResources`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPUs in thousandths (1500 = 1.5 CPUs): a CFS quota over a 100 ms period and CPU shares
+    /// in proportion.
+    pub millicpus: Option<u32>,
+    /// Memory limit in bytes (the kernel's OOM killer ends the step past it).
+    pub memory_bytes: Option<u64>,
+    /// CPUs it may run on, as a cpuset list (`0-3,8`).
+    pub cpuset_cpus: Option<String>,
+}
+
+impl Resources {
+    /// No limit asked for.
+    pub fn is_empty(&self) -> bool {
+        self.millicpus.is_none() && self.memory_bytes.is_none() && self.cpuset_cpus.is_none()
+    }
 }
 
 /// A host path mounted into a container.
@@ -82,6 +105,9 @@ pub struct ContainerSpec {
     pub no_new_privileges: bool,
     /// Drop every capability.
     pub drop_all_capabilities: bool,
+    /// CPU and memory limits.
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 /// Who a created container's process will run as, read back from the spec the runtime

@@ -17,14 +17,21 @@ pub const LAUNCH_FAILED: u8 = 125;
 /// Arguments of `cimage run`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Exit status: the task's exit code (128+N when killed by signal N); \
-125 when the task could not be launched or cimaged failed.\n\
-Example: cimage run --image 127.0.0.1:5000/busybox:1 --env GREETING=hi -- sh -c 'echo $GREETING'"
+    after_help = "The container is always removed when the step ends (--rm is the default); its \
+output stays readable with `cimage logs`.\n\
+Exit status: the task's exit code (128+N when killed by signal N; a step killed for passing \
+--memory is reported OutOfMemory); 125 when the task could not be launched or cimaged failed; \
+126 when cimaged went away while the step may still run.\n\
+Examples:\n  cimage run 127.0.0.1:5000/busybox:1 -e GREETING=hi -- sh -c 'echo $GREETING'\n  \
+cimage run --cpus 2 --memory 4GiB -v /scratch/me:/data python:3.12 python3 train.py"
 )]
 pub struct Args {
-    /// Image to run.
+    /// Image to run (or give it with --image; then every positional word is the command).
+    #[arg(value_name = "IMAGE", required_unless_present = "image")]
+    image_arg: Option<String>,
+    /// Image to run, as an option (the first positional word then starts the command).
     #[arg(long)]
-    image: String,
+    image: Option<String>,
     /// Job id; steps of one job share a pod (PID and IPC namespaces) until `cimage end-job`.
     /// Without it, the step is a one-off job whose pod goes with it.
     #[arg(long)]
@@ -38,6 +45,32 @@ pub struct Args {
     /// Environment variable K=V (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Read environment variables from a file: K=V per line; a bare K takes the value from this
+    /// shell's environment; blank lines and lines starting with # are skipped (repeatable;
+    /// --env wins).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<std::path::PathBuf>,
+    /// A name for the step (shown as container label io.cimage.name).
+    #[arg(long)]
+    name: Option<String>,
+    /// CPU limit in CPUs (e.g. 0.5, 2): a CFS quota and shares in proportion.
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
+    /// Memory limit (e.g. 512MiB, 4GiB); past it the kernel kills the step, reported as
+    /// OutOfMemory.
+    #[arg(long, value_name = "SIZE", value_parser = |s: &str| cimage::units::parse_size(s))]
+    memory: Option<u64>,
+    /// CPUs the step may run on, as a cpuset list (e.g. 0-3,8).
+    #[arg(long, value_name = "LIST")]
+    cpuset_cpus: Option<String>,
+    /// The cgroup the job's pod goes under (an absolute cgroup path, or a .slice name with
+    /// containerd's systemd cgroup driver); set by a job's first step. Root, the admin group,
+    /// or within ImageCache.Launcher.AllowedCgroupParents.
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<String>,
+    /// Remove the container when the step ends: always the case (accepted for docker habits).
+    #[arg(long)]
+    rm: bool,
     /// Working directory inside the container.
     #[arg(long, short = 'w')]
     workdir: Option<String>,
@@ -46,8 +79,9 @@ pub struct Args {
     /// as a user other than root runs with no_new_privs and no capabilities.
     #[arg(long, short = 'u', value_parser = |s: &str| s.parse::<UserRequest>())]
     user: Option<UserRequest>,
-    /// Host mount SRC:DST[:ro] (repeatable); SRC must lie under ImageCache.Launcher.AllowedMountPrefixes.
-    #[arg(long = "mount", short = 'm', value_parser = |s: &str| s.parse::<MountRequest>())]
+    /// Host mount SRC:DST[:ro] (repeatable; -v/--volume as docker and podman spell it); SRC
+    /// must lie under ImageCache.Launcher.AllowedMountPrefixes.
+    #[arg(long = "mount", short = 'm', visible_alias = "volume", visible_short_alias = 'v', value_parser = |s: &str| s.parse::<MountRequest>())]
     mounts: Vec<MountRequest>,
     /// Device by host path (/dev/...) or CDI name (vendor.com/class=name) (repeatable).
     #[arg(long = "device")]
@@ -63,8 +97,9 @@ pub struct Args {
     /// Print the task id and return at once; follow with `cimage logs -f ID`.
     #[arg(long, short = 'd')]
     detach: bool,
-    /// Print lifecycle events (sandbox, image, container, exit) on stderr.
-    #[arg(long, short = 'v')]
+    /// Print lifecycle events (sandbox, image with its pull as it moves, container, exit) on
+    /// stderr.
+    #[arg(long = "events")]
     verbose: bool,
     #[command(flatten)]
     auth: crate::auth::AuthArgs,
@@ -88,21 +123,74 @@ pub const DAEMON_GONE: u8 = 126;
 #[derive(Debug, Clone, Copy)]
 pub struct TimeLimit(Option<std::time::Duration>);
 
+/// Reads `--env-file`s: K=V lines, bare K from this process's environment, # comments.
+fn env_files(files: &[std::path::PathBuf]) -> Result<Vec<(String, String)>, Failure> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Failure::usage(format!("cannot read env file {}: {e}", f.display())))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = match line.split_once('=') {
+                Some((k, v)) => (k.trim_end().to_owned(), v.to_owned()),
+                None => {
+                    let k = line.trim_end();
+                    (k.to_owned(), std::env::var(k).unwrap_or_default())
+                }
+            };
+            if k.is_empty() {
+                return Err(Failure::usage(format!(
+                    "env file {} line {}: no variable name",
+                    f.display(),
+                    n + 1
+                )));
+            }
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `cimage run`; returns the exit status to leave with.
-pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
-    check_image_arg(&args.image, false)?;
+pub async fn run(socket: &Path, mut args: Args) -> Result<u8, Failure> {
+    // `--image X` makes every positional word part of the command.
+    let image = match args.image.take() {
+        Some(i) => {
+            if let Some(first) = args.image_arg.take() {
+                args.command.insert(0, first);
+            }
+            i
+        }
+        None => args.image_arg.take().unwrap_or_default(),
+    };
+    check_image_arg(&image, false)?;
+    if let Some(c) = args.cpus.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        return Err(Failure::usage(format!(
+            "--cpus {c} is not a CPU count: give more than 0 (e.g. 0.5 or 2)"
+        )));
+    }
+    // The file's variables first, so that --env overrides them.
+    let mut env = env_files(&args.env_files)?;
+    env.append(&mut args.env);
     let policy = crate::policy_pb(args.policy);
     crate::connect(socket).await?;
     let mut client = cimage::api::launcher_client(socket);
     let req = pb::LaunchRequest {
-        credentials: args.auth.credentials(&args.image)?,
+        credentials: args.auth.credentials(&image)?,
         job: args.job.unwrap_or_default(),
         step: args.step,
-        image: args.image,
+        image,
         policy: policy as i32,
         command: args.command,
-        env: args
-            .env
+        cpus: args.cpus.unwrap_or(0.0),
+        memory_bytes: args.memory.unwrap_or(0),
+        cpuset_cpus: args.cpuset_cpus.unwrap_or_default(),
+        cgroup_parent: args.cgroup_parent.unwrap_or_default(),
+        name: args.name.unwrap_or_default(),
+        env: env
             .into_iter()
             .map(|(name, value)| pb::EnvVar { name, value })
             .collect(),
@@ -218,6 +306,11 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
                 verbose(format!("Exited {} ({}{sig})", x.exit_code, x.reason));
                 if x.reason == "ExceededTimeLimit" {
                     eprintln!("cimage: task {task_id} exceeded its time limit and was stopped");
+                }
+                if x.reason == "OutOfMemory" {
+                    eprintln!(
+                        "cimage: task {task_id} was killed for passing its memory limit (OutOfMemory)"
+                    );
                 }
                 exit = Some(x.exit_code.clamp(0, 255) as u8);
             }

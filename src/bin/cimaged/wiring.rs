@@ -105,6 +105,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             allowed_devices: ic.launcher.allowed_devices.clone(),
             allow_user_launch: ic.launcher.allow_user_launch,
             max_launches_per_user: ic.launcher.max_launches_per_user,
+            allowed_cgroup_parents: ic.launcher.allowed_cgroup_parents.clone(),
         },
         registries: ic
             .registries
