@@ -317,7 +317,6 @@ impl TaskRuntime for CriTaskRuntime {
                     readonly_paths: READONLY_PATHS.iter().map(|p| p.to_string()).collect(),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         };

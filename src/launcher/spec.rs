@@ -504,7 +504,7 @@ const MAX_MILLICPUS: u32 = 4096 * 1000;
 fn check_resources(r: &Resources) -> Result<(), SpecError> {
     let invalid = |m: String| Err(SpecError::Invalid(m));
     if let Some(m) = r.millicpus {
-        if m < 10 || m > MAX_MILLICPUS {
+        if !(10..=MAX_MILLICPUS).contains(&m) {
             return invalid(format!(
                 "CPU limit {} is out of range: give between 0.01 and {} CPUs",
                 f64::from(m) / 1000.0,
