@@ -65,7 +65,7 @@ enum Command {
     /// Show whether cimaged, the runtime and the index are healthy.
     Status(status::Args),
     /// Run a job step in a container and follow it to its exit code.
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// List tasks (running ones; -a for all).
     Ps(tasks::PsArgs),
     /// Print a task's output (-f to follow).
@@ -305,7 +305,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.command.prints_json();
     let result = match cli.command {
-        Command::Run(a) => match run::run(&cli.socket, a).await {
+        Command::Run(a) => match run::run(&cli.socket, *a).await {
             Ok(code) => return ExitCode::from(code),
             Err(f) => {
                 eprintln!("cimage: {}", f.message);
