@@ -160,3 +160,63 @@ fn run_takes_the_image_first_and_volumes_and_env_files_as_docker_does() {
     let out = d.cli(&["run", "--time", "1:30:00", &img, "--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    let nobody = Some((65534, 65534));
+    let out = d.cli_as(nobody, &["run", "-d", &img, "--", "sleep", "300"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let task = stdout(&out).trim().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ps = d.cli(&["ps", "-o", "json"]);
+        let tasks: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+        if tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == task.as_str() && t["state"] == "running")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never running: {tasks}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // As the step's user, for its owner and for root.
+    for who in [nobody, None] {
+        let out = d.cli_as(who, &["exec", &task, "--", "id", "-u"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "65534\n");
+    }
+    // The command's own exit code and output streams.
+    let out = d.cli_as(
+        nobody,
+        &[
+            "exec",
+            &task,
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        (stdout(&out).as_str(), stderr(&out).as_str()),
+        ("out\n", "err\n")
+    );
+    // Another user: refused, as if the task did not exist.
+    let out = d.cli_as(Some((65533, 65534)), &["exec", &task, "--", "id"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains(&format!("no task {task}")),
+        "{}",
+        stderr(&out)
+    );
+    let _ = d.cli(&["cancel", &task]);
+}

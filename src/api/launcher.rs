@@ -295,6 +295,29 @@ impl pb::launcher_server::Launcher for LauncherApi {
         }))
     }
 
+    async fn exec(
+        &self,
+        req: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        let who = self.principal(&req)?;
+        let r = req.into_inner();
+        let timeout = match r.timeout_seconds {
+            0 => Duration::from_secs(60),
+            s => Duration::from_secs(s.into()),
+        };
+        let (out, truncated) = self
+            .launcher
+            .exec(who, &r.task_id, r.command, timeout)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        Ok(Response::new(pb::ExecResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+            truncated,
+        }))
+    }
+
     async fn end_job(&self, req: Request<pb::EndJobRequest>) -> Result<Response<pb::Job>, Status> {
         let who = self.principal(&req)?;
         let id = req.into_inner().job;

@@ -151,7 +151,9 @@ pub fn maintenance_client(
 pub fn launcher_client(
     path: &Path,
 ) -> pb::launcher_client::LauncherClient<tonic::transport::Channel> {
+    // Room for `exec`'s two outputs of up to 4 MiB each.
     pb::launcher_client::LauncherClient::new(crate::cri::unix_channel(path))
+        .max_decoding_message_size(16 << 20)
 }
 
 /// A client for the API at a unix socket (used by the CLI and the tests).

@@ -11,8 +11,8 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, PodInfo,
-    PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, ExecOutput,
+    PodInfo, PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
 };
 
 /// Paths hidden from every step: the default set kubelet sends for a container that is not
@@ -447,6 +447,32 @@ impl TaskRuntime for CriTaskRuntime {
             .await
             .map(|_| ()),
         )
+    }
+
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ExecSyncRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.to_vec(),
+            timeout: timeout.as_secs() as i64,
+        };
+        let r = bounded(
+            "ExecSync",
+            &self.endpoint,
+            self.timeout + timeout,
+            c.exec_sync(req),
+        )
+        .await?;
+        Ok(ExecOutput {
+            stdout: r.stdout,
+            stderr: r.stderr,
+            exit_code: r.exit_code,
+        })
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {

@@ -8,9 +8,16 @@ use tokio::sync::mpsc::{channel, Receiver};
 use tracing::info;
 
 use super::logs::{Chunk, Tail};
-use super::spec::Principal;
-use super::store::{cancel_key, end_key, JobRecord, TaskRecord};
+use super::spec::{Principal, SpecError};
+use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
 use super::{LaunchError, Launcher};
+use crate::runtime::ExecOutput;
+
+/// Longest a command run in a step (`cimage exec`) may take.
+pub const MAX_EXEC_TIME: Duration = Duration::from_secs(3600);
+
+/// Most bytes of each output of a command run in a step that are passed back.
+pub const MAX_EXEC_OUTPUT: usize = 4 << 20;
 
 impl Launcher {
     /// A task, if `who` may see it (others' tasks look absent to non-admins).
@@ -78,6 +85,67 @@ impl Launcher {
         self.blocking(move |s| s.put_intents(&keys, now)).await?;
         token.cancel();
         Ok(task)
+    }
+
+    /// Runs `cmd` in a running step and waits for it (up to `timeout`, at most
+    /// [`MAX_EXEC_TIME`]). Only the step's owner and root may: the command runs as the step's
+    /// process does (its user, capabilities, no_new_privs, seccomp), and each of its outputs is
+    /// cut at [`MAX_EXEC_OUTPUT`].
+    pub async fn exec(
+        &self,
+        who: Principal,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(ExecOutput, bool), LaunchError> {
+        if cmd.is_empty() || cmd.iter().any(|a| a.contains('\0')) {
+            return Err(
+                SpecError::Invalid("exec needs a command, without NUL bytes".into()).into(),
+            );
+        }
+        if timeout.is_zero() || timeout > MAX_EXEC_TIME {
+            return Err(SpecError::Invalid(format!(
+                "exec time limit must be between 1s and {}",
+                crate::units::format_duration(MAX_EXEC_TIME)
+            ))
+            .into());
+        }
+        let task = self.task(who, id).await?;
+        if who.uid != 0 && who.uid != task.uid {
+            return Err(SpecError::Denied(format!(
+                "only the owner of task {id} (uid {}) and root may run commands in it",
+                task.uid
+            ))
+            .into());
+        }
+        let cid = match (&task.container_id, task.state) {
+            (Some(c), TaskState::Running) => c.clone(),
+            _ => {
+                return Err(LaunchError::Conflict {
+                    what: "task",
+                    id: id.to_owned(),
+                    why: format!("is not running ({})", task.state.as_str()),
+                })
+            }
+        };
+        info!(
+            task = %id,
+            uid = who.uid,
+            argv0 = ?crate::units::quote_short(&cmd[0]),
+            "running a command in a step"
+        );
+        let mut out = self
+            .rt
+            .exec_sync(&cid, &cmd, timeout)
+            .await
+            .map_err(|source| LaunchError::Runtime {
+                op: "run a command in the step",
+                source,
+            })?;
+        let cut = out.stdout.len() > MAX_EXEC_OUTPUT || out.stderr.len() > MAX_EXEC_OUTPUT;
+        out.stdout.truncate(MAX_EXEC_OUTPUT);
+        out.stderr.truncate(MAX_EXEC_OUTPUT);
+        Ok((out, cut))
     }
 
     /// Ends a job: cancels its running steps, waits for them (up to the grace period and a

@@ -296,5 +296,6 @@ pub mod fake {
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, TaskRuntime,
+    ExecOutput, MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion,
+    TaskRuntime,
 };

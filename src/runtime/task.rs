@@ -255,6 +255,26 @@ pub trait TaskRuntime: Send + Sync {
         &self,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<ContainerInfo>, RuntimeError>;
+    /// Runs `cmd` in a running container and waits for it, up to `timeout` (CRI `ExecSync`).
+    /// The command runs as the container's process does: its user, capabilities, no_new_privs
+    /// and seccomp profile.
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError>;
+}
+
+/// What a command run in a container printed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+    /// Its exit code.
+    pub exit_code: i32,
 }
 
 /// An in-memory runtime for the launcher's unit tests: a started container "runs" for a scripted
@@ -524,6 +544,33 @@ pub mod fake {
                     state: Self::state(c).0,
                 })
                 .collect())
+        }
+        async fn exec_sync(
+            &self,
+            id: &str,
+            cmd: &[String],
+            _timeout: Duration,
+        ) -> Result<ExecOutput, RuntimeError> {
+            self.call("ExecSync")?;
+            let running = self
+                .containers
+                .lock()
+                .unwrap()
+                .get(id)
+                .is_some_and(|c| Self::state(c).0 == ContainerState::Running);
+            if !running {
+                return Err(RuntimeError {
+                    op: "ExecSync",
+                    kind: RuntimeErrorKind::NotFound,
+                    message: format!("container {id} is not running"),
+                });
+            }
+            // The fake echoes the command, as `echo` would.
+            Ok(ExecOutput {
+                stdout: format!("{}\n", cmd.join(" ")).into_bytes(),
+                stderr: Vec::new(),
+                exit_code: 0,
+            })
         }
     }
 }

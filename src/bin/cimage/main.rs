@@ -1,6 +1,7 @@
 //! cimage: the command-line client of cimaged.
 
 mod auth;
+mod exec;
 mod gc;
 mod images;
 mod jobs;
@@ -66,6 +67,8 @@ enum Command {
     Status(status::Args),
     /// Run a job step in a container and follow it to its exit code.
     Run(Box<run::Args>),
+    /// Run a command in a running step, as the step's user (owner and root only).
+    Exec(exec::Args),
     /// List tasks (running ones; -a for all).
     Ps(tasks::PsArgs),
     /// Print a task's output (-f to follow).
@@ -310,6 +313,13 @@ async fn main() -> ExitCode {
             Err(f) => {
                 eprintln!("cimage: {}", f.message);
                 return ExitCode::from(run::LAUNCH_FAILED);
+            }
+        },
+        Command::Exec(a) => match exec::run(&cli.socket, a).await {
+            Ok(code) => return ExitCode::from(code),
+            Err(f) => {
+                eprintln!("cimage: {}", f.message);
+                return ExitCode::from(exec::EXEC_FAILED);
             }
         },
         Command::Ps(a) => tasks::ps(&cli.socket, a).await,

@@ -475,3 +475,57 @@ async fn wait_for_state(l: &Launcher, id: &str, want: TaskState) {
     }
     panic!("task {id} never reached {want:?}");
 }
+
+#[tokio::test]
+async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
+    let cmd = vec!["id".to_owned(), "-u".to_owned()];
+    let t = Duration::from_secs(5);
+    let (out, cut) = r
+        .launcher
+        .exec(ROOT, &task.id, cmd.clone(), t)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.exit_code, cut),
+        (&b"id -u\n"[..], 0, false)
+    );
+    // An admin who does not own the step may see it, not run commands in it.
+    let admin = Principal {
+        uid: 1002,
+        gid: 1002,
+        admin: true,
+    };
+    let e = r
+        .launcher
+        .exec(admin, &task.id, cmd.clone(), t)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
+    // Another user does not even see it.
+    let e = r
+        .launcher
+        .exec(ALICE, &task.id, cmd.clone(), t)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::NotFound { .. }), "{e}");
+    // Bad input changes nothing.
+    for (c, limit) in [(vec![], t), (cmd.clone(), Duration::ZERO)] {
+        let e = r.launcher.exec(ROOT, &task.id, c, limit).await.unwrap_err();
+        assert!(matches!(e, LaunchError::Spec(SpecError::Invalid(_))), "{e}");
+    }
+    r.launcher.cancel(ROOT, &task.id).await.unwrap();
+    waiter.await.unwrap();
+    let e = r.launcher.exec(ROOT, &task.id, cmd, t).await.unwrap_err();
+    assert!(
+        matches!(e, LaunchError::Conflict { .. }),
+        "not running: {e}"
+    );
+}
