@@ -155,6 +155,12 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "Job steps finished, by final state.",
     ),
     (
+        "cimage_history_pruned_total",
+        Kind::Counter,
+        true,
+        "Task and job records removed from history (ImageCache.History), by kind (task, job).",
+    ),
+    (
         "cimage_launch_duration_seconds",
         Kind::Histogram,
         true,

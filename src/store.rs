@@ -345,6 +345,16 @@ impl Read<'_> {
         self.scan(table, None)
     }
 
+    /// How many records a table holds.
+    pub fn len<T>(&self, table: JsonTable<T>) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        match self.tx.open_table(table.def()) {
+            Ok(t) => t.len().map_err(ctx(self.context)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(ctx(self.context)(e)),
+        }
+    }
+
     /// The records whose keys start with `prefix`, in key order.
     pub fn with_prefix<T: DeserializeOwned>(
         &self,

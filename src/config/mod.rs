@@ -170,6 +170,9 @@ pub struct ImageCacheConfig {
     /// Scheduled pre-warming.
     #[serde(default)]
     pub prewarm: PrewarmConfig,
+    /// How much task and job history is kept.
+    #[serde(default)]
+    pub history: HistoryConfig,
     /// Registry credentials and who may have private images.
     #[serde(default)]
     pub auth: AuthSection,
@@ -315,6 +318,44 @@ fn default_low_percent() -> f64 {
 }
 fn default_min_age() -> Duration {
     Duration::from_secs(120)
+}
+
+/// The `ImageCache.History` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Finished tasks and ended jobs older than this are removed (e.g. `7d`).
+    #[serde(default = "default_history_keep", deserialize_with = "de_duration")]
+    pub keep: Duration,
+    /// At most this many task records are kept; the oldest finished ones go first.
+    #[serde(default = "default_history_max_tasks")]
+    pub max_tasks: u64,
+    /// Keep the log files of removed tasks (default: they go with their records).
+    #[serde(default)]
+    pub keep_logs: bool,
+}
+
+/// Default for `ImageCache.History.Keep`.
+pub const DEFAULT_HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// Default for `ImageCache.History.MaxTasks`.
+pub const DEFAULT_HISTORY_MAX_TASKS: u64 = 100_000;
+
+fn default_history_keep() -> Duration {
+    DEFAULT_HISTORY_KEEP
+}
+
+fn default_history_max_tasks() -> u64 {
+    DEFAULT_HISTORY_MAX_TASKS
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            keep: default_history_keep(),
+            max_tasks: default_history_max_tasks(),
+            keep_logs: false,
+        }
+    }
 }
 
 /// The `ImageCache.Prewarm` section.
@@ -513,6 +554,7 @@ impl Default for ImageCacheConfig {
             launcher: LauncherConfig::default(),
             eviction: EvictionConfig::default(),
             prewarm: PrewarmConfig::default(),
+            history: HistoryConfig::default(),
             auth: AuthSection::default(),
             metrics_addr: None,
             image_service: ImageServiceConfig::default(),

@@ -196,6 +196,18 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be longer than 0s".into(),
         ));
     }
+    if ic.history.keep < Duration::from_secs(60) {
+        return Err(invalid(
+            "ImageCache.History.Keep",
+            "must be at least 1m".into(),
+        ));
+    }
+    if ic.history.max_tasks == 0 {
+        return Err(invalid(
+            "ImageCache.History.MaxTasks",
+            "must be at least 1".into(),
+        ));
+    }
     if ic.pull_stall_timeout < Duration::from_secs(1) {
         return Err(invalid(
             "ImageCache.PullStallTimeout",

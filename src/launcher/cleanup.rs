@@ -64,7 +64,7 @@ impl Launcher {
         {
             let _g = lock.lock().await;
             let (job, tasks) = match self
-                .blocking(move |s| Ok((s.job(&job_id)?, s.tasks()?)))
+                .blocking(move |s| Ok((s.job(&job_id)?, s.job_tasks(&job_id)?)))
                 .await
             {
                 Ok(x) => x,

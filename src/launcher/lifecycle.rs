@@ -93,7 +93,7 @@ impl Launcher {
         let guard = lock.lock().await;
         let job_id = v.job.clone();
         let (existing, tasks) = self
-            .blocking(move |s| Ok((s.job(&job_id)?, s.tasks()?)))
+            .blocking(move |s| Ok((s.job(&job_id)?, s.job_tasks(&job_id)?)))
             .await?;
         // Only a live job claims its id (a job whose first step failed has ended).
         if let Some(j) = existing.as_ref().filter(|j| j.ended.is_none()) {

@@ -15,6 +15,7 @@ mod cleanup;
 pub mod devices;
 mod etc_files;
 mod events;
+pub mod history;
 mod lifecycle;
 pub mod logs;
 pub mod mounts;
@@ -78,6 +79,8 @@ pub struct LauncherSettings {
     pub max_launches_per_user: usize,
     /// Cgroup parents any launching caller may use (`ImageCache.Launcher.AllowedCgroupParents`).
     pub allowed_cgroup_parents: Vec<String>,
+    /// How much task and job history is kept (`ImageCache.History`).
+    pub history: history::HistorySettings,
 }
 
 /// Default of [`LauncherSettings::max_launches_per_user`].
@@ -122,6 +125,7 @@ impl LauncherSettings {
             allow_user_launch: false,
             max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
             allowed_cgroup_parents: Vec::new(),
+            history: history::HistorySettings::default(),
         }
     }
 }

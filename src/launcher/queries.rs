@@ -35,7 +35,7 @@ impl Launcher {
     /// Tasks `who` may see: running ones, or all with `all`. Newest first.
     pub async fn tasks(&self, who: Principal, all: bool) -> Result<Vec<TaskRecord>, LaunchError> {
         let mut tasks: Vec<TaskRecord> = self
-            .blocking(|s| s.tasks())
+            .blocking(move |s| if all { s.tasks() } else { s.live_tasks() })
             .await?
             .into_iter()
             .filter(|t| Self::visible(who, t.uid) && (all || !t.state.is_final()))
@@ -49,15 +49,16 @@ impl Launcher {
         &self,
         who: Principal,
     ) -> Result<Vec<(JobRecord, Vec<TaskRecord>)>, LaunchError> {
-        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.tasks()?))).await?;
-        let mut out: Vec<_> = jobs
-            .into_iter()
-            .filter(|j| Self::visible(who, j.uid))
-            .map(|j| {
-                let ts = tasks.iter().filter(|t| t.job == j.id).cloned().collect();
-                (j, ts)
+        let mut out: Vec<_> = self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for j in s.jobs()?.into_iter().filter(|j| Self::visible(who, j.uid)) {
+                    let ts = s.job_tasks(&j.id)?;
+                    out.push((j, ts));
+                }
+                Ok(out)
             })
-            .collect();
+            .await?;
         out.sort_by_key(|j| std::cmp::Reverse(j.0.created));
         Ok(out)
     }
@@ -153,7 +154,7 @@ impl Launcher {
     pub async fn end_job(&self, who: Principal, id: &str) -> Result<JobRecord, LaunchError> {
         let key = id.to_owned();
         let (job, tasks) = self
-            .blocking(move |s| Ok((s.job(&key)?, s.tasks()?)))
+            .blocking(move |s| Ok((s.job(&key)?, s.job_tasks(&key)?)))
             .await?;
         let job = match job {
             Some(j) if Self::visible(who, j.uid) => j,

@@ -13,6 +13,29 @@ const TASKS: JsonTable<TaskRecord> = JsonTable::new("tasks");
 /// (Unix ms). Kept apart from the records, which the code driving a task rewrites whole, so that
 /// no save of a task can undo an acknowledged cancel.
 const INTENTS: JsonTable<i64> = JsonTable::new("intents");
+/// A job's tasks: `JOB\x1fTASK` → task id, so that a job's steps are found without reading
+/// other jobs' (job ids never hold the separator).
+const JOB_TASKS: JsonTable<String> = JsonTable::new("job_tasks");
+/// Tasks not yet cleaned up (running, or finished with their container still to remove): id →
+/// job, so that `ps`, cleanups and recovery read the live work, not the history.
+const LIVE: JsonTable<String> = JsonTable::new("live_tasks");
+/// The version of the indexes above; an index file from before them is migrated at open.
+const INDEX_META: &str = "task_indexes";
+
+fn job_task_key(job: &str, task: &str) -> String {
+    format!("{job}\x1f{task}")
+}
+
+/// Keeps a task's index entries in step with its record (in the record's transaction).
+fn index_task(w: &crate::store::Write<'_>, task: &TaskRecord) -> Result<(), StoreError> {
+    w.put(JOB_TASKS, &job_task_key(&task.job, &task.id), &task.id)?;
+    if task.cleaned {
+        w.remove(LIVE, &task.id)?;
+    } else {
+        w.put(LIVE, &task.id, &task.job)?;
+    }
+    Ok(())
+}
 
 /// The intent key of a task's cancel.
 pub fn cancel_key(task: &str) -> String {
@@ -147,6 +170,18 @@ impl TaskStore {
         store.ensure_tables(&[JOBS])?;
         store.ensure_tables(&[TASKS])?;
         store.ensure_tables(&[INTENTS])?;
+        store.ensure_tables(&[JOB_TASKS, LIVE])?;
+        // An index file from before the per-job and live indexes: built in one transaction,
+        // so a crash leaves the old file (migrated again at the next start) or the new one.
+        store.write("indexing tasks by job", |w| {
+            if w.meta(INDEX_META)?.as_deref() == Some("1") {
+                return Ok(());
+            }
+            for (_, t) in w.all(TASKS)? {
+                index_task(w, &t)?;
+            }
+            w.set_meta(INDEX_META, "1")
+        })?;
         Ok(Self {
             store: store.clone(),
         })
@@ -160,6 +195,7 @@ impl TaskStore {
     ) -> Result<(), StoreError> {
         self.store.write(&format!("saving task {}", task.id), |w| {
             w.put(TASKS, &task.id, task)?;
+            index_task(w, task)?;
             if task.cleaned {
                 // Carried out: the cancel is no longer an intent.
                 w.remove(INTENTS, &cancel_key(&task.id))?;
@@ -209,9 +245,76 @@ impl TaskStore {
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.store.all(JOBS)
     }
-    /// Saves a task.
+    /// Saves a task (and its index entries, in the same transaction).
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
-        self.store.put(TASKS, &task.id, task)
+        self.store.write(&format!("saving task {}", task.id), |w| {
+            w.put(TASKS, &task.id, task)?;
+            index_task(w, task)
+        })
+    }
+
+    /// The tasks of one job, read through the per-job index.
+    pub fn job_tasks(&self, job: &str) -> Result<Vec<TaskRecord>, StoreError> {
+        self.store
+            .read(&format!("listing the tasks of job {job}"), |r| {
+                let mut out = Vec::new();
+                for (_, id) in r.with_prefix(JOB_TASKS, &format!("{job}\x1f"))? {
+                    out.extend(r.get(TASKS, &id)?);
+                }
+                Ok(out)
+            })
+    }
+
+    /// The tasks not yet cleaned up (every unfinished one among them).
+    pub fn live_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.store.read("listing live tasks", |r| {
+            let mut out = Vec::new();
+            for (id, _) in r.all(LIVE)? {
+                out.extend(r.get(TASKS, &id)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many task records there are, and how many of them are live.
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        self.store
+            .read("counting tasks", |r| Ok((r.len(TASKS)?, r.len(LIVE)?)))
+    }
+
+    /// Removes finished tasks from history, with their index entries, and the ended jobs none
+    /// of whose tasks remain, in one transaction; returns the log files of the tasks removed.
+    pub fn prune(
+        &self,
+        tasks: &[TaskRecord],
+        jobs: &[String],
+    ) -> Result<Vec<std::path::PathBuf>, StoreError> {
+        self.store.write("pruning history", |w| {
+            let mut logs = Vec::new();
+            for t in tasks {
+                // Only what is still finished now (a record may have changed since it was read).
+                match w.get(TASKS, &t.id)? {
+                    Some(cur) if cur.state.is_final() && cur.cleaned => {}
+                    _ => continue,
+                }
+                w.remove(TASKS, &t.id)?;
+                w.remove(JOB_TASKS, &job_task_key(&t.job, &t.id))?;
+                w.remove(LIVE, &t.id)?;
+                w.remove(INTENTS, &cancel_key(&t.id))?;
+                logs.push(t.log_path.clone());
+            }
+            for j in jobs {
+                let ended = w.get(JOBS, j)?.is_some_and(|job| job.ended.is_some());
+                if ended
+                    && w.keys_with_prefix(JOB_TASKS, &format!("{j}\x1f"))?
+                        .is_empty()
+                {
+                    w.remove(JOBS, j)?;
+                    w.remove(INTENTS, &end_key(j))?;
+                }
+            }
+            Ok(logs)
+        })
     }
     /// A task by id.
     pub fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -220,5 +323,63 @@ impl TaskStore {
     /// Every task.
     pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         self.store.all(TASKS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, job: &str, state: TaskState) -> TaskRecord {
+        TaskRecord {
+            id: id.into(),
+            job: job.into(),
+            step: 0,
+            uid: 0,
+            image: "r/x:1".into(),
+            image_id: None,
+            container_id: None,
+            state,
+            exit_code: None,
+            signal: None,
+            failure: None,
+            log_path: "/logs/x".into(),
+            created: 1,
+            started: None,
+            finished: None,
+            timeout_ms: None,
+            cleaned: state.is_final(),
+        }
+    }
+
+    #[test]
+    fn an_index_file_from_before_the_task_indexes_is_migrated_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("i.redb")).unwrap();
+        // The file as an earlier release left it: tasks without their indexes.
+        store
+            .write("an old file", |w| {
+                w.put(TASKS, "t1", &task("t1", "a", TaskState::Running))?;
+                w.put(TASKS, "t2", &task("t2", "b", TaskState::Exited))?;
+                w.put(TASKS, "t3", &task("t3", "a", TaskState::Exited))
+            })
+            .unwrap();
+        let s = TaskStore::open(&store).unwrap();
+        let ids = |v: Vec<TaskRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.job_tasks("a").unwrap()), ["t1", "t3"]);
+        assert_eq!(ids(s.live_tasks().unwrap()), ["t1"]);
+        assert_eq!(s.counts().unwrap(), (3, 1));
+        // A task that finishes leaves the live index in the same transaction.
+        let mut t1 = task("t1", "a", TaskState::Exited);
+        t1.cleaned = true;
+        s.put_task(&t1).unwrap();
+        assert!(s.live_tasks().unwrap().is_empty());
+        // Pruning takes the records and their index entries.
+        let logs = s.prune(&[t1], &["a".into()]).unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(ids(s.job_tasks("a").unwrap()), ["t3"]);
+        // Opening again does not index twice.
+        let s = TaskStore::open(&store).unwrap();
+        assert_eq!(s.counts().unwrap(), (2, 0));
     }
 }

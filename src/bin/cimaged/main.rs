@@ -311,6 +311,10 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
+    background.spawn(cimage::launcher::history::prune_loop(
+        launcher.clone(),
+        Duration::from_secs(600),
+    ));
     background.spawn(prewarm.clone().timer());
     if let Some(addr) = &ic.metrics_addr {
         let addr = addr.parse().context("ImageCache.MetricsAddr")?;

@@ -106,6 +106,11 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             allow_user_launch: ic.launcher.allow_user_launch,
             max_launches_per_user: ic.launcher.max_launches_per_user,
             allowed_cgroup_parents: ic.launcher.allowed_cgroup_parents.clone(),
+            history: cimage::launcher::history::HistorySettings {
+                keep: ic.history.keep,
+                max_tasks: ic.history.max_tasks,
+                keep_logs: ic.history.keep_logs,
+            },
         },
         registries: ic
             .registries

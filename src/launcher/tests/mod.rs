@@ -529,3 +529,51 @@ async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
         "not running: {e}"
     );
 }
+
+#[tokio::test]
+async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() {
+    let r = rig_with(|s| {
+        s.history = super::history::HistorySettings {
+            keep: Duration::ZERO,
+            ..Default::default()
+        }
+    });
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_millis(10),
+        exit_code: 0,
+    });
+    let (done, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    events(rx).await;
+    std::fs::write(&done.log_path, "output\n").unwrap();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (running, rx) = r.launcher.launch(ROOT, spec(Some("stay"))).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &running.id, TaskState::Running).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let report = r.launcher.prune_history().await.unwrap();
+    assert_eq!((report.tasks, report.jobs, report.logs), (1, 1, 1));
+    assert!(!done.log_path.exists());
+    assert!(
+        !done.log_path.parent().unwrap().exists(),
+        "the one-off job's directory went"
+    );
+    assert!(matches!(
+        r.launcher.task(ROOT, &done.id).await,
+        Err(LaunchError::NotFound { .. })
+    ));
+    assert_eq!(
+        r.launcher.task(ROOT, &running.id).await.unwrap().state,
+        TaskState::Running
+    );
+    assert_eq!(
+        r.cache
+            .metrics()
+            .counter("cimage_history_pruned_total", &[("kind", "task")]),
+        1
+    );
+    r.launcher.cancel(ROOT, &running.id).await.unwrap();
+    waiter.await.unwrap();
+}

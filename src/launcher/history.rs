@@ -1,0 +1,250 @@
+//! History that stays cheap: finished tasks and ended jobs are kept for `History.Keep` and at
+//! most `History.MaxTasks` tasks, and pruned in the background in bounded batches, each one
+//! transaction, with the log files of the tasks removed (unless `History.KeepLogs`), and only
+//! in the per-job directories cimage itself made under its log directory.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::store::TaskRecord;
+use super::{LaunchError, Launcher};
+
+/// Default of [`HistorySettings::keep`] (`History.Keep`).
+pub const DEFAULT_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// Default of [`HistorySettings::max_tasks`] (`History.MaxTasks`).
+pub const DEFAULT_MAX_TASKS: u64 = 100_000;
+/// Tasks removed per transaction: a pass never holds the database for long.
+const BATCH: usize = 500;
+
+/// How much history is kept (`ImageCache.History`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistorySettings {
+    /// Finished tasks and ended jobs older than this are removed.
+    pub keep: Duration,
+    /// At most this many task records are kept; the oldest finished ones go first.
+    pub max_tasks: u64,
+    /// Keep the log files of removed tasks.
+    pub keep_logs: bool,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            keep: DEFAULT_KEEP,
+            max_tasks: DEFAULT_MAX_TASKS,
+            keep_logs: false,
+        }
+    }
+}
+
+/// What one pruning pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Task records removed.
+    pub tasks: usize,
+    /// Job records removed.
+    pub jobs: usize,
+    /// Log files removed.
+    pub logs: usize,
+}
+
+/// The finished, cleaned-up tasks to remove: those finished before `cutoff`, and beyond
+/// `max_tasks` records in all the oldest finished ones. Oldest first.
+pub fn to_prune(tasks: Vec<TaskRecord>, cutoff: i64, max_tasks: u64) -> Vec<TaskRecord> {
+    let total = tasks.len() as u64;
+    let mut done: Vec<TaskRecord> = tasks
+        .into_iter()
+        .filter(|t| t.state.is_final() && t.cleaned)
+        .collect();
+    done.sort_by_key(|t| (t.finished.unwrap_or(t.created), t.created));
+    let over = total.saturating_sub(max_tasks) as usize;
+    let old = done
+        .iter()
+        .take_while(|t| t.finished.unwrap_or(t.created) < cutoff)
+        .count();
+    done.truncate(old.max(over.min(done.len())));
+    done
+}
+
+impl Launcher {
+    /// One pruning pass over the task and job history.
+    pub async fn prune_history(&self) -> Result<PruneReport, LaunchError> {
+        let h = self.settings.history.clone();
+        let now = self.clock.now_ms();
+        let cutoff = now.saturating_sub(h.keep.as_millis() as i64);
+        let (tasks, jobs) = self.blocking(|s| Ok((s.tasks()?, s.jobs()?))).await?;
+        let victims = to_prune(tasks, cutoff, h.max_tasks);
+        let mut report = PruneReport::default();
+        for batch in victims.chunks(BATCH) {
+            let batch = batch.to_vec();
+            let job_ids: Vec<String> = batch
+                .iter()
+                .map(|t| t.job.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let jobs_before = job_ids.clone();
+            let logs = self
+                .blocking(move |s| {
+                    let before = s.jobs()?.len();
+                    let logs = s.prune(&batch, &job_ids)?;
+                    Ok((logs, before - s.jobs()?.len()))
+                })
+                .await?;
+            report.tasks += logs.0.len();
+            report.jobs += logs.1;
+            if !h.keep_logs {
+                report.logs += self.remove_logs(&logs.0, &jobs_before).await;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Ended jobs whose tasks are all gone (a job whose only step failed early, or whose
+        // tasks went in an earlier pass).
+        let stale: Vec<String> = jobs
+            .iter()
+            .filter(|j| j.ended.is_some_and(|e| e < cutoff))
+            .map(|j| j.id.clone())
+            .collect();
+        for batch in stale.chunks(BATCH) {
+            let ids = batch.to_vec();
+            let removed = self
+                .blocking(move |s| {
+                    let before = s.jobs()?.len();
+                    s.prune(&[], &ids)?;
+                    Ok(before - s.jobs()?.len())
+                })
+                .await?;
+            report.jobs += removed;
+            if !h.keep_logs {
+                self.remove_logs(&[], batch).await;
+            }
+        }
+        if report.tasks + report.jobs > 0 {
+            let m = self.cache.metrics();
+            m.add(
+                "cimage_history_pruned_total",
+                &[("kind", "task")],
+                report.tasks as u64,
+            );
+            m.add(
+                "cimage_history_pruned_total",
+                &[("kind", "job")],
+                report.jobs as u64,
+            );
+            info!(
+                tasks = report.tasks,
+                jobs = report.jobs,
+                logs = report.logs,
+                "history pruned"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Removes log files of pruned tasks, and the emptied job directories, but only inside
+    /// cimage's own per-job directories under its log directory.
+    async fn remove_logs(&self, logs: &[std::path::PathBuf], jobs: &[String]) -> usize {
+        let root = self.settings.log_dir.clone();
+        let (logs, jobs) = (logs.to_vec(), jobs.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            for log in &logs {
+                if is_ours(&root, log) && std::fs::remove_file(log).is_ok() {
+                    n += 1;
+                }
+            }
+            for j in &jobs {
+                // Fails while the directory holds anything (a running job's logs): kept.
+                let _ = std::fs::remove_dir(root.join(j));
+            }
+            n
+        })
+        .await
+        .unwrap_or(0)
+    }
+}
+
+/// Whether `log` is a file directly inside a job directory of `root` (`root/JOB/FILE`), with
+/// no `..` on the way.
+fn is_ours(root: &Path, log: &Path) -> bool {
+    let Ok(rest) = log.strip_prefix(root) else {
+        return false;
+    };
+    let parts: Vec<_> = rest.components().collect();
+    parts.len() == 2
+        && parts
+            .iter()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Prunes once a minute after start-up, then every `every`, until shutdown.
+pub async fn prune_loop(launcher: std::sync::Arc<Launcher>, every: Duration) {
+    let stop = launcher.background.clone();
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.shutting_down() => return,
+        }
+        if let Err(e) = launcher.prune_history().await {
+            warn!("pruning history failed: {e}");
+        }
+        wait = every;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::store::TaskState;
+
+    fn t(id: &str, finished: Option<i64>, state: TaskState) -> TaskRecord {
+        TaskRecord {
+            id: id.into(),
+            job: "j".into(),
+            step: 0,
+            uid: 0,
+            image: "r/x:1".into(),
+            image_id: None,
+            container_id: None,
+            state,
+            exit_code: None,
+            signal: None,
+            failure: None,
+            log_path: "/logs/j/x.log".into(),
+            created: 0,
+            started: None,
+            finished,
+            timeout_ms: None,
+            cleaned: state.is_final(),
+        }
+    }
+
+    #[test]
+    fn old_and_surplus_finished_tasks_go_running_ones_stay() {
+        let tasks = vec![
+            t("old", Some(10), TaskState::Exited),
+            t("new", Some(1000), TaskState::Exited),
+            t("newer", Some(2000), TaskState::Failed),
+            t("run", None, TaskState::Running),
+        ];
+        let ids = |v: Vec<TaskRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(to_prune(tasks.clone(), 500, 100)), ["old"]);
+        // Over the cap: the oldest finished go, never the running one.
+        assert_eq!(ids(to_prune(tasks.clone(), 0, 2)), ["old", "new"]);
+        assert_eq!(ids(to_prune(tasks.clone(), 0, 0)), ["old", "new", "newer"]);
+        assert!(to_prune(tasks, 0, 100).is_empty());
+    }
+
+    #[test]
+    fn only_files_in_cimages_job_directories_are_removed() {
+        let root = Path::new("/var/crane/logs");
+        assert!(is_ours(root, Path::new("/var/crane/logs/job1/step-0.log")));
+        assert!(!is_ours(root, Path::new("/var/crane/logs/step-0.log")));
+        assert!(!is_ours(root, Path::new("/var/crane/logs/j/../../etc/x")));
+        assert!(!is_ours(root, Path::new("/etc/passwd")));
+    }
+}
