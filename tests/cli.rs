@@ -37,6 +37,8 @@ fn status_reports_the_image_filesystem_as_df_does() {
     );
     assert!(fs["size_bytes"].as_u64().unwrap() >= fs["used_bytes"].as_u64().unwrap());
     assert_eq!(s["pulls_in_flight"], 0);
+    assert_eq!(s["history"]["max_tasks"], 100_000, "{s}");
+    assert_eq!(s["history"]["keep_seconds"], 604_800.0);
     let table = stdout(&d.cli(&["status"]));
     assert!(
         table.contains(&format!("({ours}%, as df counts)")) && table.contains("healthy"),

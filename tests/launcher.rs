@@ -324,6 +324,35 @@ fn after_kill_9_a_running_task_is_reattached_and_unknown_pods_are_removed() {
     let instance = d.instance();
     d.kill9();
 
+    // 10,000 finished steps of past jobs in the history (seeded through the store while the
+    // daemon is down): recovery reads the live tasks, and still finds the running one.
+    {
+        use cimage::launcher::store::{TaskRecord, TaskState, TaskStore};
+        let store = cimage::store::Store::open(&d.dir.path().join("state/index.redb")).unwrap();
+        let past: Vec<TaskRecord> = (0..10_000)
+            .map(|i| TaskRecord {
+                id: format!("past{i:08}"),
+                job: format!("past-job-{}", i / 10),
+                step: i % 10,
+                uid: 0,
+                image: img.clone(),
+                image_id: None,
+                container_id: None,
+                state: TaskState::Exited,
+                exit_code: Some(0),
+                signal: None,
+                failure: None,
+                log_path: d.dir.path().join("none.log"),
+                created: 1,
+                started: Some(1),
+                finished: Some(2),
+                timeout_ms: None,
+                cleaned: true,
+            })
+            .collect();
+        TaskStore::open(&store).unwrap().put_tasks(&past).unwrap();
+    }
+
     // A pod of ours whose job the daemon never heard of, as a crash mid-launch would leave.
     let ghost = block_on(async {
         use k8s_cri::v1 as cri;

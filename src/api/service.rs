@@ -24,6 +24,7 @@ pub struct ImageCacheApi {
     instance: String,
     background: Background,
     prewarm: Option<Arc<crate::prewarm::Prewarmer>>,
+    launcher: Option<Arc<crate::launcher::Launcher>>,
     metrics_addr: Option<String>,
 }
 
@@ -46,17 +47,21 @@ impl ImageCacheApi {
             instance,
             background,
             prewarm: None,
+            launcher: None,
             metrics_addr: None,
         }
     }
 
-    /// What `status` also reports: the pre-warm schedules' next fires and the metrics address.
+    /// What `status` also reports: the pre-warm schedules' next fires, the task history and
+    /// the metrics address.
     pub fn with_status_of(
         mut self,
         prewarm: Arc<crate::prewarm::Prewarmer>,
+        launcher: Arc<crate::launcher::Launcher>,
         metrics_addr: Option<String>,
     ) -> Self {
         self.prewarm = Some(prewarm);
+        self.launcher = Some(launcher);
         self.metrics_addr = metrics_addr;
         self
     }
@@ -434,7 +439,20 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
+        let (tasks_recorded, tasks_live, history) = match &self.launcher {
+            Some(l) => l.history().await.unwrap_or_default(),
+            None => Default::default(),
+        };
+        let tasks_pruned = self
+            .cache
+            .metrics()
+            .counter("cimage_history_pruned_total", &[("kind", "task")]);
         Ok(Response::new(pb::StatusResponse {
+            tasks_recorded,
+            tasks_live,
+            tasks_pruned,
+            history_max_tasks: history.max_tasks,
+            history_keep_seconds: history.keep.as_secs_f64(),
             runtime_ok,
             runtime_message,
             index_ok,

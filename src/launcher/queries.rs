@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{channel, Receiver};
 use tracing::info;
 
+use super::history::HistorySettings;
 use super::logs::{Chunk, Tail};
 use super::spec::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
@@ -86,6 +87,12 @@ impl Launcher {
         self.blocking(move |s| s.put_intents(&keys, now)).await?;
         token.cancel();
         Ok(task)
+    }
+
+    /// Task records kept and how many of them are live, with the history limits (for status).
+    pub async fn history(&self) -> Result<(u64, u64, HistorySettings), LaunchError> {
+        let (all, live) = self.blocking(|s| s.counts()).await?;
+        Ok((all, live, self.settings.history.clone()))
     }
 
     /// Runs `cmd` in a running step and waits for it (up to `timeout`, at most

@@ -253,6 +253,19 @@ impl TaskStore {
         })
     }
 
+    /// Saves many tasks (and their index entries) in one transaction: an import, or a test's
+    /// or benchmark's history.
+    pub fn put_tasks(&self, tasks: &[TaskRecord]) -> Result<(), StoreError> {
+        self.store
+            .write(&format!("saving {} tasks", tasks.len()), |w| {
+                for t in tasks {
+                    w.put(TASKS, &t.id, t)?;
+                    index_task(w, t)?;
+                }
+                Ok(())
+            })
+    }
+
     /// The tasks of one job, read through the per-job index.
     pub fn job_tasks(&self, job: &str) -> Result<Vec<TaskRecord>, StoreError> {
         self.store

@@ -60,6 +60,13 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                     "next_fire": rfc3339(f.next_fire),
                 })).collect::<Vec<_>>(),
                 "metrics_addr": (!s.metrics_addr.is_empty()).then_some(&s.metrics_addr),
+                "history": {
+                    "tasks_recorded": s.tasks_recorded,
+                    "tasks_live": s.tasks_live,
+                    "tasks_pruned": s.tasks_pruned,
+                    "max_tasks": s.history_max_tasks,
+                    "keep_seconds": s.history_keep_seconds,
+                },
                 "instance": s.instance,
             })
         ),
@@ -104,6 +111,16 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                 s.pulls_in_flight, s.pulls_queued
             );
             println!("last reconciled:  {}", when(s.last_reconcile));
+            println!(
+                "task history:     {} records ({} live), {} pruned since start; kept {}, at most {}",
+                s.tasks_recorded,
+                s.tasks_live,
+                s.tasks_pruned,
+                cimage::units::format_duration(std::time::Duration::from_secs_f64(
+                    s.history_keep_seconds
+                )),
+                s.history_max_tasks
+            );
             if s.schedules.is_empty() {
                 println!("schedules:        none");
             }

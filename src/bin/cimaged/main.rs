@@ -383,7 +383,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         store.instance().to_owned(),
         background.clone(),
     )
-    .with_status_of(prewarm, ic.metrics_addr.clone());
+    .with_status_of(prewarm, launcher.clone(), ic.metrics_addr.clone());
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
     let bg = background.clone();
