@@ -13,10 +13,13 @@
 //!   ContainerStatus polling, RemoveContainer, StopPodSandbox, RemovePodSandbox), 30 runs each
 //! - cimaged's CRI image endpoint vs containerd's: cold `PullImage`, `ImageStatus` p50/p99, 20
 //!   concurrent `PullImage`s of one cold image
+//! - launch-to-exit with 100,000 finished tasks in the store vs none, start-up to recovery and
+//!   resident memory with them
 //! - a pre-warm run of 20 synthetic images at concurrency 2 vs the same pulls issued by raw CRI at
 //!   concurrency 2, and `IfNotPresent` checks of a cached image during the run vs idle
 
 mod cri;
+mod history;
 #[path = "../../tests/common/images.rs"]
 #[allow(dead_code)]
 mod images;
@@ -38,7 +41,7 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, progress, warm, always, herd, cri, launch, prewarm).
+/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
         Ok(list) if !list.is_empty() => list.split(',').any(|s| s.trim() == section),
@@ -298,6 +301,10 @@ async fn main() {
                 "",
             );
         }
+    }
+    if want("history") {
+        eprintln!("bench: launches with a long history ...");
+        history::history(&cri_path, &registry).await;
     }
     if want("prewarm") {
         eprintln!("bench: pre-warm of 20 images at concurrency 2 ...");

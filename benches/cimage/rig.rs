@@ -45,6 +45,7 @@ pub(crate) struct Daemon {
     pub(crate) socket: PathBuf,
     /// cimaged's CRI image endpoint.
     pub(crate) cri_socket: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -74,27 +75,64 @@ impl Daemon {
         )
         .unwrap();
         let log = dir.path().join("cimaged.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
-            .arg("--config")
-            .arg(&config)
-            .env("CIMAGE_LOG", "warn,cimage::puller=debug")
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let child = Self::spawn_with(&config, &log, &socket);
         Daemon {
             child,
             log,
             socket,
             cri_socket,
+            config,
             _dir: dir,
         }
+    }
+
+    fn spawn_with(config: &Path, log: &Path, socket: &Path) -> Child {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
+            .arg("--config")
+            .arg(config)
+            .env("CIMAGE_LOG", "warn,cimage::puller=debug,cimaged=info")
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        for _ in 0..400 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it.
+    pub(crate) fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again over the same state.
+    pub(crate) fn respawn(&mut self) {
+        self.child = Self::spawn_with(&self.config, &self.log, &self.socket);
+    }
+
+    /// The daemon's redb file.
+    pub(crate) fn index_path(&self) -> PathBuf {
+        self._dir.path().join("cimage/index.redb")
+    }
+
+    /// Resident memory now.
+    pub(crate) fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     pub(crate) fn pull_calls(&self, image: &str) -> usize {
