@@ -158,7 +158,7 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "cimage_history_pruned_total",
         Kind::Counter,
         true,
-        "Task and job records removed from history (ImageCache.History), by kind (task, job).",
+        "Records removed from history (ImageCache.History), by kind (task, job, eviction).",
     ),
     (
         "cimage_launch_duration_seconds",

@@ -405,6 +405,24 @@ impl Index {
             })
     }
 
+    /// Removes up to `limit` eviction records from before `before` (Unix ms), oldest first, in
+    /// one transaction; returns how many went.
+    pub fn prune_evictions(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let bound = format!("{before:020}");
+        self.store.write("pruning eviction records", |w| {
+            let old: Vec<String> = w
+                .keys_with_prefix(EVICTIONS, "")?
+                .into_iter()
+                .take_while(|k| k.as_str() < bound.as_str())
+                .take(limit)
+                .collect();
+            for k in &old {
+                w.remove(EVICTIONS, k)?;
+            }
+            Ok(old.len())
+        })
+    }
+
     /// Every recorded eviction, oldest first.
     pub fn evictions(&self) -> Result<Vec<EvictionRecord>, StoreError> {
         self.store.all(EVICTIONS)
@@ -482,6 +500,23 @@ mod tests {
 
     fn open_at(path: &std::path::Path) -> Index {
         Index::open(&Store::open(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn old_eviction_records_are_pruned_oldest_first_in_bounded_batches() {
+        let (_dir, idx) = temp_index();
+        for (t, id) in [(100, "a"), (200, "b"), (300, "c")] {
+            let rec = idx
+                .record_use(&img(id, &format!("r/{id}:1"), 1), Origin::Pull, t)
+                .unwrap();
+            idx.record_eviction(&rec, super::super::evict::EvictionReason::Unused, t)
+                .unwrap();
+        }
+        assert_eq!(idx.prune_evictions(250, 1).unwrap(), 1);
+        assert_eq!(idx.prune_evictions(250, 10).unwrap(), 1);
+        assert_eq!(idx.prune_evictions(250, 10).unwrap(), 0);
+        let left: Vec<String> = idx.evictions().unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(left, ["c"]);
     }
 
     #[test]

@@ -181,6 +181,22 @@ impl Cache {
         Ok(self.blocking(|idx| idx.evictions()).await?)
     }
 
+    /// Removes the eviction records from before `before` (Unix ms), in transactions of at most
+    /// 500; returns how many went.
+    pub async fn prune_evictions(&self, before: i64) -> Result<usize, CacheError> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .blocking(move |idx| idx.prune_evictions(before, 500))
+                .await?;
+            total += n;
+            if n < 500 {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Brings the image count and size gauges up to date.
     pub async fn update_gauges(&self) {
         if let Ok(images) = self.list().await {

@@ -1,7 +1,8 @@
-//! History that stays cheap: finished tasks and ended jobs are kept for `History.Keep` and at
-//! most `History.MaxTasks` tasks, and pruned in the background in bounded batches, each one
-//! transaction, with the log files of the tasks removed (unless `History.KeepLogs`), and only
-//! in the per-job directories cimage itself made under its log directory.
+//! History that stays cheap: finished tasks, ended jobs and eviction records are kept for
+//! `History.Keep` (and at most `History.MaxTasks` tasks), and pruned in the background in
+//! bounded batches, each one transaction, with the log files of the tasks removed (unless
+//! `History.KeepLogs`), and only in the per-job directories cimage itself made under its log
+//! directory. Pre-warm runs are bounded per schedule where they are kept.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -49,6 +50,8 @@ pub struct PruneReport {
     pub jobs: usize,
     /// Log files removed.
     pub logs: usize,
+    /// Eviction records removed.
+    pub evictions: usize,
 }
 
 /// The finished, cleaned-up tasks to remove: those finished before `cutoff`, and beyond
@@ -122,7 +125,11 @@ impl Launcher {
                 self.remove_logs(&[], batch).await;
             }
         }
-        if report.tasks + report.jobs > 0 {
+        match self.cache.prune_evictions(cutoff).await {
+            Ok(n) => report.evictions = n,
+            Err(e) => warn!("pruning eviction records failed: {e}"),
+        }
+        if report.tasks + report.jobs + report.evictions > 0 {
             let m = self.cache.metrics();
             m.add(
                 "cimage_history_pruned_total",
@@ -134,10 +141,16 @@ impl Launcher {
                 &[("kind", "job")],
                 report.jobs as u64,
             );
+            m.add(
+                "cimage_history_pruned_total",
+                &[("kind", "eviction")],
+                report.evictions as u64,
+            );
             info!(
                 tasks = report.tasks,
                 jobs = report.jobs,
                 logs = report.logs,
+                evictions = report.evictions,
                 "history pruned"
             );
         }
