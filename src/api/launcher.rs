@@ -285,9 +285,10 @@ impl pb::launcher_server::Launcher for LauncherApi {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let who = self.principal(&req)?;
+        let all = req.get_ref().all;
         let jobs = self
             .launcher
-            .jobs(who)
+            .jobs(who, all)
             .await
             .map_err(|e| launch_status(&e))?;
         Ok(Response::new(pb::ListJobsResponse {

@@ -45,15 +45,18 @@ impl Launcher {
         Ok(tasks)
     }
 
-    /// Jobs `who` may see, with their tasks.
+    /// Jobs `who` may see, with their tasks: those not yet ended (read through the live
+    /// index), or with `all` every job history keeps.
     pub async fn jobs(
         &self,
         who: Principal,
+        all: bool,
     ) -> Result<Vec<(JobRecord, Vec<TaskRecord>)>, LaunchError> {
         let mut out: Vec<_> = self
             .blocking(move |s| {
                 let mut out = Vec::new();
-                for j in s.jobs()?.into_iter().filter(|j| Self::visible(who, j.uid)) {
+                let jobs = if all { s.jobs()? } else { s.live_jobs()? };
+                for j in jobs.into_iter().filter(|j| Self::visible(who, j.uid)) {
                     let ts = s.job_tasks(&j.id)?;
                     out.push((j, ts));
                 }

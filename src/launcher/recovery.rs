@@ -20,7 +20,7 @@ impl Launcher {
     pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, LaunchError> {
         let mut report = RecoveryReport::default();
         let (jobs, tasks, intents) = self
-            .blocking(|s| Ok((s.jobs()?, s.live_tasks()?, s.intents()?)))
+            .blocking(|s| Ok((s.live_jobs()?, s.live_tasks()?, s.intents()?)))
             .await?;
         // Ask the runtime everything first: if it cannot answer, nothing is decided and the
         // caller retries later (a task must not be declared lost because containerd was down).
@@ -129,7 +129,9 @@ impl Launcher {
             });
         }
         // Re-read: the cleanups above may have ended jobs and released containers.
-        let (jobs, tasks) = self.blocking(|s| Ok((s.jobs()?, s.live_tasks()?))).await?;
+        let (jobs, tasks) = self
+            .blocking(|s| Ok((s.live_jobs()?, s.live_tasks()?)))
+            .await?;
         let claimed_pods: Vec<&str> = jobs
             .iter()
             .filter(|j| j.ended.is_none())

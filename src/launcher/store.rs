@@ -19,8 +19,22 @@ const JOB_TASKS: JsonTable<String> = JsonTable::new("job_tasks");
 /// Tasks not yet cleaned up (running, or finished with their container still to remove): id →
 /// job, so that `ps`, cleanups and recovery read the live work, not the history.
 const LIVE: JsonTable<String> = JsonTable::new("live_tasks");
+/// Jobs not yet ended: id → its uid, so that `jobs` and recovery read the live jobs only.
+const LIVE_JOBS: JsonTable<u32> = JsonTable::new("live_jobs");
 /// The version of the indexes above; an index file from before them is migrated at open.
 const INDEX_META: &str = "task_indexes";
+/// What [`INDEX_META`] says once every index above is built.
+const INDEX_VERSION: &str = "2";
+
+/// Keeps a job's live entry in step with its record (in the record's transaction).
+fn index_job(w: &crate::store::Write<'_>, job: &JobRecord) -> Result<(), StoreError> {
+    if job.ended.is_some() {
+        w.remove(LIVE_JOBS, &job.id)?;
+    } else {
+        w.put(LIVE_JOBS, &job.id, &job.uid)?;
+    }
+    Ok(())
+}
 
 fn job_task_key(job: &str, task: &str) -> String {
     format!("{job}\x1f{task}")
@@ -171,16 +185,20 @@ impl TaskStore {
         store.ensure_tables(&[TASKS])?;
         store.ensure_tables(&[INTENTS])?;
         store.ensure_tables(&[JOB_TASKS, LIVE])?;
+        store.ensure_tables(&[LIVE_JOBS])?;
         // An index file from before the per-job and live indexes: built in one transaction,
         // so a crash leaves the old file (migrated again at the next start) or the new one.
         store.write("indexing tasks by job", |w| {
-            if w.meta(INDEX_META)?.as_deref() == Some("1") {
+            if w.meta(INDEX_META)?.as_deref() == Some(INDEX_VERSION) {
                 return Ok(());
             }
             for (_, t) in w.all(TASKS)? {
                 index_task(w, &t)?;
             }
-            w.set_meta(INDEX_META, "1")
+            for (_, j) in w.all(JOBS)? {
+                index_job(w, &j)?;
+            }
+            w.set_meta(INDEX_META, INDEX_VERSION)
         })?;
         Ok(Self {
             store: store.clone(),
@@ -202,6 +220,7 @@ impl TaskStore {
             }
             if let Some(job) = job {
                 w.put(JOBS, &job.id, job)?;
+                index_job(w, job)?;
                 if job.ended.is_some() {
                     w.remove(INTENTS, &end_key(&job.id))?;
                 }
@@ -214,6 +233,7 @@ impl TaskStore {
     pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.store.write(&format!("saving job {}", job.id), |w| {
             w.put(JOBS, &job.id, job)?;
+            index_job(w, job)?;
             if job.ended.is_some() {
                 w.remove(INTENTS, &end_key(&job.id))?;
             }
@@ -241,9 +261,19 @@ impl TaskStore {
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         self.store.get(JOBS, id)
     }
-    /// Every job.
+    /// Every job kept.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.store.all(JOBS)
+    }
+    /// The jobs not yet ended, read through the live index.
+    pub fn live_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.store.read("listing live jobs", |r| {
+            let mut out = Vec::new();
+            for (id, _) in r.all(LIVE_JOBS)? {
+                out.extend(r.get(JOBS, &id)?);
+            }
+            Ok(out)
+        })
     }
     /// Saves a task (and its index entries, in the same transaction).
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
@@ -323,6 +353,7 @@ impl TaskStore {
                         .is_empty()
                 {
                     w.remove(JOBS, j)?;
+                    w.remove(LIVE_JOBS, j)?;
                     w.remove(INTENTS, &end_key(j))?;
                 }
             }
@@ -394,5 +425,43 @@ mod tests {
         // Opening again does not index twice.
         let s = TaskStore::open(&store).unwrap();
         assert_eq!(s.counts().unwrap(), (2, 0));
+    }
+
+    #[test]
+    fn live_jobs_are_read_through_their_index_and_leave_it_when_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("i.redb")).unwrap();
+        let job = |id: &str, ended: Option<i64>| JobRecord {
+            id: id.into(),
+            uid: 0,
+            creator: 0,
+            one_off: false,
+            pod: crate::runtime::PodSpec {
+                name: id.into(),
+                uid: id.into(),
+                namespace: "cimage".into(),
+                hostname: String::new(),
+                log_directory: "/logs".into(),
+                labels: Default::default(),
+                cgroup_parent: None,
+            },
+            sandbox_id: None,
+            created: 1,
+            ended,
+        };
+        // An older file: jobs without the live index.
+        store
+            .write("an old file", |w| {
+                w.put(JOBS, "a", &job("a", None))?;
+                w.put(JOBS, "b", &job("b", Some(5)))
+            })
+            .unwrap();
+        let s = TaskStore::open(&store).unwrap();
+        let ids = |v: Vec<JobRecord>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.live_jobs().unwrap()), ["a"]);
+        s.put_job(&job("c", None)).unwrap();
+        s.put_job(&job("a", Some(9))).unwrap();
+        assert_eq!(ids(s.live_jobs().unwrap()), ["c"]);
+        assert_eq!(s.jobs().unwrap().len(), 3);
     }
 }

@@ -10,6 +10,9 @@ use crate::{connect, rfc3339, when, Failure, Output};
 /// Arguments of `cimage jobs`.
 #[derive(clap::Args, Debug)]
 pub struct JobsArgs {
+    /// Ended jobs still kept in history too (default: jobs not yet ended).
+    #[arg(long, short)]
+    all: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
@@ -39,7 +42,11 @@ fn job_json(j: &pb::Job) -> Value {
 pub async fn list(socket: &Path, args: JobsArgs) -> Result<(), Failure> {
     connect(socket).await?;
     let mut c = cimage::api::launcher_client(socket);
-    let jobs = c.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs;
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest { all: args.all })
+        .await?
+        .into_inner()
+        .jobs;
     if args.output == Output::Json {
         println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
         return Ok(());
