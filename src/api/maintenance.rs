@@ -245,37 +245,55 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
             }
             Some(_) => {}
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::RunProgress, Status>>();
+        // Bounded: pull progress is dropped for a client that does not read; each image's
+        // start and outcome, and the run's end, are kept for it in order (two per image).
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunProgress, Status>>(
+            super::service::STREAM_BUFFER,
+        );
         let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<RunEvent>();
         let prewarm = Arc::clone(&self.prewarm);
-        let forward = tx.clone();
-        self.background.spawn(async move {
-            use pb::run_progress::Progress as P;
-            while let Some(r) = prx.recv().await {
-                let progress = match r {
-                    RunEvent::Started(image) => P::Started(image),
-                    RunEvent::Pulling(p) => P::Pulling(super::service::progress_pb(&p)),
-                    RunEvent::Finished(r) => P::Image(image_result_pb(&r)),
-                };
-                let _ = forward.send(Ok(pb::RunProgress {
-                    progress: Some(progress),
-                }));
-            }
-        });
         let why = format!("cimaged is shutting down; the run of schedule {name:?} was cut short");
         self.background.spawn(async move {
-            let msg = match prewarm.run_now(&name, Some(ptx)).await {
-                Ok(run) => Ok(pb::RunProgress {
-                    progress: Some(pb::run_progress::Progress::Done(run_pb(&run))),
-                }),
-                Err(e) => Err(prewarm_status(&e)),
+            use pb::run_progress::Progress as P;
+            let msg = |p| Ok(pb::RunProgress { progress: Some(p) });
+            let mut owed: std::collections::VecDeque<P> = Default::default();
+            let take = |r: RunEvent, owed: &mut std::collections::VecDeque<P>| match r {
+                RunEvent::Pulling(p) if owed.is_empty() => {
+                    let _ = tx.try_send(msg(P::Pulling(super::service::progress_pb(&p))));
+                }
+                RunEvent::Pulling(_) => {}
+                RunEvent::Started(image) => owed.push_back(P::Started(image)),
+                RunEvent::Finished(r) => owed.push_back(P::Image(image_result_pb(&r))),
             };
-            // Let the image results drain first.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let _ = tx.send(msg);
+            let run = prewarm.run_now(&name, Some(ptx));
+            tokio::pin!(run);
+            let result = loop {
+                tokio::select! {
+                    r = &mut run => break r,
+                    Some(r) = prx.recv() => take(r, &mut owed),
+                    permit = tx.reserve(), if !owed.is_empty() => match permit {
+                        Ok(permit) => permit.send(msg(owed.pop_front().expect("not empty"))),
+                        Err(_) => owed.clear(),
+                    },
+                }
+            };
+            while let Ok(r) = prx.try_recv() {
+                take(r, &mut owed);
+            }
+            for p in owed {
+                if tx.send(msg(p)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx
+                .send(match result {
+                    Ok(run) => msg(P::Done(run_pb(&run))),
+                    Err(e) => Err(prewarm_status(&e)),
+                })
+                .await;
         });
         Ok(Response::new(ending_at_shutdown(
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx),
             &self.background,
             why,
         )))

@@ -157,6 +157,10 @@ pub fn cache_status(e: &CacheError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// Events a streaming call holds for a client that does not read; pull progress beyond it is
+/// dropped (the next report says where the pull is), results and outcomes are waited for.
+pub const STREAM_BUFFER: usize = 16;
+
 /// A pull's progress as the API shows it.
 pub fn progress_pb(p: &PullProgress) -> pb::PullProgress {
     pb::PullProgress {
@@ -269,7 +273,9 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = r.image.clone();
         let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
         let ensure_req = Self::ensure_request(&who, r, Some(progress))?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::PullEvent, Status>>();
+        // Bounded: progress is a view of the moment, dropped for a client that does not read
+        // (the result is waited for), so such a client holds at most this many events.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PullEvent, Status>>(STREAM_BUFFER);
         let puller = Arc::clone(&self.puller);
         self.background.spawn(async move {
             let ensure = puller.ensure(ensure_req);
@@ -278,13 +284,13 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
                 tokio::select! {
                     r = &mut ensure => break r,
                     Some(p) = pulling.recv() => {
-                        let _ = tx.send(Ok(pb::PullEvent { event: Some(E::Progress(progress_pb(&p))) }));
+                        let _ = tx.try_send(Ok(pb::PullEvent { event: Some(E::Progress(progress_pb(&p))) }));
                     }
                 }
             };
             // What the pull said before it ended goes first.
             while let Ok(p) = pulling.try_recv() {
-                let _ = tx.send(Ok(pb::PullEvent {
+                let _ = tx.try_send(Ok(pb::PullEvent {
                     event: Some(E::Progress(progress_pb(&p))),
                 }));
             }
@@ -296,10 +302,11 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
                     info!(uid = who.uid, image = ?crate::units::quote_short(&image), error = %e, "pull failed");
                     Err(pull_status(&e))
                 }
-            });
+            })
+            .await;
         });
         Ok(Response::new(ending_at_shutdown(
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx),
             &self.background,
             "cimaged is shutting down; the pull was stopped".to_owned(),
         )))

@@ -414,13 +414,18 @@ impl Cache {
         let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
         if let Some(rest) = image.strip_prefix("sha256:") {
             if rest.len() == 64 && hex(rest) {
-                // An image id, or the manifest digest `pull` reports: both name one image.
+                // An image id (one lookup), or else the manifest digest `pull` reports (a
+                // scan of the index, only for what is not an id).
+                let id = image.to_owned();
+                if self.blocking(move |idx| idx.get(&id)).await?.is_some() {
+                    return Ok(image.to_owned());
+                }
                 let suffix = format!("@{image}");
                 let by_digest = self
                     .list()
                     .await?
                     .into_iter()
-                    .find(|r| r.id != image && r.digests.iter().any(|d| d.ends_with(&suffix)));
+                    .find(|r| r.digests.iter().any(|d| d.ends_with(&suffix)));
                 return Ok(by_digest.map(|r| r.id).unwrap_or_else(|| image.to_owned()));
             }
         }

@@ -56,7 +56,10 @@ impl CriTaskRuntime {
     pub fn new(endpoint: &Path, timeout: Duration) -> Self {
         let channel = unix_channel(endpoint);
         Self {
-            client: RuntimeServiceClient::new(channel.clone()),
+            // Room for ExecSync's answer: both outputs of a command, each cut at 4 MiB by the
+            // launcher (the 4 MiB default would fail the call instead).
+            client: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(EXEC_ANSWER_BYTES),
             channel,
             endpoint: endpoint.to_owned(),
             timeout,
@@ -86,6 +89,10 @@ impl CriTaskRuntime {
         }
     }
 }
+
+/// Largest answer of a runtime call cimage takes: an `ExecSync` with large outputs (a command
+/// printing more than this in all fails, rather than have cimaged hold it).
+const EXEC_ANSWER_BYTES: usize = 16 << 20;
 
 /// CFS period the CPU quota is given over (the kernel's default, 100 ms).
 const CPU_PERIOD_US: i64 = 100_000;

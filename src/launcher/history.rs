@@ -90,17 +90,11 @@ impl Launcher {
                 .into_iter()
                 .collect();
             let jobs_before = job_ids.clone();
-            let logs = self
-                .blocking(move |s| {
-                    let before = s.jobs()?.len();
-                    let logs = s.prune(&batch, &job_ids)?;
-                    Ok((logs, before - s.jobs()?.len()))
-                })
-                .await?;
-            report.tasks += logs.0.len();
-            report.jobs += logs.1;
+            let (logs, jobs_removed) = self.blocking(move |s| s.prune(&batch, &job_ids)).await?;
+            report.tasks += logs.len();
+            report.jobs += jobs_removed;
             if !h.keep_logs {
-                report.logs += self.remove_logs(&logs.0, &jobs_before).await;
+                report.logs += self.remove_logs(&logs, &jobs_before).await;
             }
             tokio::task::yield_now().await;
         }
@@ -113,13 +107,7 @@ impl Launcher {
             .collect();
         for batch in stale.chunks(BATCH) {
             let ids = batch.to_vec();
-            let removed = self
-                .blocking(move |s| {
-                    let before = s.jobs()?.len();
-                    s.prune(&[], &ids)?;
-                    Ok(before - s.jobs()?.len())
-                })
-                .await?;
+            let (_, removed) = self.blocking(move |s| s.prune(&[], &ids)).await?;
             report.jobs += removed;
             if !h.keep_logs {
                 self.remove_logs(&[], batch).await;

@@ -326,14 +326,16 @@ impl TaskStore {
     }
 
     /// Removes finished tasks from history, with their index entries, and the ended jobs none
-    /// of whose tasks remain, in one transaction; returns the log files of the tasks removed.
+    /// of whose tasks remain, in one transaction; returns the log files of the tasks removed
+    /// and how many jobs went.
     pub fn prune(
         &self,
         tasks: &[TaskRecord],
         jobs: &[String],
-    ) -> Result<Vec<std::path::PathBuf>, StoreError> {
+    ) -> Result<(Vec<std::path::PathBuf>, usize), StoreError> {
         self.store.write("pruning history", |w| {
             let mut logs = Vec::new();
+            let mut jobs_removed = 0;
             for t in tasks {
                 // Only what is still finished now (a record may have changed since it was read).
                 match w.get(TASKS, &t.id)? {
@@ -355,9 +357,10 @@ impl TaskStore {
                     w.remove(JOBS, j)?;
                     w.remove(LIVE_JOBS, j)?;
                     w.remove(INTENTS, &end_key(j))?;
+                    jobs_removed += 1;
                 }
             }
-            Ok(logs)
+            Ok((logs, jobs_removed))
         })
     }
     /// A task by id.
@@ -419,7 +422,7 @@ mod tests {
         s.put_task(&t1).unwrap();
         assert!(s.live_tasks().unwrap().is_empty());
         // Pruning takes the records and their index entries.
-        let logs = s.prune(&[t1], &["a".into()]).unwrap();
+        let (logs, _) = s.prune(&[t1], &["a".into()]).unwrap();
         assert_eq!(logs.len(), 1);
         assert_eq!(ids(s.job_tasks("a").unwrap()), ["t3"]);
         // Opening again does not index twice.

@@ -71,15 +71,29 @@ pub struct InFlight {
     pub uids: Vec<u32>,
 }
 
-/// The pulls waiting for a slot, oldest first: their places are kept in their progress.
-#[derive(Default)]
+/// The pulls waiting for a slot, oldest first: their places are kept in their progress, and
+/// their number in the gauge `cimage_pulls_queued`.
 pub(super) struct Queue {
     next: AtomicU64,
     waiting: Mutex<Vec<(u64, Arc<watch::Sender<PullProgress>>)>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Queue {
-    fn renumber(waiting: &[(u64, Arc<watch::Sender<PullProgress>>)]) {
+    /// An empty queue counted into `metrics`.
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            waiting: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// Tells every waiting pull its place, and the gauge how many wait (called with the list
+    /// held, on every change: a pull that is cancelled while waiting leaves it too).
+    fn renumber(&self, waiting: &[(u64, Arc<watch::Sender<PullProgress>>)]) {
+        self.metrics
+            .set("cimage_pulls_queued", waiting.len() as f64);
         for (i, (_, tx)) in waiting.iter().enumerate() {
             tx.send_modify(|p| {
                 p.phase = Phase::Queued;
@@ -93,7 +107,7 @@ impl Queue {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let mut w = self.waiting.lock().unwrap();
         w.push((seq, Arc::clone(tx)));
-        Self::renumber(&w);
+        self.renumber(&w);
         QueuePlace {
             queue: Arc::clone(self),
             seq,
@@ -119,7 +133,7 @@ impl Drop for QueuePlace {
             let (_, tx) = w.remove(at);
             tx.send_modify(|p| p.queue_position = 0);
         }
-        Queue::renumber(&w);
+        self.queue.renumber(&w);
     }
 }
 
@@ -426,7 +440,6 @@ impl PullJob {
             }
         }
         let _place = self.queue.enter(&self.progress);
-        self.metrics.gauge_add("cimage_pulls_queued", 1.0);
         info!(image = %self.image, "pull queued: every pull slot is taken (ImageCache.MaxConcurrentPulls)");
         let r = Arc::clone(&self.per_registry)
             .acquire_owned()
@@ -436,7 +449,6 @@ impl PullJob {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        self.metrics.gauge_add("cimage_pulls_queued", -1.0);
         (r, g)
     }
 

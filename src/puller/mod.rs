@@ -296,6 +296,7 @@ impl Puller {
         settings: PullerSettings,
         background: Background,
     ) -> Self {
+        let queue = Arc::new(Queue::new(Arc::clone(cache.metrics())));
         Self {
             global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
             runtime,
@@ -304,7 +305,7 @@ impl Puller {
             settings,
             per_registry: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-            queue: Arc::default(),
+            queue,
             background,
         }
     }
