@@ -241,6 +241,10 @@ mod tests {
         assert_eq!(format_span(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_span(Duration::from_millis(250)), "250ms");
         assert_eq!(format_span(Duration::from_secs(45)), "45s");
+        // As `cimage pulls` shows a pull's age.
+        assert_eq!(format_span(Duration::from_secs(5)), "5s");
+        assert_eq!(format_span(Duration::from_secs(192)), "3m12s");
+        assert_eq!(format_span(Duration::from_secs(7500)), "2h5m0s");
     }
 
     #[test]

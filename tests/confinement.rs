@@ -27,18 +27,7 @@ int main(void) {
 
 /// Builds the probe (static, so the image needs no C library).
 fn probe() -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("probe.c");
-    let bin = dir.path().join("probe");
-    std::fs::write(&src, PROBE_C).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .expect("cc (gcc) is needed; scripts/testbed install adds it");
-    assert!(out.status.success(), "{}", stderr(&out));
-    std::fs::read(bin).unwrap()
+    static_c(PROBE_C)
 }
 
 /// busybox with the files of `extra` on top.

@@ -23,17 +23,7 @@ int main(void) {
 "#;
 
 fn hog() -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, bin) = (dir.path().join("hog.c"), dir.path().join("hog"));
-    std::fs::write(&src, HOG_C).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .expect("cc (gcc) is needed; scripts/testbed install adds it");
-    assert!(out.status.success(), "{}", stderr(&out));
-    std::fs::read(bin).unwrap()
+    static_c(HOG_C)
 }
 
 #[test]

@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cimage::api::pb;
 use cimage::launcher::store::{TaskRecord, TaskState, TaskStore};
-use futures::StreamExt;
 
 use crate::rig::*;
 
@@ -19,24 +17,7 @@ const RUNS: usize = 30;
 /// One gRPC `Launch` of `true` as uid 65534, to its cleanup.
 async fn launch(daemon: &Daemon, image: &str) -> Duration {
     let mut launcher = cimage::api::launcher_client(&daemon.socket);
-    let t = Instant::now();
-    let mut stream = launcher
-        .launch(pb::LaunchRequest {
-            image: image.to_owned(),
-            policy: pb::PullPolicy::IfNotPresent as i32,
-            command: vec!["true".into()],
-            uid: Some(65534),
-            ..Default::default()
-        })
-        .await
-        .expect("Launch")
-        .into_inner();
-    while let Some(ev) = stream.next().await {
-        if let Some(pb::task_event::Event::CleanedUp(_)) = ev.expect("Launch event").event {
-            break;
-        }
-    }
-    t.elapsed()
+    crate::launch::grpc_launch(&mut launcher, image).await
 }
 
 /// A finished step of some past job.

@@ -11,6 +11,32 @@ use super::rig::*;
 
 pub(crate) const LAUNCHES: usize = 30;
 
+/// One gRPC `Launch` of `true` as uid 65534 on `image`, followed to its cleanup.
+pub(crate) async fn grpc_launch(
+    launcher: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    image: &str,
+) -> Duration {
+    use futures::StreamExt;
+    let t = Instant::now();
+    let mut stream = launcher
+        .launch(pb::LaunchRequest {
+            image: image.to_owned(),
+            policy: pb::PullPolicy::IfNotPresent as i32,
+            command: vec!["true".into()],
+            uid: Some(65534),
+            ..Default::default()
+        })
+        .await
+        .expect("Launch")
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        if let Some(pb::task_event::Event::CleanedUp(_)) = ev.expect("Launch event").event {
+            break;
+        }
+    }
+    t.elapsed()
+}
+
 /// Launch-to-exit of `true` on a warm busybox image: raw CRI sequence, cimage's gRPC `Launch`,
 /// and the `cimage run` CLI, interleaved so that drift hits all three alike. The raw sequence goes
 /// through cimage's CRI adapter, whose calls map one to one onto CRI requests, with the same pod
@@ -21,7 +47,6 @@ pub(crate) async fn launches(
     registry: &str,
 ) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
     use cimage::runtime::{ContainerSpec, ContainerState, PodSpec, TaskRuntime};
-    use futures::StreamExt;
     let image = format!("{registry}/busybox:1");
     let rt = cimage::cri::CriTaskRuntime::new(Path::new(cri_path), Duration::from_secs(30));
     let mut api = cimage::api::client(&daemon.socket);
@@ -74,24 +99,7 @@ pub(crate) async fn launches(
         rt.remove_pod(&sid).await.unwrap();
         let d_raw = t.elapsed();
 
-        let t = Instant::now();
-        let mut stream = launcher
-            .launch(pb::LaunchRequest {
-                image: image.clone(),
-                policy: pb::PullPolicy::IfNotPresent as i32,
-                command: vec!["true".into()],
-                uid: Some(65534),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(ev) = stream.next().await {
-            if let Some(pb::task_event::Event::CleanedUp(_)) = ev.unwrap().event {
-                break;
-            }
-        }
-        let d_grpc = t.elapsed();
+        let d_grpc = grpc_launch(&mut launcher, &image).await;
 
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_cimage"))

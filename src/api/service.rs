@@ -67,18 +67,14 @@ impl ImageCacheApi {
     }
 
     /// The request as the puller takes it.
-    fn ensure_request(
-        who: &Caller,
-        r: pb::PullRequest,
-        progress: Option<crate::puller::ProgressSink>,
-    ) -> Result<EnsureRequest, Status> {
+    fn ensure_request(who: &Caller, r: pb::PullRequest) -> Result<EnsureRequest, Status> {
         Ok(EnsureRequest {
             image: r.image,
             policy: policy_from_pb(r.policy)?,
             credentials: credentials_from_pb(r.credentials),
             origin: Origin::Pull,
             requester: Some(who.uid),
-            progress,
+            progress: None,
         })
     }
 
@@ -185,6 +181,7 @@ pub fn progress_pb(p: &PullProgress) -> pb::PullProgress {
         attempt: p.attempt,
         age_seconds: p.started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
         error: p.error.clone().unwrap_or_default(),
+        eta_seconds: p.eta().map(|d| d.as_secs_f64()).unwrap_or(0.0),
     }
 }
 
@@ -251,7 +248,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = r.image.clone();
         let ensured = self
             .puller
-            .ensure(Self::ensure_request(&who, r, None)?)
+            .ensure(Self::ensure_request(&who, r)?)
             .await
             .map_err(|e| {
                 // Debug-quoted and cut: a request's string never starts a log line of its own.
@@ -271,29 +268,19 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let who = caller(&req)?;
         let r = req.into_inner();
         let image = r.image.clone();
-        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
-        let ensure_req = Self::ensure_request(&who, r, Some(progress))?;
+        let ensure_req = Self::ensure_request(&who, r)?;
         // Bounded: progress is a view of the moment, dropped for a client that does not read
         // (the result is waited for), so such a client holds at most this many events.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PullEvent, Status>>(STREAM_BUFFER);
         let puller = Arc::clone(&self.puller);
         self.background.spawn(async move {
-            let ensure = puller.ensure(ensure_req);
-            tokio::pin!(ensure);
-            let result = loop {
-                tokio::select! {
-                    r = &mut ensure => break r,
-                    Some(p) = pulling.recv() => {
-                        let _ = tx.try_send(Ok(pb::PullEvent { event: Some(E::Progress(progress_pb(&p))) }));
-                    }
-                }
-            };
-            // What the pull said before it ended goes first.
-            while let Ok(p) = pulling.try_recv() {
-                let _ = tx.try_send(Ok(pb::PullEvent {
-                    event: Some(E::Progress(progress_pb(&p))),
-                }));
-            }
+            let result = puller
+                .ensure_watched(ensure_req, |p| {
+                    let _ = tx.try_send(Ok(pb::PullEvent {
+                        event: Some(E::Progress(progress_pb(&p))),
+                    }));
+                })
+                .await;
             let _ = tx.send(match result {
                 Ok(e) => Ok(pb::PullEvent {
                     event: Some(E::Done(response_pb(&e))),

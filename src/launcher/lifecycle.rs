@@ -224,31 +224,24 @@ impl Launcher {
         );
 
         let image_started = std::time::Instant::now();
-        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
-        let ensure = self.puller.ensure(EnsureRequest {
-            image: task.image.clone(),
-            policy: spec.policy,
-            credentials: spec.credentials.clone(),
-            origin: Origin::Job,
-            requester: Some(task.uid),
-            progress: Some(progress),
-        });
-        tokio::pin!(ensure);
-        let ensured = loop {
-            tokio::select! {
-                r = &mut ensure => break r,
-                Some(p) = pulling.recv() => {
-                    send(tx, &task.id, self.clock.now_ms(), Event::ImagePulling(p));
-                }
-                _ = cancel.cancelled() => {
-                    return self.fail_as(task, TaskState::Cancelled, Stage::Image, "cancelled before the container started".into(), tx).await;
-                }
+        let clock = Arc::clone(&self.clock);
+        let ensure = self.puller.ensure_watched(
+            EnsureRequest {
+                image: task.image.clone(),
+                policy: spec.policy,
+                credentials: spec.credentials.clone(),
+                origin: Origin::Job,
+                requester: Some(task.uid),
+                progress: None,
+            },
+            |p| send(tx, &task.id, clock.now_ms(), Event::ImagePulling(p)),
+        );
+        let ensured = tokio::select! {
+            r = ensure => r,
+            _ = cancel.cancelled() => {
+                return self.fail_as(task, TaskState::Cancelled, Stage::Image, "cancelled before the container started".into(), tx).await;
             }
         };
-        // What the pull said last (done or failed) may still wait in the channel.
-        while let Ok(p) = pulling.try_recv() {
-            send(tx, &task.id, self.clock.now_ms(), Event::ImagePulling(p));
-        }
         self.stage_time(Stage::Image, image_started);
         let ensured = match ensured {
             Ok(e) => e,

@@ -413,29 +413,24 @@ impl Prewarmer {
         if let Some(ev) = events {
             let _ = ev.send(RunEvent::Started(image.to_owned()));
         }
-        let (progress, mut pulling) = tokio::sync::mpsc::unbounded_channel();
-        let ensure = self.puller.ensure(EnsureRequest {
+        let req = EnsureRequest {
             image: image.to_owned(),
             policy: Some(PullPolicy::Always),
             credentials: None,
             origin: Origin::Prewarm,
             requester: None,
-            progress: events.map(|_| progress),
-        });
-        tokio::pin!(ensure);
-        let r = loop {
-            tokio::select! {
-                r = &mut ensure => break r,
-                Some(p) = pulling.recv() => {
-                    if let Some(ev) = events {
+            progress: None,
+        };
+        let r = match events {
+            None => self.puller.ensure(req).await,
+            Some(ev) => {
+                self.puller
+                    .ensure_watched(req, |p| {
                         let _ = ev.send(RunEvent::Pulling(p));
-                    }
-                }
+                    })
+                    .await
             }
         };
-        while let (Ok(p), Some(ev)) = (pulling.try_recv(), events) {
-            let _ = ev.send(RunEvent::Pulling(p));
-        }
         let seconds = t.elapsed().as_secs_f64();
         match r {
             Ok(e) => {

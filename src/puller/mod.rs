@@ -310,6 +310,29 @@ impl Puller {
         }
     }
 
+    /// [`Puller::ensure`], handing each report of a real pull to `on_progress` as it comes,
+    /// the last one (done or failed) included, before the outcome returns.
+    pub async fn ensure_watched(
+        &self,
+        mut req: EnsureRequest,
+        mut on_progress: impl FnMut(PullProgress),
+    ) -> Result<Ensured, PullError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        req.progress = Some(tx);
+        let ensure = self.ensure(req);
+        tokio::pin!(ensure);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut ensure => break r,
+                Some(p) = rx.recv() => on_progress(p),
+            }
+        };
+        while let Ok(p) = rx.try_recv() {
+            on_progress(p);
+        }
+        outcome
+    }
+
     /// Makes `req.image` ready according to the policy and records the use. An image id
     /// (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is looked up
     /// in the runtime and never pulled.

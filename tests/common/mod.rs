@@ -536,3 +536,18 @@ pub fn series(page: &str, name_and_labels: &str) -> f64 {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
+
+/// Compiles a C program statically (so an image needs no C library) and returns the binary.
+pub fn static_c(source: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, bin) = (dir.path().join("prog.c"), dir.path().join("prog"));
+    std::fs::write(&src, source).unwrap();
+    let out = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("cc (gcc) is needed; scripts/testbed install adds it");
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::read(bin).unwrap()
+}

@@ -191,6 +191,12 @@ fn text_detail(p: &pb::PullProgress) -> String {
                 human_size(p.rate_bytes_per_second as u64)
             ));
         }
+        if p.eta_seconds > 0.0 {
+            s.push_str(&format!(
+                ", {} to go",
+                cimage::units::format_span(Duration::from_secs(p.eta_seconds.ceil() as u64))
+            ));
+        }
         if !p.layers.is_empty() {
             s.push_str(&format!(" ({} layers)", p.layers.len()));
         }
@@ -220,6 +226,7 @@ pub fn progress_json(p: &pb::PullProgress) -> serde_json::Value {
         "requesters": p.requesters,
         "attempt": p.attempt,
         "age_seconds": p.age_seconds,
+        "eta_seconds": (p.eta_seconds > 0.0).then_some(p.eta_seconds),
         "layers": p.layers.iter().map(|l| json!({
             "digest": l.digest,
             "done_bytes": l.done_bytes,

@@ -22,16 +22,6 @@ pub struct Args {
     pub output: Output,
 }
 
-/// A span in the largest whole units: `45s`, `3m12s`, `2h5m`.
-pub fn short_age(secs: f64) -> String {
-    let s = secs.max(0.0) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m", s / 3600, s % 3600 / 60),
-    }
-}
-
 /// Runs `cimage pulls`.
 pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     let mut client = connect(socket).await?;
@@ -81,21 +71,9 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
             bytes,
             rate,
             p.requesters,
-            short_age(p.age_seconds),
+            cimage::units::format_span(std::time::Duration::from_secs(p.age_seconds as u64)),
             p.image
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_read_short() {
-        assert_eq!(short_age(5.2), "5s");
-        assert_eq!(short_age(192.0), "3m12s");
-        assert_eq!(short_age(7500.0), "2h5m");
-    }
 }
