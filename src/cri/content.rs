@@ -56,9 +56,6 @@ struct InfoRequest {
 #[derive(Clone, PartialEq, prost::Message)]
 struct InfoResponse {}
 
-/// The namespace of containerd's CRI plugin.
-const CRI_NAMESPACE: &str = "k8s.io";
-
 /// A client of containerd's content service; remembers a runtime that has none.
 #[derive(Clone)]
 pub(super) struct ContentClient {
@@ -87,22 +84,7 @@ impl ContentClient {
         if self.unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let call = async {
-            let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let mut req = tonic::Request::new(req);
-            req.metadata_mut().insert(
-                "containerd-namespace",
-                tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
-            );
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-            let codec = tonic_prost::ProstCodec::<Q, R>::default();
-            grpc.unary(req, path, codec)
-                .await
-                .map(tonic::Response::into_inner)
-        };
+        let call = super::containerd_unary::<Q, R>(self.channel.clone(), method, req);
         let op = if method.ends_with("ListStatuses") {
             "Content.ListStatuses"
         } else {

@@ -49,32 +49,23 @@ struct Mount {
     options: Vec<String>,
 }
 
-/// The namespace containerd's CRI plugin keeps its containers in.
-const CRI_NAMESPACE: &str = "k8s.io";
-
 /// Asks containerd for the mounts of snapshot `key` of `snapshotter`.
 async fn snapshot_mounts(
     channel: Channel,
     snapshotter: &str,
     key: &str,
 ) -> Result<Vec<Mount>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut req = tonic::Request::new(MountsRequest {
+    let req = MountsRequest {
         snapshotter: snapshotter.to_owned(),
         key: key.to_owned(),
-    });
-    req.metadata_mut().insert(
-        "containerd-namespace",
-        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
-    );
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+    };
+    let resp: MountsResponse = super::containerd_unary(
+        channel,
         "/containerd.services.snapshots.v1.Snapshots/Mounts",
-    );
-    let codec = tonic_prost::ProstCodec::<MountsRequest, MountsResponse>::default();
-    Ok(grpc.unary(req, path, codec).await?.into_inner().mounts)
+        req,
+    )
+    .await?;
+    Ok(resp.mounts)
 }
 
 /// The layer directories of a snapshot's mounts, topmost first: an overlay's `upperdir` and
