@@ -151,12 +151,9 @@ fn run_takes_the_image_first_and_volumes_and_env_files_as_docker_does() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-#[test]
-fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
-    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
-    let img = busybox(&d.testbed);
-    let nobody = Some((65534, 65534));
-    let out = d.cli_as(nobody, &["run", "-d", &img, "--", "sleep", "300"]);
+/// Starts `sleep 300` as a step of `who` and waits until it runs; returns its task id.
+fn running_step(d: &Daemon, who: Option<(u32, u32)>, img: &str) -> String {
+    let out = d.cli_as(who, &["run", "-d", img, "--", "sleep", "300"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let task = stdout(&out).trim().to_owned();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -169,7 +166,7 @@ fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
             .iter()
             .any(|t| t["id"] == task.as_str() && t["state"] == "running")
         {
-            break;
+            return task;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -177,6 +174,14 @@ fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+#[test]
+fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    let nobody = Some((65534, 65534));
+    let task = running_step(&d, nobody, &img);
     // As the step's user, for its owner and for root.
     for who in [nobody, None] {
         let out = d.cli_as(who, &["exec", &task, "--", "id", "-u"]);
@@ -209,4 +214,193 @@ fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
         stderr(&out)
     );
     let _ = d.cli(&["cancel", &task]);
+}
+
+#[test]
+fn exec_attached_passes_input_and_its_end_and_gives_a_terminal() {
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    let nobody = Some((65534, 65534));
+    let task = running_step(&d, nobody, &img);
+    // -i: input reaches the command and so does its end (cat returns), stderr stays apart.
+    let script = "cat; echo err >&2; id -u; exit 4";
+    let out = d.cli_as_stdin(
+        nobody,
+        &["exec", "-i", &task, "--", "sh", "-c", script],
+        "hello\nworld\n",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(stdout(&out), "hello\nworld\n65534\n");
+    assert_eq!(stderr(&out), "err\n");
+    // A command the image does not have: one line saying so, 125.
+    let out = d.cli_as_stdin(nobody, &["exec", "-i", &task, "--", "/no/such"], "");
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/no/such"), "{}", stderr(&out));
+    // Another user: refused before anything runs.
+    let out = d.cli_as_stdin(Some((65533, 65534)), &["exec", "-i", &task, "--", "id"], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains(&format!("no task {task}")),
+        "{}",
+        stderr(&out)
+    );
+    // -it on a terminal made here: the command gets a terminal of the caller's size, follows
+    // a resize, and its exit code comes back.
+    let mut term = Pty::open(33, 101);
+    let mut child = term.spawn(
+        env!("CARGO_BIN_EXE_cimage"),
+        &["exec", "-it", &task, "--", "sh"],
+        &d.socket(),
+        nobody,
+    );
+    term.write(b"busybox tty; busybox stty size; id -u\n");
+    let seen = term.read_until(|s| s.contains("33 101") && s.contains("65534"), |_| {});
+    assert!(seen.contains("/dev/pts/"), "{seen}");
+    term.resize(40, 120);
+    term.read_until(
+        |s| s.contains("40 120"),
+        |t| {
+            kill_winch(&child);
+            t.write(b"busybox stty size\n");
+        },
+    );
+    term.write(b"exit 3\n");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "{}", term.read_rest());
+    let _ = d.cli(&["cancel", &task]);
+}
+
+/// Tells a client its terminal changed size (as the kernel does for the foreground group).
+fn kill_winch(child: &std::process::Child) {
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) };
+}
+
+/// A pseudo-terminal made by the test, for a client that needs a terminal.
+struct Pty {
+    master: std::fs::File,
+    slave: Option<std::fs::File>,
+    seen: String,
+}
+
+impl Pty {
+    fn open(rows: u16, cols: u16) -> Self {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty fills two descriptors we then own.
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        let pty = unsafe {
+            Self {
+                master: std::fs::File::from_raw_fd(m),
+                slave: Some(std::fs::File::from_raw_fd(s)),
+                seen: String::new(),
+            }
+        };
+        pty.resize(rows, cols);
+        pty
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we pass.
+        assert_eq!(
+            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+            0
+        );
+    }
+
+    /// Runs `program` with the terminal as its standard input, output and error.
+    fn spawn(
+        &mut self,
+        program: &str,
+        args: &[&str],
+        socket: &std::path::Path,
+        ids: Option<(u32, u32)>,
+    ) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let slave = self.slave.take().expect("one client per terminal");
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .env("CIMAGE_SOCKET", socket)
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.spawn().expect("running cimage")
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        use std::io::Write;
+        self.master.write_all(data).unwrap();
+    }
+
+    /// Reads what the terminal shows for up to `wait`, adding it to `seen`; false once the
+    /// terminal has no client left.
+    fn read_for(&mut self, wait: std::time::Duration) -> bool {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let end = std::time::Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < end {
+            let mut fds = libc::pollfd {
+                fd: self.master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one descriptor we own.
+            if unsafe { libc::poll(&mut fds, 1, 100) } <= 0 {
+                continue;
+            }
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Reads until what the terminal showed satisfies `done`, calling `again` every second
+    /// meanwhile (30 s at most); returns all it showed.
+    fn read_until(
+        &mut self,
+        done: impl Fn(&str) -> bool,
+        mut again: impl FnMut(&mut Self),
+    ) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done(&self.seen) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the terminal never showed what was expected: {:?}",
+                self.seen
+            );
+            again(self);
+            if !self.read_for(std::time::Duration::from_secs(1)) {
+                break;
+            }
+        }
+        self.seen.clone()
+    }
+
+    /// Whatever is left to read (for a failure message).
+    fn read_rest(&mut self) -> String {
+        self.read_for(std::time::Duration::from_secs(1));
+        self.seen.clone()
+    }
 }

@@ -16,6 +16,7 @@ use crate::launcher::logs::{Chunk, Stream as OutStream};
 use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError, UserRef, UserRequest};
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
 
 /// The service implementation.
 pub struct LauncherApi {
@@ -56,6 +57,18 @@ pub fn launch_status(e: &LaunchError) -> Status {
         LaunchError::Runtime { .. } => Code::Unavailable,
     };
     Status::new(code, e.to_string())
+}
+
+/// Longest wait for the first message of an exec stream.
+const EXEC_START_WAIT: Duration = Duration::from_secs(10);
+
+/// A terminal size as the runtime takes it; `None` for an empty one.
+fn terminal_size(s: pb::TerminalSize) -> Option<ExecInput> {
+    let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    (s.width > 0 && s.height > 0).then(|| ExecInput::Resize {
+        width: clamp(s.width),
+        height: clamp(s.height),
+    })
 }
 
 /// A CPU count as the launcher takes it (thousandths); 0 is none.
@@ -317,6 +330,92 @@ impl pb::launcher_server::Launcher for LauncherApi {
             exit_code: out.exit_code,
             truncated,
         }))
+    }
+
+    type ExecStreamStream = BoxStream<pb::ExecStreamResponse>;
+
+    async fn exec_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecStreamRequest>>,
+    ) -> Result<Response<Self::ExecStreamStream>, Status> {
+        use pb::exec_stream_request::Msg as In;
+        use pb::exec_stream_response::Msg as Out;
+        let who = self.principal(&req)?;
+        let mut incoming = req.into_inner();
+        let first = tokio::time::timeout(EXEC_START_WAIT, incoming.message())
+            .await
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "an exec stream must start with what to run, within {}s",
+                    EXEC_START_WAIT.as_secs()
+                ))
+            })??;
+        let Some(In::Start(start)) = first.and_then(|m| m.msg) else {
+            return Err(Status::invalid_argument(
+                "an exec stream must start with what to run (its start message)",
+            ));
+        };
+        let attach = ExecAttach {
+            tty: start.tty,
+            stdin: start.stdin,
+        };
+        let task = start.task_id.clone();
+        let ExecSession { input, output } = self
+            .launcher
+            .exec_attach(who, &start.task_id, start.command, attach)
+            .await
+            .map_err(|e| launch_status(&e))?;
+        if let Some(size) = start.size.filter(|_| start.tty).and_then(terminal_size) {
+            let _ = input.send(size).await;
+        }
+        tokio::spawn(async move {
+            loop {
+                let i = match incoming.message().await {
+                    Ok(Some(pb::ExecStreamRequest { msg: Some(m) })) => match m {
+                        In::Stdin(b) => ExecInput::Stdin(b),
+                        In::CloseStdin(_) => ExecInput::CloseStdin,
+                        In::Resize(size) => match terminal_size(size) {
+                            Some(r) => r,
+                            None => continue,
+                        },
+                        In::Start(_) => continue,
+                    },
+                    Ok(Some(_)) => continue,
+                    // The client sends nothing more but still listens: keep the session
+                    // until the command ends.
+                    Ok(None) => {
+                        input.closed().await;
+                        return;
+                    }
+                    // The client went away: dropping the input ends the session.
+                    Err(_) => return,
+                };
+                if input.send(i).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = futures::stream::once(futures::future::ready(Ok(pb::ExecStreamResponse {
+            msg: Some(Out::Started(true)),
+        })));
+        let rest = ReceiverStream::new(output).map(move |ev| {
+            let msg = match ev {
+                ExecEvent::Stdout(b) => Out::Stdout(b),
+                ExecEvent::Stderr(b) => Out::Stderr(b),
+                ExecEvent::Exited(code) => Out::ExitCode(code),
+                ExecEvent::Failed(why) => {
+                    return Err(Status::aborted(format!(
+                        "running a command in task {task}: {why}"
+                    )))
+                }
+            };
+            Ok(pb::ExecStreamResponse { msg: Some(msg) })
+        });
+        Ok(Response::new(ending_at_shutdown(
+            started.chain(rest),
+            &self.background,
+            "cimaged is shutting down; the command's session ended".into(),
+        )))
     }
 
     async fn end_job(&self, req: Request<pb::EndJobRequest>) -> Result<Response<pb::Job>, Status> {

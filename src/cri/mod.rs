@@ -11,6 +11,7 @@ mod content;
 mod image;
 mod runtime;
 mod snapshot;
+mod spdy;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -11,8 +11,9 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, ExecOutput,
-    PodInfo, PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind, RuntimeVersion, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, ExecAttach,
+    ExecOutput, ExecSession, PodInfo, PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind,
+    RuntimeVersion, TaskRuntime,
 };
 
 /// Paths hidden from every step: the default set kubelet sends for a container that is not
@@ -480,6 +481,32 @@ impl TaskRuntime for CriTaskRuntime {
             stderr: r.stderr,
             exit_code: r.exit_code,
         })
+    }
+
+    async fn exec_attach(
+        &self,
+        id: &str,
+        cmd: &[String],
+        attach: ExecAttach,
+    ) -> Result<ExecSession, RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ExecRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.to_vec(),
+            tty: attach.tty,
+            stdin: attach.stdin,
+            stdout: true,
+            // With a terminal the command's stderr goes to the terminal too.
+            stderr: !attach.tty,
+        };
+        let r = bounded("Exec", &self.endpoint, self.timeout, c.exec(req)).await?;
+        super::spdy::attach(&r.url, attach)
+            .await
+            .map_err(|message| RuntimeError {
+                op: "Exec",
+                kind: RuntimeErrorKind::Other,
+                message,
+            })
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {

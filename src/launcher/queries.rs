@@ -12,7 +12,7 @@ use super::logs::{Chunk, Tail};
 use super::spec::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
 use super::{LaunchError, Launcher};
-use crate::runtime::ExecOutput;
+use crate::runtime::{ExecAttach, ExecOutput, ExecSession};
 
 /// Longest a command run in a step (`cimage exec`) may take.
 pub const MAX_EXEC_TIME: Duration = Duration::from_secs(3600);
@@ -109,11 +109,6 @@ impl Launcher {
         cmd: Vec<String>,
         timeout: Duration,
     ) -> Result<(ExecOutput, bool), LaunchError> {
-        if cmd.is_empty() || cmd.iter().any(|a| a.contains('\0')) {
-            return Err(
-                SpecError::Invalid("exec needs a command, without NUL bytes".into()).into(),
-            );
-        }
         if timeout.is_zero() || timeout > MAX_EXEC_TIME {
             return Err(SpecError::Invalid(format!(
                 "exec time limit must be between 1s and {}",
@@ -121,24 +116,7 @@ impl Launcher {
             ))
             .into());
         }
-        let task = self.task(who, id).await?;
-        if who.uid != 0 && who.uid != task.uid {
-            return Err(SpecError::Denied(format!(
-                "only the owner of task {id} (uid {}) and root may run commands in it",
-                task.uid
-            ))
-            .into());
-        }
-        let cid = match (&task.container_id, task.state) {
-            (Some(c), TaskState::Running) => c.clone(),
-            _ => {
-                return Err(LaunchError::Conflict {
-                    what: "task",
-                    id: id.to_owned(),
-                    why: format!("is not running ({})", task.state.as_str()),
-                })
-            }
-        };
+        let cid = self.exec_target(who, id, &cmd).await?;
         info!(
             task = %id,
             uid = who.uid,
@@ -157,6 +135,66 @@ impl Launcher {
         out.stdout.truncate(MAX_EXEC_OUTPUT);
         out.stderr.truncate(MAX_EXEC_OUTPUT);
         Ok((out, cut))
+    }
+
+    /// Starts `cmd` in a running step attached to the caller (`cimage exec -i/-t`): with a
+    /// terminal or not, with the caller's input or not. Who may, and as whom it runs, as for
+    /// [`Launcher::exec`]; the session lasts until the command ends or the caller leaves (the
+    /// step's end ends it too).
+    pub async fn exec_attach(
+        &self,
+        who: Principal,
+        id: &str,
+        cmd: Vec<String>,
+        attach: ExecAttach,
+    ) -> Result<ExecSession, LaunchError> {
+        let cid = self.exec_target(who, id, &cmd).await?;
+        info!(
+            task = %id,
+            uid = who.uid,
+            argv0 = ?crate::units::quote_short(&cmd[0]),
+            tty = attach.tty,
+            stdin = attach.stdin,
+            "attaching a command to a step"
+        );
+        self.rt
+            .exec_attach(&cid, &cmd, attach)
+            .await
+            .map_err(|source| LaunchError::Runtime {
+                op: "run a command in the step",
+                source,
+            })
+    }
+
+    /// The container of running step `id`, if `who` may run commands in it (its owner or
+    /// root) and `cmd` is a command.
+    async fn exec_target(
+        &self,
+        who: Principal,
+        id: &str,
+        cmd: &[String],
+    ) -> Result<String, LaunchError> {
+        if cmd.is_empty() || cmd.iter().any(|a| a.contains('\0')) {
+            return Err(
+                SpecError::Invalid("exec needs a command, without NUL bytes".into()).into(),
+            );
+        }
+        let task = self.task(who, id).await?;
+        if who.uid != 0 && who.uid != task.uid {
+            return Err(SpecError::Denied(format!(
+                "only the owner of task {id} (uid {}) and root may run commands in it",
+                task.uid
+            ))
+            .into());
+        }
+        match (&task.container_id, task.state) {
+            (Some(c), TaskState::Running) => Ok(c.clone()),
+            _ => Err(LaunchError::Conflict {
+                what: "task",
+                id: id.to_owned(),
+                why: format!("is not running ({})", task.state.as_str()),
+            }),
+        }
     }
 
     /// Ends a job: cancels its running steps, waits for them (up to the grace period and a

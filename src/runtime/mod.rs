@@ -296,6 +296,6 @@ pub mod fake {
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    ExecOutput, MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion,
-    TaskRuntime,
+    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, MountSpec, PodInfo, PodSpec,
+    ProcessIdentity, Resources, RuntimeVersion, TaskRuntime,
 };

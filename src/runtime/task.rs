@@ -264,6 +264,66 @@ pub trait TaskRuntime: Send + Sync {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError>;
+    /// Starts `cmd` in a running container attached to the caller (CRI `Exec` and the
+    /// runtime's streaming server). Like [`TaskRuntime::exec_sync`], the command runs as the
+    /// container's process does.
+    async fn exec_attach(
+        &self,
+        id: &str,
+        cmd: &[String],
+        attach: ExecAttach,
+    ) -> Result<ExecSession, RuntimeError>;
+}
+
+/// How an interactive command is attached (CRI `Exec`): with a terminal (its output on one
+/// stream, the terminal's size adjustable) or not (separate stdout and stderr), with or
+/// without the caller's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecAttach {
+    /// Give the command a pseudo-terminal.
+    pub tty: bool,
+    /// Pass the caller's input to the command.
+    pub stdin: bool,
+}
+
+/// What the caller sends into an interactive command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecInput {
+    /// Bytes for the command's standard input.
+    Stdin(Vec<u8>),
+    /// The caller's input ended: the command reads end-of-file.
+    CloseStdin,
+    /// The caller's terminal changed size (columns, rows).
+    Resize {
+        /// Columns.
+        width: u16,
+        /// Rows.
+        height: u16,
+    },
+}
+
+/// What an interactive command sends back, in order; the last event is `Exited` or `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Bytes the command wrote to its standard output (or its terminal).
+    Stdout(Vec<u8>),
+    /// Bytes the command wrote to its standard error.
+    Stderr(Vec<u8>),
+    /// The command ended with this exit code.
+    Exited(i32),
+    /// The command could not be run, or the runtime's stream broke: the runtime's words.
+    Failed(String),
+}
+
+/// A running interactive command: send input on `input`, read what it prints on `output`.
+/// Dropping both ends the session (the runtime's connection is closed; a command on a terminal
+/// gets SIGHUP).
+#[derive(Debug)]
+pub struct ExecSession {
+    /// The caller's input, terminal size and end of input.
+    pub input: tokio::sync::mpsc::Sender<ExecInput>,
+    /// The command's output, then how it ended.
+    pub output: tokio::sync::mpsc::Receiver<ExecEvent>,
 }
 
 /// What a command run in a container printed, and how it ended.
@@ -571,6 +631,41 @@ pub mod fake {
                 stderr: Vec::new(),
                 exit_code: 0,
             })
+        }
+        async fn exec_attach(
+            &self,
+            id: &str,
+            cmd: &[String],
+            attach: ExecAttach,
+        ) -> Result<ExecSession, RuntimeError> {
+            self.exec_sync(id, cmd, Duration::from_secs(1)).await?;
+            // The fake is `cat` behind a terminal that reports its size: input comes back on
+            // stdout, a resize as `WxH`, and the end of input ends it with code 0. Without
+            // input it prints its command, as `echo` would.
+            let (input, mut from_caller) = tokio::sync::mpsc::channel(16);
+            let (to_caller, output) = tokio::sync::mpsc::channel(16);
+            let words = cmd.join(" ");
+            tokio::spawn(async move {
+                if !attach.stdin {
+                    let _ = to_caller.send(ExecEvent::Stdout(words.into_bytes())).await;
+                    let _ = to_caller.send(ExecEvent::Exited(0)).await;
+                    return;
+                }
+                while let Some(i) = from_caller.recv().await {
+                    let out = match i {
+                        ExecInput::Stdin(b) => ExecEvent::Stdout(b),
+                        ExecInput::Resize { width, height } => {
+                            ExecEvent::Stdout(format!("{width}x{height}").into_bytes())
+                        }
+                        ExecInput::CloseStdin => break,
+                    };
+                    if to_caller.send(out).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = to_caller.send(ExecEvent::Exited(0)).await;
+            });
+            Ok(ExecSession { input, output })
         }
     }
 }

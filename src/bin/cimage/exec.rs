@@ -16,17 +16,29 @@ pub const EXEC_FAILED: u8 = 125;
     after_help = "The command runs inside the step as the step's own process does: its \
 host user and groups, its capabilities (none for a step as a user), no_new_privs and seccomp \
 profile; CRI's exec has no user of its own. Only the step's owner and root may run one.\n\
-Output is passed back when the command ends (each stream cut at 4 MiB).\n\
+Without -i or -t the output is passed back when the command ends (each stream cut at 4 MiB).\n\
+With -i and/or -t the command is attached to this terminal through cimaged and the runtime's \
+streaming server (on loopback): -i passes standard input (its end reaches the command as \
+end-of-file), -t gives the command a terminal (raw mode here, its size followed; the \
+command's stderr comes on the terminal too). The session ends with the command, the step, or \
+this client.\n\
 Exit status: the command's exit code; 125 when it could not be run (no such running task, not \
 yours, the runtime failed).\n\
-Example: cimage exec 3f2a9c1b7e44 -- ps aux"
+Examples:\n  cimage exec 3f2a9c1b7e44 -- ps aux\n  cimage exec -it 3f2a9c1b7e44 -- sh\n  \
+tar c data | cimage exec -i 3f2a9c1b7e44 -- tar x -C /tmp"
 )]
 pub struct Args {
+    /// Pass standard input to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the command a terminal (with -i: standard input must be a terminal).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// Task id (from `cimage ps` or `cimage run -d`).
     task: String,
-    /// Time limit for the command (e.g. 30s, 10m; at most 1h).
-    #[arg(long, default_value = "60s", value_parser = |s: &str| cimage::units::parse_duration(s))]
-    timeout: std::time::Duration,
+    /// Time limit for the command without -i/-t (e.g. 30s, 10m; at most 1h; default 60s).
+    #[arg(long, value_parser = |s: &str| cimage::units::parse_duration(s))]
+    timeout: Option<std::time::Duration>,
     /// The command and its arguments (after --).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -35,11 +47,22 @@ pub struct Args {
 /// Runs `cimage exec`; returns the exit status to leave with.
 pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
     crate::connect(socket).await?;
-    let secs = args.timeout.as_secs();
+    if args.interactive || args.tty {
+        if args.timeout.is_some() {
+            return Err(Failure::usage(
+                "--timeout applies to exec without -i/-t; an attached command runs until it \
+                 ends, the step ends, or you leave"
+                    .into(),
+            ));
+        }
+        return attached(socket, args).await;
+    }
+    let timeout = args.timeout.unwrap_or(std::time::Duration::from_secs(60));
+    let secs = timeout.as_secs();
     if !(1..=3600).contains(&secs) {
         return Err(Failure::usage(format!(
             "--timeout {} is out of range: give 1s to 1h",
-            cimage::units::format_duration(args.timeout)
+            cimage::units::format_duration(timeout)
         )));
     }
     let mut c = cimage::api::launcher_client(socket);
@@ -62,4 +85,161 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
         eprintln!("cimage: the command's output passed 4 MiB and was cut");
     }
     Ok(r.exit_code.clamp(0, 255) as u8)
+}
+
+/// `cimage exec -i/-t`: the command attached to this terminal over cimaged's `ExecStream`.
+async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
+    use pb::exec_stream_request::Msg as In;
+    use pb::exec_stream_response::Msg as Out;
+    // SAFETY: isatty only inspects the descriptor.
+    let stdin_is_tty = unsafe { libc::isatty(0) } == 1;
+    if args.tty && args.interactive && !stdin_is_tty {
+        return Err(Failure::usage(
+            "-it needs a terminal on standard input; use -i alone to pipe input".into(),
+        ));
+    }
+    let size = args.tty.then(terminal_size).flatten();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExecStreamRequest>(16);
+    let start = pb::ExecStreamRequest {
+        msg: Some(In::Start(pb::ExecStart {
+            task_id: args.task,
+            command: args.command,
+            tty: args.tty,
+            stdin: args.interactive,
+            size,
+        })),
+    };
+    tx.send(start)
+        .await
+        .map_err(|_| Failure::new("the exec session closed before it started".into()))?;
+    let mut c = cimage::api::launcher_client(socket);
+    let mut replies = c
+        .exec_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The first answer says the command started; only then is this terminal made raw, so an
+    // error before it prints as usual.
+    match replies.message().await? {
+        Some(pb::ExecStreamResponse {
+            msg: Some(Out::Started(_)),
+        }) => {}
+        _ => return Err(Failure::new("cimaged did not start the command".into())),
+    }
+    let _raw = if args.tty && args.interactive {
+        Some(RawMode::enter(0).map_err(|e| Failure::new(format!("making the terminal raw: {e}")))?)
+    } else {
+        None
+    };
+    if args.interactive {
+        let tx = tx.clone();
+        // A thread of its own: a read of standard input cannot be cancelled.
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                // SAFETY: reading into a buffer we own, of its length.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                let msg = match n {
+                    n if n > 0 => In::Stdin(buf[..n as usize].to_vec()),
+                    n if n < 0
+                        && std::io::Error::last_os_error().kind()
+                            == std::io::ErrorKind::Interrupted =>
+                    {
+                        continue
+                    }
+                    _ => In::CloseStdin(true),
+                };
+                let end = matches!(msg, In::CloseStdin(_));
+                if tx
+                    .blocking_send(pb::ExecStreamRequest { msg: Some(msg) })
+                    .is_err()
+                    || end
+                {
+                    return;
+                }
+            }
+        });
+    }
+    if args.tty {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut sig) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while sig.recv().await.is_some() {
+                if let Some(size) = terminal_size() {
+                    let msg = pb::ExecStreamRequest {
+                        msg: Some(In::Resize(size)),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let write = |w: &mut dyn Write, data: &[u8]| {
+        w.write_all(data)
+            .and_then(|()| w.flush())
+            .map_err(|e| Failure::new(format!("writing output: {e}")))
+    };
+    loop {
+        match replies.message().await?.and_then(|r| r.msg) {
+            Some(Out::Stdout(b)) => write(&mut std::io::stdout().lock(), &b)?,
+            Some(Out::Stderr(b)) => write(&mut std::io::stderr().lock(), &b)?,
+            Some(Out::ExitCode(code)) => return Ok(code.clamp(0, 255) as u8),
+            Some(Out::Started(_)) => {}
+            None => {
+                return Err(Failure::new(
+                    "the session ended without the command's exit code".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The size of the terminal on standard output (or input), if there is one.
+fn terminal_size() -> Option<pb::TerminalSize> {
+    [1, 0].into_iter().find_map(|fd| {
+        // SAFETY: TIOCGWINSZ fills the winsize we pass.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+        (ok && ws.ws_col > 0 && ws.ws_row > 0).then(|| pb::TerminalSize {
+            width: ws.ws_col.into(),
+            height: ws.ws_row.into(),
+        })
+    })
+}
+
+/// This terminal in raw mode (keys pass through unprocessed, Ctrl-C included, to the
+/// command's own terminal) until dropped, which restores it.
+struct RawMode {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter(fd: i32) -> std::io::Result<Self> {
+        // SAFETY: tcgetattr fills the termios we pass; cfmakeraw and tcsetattr take it back.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Self { fd, saved })
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restoring the attributes read in `enter`.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
 }

@@ -18,6 +18,7 @@ use crate::clock::SystemClock;
 use crate::identity::fake::FakeUsers;
 use crate::puller::PullerSettings;
 use crate::runtime::task::fake::{FakeTaskRuntime, Script};
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput};
 
 const IMG: &str = "127.0.0.1:5000/app:1";
 const ROOT: Principal = Principal {
@@ -521,13 +522,55 @@ async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
         let e = r.launcher.exec(ROOT, &task.id, c, limit).await.unwrap_err();
         assert!(matches!(e, LaunchError::Spec(SpecError::Invalid(_))), "{e}");
     }
+    // Attached: the same rules, and the session relays both ways.
+    let attach = ExecAttach {
+        tty: true,
+        stdin: true,
+    };
+    let mut s = r
+        .launcher
+        .exec_attach(ROOT, &task.id, vec!["cat".into()], attach)
+        .await
+        .unwrap();
+    s.input
+        .send(ExecInput::Stdin(b"hi".to_vec()))
+        .await
+        .unwrap();
+    s.input.send(ExecInput::CloseStdin).await.unwrap();
+    assert_eq!(
+        s.output.recv().await,
+        Some(ExecEvent::Stdout(b"hi".to_vec()))
+    );
+    assert_eq!(s.output.recv().await, Some(ExecEvent::Exited(0)));
+    let e = r
+        .launcher
+        .exec_attach(admin, &task.id, cmd.clone(), attach)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
+    let e = r
+        .launcher
+        .exec_attach(ROOT, &task.id, vec![], attach)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::Spec(SpecError::Invalid(_))), "{e}");
     r.launcher.cancel(ROOT, &task.id).await.unwrap();
     waiter.await.unwrap();
-    let e = r.launcher.exec(ROOT, &task.id, cmd, t).await.unwrap_err();
+    let e = r
+        .launcher
+        .exec(ROOT, &task.id, cmd.clone(), t)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, LaunchError::Conflict { .. }),
         "not running: {e}"
     );
+    let e = r
+        .launcher
+        .exec_attach(ROOT, &task.id, cmd, attach)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::Conflict { .. }), "{e}");
 }
 
 #[tokio::test]

@@ -1,0 +1,560 @@
+//! A client of the runtime's streaming server, for commands attached to a caller (`cimage exec
+//! -i/-t`). CRI `Exec` answers with a single-use URL (containerd serves it on loopback by
+//! default, valid for about a minute); the command starts when a client connects to it and opens
+//! its streams. The protocol is Kubernetes' remote command execution, version
+//! `v4.channel.k8s.io`, over SPDY/3.1: one SPDY stream per channel (error, stdin, stdout, stderr,
+//! resize), the exit status as a JSON `Status` on the error channel. SPDY rather than WebSocket
+//! because only SPDY can end the command's input without ending the session (a half-close of
+//! the stdin stream), which `echo data | cimage exec -i …` needs.
+//!
+//! Only what a client needs is implemented: the runtime's header blocks are skipped (nothing in
+//! them is needed), and the runtime's streaming server does not do SPDY flow control.
+
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flate2::{Compress, Compression, FlushCompress};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
+
+/// The remote command protocol asked for.
+const PROTOCOL: &str = "v4.channel.k8s.io";
+/// Longest wait for the connection and the upgrade answer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest upgrade answer read.
+const MAX_HEAD: usize = 16 << 10;
+/// Largest SPDY frame accepted from the runtime (its writes are 32 KiB at most).
+const MAX_FRAME: usize = 1 << 20;
+/// Largest exit status accepted on the error channel.
+const MAX_STATUS: usize = 64 << 10;
+/// Input is sent in data frames of at most this many bytes.
+const CHUNK: usize = 32 << 10;
+/// Events buffered between the connection and the caller.
+const BUFFER: usize = 16;
+
+const SYN_STREAM: u16 = 1;
+const PING: u16 = 6;
+const FLAG_FIN: u8 = 0x01;
+
+/// The SPDY stream ids of one session's channels (client streams have odd ids).
+#[derive(Debug, Clone, Copy)]
+struct Channels {
+    error: u32,
+    stdin: Option<u32>,
+    stdout: u32,
+    stderr: Option<u32>,
+    resize: Option<u32>,
+}
+
+impl Channels {
+    /// The channels the runtime expects for `attach` (it opens exactly the ones the `Exec`
+    /// request asked for: stdout always, stderr only without a terminal, resize only with one).
+    fn for_attach(attach: ExecAttach) -> Self {
+        let mut next = 1;
+        let mut take = |wanted: bool| {
+            wanted.then(|| {
+                let id = next;
+                next += 2;
+                id
+            })
+        };
+        let error = take(true).unwrap_or(1);
+        let stdin = take(attach.stdin);
+        let stdout = take(true).unwrap_or(3);
+        let stderr = take(!attach.tty);
+        let resize = take(attach.tty);
+        Self {
+            error,
+            stdin,
+            stdout,
+            stderr,
+            resize,
+        }
+    }
+
+    /// `(stream id, channel name)` in the order they are opened.
+    fn named(&self) -> Vec<(u32, &'static str)> {
+        let mut v = vec![(self.error, "error")];
+        v.extend(self.stdin.map(|id| (id, "stdin")));
+        v.push((self.stdout, "stdout"));
+        v.extend(self.stderr.map(|id| (id, "stderr")));
+        v.extend(self.resize.map(|id| (id, "resize")));
+        v
+    }
+}
+
+/// Where a streaming URL points: refused unless plain HTTP on a loopback address, so a session
+/// never leaves the node and carries nothing over a network.
+fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "the runtime serves exec streams over TLS ({url}); cimage relays plain-HTTP streams \
+             on loopback only: set containerd's enable_tls_streaming = false"
+        ));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("the runtime's exec URL {url:?} is not an http:// URL"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr: SocketAddr = match authority.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}").parse(),
+        None => authority.parse(),
+    }
+    .map_err(|_| format!("the runtime's exec URL {url:?} does not name an address and port"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "the runtime serves exec streams on {addr}, not on loopback: set containerd's \
+             stream_server_address = \"127.0.0.1\""
+        ));
+    }
+    Ok((addr, authority.to_owned(), path.to_owned()))
+}
+
+/// Connects to the runtime's streaming `url` (from CRI `Exec` with the same `attach`) and
+/// starts the command; the session relays input and output until the command ends or the
+/// caller drops it. The error is one line naming what failed.
+pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession, String> {
+    let (addr, host, path) = parse_url(url)?;
+    let handshake = async {
+        let mut sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to the runtime's stream server {addr}: {e}"))?;
+        sock.set_nodelay(true).ok();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: {PROTOCOL}\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("writing to the runtime's stream server {addr}: {e}"))?;
+        let (head, rest) = read_head(&mut sock, addr).await?;
+        check_upgrade(&head, &rest)?;
+        Ok::<_, String>((sock, rest))
+    };
+    let (sock, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| {
+            format!(
+                "the runtime's stream server {addr} did not answer within {}s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
+        })??;
+    let channels = Channels::for_attach(attach);
+    let mut headers = HeaderCompressor::new();
+    let mut opening = Vec::new();
+    for (id, name) in channels.named() {
+        opening.extend(syn_stream(id, &headers.block(&[("streamtype", name)])?));
+    }
+    let (rd, mut wr) = sock.into_split();
+    wr.write_all(&opening)
+        .await
+        .map_err(|e| format!("opening the exec streams at {addr}: {e}"))?;
+    let (input, from_caller) = mpsc::channel(BUFFER);
+    let (to_caller, output) = mpsc::channel(BUFFER);
+    let (control, control_rx) = mpsc::channel(4);
+    let reader = BufReader::new(Cursor::new(rest).chain(rd));
+    tokio::spawn(read_frames(reader, channels, to_caller, control));
+    tokio::spawn(write_frames(wr, channels, from_caller, control_rx));
+    Ok(ExecSession { input, output })
+}
+
+/// Reads the HTTP answer's head; returns it and the bytes read past it (the first frames).
+async fn read_head(sock: &mut TcpStream, addr: SocketAddr) -> Result<(String, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(format!(
+                "the runtime's stream server {addr} sent an answer head over {MAX_HEAD} bytes"
+            ));
+        }
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading from the runtime's stream server {addr}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "the runtime's stream server {addr} closed the connection before answering"
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Checks that the answer switched to SPDY with the v4 protocol; otherwise the error carries
+/// the runtime's status line and the first line of its body (e.g. an expired URL).
+fn check_upgrade(head: &str, body: &[u8]) -> Result<(), String> {
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().trim();
+    if status.split_whitespace().nth(1) != Some("101") {
+        let said = String::from_utf8_lossy(body);
+        let said = said.lines().next().unwrap_or_default().trim();
+        return Err(format!(
+            "the runtime's stream server refused the exec session: {status}{}{said}",
+            if said.is_empty() { "" } else { ": " }
+        ));
+    }
+    let agreed = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("x-stream-protocol-version") && v.trim() == PROTOCOL
+        })
+    });
+    if !agreed {
+        return Err(format!(
+            "the runtime's stream server did not agree on the {PROTOCOL} protocol"
+        ));
+    }
+    Ok(())
+}
+
+/// The compression context of the header blocks this side sends: SPDY compresses every header
+/// block of a session as one zlib stream, each block ending at a sync flush.
+struct HeaderCompressor(Compress);
+
+impl HeaderCompressor {
+    fn new() -> Self {
+        Self(Compress::new(Compression::fast(), true))
+    }
+
+    /// A compressed name/value block.
+    fn block(&mut self, pairs: &[(&str, &str)]) -> Result<Vec<u8>, String> {
+        let mut raw = Vec::new();
+        raw.extend((pairs.len() as u32).to_be_bytes());
+        for (name, value) in pairs {
+            for s in [name, value] {
+                raw.extend((s.len() as u32).to_be_bytes());
+                raw.extend(s.as_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(raw.len() + 64);
+        let mut input = &raw[..];
+        loop {
+            out.reserve(256);
+            let before = self.0.total_in();
+            self.0
+                .compress_vec(input, &mut out, FlushCompress::Sync)
+                .map_err(|e| format!("compressing SPDY headers: {e}"))?;
+            input = &input[(self.0.total_in() - before) as usize..];
+            // The flush is complete once input is used up and there was room to spare.
+            if input.is_empty() && out.len() < out.capacity() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// A control frame's first eight bytes: version 3, `kind`, `flags`, `len`.
+fn control_head(kind: u16, flags: u8, len: usize) -> [u8; 8] {
+    let k = kind.to_be_bytes();
+    let l = (len as u32).to_be_bytes();
+    [0x80, 0x03, k[0], k[1], flags, l[1], l[2], l[3]]
+}
+
+/// A SYN_STREAM frame opening client stream `id` with the compressed `headers`.
+fn syn_stream(id: u32, headers: &[u8]) -> Vec<u8> {
+    let mut f = control_head(SYN_STREAM, 0, 10 + headers.len()).to_vec();
+    f.extend((id & 0x7fff_ffff).to_be_bytes());
+    f.extend(0u32.to_be_bytes());
+    f.extend([0, 0]);
+    f.extend(headers);
+    f
+}
+
+/// A data frame on stream `id`.
+fn data_frame(id: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+    let l = (data.len() as u32).to_be_bytes();
+    let mut f = (id & 0x7fff_ffff).to_be_bytes().to_vec();
+    f.extend([flags, l[1], l[2], l[3]]);
+    f.extend(data);
+    f
+}
+
+/// One frame read from the runtime.
+enum Frame {
+    Control { kind: u16, body: Vec<u8> },
+    Data { id: u32, body: Vec<u8> },
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<Option<Frame>> {
+    let mut head = [0u8; 8];
+    match rd.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (more than {MAX_FRAME})"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await?;
+    Ok(Some(if head[0] & 0x80 != 0 {
+        Frame::Control {
+            kind: u16::from_be_bytes([head[2], head[3]]),
+            body,
+        }
+    } else {
+        Frame::Data {
+            id: u32::from_be_bytes([head[0] & 0x7f, head[1], head[2], head[3]]),
+            body,
+        }
+    }))
+}
+
+/// Passes the runtime's frames to the caller until the exit status arrives, the connection
+/// ends, or the caller goes away; answers the runtime's pings through `control`.
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut rd: R,
+    ch: Channels,
+    out: mpsc::Sender<ExecEvent>,
+    control: mpsc::Sender<Vec<u8>>,
+) {
+    let mut status = Vec::new();
+    let end = loop {
+        let frame = tokio::select! {
+            _ = out.closed() => return,
+            f = read_frame(&mut rd) => f,
+        };
+        let event = match frame {
+            Err(e) => break ExecEvent::Failed(format!("reading the runtime's exec stream: {e}")),
+            Ok(None) => {
+                break ExecEvent::Failed(
+                    "the runtime closed the exec stream without the command's exit status".into(),
+                )
+            }
+            Ok(Some(Frame::Control { kind, body })) => {
+                if kind == PING && body.len() == 4 {
+                    let mut f = control_head(PING, 0, 4).to_vec();
+                    f.extend(body);
+                    let _ = control.send(f).await;
+                }
+                continue;
+            }
+            Ok(Some(Frame::Data { id, body })) if id == ch.error => {
+                if status.len() + body.len() > MAX_STATUS {
+                    break ExecEvent::Failed(format!(
+                        "the runtime's exit status passed {MAX_STATUS} bytes"
+                    ));
+                }
+                status.extend(body);
+                match exit_status(&status) {
+                    Some(end) => break end,
+                    None => continue,
+                }
+            }
+            Ok(Some(Frame::Data { body, .. })) if body.is_empty() => continue,
+            Ok(Some(Frame::Data { id, body })) if id == ch.stdout => ExecEvent::Stdout(body),
+            Ok(Some(Frame::Data { id, body })) if Some(id) == ch.stderr => ExecEvent::Stderr(body),
+            Ok(Some(Frame::Data { .. })) => continue,
+        };
+        if out.send(event).await.is_err() {
+            return;
+        }
+    };
+    let _ = out.send(end).await;
+}
+
+/// How the command ended, from the v4 `Status` on the error channel; `None` while it is not
+/// yet a whole JSON document.
+fn exit_status(raw: &[u8]) -> Option<ExecEvent> {
+    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    if v["status"] == "Success" {
+        return Some(ExecEvent::Exited(0));
+    }
+    if v["reason"] == "NonZeroExitCode" {
+        let code = v["details"]["causes"].as_array().and_then(|causes| {
+            causes
+                .iter()
+                .find(|c| c["reason"] == "ExitCode")
+                .and_then(|c| c["message"].as_str()?.trim().parse().ok())
+        });
+        if let Some(code) = code {
+            return Some(ExecEvent::Exited(code));
+        }
+    }
+    let message = v["message"].as_str().unwrap_or("no message").trim();
+    Some(ExecEvent::Failed(format!(
+        "the runtime could not run the command: {message}"
+    )))
+}
+
+/// Sends the caller's input, terminal sizes and ping answers until the caller or the reader
+/// is done, then closes the connection's sending side.
+async fn write_frames(
+    mut wr: OwnedWriteHalf,
+    ch: Channels,
+    mut input: mpsc::Receiver<ExecInput>,
+    mut control: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut stdin_open = ch.stdin.is_some();
+    loop {
+        let frames = tokio::select! {
+            i = input.recv() => match (i, ch.stdin) {
+                (None, _) => break,
+                (Some(ExecInput::Stdin(b)), Some(id)) if stdin_open => {
+                    b.chunks(CHUNK).flat_map(|c| data_frame(id, 0, c)).collect()
+                }
+                (Some(ExecInput::CloseStdin), Some(id)) if stdin_open => {
+                    stdin_open = false;
+                    data_frame(id, FLAG_FIN, &[])
+                }
+                (Some(ExecInput::Resize { width, height }), _) => match ch.resize {
+                    Some(id) => data_frame(
+                        id,
+                        0,
+                        format!("{{\"Width\":{width},\"Height\":{height}}}").as_bytes(),
+                    ),
+                    None => continue,
+                },
+                (Some(_), _) => continue,
+            },
+            c = control.recv() => match c {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        if wr.write_all(&frames).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Decompress, FlushDecompress};
+
+    #[test]
+    fn only_plain_http_on_loopback_is_accepted() {
+        let (addr, host, path) = parse_url("http://127.0.0.1:42113/exec/AbCd").unwrap();
+        assert_eq!(addr.to_string(), "127.0.0.1:42113");
+        assert_eq!(
+            (host.as_str(), path.as_str()),
+            ("127.0.0.1:42113", "/exec/AbCd")
+        );
+        assert!(parse_url("http://[::1]:8080/exec/x").is_ok());
+        assert!(parse_url("http://localhost:8080/exec/x").is_ok());
+        let e = parse_url("http://10.1.2.3:8080/exec/x").unwrap_err();
+        assert!(e.contains("stream_server_address"), "{e}");
+        let e = parse_url("https://127.0.0.1:8080/exec/x").unwrap_err();
+        assert!(e.contains("enable_tls_streaming"), "{e}");
+        assert!(parse_url("ftp://x").is_err());
+        assert!(parse_url("http://nohost/exec").is_err());
+    }
+
+    #[test]
+    fn channels_follow_the_request() {
+        let c = Channels::for_attach(ExecAttach {
+            tty: true,
+            stdin: true,
+        });
+        assert_eq!(
+            c.named(),
+            vec![(1, "error"), (3, "stdin"), (5, "stdout"), (7, "resize")]
+        );
+        let c = Channels::for_attach(ExecAttach {
+            tty: false,
+            stdin: false,
+        });
+        assert_eq!(c.named(), vec![(1, "error"), (3, "stdout"), (5, "stderr")]);
+    }
+
+    #[test]
+    fn header_blocks_are_one_zlib_stream_flushed_per_block() {
+        let mut c = HeaderCompressor::new();
+        let a = c.block(&[("streamtype", "error")]).unwrap();
+        let b = c.block(&[("streamtype", "stdout")]).unwrap();
+        let mut d = Decompress::new(true);
+        let mut out = Vec::with_capacity(256);
+        d.decompress_vec(&a, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        let mut expect = 1u32.to_be_bytes().to_vec();
+        expect.extend(10u32.to_be_bytes());
+        expect.extend(b"streamtype");
+        expect.extend(5u32.to_be_bytes());
+        expect.extend(b"error");
+        assert_eq!(out, expect);
+        out.clear();
+        d.decompress_vec(&b, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(b"stdout"));
+    }
+
+    #[test]
+    fn exit_statuses_are_read_as_the_runtime_writes_them() {
+        assert_eq!(
+            exit_status(br#"{"metadata":{},"status":"Success"}"#),
+            Some(ExecEvent::Exited(0))
+        );
+        let failed = br#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code: exit status 3","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"3"}]}}"#;
+        assert_eq!(exit_status(failed), Some(ExecEvent::Exited(3)));
+        let internal = br#"{"metadata":{},"status":"Failure","message":"Internal error occurred: executable file not found","reason":"InternalError","code":500}"#;
+        match exit_status(internal) {
+            Some(ExecEvent::Failed(m)) => assert!(m.contains("executable file not found"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(exit_status(br#"{"metadata":{},"sta"#), None);
+    }
+
+    #[test]
+    fn refusals_carry_the_runtimes_words() {
+        let e = check_upgrade(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain",
+            b"token not found\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("404 Not Found: token not found"), "{e}");
+        assert!(check_upgrade(
+            "HTTP/1.1 101 Switching Protocols\r\nX-Stream-Protocol-Version: v4.channel.k8s.io",
+            b""
+        )
+        .is_ok());
+        assert!(
+            check_upgrade("HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1", b"").is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_are_relayed_and_the_status_ends_the_session() {
+        let ch = Channels::for_attach(ExecAttach {
+            tty: false,
+            stdin: false,
+        });
+        let mut wire = data_frame(ch.stdout, 0, b"hello ");
+        wire.extend(control_head(PING, 0, 4));
+        wire.extend(7u32.to_be_bytes());
+        wire.extend(data_frame(ch.stderr.unwrap(), 0, b"oops"));
+        wire.extend(data_frame(ch.stdout, 0, b""));
+        let status = br#"{"status":"Failure","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"2"}]}}"#;
+        wire.extend(data_frame(ch.error, 0, &status[..20]));
+        wire.extend(data_frame(ch.error, 0, &status[20..]));
+        let (tx, mut rx) = mpsc::channel(16);
+        let (ctl, mut ctl_rx) = mpsc::channel(4);
+        read_frames(Cursor::new(wire), ch, tx, ctl).await;
+        assert_eq!(rx.recv().await, Some(ExecEvent::Stdout(b"hello ".to_vec())));
+        assert_eq!(rx.recv().await, Some(ExecEvent::Stderr(b"oops".to_vec())));
+        assert_eq!(rx.recv().await, Some(ExecEvent::Exited(2)));
+        let pong = ctl_rx.recv().await.unwrap();
+        assert_eq!(&pong[8..], &7u32.to_be_bytes());
+        let (tx, mut rx) = mpsc::channel(16);
+        let (ctl, _ctl_rx) = mpsc::channel(4);
+        read_frames(Cursor::new(Vec::new()), ch, tx, ctl).await;
+        assert!(matches!(rx.recv().await, Some(ExecEvent::Failed(m)) if m.contains("without")));
+    }
+}
