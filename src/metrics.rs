@@ -158,7 +158,8 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "cimage_history_pruned_total",
         Kind::Counter,
         true,
-        "Records removed from history (ImageCache.History), by kind (task, job, eviction).",
+        "Records removed from history (ImageCache.History), by kind (task, job, eviction, \
+         prewarm_run).",
     ),
     (
         "cimage_launch_duration_seconds",

@@ -21,7 +21,7 @@ async fn launch(daemon: &Daemon, image: &str) -> Duration {
 }
 
 /// A finished step of some past job.
-fn past(i: usize, image: &str) -> TaskRecord {
+pub(crate) fn past(i: usize, image: &str) -> TaskRecord {
     TaskRecord {
         id: format!("hist{i:09}"),
         job: format!("hist-job-{}", i / 8),

@@ -27,6 +27,7 @@ mod launch;
 mod prewarm;
 mod progress;
 mod rig;
+mod scale;
 
 use std::path::Path;
 use std::time::Instant;
@@ -41,7 +42,7 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm).
+/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm, scale).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
         Ok(list) if !list.is_empty() => list.split(',').any(|s| s.trim() == section),
@@ -315,6 +316,11 @@ async fn main() {
         "cimaged peak RSS: {:.1} MiB",
         daemon.peak_rss_kib() as f64 / 1024.0
     );
+
+    if want("scale") {
+        eprintln!("bench: 10,000 images and 100,000 past tasks ...");
+        scale::scale(&cri_path, &registry, &run).await;
+    }
 
     for image in [&big.reference, &many.reference, &herd.reference] {
         b.remove(image).await;

@@ -73,11 +73,16 @@ pub fn to_prune(tasks: Vec<TaskRecord>, cutoff: i64, max_tasks: u64) -> Vec<Task
 }
 
 impl Launcher {
+    /// Unix ms before which finished records go (`History.Keep` ago).
+    pub fn history_cutoff(&self) -> i64 {
+        let keep = self.settings.history.keep.as_millis() as i64;
+        self.clock.now_ms().saturating_sub(keep)
+    }
+
     /// One pruning pass over the task and job history.
     pub async fn prune_history(&self) -> Result<PruneReport, LaunchError> {
         let h = self.settings.history.clone();
-        let now = self.clock.now_ms();
-        let cutoff = now.saturating_sub(h.keep.as_millis() as i64);
+        let cutoff = self.history_cutoff();
         let (tasks, jobs) = self.blocking(|s| Ok((s.tasks()?, s.jobs()?))).await?;
         let victims = to_prune(tasks, cutoff, h.max_tasks);
         let mut report = PruneReport::default();
@@ -179,22 +184,6 @@ fn is_ours(root: &Path, log: &Path) -> bool {
         && parts
             .iter()
             .all(|c| matches!(c, std::path::Component::Normal(_)))
-}
-
-/// Prunes once a minute after start-up, then every `every`, until shutdown.
-pub async fn prune_loop(launcher: std::sync::Arc<Launcher>, every: Duration) {
-    let stop = launcher.background.clone();
-    let mut wait = Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.shutting_down() => return,
-        }
-        if let Err(e) = launcher.prune_history().await {
-            warn!("pruning history failed: {e}");
-        }
-        wait = every;
-    }
 }
 
 #[cfg(test)]

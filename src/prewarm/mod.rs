@@ -128,6 +128,20 @@ impl Prewarmer {
         }))
     }
 
+    /// Removes the runs that ended before `before` (Unix ms; `History.Keep` ago), in bounded
+    /// transactions; returns how many went.
+    pub async fn prune_runs(&self, before: i64) -> Result<usize, StoreError> {
+        const BATCH: usize = 500;
+        let mut total = 0;
+        loop {
+            let n = self.blocking(move |s| s.prune_runs(before, BATCH)).await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&PrewarmStore) -> Result<T, StoreError> + Send + 'static,

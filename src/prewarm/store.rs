@@ -191,6 +191,26 @@ impl PrewarmStore {
         })
     }
 
+    /// Removes up to `limit` finished runs that ended before `before` (Unix ms), in one
+    /// transaction; returns how many went. (Each schedule also keeps at most
+    /// [`HISTORY_LIMIT`] runs, so this reads a bounded table.)
+    pub fn prune_runs(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        self.store.write("pruning pre-warm runs", |w| {
+            let old: Vec<String> = w
+                .all(RUNS)?
+                .into_iter()
+                .filter(|(_, r)| r.outcome != RunOutcome::Running)
+                .filter(|(_, r)| r.finished.unwrap_or(r.started) < before)
+                .map(|(k, _)| k)
+                .take(limit)
+                .collect();
+            for k in &old {
+                w.remove(RUNS, k)?;
+            }
+            Ok(old.len())
+        })
+    }
+
     /// A schedule's runs, oldest first.
     pub fn runs(&self, name: &str) -> Result<Vec<RunRecord>, StoreError> {
         self.store.read(&format!("listing runs of {name}"), |r| {

@@ -259,3 +259,38 @@ async fn runs_cut_short_are_marked_interrupted_at_the_next_start() {
     assert_eq!(runs[0].outcome, RunOutcome::Interrupted);
     assert!(runs[0].finished.is_some());
 }
+
+#[tokio::test]
+async fn runs_past_the_history_cutoff_are_pruned_running_ones_stay() {
+    let r = rig();
+    let store = PrewarmStore::open(&r.store).unwrap();
+    let run = |schedule: &str, started: i64, outcome: RunOutcome| RunRecord {
+        schedule: schedule.into(),
+        trigger: "cron".into(),
+        scheduled_for: None,
+        started,
+        finished: (outcome != RunOutcome::Running).then_some(started + 10),
+        jitter_ms: 0,
+        outcome,
+        images: vec![],
+    };
+    for (s, t, o) in [
+        ("a", 100, RunOutcome::Ok),
+        ("a", 5_000, RunOutcome::Ok),
+        ("b", 200, RunOutcome::Failed),
+        ("b", 300, RunOutcome::Running),
+    ] {
+        store.put_run(&run(s, t, o)).unwrap();
+    }
+    assert_eq!(r.pw.prune_runs(1_000).await.unwrap(), 2);
+    assert_eq!(r.pw.prune_runs(1_000).await.unwrap(), 0);
+    let left = |s: &str| {
+        store
+            .runs(s)
+            .unwrap()
+            .iter()
+            .map(|r| r.started)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!((left("a"), left("b")), (vec![5_000], vec![300]));
+}

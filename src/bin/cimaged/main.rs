@@ -311,9 +311,11 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
-    background.spawn(cimage::launcher::history::prune_loop(
+    background.spawn(history_loop(
         launcher.clone(),
-        Duration::from_secs(600),
+        prewarm.clone(),
+        metrics.clone(),
+        background.clone(),
     ));
     background.spawn(prewarm.clone().timer());
     if let Some(addr) = &ic.metrics_addr {
@@ -436,6 +438,40 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     served.context("serving the API")?;
     info!("cimaged stopped");
     Ok(())
+}
+
+/// Prunes the history (`ImageCache.History`) a minute after start-up, then every 10 minutes,
+/// until shutdown: tasks, jobs and eviction records through the launcher, then pre-warm runs
+/// past the same cutoff.
+async fn history_loop(
+    launcher: Arc<Launcher>,
+    prewarm: Arc<Prewarmer>,
+    metrics: Arc<Metrics>,
+    background: Background,
+) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = background.shutting_down() => return,
+        }
+        wait = Duration::from_secs(600);
+        if let Err(e) = launcher.prune_history().await {
+            warn!("pruning history failed: {e}");
+        }
+        match prewarm.prune_runs(launcher.history_cutoff()).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.add(
+                    "cimage_history_pruned_total",
+                    &[("kind", "prewarm_run")],
+                    n as u64,
+                );
+                info!(runs = n, "pre-warm runs pruned");
+            }
+            Err(e) => warn!("pruning pre-warm runs failed: {e}"),
+        }
+    }
 }
 
 /// Re-attaches tasks and sweeps orphans once the runtime answers (retrying every 5 s).
