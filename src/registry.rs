@@ -2,8 +2,11 @@
 //! request (cheap, and not counted as a pull by Docker Hub). The bytes themselves are pulled by the
 //! runtime through CRI so they land where containers need them.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+mod http;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -46,6 +49,8 @@ pub struct RegistryError {
     pub what: &'static str,
     /// Details from the client (never credentials).
     pub detail: String,
+    /// How long the registry asked to be left alone (`Retry-After` of a 429 or 503).
+    pub retry_after: Option<Duration>,
 }
 
 impl RegistryError {
@@ -185,7 +190,20 @@ pub struct OciRegistry {
     /// are reused until they expire. Keyed by a hash salted per process; never persisted.
     credentialed: std::sync::Mutex<std::collections::HashMap<(String, String), oci_client::Client>>,
     salt: [u8; 16],
+    /// The HTTP client of cimage's own manifest requests, one per host (its TLS roots).
+    http: Mutex<HashMap<String, reqwest::Client>>,
+    /// `Authorization` values for manifest requests, per (host, credentials key, repository),
+    /// with when they were obtained. In memory only.
+    authorizations: Mutex<AuthorizationCache>,
 }
+
+/// `Authorization` values by (host, credentials key, repository), with when each was obtained.
+type AuthorizationCache = HashMap<(String, String, String), (Option<String>, Instant)>;
+
+/// How long an `Authorization` value is reused (registry tokens last at least 60 s).
+const AUTHORIZATION_TTL: Duration = Duration::from_secs(50);
+/// `Authorization` values kept at most (the map is cleared when full).
+const MAX_AUTHORIZATIONS: usize = 1024;
 
 /// Credentialed clients kept at most (the map is cleared when full).
 const MAX_CREDENTIALED_CLIENTS: usize = 256;
@@ -217,6 +235,8 @@ impl OciRegistry {
             anonymous: Default::default(),
             credentialed: Default::default(),
             salt: rand::random(),
+            http: Default::default(),
+            authorizations: Default::default(),
         })
     }
 
@@ -300,49 +320,206 @@ impl OciRegistry {
         }
     }
 
-    /// Runs `op` with the client for `host` and these credentials. A new client first does the
-    /// token step explicitly (oci-client would otherwise swallow a failing token service and
-    /// report a plain 401); a cached client whose token is refused is dropped and the call is
-    /// made once more with a fresh token.
-    async fn with_client<T, F, Fut>(
+    /// The HTTP client for `host`, made on first use with the host's CA.
+    fn http_for(&self, image: &ImageRef, host: &str) -> Result<reqwest::Client, RegistryError> {
+        let mut m = self.http.lock().unwrap();
+        if let Some(c) = m.get(host) {
+            return Ok(c.clone());
+        }
+        let c = http::client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| RegistryError {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind: RegistryErrorKind::Tls,
+            what: "TLS setup failed",
+            detail: error_chain(&e),
+            retry_after: None,
+        })?;
+        m.insert(host.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// The `Authorization` value for manifest requests of `image` at `host` with these
+    /// credentials: a bearer token from the registry's token step (done by oci-client), the
+    /// credentials themselves for a registry that takes basic auth, or none. Reused for
+    /// [`AUTHORIZATION_TTL`] unless `refresh`.
+    async fn authorization(
         &self,
         image: &ImageRef,
         host: &str,
         credentials: Option<&Credentials>,
-        op: F,
-    ) -> Result<T, RegistryError>
-    where
-        F: Fn(oci_client::Client, RegistryAuth) -> Fut,
-        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
-    {
-        for attempt in 0..2 {
-            let (client, auth, fresh) = self.client_for(host, credentials);
-            if fresh {
-                let at = image.to_oci_at(host);
-                if let Err(e) = client
-                    .auth(&at, &auth, oci_client::RegistryOperation::Pull)
-                    .await
-                {
-                    self.forget_client(host, credentials);
-                    return Err(Self::classify_token_step(image, host, e));
+        refresh: bool,
+    ) -> Result<Option<String>, RegistryError> {
+        let at = image.to_oci_at(host);
+        let who = credentials
+            .map(|c| self.credentials_key(host, c).1)
+            .unwrap_or_default();
+        let key = (host.to_owned(), who, at.repository().to_owned());
+        if !refresh {
+            if let Some((v, when)) = self.authorizations.lock().unwrap().get(&key) {
+                if when.elapsed() < AUTHORIZATION_TTL {
+                    return Ok(v.clone());
                 }
             }
-            match op(client, auth).await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    let e = Self::classify(image, e);
-                    if e.kind == RegistryErrorKind::Unauthorized && !fresh && attempt == 0 {
+        }
+        let (client, auth, _) = self.client_for(host, credentials);
+        let token = client
+            .auth(&at, &auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| {
+                self.forget_client(host, credentials);
+                Self::classify_token_step(image, host, e)
+            })?;
+        let value = match (token, &auth) {
+            (Some(t), _) => Some(format!("Bearer {t}")),
+            (None, RegistryAuth::Bearer(t)) => Some(format!("Bearer {t}")),
+            (None, RegistryAuth::Basic(user, password)) => {
+                use base64::Engine;
+                let pair = format!("{user}:{password}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
+            (None, RegistryAuth::Anonymous) => None,
+        };
+        let mut m = self.authorizations.lock().unwrap();
+        if m.len() >= MAX_AUTHORIZATIONS {
+            m.clear();
+        }
+        m.insert(key, (value.clone(), Instant::now()));
+        Ok(value)
+    }
+
+    /// One manifest of `image` at `host` by `reference` (tag or digest): HEAD, or GET for its
+    /// bytes. A refused token is renewed once.
+    async fn fetch(
+        &self,
+        image: &ImageRef,
+        host: &str,
+        credentials: Option<&Credentials>,
+        reference: &str,
+        head: bool,
+    ) -> Result<(Option<String>, Option<String>, Vec<u8>), RegistryError> {
+        let at = image.to_oci_at(host);
+        let insecure = self.hosts.get(host).is_some_and(|r| r.insecure);
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{reference}",
+            if insecure { "http" } else { "https" },
+            at.resolve_registry(),
+            at.repository()
+        );
+        let client = self.http_for(image, host)?;
+        for attempt in 0..2 {
+            let authorization = self
+                .authorization(image, host, credentials, attempt > 0)
+                .await?;
+            let answer = http::manifest(&client, &url, head, authorization.as_deref())
+                .await
+                .map_err(|f| Self::failed(image, f))?;
+            match answer {
+                http::Answer::Found {
+                    digest,
+                    media_type,
+                    body,
+                } => return Ok((digest, media_type, body)),
+                http::Answer::Status { code: 401, .. } if attempt == 0 => continue,
+                http::Answer::Status {
+                    code,
+                    retry_after,
+                    body,
+                } => {
+                    if matches!(code, 401 | 403) {
                         self.forget_client(host, credentials);
-                        continue;
                     }
-                    if e.kind == RegistryErrorKind::Unauthorized {
-                        self.forget_client(host, credentials);
-                    }
-                    return Err(e);
+                    return Err(Self::refused(image, code, retry_after, body));
                 }
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// A manifest request that got no answer.
+    fn failed(image: &ImageRef, f: http::Failure) -> RegistryError {
+        use RegistryErrorKind::*;
+        let (kind, what, detail) = match f {
+            http::Failure::TooLarge(n) => (
+                Other,
+                "manifest too large",
+                format!(
+                    "{n} bytes or more, over the {} MiB limit",
+                    http::MAX_MANIFEST >> 20
+                ),
+            ),
+            http::Failure::Request(e) => {
+                let chain = error_chain(&e);
+                let (kind, what) = if e.is_redirect() {
+                    (Other, "too many redirects (a redirect loop)")
+                } else if chain.contains("certificate") || chain.contains("tls") {
+                    (Tls, "TLS verification failed")
+                } else if e.is_timeout() {
+                    (Unreachable, "timed out")
+                } else if e.is_connect() {
+                    (Unreachable, "unreachable")
+                } else {
+                    (Unreachable, "request failed")
+                };
+                (kind, what, chain)
+            }
+        };
+        RegistryError {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind,
+            what,
+            detail,
+            retry_after: None,
+        }
+    }
+
+    /// A manifest request answered with another status than 200.
+    fn refused(
+        image: &ImageRef,
+        code: u16,
+        retry_after: Option<Duration>,
+        body: String,
+    ) -> RegistryError {
+        use RegistryErrorKind::*;
+        let (kind, what) = match code {
+            401 | 403 => (Unauthorized, "access denied (wrong or missing credentials)"),
+            404 => (NotFound, "repository or tag not found"),
+            429 => (Server, "rate limited"),
+            500..=599 => (Server, "registry error"),
+            _ => (Other, "unexpected answer"),
+        };
+        let said: String = body.chars().take(200).collect();
+        let mut detail = format!("HTTP {code}");
+        if let Some(r) = retry_after {
+            detail.push_str(&format!(" (Retry-After {}s)", r.as_secs()));
+        }
+        if !said.is_empty() {
+            detail.push_str(": ");
+            detail.push_str(&said);
+        }
+        RegistryError {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind,
+            what,
+            detail,
+            retry_after,
+        }
+    }
+
+    /// A manifest's bytes as JSON, or an error naming the image.
+    fn parse(image: &ImageRef, body: &[u8]) -> Result<serde_json::Value, RegistryError> {
+        serde_json::from_slice(body).map_err(|e| RegistryError {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind: RegistryErrorKind::Other,
+            what: "malformed manifest",
+            detail: e.to_string(),
+            retry_after: None,
+        })
     }
 
     /// A failure of the token step: the token service unreachable, or the credentials refused.
@@ -366,6 +543,7 @@ impl OciRegistry {
                     kind: RegistryErrorKind::TokenService,
                     what: "token service unreachable",
                     detail: error_chain(e),
+                    retry_after: None,
                 };
             }
         }
@@ -425,6 +603,7 @@ impl OciRegistry {
             kind,
             what,
             detail,
+            retry_after: None,
         }
     }
 }
@@ -444,6 +623,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The tag or digest a reference asks for.
+fn wanted(image: &ImageRef) -> String {
+    let r = image.to_oci();
+    r.digest().or(r.tag()).unwrap_or("latest").to_owned()
+}
+
+/// This host's platform as OCI names it (`amd64`, `arm64`, …).
+fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 #[async_trait]
 impl Registry for OciRegistry {
     async fn resolve(
@@ -456,27 +652,31 @@ impl Registry for OciRegistry {
             .get(image.registry())
             .map(|r| r.mirrors.clone())
             .unwrap_or_default();
-        for mirror in &mirrors {
-            let at = image.to_oci_at(mirror);
-            match self
-                .with_client(image, mirror, credentials, |c, auth| {
-                    let at = at.clone();
-                    async move { c.fetch_manifest_digest(&at, &auth).await }
-                })
-                .await
-            {
-                Ok(digest) => return Ok(digest),
-                Err(e) => {
-                    tracing::debug!(mirror = %mirror, image = %image, "mirror did not resolve, trying the next: {}", e.what);
+        let wanted = wanted(image);
+        let registry = image.registry().to_owned();
+        for host in mirrors.iter().chain(std::iter::once(&registry)) {
+            let found: Result<String, RegistryError> = async {
+                let (digest, _, _) = self.fetch(image, host, credentials, &wanted, true).await?;
+                match digest {
+                    Some(d) => Ok(d),
+                    // No digest header: the digest of the manifest's bytes.
+                    None => {
+                        use sha2::{Digest, Sha256};
+                        let (_, _, body) =
+                            self.fetch(image, host, credentials, &wanted, false).await?;
+                        Ok(format!("sha256:{:x}", Sha256::digest(&body)))
+                    }
                 }
             }
+            .await;
+            match found {
+                Err(e) if host != &registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not resolve, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
         }
-        let reference = image.to_oci();
-        self.with_client(image, image.registry(), credentials, |c, auth| {
-            let r = reference.clone();
-            async move { c.fetch_manifest_digest(&r, &auth).await }
-        })
-        .await
+        unreachable!("the registry itself is the last host tried")
     }
 
     async fn manifest(
@@ -484,21 +684,52 @@ impl Registry for OciRegistry {
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
-        let reference = image.to_oci();
-        let (manifest, _) = self
-            .with_client(image, image.registry(), credentials, |c, auth| {
-                let r = reference.clone();
-                async move { c.pull_image_manifest(&r, &auth).await }
-            })
+        let host = image.registry();
+        let (_, _, body) = self
+            .fetch(image, host, credentials, &wanted(image), false)
             .await?;
-        let blob = |d: &oci_client::manifest::OciDescriptor| Blob {
-            digest: d.digest.clone(),
-            size: d.size.max(0) as u64,
+        let mut m = Self::parse(image, &body)?;
+        // A multi-platform image: the manifest of this host's platform.
+        if let Some(list) = m["manifests"].as_array() {
+            let arch = host_architecture();
+            let digest = list
+                .iter()
+                .find(|d| d["platform"]["os"] == "linux" && d["platform"]["architecture"] == arch)
+                .and_then(|d| d["digest"].as_str())
+                .ok_or_else(|| RegistryError {
+                    registry: host.to_owned(),
+                    image: image.to_string(),
+                    kind: RegistryErrorKind::NotFound,
+                    what: "no manifest for this platform",
+                    detail: format!("the image has none for linux/{arch}"),
+                    retry_after: None,
+                })?
+                .to_owned();
+            let (_, _, body) = self.fetch(image, host, credentials, &digest, false).await?;
+            m = Self::parse(image, &body)?;
+        }
+        let blob = |d: &serde_json::Value| -> Option<Blob> {
+            Some(Blob {
+                digest: d["digest"].as_str()?.to_owned(),
+                size: d["size"].as_u64()?,
+            })
         };
-        Ok(ImageManifest {
-            config: blob(&manifest.config),
-            layers: manifest.layers.iter().map(blob).collect(),
-        })
+        let config = blob(&m["config"]);
+        let layers: Option<Vec<Blob>> = m["layers"]
+            .as_array()
+            .map(|l| l.iter().map(blob).collect::<Option<_>>())
+            .unwrap_or(Some(Vec::new()));
+        match (config, layers) {
+            (Some(config), Some(layers)) => Ok(ImageManifest { config, layers }),
+            _ => Err(RegistryError {
+                registry: host.to_owned(),
+                image: image.to_string(),
+                kind: RegistryErrorKind::Other,
+                what: "malformed manifest",
+                detail: "no config or layer descriptors with digest and size".into(),
+                retry_after: None,
+            }),
+        }
     }
 }
 
@@ -549,6 +780,7 @@ pub mod fake {
                 kind,
                 what,
                 detail: "fake".into(),
+                retry_after: None,
             };
             if self.down.load(Ordering::SeqCst) {
                 return Err(err(RegistryErrorKind::Unreachable, "unreachable"));
@@ -587,6 +819,7 @@ pub mod fake {
                     kind: RegistryErrorKind::NotFound,
                     what: "repository or tag not found",
                     detail: "fake".into(),
+                    retry_after: None,
                 })
         }
     }

@@ -12,15 +12,6 @@ use common::proxy::Proxy;
 use common::*;
 use futures::StreamExt;
 
-/// Registries sections for a daemon that pulls through `proxy` (cimaged reads manifests over
-/// plain HTTP there too).
-fn registries(tb: &Testbed, proxy: &str) -> String {
-    format!(
-        "Registries:\n  \"{}\":\n    Insecure: true\n  \"{proxy}\":\n    Insecure: true",
-        tb.registry
-    )
-}
-
 #[test]
 fn a_slow_pull_shows_growing_bytes_and_waits_in_line_visibly() {
     let tb = Testbed::get();
@@ -31,7 +22,7 @@ fn a_slow_pull_shows_growing_bytes_and_waits_in_line_visibly() {
     let port = free_port();
     let d = Daemon::start(&format!(
         "MaxConcurrentPulls: 1\nMetricsAddr: 127.0.0.1:{port}\n{}",
-        registries(&tb, &proxy.addr)
+        proxied_registries(&tb, &proxy.addr)
     ));
     let big_ref = format!("{}/{}:1", proxy.addr, big.repo);
     let small_ref = format!("{}/{}:1", proxy.addr, small.repo);
@@ -194,7 +185,7 @@ fn a_registry_that_stops_sending_mid_blob_fails_the_pull_at_the_stall_timeout() 
     let port = free_port();
     let d = Daemon::start(&format!(
         "PullStallTimeout: 3s\nPullRetries: 0\nMetricsAddr: 127.0.0.1:{port}\n{}",
-        registries(&tb, &proxy.addr)
+        proxied_registries(&tb, &proxy.addr)
     ));
     // The manifest and config go through; the layer stops after its first MiB.
     proxy.stall_after(1 << 20);

@@ -130,6 +130,24 @@ pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
     // The runtime's own listing.
     let mut raw = ImageServiceClient::new(cimage::cri::unix_channel(std::path::Path::new(cri)))
         .max_decoding_message_size(64 << 20);
+    // containerd's CRI plugin learns of imported images from events, shortly after.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = raw
+            .list_images(ListImagesRequest::default())
+            .await
+            .expect("the runtime's ListImages")
+            .into_inner();
+        if r.images.len() >= IMAGES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runtime lists {} images",
+            r.images.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut raw_list = Vec::new();
     let mut listed = 0;
     for _ in 0..LISTINGS {

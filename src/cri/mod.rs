@@ -105,7 +105,10 @@ pub(super) fn classify(op: &'static str, endpoint: &Path, status: Status) -> Run
             || lower.contains("503 service unavailable")
             || lower.contains("500 internal server error")
             || lower.contains("429 too many requests")
-            || lower.contains("tls handshake timeout") =>
+            || lower.contains("tls handshake timeout")
+            // A blob whose bytes do not match its digest: corrupted on the way, worth another try.
+            || lower.contains("unexpected commit digest")
+            || lower.contains("unexpected commit size") =>
         {
             RuntimeErrorKind::Transient
         }

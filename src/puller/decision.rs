@@ -90,7 +90,7 @@ impl Puller {
                     Err(source) => {
                         return Err(PullError::Registry {
                             image: name.clone(),
-                            source,
+                            source: Box::new(source),
                         })
                     }
                 };
@@ -124,6 +124,7 @@ impl Puller {
                             kind: crate::registry::RegistryErrorKind::Unauthorized,
                             what: "not checked",
                             detail: "an identity token is the runtime's to exchange".into(),
+                            retry_after: None,
                         }),
                         false => self.registry.resolve(image, credentials).await,
                     };
@@ -135,7 +136,7 @@ impl Puller {
                         {
                             return Err(PullError::Registry {
                                 image: name.clone(),
-                                source: e,
+                                source: Box::new(e),
                             })
                         }
                         // Not proven: as if the image were absent.

@@ -180,7 +180,7 @@ pub enum PullError {
         /// The normalised reference.
         image: String,
         /// The registry's error.
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     /// The runtime failed.
     #[error("{}", runtime_failure(image, what, source))]

@@ -509,6 +509,15 @@ pub fn job_pods(d: &Daemon, job: &str) -> Vec<String> {
     )
 }
 
+/// Registries sections for a daemon that pulls through a proxy at `proxy` (cimaged reads
+/// manifests over plain HTTP there too).
+pub fn proxied_registries(tb: &Testbed, proxy: &str) -> String {
+    format!(
+        "Registries:\n  \"{}\":\n    Insecure: true\n  \"{proxy}\":\n    Insecure: true",
+        tb.registry
+    )
+}
+
 /// A free loopback port for the metrics endpoint.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
