@@ -218,7 +218,7 @@ fn exec_runs_a_command_in_a_running_step_as_its_user_for_its_owner_only() {
 
 #[test]
 fn exec_attached_passes_input_and_its_end_and_gives_a_terminal() {
-    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let mut d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
     let img = busybox(&d.testbed);
     let nobody = Some((65534, 65534));
     let task = running_step(&d, nobody, &img);
@@ -267,6 +267,29 @@ fn exec_attached_passes_input_and_its_end_and_gives_a_terminal() {
     term.write(b"exit 3\n");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(3), "{}", term.read_rest());
+    // A session left open does not hold the daemon at shutdown.
+    let mut open = std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(["exec", "-i", &task, "--", "cat"])
+        .env("CIMAGE_SOCKET", d.socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut daemon = d.child.take().unwrap();
+    let t = std::time::Instant::now();
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "the daemon took {:?} to stop with a session open",
+        t.elapsed()
+    );
+    let status = open.wait().unwrap();
+    assert_eq!(status.code(), Some(125));
+    d.spawn();
     let _ = d.cli(&["cancel", &task]);
 }
 

@@ -59,6 +59,9 @@ pub fn launch_status(e: &LaunchError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// Input of an attached command is queued in pieces of at most this many bytes.
+const EXEC_INPUT_PIECE: usize = 32 << 10;
+
 /// Longest wait for the first message of an exec stream.
 const EXEC_START_WAIT: Duration = Duration::from_secs(10);
 
@@ -360,7 +363,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
             stdin: start.stdin,
         };
         let task = start.task_id.clone();
-        let ExecSession { input, output } = self
+        let (ExecSession { input, output }, slot) = self
             .launcher
             .exec_attach(who, &start.task_id, start.command, attach)
             .await
@@ -370,14 +373,21 @@ impl pb::launcher_server::Launcher for LauncherApi {
         }
         tokio::spawn(async move {
             loop {
-                let i = match incoming.message().await {
+                let next = tokio::select! {
+                    m = incoming.message() => m,
+                    // The command ended: nothing more to pass on.
+                    _ = input.closed() => return,
+                };
+                let inputs = match next {
                     Ok(Some(pb::ExecStreamRequest { msg: Some(m) })) => match m {
-                        In::Stdin(b) => ExecInput::Stdin(b),
-                        In::CloseStdin(_) => ExecInput::CloseStdin,
-                        In::Resize(size) => match terminal_size(size) {
-                            Some(r) => r,
-                            None => continue,
-                        },
+                        // Input is queued in small pieces, so that what one session holds
+                        // while the command does not read stays small.
+                        In::Stdin(b) => b
+                            .chunks(EXEC_INPUT_PIECE)
+                            .map(|c| ExecInput::Stdin(c.to_vec()))
+                            .collect(),
+                        In::CloseStdin(_) => vec![ExecInput::CloseStdin],
+                        In::Resize(size) => terminal_size(size).into_iter().collect(),
                         In::Start(_) => continue,
                     },
                     Ok(Some(_)) => continue,
@@ -390,8 +400,10 @@ impl pb::launcher_server::Launcher for LauncherApi {
                     // The client went away: dropping the input ends the session.
                     Err(_) => return,
                 };
-                if input.send(i).await.is_err() {
-                    return;
+                for i in inputs {
+                    if input.send(i).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -399,18 +411,22 @@ impl pb::launcher_server::Launcher for LauncherApi {
             msg: Some(Out::Started(true)),
         })));
         let rest = ReceiverStream::new(output).map(move |ev| {
+            // The session's slot is given back when this stream ends.
+            let _held = &slot;
             let msg = match ev {
                 ExecEvent::Stdout(b) => Out::Stdout(b),
                 ExecEvent::Stderr(b) => Out::Stderr(b),
                 ExecEvent::Exited(code) => Out::ExitCode(code),
                 ExecEvent::Failed(why) => {
-                    return Err(Status::aborted(format!(
-                        "running a command in task {task}: {why}"
-                    )))
+                    return Err(Status::aborted(format!("task {task}: {why}")))
                 }
             };
             Ok(pb::ExecStreamResponse { msg: Some(msg) })
         });
+        // At shutdown the session ends (dropping it closes the runtime's stream), so a shell
+        // left open does not hold the daemon.
+        let bg = self.background.clone();
+        let rest = rest.take_until(async move { bg.shutting_down().await });
         Ok(Response::new(ending_at_shutdown(
             started.chain(rest),
             &self.background,

@@ -72,6 +72,9 @@ pub fn bind_socket_mode(
     Ok(listener)
 }
 
+/// Calls in flight at once on one client connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// A server stream of the API.
 pub type BoxStream<T> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
@@ -124,6 +127,8 @@ pub async fn serve(
         // Dead peers are found by keepalive pings; a live one answers them.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        // Calls at once on one connection (the per-uid cap bounds the connections).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(
             pb::image_cache_server::ImageCacheServer::new(images)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),

@@ -8,7 +8,10 @@
 //! the stdin stream), which `echo data | cimage exec -i …` needs.
 //!
 //! Only what a client needs is implemented: the runtime's header blocks are skipped (nothing in
-//! them is needed), and the runtime's streaming server does not do SPDY flow control.
+//! them is needed); header blocks are compressed without SPDY's preset dictionary (a zlib
+//! reader takes a stream that does not use it); and no flow control is done, as containerd's
+//! streaming server (spdystream) does none either; a strict SPDY peer would need
+//! WINDOW_UPDATE frames past 64 KiB.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
 
@@ -108,7 +112,12 @@ fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
         Some(port) => format!("127.0.0.1:{port}").parse(),
         None => authority.parse(),
     }
-    .map_err(|_| format!("the runtime's exec URL {url:?} does not name an address and port"))?;
+    .map_err(|_| {
+        format!(
+            "the runtime's exec URL {url:?} does not name a loopback IP address and port \
+             (host names are not followed)"
+        )
+    })?;
     if !addr.ip().is_loopback() {
         return Err(format!(
             "the runtime serves exec streams on {addr}, not on loopback: set containerd's \
@@ -161,8 +170,17 @@ pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession,
     let (to_caller, output) = mpsc::channel(BUFFER);
     let (control, control_rx) = mpsc::channel(4);
     let reader = BufReader::new(Cursor::new(rest).chain(rd));
-    tokio::spawn(read_frames(reader, channels, to_caller, control));
-    tokio::spawn(write_frames(wr, channels, from_caller, control_rx));
+    // Either side ending ends the other, so the connection closes as a whole: a writer stuck
+    // on a runtime that stopped reading, or a reader waiting on a quiet command, lets go.
+    let done = CancellationToken::new();
+    tokio::spawn(read_frames(
+        reader,
+        channels,
+        to_caller,
+        control,
+        done.clone(),
+    ));
+    tokio::spawn(write_frames(wr, channels, from_caller, control_rx, done));
     Ok(ExecSession { input, output })
 }
 
@@ -317,17 +335,21 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<Option<
 }
 
 /// Passes the runtime's frames to the caller until the exit status arrives, the connection
-/// ends, or the caller goes away; answers the runtime's pings through `control`.
+/// ends, the caller goes away or the writer gives up (`done`); answers the runtime's pings
+/// through `control`.
 async fn read_frames<R: AsyncRead + Unpin>(
     mut rd: R,
     ch: Channels,
     out: mpsc::Sender<ExecEvent>,
     control: mpsc::Sender<Vec<u8>>,
+    done: CancellationToken,
 ) {
+    let _end_both = done.clone().drop_guard();
     let mut status = Vec::new();
     let end = loop {
         let frame = tokio::select! {
             _ = out.closed() => return,
+            _ = done.cancelled() => return,
             f = read_frame(&mut rd) => f,
         };
         let event = match frame {
@@ -341,7 +363,8 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 if kind == PING && body.len() == 4 {
                     let mut f = control_head(PING, 0, 4).to_vec();
                     f.extend(body);
-                    let _ = control.send(f).await;
+                    // Never wait on the writer: an answer that does not fit is dropped.
+                    let _ = control.try_send(f);
                 }
                 continue;
             }
@@ -362,7 +385,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
             Ok(Some(Frame::Data { id, body })) if Some(id) == ch.stderr => ExecEvent::Stderr(body),
             Ok(Some(Frame::Data { .. })) => continue,
         };
-        if out.send(event).await.is_err() {
+        let sent = tokio::select! {
+            r = out.send(event) => r.is_ok(),
+            _ = done.cancelled() => false,
+        };
+        if !sent {
             return;
         }
     };
@@ -400,10 +427,13 @@ async fn write_frames(
     ch: Channels,
     mut input: mpsc::Receiver<ExecInput>,
     mut control: mpsc::Receiver<Vec<u8>>,
+    done: CancellationToken,
 ) {
+    let _end_both = done.clone().drop_guard();
     let mut stdin_open = ch.stdin.is_some();
     loop {
         let frames = tokio::select! {
+            _ = done.cancelled() => break,
             i = input.recv() => match (i, ch.stdin) {
                 (None, _) => break,
                 (Some(ExecInput::Stdin(b)), Some(id)) if stdin_open => {
@@ -428,11 +458,15 @@ async fn write_frames(
                 None => break,
             },
         };
-        if wr.write_all(&frames).await.is_err() {
+        let written = tokio::select! {
+            r = wr.write_all(&frames) => r.is_ok(),
+            _ = done.cancelled() => false,
+        };
+        if !written {
             break;
         }
     }
-    let _ = wr.shutdown().await;
+    // Dropping the write half (and the reader its read half) closes the connection.
 }
 
 #[cfg(test)]
@@ -546,7 +580,7 @@ mod tests {
         wire.extend(data_frame(ch.error, 0, &status[20..]));
         let (tx, mut rx) = mpsc::channel(16);
         let (ctl, mut ctl_rx) = mpsc::channel(4);
-        read_frames(Cursor::new(wire), ch, tx, ctl).await;
+        read_frames(Cursor::new(wire), ch, tx, ctl, CancellationToken::new()).await;
         assert_eq!(rx.recv().await, Some(ExecEvent::Stdout(b"hello ".to_vec())));
         assert_eq!(rx.recv().await, Some(ExecEvent::Stderr(b"oops".to_vec())));
         assert_eq!(rx.recv().await, Some(ExecEvent::Exited(2)));
@@ -554,7 +588,14 @@ mod tests {
         assert_eq!(&pong[8..], &7u32.to_be_bytes());
         let (tx, mut rx) = mpsc::channel(16);
         let (ctl, _ctl_rx) = mpsc::channel(4);
-        read_frames(Cursor::new(Vec::new()), ch, tx, ctl).await;
+        read_frames(
+            Cursor::new(Vec::new()),
+            ch,
+            tx,
+            ctl,
+            CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(rx.recv().await, Some(ExecEvent::Failed(m)) if m.contains("without")));
     }
 }

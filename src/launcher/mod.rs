@@ -44,6 +44,7 @@ use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
 pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
 use mounts::MountStager;
+pub use queries::{SessionSlot, MAX_EXEC_SESSIONS};
 use spec::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
 pub use wait::signal_of;
@@ -241,6 +242,8 @@ pub struct Launcher {
     /// reservation while the launch is being accepted) → the caller's uid.
     launched_by: Arc<Mutex<HashMap<String, u32>>>,
     job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Attached commands (`exec -i/-t`) by uid.
+    exec_sessions: Arc<Mutex<HashMap<u32, usize>>>,
     background: Background,
 }
 
@@ -271,6 +274,7 @@ impl Launcher {
             live_changed: tokio::sync::Notify::new(),
             launched_by: Default::default(),
             job_locks: Mutex::new(HashMap::new()),
+            exec_sessions: Default::default(),
             background: parts.background,
         }))
     }

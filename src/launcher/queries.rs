@@ -1,7 +1,8 @@
 //! What callers ask of running and past work: tasks, jobs, output, cancel, ending a job, and the
 //! drain before the daemon exits.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc::{channel, Receiver};
@@ -13,6 +14,44 @@ use super::spec::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
 use super::{LaunchError, Launcher};
 use crate::runtime::{ExecAttach, ExecOutput, ExecSession};
+
+/// Attached commands (`cimage exec -i/-t`) one uid may have at once.
+pub const MAX_EXEC_SESSIONS: usize = 16;
+
+/// One of a uid's [`MAX_EXEC_SESSIONS`] attached commands; given back when dropped (when the
+/// session ends).
+#[derive(Debug)]
+pub struct SessionSlot {
+    counts: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl SessionSlot {
+    fn take(counts: &Arc<Mutex<HashMap<u32, usize>>>, uid: u32) -> Option<Self> {
+        let mut m = counts.lock().unwrap();
+        let n = m.entry(uid).or_default();
+        if *n >= MAX_EXEC_SESSIONS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: Arc::clone(counts),
+            uid,
+        })
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
 
 /// Longest a command run in a step (`cimage exec`) may take.
 pub const MAX_EXEC_TIME: Duration = Duration::from_secs(3600);
@@ -147,8 +186,14 @@ impl Launcher {
         id: &str,
         cmd: Vec<String>,
         attach: ExecAttach,
-    ) -> Result<ExecSession, LaunchError> {
+    ) -> Result<(ExecSession, SessionSlot), LaunchError> {
         let cid = self.exec_target(who, id, &cmd).await?;
+        let slot = SessionSlot::take(&self.exec_sessions, who.uid).ok_or_else(|| {
+            LaunchError::Spec(SpecError::Denied(format!(
+                "uid {} already has {MAX_EXEC_SESSIONS} attached commands; end one first",
+                who.uid
+            )))
+        })?;
         info!(
             task = %id,
             uid = who.uid,
@@ -157,13 +202,15 @@ impl Launcher {
             stdin = attach.stdin,
             "attaching a command to a step"
         );
-        self.rt
+        let session = self
+            .rt
             .exec_attach(&cid, &cmd, attach)
             .await
             .map_err(|source| LaunchError::Runtime {
                 op: "run a command in the step",
                 source,
-            })
+            })?;
+        Ok((session, slot))
     }
 
     /// The container of running step `id`, if `who` may run commands in it (its owner or

@@ -316,8 +316,9 @@ pub enum ExecEvent {
 }
 
 /// A running interactive command: send input on `input`, read what it prints on `output`.
-/// Dropping both ends the session (the runtime's connection is closed; a command on a terminal
-/// gets SIGHUP).
+/// Dropping both ends the session: the runtime's connection is closed, so the command's input
+/// ends. CRI has no way to stop an exec'd command, so one that does not read its input goes on
+/// until it ends by itself or the step ends.
 #[derive(Debug)]
 pub struct ExecSession {
     /// The caller's input, terminal size and end of input.

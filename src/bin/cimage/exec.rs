@@ -20,10 +20,12 @@ Without -i or -t the output is passed back when the command ends (each stream cu
 With -i and/or -t the command is attached to this terminal through cimaged and the runtime's \
 streaming server (on loopback): -i passes standard input (its end reaches the command as \
 end-of-file), -t gives the command a terminal (raw mode here, its size followed; the \
-command's stderr comes on the terminal too). The session ends with the command, the step, or \
-this client.\n\
+command's stderr comes on the terminal too). The session ends when the command or the step \
+ends. When this client leaves first, the command's input ends; CRI cannot stop an exec'd \
+command, so one that does not read its input goes on until it ends or the step does.\n\
 Exit status: the command's exit code; 125 when it could not be run (no such running task, not \
-yours, the runtime failed).\n\
+yours, the runtime failed) or the session broke before it ended; 128+N when this client was \
+ended by signal N.\n\
 Examples:\n  cimage exec 3f2a9c1b7e44 -- ps aux\n  cimage exec -it 3f2a9c1b7e44 -- sh\n  \
 tar c data | cimage exec -i 3f2a9c1b7e44 -- tar x -C /tmp"
 )]
@@ -140,13 +142,19 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
                 let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
                 let msg = match n {
                     n if n > 0 => In::Stdin(buf[..n as usize].to_vec()),
-                    n if n < 0
-                        && std::io::Error::last_os_error().kind()
-                            == std::io::ErrorKind::Interrupted =>
-                    {
-                        continue
-                    }
-                    _ => In::CloseStdin(true),
+                    0 => In::CloseStdin(true),
+                    _ => match std::io::Error::last_os_error() {
+                        e if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        // A non-blocking standard input with nothing yet: wait for some.
+                        e if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                            continue;
+                        }
+                        e => {
+                            eprintln!("cimage: reading standard input: {e}; ending the input");
+                            In::CloseStdin(true)
+                        }
+                    },
                 };
                 let end = matches!(msg, In::CloseStdin(_));
                 if tx
@@ -179,23 +187,53 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
             }
         });
     }
-    let write = |w: &mut dyn Write, data: &[u8]| {
-        w.write_all(data)
-            .and_then(|()| w.flush())
-            .map_err(|e| Failure::new(format!("writing output: {e}")))
-    };
-    loop {
-        match replies.message().await?.and_then(|r| r.msg) {
-            Some(Out::Stdout(b)) => write(&mut std::io::stdout().lock(), &b)?,
-            Some(Out::Stderr(b)) => write(&mut std::io::stderr().lock(), &b)?,
-            Some(Out::ExitCode(code)) => return Ok(code.clamp(0, 255) as u8),
-            Some(Out::Started(_)) => {}
+    // Output is written by a thread of its own, so that a reader that pauses (a pager) never
+    // stops this runtime from answering the connection's keepalive pings.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(16);
+    let writer = std::thread::spawn(move || -> Result<(), String> {
+        while let Some((to_stderr, data)) = out_rx.blocking_recv() {
+            let r = if to_stderr {
+                let mut e = std::io::stderr().lock();
+                e.write_all(&data).and_then(|()| e.flush())
+            } else {
+                let mut o = std::io::stdout().lock();
+                o.write_all(&data).and_then(|()| o.flush())
+            };
+            r.map_err(|e| format!("writing output: {e}"))?;
+        }
+        Ok(())
+    });
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Failure::new(format!("watching for SIGTERM: {e}")))?;
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| Failure::new(format!("watching for SIGHUP: {e}")))?;
+    let end = loop {
+        let reply = tokio::select! {
+            r = replies.message() => r,
+            // Ended from outside: the terminal is restored (the guard) and the session dropped.
+            _ = term.recv() => return Ok(128 + libc::SIGTERM as u8),
+            _ = hup.recv() => return Ok(128 + libc::SIGHUP as u8),
+        };
+        let (to_stderr, data) = match reply?.and_then(|r| r.msg) {
+            Some(Out::Stdout(b)) => (false, b),
+            Some(Out::Stderr(b)) => (true, b),
+            Some(Out::ExitCode(code)) => break Ok(code.clamp(0, 255) as u8),
+            Some(Out::Started(_)) => continue,
             None => {
-                return Err(Failure::new(
+                break Err(Failure::new(
                     "the session ended without the command's exit code".into(),
                 ))
             }
+        };
+        if out_tx.send((to_stderr, data)).await.is_err() {
+            break Err(Failure::new("writing output failed".into()));
         }
+    };
+    drop(out_tx);
+    match writer.join() {
+        Ok(Err(e)) => Err(Failure::new(e)),
+        _ => end,
     }
 }
 

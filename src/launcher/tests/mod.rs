@@ -527,7 +527,7 @@ async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
         tty: true,
         stdin: true,
     };
-    let mut s = r
+    let (mut s, _slot) = r
         .launcher
         .exec_attach(ROOT, &task.id, vec!["cat".into()], attach)
         .await
@@ -542,6 +542,29 @@ async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
         Some(ExecEvent::Stdout(b"hi".to_vec()))
     );
     assert_eq!(s.output.recv().await, Some(ExecEvent::Exited(0)));
+    // A uid holds at most MAX_EXEC_SESSIONS attached commands at once (one is held above).
+    let mut held = Vec::new();
+    for _ in 1..MAX_EXEC_SESSIONS {
+        held.push(
+            r.launcher
+                .exec_attach(ROOT, &task.id, cmd.clone(), attach)
+                .await
+                .unwrap(),
+        );
+    }
+    let e = r
+        .launcher
+        .exec_attach(ROOT, &task.id, cmd.clone(), attach)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
+    held.pop();
+    assert!(r
+        .launcher
+        .exec_attach(ROOT, &task.id, cmd.clone(), attach)
+        .await
+        .is_ok());
+    drop(held);
     let e = r
         .launcher
         .exec_attach(admin, &task.id, cmd.clone(), attach)
