@@ -9,8 +9,9 @@
 //! old or the new state, never a torn one.
 
 use std::marker::PhantomData;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -92,33 +93,131 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// The store. Cheap to clone (one shared database).
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
     instance: Arc<str>,
+}
+
+/// The open database and where it lives. redb refuses every further read and write once a
+/// write failed on I/O (a full disk, say), so after one the database is closed and opened
+/// again here, in-process: the failed write is lost (it never committed), and the next
+/// requests find the file as it was before it.
+struct Inner {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+/// How long a reopen waits for transactions still holding the failed database.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let what = format!("opening {}", path.display());
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::new(
+                what.clone(),
+                "the file is open in another process (is another cimaged running with the same StateDir?)",
+            ),
+            other => StoreError::new(what.clone(), redb::Error::from(other)),
+        })
+}
+
+impl StoreError {
+    /// Whether the database failed on I/O (after which redb refuses everything until reopened).
+    pub fn is_io(&self) -> bool {
+        self.source
+            .downcast_ref::<redb::Error>()
+            .is_some_and(|e| matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo))
+    }
 }
 
 impl Store {
     /// Opens (or creates) the store file. Fails with a clear message when another process holds
     /// it (two daemons with one `StateDir`).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let what = format!("opening {}", path.display());
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::new(
-                what.clone(),
-                "the file is open in another process (is another cimaged running with the same StateDir?)",
-            ),
-            other => StoreError::new(what.clone(), redb::Error::from(other)),
-        })?;
+        let db = open_database(path)?;
         let mut store = Self {
-            db: Arc::new(db),
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                db: RwLock::new(Some(Arc::new(db))),
+            }),
             instance: Arc::from(""),
         };
         let instance =
             store.meta_or_init("instance", || format!("{:016x}", rand::random::<u64>()))?;
         store.instance = Arc::from(instance);
         Ok(store)
+    }
+
+    /// The open database, opened again first if an I/O failure closed it.
+    fn database(&self, context: &str) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.inner.db.read().unwrap().as_ref() {
+            return Ok(Arc::clone(db));
+        }
+        let mut slot = self.inner.db.write().unwrap();
+        if let Some(db) = slot.as_ref() {
+            return Ok(Arc::clone(db));
+        }
+        let db = Arc::new(open_database(&self.inner.path).map_err(|e| {
+            StoreError::new(
+                format!(
+                    "{context}: {} is unavailable since an I/O error (reopening it failed)",
+                    self.inner.path.display()
+                ),
+                e.source,
+            )
+        })?);
+        tracing::info!(path = %self.inner.path.display(), "state database reopened after an I/O error");
+        *slot = Some(Arc::clone(&db));
+        Ok(db)
+    }
+
+    /// After an I/O failure of `failed` (the caller has let go of its handle): closes the
+    /// database, once the transactions still holding it are done, and opens it again.
+    fn reopen(&self, failed: *const Database) {
+        let old = {
+            let mut slot = self.inner.db.write().unwrap();
+            match slot.as_ref() {
+                Some(db) if Arc::as_ptr(db) == failed => slot.take(),
+                // Another caller got here first.
+                _ => return,
+            }
+        };
+        let Some(mut old) = old else { return };
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    break;
+                }
+                Err(still) if std::time::Instant::now() < deadline => {
+                    old = still;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Still held: it closes when its last user lets go; the next request reopens.
+                Err(_) => return,
+            }
+        }
+        if let Err(e) = self.database("reopening") {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// `e` with the database's path, after reopening the database if it was an I/O failure.
+    fn failed(&self, db: Arc<Database>, e: StoreError) -> StoreError {
+        if !e.is_io() {
+            return e;
+        }
+        let failed = Arc::as_ptr(&db);
+        drop(db);
+        tracing::warn!(path = %self.inner.path.display(), "state database I/O error: {e}; reopening it");
+        self.reopen(failed);
+        StoreError {
+            context: format!("{} ({})", e.context, self.inner.path.display()),
+            source: e.source,
+        }
     }
 
     /// This daemon's instance id, made once when the store is created. Pods and containers carry
@@ -167,10 +266,14 @@ impl Store {
         context: &str,
         f: impl FnOnce(&Write<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.db.begin_write().map_err(ctx(context))?;
-        let out = f(&Write { tx: &tx, context })?;
-        tx.commit().map_err(ctx(context))?;
-        Ok(out)
+        let db = self.database(context)?;
+        let result = (|| {
+            let tx = db.begin_write().map_err(ctx(context))?;
+            let out = f(&Write { tx: &tx, context })?;
+            tx.commit().map_err(ctx(context))?;
+            Ok(out)
+        })();
+        result.map_err(|e| self.failed(db, e))
     }
 
     /// Runs `f` over one consistent read snapshot.
@@ -179,8 +282,12 @@ impl Store {
         context: &str,
         f: impl FnOnce(&Read<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.db.begin_read().map_err(ctx(context))?;
-        f(&Read { tx: &tx, context })
+        let db = self.database(context)?;
+        let result = (|| {
+            let tx = db.begin_read().map_err(ctx(context))?;
+            f(&Read { tx: &tx, context })
+        })();
+        result.map_err(|e| self.failed(db, e))
     }
 
     /// One record.
