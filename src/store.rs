@@ -104,6 +104,8 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     db: RwLock<Option<Arc<Database>>>,
+    /// Write transactions committed since the store was opened.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// How long a reopen waits for transactions still holding the failed database.
@@ -141,6 +143,7 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 db: RwLock::new(Some(Arc::new(db))),
+                writes: std::sync::atomic::AtomicU64::new(0),
             }),
             instance: Arc::from(""),
         };
@@ -271,9 +274,18 @@ impl Store {
             let tx = db.begin_write().map_err(ctx(context))?;
             let out = f(&Write { tx: &tx, context })?;
             tx.commit().map_err(ctx(context))?;
+            self.inner
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(out)
         })();
         result.map_err(|e| self.failed(db, e))
+    }
+
+    /// Write transactions committed so far: a cache of something read from the store is
+    /// current while this has not moved.
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs `f` over one consistent read snapshot.

@@ -189,6 +189,10 @@ pub struct Index {
     store: Store,
     half_life_ms: std::sync::atomic::AtomicI64,
     forget_after_ms: std::sync::atomic::AtomicI64,
+    /// The last full listing, with the store's write count it was read at: a node's index can
+    /// hold ten thousand images, and listings (status, eviction checks, `cimage images`) come
+    /// far more often than the index changes between them.
+    listed: std::sync::Mutex<Option<(u64, std::sync::Arc<Vec<ImageRecord>>)>>,
 }
 
 /// Default of `ImageCache.Prewarm.ForgetAbsentAfter`: 90 days.
@@ -219,6 +223,7 @@ impl Index {
             store: store.clone(),
             half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
             forget_after_ms: std::sync::atomic::AtomicI64::new(DEFAULT_FORGET_ABSENT_AFTER_MS),
+            listed: std::sync::Mutex::new(None),
         })
     }
 
@@ -253,9 +258,18 @@ impl Index {
         self.store.get(IMAGES, id)
     }
 
-    /// Every record, ordered by image id.
-    pub fn list(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        self.store.all(IMAGES)
+    /// Every record, ordered by image id (shared: read again only after a write).
+    pub fn list(&self) -> Result<std::sync::Arc<Vec<ImageRecord>>, StoreError> {
+        // Read before the snapshot: a write committed meanwhile only makes the next call reread.
+        let writes = self.store.writes();
+        if let Some((at, v)) = self.listed.lock().unwrap().as_ref() {
+            if *at == writes {
+                return Ok(std::sync::Arc::clone(v));
+            }
+        }
+        let v = std::sync::Arc::new(self.store.all(IMAGES)?);
+        *self.listed.lock().unwrap() = Some((writes, std::sync::Arc::clone(&v)));
+        Ok(v)
     }
 
     /// Applies `f` to the record of `id` inside one write transaction. `f` gets the current record
@@ -500,6 +514,21 @@ mod tests {
 
     fn open_at(path: &std::path::Path) -> Index {
         Index::open(&Store::open(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_listing_is_shared_until_the_store_changes() {
+        let (_dir, idx) = temp_index();
+        idx.record_use(&img("a", "r/a:1", 1), Origin::Pull, 100)
+            .unwrap();
+        let first = idx.list().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &idx.list().unwrap()));
+        idx.record_use(&img("b", "r/b:1", 1), Origin::Pull, 200)
+            .unwrap();
+        let second = idx.list().unwrap();
+        assert!(!std::sync::Arc::ptr_eq(&first, &second));
+        assert_eq!(second.len(), 2);
+        assert_eq!(first.len(), 1);
     }
 
     #[test]

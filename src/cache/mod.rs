@@ -374,7 +374,7 @@ impl Cache {
     }
 
     /// Every indexed image.
-    pub async fn list(&self) -> Result<Vec<ImageRecord>, CacheError> {
+    pub async fn list(&self) -> Result<Arc<Vec<ImageRecord>>, CacheError> {
         Ok(self.blocking(|idx| idx.list()).await?)
     }
 
@@ -424,9 +424,10 @@ impl Cache {
                 let by_digest = self
                     .list()
                     .await?
-                    .into_iter()
-                    .find(|r| r.digests.iter().any(|d| d.ends_with(&suffix)));
-                return Ok(by_digest.map(|r| r.id).unwrap_or_else(|| image.to_owned()));
+                    .iter()
+                    .find(|r| r.digests.iter().any(|d| d.ends_with(&suffix)))
+                    .map(|r| r.id.clone());
+                return Ok(by_digest.unwrap_or_else(|| image.to_owned()));
             }
         }
         if image.len() >= 6 && hex(image) && image.len() <= 64 {
@@ -434,9 +435,9 @@ impl Cache {
             let matches: Vec<String> = self
                 .list()
                 .await?
-                .into_iter()
+                .iter()
                 .filter(|r| r.id.starts_with(&prefix))
-                .map(|r| r.id)
+                .map(|r| r.id.clone())
                 .collect();
             match matches.len() {
                 1 => return Ok(matches[0].clone()),

@@ -275,7 +275,7 @@ impl Prewarmer {
         let half_life = self.cache.popularity_half_life_ms();
         let here: std::collections::HashSet<String> =
             images.iter().flat_map(|r| r.names.clone()).collect();
-        let present = images.into_iter().map(|r| (r, true));
+        let present = images.iter().cloned().map(|r| (r, true));
         let absent = gone
             .into_iter()
             .filter(|g| !g.names.iter().any(|n| here.contains(n)))

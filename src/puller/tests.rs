@@ -94,8 +94,9 @@ async fn each_policy_row() {
         .list()
         .await
         .unwrap()
-        .into_iter()
+        .iter()
         .find(|i| i.id == ID1)
+        .cloned()
         .unwrap();
     assert_eq!(old.use_count, 4);
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use cimage::api::pb;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use cimage::reference::ImageRef;
 
@@ -42,20 +42,42 @@ fn digest(i: &pb::Image) -> &str {
         .unwrap_or("")
 }
 
-/// An image as JSON (the shape `images -o json` and `inspect -o json` print).
+/// An image as `images -o json` and `inspect -o json` print it (keys in alphabetical order).
+/// Serialised straight from the answer: a node's list can hold ten thousand images.
+#[derive(serde::Serialize)]
+pub struct ImageJson<'a> {
+    digest: &'a str,
+    digests: &'a [String],
+    first_seen: Option<String>,
+    id: &'a str,
+    last_used: Option<String>,
+    names: &'a [String],
+    origin: &'a str,
+    pinned: bool,
+    size_bytes: u64,
+    use_count: u64,
+}
+
+impl<'a> From<&'a pb::Image> for ImageJson<'a> {
+    fn from(i: &'a pb::Image) -> Self {
+        ImageJson {
+            digest: digest(i),
+            digests: &i.digests,
+            first_seen: rfc3339(i.first_seen),
+            id: &i.id,
+            last_used: rfc3339(i.last_used),
+            names: &i.names,
+            origin: &i.origin,
+            pinned: i.pinned,
+            size_bytes: i.size,
+            use_count: i.use_count,
+        }
+    }
+}
+
+/// An image as a JSON value (for documents that embed one).
 pub fn image_json(i: &pb::Image) -> Value {
-    json!({
-        "id": i.id,
-        "digest": digest(i),
-        "names": i.names,
-        "digests": i.digests,
-        "size_bytes": i.size,
-        "first_seen": rfc3339(i.first_seen),
-        "last_used": rfc3339(i.last_used),
-        "use_count": i.use_count,
-        "pinned": i.pinned,
-        "origin": i.origin,
-    })
+    serde_json::to_value(ImageJson::from(i)).expect("plain data serialises")
 }
 
 fn short_id(id: &str) -> &str {
@@ -120,8 +142,14 @@ pub async fn list(socket: &Path, args: ListArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if args.output == Output::Json {
-        let all: Vec<Value> = images.iter().map(image_json).collect();
-        println!("{}", Value::Array(all));
+        use std::io::Write;
+        let all: Vec<ImageJson> = images.iter().map(ImageJson::from).collect();
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer(&mut out, &all)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::new(format!("writing output: {e}")))?;
         return Ok(());
     }
     println!(

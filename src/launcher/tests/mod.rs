@@ -213,7 +213,7 @@ async fn one_off_task_runs_through_every_stage_and_leaves_nothing() {
             .counter("cimage_tasks_total", &[("state", "exited")]),
         1
     );
-    let img = r.cache.list().await.unwrap().into_iter().next().unwrap();
+    let img = r.cache.list().await.unwrap().first().cloned().unwrap();
     assert_eq!(
         (img.use_count, img.origin),
         (1, Origin::Job),
