@@ -350,3 +350,131 @@ fn an_image_of_a_container_made_directly_through_cri_survives_eviction() {
     );
     assert!(in_runtime(&tb, &theirs.reference), "kept for the container");
 }
+
+/// Whether a failed command said why in one line of its own (progress lines aside).
+fn clear_failure(what: &str, out: &std::process::Output) {
+    if out.status.success() {
+        return;
+    }
+    let err = stderr(out);
+    let said: Vec<&str> = err.lines().filter(|l| l.starts_with("cimage: ")).collect();
+    assert_eq!(said.len(), 1, "{what} failed without one clear line: {err}");
+    eprintln!("{what} failed: {}", said[0]);
+}
+
+#[test]
+fn containerd_restarting_during_a_pull_and_a_step_is_ridden_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = Testbed::get();
+    let img = tb.push_new("restart-mid", &[Layer::busybox(), Layer::random(8 << 20)]);
+    // 8 MiB at 2 MB/s: the pull is under way when containerd goes.
+    let proxy = common::proxy::Proxy::start(&tb, &tb.registry, 2_000_000);
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let reference = format!("{}/{}:1", proxy.addr, img.repo);
+    let bb = busybox(&tb);
+    assert!(d.cli(&["pull", &bb]).status.success());
+
+    let (socket, r) = (d.socket(), reference.clone());
+    let pull = std::thread::spawn(move || cli_at(&socket, &["pull", &r]));
+    let (socket, b) = (d.socket(), bb.clone());
+    let step = std::thread::spawn(move || {
+        cli_at(
+            &socket,
+            &["run", &b, "--", "sh", "-c", "sleep 3; echo done"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    tb.script(&["restart-containerd"]);
+    let (pull, step) = (pull.join().unwrap(), step.join().unwrap());
+    // Each completed or failed with one clear line.
+    clear_failure("the pull", &pull);
+    clear_failure("the step", &step);
+    if step.status.success() {
+        assert_eq!(stdout(&step), "done\n");
+    }
+    // The next ones work, without restarting cimaged.
+    let out = d.cli(&["pull", &reference, "--policy", "Always"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let out = d.cli(&["run", &bb, "--", "true"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert!(ctr_images(&tb).contains(&reference));
+    // Nothing of this daemon's is left in the runtime once its steps are done.
+    let instance = d.instance();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cri_pods(&tb, &[("io.cimage.instance", &instance)]).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pods left: {:?}\n{}",
+            cri_pods(&tb, &[("io.cimage.instance", &instance)]),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs the CLI against the daemon at `socket` as root.
+fn cli_at(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(args)
+        .env("CIMAGE_SOCKET", socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_runtime_socket_missing_at_start_is_reported_then_found() {
+    let mut d = Daemon::start("");
+    let tb = d.testbed.clone();
+    let img = busybox(&tb);
+    let mut child = d.child.take().unwrap();
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    // The runtime socket named in the configuration does not exist yet.
+    let later = tempfile::tempdir().unwrap();
+    let link = later.path().join("containerd.sock");
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    let cri = tb.cri.display().to_string();
+    std::fs::write(
+        d.config_path(),
+        config.replace(
+            &format!("RuntimeEndpoint: {cri}"),
+            &format!("RuntimeEndpoint: {}", link.display()),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.log_path())
+        .unwrap();
+    d.child = Some(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cimaged"))
+            .arg("--config")
+            .arg(d.config_path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let _ = std::fs::remove_file(d.socket());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !d.socket().exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Up, and saying the runtime is not there.
+    let out = d.cli(&["status"]);
+    assert!(!out.status.success(), "healthy without a runtime");
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains(&link.display().to_string()), "{said}");
+    // The runtime appears: healthy again and serving, without a restart.
+    std::os::unix::fs::symlink(&tb.cri, &link).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.cli(&["status"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = d.cli(&["pull", &img]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+}

@@ -28,6 +28,7 @@ mod prewarm;
 mod progress;
 mod rig;
 mod scale;
+mod soak;
 
 use std::path::Path;
 use std::time::Instant;
@@ -42,11 +43,12 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm, scale).
+/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm, scale;
+/// and soak, which runs only when listed).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
         Ok(list) if !list.is_empty() => list.split(',').any(|s| s.trim() == section),
-        _ => true,
+        _ => section != "soak",
     }
 }
 
@@ -317,6 +319,9 @@ async fn main() {
         daemon.peak_rss_kib() as f64 / 1024.0
     );
 
+    if want("soak") {
+        soak::soak(&cri_path, &registry).await;
+    }
     if want("scale") {
         eprintln!("bench: 10,000 images and 100,000 past tasks ...");
         scale::scale(&cri_path, &registry, &run).await;

@@ -39,8 +39,9 @@ fn put(tar: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
     tar.append_data(&mut h, path, data).unwrap();
 }
 
-/// An OCI layout archive of `n` images named `{prefix}{i}:1` that share one small layer.
-fn archive(prefix: &str, n: usize) -> Vec<u8> {
+/// An OCI layout archive of `n` images named `{prefix}{i}:1` that share one small layer;
+/// with their image ids (config digests).
+fn archive(prefix: &str, n: usize) -> (Vec<u8>, Vec<String>) {
     let mut layer = tar::Builder::new(Vec::new());
     put(&mut layer, "scale.txt", b"one layer for many images\n");
     let raw = layer.into_inner().unwrap();
@@ -52,6 +53,7 @@ fn archive(prefix: &str, n: usize) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
     let layer_digest = blob(&mut tar, &gz);
     let mut manifests = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let config = serde_json::json!({
             "architecture": "amd64",
@@ -61,6 +63,7 @@ fn archive(prefix: &str, n: usize) -> Vec<u8> {
         })
         .to_string();
         let config_digest = blob(&mut tar, config.as_bytes());
+        ids.push(config_digest.clone());
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -87,7 +90,7 @@ fn archive(prefix: &str, n: usize) -> Vec<u8> {
     put(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests}).to_string();
     put(&mut tar, "index.json", index.as_bytes());
-    tar.into_inner().unwrap()
+    (tar.into_inner().unwrap(), ids)
 }
 
 /// `ctr` against the testbed's containerd, in the CRI namespace.
@@ -116,7 +119,8 @@ pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
     let prefix = format!("{registry}/bench-scale-{run}/img");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("images.tar");
-    std::fs::write(&file, archive(&prefix, IMAGES)).unwrap();
+    let (tar, ids) = archive(&prefix, IMAGES);
+    std::fs::write(&file, tar).unwrap();
     let t = Instant::now();
     ctr(
         cri,
@@ -250,8 +254,11 @@ pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
     );
     daemon.stop();
 
-    // Leave the runtime as it was.
-    let names: Vec<String> = (0..IMAGES).map(|i| format!("{prefix}{i}:1")).collect();
+    // Leave the runtime as it was: the names, and the id references its CRI plugin added.
+    let names: Vec<String> = (0..IMAGES)
+        .map(|i| format!("{prefix}{i}:1"))
+        .chain(ids)
+        .collect();
     for chunk in names.chunks(1000) {
         let mut args = vec!["images", "rm"];
         args.extend(chunk.iter().map(String::as_str));

@@ -86,6 +86,17 @@ pub(super) fn classify(op: &'static str, endpoint: &Path, status: Status) -> Run
     let lower = msg.to_ascii_lowercase();
     let kind = match status.code() {
         Code::Unavailable => RuntimeErrorKind::Unavailable,
+        // The connection to the runtime broke mid-call (a restart): as unavailable.
+        // (containerd's own words about a registry come prefixed with what failed.)
+        // containerd's CRI plugin right after a restart, before it has loaded its state.
+        _ if lower.contains("server is not initialized yet") => RuntimeErrorKind::Unavailable,
+        Code::Unknown
+            if lower.starts_with("transport error")
+                || lower.starts_with("connection reset")
+                || lower.starts_with("broken pipe") =>
+        {
+            RuntimeErrorKind::Unavailable
+        }
         Code::DeadlineExceeded => RuntimeErrorKind::DeadlineExceeded,
         Code::NotFound => RuntimeErrorKind::NotFound,
         Code::Unauthenticated | Code::PermissionDenied => RuntimeErrorKind::Unauthorized,
@@ -174,6 +185,18 @@ mod tests {
             k(
                 Code::Unknown,
                 "dial tcp 127.0.0.1:5000: connect: connection refused"
+            ),
+            RuntimeErrorKind::Transient
+        );
+        assert_eq!(
+            k(Code::Unknown, "transport error"),
+            RuntimeErrorKind::Unavailable,
+            "the connection to the runtime broke mid-call"
+        );
+        assert_eq!(
+            k(
+                Code::Unknown,
+                "failed to pull and unpack image \"x\": read tcp 127.0.0.1:1->127.0.0.1:2: read: connection reset by peer"
             ),
             RuntimeErrorKind::Transient
         );

@@ -17,6 +17,10 @@ use crate::runtime::ContainerState;
 /// given up on (it stays in the log: `cimage logs`).
 const OUTPUT_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long a step is followed through a runtime that does not answer (a containerd restart
+/// takes seconds; the step runs on in its shim meanwhile) before it is given up as lost.
+const RUNTIME_OUTAGE_PATIENCE: Duration = Duration::from_secs(300);
+
 /// The signal behind an exit code, as runtimes report a signal death as 128+N.
 pub fn signal_of(exit_code: i32) -> Option<i32> {
     (129..=128 + 64)
@@ -55,6 +59,7 @@ impl Launcher {
         let mut tail = Tail::default();
         let mut stopped_as: Option<TaskState> = None;
         let mut errors = 0;
+        let mut outage: Option<Instant> = None;
         let waiting = Instant::now();
         // Output read from the log but not yet taken by the client: reading pauses while the
         // client is behind (the log file keeps everything), so this stays at most one read.
@@ -65,8 +70,26 @@ impl Launcher {
             }
             match self.rt.container_status(&cid).await {
                 Ok(Some(st)) if st.state == ContainerState::Exited => break Ok(st),
-                Ok(Some(_)) => errors = 0,
+                Ok(Some(_)) => {
+                    errors = 0;
+                    if outage.take().is_some() {
+                        info!(task = %task.id, "the runtime answers again; still following the step");
+                    }
+                }
                 Ok(None) => break Err(format!("container {cid} disappeared from the runtime")),
+                // The runtime restarting: the step runs on in its shim; wait for the runtime.
+                Err(e) if e.is_transient() => {
+                    let since = *outage.get_or_insert_with(|| {
+                        warn!(task = %task.id, "the runtime is not answering ({e}); waiting for it");
+                        Instant::now()
+                    });
+                    if since.elapsed() > RUNTIME_OUTAGE_PATIENCE {
+                        break Err(format!(
+                            "lost track of container {cid}: the runtime has not answered for {}: {e}",
+                            crate::units::format_duration(RUNTIME_OUTAGE_PATIENCE)
+                        ));
+                    }
+                }
                 Err(e) => {
                     errors += 1;
                     if errors >= 50 {

@@ -392,6 +392,9 @@ pub mod fake {
         pub runtime_version: Mutex<Option<RuntimeVersion>>,
         /// The `/etc` that [`TaskRuntime::inspect_created`] reports (default: plain).
         pub etc: Mutex<Option<EtcCheck>>,
+        /// While set, every call fails as a restarting runtime's would (unavailable);
+        /// containers go on running meanwhile.
+        pub down: std::sync::atomic::AtomicBool,
     }
 
     impl FakeTaskRuntime {
@@ -399,6 +402,13 @@ pub mod fake {
             self.calls.lock().unwrap().push(op);
             if let Some(e) = self.fail_once.lock().unwrap().remove(op) {
                 return Err(e);
+            }
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(RuntimeError {
+                    op,
+                    kind: RuntimeErrorKind::Unavailable,
+                    message: "runtime at /fake is unavailable: restarting".into(),
+                });
             }
             match self.failing.lock().unwrap().get(op) {
                 Some(m) => Err(RuntimeError {
@@ -563,6 +573,14 @@ pub mod fake {
             &self,
             id: &str,
         ) -> Result<Option<ContainerStatus>, RuntimeError> {
+            // Polled often: not recorded in `calls`, but a runtime that is down is down.
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(RuntimeError {
+                    op: "ContainerStatus",
+                    kind: RuntimeErrorKind::Unavailable,
+                    message: "runtime at /fake is unavailable: restarting".into(),
+                });
+            }
             Ok(self.containers.lock().unwrap().get(id).map(|c| {
                 let (state, exit_code) = Self::state(c);
                 ContainerStatus {

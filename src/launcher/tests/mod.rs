@@ -478,6 +478,33 @@ async fn wait_for_state(l: &Launcher, id: &str, want: TaskState) {
 }
 
 #[tokio::test]
+async fn a_runtime_restarting_under_a_running_step_does_not_lose_it() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_millis(3000),
+        exit_code: 0,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
+    // The runtime goes away for a while (longer than 50 polls) and comes back.
+    r.tasks
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    r.tasks
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    waiter.await.unwrap();
+    let t = r.launcher.task(ROOT, &task.id).await.unwrap();
+    assert_eq!(
+        (t.state, t.exit_code),
+        (TaskState::Exited, Some(0)),
+        "{t:?}"
+    );
+}
+
+#[tokio::test]
 async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {

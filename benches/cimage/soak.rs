@@ -1,0 +1,269 @@
+//! A soak: many clients at once for minutes, each on a connection of its own, mixing warm
+//! pulls, `ListImages`, `Status` and small launches. Reported: requests served and failed per
+//! call, p50/p99 per call, the daemon's resident memory and open descriptors at the start and
+//! the end, and whether the index still equals the runtime's image list afterwards. Not part
+//! of the default sections: `scripts/soak` runs it (`CIMAGE_SOAK_CLIENTS`, default 1000;
+//! `CIMAGE_SOAK_SECONDS`, default 600).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cimage::api::pb;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::ListImagesRequest;
+
+use crate::rig::*;
+
+/// Launches in flight at once over all clients (containerd on a small node runs a few a
+/// second); a client whose turn it is to launch while they are taken asks for status instead.
+const LAUNCHES_AT_ONCE: usize = 4;
+/// Pause of each client between its calls.
+const THINK: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
+
+fn note(t: &Tallies, call: &'static str, took: Duration, err: Option<String>) {
+    let mut m = t.lock().unwrap();
+    let e = m.entry(call).or_default();
+    match err {
+        None => e.latencies.push(took),
+        Some(msg) => {
+            e.errors += 1;
+            e.first_error.get_or_insert(msg);
+        }
+    }
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fds(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// One client: its own connection, calls until `end`.
+async fn client(
+    socket: std::path::PathBuf,
+    image: String,
+    end: Instant,
+    seed: u64,
+    launches: Arc<tokio::sync::Semaphore>,
+    tallies: Tallies,
+) {
+    use futures::StreamExt;
+    let channel = cimage::cri::unix_channel(&socket);
+    let mut images = pb::image_cache_client::ImageCacheClient::new(channel.clone());
+    let mut launcher = pb::launcher_client::LauncherClient::new(channel);
+    let mut n = seed;
+    while Instant::now() < end {
+        n = n
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let pick = (n >> 33) % 100;
+        let t = Instant::now();
+        let (call, result): (&'static str, Result<(), String>) = match pick {
+            0..=49 => (
+                "Pull (warm, IfNotPresent)",
+                images
+                    .pull(pb::PullRequest {
+                        image: image.clone(),
+                        policy: pb::PullPolicy::IfNotPresent as i32,
+                        credentials: None,
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            ),
+            50..=69 => (
+                "ListImages",
+                images
+                    .list_images(pb::ListImagesRequest::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            ),
+            70..=97 => (
+                "Status",
+                images
+                    .status(pb::StatusRequest::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            ),
+            _ => match launches.clone().try_acquire_owned() {
+                Err(_) => (
+                    "Status",
+                    images
+                        .status(pb::StatusRequest::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                ),
+                Ok(_permit) => {
+                    let r = async {
+                        let mut stream = launcher
+                            .launch(pb::LaunchRequest {
+                                image: image.clone(),
+                                policy: pb::PullPolicy::IfNotPresent as i32,
+                                command: vec!["true".into()],
+                                uid: Some(65534),
+                                ..Default::default()
+                            })
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .into_inner();
+                        let mut code = None;
+                        while let Some(ev) = stream.next().await {
+                            match ev.map_err(|e| e.to_string())?.event {
+                                Some(pb::task_event::Event::Exited(x)) => code = Some(x.exit_code),
+                                Some(pb::task_event::Event::CleanedUp(_)) => break,
+                                _ => {}
+                            }
+                        }
+                        match code {
+                            Some(0) => Ok(()),
+                            other => Err(format!("step ended with {other:?}")),
+                        }
+                    }
+                    .await;
+                    ("Launch (true, to cleanup)", r)
+                }
+            },
+        };
+        note(&tallies, call, t.elapsed(), result.err());
+        tokio::time::sleep(THINK).await;
+    }
+}
+
+pub(crate) async fn soak(cri: &str, registry: &str) {
+    let clients = env_or("CIMAGE_SOAK_CLIENTS", 1000) as usize;
+    let seconds = env_or("CIMAGE_SOAK_SECONDS", 600);
+    let extra = format!(
+        "MaxConnectionsPerAdmin: {}\nLauncher:\n  MaxLaunchesPerUser: 64",
+        clients + 64
+    );
+    let daemon = Daemon::start_with(cri, registry, &extra);
+    let image = format!("{registry}/busybox:1");
+    // Warm: the image present, one launch done.
+    let mut c = cimage::api::client(&daemon.socket);
+    c.pull(pb::PullRequest {
+        image: image.clone(),
+        policy: pb::PullPolicy::IfNotPresent as i32,
+        credentials: None,
+    })
+    .await
+    .expect("warming pull");
+    let mut l = cimage::api::launcher_client(&daemon.socket);
+    crate::launch::grpc_launch(&mut l, &image).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss0, fds0) = (daemon.rss_kib(), fds(&daemon));
+
+    eprintln!("bench: soak, {clients} clients for {seconds} s ...");
+    let tallies: Tallies = Default::default();
+    let launches = Arc::new(tokio::sync::Semaphore::new(LAUNCHES_AT_ONCE));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        tasks.push(tokio::spawn(client(
+            daemon.socket.clone(),
+            image.clone(),
+            end,
+            i as u64 + 1,
+            launches.clone(),
+            tallies.clone(),
+        )));
+    }
+    let mut peak_rss = 0;
+    let mut peak_fds = 0;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(daemon.rss_kib());
+        peak_fds = peak_fds.max(fds(&daemon));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Idle again: connections closed, memory settled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss1, fds1) = (daemon.rss_kib(), fds(&daemon));
+
+    // The index against the runtime.
+    let ours: std::collections::BTreeSet<String> = cimage::api::client(&daemon.socket)
+        .list_images(pb::ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let theirs: std::collections::BTreeSet<String> =
+        ImageServiceClient::new(cimage::cri::unix_channel(std::path::Path::new(cri)))
+            .max_decoding_message_size(64 << 20)
+            .list_images(ListImagesRequest::default())
+            .await
+            .expect("the runtime's ListImages")
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+
+    println!(
+        "soak: {clients} clients, {seconds} s, each on its own connection, {THINK:?} between calls"
+    );
+    println!(
+        "{:<28} {:>10} {:>8} {:>10} {:>10}",
+        "call", "served", "errors", "p50", "p99"
+    );
+    let mut total_errors = 0;
+    for (call, t) in tallies.lock().unwrap().iter_mut() {
+        total_errors += t.errors;
+        let served = t.latencies.len();
+        let (p50, p99) = if served > 0 {
+            (
+                percentile(&mut t.latencies, 0.5),
+                percentile(&mut t.latencies, 0.99),
+            )
+        } else {
+            (Duration::ZERO, Duration::ZERO)
+        };
+        println!(
+            "{call:<28} {served:>10} {:>8} {:>8.2} ms {:>8.2} ms",
+            t.errors,
+            ms(p50),
+            ms(p99)
+        );
+        if let Some(e) = &t.first_error {
+            println!("  first error: {e}");
+        }
+    }
+    println!(
+        "daemon resident memory: {:.1} MiB at the start, {:.1} MiB peak, {:.1} MiB at the end",
+        rss0 as f64 / 1024.0,
+        peak_rss as f64 / 1024.0,
+        rss1 as f64 / 1024.0
+    );
+    println!("daemon open descriptors: {fds0} at the start, {peak_fds} peak, {fds1} at the end");
+    println!(
+        "index equals the runtime afterwards: {} ({} indexed, {} in the runtime)",
+        if ours == theirs { "yes" } else { "NO" },
+        ours.len(),
+        theirs.len()
+    );
+    println!("errors in all: {total_errors}");
+}
