@@ -172,34 +172,41 @@ pub(crate) async fn soak(cri: &str, registry: &str) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss0, fds0) = (daemon.rss_kib(), fds(&daemon));
 
-    eprintln!("bench: soak, {clients} clients for {seconds} s ...");
+    // Two rounds with a pause between: memory that grows round after round is a leak, memory
+    // that comes back to the same peak is a bound.
+    let rounds = 2;
+    eprintln!("bench: soak, {clients} clients for {seconds} s in {rounds} rounds ...");
     let tallies: Tallies = Default::default();
     let launches = Arc::new(tokio::sync::Semaphore::new(LAUNCHES_AT_ONCE));
-    let end = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::with_capacity(clients);
-    for i in 0..clients {
-        tasks.push(tokio::spawn(client(
-            daemon.socket.clone(),
-            image.clone(),
-            end,
-            i as u64 + 1,
-            launches.clone(),
-            tallies.clone(),
-        )));
+    let mut peaks = Vec::new();
+    let mut idles = Vec::new();
+    for round in 0..rounds {
+        let end = Instant::now() + Duration::from_secs(seconds / rounds);
+        let mut tasks = Vec::with_capacity(clients);
+        for i in 0..clients {
+            tasks.push(tokio::spawn(client(
+                daemon.socket.clone(),
+                image.clone(),
+                end,
+                (round * clients as u64 + i as u64) + 1,
+                launches.clone(),
+                tallies.clone(),
+            )));
+        }
+        let (mut peak_rss, mut peak_fds) = (0, 0);
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            peak_rss = peak_rss.max(daemon.rss_kib());
+            peak_fds = peak_fds.max(fds(&daemon));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Idle again: connections closed, memory handed back (cimaged trims every 10 s).
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        peaks.push((peak_rss, peak_fds));
+        idles.push((daemon.rss_kib(), fds(&daemon)));
     }
-    let mut peak_rss = 0;
-    let mut peak_fds = 0;
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        peak_rss = peak_rss.max(daemon.rss_kib());
-        peak_fds = peak_fds.max(fds(&daemon));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    // Idle again: connections closed, memory settled.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (rss1, fds1) = (daemon.rss_kib(), fds(&daemon));
 
     // The index against the runtime.
     let ours: std::collections::BTreeSet<String> = cimage::api::client(&daemon.socket)
@@ -218,8 +225,7 @@ pub(crate) async fn soak(cri: &str, registry: &str) {
         .expect("the runtime's ListImages")
         .into_inner()
         .images;
-    let theirs: std::collections::BTreeSet<String> =
-        runtime.iter().map(|i| i.id.clone()).collect();
+    let theirs: std::collections::BTreeSet<String> = runtime.iter().map(|i| i.id.clone()).collect();
     // Images the runtime got by itself (the pod sandbox image, pulled by containerd for the
     // first pod) reach the index at the next reconciliation; everything cimage did is there.
     let only_runtime: Vec<String> = runtime
@@ -259,12 +265,28 @@ pub(crate) async fn soak(cri: &str, registry: &str) {
         }
     }
     println!(
-        "daemon resident memory: {:.1} MiB at the start, {:.1} MiB peak, {:.1} MiB at the end",
+        "daemon resident memory: {:.1} MiB at the start; per round, peak then idle: {}",
         rss0 as f64 / 1024.0,
-        peak_rss as f64 / 1024.0,
-        rss1 as f64 / 1024.0
+        peaks
+            .iter()
+            .zip(&idles)
+            .map(|((p, _), (i, _))| format!(
+                "{:.1} / {:.1} MiB",
+                *p as f64 / 1024.0,
+                *i as f64 / 1024.0
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!("daemon open descriptors: {fds0} at the start, {peak_fds} peak, {fds1} at the end");
+    println!(
+        "daemon open descriptors: {fds0} at the start; per round, peak then idle: {}",
+        peaks
+            .iter()
+            .zip(&idles)
+            .map(|((_, p), (_, i))| format!("{p} / {i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "index against the runtime afterwards: {} indexed, {} in the runtime; in the index only: \
          {only_index}; in the runtime only: {only_runtime:?}",

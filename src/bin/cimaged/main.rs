@@ -317,6 +317,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
+    background.spawn(trim_loop(background.clone()));
     background.spawn(history_loop(
         launcher.clone(),
         prewarm.clone(),
@@ -476,6 +477,23 @@ async fn history_loop(
                 info!(runs = n, "pre-warm runs pruned");
             }
             Err(e) => warn!("pruning pre-warm runs failed: {e}"),
+        }
+    }
+}
+
+/// Hands memory freed after a burst (a thousand clients' connection buffers) back to the
+/// system every 10 s: glibc keeps freed memory in its heap otherwise, and the daemon would stay
+/// at its peak for good. Cheap when there is nothing to give back.
+async fn trim_loop(background: Background) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = background.shutting_down() => return,
+        }
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory of the allocator's heaps.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }
