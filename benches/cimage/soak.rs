@@ -236,7 +236,8 @@ pub(crate) async fn soak(cri: &str, registry: &str) {
     let only_index = ours.difference(&theirs).count();
 
     println!(
-        "soak: {clients} clients, {seconds} s, each on its own connection, {THINK:?} between calls"
+        "soak: {clients} clients, {seconds} s in {rounds} rounds, each client on its own \
+         connection, {THINK:?} between calls"
     );
     println!(
         "{:<28} {:>10} {:>8} {:>10} {:>10}",
