@@ -311,6 +311,9 @@ impl Transient for AttemptError {
             AttemptError::Stalled => true,
         }
     }
+    fn is_outage(&self) -> bool {
+        matches!(self, AttemptError::Runtime(e) if e.is_outage())
+    }
 }
 
 impl std::fmt::Display for AttemptError {

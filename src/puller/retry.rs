@@ -12,9 +12,20 @@ use crate::runtime::RuntimeError;
 /// treated as down for now (the request fails with its words instead of hanging on).
 pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// How long a runtime that does not answer at all (restarting) is waited for, polled every
+/// [`OUTAGE_POLL`], before its failures count against the retries.
+pub(super) const OUTAGE_PATIENCE: Duration = Duration::from_secs(30);
+/// How often a runtime that does not answer is tried again.
+const OUTAGE_POLL: Duration = Duration::from_secs(1);
+
 /// An error that knows whether a retry may help, and when.
 pub(super) trait Transient {
     fn is_transient(&self) -> bool;
+    /// The other side is not answering at all (a runtime restarting): worth waiting for
+    /// without spending retries.
+    fn is_outage(&self) -> bool {
+        false
+    }
     /// How long the other side asked to wait before trying again.
     fn retry_after(&self) -> Option<Duration> {
         None
@@ -24,6 +35,9 @@ pub(super) trait Transient {
 impl Transient for RuntimeError {
     fn is_transient(&self) -> bool {
         RuntimeError::is_transient(self)
+    }
+    fn is_outage(&self) -> bool {
+        self.kind == crate::runtime::RuntimeErrorKind::Unavailable
     }
 }
 
@@ -38,7 +52,9 @@ impl Transient for RegistryError {
 
 /// Runs `op`, retrying transient failures up to `retries` times with exponential backoff, or
 /// after the wait the failure asked for when that is longer (up to [`MAX_RETRY_AFTER`]; a
-/// longer one ends the retries); `on_retry` hears each failure that is retried.
+/// longer one ends the retries); `on_retry` hears each failure that is retried. A runtime that
+/// does not answer at all is first waited for, up to [`OUTAGE_PATIENCE`], without spending
+/// retries (a containerd restart takes seconds).
 pub(super) async fn retry<T, E, F, Fut>(
     retries: u32,
     backoff: Duration,
@@ -52,9 +68,21 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut attempt = 0;
+    let mut outage: Option<tokio::time::Instant> = None;
     loop {
         match op().await {
             Ok(v) => return Ok(v),
+            Err(e)
+                if e.is_outage()
+                    && outage.is_none_or(|since| since.elapsed() < OUTAGE_PATIENCE) =>
+            {
+                if outage.is_none() {
+                    on_retry(&e);
+                    warn!(error = %e, "{what} failed: the runtime is not answering; waiting for it (up to {}s)", OUTAGE_PATIENCE.as_secs());
+                    outage = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(OUTAGE_POLL).await;
+            }
             Err(e) if e.is_transient() && attempt < retries => {
                 if e.retry_after().is_some_and(|w| w > MAX_RETRY_AFTER) {
                     return Err(e);
@@ -81,7 +109,51 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::RuntimeErrorKind;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn down() -> RuntimeError {
+        RuntimeError {
+            op: "PullImage",
+            kind: RuntimeErrorKind::Unavailable,
+            message: "runtime at /run/c.sock is unavailable: No such file or directory".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_restarting_is_waited_for_without_spending_retries() {
+        let calls = AtomicU32::new(0);
+        let r: Result<u32, RuntimeError> = retry(
+            0,
+            Duration::from_millis(500),
+            "pull",
+            |_| {},
+            || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 5 {
+                        Err(down())
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(r.unwrap(), 5);
+        // Down for good: waited for up to the patience, then failed (no retries left).
+        let t = tokio::time::Instant::now();
+        let r: Result<(), RuntimeError> = retry(
+            0,
+            Duration::from_millis(500),
+            "pull",
+            |_| {},
+            || async { Err(down()) },
+        )
+        .await;
+        assert!(r.is_err());
+        assert!(t.elapsed() >= OUTAGE_PATIENCE && t.elapsed() < OUTAGE_PATIENCE + OUTAGE_POLL * 2);
+    }
 
     #[derive(Debug)]
     struct Busy(Option<Duration>);
