@@ -474,6 +474,27 @@ impl Read<'_> {
         }
     }
 
+    /// The first `n` records of a table, in key order.
+    pub fn first<T: DeserializeOwned>(
+        &self,
+        table: JsonTable<T>,
+        n: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let t = match self.tx.open_table(table.def()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(ctx(self.context)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(ctx(self.context))?.take(n) {
+            let (k, v) = entry.map_err(ctx(self.context))?;
+            let key = k.value().to_owned();
+            let record = decode(table.name, &key, v.value())?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+
     /// The records whose keys start with `prefix`, in key order.
     pub fn with_prefix<T: DeserializeOwned>(
         &self,

@@ -54,22 +54,14 @@ pub struct PruneReport {
     pub evictions: usize,
 }
 
-/// The finished, cleaned-up tasks to remove: those finished before `cutoff`, and beyond
-/// `max_tasks` records in all the oldest finished ones. Oldest first.
-pub fn to_prune(tasks: Vec<TaskRecord>, cutoff: i64, max_tasks: u64) -> Vec<TaskRecord> {
-    let total = tasks.len() as u64;
-    let mut done: Vec<TaskRecord> = tasks
-        .into_iter()
-        .filter(|t| t.state.is_final() && t.cleaned)
-        .collect();
-    done.sort_by_key(|t| (t.finished.unwrap_or(t.created), t.created));
-    let over = total.saturating_sub(max_tasks) as usize;
-    let old = done
+/// How many of `oldest` (finished, cleaned-up tasks, oldest finished first) go: those finished
+/// before `cutoff`, and, while the history is `over` its `MaxTasks`, the oldest regardless.
+pub fn how_many_go(oldest: &[TaskRecord], cutoff: i64, over: u64) -> usize {
+    oldest
         .iter()
-        .take_while(|t| t.finished.unwrap_or(t.created) < cutoff)
-        .count();
-    done.truncate(old.max(over.min(done.len())));
-    done
+        .enumerate()
+        .take_while(|(i, t)| t.finished.unwrap_or(t.created) < cutoff || (*i as u64) < over)
+        .count()
 }
 
 impl Launcher {
@@ -83,11 +75,20 @@ impl Launcher {
     pub async fn prune_history(&self) -> Result<PruneReport, LaunchError> {
         let h = self.settings.history.clone();
         let cutoff = self.history_cutoff();
-        let (tasks, jobs) = self.blocking(|s| Ok((s.tasks()?, s.jobs()?))).await?;
-        let victims = to_prune(tasks, cutoff, h.max_tasks);
+        let (total, _) = self.blocking(|s| s.counts()).await?;
+        let mut over = total.saturating_sub(h.max_tasks);
         let mut report = PruneReport::default();
-        for batch in victims.chunks(BATCH) {
-            let batch = batch.to_vec();
+        // The oldest finished tasks, a batch at a time, through the finished index: the cost
+        // is what goes, not the whole history. (Bounded in rounds too, should the index ever
+        // name a record that cannot go.)
+        for _ in 0..total / BATCH as u64 + 2 {
+            let oldest = self.blocking(|s| s.oldest_done(BATCH)).await?;
+            let going = how_many_go(&oldest, cutoff, over);
+            if going == 0 {
+                break;
+            }
+            let batch: Vec<TaskRecord> = oldest[..going].to_vec();
+            over = over.saturating_sub(going as u64);
             let job_ids: Vec<String> = batch
                 .iter()
                 .map(|t| t.job.clone())
@@ -105,6 +106,7 @@ impl Launcher {
         }
         // Ended jobs whose tasks are all gone (a job whose only step failed early, or whose
         // tasks went in an earlier pass).
+        let jobs = self.blocking(|s| s.jobs()).await?;
         let stale: Vec<String> = jobs
             .iter()
             .filter(|j| j.ended.is_some_and(|e| e < cutoff))
@@ -214,19 +216,19 @@ mod tests {
     }
 
     #[test]
-    fn old_and_surplus_finished_tasks_go_running_ones_stay() {
-        let tasks = vec![
+    fn old_and_surplus_finished_tasks_go_oldest_first() {
+        let oldest = vec![
             t("old", Some(10), TaskState::Exited),
             t("new", Some(1000), TaskState::Exited),
             t("newer", Some(2000), TaskState::Failed),
-            t("run", None, TaskState::Running),
         ];
-        let ids = |v: Vec<TaskRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
-        assert_eq!(ids(to_prune(tasks.clone(), 500, 100)), ["old"]);
-        // Over the cap: the oldest finished go, never the running one.
-        assert_eq!(ids(to_prune(tasks.clone(), 0, 2)), ["old", "new"]);
-        assert_eq!(ids(to_prune(tasks.clone(), 0, 0)), ["old", "new", "newer"]);
-        assert!(to_prune(tasks, 0, 100).is_empty());
+        // Past the cutoff only.
+        assert_eq!(how_many_go(&oldest, 500, 0), 1);
+        // Over the cap: the oldest go, whatever their age.
+        assert_eq!(how_many_go(&oldest, 0, 2), 2);
+        assert_eq!(how_many_go(&oldest, 0, 5), 3);
+        assert_eq!(how_many_go(&oldest, 0, 0), 0);
+        assert_eq!(how_many_go(&[], 500, 3), 0);
     }
 
     #[test]

@@ -21,10 +21,22 @@ const JOB_TASKS: JsonTable<String> = JsonTable::new("job_tasks");
 const LIVE: JsonTable<String> = JsonTable::new("live_tasks");
 /// Jobs not yet ended: id → its uid, so that `jobs` and recovery read the live jobs only.
 const LIVE_JOBS: JsonTable<u32> = JsonTable::new("live_jobs");
+/// Finished, cleaned-up tasks by when they finished: `FINISHED(20 digits)\x1fTASK` → task id,
+/// so that pruning reads the oldest history first, a batch at a time, not all of it.
+const DONE: JsonTable<String> = JsonTable::new("done_tasks");
 /// The version of the indexes above; an index file from before them is migrated at open.
 const INDEX_META: &str = "task_indexes";
 /// What [`INDEX_META`] says once every index above is built.
-const INDEX_VERSION: &str = "2";
+const INDEX_VERSION: &str = "3";
+
+/// A finished task's key in [`DONE`].
+fn done_key(task: &TaskRecord) -> String {
+    format!(
+        "{:020}\x1f{}",
+        task.finished.unwrap_or(task.created).max(0),
+        task.id
+    )
+}
 
 /// Keeps a job's live entry in step with its record (in the record's transaction).
 fn index_job(w: &crate::store::Write<'_>, job: &JobRecord) -> Result<(), StoreError> {
@@ -40,6 +52,18 @@ fn job_task_key(job: &str, task: &str) -> String {
     format!("{job}\x1f{task}")
 }
 
+/// Saves a task with its index entries (in the caller's transaction); a finished entry under
+/// an earlier finishing time goes.
+fn save_task(w: &crate::store::Write<'_>, task: &TaskRecord) -> Result<(), StoreError> {
+    if let Some(old) = w.get(TASKS, &task.id)? {
+        if old.cleaned && old.state.is_final() && done_key(&old) != done_key(task) {
+            w.remove(DONE, &done_key(&old))?;
+        }
+    }
+    w.put(TASKS, &task.id, task)?;
+    index_task(w, task)
+}
+
 /// Keeps a task's index entries in step with its record (in the record's transaction).
 fn index_task(w: &crate::store::Write<'_>, task: &TaskRecord) -> Result<(), StoreError> {
     w.put(JOB_TASKS, &job_task_key(&task.job, &task.id), &task.id)?;
@@ -47,6 +71,9 @@ fn index_task(w: &crate::store::Write<'_>, task: &TaskRecord) -> Result<(), Stor
         w.remove(LIVE, &task.id)?;
     } else {
         w.put(LIVE, &task.id, &task.job)?;
+    }
+    if task.cleaned && task.state.is_final() {
+        w.put(DONE, &done_key(task), &task.id)?;
     }
     Ok(())
 }
@@ -186,8 +213,10 @@ impl TaskStore {
         store.ensure_tables(&[INTENTS])?;
         store.ensure_tables(&[JOB_TASKS, LIVE])?;
         store.ensure_tables(&[LIVE_JOBS])?;
-        // An index file from before the per-job and live indexes: built in one transaction,
-        // so a crash leaves the old file (migrated again at the next start) or the new one.
+        store.ensure_tables(&[DONE])?;
+        // An index file from before the per-job, live and finished indexes: built in one
+        // transaction, so a crash leaves the old file (migrated again at the next start) or
+        // the new one.
         store.write("indexing tasks by job", |w| {
             if w.meta(INDEX_META)?.as_deref() == Some(INDEX_VERSION) {
                 return Ok(());
@@ -212,8 +241,7 @@ impl TaskStore {
         job: Option<&JobRecord>,
     ) -> Result<(), StoreError> {
         self.store.write(&format!("saving task {}", task.id), |w| {
-            w.put(TASKS, &task.id, task)?;
-            index_task(w, task)?;
+            save_task(w, task)?;
             if task.cleaned {
                 // Carried out: the cancel is no longer an intent.
                 w.remove(INTENTS, &cancel_key(&task.id))?;
@@ -277,10 +305,8 @@ impl TaskStore {
     }
     /// Saves a task (and its index entries, in the same transaction).
     pub fn put_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
-        self.store.write(&format!("saving task {}", task.id), |w| {
-            w.put(TASKS, &task.id, task)?;
-            index_task(w, task)
-        })
+        self.store
+            .write(&format!("saving task {}", task.id), |w| save_task(w, task))
     }
 
     /// Saves many tasks (and their index entries) in one transaction: an import, or a test's
@@ -289,8 +315,7 @@ impl TaskStore {
         self.store
             .write(&format!("saving {} tasks", tasks.len()), |w| {
                 for t in tasks {
-                    w.put(TASKS, &t.id, t)?;
-                    index_task(w, t)?;
+                    save_task(w, t)?;
                 }
                 Ok(())
             })
@@ -342,7 +367,11 @@ impl TaskStore {
                     Some(cur) if cur.state.is_final() && cur.cleaned => {}
                     _ => continue,
                 }
+                let cur = w.get(TASKS, &t.id)?;
                 w.remove(TASKS, &t.id)?;
+                if let Some(cur) = cur {
+                    w.remove(DONE, &done_key(&cur))?;
+                }
                 w.remove(JOB_TASKS, &job_task_key(&t.job, &t.id))?;
                 w.remove(LIVE, &t.id)?;
                 w.remove(INTENTS, &cancel_key(&t.id))?;
@@ -363,6 +392,18 @@ impl TaskStore {
             Ok((logs, jobs_removed))
         })
     }
+    /// Up to `n` finished, cleaned-up tasks, oldest finished first (read through the finished
+    /// index: a bounded read however long the history).
+    pub fn oldest_done(&self, n: usize) -> Result<Vec<TaskRecord>, StoreError> {
+        self.store.read("listing the oldest finished tasks", |r| {
+            let mut out = Vec::new();
+            for (_, id) in r.first(DONE, n)? {
+                out.extend(r.get(TASKS, &id)?);
+            }
+            Ok(out)
+        })
+    }
+
     /// A task by id.
     pub fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         self.store.get(TASKS, id)
@@ -416,15 +457,22 @@ mod tests {
         assert_eq!(ids(s.job_tasks("a").unwrap()), ["t1", "t3"]);
         assert_eq!(ids(s.live_tasks().unwrap()), ["t1"]);
         assert_eq!(s.counts().unwrap(), (3, 1));
+        assert_eq!(ids(s.oldest_done(10).unwrap()), ["t2", "t3"]);
         // A task that finishes leaves the live index in the same transaction.
         let mut t1 = task("t1", "a", TaskState::Exited);
         t1.cleaned = true;
         s.put_task(&t1).unwrap();
         assert!(s.live_tasks().unwrap().is_empty());
+        // Finished later than the others: last in finishing order.
+        t1.finished = Some(50);
+        s.put_task(&t1).unwrap();
+        assert_eq!(ids(s.oldest_done(10).unwrap()), ["t2", "t3", "t1"]);
+        assert_eq!(ids(s.oldest_done(1).unwrap()), ["t2"]);
         // Pruning takes the records and their index entries.
         let (logs, _) = s.prune(&[t1], &["a".into()]).unwrap();
         assert_eq!(logs.len(), 1);
         assert_eq!(ids(s.job_tasks("a").unwrap()), ["t3"]);
+        assert_eq!(ids(s.oldest_done(10).unwrap()), ["t2", "t3"]);
         // Opening again does not index twice.
         let s = TaskStore::open(&store).unwrap();
         assert_eq!(s.counts().unwrap(), (2, 0));
