@@ -54,6 +54,23 @@ pub struct RegistryError {
 }
 
 impl RegistryError {
+    /// An error about `image` at its registry (no `Retry-After`).
+    pub fn new(
+        image: &ImageRef,
+        kind: RegistryErrorKind,
+        what: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            registry: image.registry().to_owned(),
+            image: image.to_string(),
+            kind,
+            what,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
     /// The registry could not be reached or failed on its side (unreachable, its token
     /// service down, 5xx): not a refusal (401/403), not an absence (404), not a TLS mismatch.
     pub fn is_down(&self) -> bool {
@@ -205,6 +222,10 @@ const AUTHORIZATION_TTL: Duration = Duration::from_secs(50);
 /// `Authorization` values kept at most (the map is cleared when full).
 const MAX_AUTHORIZATIONS: usize = 1024;
 
+/// Registry hosts whose clients are kept at most (the maps are cleared when full): the hosts
+/// come from requests, so a caller naming ever new registries must not grow the daemon.
+const MAX_HOSTS: usize = 256;
+
 /// Credentialed clients kept at most (the map is cleared when full).
 const MAX_CREDENTIALED_CLIENTS: usize = 256;
 
@@ -275,20 +296,25 @@ impl OciRegistry {
         (host.to_owned(), format!("{:x}", h.finalize()))
     }
 
-    /// The host's shared anonymous client, or the client for these credentials (true: new, its
-    /// token step not yet done).
+    /// The host's shared anonymous client, or the client for these credentials (for the
+    /// token step).
     fn client_for(
         &self,
         host: &str,
         credentials: Option<&Credentials>,
-    ) -> (oci_client::Client, RegistryAuth, bool) {
+    ) -> (oci_client::Client, RegistryAuth) {
         match credentials {
             None => {
                 let mut m = self.anonymous.lock().unwrap();
-                let c = m
-                    .entry(host.to_owned())
-                    .or_insert_with(|| oci_client::Client::new(self.client_config(host)));
-                (c.clone(), RegistryAuth::Anonymous, false)
+                let c = match m.get(host) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = oci_client::Client::new(self.client_config(host));
+                        insert_bounded(&mut m, MAX_HOSTS, host.to_owned(), c.clone());
+                        c
+                    }
+                };
+                (c, RegistryAuth::Anonymous)
             }
             Some(c) => {
                 let auth = match c.kind {
@@ -301,14 +327,11 @@ impl OciRegistry {
                 let key = self.credentials_key(host, c);
                 let mut m = self.credentialed.lock().unwrap();
                 if let Some(client) = m.get(&key) {
-                    return (client.clone(), auth, false);
-                }
-                if m.len() >= MAX_CREDENTIALED_CLIENTS {
-                    m.clear();
+                    return (client.clone(), auth);
                 }
                 let client = oci_client::Client::new(self.client_config(host));
-                m.insert(key, client.clone());
-                (client, auth, true)
+                insert_bounded(&mut m, MAX_CREDENTIALED_CLIENTS, key, client.clone());
+                (client, auth)
             }
         }
     }
@@ -326,15 +349,15 @@ impl OciRegistry {
         if let Some(c) = m.get(host) {
             return Ok(c.clone());
         }
-        let c = http::client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| RegistryError {
-            registry: image.registry().to_owned(),
-            image: image.to_string(),
-            kind: RegistryErrorKind::Tls,
-            what: "TLS setup failed",
-            detail: error_chain(&e),
-            retry_after: None,
+        let c = http::client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
+            RegistryError::new(
+                image,
+                RegistryErrorKind::Tls,
+                "TLS setup failed",
+                error_chain(&e),
+            )
         })?;
-        m.insert(host.to_owned(), c.clone());
+        insert_bounded(&mut m, MAX_HOSTS, host.to_owned(), c.clone());
         Ok(c)
     }
 
@@ -361,7 +384,7 @@ impl OciRegistry {
                 }
             }
         }
-        let (client, auth, _) = self.client_for(host, credentials);
+        let (client, auth) = self.client_for(host, credentials);
         let token = client
             .auth(&at, &auth, oci_client::RegistryOperation::Pull)
             .await
@@ -382,11 +405,12 @@ impl OciRegistry {
             }
             (None, RegistryAuth::Anonymous) => None,
         };
-        let mut m = self.authorizations.lock().unwrap();
-        if m.len() >= MAX_AUTHORIZATIONS {
-            m.clear();
-        }
-        m.insert(key, (value.clone(), Instant::now()));
+        insert_bounded(
+            &mut self.authorizations.lock().unwrap(),
+            MAX_AUTHORIZATIONS,
+            key,
+            (value.clone(), Instant::now()),
+        );
         Ok(value)
     }
 
@@ -399,7 +423,7 @@ impl OciRegistry {
         credentials: Option<&Credentials>,
         reference: &str,
         head: bool,
-    ) -> Result<(Option<String>, Option<String>, Vec<u8>), RegistryError> {
+    ) -> Result<(Option<String>, Vec<u8>), RegistryError> {
         let at = image.to_oci_at(host);
         let insecure = self.hosts.get(host).is_some_and(|r| r.insecure);
         let url = format!(
@@ -417,11 +441,25 @@ impl OciRegistry {
                 .await
                 .map_err(|f| Self::failed(image, f))?;
             match answer {
-                http::Answer::Found {
-                    digest,
-                    media_type,
-                    body,
-                } => return Ok((digest, media_type, body)),
+                http::Answer::Found { digest, body } => {
+                    // What was asked by digest must be what came (a registry on plain HTTP,
+                    // or a mirror, could send anything).
+                    if !head {
+                        if let Some(want) = reference.strip_prefix("sha256:") {
+                            use sha2::{Digest, Sha256};
+                            let got = format!("{:x}", Sha256::digest(&body));
+                            if got != want {
+                                return Err(RegistryError::new(
+                                    image,
+                                    RegistryErrorKind::Other,
+                                    "manifest does not match its digest",
+                                    format!("asked for sha256:{want}, got sha256:{got}"),
+                                ));
+                            }
+                        }
+                    }
+                    return Ok((digest, body));
+                }
                 http::Answer::Status { code: 401, .. } if attempt == 0 => continue,
                 http::Answer::Status {
                     code,
@@ -466,14 +504,7 @@ impl OciRegistry {
                 (kind, what, chain)
             }
         };
-        RegistryError {
-            registry: image.registry().to_owned(),
-            image: image.to_string(),
-            kind,
-            what,
-            detail,
-            retry_after: None,
-        }
+        RegistryError::new(image, kind, what, detail)
     }
 
     /// A manifest request answered with another status than 200.
@@ -501,24 +532,20 @@ impl OciRegistry {
             detail.push_str(&said);
         }
         RegistryError {
-            registry: image.registry().to_owned(),
-            image: image.to_string(),
-            kind,
-            what,
-            detail,
             retry_after,
+            ..RegistryError::new(image, kind, what, detail)
         }
     }
 
     /// A manifest's bytes as JSON, or an error naming the image.
     fn parse(image: &ImageRef, body: &[u8]) -> Result<serde_json::Value, RegistryError> {
-        serde_json::from_slice(body).map_err(|e| RegistryError {
-            registry: image.registry().to_owned(),
-            image: image.to_string(),
-            kind: RegistryErrorKind::Other,
-            what: "malformed manifest",
-            detail: e.to_string(),
-            retry_after: None,
+        serde_json::from_slice(body).map_err(|e| {
+            RegistryError::new(
+                image,
+                RegistryErrorKind::Other,
+                "malformed manifest",
+                e.to_string(),
+            )
         })
     }
 
@@ -537,14 +564,12 @@ impl OciRegistry {
                 at != host
             });
             if elsewhere {
-                return RegistryError {
-                    registry: image.registry().to_owned(),
-                    image: image.to_string(),
-                    kind: RegistryErrorKind::TokenService,
-                    what: "token service unreachable",
-                    detail: error_chain(e),
-                    retry_after: None,
-                };
+                return RegistryError::new(
+                    image,
+                    RegistryErrorKind::TokenService,
+                    "token service unreachable",
+                    error_chain(e),
+                );
             }
         }
         Self::classify(image, err)
@@ -597,15 +622,17 @@ impl OciRegistry {
             OciDistributionError::RequestError(e) => error_chain(e),
             other => other.to_string(),
         };
-        RegistryError {
-            registry: image.registry().to_owned(),
-            image: image.to_string(),
-            kind,
-            what,
-            detail,
-            retry_after: None,
-        }
+        RegistryError::new(image, kind, what, detail)
     }
+}
+
+/// Inserts into a map of things made for request-named keys (hosts, credentials), clearing it
+/// first when it holds `cap` already: what callers name must not grow the daemon.
+fn insert_bounded<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, cap: usize, k: K, v: V) {
+    if map.len() >= cap && !map.contains_key(&k) {
+        map.clear();
+    }
+    map.insert(k, v);
 }
 
 /// An error and its sources on one line: reqwest's top-level message alone hides the cause.
@@ -656,13 +683,13 @@ impl Registry for OciRegistry {
         let registry = image.registry().to_owned();
         for host in mirrors.iter().chain(std::iter::once(&registry)) {
             let found: Result<String, RegistryError> = async {
-                let (digest, _, _) = self.fetch(image, host, credentials, &wanted, true).await?;
+                let (digest, _) = self.fetch(image, host, credentials, &wanted, true).await?;
                 match digest {
                     Some(d) => Ok(d),
                     // No digest header: the digest of the manifest's bytes.
                     None => {
                         use sha2::{Digest, Sha256};
-                        let (_, _, body) =
+                        let (_, body) =
                             self.fetch(image, host, credentials, &wanted, false).await?;
                         Ok(format!("sha256:{:x}", Sha256::digest(&body)))
                     }
@@ -685,7 +712,7 @@ impl Registry for OciRegistry {
         credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
         let host = image.registry();
-        let (_, _, body) = self
+        let (_, body) = self
             .fetch(image, host, credentials, &wanted(image), false)
             .await?;
         let mut m = Self::parse(image, &body)?;
@@ -696,16 +723,16 @@ impl Registry for OciRegistry {
                 .iter()
                 .find(|d| d["platform"]["os"] == "linux" && d["platform"]["architecture"] == arch)
                 .and_then(|d| d["digest"].as_str())
-                .ok_or_else(|| RegistryError {
-                    registry: host.to_owned(),
-                    image: image.to_string(),
-                    kind: RegistryErrorKind::NotFound,
-                    what: "no manifest for this platform",
-                    detail: format!("the image has none for linux/{arch}"),
-                    retry_after: None,
+                .ok_or_else(|| {
+                    RegistryError::new(
+                        image,
+                        RegistryErrorKind::NotFound,
+                        "no manifest for this platform",
+                        format!("the image has none for linux/{arch}"),
+                    )
                 })?
                 .to_owned();
-            let (_, _, body) = self.fetch(image, host, credentials, &digest, false).await?;
+            let (_, body) = self.fetch(image, host, credentials, &digest, false).await?;
             m = Self::parse(image, &body)?;
         }
         let blob = |d: &serde_json::Value| -> Option<Blob> {
@@ -721,14 +748,12 @@ impl Registry for OciRegistry {
             .unwrap_or(Some(Vec::new()));
         match (config, layers) {
             (Some(config), Some(layers)) => Ok(ImageManifest { config, layers }),
-            _ => Err(RegistryError {
-                registry: host.to_owned(),
-                image: image.to_string(),
-                kind: RegistryErrorKind::Other,
-                what: "malformed manifest",
-                detail: "no config or layer descriptors with digest and size".into(),
-                retry_after: None,
-            }),
+            _ => Err(RegistryError::new(
+                image,
+                RegistryErrorKind::Other,
+                "malformed manifest",
+                "no config or layer descriptors with digest and size",
+            )),
         }
     }
 }
@@ -774,14 +799,7 @@ pub mod fake {
             _credentials: Option<&Credentials>,
         ) -> Result<String, RegistryError> {
             self.resolves.fetch_add(1, Ordering::SeqCst);
-            let err = |kind, what: &'static str| RegistryError {
-                registry: image.registry().into(),
-                image: image.to_string(),
-                kind,
-                what,
-                detail: "fake".into(),
-                retry_after: None,
-            };
+            let err = |kind, what| RegistryError::new(image, kind, what, "fake");
             if self.down.load(Ordering::SeqCst) {
                 return Err(err(RegistryErrorKind::Unreachable, "unreachable"));
             }
@@ -813,14 +831,31 @@ pub mod fake {
                         size,
                     }],
                 })
-                .ok_or_else(|| RegistryError {
-                    registry: image.registry().into(),
-                    image: image.to_string(),
-                    kind: RegistryErrorKind::NotFound,
-                    what: "repository or tag not found",
-                    detail: "fake".into(),
-                    retry_after: None,
+                .ok_or_else(|| {
+                    RegistryError::new(
+                        image,
+                        RegistryErrorKind::NotFound,
+                        "repository or tag not found",
+                        "fake",
+                    )
                 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_keyed_by_what_requests_name_stay_bounded() {
+        let mut m = HashMap::new();
+        for i in 0..10 {
+            insert_bounded(&mut m, 3, format!("reg{i}.example"), i);
+            assert!(m.len() <= 3);
+        }
+        // Replacing a key already there keeps the others.
+        insert_bounded(&mut m, 3, "reg9.example".to_owned(), 99);
+        assert_eq!(m.get("reg9.example"), Some(&99));
     }
 }

@@ -118,14 +118,12 @@ impl Puller {
                     (cached, false)
                 } else {
                     let proven = match runtime_only {
-                        true => Err(crate::registry::RegistryError {
-                            registry: image.registry().to_owned(),
-                            image: name.clone(),
-                            kind: crate::registry::RegistryErrorKind::Unauthorized,
-                            what: "not checked",
-                            detail: "an identity token is the runtime's to exchange".into(),
-                            retry_after: None,
-                        }),
+                        true => Err(crate::registry::RegistryError::new(
+                            image,
+                            crate::registry::RegistryErrorKind::Unauthorized,
+                            "not checked",
+                            "an identity token is the runtime's to exchange",
+                        )),
                         false => self.registry.resolve(image, credentials).await,
                     };
                     match proven {

@@ -24,10 +24,9 @@ application/vnd.docker.distribution.manifest.v2+json";
 /// What a registry answered to a manifest request.
 #[derive(Debug)]
 pub(super) enum Answer {
-    /// 200: the manifest's digest header, media type and (for a GET) its bytes.
+    /// 200: the manifest's digest header and (for a GET) its bytes.
     Found {
         digest: Option<String>,
-        media_type: Option<String>,
         body: Vec<u8>,
     },
     /// Any other status: its code, the registry's `Retry-After` (for 429 and 503), and the
@@ -104,7 +103,6 @@ pub(super) async fn manifest(
     if status == 200 {
         return Ok(Answer::Found {
             digest: header(&headers, "docker-content-digest"),
-            media_type: header(&headers, "content-type"),
             body,
         });
     }
