@@ -461,7 +461,7 @@ impl Read<'_> {
         &self,
         table: JsonTable<T>,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        self.scan(table, None)
+        self.scan(table, None, usize::MAX)
     }
 
     /// How many records a table holds.
@@ -474,25 +474,13 @@ impl Read<'_> {
         }
     }
 
-    /// The first `n` records of a table, in key order.
+    /// The first `n` records of a table, in key order (a bounded read of a long table).
     pub fn first<T: DeserializeOwned>(
         &self,
         table: JsonTable<T>,
         n: usize,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        let t = match self.tx.open_table(table.def()) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(ctx(self.context)(e)),
-        };
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(ctx(self.context))?.take(n) {
-            let (k, v) = entry.map_err(ctx(self.context))?;
-            let key = k.value().to_owned();
-            let record = decode(table.name, &key, v.value())?;
-            out.push((key, record));
-        }
-        Ok(out)
+        self.scan(table, None, n)
     }
 
     /// The records whose keys start with `prefix`, in key order.
@@ -501,13 +489,14 @@ impl Read<'_> {
         table: JsonTable<T>,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        self.scan(table, Some(prefix))
+        self.scan(table, Some(prefix), usize::MAX)
     }
 
     fn scan<T: DeserializeOwned>(
         &self,
         table: JsonTable<T>,
         prefix: Option<&str>,
+        limit: usize,
     ) -> Result<Vec<(String, T)>, StoreError> {
         let t = match self.tx.open_table(table.def()) {
             Ok(t) => t,
@@ -515,14 +504,22 @@ impl Read<'_> {
             Err(e) => return Err(ctx(self.context)(e)),
         };
         let range = t.range(prefix.unwrap_or("")..).map_err(ctx(self.context))?;
-        collect(table.name, range, self.context, prefix)
+        collect(table.name, range.take(limit), self.context, prefix)
     }
 }
 
 /// Decodes a range of entries, stopping at the first key without `prefix`.
 fn collect<'x, T: DeserializeOwned>(
     table: &str,
-    entries: redb::Range<'x, &'static str, &'static [u8]>,
+    entries: impl Iterator<
+        Item = Result<
+            (
+                redb::AccessGuard<'x, &'static str>,
+                redb::AccessGuard<'x, &'static [u8]>,
+            ),
+            redb::StorageError,
+        >,
+    >,
     context: &str,
     prefix: Option<&str>,
 ) -> Result<Vec<(String, T)>, StoreError> {
