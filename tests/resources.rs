@@ -268,7 +268,7 @@ fn exec_attached_passes_input_and_its_end_and_gives_a_terminal() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(3), "{}", term.read_rest());
     // A session left open does not hold the daemon at shutdown.
-    let mut open = std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
+    let open = std::process::Command::new(env!("CARGO_BIN_EXE_cimage"))
         .args(["exec", "-i", &task, "--", "cat"])
         .env("CIMAGE_SOCKET", d.socket())
         .stdin(std::process::Stdio::piped())
@@ -287,8 +287,14 @@ fn exec_attached_passes_input_and_its_end_and_gives_a_terminal() {
         "the daemon took {:?} to stop with a session open",
         t.elapsed()
     );
-    let status = open.wait().unwrap();
-    assert_eq!(status.code(), Some(125));
+    let open = open.wait_with_output().unwrap();
+    assert_eq!(
+        open.status.code(),
+        Some(125),
+        "{:?}: {}",
+        open.status,
+        stderr(&open)
+    );
     d.spawn();
     let _ = d.cli(&["cancel", &task]);
 }

@@ -98,8 +98,12 @@ impl Launcher {
                 }
             }
             let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+            let pause = match outage {
+                Some(_) => crate::runtime::OUTAGE_POLL,
+                None => poll_interval(waiting.elapsed()),
+            };
             tokio::select! {
-                _ = tokio::time::sleep(poll_interval(waiting.elapsed())) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = cancel.cancelled(), if stopped_as.is_none() => {
                     stopped_as = Some(TaskState::Cancelled);
                     info!(task = %task.id, "cancelling: stopping the container");

@@ -129,7 +129,7 @@ impl Prewarmer {
     }
 
     /// Removes the runs that ended before `before` (Unix ms; `History.Keep` ago), in bounded
-    /// transactions; returns how many went.
+    /// transactions, and counts them in `cimage_history_pruned_total`; returns how many went.
     pub async fn prune_runs(&self, before: i64) -> Result<usize, StoreError> {
         const BATCH: usize = 500;
         let mut total = 0;
@@ -137,9 +137,18 @@ impl Prewarmer {
             let n = self.blocking(move |s| s.prune_runs(before, BATCH)).await?;
             total += n;
             if n < BATCH {
-                return Ok(total);
+                break;
             }
         }
+        if total > 0 {
+            self.cache.metrics().add(
+                "cimage_history_pruned_total",
+                &[("kind", "prewarm_run")],
+                total as u64,
+            );
+            info!(runs = total, "pre-warm runs pruned");
+        }
+        Ok(total)
     }
 
     async fn blocking<T: Send + 'static>(

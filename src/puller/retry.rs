@@ -7,6 +7,7 @@ use tracing::warn;
 
 use crate::registry::RegistryError;
 use crate::runtime::RuntimeError;
+use crate::runtime::OUTAGE_POLL;
 
 /// Longest wait a registry's `Retry-After` may impose on one retry; one asking for more is
 /// treated as down for now (the request fails with its words instead of hanging on).
@@ -15,8 +16,6 @@ pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How long a runtime that does not answer at all (restarting) is waited for, polled every
 /// [`OUTAGE_POLL`], before its failures count against the retries.
 pub(super) const OUTAGE_PATIENCE: Duration = Duration::from_secs(30);
-/// How often a runtime that does not answer is tried again.
-const OUTAGE_POLL: Duration = Duration::from_secs(1);
 
 /// An error that knows whether a retry may help, and when.
 pub(super) trait Transient {

@@ -60,6 +60,10 @@ pub enum RuntimeErrorKind {
     Other,
 }
 
+/// How often a runtime that does not answer at all (restarting) is tried again, by the pulls
+/// and the steps waiting for it: polling a missing socket faster only burns CPU.
+pub const OUTAGE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A failed runtime call: which call, what kind of failure, and the runtime's message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{op}: {message}")]

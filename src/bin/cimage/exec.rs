@@ -76,13 +76,8 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
         })
         .await?
         .into_inner();
-    let write = |mut w: Box<dyn Write>, data: &[u8]| {
-        w.write_all(data)
-            .and_then(|()| w.flush())
-            .map_err(|e| Failure::new(format!("writing output: {e}")))
-    };
-    write(Box::new(std::io::stdout()), &r.stdout)?;
-    write(Box::new(std::io::stderr()), &r.stderr)?;
+    put(&mut std::io::stdout(), &r.stdout).map_err(Failure::new)?;
+    put(&mut std::io::stderr(), &r.stderr).map_err(Failure::new)?;
     if r.truncated {
         eprintln!("cimage: the command's output passed 4 MiB and was cut");
     }
@@ -100,6 +95,10 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
             "-it needs a terminal on standard input; use -i alone to pipe input".into(),
         ));
     }
+    // This client writes to cimaged for as long as the session lasts: cimaged going away must
+    // end it with an error, not kill it with SIGPIPE (which main restores for `| head`).
+    // SAFETY: changing one signal's disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let size = args.tty.then(terminal_size).flatten();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExecStreamRequest>(16);
     let start = pb::ExecStreamRequest {
@@ -191,15 +190,9 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
     // stops this runtime from answering the connection's keepalive pings.
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(16);
     let writer = std::thread::spawn(move || -> Result<(), String> {
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         while let Some((to_stderr, data)) = out_rx.blocking_recv() {
-            let r = if to_stderr {
-                let mut e = std::io::stderr().lock();
-                e.write_all(&data).and_then(|()| e.flush())
-            } else {
-                let mut o = std::io::stdout().lock();
-                o.write_all(&data).and_then(|()| o.flush())
-            };
-            r.map_err(|e| format!("writing output: {e}"))?;
+            put(if to_stderr { &mut err } else { &mut out }, &data)?;
         }
         Ok(())
     });
@@ -235,6 +228,13 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
         Ok(Err(e)) => Err(Failure::new(e)),
         _ => end,
     }
+}
+
+/// Writes a piece of the command's output through at once.
+fn put(w: &mut dyn Write, data: &[u8]) -> Result<(), String> {
+    w.write_all(data)
+        .and_then(|()| w.flush())
+        .map_err(|e| format!("writing output: {e}"))
 }
 
 /// The size of the terminal on standard output (or input), if there is one.

@@ -321,7 +321,6 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     background.spawn(history_loop(
         launcher.clone(),
         prewarm.clone(),
-        metrics.clone(),
         background.clone(),
     ));
     background.spawn(prewarm.clone().timer());
@@ -450,12 +449,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
 /// Prunes the history (`ImageCache.History`) a minute after start-up, then every 10 minutes,
 /// until shutdown: tasks, jobs and eviction records through the launcher, then pre-warm runs
 /// past the same cutoff.
-async fn history_loop(
-    launcher: Arc<Launcher>,
-    prewarm: Arc<Prewarmer>,
-    metrics: Arc<Metrics>,
-    background: Background,
-) {
+async fn history_loop(launcher: Arc<Launcher>, prewarm: Arc<Prewarmer>, background: Background) {
     let mut wait = Duration::from_secs(60);
     loop {
         tokio::select! {
@@ -466,17 +460,8 @@ async fn history_loop(
         if let Err(e) = launcher.prune_history().await {
             warn!("pruning history failed: {e}");
         }
-        match prewarm.prune_runs(launcher.history_cutoff()).await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics.add(
-                    "cimage_history_pruned_total",
-                    &[("kind", "prewarm_run")],
-                    n as u64,
-                );
-                info!(runs = n, "pre-warm runs pruned");
-            }
-            Err(e) => warn!("pruning pre-warm runs failed: {e}"),
+        if let Err(e) = prewarm.prune_runs(launcher.history_cutoff()).await {
+            warn!("pruning pre-warm runs failed: {e}");
         }
     }
 }
