@@ -43,14 +43,6 @@ pub(crate) fn past(i: usize, image: &str) -> TaskRecord {
     }
 }
 
-/// How often `needle` is in the daemon's log.
-fn occurrences(daemon: &Daemon, needle: &str) -> usize {
-    std::fs::read_to_string(&daemon.log)
-        .unwrap_or_default()
-        .matches(needle)
-        .count()
-}
-
 pub(crate) async fn history(cri: &str, registry: &str) {
     // Two daemons side by side, one with an empty history and one with HISTORY past tasks;
     // pruning is pushed past the run (the seeded history is older than any Keep).
@@ -72,11 +64,11 @@ pub(crate) async fn history(cri: &str, registry: &str) {
     drop(tasks);
     drop(store);
 
-    let recovered = occurrences(&daemon, "launcher recovered its tasks");
+    let recovered = daemon.occurrences("launcher recovered its tasks");
     let t = Instant::now();
     daemon.respawn();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while occurrences(&daemon, "launcher recovered its tasks") == recovered {
+    while daemon.occurrences("launcher recovered its tasks") == recovered {
         assert!(Instant::now() < deadline, "the daemon never recovered");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

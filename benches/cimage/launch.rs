@@ -11,13 +11,13 @@ use super::rig::*;
 
 pub(crate) const LAUNCHES: usize = 30;
 
-/// One gRPC `Launch` of `true` as uid 65534 on `image`, followed to its cleanup.
-pub(crate) async fn grpc_launch(
+/// One gRPC `Launch` of `true` as uid 65534 on `image`, followed to its cleanup; fails unless
+/// the step exited 0.
+pub(crate) async fn launch_true(
     launcher: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
     image: &str,
-) -> Duration {
+) -> Result<(), String> {
     use futures::StreamExt;
-    let t = Instant::now();
     let mut stream = launcher
         .launch(pb::LaunchRequest {
             image: image.to_owned(),
@@ -27,13 +27,29 @@ pub(crate) async fn grpc_launch(
             ..Default::default()
         })
         .await
-        .expect("Launch")
+        .map_err(|e| e.to_string())?
         .into_inner();
+    let mut code = None;
     while let Some(ev) = stream.next().await {
-        if let Some(pb::task_event::Event::CleanedUp(_)) = ev.expect("Launch event").event {
-            break;
+        match ev.map_err(|e| e.to_string())?.event {
+            Some(pb::task_event::Event::Exited(x)) => code = Some(x.exit_code),
+            Some(pb::task_event::Event::CleanedUp(_)) => break,
+            _ => {}
         }
     }
+    match code {
+        Some(0) => Ok(()),
+        other => Err(format!("step ended with {other:?}")),
+    }
+}
+
+/// [`launch_true`], timed from the request to the cleanup.
+pub(crate) async fn grpc_launch(
+    launcher: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    image: &str,
+) -> Duration {
+    let t = Instant::now();
+    launch_true(launcher, image).await.expect("Launch of true");
     t.elapsed()
 }
 

@@ -119,6 +119,14 @@ impl Daemon {
         self.child = Self::spawn_with(&self.config, &self.log, &self.socket);
     }
 
+    /// How often `needle` is in the daemon's log (to wait for a line it writes once).
+    pub(crate) fn occurrences(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    }
+
     /// The daemon's redb file.
     pub(crate) fn index_path(&self) -> PathBuf {
         self._dir.path().join("cimage/index.redb")

@@ -107,14 +107,6 @@ fn ctr(cri: &str, args: &[&str]) {
     );
 }
 
-/// How often `needle` is in the daemon's log.
-fn occurrences(daemon: &Daemon, needle: &str) -> usize {
-    std::fs::read_to_string(&daemon.log)
-        .unwrap_or_default()
-        .matches(needle)
-        .count()
-}
-
 pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
     let prefix = format!("{registry}/bench-scale-{run}/img");
     let dir = tempfile::tempdir().unwrap();
@@ -170,7 +162,7 @@ pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
     let extra = "History:\n  Keep: 100000d\n  MaxTasks: 1000000";
     let mut daemon = Daemon::start_with(cri, registry, extra);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while occurrences(&daemon, "launcher recovered its tasks") == 0 {
+    while daemon.occurrences("launcher recovered its tasks") == 0 {
         assert!(Instant::now() < deadline, "the daemon never recovered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -192,14 +184,14 @@ pub(crate) async fn scale(cri: &str, registry: &str, run: &str) {
         "index reconciled with the runtime",
         "launcher recovered its tasks",
     ];
-    let before: Vec<usize> = marks.iter().map(|m| occurrences(&daemon, m)).collect();
+    let before: Vec<usize> = marks.iter().map(|m| daemon.occurrences(m)).collect();
     let t = Instant::now();
     daemon.respawn();
     let deadline = Instant::now() + Duration::from_secs(120);
     while marks
         .iter()
         .zip(&before)
-        .any(|(m, n)| occurrences(&daemon, m) == *n)
+        .any(|(m, n)| daemon.occurrences(m) == *n)
     {
         assert!(Instant::now() < deadline, "the daemon never got ready");
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -55,6 +55,11 @@ fn fds(daemon: &Daemon) -> usize {
         .unwrap_or(0)
 }
 
+/// A call's outcome as the tally keeps it.
+fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), String> {
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// One client: its own connection, calls until `end`.
 async fn client(
     socket: std::path::PathBuf,
@@ -64,7 +69,6 @@ async fn client(
     launches: Arc<tokio::sync::Semaphore>,
     tallies: Tallies,
 ) {
-    use futures::StreamExt;
     let channel = cimage::cri::unix_channel(&socket);
     let mut images = pb::image_cache_client::ImageCacheClient::new(channel.clone());
     let mut launcher = pb::launcher_client::LauncherClient::new(channel);
@@ -75,75 +79,36 @@ async fn client(
             .wrapping_add(1442695040888963407);
         let pick = (n >> 33) % 100;
         let t = Instant::now();
-        let (call, result): (&'static str, Result<(), String>) = match pick {
+        // Half warm pulls, a fifth listings, the rest status, and a launch now and then when
+        // one of the few launch places is free (status otherwise).
+        let permit = (pick >= 98)
+            .then(|| launches.clone().try_acquire_owned().ok())
+            .flatten();
+        let (call, result) = match pick {
             0..=49 => (
                 "Pull (warm, IfNotPresent)",
-                images
+                ok(images
                     .pull(pb::PullRequest {
                         image: image.clone(),
                         policy: pb::PullPolicy::IfNotPresent as i32,
                         credentials: None,
                     })
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                    .await),
             ),
             50..=69 => (
                 "ListImages",
-                images
-                    .list_images(pb::ListImagesRequest::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                ok(images.list_images(pb::ListImagesRequest::default()).await),
             ),
-            70..=97 => (
+            _ if permit.is_some() => (
+                "Launch (true, to cleanup)",
+                crate::launch::launch_true(&mut launcher, &image).await,
+            ),
+            _ => (
                 "Status",
-                images
-                    .status(pb::StatusRequest::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                ok(images.status(pb::StatusRequest::default()).await),
             ),
-            _ => match launches.clone().try_acquire_owned() {
-                Err(_) => (
-                    "Status",
-                    images
-                        .status(pb::StatusRequest::default())
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                ),
-                Ok(_permit) => {
-                    let r = async {
-                        let mut stream = launcher
-                            .launch(pb::LaunchRequest {
-                                image: image.clone(),
-                                policy: pb::PullPolicy::IfNotPresent as i32,
-                                command: vec!["true".into()],
-                                uid: Some(65534),
-                                ..Default::default()
-                            })
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .into_inner();
-                        let mut code = None;
-                        while let Some(ev) = stream.next().await {
-                            match ev.map_err(|e| e.to_string())?.event {
-                                Some(pb::task_event::Event::Exited(x)) => code = Some(x.exit_code),
-                                Some(pb::task_event::Event::CleanedUp(_)) => break,
-                                _ => {}
-                            }
-                        }
-                        match code {
-                            Some(0) => Ok(()),
-                            other => Err(format!("step ended with {other:?}")),
-                        }
-                    }
-                    .await;
-                    ("Launch (true, to cleanup)", r)
-                }
-            },
         };
+        drop(permit);
         note(&tallies, call, t.elapsed(), result.err());
         tokio::time::sleep(THINK).await;
     }
