@@ -55,9 +55,13 @@ fn job_task_key(job: &str, task: &str) -> String {
 /// Saves a task with its index entries (in the caller's transaction); a finished entry under
 /// an earlier finishing time goes.
 fn save_task(w: &crate::store::Write<'_>, task: &TaskRecord) -> Result<(), StoreError> {
-    if let Some(old) = w.get(TASKS, &task.id)? {
-        if old.cleaned && old.state.is_final() && done_key(&old) != done_key(task) {
-            w.remove(DONE, &done_key(&old))?;
+    // Only a finished save can move a finished entry (the saves of a running step read
+    // nothing more).
+    if task.cleaned && task.state.is_final() {
+        if let Some(old) = w.get(TASKS, &task.id)? {
+            if old.cleaned && old.state.is_final() && done_key(&old) != done_key(task) {
+                w.remove(DONE, &done_key(&old))?;
+            }
         }
     }
     w.put(TASKS, &task.id, task)?;
@@ -363,15 +367,12 @@ impl TaskStore {
             let mut jobs_removed = 0;
             for t in tasks {
                 // Only what is still finished now (a record may have changed since it was read).
-                match w.get(TASKS, &t.id)? {
-                    Some(cur) if cur.state.is_final() && cur.cleaned => {}
+                let cur = match w.get(TASKS, &t.id)? {
+                    Some(cur) if cur.state.is_final() && cur.cleaned => cur,
                     _ => continue,
-                }
-                let cur = w.get(TASKS, &t.id)?;
+                };
                 w.remove(TASKS, &t.id)?;
-                if let Some(cur) = cur {
-                    w.remove(DONE, &done_key(&cur))?;
-                }
+                w.remove(DONE, &done_key(&cur))?;
                 w.remove(JOB_TASKS, &job_task_key(&t.job, &t.id))?;
                 w.remove(LIVE, &t.id)?;
                 w.remove(INTENTS, &cancel_key(&t.id))?;
