@@ -223,8 +223,10 @@ const AUTHORIZATION_TTL: Duration = Duration::from_secs(50);
 const MAX_AUTHORIZATIONS: usize = 1024;
 
 /// Registry hosts whose clients are kept at most (the maps are cleared when full): the hosts
-/// come from requests, so a caller naming ever new registries must not grow the daemon.
-const MAX_HOSTS: usize = 256;
+/// come from requests, so a caller naming ever new registries must not grow the daemon. A
+/// host's two clients (the token step's and the manifest requests') hold about 230 KiB (TLS
+/// roots, pools), and a node talks to a handful of registries and mirrors.
+const MAX_HOSTS: usize = 32;
 
 /// Credentialed clients kept at most (the map is cleared when full).
 const MAX_CREDENTIALED_CLIENTS: usize = 256;
