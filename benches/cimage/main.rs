@@ -55,6 +55,7 @@ fn want(section: &str) -> bool {
 #[tokio::main]
 async fn main() {
     let env = env_file();
+    let mut rootfs = rootfs_tar();
     let registry = env["CIMAGE_TESTBED_REGISTRY"].clone();
     let cri_path = env["CIMAGE_TESTBED_CRI"].clone();
     let run = format!("{:06x}", rand::random::<u32>() & 0xffffff);
@@ -257,12 +258,7 @@ async fn main() {
             b.remove(image).await;
         }
         // A realistic image, when scripts/bench could build one (mmdebstrap).
-        if let Ok(path) = std::env::var("CIMAGE_BENCH_ROOTFS") {
-            let tar = std::fs::read(&path).expect("reading CIMAGE_BENCH_ROOTFS");
-            let files = tar::Archive::new(&tar[..])
-                .entries()
-                .map(|e| e.count())
-                .unwrap_or(0);
+        if let Some((tar, files)) = rootfs.take() {
             eprintln!(
                 "bench: pushing the {} MB root filesystem ...",
                 tar.len() >> 20

@@ -14,12 +14,57 @@ pub(crate) const REPS: usize = 5;
 
 pub(crate) fn env_file() -> std::collections::HashMap<String, String> {
     let dir = std::env::var("CIMAGE_TESTBED_DIR").unwrap_or_else(|_| "/tmp/cimage-testbed".into());
-    let text = std::fs::read_to_string(Path::new(&dir).join("env"))
-        .expect("the benchmark needs the testbed: run scripts/bench (or scripts/testbed up)");
+    let path = Path::new(&dir).join("env");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => fail(format!(
+            "cannot read the testbed's {}: {e}; run scripts/bench (or scripts/testbed up)",
+            path.display()
+        )),
+    };
     text.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// Ends the benchmark with one line saying what is wrong with what it was given.
+pub(crate) fn fail(message: String) -> ! {
+    eprintln!("bench: {message}");
+    std::process::exit(2)
+}
+
+/// The root filesystem named by `CIMAGE_BENCH_ROOTFS`, if set: it must be a regular, non-empty
+/// tar file (a directory or an empty file left by an interrupted build is refused in one line).
+/// Read before anything is measured, so a bad path costs nothing.
+pub(crate) fn rootfs_tar() -> Option<(Vec<u8>, usize)> {
+    let path = std::env::var("CIMAGE_BENCH_ROOTFS").ok()?;
+    let bad = |why: &str| -> ! {
+        fail(format!(
+            "CIMAGE_BENCH_ROOTFS={path}: {why}; it must be a tar file of a root filesystem \
+             (scripts/bench builds one with CIMAGE_BENCH_DEBIAN=1)"
+        ))
+    };
+    match std::fs::metadata(&path) {
+        Err(e) => bad(&e.to_string()),
+        Ok(m) if m.is_dir() => bad("is a directory"),
+        Ok(m) if !m.is_file() => bad("is not a regular file"),
+        Ok(m) if m.len() == 0 => bad("is empty"),
+        Ok(_) => {}
+    }
+    let tar = std::fs::read(&path).unwrap_or_else(|e| bad(&e.to_string()));
+    let files = match tar::Archive::new(&tar[..]).entries() {
+        Ok(entries) => entries
+            .map(|e| e.map(|_| ()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.len())
+            .unwrap_or_else(|e| bad(&format!("is not a readable tar file ({e})"))),
+        Err(e) => bad(&format!("is not a readable tar file ({e})")),
+    };
+    if files == 0 {
+        bad("holds no files");
+    }
+    Some((tar, files))
 }
 
 pub(crate) fn spec(image: &str) -> Option<ImageSpec> {
