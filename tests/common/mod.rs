@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod nginx_mirror;
 pub mod proxy;
+pub mod shaper;
 pub mod token;
 
 use std::collections::HashMap;
