@@ -7,20 +7,22 @@ pub mod evict;
 mod gc;
 mod gone;
 pub mod index;
+pub mod record;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
 pub use gc::GcReport;
-pub use index::{EvictionRecord, ImageRecord, Index, Origin, ReconcileReport, Use};
+pub use index::{Index, IndexSettings, ReconcileReport};
+pub use record::{EvictionRecord, ImageRecord, Origin, Use};
 
 use crate::background::Background;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 use crate::clock::Clock;
-use crate::reference::{ImageRef, InvalidReference};
+use crate::reference::{ImageId, ImageRef, InvalidReference};
 use crate::runtime::{ImageRuntime, RuntimeError, RuntimeImage};
 
 /// Why a cache operation failed.
@@ -84,10 +86,11 @@ pub struct Cache {
     background: Background,
 }
 
-/// A use waiting to be committed, with where to send the stored record.
+/// A use waiting to be committed, with where to send the stored record (or the commit's
+/// error, shared by every use of the failed batch).
 type PendingUse = (
     Use,
-    tokio::sync::oneshot::Sender<Result<ImageRecord, String>>,
+    tokio::sync::oneshot::Sender<Result<ImageRecord, Arc<StoreError>>>,
 );
 
 impl Cache {
@@ -349,9 +352,9 @@ impl Cache {
                             }
                         }
                         Err(e) => {
-                            let msg = e.to_string();
+                            let e = Arc::new(e);
                             for (_, tx) in batch {
-                                let _ = tx.send(Err(msg.clone()));
+                                let _ = tx.send(Err(Arc::clone(&e)));
                             }
                         }
                     }
@@ -360,7 +363,7 @@ impl Cache {
         }
         match rx.await {
             Ok(Ok(rec)) => Ok(rec),
-            Ok(Err(msg)) => Err(CacheError::Store(StoreError::new("recording a use", msg))),
+            Ok(Err(e)) => Err(CacheError::Store(StoreError::new("recording a use", e))),
             Err(_) => Err(CacheError::Store(StoreError::new(
                 "recording a use",
                 "the commit task ended without an answer",
@@ -411,44 +414,45 @@ impl Cache {
     }
 
     async fn lookup_key(&self, image: &str) -> Result<String, CacheError> {
-        let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
-        if let Some(rest) = image.strip_prefix("sha256:") {
-            if rest.len() == 64 && hex(rest) {
+        match ImageId::parse(image) {
+            Some(ImageId::Full(id)) => {
                 // An image id (one lookup), or else the manifest digest `pull` reports (a
                 // scan of the index, only for what is not an id).
-                let id = image.to_owned();
-                if self.blocking(move |idx| idx.get(&id)).await?.is_some() {
-                    return Ok(image.to_owned());
+                let key = id.to_owned();
+                if self.blocking(move |idx| idx.get(&key)).await?.is_some() {
+                    return Ok(id.to_owned());
                 }
-                let suffix = format!("@{image}");
+                let suffix = format!("@{id}");
                 let by_digest = self
                     .list()
                     .await?
                     .iter()
                     .find(|r| r.digests.iter().any(|d| d.ends_with(&suffix)))
                     .map(|r| r.id.clone());
-                return Ok(by_digest.unwrap_or_else(|| image.to_owned()));
+                return Ok(by_digest.unwrap_or_else(|| id.to_owned()));
             }
-        }
-        if image.len() >= 6 && hex(image) && image.len() <= 64 {
-            let prefix = format!("sha256:{image}");
-            let matches: Vec<String> = self
-                .list()
-                .await?
-                .iter()
-                .filter(|r| r.id.starts_with(&prefix))
-                .map(|r| r.id.clone())
-                .collect();
-            match matches.len() {
-                1 => return Ok(matches[0].clone()),
-                0 => {}
-                count => {
-                    return Err(CacheError::Ambiguous {
-                        prefix: image.to_owned(),
-                        count,
-                    })
+            Some(ImageId::Prefix(hex)) => {
+                let prefix = format!("sha256:{hex}");
+                let matches: Vec<String> = self
+                    .list()
+                    .await?
+                    .iter()
+                    .filter(|r| r.id.starts_with(&prefix))
+                    .map(|r| r.id.clone())
+                    .collect();
+                match matches.len() {
+                    1 => return Ok(matches[0].clone()),
+                    // Not an id here: perhaps a repository named in hex.
+                    0 => {}
+                    count => {
+                        return Err(CacheError::Ambiguous {
+                            prefix: image.to_owned(),
+                            count,
+                        })
+                    }
                 }
             }
+            None => {}
         }
         Ok(ImageRef::parse(image)?.to_string())
     }

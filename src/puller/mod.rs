@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
+use crate::config;
 use crate::credentials::{CredentialError, Credentials, Fingerprinter, NodeCredentials};
 use crate::policy::{self, PullPolicy};
 use crate::reference::{ImageRef, InvalidReference};
@@ -34,15 +35,8 @@ use flight::{Flights, Queue, Requester};
 pub use flight::{InFlight, ProgressSink};
 pub use progress::{LayerProgress, Phase, PullProgress};
 
-/// Default for [`PullerSettings::max_concurrent_pulls`] (as `ImageCache.MaxConcurrentPulls`).
-pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
-/// Default for [`PullerSettings::pull_timeout`] (as `ImageCache.PullTimeout`).
-pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default for [`PullerSettings::retries`] (as `ImageCache.PullRetries`).
-pub const DEFAULT_RETRIES: u32 = 3;
-/// Default for [`PullerSettings::stall_timeout`] (as `ImageCache.PullStallTimeout`).
-pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// First backoff delay of a retry; doubled on each further retry.
+/// First backoff delay of a retry; doubled on each further retry (not a key of the file: the
+/// other defaults of [`PullerSettings`] are the file's, from [`crate::config`]).
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Limits and timings of the puller.
@@ -79,12 +73,12 @@ pub struct PullerSettings {
 impl Default for PullerSettings {
     fn default() -> Self {
         Self {
-            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            max_concurrent_pulls: config::DEFAULT_MAX_CONCURRENT_PULLS,
             per_registry: HashMap::new(),
-            pull_timeout: DEFAULT_PULL_TIMEOUT,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            pull_timeout: config::DEFAULT_PULL_TIMEOUT,
+            stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             byte_progress: true,
-            retries: DEFAULT_RETRIES,
+            retries: config::DEFAULT_PULL_RETRIES,
             backoff: DEFAULT_BACKOFF,
             verify: crate::policy::Verify::default(),
             node_credentials: NodeCredentials::default(),
