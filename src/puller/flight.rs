@@ -543,8 +543,14 @@ impl PullJob {
         }
         let mut tick = tokio::time::interval(poll_interval(self.stall));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The bytes are measured from where this attempt starts: an attempt that never moves
+        // them, while a layer is still to be fetched, is stalled like one that stops midway.
         let mut last_move = Instant::now();
-        let mut last_done = tracker.lock().unwrap().done();
+        let mut last_done = {
+            let mut t = tracker.lock().unwrap();
+            t.begin_attempt();
+            t.done()
+        };
         loop {
             tokio::select! {
                 r = &mut pull => return r.map_err(AttemptError::Runtime),

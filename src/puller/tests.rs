@@ -671,3 +671,42 @@ async fn a_pull_behind_the_limit_waits_visibly_in_line() {
     assert!(r.puller.pulls().is_empty());
     assert_eq!(r.cache.metrics().gauge("cimage_pulls_in_flight", &[]), 0.0);
 }
+
+#[tokio::test]
+async fn a_retry_that_never_moves_its_bytes_is_stalled_too() {
+    let r = rig(PullerSettings {
+        stall_timeout: Duration::from_millis(400),
+        retries: 1,
+        backoff: Duration::from_millis(10),
+        // Far beyond two stalls: a second attempt that is never found stalled ends here.
+        pull_timeout: Duration::from_secs(5),
+        ..settings()
+    });
+    r.rt.offer(APP, ID1, "sha256:d1", 1000);
+    r.reg.sizes.lock().unwrap().insert(APP.into(), 1000);
+    // The first attempt stops at 10 bytes. As containerd does with a cancelled pull, the
+    // ingest then leaves the list; the second attempt resumes it at the same offset, where it
+    // stays.
+    *r.rt.ingests.lock().unwrap() = Some(vec![ingest(1000, 10)]);
+    *r.rt.pull_delay.lock().unwrap() = Duration::from_secs(60);
+    let rt = Arc::clone(&r.rt);
+    let feeder = tokio::spawn(async move {
+        while rt.pulls.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        *rt.ingests.lock().unwrap() = Some(vec![]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        *rt.ingests.lock().unwrap() = Some(vec![ingest(1000, 10)]);
+    });
+    let (result, seen) = ensure_watched(&r, APP).await;
+    feeder.await.unwrap();
+    let e = result.unwrap_err();
+    assert!(matches!(e, PullError::Stalled { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no progress for 400ms from 127.0.0.1:5000"),
+        "{e}"
+    );
+    assert_eq!(r.rt.pulls.load(Ordering::SeqCst), 2);
+    assert!(seen.iter().any(|p| p.attempt == 2));
+}

@@ -19,13 +19,14 @@ use super::{
 use crate::credentials::{BoundedMap, Credentials, SecretKind};
 use crate::reference::ImageRef;
 
-/// [`Registry`] over oci-client.
+/// [`Registry`] over reqwest (manifest requests) and oci-client (the token step).
 ///
-/// Each registry host gets a client of its own, configured with its settings (plain HTTP for
+/// Each registry host gets clients of its own, configured with its settings (plain HTTP for
 /// `Insecure`, its `CaFile` as an extra root), so one registry's CA is never trusted for another.
-/// Anonymous requests share the host's client. A client remembers the first credentials it saw
-/// for a registry, so requests with credentials each get a fresh client: one tenant's credentials
-/// must never be used for another's request.
+/// Anonymous requests share the host's token client. An oci-client client remembers the first
+/// credentials it saw for a registry, so requests with credentials get a client per (host,
+/// credentials), kept (bounded) so that its bearer token is reused and dropped when the
+/// registry refuses it: one tenant's credentials are never used for another's request.
 pub struct OciRegistry {
     hosts: BTreeMap<String, HostSettings>,
     cas: BTreeMap<String, Vec<u8>>,
