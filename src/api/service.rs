@@ -343,7 +343,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = req.into_inner().image;
         let (_, rec) = self
             .cache
-            .find(&image)
+            .find_and_adopt(&image)
             .await
             .map_err(|e| cache_status(&e))?;
         if !admin && !rec.visible_to(who.uid) {
@@ -361,7 +361,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = req.into_inner().image;
         let rec = self
             .cache
-            .remove(&image)
+            .remove_image(&image)
             .await
             .map_err(|e| cache_status(&e))?;
         info!(uid = who.uid, image = %image, id = %rec.id, "image removed");

@@ -299,7 +299,7 @@ impl Launcher {
             // The image was reported present from a recent confirmation but is gone (removed
             // behind cimage's back): ask the runtime again, pull if needed, and retry once.
             warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
-            self.cache.forget(&ensured.record.id);
+            self.cache.forget_presence(&ensured.record.id);
             self.cache.release_in_use(&ensured.record.id);
             task.image_id = None;
             match self

@@ -432,7 +432,7 @@ impl Prewarmer {
         events: Option<&UnboundedSender<RunEvent>>,
     ) -> ImageResult {
         let t = Instant::now();
-        let was_present = self.cache.find(image).await.is_ok();
+        let was_present = self.cache.find_and_adopt(image).await.is_ok();
         if let Some(ev) = events {
             let _ = ev.send(RunEvent::Started(image.to_owned()));
         }

@@ -140,7 +140,7 @@ async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
     // schedule brings them back with their history.
     for img in ["a", "b"] {
         r.cache
-            .remove(&format!("127.0.0.1:5000/{img}:1"))
+            .remove_image(&format!("127.0.0.1:5000/{img}:1"))
             .await
             .unwrap();
     }

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
 use super::{PullError, Puller};
-use crate::cache::Cache;
+use crate::cache::{Cache, Reservation};
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
 use crate::reference::ImageRef;
@@ -470,8 +470,9 @@ impl PullJob {
         } else {
             None
         };
-        // Room is made once the pull may start, for pulls that will really happen now.
-        self.make_room(manifest.as_ref()).await?;
+        // Room is made once the pull may start, for pulls that will really happen now, and
+        // held until the pull ends.
+        let _room = self.make_room(manifest.as_ref()).await?;
         let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
         if bytes_known {
             self.held_layers(&tracker, &[]).await;
@@ -620,13 +621,17 @@ impl PullJob {
     /// fails when it cannot fit. Done once per pull, however many requests share it. An image
     /// whose size the registry does not tell is pulled without the check (the periodic gc
     /// catches up).
-    async fn make_room(&self, manifest: Option<&ImageManifest>) -> Result<(), PullError> {
+    async fn make_room(
+        &self,
+        manifest: Option<&ImageManifest>,
+    ) -> Result<Option<Reservation>, PullError> {
         let (true, Some(m)) = (self.cache.eviction_enabled(), manifest) else {
-            return Ok(());
+            return Ok(None);
         };
         self.cache
             .make_room(m.size())
             .await
+            .map(Some)
             .map_err(|e| PullError::NoRoom {
                 image: self.image.to_string(),
                 source: Arc::new(e),

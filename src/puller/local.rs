@@ -20,7 +20,7 @@ impl Puller {
     ) -> Result<Ensured, PullError> {
         let id = req.image.clone();
         let absent = || PullError::LocalAbsent { id: id.clone() };
-        let (image, rec) = match self.cache.find(&id).await {
+        let (image, rec) = match self.cache.find_and_adopt(&id).await {
             Ok(found) => found,
             Err(CacheError::NotFound { .. }) => return Err(absent()),
             Err(e) => {

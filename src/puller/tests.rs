@@ -324,7 +324,7 @@ async fn presence_is_trusted_for_the_ttl_only() {
         Action::Pulled
     );
     // Removing through cimage forgets at once.
-    cache.remove(APP).await.unwrap();
+    cache.remove_image(APP).await.unwrap();
     assert_eq!(
         puller
             .ensure(req(APP, Some(PullPolicy::IfNotPresent)))
