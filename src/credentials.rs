@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -19,7 +18,7 @@ mod helper;
 
 pub use bounded::BoundedMap;
 pub use fingerprint::Fingerprinter;
-pub use helper::from_helper;
+pub use helper::{from_helper, HelperRunner, Helpers, ProcessHelpers, HELPER_ANSWER_TTL};
 
 /// Registry credentials for one request. `Debug` never shows the secret, and there is no
 /// `Display`: nothing formats a password by accident.
@@ -199,6 +198,9 @@ pub struct NodeCredentials {
     pub config_files: Vec<PathBuf>,
     /// Registry host → credential helper name.
     pub helpers: BTreeMap<String, String>,
+    /// Runs the helpers, and remembers their answers for [`HELPER_ANSWER_TTL`] (shared by
+    /// every clone).
+    pub runner: Helpers,
 }
 
 impl NodeCredentials {
@@ -211,7 +213,7 @@ impl NodeCredentials {
     /// async workers.
     pub fn lookup(&self, registry: &str) -> Result<Option<Credentials>, CredentialError> {
         if let Some(helper) = self.helpers.get(registry) {
-            if let Some(c) = from_helper(helper, registry, Duration::from_secs(10))? {
+            if let Some(c) = self.runner.get(helper, registry)? {
                 return Ok(Some(c));
             }
         }
@@ -227,6 +229,7 @@ impl NodeCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn credentials_debug_hides_the_password() {

@@ -3,11 +3,92 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::bounded::BoundedMap;
 use super::{CredentialError, Credentials};
+
+/// How long a helper's answer (credentials, or "none") is used before the helper is asked
+/// again: the protocol states no lifetime, and registry tokens a helper hands out live for
+/// minutes at least, so a minute keeps a busy node from spawning a helper per request.
+pub const HELPER_ANSWER_TTL: Duration = Duration::from_secs(60);
+
+/// How long a helper may take to answer.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers remembered at most (a node has a handful of registries).
+const MAX_HELPER_ANSWERS: usize = 64;
+
+/// Runs a credential helper: the process (see [`ProcessHelpers`]), or a test double.
+pub trait HelperRunner: Send + Sync {
+    /// `docker-credential-NAME get` for `registry`; `Ok(None)` when it has none.
+    fn run(&self, name: &str, registry: &str) -> Result<Option<Credentials>, CredentialError>;
+}
+
+/// Runs `docker-credential-NAME` from `PATH`.
+#[derive(Debug, Default)]
+pub struct ProcessHelpers;
+
+impl HelperRunner for ProcessHelpers {
+    fn run(&self, name: &str, registry: &str) -> Result<Option<Credentials>, CredentialError> {
+        from_helper(name, registry, HELPER_TIMEOUT)
+    }
+}
+
+/// A helper's answer and when it was had.
+type Answer = (Option<Credentials>, Instant);
+
+/// The node's credential helpers: a runner, and the answers it gave, by (helper, registry),
+/// each used for [`HELPER_ANSWER_TTL`]. Failures are not remembered: the next lookup asks
+/// again. Clones share the answers.
+#[derive(Clone)]
+pub struct Helpers {
+    runner: Arc<dyn HelperRunner>,
+    answers: Arc<Mutex<BoundedMap<(String, String), Answer>>>,
+}
+
+impl Default for Helpers {
+    fn default() -> Self {
+        Self::with_runner(Arc::new(ProcessHelpers))
+    }
+}
+
+impl std::fmt::Debug for Helpers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The answers hold secrets.
+        f.write_str("Helpers { .. }")
+    }
+}
+
+impl Helpers {
+    /// Helpers run by `runner`.
+    pub fn with_runner(runner: Arc<dyn HelperRunner>) -> Self {
+        Self {
+            runner,
+            answers: Arc::new(Mutex::new(BoundedMap::new(MAX_HELPER_ANSWERS))),
+        }
+    }
+
+    /// Helper `name`'s credentials for `registry`, from a recent answer or by running it.
+    /// Blocking on a miss.
+    pub fn get(&self, name: &str, registry: &str) -> Result<Option<Credentials>, CredentialError> {
+        let key = (name.to_owned(), registry.to_owned());
+        if let Some((answer, at)) = self.answers.lock().unwrap().get(&key) {
+            if at.elapsed() < HELPER_ANSWER_TTL {
+                return Ok(answer.clone());
+            }
+        }
+        let answer = self.runner.run(name, registry)?;
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(key, (answer.clone(), Instant::now()));
+        Ok(answer)
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]

@@ -264,6 +264,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         runtime.clone(),
         registry,
         cache.clone(),
+        metrics.clone(),
         PullerSettings {
             fingerprinter: Arc::new(
                 Fingerprinter::load_or_create(&ic.node_key_file)

@@ -92,6 +92,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             node_credentials: NodeCredentials {
                 config_files: ic.auth.config_files.clone(),
                 helpers: ic.auth.credential_helpers.clone(),
+                ..NodeCredentials::default()
             },
             use_cached_when_registry_down: ic.on_registry_unavailable
                 == OnRegistryUnavailable::UseCached,
