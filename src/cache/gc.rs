@@ -117,8 +117,12 @@ impl Cache {
         .await
     }
 
-    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile again).
+    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile
+    /// again); eviction records past the history's keep go too.
     pub async fn gc_reconciled(&self) -> Result<GcReport, CacheError> {
+        if let Err(e) = self.prune_evictions().await {
+            warn!("pruning eviction records failed: {e}");
+        }
         self.gc_with(Gc {
             dry_run: false,
             incoming: 0,

@@ -17,6 +17,10 @@ use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
 pub use gc::{GcReport, Reservation};
+pub use uses::InUse;
+
+/// Eviction records are pruned at most this often (they are few; each pass reads their keys).
+pub const PRUNE_EVERY_MS: i64 = 600_000;
 pub use index::{Index, IndexSettings, ReconcileReport};
 pub use record::{EvictionRecord, ImageRecord, Origin, Use};
 
@@ -75,7 +79,12 @@ pub struct Cache {
     runtime: Arc<dyn ImageRuntime>,
     clock: Arc<dyn Clock>,
     last_reconcile: AtomicI64,
-    in_use: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// In-use marks by image id (see [`InUse`]).
+    in_use: uses::InUseMarks,
+    /// Eviction records older than this are pruned (`ImageCache.History.Keep`).
+    evictions_keep: std::time::Duration,
+    /// When eviction records were last pruned (Unix ms).
+    evictions_pruned_at: AtomicI64,
     eviction: Option<EvictionSettings>,
     metrics: Arc<Metrics>,
     gc_lock: tokio::sync::Mutex<()>,
@@ -100,6 +109,8 @@ impl Cache {
             clock,
             last_reconcile: AtomicI64::new(0),
             in_use: Default::default(),
+            evictions_keep: crate::config::DEFAULT_HISTORY_KEEP,
+            evictions_pruned_at: AtomicI64::new(0),
             eviction: None,
             metrics: Arc::new(Metrics::default()),
             gc_lock: tokio::sync::Mutex::new(()),
@@ -135,9 +146,11 @@ impl Cache {
         self
     }
 
-    /// The metrics this cache counts into.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+    /// Keeps eviction records for `keep` (`ImageCache.History.Keep`); older ones are pruned by
+    /// the cache's periodic pass.
+    pub fn with_evictions_kept_for(mut self, keep: std::time::Duration) -> Self {
+        self.evictions_keep = keep;
+        self
     }
 
     /// Whether eviction is configured.
@@ -150,9 +163,17 @@ impl Cache {
         Ok(self.off_thread(|idx| idx.evictions()).await?)
     }
 
-    /// Removes the eviction records from before `before` (Unix ms), in transactions of at most
-    /// 500; returns how many went.
-    pub async fn prune_evictions(&self, before: i64) -> Result<usize, CacheError> {
+    /// Removes the eviction records older than the history keeps (in transactions of at most
+    /// 500), at most once per [`PRUNE_EVERY_MS`] however often it is called; returns how many
+    /// went (also counted as `cimage_history_pruned_total{kind="eviction"}`).
+    pub async fn prune_evictions(&self) -> Result<usize, CacheError> {
+        let now = self.clock.now_ms();
+        let last = self.evictions_pruned_at.load(Ordering::SeqCst);
+        if last != 0 && now - last < PRUNE_EVERY_MS {
+            return Ok(0);
+        }
+        self.evictions_pruned_at.store(now, Ordering::SeqCst);
+        let before = now - self.evictions_keep.as_millis().min(i64::MAX as u128) as i64;
         let mut total = 0;
         loop {
             let n = self
@@ -160,10 +181,18 @@ impl Cache {
                 .await?;
             total += n;
             if n < 500 {
-                return Ok(total);
+                break;
             }
             tokio::task::yield_now().await;
         }
+        if total > 0 {
+            self.metrics.add(
+                "cimage_history_pruned_total",
+                &[("kind", "eviction")],
+                total as u64,
+            );
+        }
+        Ok(total)
     }
 
     /// Brings the image count and size gauges up to date.

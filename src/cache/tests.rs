@@ -90,7 +90,7 @@ async fn images_of_containers_made_by_others_are_never_evicted() {
     assert!(kept.1.contains("container"), "{}", kept.1);
     assert_eq!(rt.images.lock().unwrap().len(), 1);
     // Counted with its bytes, and the disk's use as df sees it kept as a gauge.
-    let m = cache.metrics();
+    let m = &cache.metrics;
     assert_eq!(m.counter("cimage_evicted_bytes_total", &[]), 100);
     assert_eq!(
         m.counter("cimage_evictions_total", &[("reason", "max_bytes")]),
@@ -138,4 +138,54 @@ async fn reconcile_adopts_and_forgets() {
     assert_eq!(cache.last_reconcile(), 1000);
     rt.images.lock().unwrap().clear();
     assert_eq!(cache.reconcile().await.unwrap().removed, 1);
+}
+
+#[tokio::test]
+async fn an_in_use_mark_lasts_as_long_as_its_guards() {
+    let (_d, _rt, cache) = setup().await;
+    let first = cache.mark_in_use(ID);
+    let second = cache.mark_in_use(ID);
+    assert_eq!(first.id(), ID);
+    drop(first);
+    assert!(cache.is_in_use(ID), "the second step still uses it");
+    drop(second);
+    assert!(!cache.is_in_use(ID));
+}
+
+#[tokio::test]
+async fn the_cache_prunes_its_own_old_eviction_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(FakeRuntime::default());
+    let store = Store::open(&dir.path().join("i.redb")).unwrap();
+    let idx = Index::open(&store).unwrap();
+    let rec = idx
+        .record_use(
+            &RuntimeImage {
+                id: ID.into(),
+                repo_tags: vec!["127.0.0.1:5000/app:1".into()],
+                repo_digests: vec![],
+                size: 1,
+                pinned: false,
+            },
+            Origin::Pull,
+            1_000,
+        )
+        .unwrap();
+    idx.record_eviction(&rec, EvictionReason::Unused, 1_000)
+        .unwrap();
+    let clock = Arc::new(ManualClock::new(1_000 + 3_600_000));
+    let cache = Cache::new(idx, rt, clock.clone())
+        .with_evictions_kept_for(std::time::Duration::from_secs(7_200));
+    // Within the keep: it stays.
+    cache.gc_reconciled().await.unwrap();
+    assert_eq!(cache.evictions().await.unwrap().len(), 1);
+    clock.advance(7_200_000);
+    cache.gc_reconciled().await.unwrap();
+    assert!(cache.evictions().await.unwrap().is_empty());
+    assert_eq!(
+        cache
+            .metrics
+            .counter("cimage_history_pruned_total", &[("kind", "eviction")]),
+        1
+    );
 }

@@ -2,7 +2,8 @@
 //! runs go into the next transaction together), and the in-use marks of running steps that
 //! keep an image from eviction.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::{Cache, CacheError, ImageRecord, Origin, Use};
 use crate::runtime::RuntimeImage;
@@ -14,6 +15,35 @@ pub(super) type PendingUse = (
     Use,
     tokio::sync::oneshot::Sender<Result<ImageRecord, Arc<StoreError>>>,
 );
+
+/// In-use marks by image id, with how many guards hold each.
+pub(super) type InUseMarks = Arc<Mutex<HashMap<String, usize>>>;
+
+/// An image kept from eviction while a step uses it; the mark goes when this drops.
+#[derive(Debug)]
+pub struct InUse {
+    marks: InUseMarks,
+    id: String,
+}
+
+impl InUse {
+    /// The image id it marks.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = self.marks.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.id);
+            }
+        }
+    }
+}
 
 impl Cache {
     /// Records one use of an image the runtime holds; durable before it returns. Uses that
@@ -94,24 +124,19 @@ impl Cache {
         }
     }
 
-    /// Marks an image as in use by a running step; eviction never touches it until released.
-    pub fn mark_in_use(&self, id: &str) {
+    /// Marks an image as in use by a running step; eviction never touches it while the
+    /// returned guard lives (marks count: an image used by two steps stays marked until both
+    /// guards drop).
+    pub fn mark_in_use(&self, id: &str) -> InUse {
         *self
             .in_use
             .lock()
             .unwrap()
             .entry(id.to_owned())
             .or_insert(0) += 1;
-    }
-
-    /// Releases one in-use mark taken by [`Cache::mark_in_use`].
-    pub fn release_in_use(&self, id: &str) {
-        let mut m = self.in_use.lock().unwrap();
-        if let Some(n) = m.get_mut(id) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(id);
-            }
+        InUse {
+            marks: Arc::clone(&self.in_use),
+            id: id.to_owned(),
         }
     }
 

@@ -25,6 +25,7 @@ fn rig() -> Rig {
     let pw = Prewarmer::new(
         base.puller.clone(),
         base.cache.clone(),
+        base.metrics.clone(),
         &base.store,
         Arc::new(SystemClock),
         base.background.clone(),
@@ -249,6 +250,7 @@ async fn runs_cut_short_are_marked_interrupted_at_the_next_start() {
     Prewarmer::new(
         r.puller.clone(),
         r.cache.clone(),
+        r.metrics.clone(),
         &r.store,
         Arc::new(SystemClock),
         r.background.clone(),

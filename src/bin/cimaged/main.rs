@@ -254,7 +254,8 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
         .with_background(background.clone())
         .with_metrics(metrics.clone())
-        .with_presence_ttl(wiring.presence_ttl);
+        .with_presence_ttl(wiring.presence_ttl)
+        .with_evictions_kept_for(wiring.launcher.history.keep);
     if let Some(eviction) = wiring.eviction.clone() {
         cache = cache.with_eviction(eviction);
     }
@@ -284,6 +285,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             )),
             puller: puller.clone(),
             cache: cache.clone(),
+            metrics: metrics.clone(),
             store: store.clone(),
             clock,
             users: Arc::new(Nss),
@@ -299,6 +301,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let prewarm = Prewarmer::new(
         puller.clone(),
         cache.clone(),
+        metrics.clone(),
         &store,
         Arc::new(SystemClock),
         background.clone(),
@@ -388,7 +391,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         store.instance().to_owned(),
         background.clone(),
     )
-    .with_status_of(prewarm, launcher.clone(), ic.metrics_addr.clone());
+    .with_status_of(
+        prewarm,
+        launcher.clone(),
+        ic.metrics_addr.clone(),
+        metrics.clone(),
+    );
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
     let bg = background.clone();
