@@ -62,7 +62,8 @@ impl Rig {
         let metrics = Arc::new(Metrics::default());
         let cache = Arc::new(cache(
             Cache::new(Index::open(&store).unwrap(), rt.clone(), clock)
-                .with_metrics(Arc::clone(&metrics)),
+                .with_metrics(Arc::clone(&metrics))
+                .with_background(background.clone()),
         ));
         let puller = Arc::new(Puller::new(
             rt.clone(),

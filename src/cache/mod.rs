@@ -2,6 +2,11 @@
 //! what the runtime does not (first seen, last used, use count, pins, origin). The runtime is
 //! asked whenever presence matters; reconciliation brings the index back in line with it at
 //! start-up and periodically, so images removed or added behind cimage's back are noticed.
+//!
+//! This file owns the [`Cache`] itself, its errors and settings, listing and reconciliation;
+//! `record.rs` what is stored per image, `index.rs` the tables, `presence.rs` the memory of
+//! recent confirmations, `uses.rs` uses and in-use guards, `lookup.rs` finding, pinning and
+//! removing, `evict.rs` and `gc.rs` eviction and make-room, `gone.rs` images that left.
 
 pub mod evict;
 mod gc;
