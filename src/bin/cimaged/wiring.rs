@@ -1,6 +1,8 @@
 //! From the configuration file's model to each module's own settings. This is the only place
 //! that knows both: `config` describes the file and nothing else, and the domain modules take
-//! plain settings structs, so no domain module imports `config` and `config` imports none.
+//! plain settings structs. A domain module imports from `config` only its named defaults (so
+//! that its own `Default` and the file's agree by construction), never the file model; `config`
+//! imports no domain module.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
