@@ -2,14 +2,23 @@
 //! `auth.json` files and docker credential helpers (`docker-credential-NAME get`). The CLI reads
 //! `--auth-file` with the same code; the daemon uses [`NodeCredentials`] for pre-warm runs and for
 //! requests that bring no credentials of their own. Nothing here logs or displays a secret.
+//!
+//! This file owns the credentials themselves, their errors, auth files and the node's sources;
+//! `helper.rs` runs credential helpers, `fingerprint.rs` makes the fingerprints the index keeps,
+//! and `bounded.rs` holds the bounded map the registry side shares.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use serde::Deserialize;
+
+mod bounded;
+mod fingerprint;
+mod helper;
+
+pub use bounded::BoundedMap;
+pub use fingerprint::Fingerprinter;
+pub use helper::{from_helper, HelperRunner, Helpers, ProcessHelpers, HELPER_ANSWER_TTL};
 
 /// Registry credentials for one request. `Debug` never shows the secret, and there is no
 /// `Display`: nothing formats a password by accident.
@@ -182,75 +191,6 @@ pub fn parse_auth_file(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HelperAnswer {
-    username: String,
-    secret: String,
-}
-
-/// Asks `docker-credential-NAME get` for `registry`'s credentials (the docker credential-helper
-/// protocol: the server URL on stdin, JSON with `Username` and `Secret` on stdout). `Ok(None)`
-/// when the helper has none.
-pub fn from_helper(
-    name: &str,
-    registry: &str,
-    timeout: Duration,
-) -> Result<Option<Credentials>, CredentialError> {
-    let program = format!("docker-credential-{name}");
-    let failed = |message: String| CredentialError::Helper {
-        program: program.clone(),
-        message,
-    };
-    let mut child = Command::new(&program)
-        .arg("get")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(format!("cannot run it: {e}")))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(registry.as_bytes())
-        .map_err(|e| failed(e.to_string()))?;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(failed(format!("gave no answer within {timeout:?}")));
-            }
-            Err(e) => return Err(failed(e.to_string())),
-        }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(e.to_string()))?;
-    if !out.status.success() {
-        // "credentials not found" is the protocol's way of saying none; other failures are
-        // reported without the helper's output, which could hold a secret.
-        let said = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
-        if said.contains("not found") {
-            return Ok(None);
-        }
-        return Err(failed(format!("failed ({})", out.status)));
-    }
-    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
-        .map_err(|_| failed("did not answer with Username and Secret".into()))?;
-    Ok(Some(Credentials {
-        username: answer.username,
-        password: answer.secret,
-        kind: crate::credentials::SecretKind::Password,
-    }))
-}
-
 /// The node's own credentials: helpers by registry host, then auth files in order.
 #[derive(Debug, Clone, Default)]
 pub struct NodeCredentials {
@@ -258,6 +198,9 @@ pub struct NodeCredentials {
     pub config_files: Vec<PathBuf>,
     /// Registry host → credential helper name.
     pub helpers: BTreeMap<String, String>,
+    /// Runs the helpers, and remembers their answers for [`HELPER_ANSWER_TTL`] (shared by
+    /// every clone).
+    pub runner: Helpers,
 }
 
 impl NodeCredentials {
@@ -270,7 +213,7 @@ impl NodeCredentials {
     /// async workers.
     pub fn lookup(&self, registry: &str) -> Result<Option<Credentials>, CredentialError> {
         if let Some(helper) = self.helpers.get(registry) {
-            if let Some(c) = from_helper(helper, registry, Duration::from_secs(10))? {
+            if let Some(c) = self.runner.get(helper, registry)? {
                 return Ok(Some(c));
             }
         }
@@ -283,146 +226,10 @@ impl NodeCredentials {
     }
 }
 
-/// Bytes of the node key that keys credential fingerprints.
-const NODE_KEY_LEN: usize = 32;
-
-/// Fingerprints of credentials, as the index keeps them instead of the credentials: Argon2id
-/// (a slow, memory-hard password hash) keyed with a per-node secret kept outside the state
-/// directory, so that a copy of the index does not yield passwords by guessing. Computing one
-/// takes tens of milliseconds; results are remembered in memory (by a hash salted per process),
-/// so a warm request pays nothing.
-pub struct Fingerprinter {
-    key: [u8; NODE_KEY_LEN],
-    process_salt: [u8; 16],
-    memo: std::sync::Mutex<HashMap<[u8; 32], String>>,
-}
-
-/// Fingerprints remembered at most (the memo is cleared when full).
-const MEMO_LIMIT: usize = 4096;
-
-impl std::fmt::Debug for Fingerprinter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Fingerprinter { key: <secret> }")
-    }
-}
-
-impl Fingerprinter {
-    /// A fingerprinter with this node key.
-    pub fn with_key(key: [u8; NODE_KEY_LEN]) -> Self {
-        Self {
-            key,
-            process_salt: rand::random(),
-            memo: Default::default(),
-        }
-    }
-
-    /// Loads the node key from `path`, or creates it (mode 0600, random) at first start.
-    pub fn load_or_create(path: &Path) -> Result<Self, CredentialError> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let unreadable = |e: std::io::Error| CredentialError::Unreadable {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(unreadable)?;
-        }
-        let mut key = [0u8; NODE_KEY_LEN];
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => {
-                rand::fill(&mut key[..]);
-                f.write_all(&key)
-                    .and_then(|_| f.sync_all())
-                    .map_err(unreadable)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let mut f = std::fs::File::open(path).map_err(unreadable)?;
-                let mut bytes = Vec::new();
-                f.read_to_end(&mut bytes).map_err(unreadable)?;
-                if bytes.len() != NODE_KEY_LEN {
-                    return Err(CredentialError::Malformed {
-                        path: path.to_owned(),
-                        message: format!(
-                            "a node key is {NODE_KEY_LEN} bytes; this file has {} (remove it to make a new one: private images are then verified again)",
-                            bytes.len()
-                        ),
-                    });
-                }
-                key.copy_from_slice(&bytes);
-            }
-            Err(e) => return Err(unreadable(e)),
-        }
-        Ok(Self::with_key(key))
-    }
-
-    /// The fingerprint of `c` for `registry`. Blocking on a miss (the slow hash): call it off
-    /// the async workers.
-    pub fn fingerprint(&self, registry: &str, c: &Credentials) -> String {
-        use sha2::{Digest, Sha256};
-        // A token and a password of the same text are different credentials.
-        let tagged;
-        let c = match c.kind {
-            SecretKind::Password => c,
-            kind => {
-                tagged = Credentials {
-                    username: format!("\0{kind:?}\0{}", c.username),
-                    ..c.clone()
-                };
-                &tagged
-            }
-        };
-        let mut h = Sha256::new();
-        h.update(self.process_salt);
-        for part in [
-            registry.as_bytes(),
-            c.username.as_bytes(),
-            c.password.as_bytes(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        let memo_key: [u8; 32] = h.finalize().into();
-        if let Some(fp) = self.memo.lock().unwrap().get(&memo_key) {
-            return fp.clone();
-        }
-        // Argon2id, keyed with the node key (its "secret" input), salted with the registry and
-        // the user name, over the password.
-        let mut salt = Vec::with_capacity(16 + registry.len() + c.username.len());
-        salt.extend_from_slice(b"cimage-fp-v1\0\0\0\0");
-        salt.extend_from_slice(registry.as_bytes());
-        salt.push(0);
-        salt.extend_from_slice(c.username.as_bytes());
-        let params =
-            argon2::Params::new(19 * 1024, 2, 1, Some(32)).expect("valid Argon2 parameters");
-        let hasher = argon2::Argon2::new_with_secret(
-            &self.key,
-            argon2::Algorithm::Argon2id,
-            argon2::Version::V0x13,
-            params,
-        )
-        .expect("a 32-byte secret is accepted");
-        let mut out = [0u8; 32];
-        hasher
-            .hash_password_into(c.password.as_bytes(), &salt, &mut out)
-            .expect("the salt is long enough and the output 32 bytes");
-        let fp: String = out.iter().map(|b| format!("{b:02x}")).collect();
-        let mut memo = self.memo.lock().unwrap();
-        if memo.len() >= MEMO_LIMIT {
-            memo.clear();
-        }
-        memo.insert(memo_key, fp.clone());
-        fp
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn credentials_debug_hides_the_password() {

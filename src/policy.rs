@@ -40,16 +40,25 @@ impl fmt::Display for PullPolicy {
     }
 }
 
+/// A policy name that is none of those known (`--policy`, the API's string forms).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownPolicy {
+    /// Not a pull policy.
+    #[error("unknown pull policy {0:?} (expected Always, IfNotPresent or Never)")]
+    Pull(String),
+    /// Not a default pull policy.
+    #[error("unknown default pull policy {0:?} (expected IfNotPresent, Always or ByTag)")]
+    Default(String),
+}
+
 impl FromStr for PullPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
         match s.to_ascii_lowercase().as_str() {
             "always" => Ok(Self::Always),
             "ifnotpresent" => Ok(Self::IfNotPresent),
             "never" => Ok(Self::Never),
-            _ => Err(format!(
-                "unknown pull policy {s:?} (expected Always, IfNotPresent or Never)"
-            )),
+            _ => Err(UnknownPolicy::Pull(crate::units::quote_short(s))),
         }
     }
 }
@@ -68,15 +77,13 @@ pub enum DefaultPolicy {
 }
 
 impl FromStr for DefaultPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
         match s.to_ascii_lowercase().as_str() {
             "ifnotpresent" => Ok(Self::IfNotPresent),
             "always" => Ok(Self::Always),
             "bytag" => Ok(Self::ByTag),
-            _ => Err(format!(
-                "unknown default pull policy {s:?} (expected IfNotPresent, Always or ByTag)"
-            )),
+            _ => Err(UnknownPolicy::Default(crate::units::quote_short(s))),
         }
     }
 }
@@ -303,6 +310,7 @@ mod tests {
         assert!("sometimes"
             .parse::<PullPolicy>()
             .unwrap_err()
+            .to_string()
             .contains("Always"));
     }
 }

@@ -16,18 +16,54 @@ pub struct ImageRef {
     explicit_tag: bool,
 }
 
+/// Shortest image id prefix a lookup of the node's images accepts (`cimage rm 3f2a1b`): the
+/// cache tries it against the ids it holds before reading it as a reference.
+pub const MIN_ID_PREFIX: usize = 6;
+
+/// Shortest image id prefix that names a local image everywhere, a pull included: a shorter
+/// hex string may be a repository (`docker.io/library/cafe00`) and is read as one.
+pub const MIN_LOCAL_ID_PREFIX: usize = 12;
+
+/// How a string names an image by the runtime's id, if it does: the one rule for ids that the
+/// puller, the cache's lookups and the CLI's argument checks share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageId<'a> {
+    /// `sha256:` and 64 lower-case hex digits: a whole id.
+    Full(&'a str),
+    /// [`MIN_ID_PREFIX`] to 64 lower-case hex digits: the start of an id.
+    Prefix(&'a str),
+}
+
+impl<'a> ImageId<'a> {
+    /// Reads `s` as an image id or id prefix.
+    pub fn parse(s: &'a str) -> Option<Self> {
+        let hex = |x: &str| {
+            x.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        match s.strip_prefix("sha256:") {
+            Some(rest) => (rest.len() == 64 && hex(rest)).then_some(ImageId::Full(s)),
+            None => {
+                ((MIN_ID_PREFIX..=64).contains(&s.len()) && hex(s)).then_some(ImageId::Prefix(s))
+            }
+        }
+    }
+
+    /// Whether it names a local image outright: a whole id, or a prefix of at least
+    /// [`MIN_LOCAL_ID_PREFIX`] digits (shorter ones may be repositories).
+    pub fn is_local(self) -> bool {
+        match self {
+            ImageId::Full(_) => true,
+            ImageId::Prefix(p) => p.len() >= MIN_LOCAL_ID_PREFIX,
+        }
+    }
+}
+
 /// Whether `s` names a local image by id rather than a registry reference: `sha256:` and 64
 /// hex digits, or an id prefix of 12 to 64 hex digits. Such an image is looked up in the
 /// runtime and never pulled; a shorter hex string is an ordinary repository name.
 pub fn local_image_id(s: &str) -> Option<&str> {
-    let hex = |x: &str| {
-        x.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    match s.strip_prefix("sha256:") {
-        Some(rest) => (rest.len() == 64 && hex(rest)).then_some(s),
-        None => ((12..=64).contains(&s.len()) && hex(s)).then_some(s),
-    }
+    ImageId::parse(s).filter(|id| id.is_local()).map(|_| s)
 }
 
 /// Longest reference accepted: the name is at most 255 characters; with a tag (128) and a
@@ -41,7 +77,58 @@ pub struct InvalidReference {
     /// What was given (at most 200 characters of it: errors never echo a whole hostile input).
     pub input: String,
     /// What is wrong with it.
-    pub reason: String,
+    pub reason: Malformed,
+}
+
+/// What is wrong with a reference; every piece of the input it quotes is cut to 200 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// Nothing but whitespace.
+    #[error("empty reference")]
+    Empty,
+    /// Longer than [`MAX_REFERENCE_LEN`].
+    #[error("longer than {MAX_REFERENCE_LEN} characters")]
+    TooLong,
+    /// Whitespace or control characters anywhere.
+    #[error("contains whitespace or control characters")]
+    Whitespace,
+    /// A URL (`https://…`) instead of a reference.
+    #[error("a reference has no URL scheme; write host[:port]/repository[:tag]")]
+    Scheme,
+    /// A digest without its algorithm.
+    #[error("digest must be algorithm:hex, e.g. sha256:…")]
+    DigestForm,
+    /// A digest algorithm other than sha256, sha384, sha512.
+    #[error("unsupported digest algorithm {0:?}")]
+    DigestAlgorithm(String),
+    /// A digest of the wrong length or case.
+    #[error("{algorithm} digest must be {digits} lower-case hex digits")]
+    DigestHex {
+        /// `sha256`, `sha384` or `sha512`.
+        algorithm: &'static str,
+        /// How many hex digits it needs.
+        digits: usize,
+    },
+    /// A tag outside the grammar.
+    #[error("tag {0:?} must be 1-128 of A-Z a-z 0-9 _ . - and not start with . or -")]
+    Tag(String),
+    /// A registry port outside 1-65535.
+    #[error("registry {0:?} has an invalid port (1-65535)")]
+    Port(String),
+    /// A registry host name outside the grammar.
+    #[error("registry {0:?} is not a valid host name")]
+    Host(String),
+    /// A repository path component outside the grammar.
+    #[error("repository component {0:?} must be lower-case letters and digits, separated by . _ __ or -")]
+    Component(String),
+    /// Registry and repository together longer than 255 characters.
+    #[error("name is longer than 255 characters")]
+    NameTooLong,
+}
+
+/// A piece of the input as an error may quote it.
+fn piece(s: &str) -> String {
+    crate::units::quote_short(s)
 }
 
 impl ImageRef {
@@ -52,26 +139,24 @@ impl ImageRef {
     /// regular expression: a CLI invocation parses one reference, and compiling the grammar's
     /// regex costs more than the rest of the command.
     pub fn parse(input: &str) -> Result<Self, InvalidReference> {
-        let bad = |reason: &str| InvalidReference {
+        let bad = |reason: Malformed| InvalidReference {
             input: crate::units::quote_short(input),
-            reason: crate::units::quote_short(reason),
+            reason,
         };
         if input.trim().is_empty() {
-            return Err(bad("empty reference"));
+            return Err(bad(Malformed::Empty));
         }
         if input.len() > MAX_REFERENCE_LEN {
-            return Err(bad(&format!("longer than {MAX_REFERENCE_LEN} characters")));
+            return Err(bad(Malformed::TooLong));
         }
         if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad("contains whitespace or control characters"));
+            return Err(bad(Malformed::Whitespace));
         }
         if input.contains("://") {
-            return Err(bad(
-                "a reference has no URL scheme; write host[:port]/repository[:tag]",
-            ));
+            return Err(bad(Malformed::Scheme));
         }
         let (name_tag, digest) = match input.split_once('@') {
-            Some((n, d)) => (n, Some(check_digest(d).map_err(|r| bad(&r))?)),
+            Some((n, d)) => (n, Some(check_digest(d).map_err(bad)?)),
             None => (input, None),
         };
         // A tag follows the last ':' only if no '/' comes after it (else the ':' is a port).
@@ -80,23 +165,23 @@ impl ImageRef {
             _ => (name_tag, None),
         };
         if let Some(t) = tag {
-            check_tag(t).map_err(|r| bad(&r))?;
+            check_tag(t).map_err(bad)?;
         }
         let (registry, path) = match name.split_once('/') {
             Some((first, rest))
                 if first.contains('.') || first.contains(':') || first == "localhost" =>
             {
-                check_domain(first).map_err(|r| bad(&r))?;
+                check_domain(first).map_err(bad)?;
                 (first.to_owned(), rest.to_owned())
             }
             _ if name.contains('/') => ("docker.io".to_owned(), name.to_owned()),
             _ => ("docker.io".to_owned(), format!("library/{name}")),
         };
         for component in path.split('/') {
-            check_path_component(component).map_err(|r| bad(&r))?;
+            check_path_component(component).map_err(bad)?;
         }
         if registry.len() + 1 + path.len() > 255 {
-            return Err(bad("name is longer than 255 characters"));
+            return Err(bad(Malformed::NameTooLong));
         }
         let explicit_tag = tag.is_some();
         let tag = match (tag, &digest) {
@@ -185,39 +270,35 @@ impl ImageRef {
 }
 
 /// `sha256:<64 hex>` (or sha384/sha512 with their lengths).
-fn check_digest(d: &str) -> Result<String, String> {
-    let (alg, hex) = d
-        .split_once(':')
-        .ok_or("digest must be algorithm:hex, e.g. sha256:…")?;
-    let want = match alg {
-        "sha256" => 64,
-        "sha384" => 96,
-        "sha512" => 128,
-        _ => return Err(format!("unsupported digest algorithm {alg:?}")),
+fn check_digest(d: &str) -> Result<String, Malformed> {
+    let (alg, hex) = d.split_once(':').ok_or(Malformed::DigestForm)?;
+    let (algorithm, digits) = match alg {
+        "sha256" => ("sha256", 64),
+        "sha384" => ("sha384", 96),
+        "sha512" => ("sha512", 128),
+        _ => return Err(Malformed::DigestAlgorithm(piece(alg))),
     };
-    if hex.len() != want || !hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
-        return Err(format!("{alg} digest must be {want} lower-case hex digits"));
+    if hex.len() != digits || !hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+        return Err(Malformed::DigestHex { algorithm, digits });
     }
     Ok(d.to_owned())
 }
 
 /// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-fn check_tag(t: &str) -> Result<(), String> {
+fn check_tag(t: &str) -> Result<(), Malformed> {
     let mut chars = t.chars();
     let first_ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric() || c == '_');
     if !first_ok
         || t.len() > 128
         || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
     {
-        return Err(format!(
-            "tag {t:?} must be 1-128 of A-Z a-z 0-9 _ . - and not start with . or -"
-        ));
+        return Err(Malformed::Tag(piece(t)));
     }
     Ok(())
 }
 
 /// `host[.host…][:port]`, each label alphanumerics with inner hyphens.
-fn check_domain(d: &str) -> Result<(), String> {
+fn check_domain(d: &str) -> Result<(), Malformed> {
     let (host, port) = match d.rsplit_once(':') {
         Some((h, p)) => (h, Some(p)),
         None => (d, None),
@@ -228,7 +309,7 @@ fn check_domain(d: &str) -> Result<(), String> {
             && p.chars().all(|c| c.is_ascii_digit())
             && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n));
         if !port_ok {
-            return Err(format!("registry {d:?} has an invalid port (1-65535)"));
+            return Err(Malformed::Port(piece(d)));
         }
     }
     let label_ok = |l: &str| {
@@ -238,18 +319,14 @@ fn check_domain(d: &str) -> Result<(), String> {
             && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     };
     if !host.split('.').all(label_ok) {
-        return Err(format!("registry {d:?} is not a valid host name"));
+        return Err(Malformed::Host(piece(d)));
     }
     Ok(())
 }
 
 /// Lower-case alphanumerics separated by `.`, `_`, `__` or runs of `-`.
-fn check_path_component(c: &str) -> Result<(), String> {
-    let err = || {
-        Err(format!(
-            "repository component {c:?} must be lower-case letters and digits, separated by . _ __ or -"
-        ))
-    };
+fn check_path_component(c: &str) -> Result<(), Malformed> {
+    let err = || Err(Malformed::Component(piece(c)));
     let bytes = c.as_bytes();
     if bytes.is_empty() || !is_alnum(bytes[0]) || !is_alnum(bytes[bytes.len() - 1]) {
         return err();
@@ -377,6 +454,9 @@ mod tests {
         let full = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(local_image_id(&full), Some(full.as_str()));
         assert_eq!(local_image_id("abcdef012345"), Some("abcdef012345"));
+        assert_eq!(ImageId::parse("abcdef"), Some(ImageId::Prefix("abcdef")));
+        assert_eq!(ImageId::parse(&full), Some(ImageId::Full(full.as_str())));
+        assert_eq!(ImageId::parse("abcde"), None);
         for not in [
             "abcdef01234",
             "sha256:abc",

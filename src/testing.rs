@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::background::Background;
 use crate::cache::{Cache, Index};
 use crate::clock::{Clock, SystemClock};
+use crate::metrics::Metrics;
 use crate::puller::{Puller, PullerSettings};
 use crate::registry::fake::FakeRegistry;
 use crate::runtime::fake::FakeRuntime;
@@ -37,6 +38,8 @@ pub struct Rig {
     pub puller: Arc<Puller>,
     /// The tracked tasks and shutdown token every module of the rig shares.
     pub background: Background,
+    /// The metrics every module of the rig counts into.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Rig {
@@ -56,15 +59,17 @@ impl Rig {
         let rt = Arc::new(FakeRuntime::default());
         let reg = Arc::new(FakeRegistry::default());
         let background = Background::new();
-        let cache = Arc::new(cache(Cache::new(
-            Index::open(&store).unwrap(),
-            rt.clone(),
-            clock,
-        )));
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(cache(
+            Cache::new(Index::open(&store).unwrap(), rt.clone(), clock)
+                .with_metrics(Arc::clone(&metrics))
+                .with_background(background.clone()),
+        ));
         let puller = Arc::new(Puller::new(
             rt.clone(),
             reg.clone(),
             cache.clone(),
+            Arc::clone(&metrics),
             settings,
             background.clone(),
         ));
@@ -76,6 +81,7 @@ impl Rig {
             cache,
             puller,
             background,
+            metrics,
         }
     }
 }

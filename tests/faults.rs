@@ -293,3 +293,34 @@ fn a_slow_registry_is_only_slow() {
     c.assert_index_agrees();
     c.heals();
 }
+
+#[test]
+fn a_registry_whose_every_connection_stalls_fails_each_attempt_at_the_stall_timeout() {
+    let tb = Testbed::get();
+    let img = tb.push_new("fault-stall-every", &[Layer::random(8 << 20)]);
+    let proxy = Proxy::start(&tb, &tb.registry, 0);
+    let d = Daemon::start(&format!(
+        "PullStallTimeout: 5s\nPullTimeout: 5m\nPullRetries: 2\n{}",
+        proxied_registries(&tb, &proxy.addr)
+    ));
+    // Every connection, the runtime's resumed fetches included, hangs after about 3 MB: no
+    // attempt ever gets the layer whole, and each later one starts where the last stopped.
+    proxy.stall_each_connection_after(3_000_000);
+    let reference = format!("{}/{}:1", proxy.addr, img.repo);
+    let out = d.cli(&["pull", &reference]);
+    assert!(!out.status.success(), "the pull succeeded");
+    let err = stderr(&out);
+    let line = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        line.contains(&format!("no progress for 5s from {}", proxy.addr))
+            && line.contains("PullStallTimeout"),
+        "{err}\n{}",
+        d.log()
+    );
+    let log = d.log();
+    assert_eq!(
+        log.matches("pull stalled").count(),
+        3,
+        "every attempt (1 + PullRetries) ends as stalled: {log}"
+    );
+}

@@ -69,7 +69,9 @@ fn skip_string(b: &[u8], i: &mut usize) -> Option<std::ops::Range<usize>> {
     Some(start..*i)
 }
 
-/// The header block with every literal `:authority` (static name index 1) valued `localhost`;
+/// The header block with every non-empty literal `:authority` (static name index 1) given a
+/// value the server accepts: `localhost` for a literal without indexing or never indexed, `x`
+/// for one with incremental indexing (the server adds it to its table; see the module's text);
 /// `None` when the block does not parse (it is then left alone).
 pub fn rewrite_block(b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(b.len());

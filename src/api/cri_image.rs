@@ -288,7 +288,7 @@ impl ImageService for CriImageApi {
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let r = req.into_inner();
         let image = image_of(r.image.clone(), "RemoveImage")?;
-        let known = match self.cache.find(&image).await {
+        let known = match self.cache.find_and_adopt(&image).await {
             Ok((rt, rec)) => Some((rt, rec)),
             Err(CacheError::NotFound { .. }) => None,
             Err(e) => return Err(super::service::cache_status(&e)),
@@ -302,7 +302,7 @@ impl ImageService for CriImageApi {
         let resp = self.upstream.clone().remove_image(r).await?;
         if let Some((rt, _)) = known {
             info!(image = %rt.id, "removed through the CRI endpoint");
-            if let Err(e) = self.cache.removed(&rt.id).await {
+            if let Err(e) = self.cache.drop_removed(&rt.id).await {
                 warn!(image = %rt.id, "taking a removed image out of the index: {e}");
             }
         }

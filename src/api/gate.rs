@@ -31,19 +31,13 @@ pub struct Limits {
     pub idle: Duration,
 }
 
-/// Default [`Limits::per_user`].
-pub const DEFAULT_PER_USER: usize = 64;
-/// Default [`Limits::per_admin`].
-pub const DEFAULT_PER_ADMIN: usize = 1024;
-/// Default [`Limits::idle`].
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
-
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            per_user: DEFAULT_PER_USER,
-            per_admin: DEFAULT_PER_ADMIN,
-            idle: DEFAULT_IDLE,
+            // The file's defaults (`MaxConnectionsPerUser`, …), named once in `config`.
+            per_user: crate::config::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            per_admin: crate::config::DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
+            idle: crate::config::DEFAULT_CONNECTION_IDLE_TIMEOUT,
         }
     }
 }

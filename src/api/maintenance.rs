@@ -9,7 +9,8 @@ use super::service::{cache_status, caller, require_admin, to_pb};
 use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
 use crate::cache::{Cache, ImageRecord};
-use crate::prewarm::schedule::{ScheduleSpec, DEFAULT_CONCURRENCY};
+use crate::config::DEFAULT_PREWARM_CONCURRENCY;
+use crate::prewarm::schedule::ScheduleSpec;
 use crate::prewarm::store::{ImageResult, RunRecord};
 use crate::prewarm::{PrewarmError, Prewarmer, RunEvent, ScheduleInfo};
 
@@ -190,7 +191,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
             top: (s.top > 0).then_some(s.top as usize),
             jitter_ms: s.jitter_ms,
             concurrency: if s.concurrency == 0 {
-                DEFAULT_CONCURRENCY
+                DEFAULT_PREWARM_CONCURRENCY
             } else {
                 s.concurrency as usize
             },

@@ -81,17 +81,38 @@ impl AdminPolicy {
     }
 }
 
+/// Why a configured group (`SocketGroup`, `AdminGroup`) names no group of this node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The name holds a NUL byte, which no group name can.
+    #[error("group {group:?} contains a NUL byte; give a group name or a numeric gid")]
+    Nul {
+        /// The name as given.
+        group: String,
+    },
+    /// The host's group database (NSS) has no group of that name.
+    #[error("group {group:?} does not exist on this node; create it or give a numeric gid")]
+    Unknown {
+        /// The name as given.
+        group: String,
+    },
+}
+
 /// Resolves a group given by name or number to its gid.
-pub fn resolve_group(group: &str) -> Result<u32, String> {
+pub fn resolve_group(group: &str) -> Result<u32, GroupError> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(gid);
     }
-    let name = CString::new(group).map_err(|_| format!("group {group:?} contains a NUL byte"))?;
+    let name = CString::new(group).map_err(|_| GroupError::Nul {
+        group: crate::units::quote_short(group),
+    })?;
     // SAFETY: getgrnam reads a NUL-terminated name and returns a pointer into static storage or
     // null; we copy the gid out immediately and keep no reference.
     let entry = unsafe { libc::getgrnam(name.as_ptr()) };
     if entry.is_null() {
-        return Err(format!("group {group:?} does not exist on this node"));
+        return Err(GroupError::Unknown {
+            group: crate::units::quote_short(group),
+        });
     }
     // SAFETY: entry is non-null and points at a valid `struct group`.
     Ok(unsafe { (*entry).gr_gid })
@@ -160,6 +181,7 @@ mod tests {
         assert_eq!(resolve_group("root"), Ok(0));
         assert!(resolve_group("no-such-group-here")
             .unwrap_err()
+            .to_string()
             .contains("does not exist"));
     }
 }

@@ -26,6 +26,8 @@ pub struct ImageCacheApi {
     prewarm: Option<Arc<crate::prewarm::Prewarmer>>,
     launcher: Option<Arc<crate::launcher::Launcher>>,
     metrics_addr: Option<String>,
+    /// The daemon's metrics (`status` reports the tasks pruned since start from them).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ImageCacheApi {
@@ -49,20 +51,23 @@ impl ImageCacheApi {
             prewarm: None,
             launcher: None,
             metrics_addr: None,
+            metrics: None,
         }
     }
 
-    /// What `status` also reports: the pre-warm schedules' next fires, the task history and
-    /// the metrics address.
+    /// What `status` also reports: the pre-warm schedules' next fires, the task history, the
+    /// metrics address and the daemon's metrics.
     pub fn with_status_of(
         mut self,
         prewarm: Arc<crate::prewarm::Prewarmer>,
         launcher: Arc<crate::launcher::Launcher>,
         metrics_addr: Option<String>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         self.prewarm = Some(prewarm);
         self.launcher = Some(launcher);
         self.metrics_addr = metrics_addr;
+        self.metrics = Some(metrics);
         self
     }
 
@@ -343,7 +348,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = req.into_inner().image;
         let (_, rec) = self
             .cache
-            .find(&image)
+            .find_and_adopt(&image)
             .await
             .map_err(|e| cache_status(&e))?;
         if !admin && !rec.visible_to(who.uid) {
@@ -361,7 +366,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = req.into_inner().image;
         let rec = self
             .cache
-            .remove(&image)
+            .remove_image(&image)
             .await
             .map_err(|e| cache_status(&e))?;
         info!(uid = who.uid, image = %image, id = %rec.id, "image removed");
@@ -437,10 +442,9 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
             Some(l) => l.history().await.unwrap_or_default(),
             None => Default::default(),
         };
-        let tasks_pruned = self
-            .cache
-            .metrics()
-            .counter("cimage_history_pruned_total", &[("kind", "task")]);
+        let tasks_pruned = self.metrics.as_ref().map_or(0, |m| {
+            m.counter("cimage_history_pruned_total", &[("kind", "task")])
+        });
         Ok(Response::new(pb::StatusResponse {
             tasks_recorded,
             tasks_live,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ImageRecord;
+use crate::config;
 
 /// Eviction settings (the `ImageCache.Eviction` section).
 #[derive(Debug, Clone, PartialEq)]
@@ -37,10 +38,10 @@ pub struct EvictionSettings {
 impl Default for EvictionSettings {
     fn default() -> Self {
         Self {
-            high_percent: 85.0,
-            low_percent: 80.0,
+            high_percent: config::DEFAULT_HIGH_PERCENT,
+            low_percent: config::DEFAULT_LOW_PERCENT,
             max_bytes: None,
-            min_age: Duration::from_secs(120),
+            min_age: config::DEFAULT_MIN_AGE,
             max_unused_age: None,
             path: None,
         }

@@ -1,6 +1,10 @@
 //! Carrying eviction out: reconcile, plan with [`super::evict::plan`] over what is protected
 //! (pins, in-use images, the runtime's sandbox image), remove from the runtime, record each
-//! eviction; and making room before a cold pull.
+//! eviction; and making room before a cold pull, counting the bytes that pulls already in
+//! flight were given room for ([`Reservation`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
@@ -30,7 +34,33 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
+/// Room made for a pull in flight: its bytes count as used by later pulls' checks until it
+/// drops (when the pull ends, its image is in the runtime and counts as itself).
+#[derive(Debug)]
+pub struct Reservation {
+    reserved: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Bytes this pull holds room for.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 impl Cache {
+    /// Bytes held now by pulls in flight that were given room.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.load(Ordering::SeqCst)
+    }
+
     /// Usage of the image filesystem as `df` counts it (also kept as the gauge
     /// `cimage_image_fs_used_ratio`); `None` when it cannot be read.
     pub async fn image_fs_usage(&self) -> Option<FsUsage> {
@@ -53,7 +83,12 @@ impl Cache {
                 std::path::PathBuf::from(&fs.first()?.mountpoint)
             }
         };
-        match evict::fs_usage(&path) {
+        // statvfs may block on a slow or hung filesystem: never on an async worker.
+        let at = path.clone();
+        let usage = tokio::task::spawn_blocking(move || evict::fs_usage(&at))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match usage {
             Ok(u) => {
                 self.metrics
                     .set("cimage_image_fs_used_ratio", u.percent(u.used) / 100.0);
@@ -82,8 +117,12 @@ impl Cache {
         .await
     }
 
-    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile again).
+    /// The periodic eviction pass, right after a reconciliation (so it does not reconcile
+    /// again); eviction records past the history's keep go too.
     pub async fn gc_reconciled(&self) -> Result<GcReport, CacheError> {
+        if let Err(e) = self.prune_evictions().await {
+            warn!("pruning eviction records failed: {e}");
+        }
         self.gc_with(Gc {
             dry_run: false,
             incoming: 0,
@@ -101,6 +140,11 @@ impl Cache {
             });
         };
         let _one_at_a_time = self.gc_lock.lock().await;
+        self.gc_locked(how, settings).await
+    }
+
+    /// A gc with the gc lock held by the caller.
+    async fn gc_locked(&self, how: Gc, settings: EvictionSettings) -> Result<GcReport, CacheError> {
         if how.reconcile {
             // Plan on what the runtime really holds.
             if let Err(e) = self.reconcile().await {
@@ -167,10 +211,10 @@ impl Cache {
                     warn!(image = %rec.id, "eviction failed: {e}");
                     continue;
                 }
-                self.forget(&rec.id);
+                self.forget_presence(&rec.id);
                 let (r, now) = (rec.clone(), self.clock.now_ms());
                 let why = *reason;
-                self.blocking(move |idx| idx.record_eviction(&r, why, now))
+                self.off_thread(move |idx| idx.record_eviction(&r, why, now))
                     .await?;
                 self.metrics
                     .inc("cimage_evictions_total", &[("reason", reason.as_str())]);
@@ -186,37 +230,52 @@ impl Cache {
         })
     }
 
-    /// Makes room for an incoming pull of `bytes`: evicts what the rules allow, or fails without
-    /// evicting anything when the target cannot be met.
-    pub async fn make_room(&self, bytes: u64) -> Result<(), CacheError> {
-        let Some(settings) = &self.eviction else {
-            return Ok(());
+    /// Makes room for an incoming pull of `bytes`, counting the bytes of pulls in flight that
+    /// were given room before it: evicts what the rules allow, or fails without evicting
+    /// anything when the target cannot be met. The room is held until the returned reservation
+    /// drops (the pull's end). Checks run one at a time, so concurrent pulls cannot each find
+    /// the same free room.
+    pub async fn make_room(&self, bytes: u64) -> Result<Reservation, CacheError> {
+        let reserve = || {
+            self.reserved.fetch_add(bytes, Ordering::SeqCst);
+            Reservation {
+                reserved: Arc::clone(&self.reserved),
+                bytes,
+            }
         };
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(reserve());
+        };
+        let _one_at_a_time = self.gc_lock.lock().await;
+        let incoming = bytes + self.reserved_bytes();
         // Most pulls are nowhere near a limit: check that cheaply before planning (a plan
         // reconciles with the runtime first).
         let over_bytes = match settings.max_bytes {
-            Some(max) => self.list().await?.iter().map(|r| r.size).sum::<u64>() + bytes > max,
+            Some(max) => self.list().await?.iter().map(|r| r.size).sum::<u64>() + incoming > max,
             None => false,
         };
-        let over_fs = match self.image_fs(settings).await {
-            Some(fs) => fs.percent(fs.used + bytes) > settings.high_percent,
+        let over_fs = match self.image_fs(&settings).await {
+            Some(fs) => fs.percent(fs.used + incoming) > settings.high_percent,
             None => false,
         };
         if !over_bytes && !over_fs {
-            return Ok(());
+            return Ok(reserve());
         }
         // One plan, carried out only if it meets the target.
         let report = self
-            .gc_with(Gc {
-                dry_run: false,
-                incoming: bytes,
-                reconcile: true,
-                all_or_nothing: true,
-            })
+            .gc_locked(
+                Gc {
+                    dry_run: false,
+                    incoming,
+                    reconcile: true,
+                    all_or_nothing: true,
+                },
+                settings,
+            )
             .await?;
         match report.plan.shortfall {
             Some(reason) => Err(CacheError::NoRoom { bytes, reason }),
-            None => Ok(()),
+            None => Ok(reserve()),
         }
     }
 }

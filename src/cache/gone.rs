@@ -7,7 +7,7 @@
 //! Every function here runs inside the write transaction of the change that calls it, so an
 //! image's history is never both in the index and remembered, nor lost between the two.
 
-use super::index::ImageRecord;
+use super::record::ImageRecord;
 use crate::store::{JsonTable, StoreError, Write};
 
 /// Images no longer on the node, by name (each entry an [`ImageRecord`] with `names` = that

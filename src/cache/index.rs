@@ -4,11 +4,16 @@
 //! what went and why). Every change is one write transaction committed before the caller is
 //! answered, so a crash at any point leaves either the old or the new record, never a torn one.
 //! Whatever the index believes about presence is repaired by reconciliation with the runtime.
+//! The records themselves are defined in `record.rs`; the memory of images that left, which
+//! every removal here feeds, in `gone.rs`.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use super::evict::EvictionReason;
+use super::gone::{self, GONE};
+use super::record::{EvictionRecord, ImageRecord, Origin, Use, MAX_FINGERPRINTS, MAX_GRANTED_UIDS};
+use crate::config;
 use crate::runtime::RuntimeImage;
 use crate::store::{JsonTable, Store, StoreError};
 
@@ -19,159 +24,6 @@ const EVICTIONS: JsonTable<EvictionRecord> = JsonTable::new("evictions");
 const FINGERPRINT_SCHEME_KEY: &str = "fingerprint_scheme";
 /// Argon2id keyed with the node key (see [`crate::credentials::Fingerprinter`]).
 const FINGERPRINT_SCHEME: &str = "argon2id-node-key-v1";
-
-/// How an image came to be on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// Pulled for a job's task.
-    Job,
-    /// Pulled on request (`cimage pull`).
-    Pull,
-    /// Pulled by a pre-warm schedule.
-    Prewarm,
-    /// Found in the runtime, pulled by someone else.
-    Runtime,
-    /// Asked for through cimaged's CRI image endpoint (Craned, kubelet, crictl).
-    Cri,
-}
-
-impl Origin {
-    /// The lower-case name used in the API and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Job => "job",
-            Origin::Pull => "pull",
-            Origin::Prewarm => "prewarm",
-            Origin::Runtime => "runtime",
-            Origin::Cri => "cri",
-        }
-    }
-}
-
-/// What the index knows about one image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    /// The runtime's image id.
-    pub id: String,
-    /// Tags (from the runtime).
-    pub names: Vec<String>,
-    /// Manifest digest references (from the runtime).
-    pub digests: Vec<String>,
-    /// Size in bytes (from the runtime).
-    pub size: u64,
-    /// When cimage first saw it (Unix ms).
-    pub first_seen: i64,
-    /// When a request last used it (Unix ms; 0 if never).
-    pub last_used: i64,
-    /// How many requests used it.
-    pub use_count: u64,
-    /// Pinned images are never evicted.
-    pub pinned: bool,
-    /// How it came to be here.
-    pub origin: Origin,
-    /// Decayed use count as of `popularity_at` (see [`ImageRecord::popularity_now`]).
-    #[serde(default)]
-    pub popularity: f64,
-    /// When `popularity` was last brought up to date (Unix ms).
-    #[serde(default)]
-    pub popularity_at: i64,
-    /// First pulled with credentials: served only to requests that prove access.
-    #[serde(default)]
-    pub credentialed: bool,
-    /// Salted fingerprints of the credentials that pulled it or were confirmed by its registry.
-    #[serde(default)]
-    pub fingerprints: Vec<String>,
-    /// Callers (uids) that proved access to a credentialed image: only they, root and the admin
-    /// group see its names.
-    #[serde(default)]
-    pub granted_uids: Vec<u32>,
-}
-
-/// At most this many uids are kept per image (the newest).
-pub const MAX_GRANTED_UIDS: usize = 256;
-
-impl ImageRecord {
-    /// Whether `uid` may see this image's names: it is public, or `uid` proved access to it.
-    pub fn visible_to(&self, uid: u32) -> bool {
-        !self.credentialed || self.granted_uids.contains(&uid)
-    }
-}
-
-/// At most this many credential fingerprints are kept per image (the newest).
-pub const MAX_FINGERPRINTS: usize = 64;
-
-/// One use to record.
-#[derive(Debug, Clone)]
-pub struct Use {
-    /// The image as the runtime reports it.
-    pub image: RuntimeImage,
-    /// What it was for.
-    pub origin: Origin,
-    /// The request's credential fingerprint, if it had credentials.
-    pub fingerprint: Option<String>,
-    /// The request pulled the image (rather than using the runtime's copy).
-    pub pulled: bool,
-    /// The registry confirmed the request's credentials can read it.
-    pub verified: bool,
-    /// The caller's uid, when the use comes from an API caller.
-    pub requester: Option<u32>,
-}
-
-/// One eviction, as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvictionRecord {
-    /// When (Unix ms).
-    pub time: i64,
-    /// The image's id.
-    pub id: String,
-    /// Its names.
-    pub names: Vec<String>,
-    /// Its size.
-    pub size: u64,
-    /// Why it went.
-    pub reason: super::evict::EvictionReason,
-}
-
-/// `value` decayed from `at` to `now` with the given half-life.
-pub fn decay(value: f64, at: i64, now: i64, half_life_ms: i64) -> f64 {
-    if half_life_ms <= 0 || now <= at {
-        return value;
-    }
-    value * 0.5f64.powf((now - at) as f64 / half_life_ms as f64)
-}
-
-impl ImageRecord {
-    fn fresh(img: &RuntimeImage, origin: Origin, now: i64) -> Self {
-        Self {
-            id: img.id.clone(),
-            names: img.repo_tags.clone(),
-            digests: img.repo_digests.clone(),
-            size: img.size,
-            first_seen: now,
-            last_used: 0,
-            use_count: 0,
-            pinned: false,
-            origin,
-            popularity: 0.0,
-            popularity_at: now,
-            credentialed: false,
-            fingerprints: Vec::new(),
-            granted_uids: Vec::new(),
-        }
-    }
-
-    /// The decayed use count now, for ranking the most popular images.
-    pub fn popularity_now(&self, now: i64, half_life_ms: i64) -> f64 {
-        decay(self.popularity, self.popularity_at, now, half_life_ms)
-    }
-
-    fn refresh_from(&mut self, img: &RuntimeImage) {
-        self.names = img.repo_tags.clone();
-        self.digests = img.repo_digests.clone();
-        self.size = img.size;
-    }
-}
 
 /// What a reconciliation changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -184,26 +36,52 @@ pub struct ReconcileReport {
     pub updated: usize,
 }
 
+/// How the index ranks images and how long it remembers those that left
+/// (`ImageCache.Prewarm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSettings {
+    /// Half-life of the decayed use counts that rank images.
+    pub popularity_half_life: Duration,
+    /// How long the name of an image that left the node is remembered after its last use.
+    pub forget_absent_after: Duration,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        Self {
+            popularity_half_life: config::DEFAULT_POPULARITY_HALF_LIFE,
+            forget_absent_after: config::DEFAULT_FORGET_ABSENT_AFTER,
+        }
+    }
+}
+
 /// The index of images, over the daemon's store.
 pub struct Index {
     store: Store,
-    half_life_ms: std::sync::atomic::AtomicI64,
-    forget_after_ms: std::sync::atomic::AtomicI64,
+    half_life_ms: i64,
+    forget_after_ms: i64,
     /// The last full listing, with the store's write count it was read at: a node's index can
     /// hold ten thousand images, and listings (status, eviction checks, `cimage images`) come
     /// far more often than the index changes between them.
     listed: std::sync::Mutex<Option<(u64, std::sync::Arc<Vec<ImageRecord>>)>>,
 }
 
-/// Default of `ImageCache.Prewarm.ForgetAbsentAfter`: 90 days.
-pub const DEFAULT_FORGET_ABSENT_AFTER_MS: i64 = 90 * 86_400_000;
+/// A duration in ms, as the records' times are kept.
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
 
 impl Index {
-    /// The index in `store` (its tables are created if missing).
+    /// The index in `store` with the default settings (its tables are created if missing).
     pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Self::open_with(store, IndexSettings::default())
+    }
+
+    /// The index in `store` with these settings (its tables are created if missing).
+    pub fn open_with(store: &Store, settings: IndexSettings) -> Result<Self, StoreError> {
         store.ensure_tables(&[IMAGES])?;
         store.ensure_tables(&[EVICTIONS])?;
-        store.ensure_tables(&[super::gone::GONE])?;
+        store.ensure_tables(&[GONE])?;
         // Fingerprints of an older scheme (salted SHA-256 with the salt in this file) are
         // dropped, in one transaction: the images stay private and their users prove access
         // again with a registry check on next use.
@@ -221,36 +99,20 @@ impl Index {
         })?;
         Ok(Self {
             store: store.clone(),
-            half_life_ms: std::sync::atomic::AtomicI64::new(7 * 86_400_000),
-            forget_after_ms: std::sync::atomic::AtomicI64::new(DEFAULT_FORGET_ABSENT_AFTER_MS),
+            half_life_ms: millis(settings.popularity_half_life),
+            forget_after_ms: millis(settings.forget_absent_after),
             listed: std::sync::Mutex::new(None),
         })
     }
 
-    /// Sets how long an absent image's name is remembered after its last use.
-    pub fn set_forget_absent_after(&self, after: std::time::Duration) {
-        self.forget_after_ms.store(
-            after.as_millis().min(i64::MAX as u128) as i64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
     /// Images that left the node, by name, with the history they left (see `gone`).
     pub fn gone(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        self.store.all(super::gone::GONE)
-    }
-
-    /// Sets the half-life of the popularity score.
-    pub fn set_popularity_half_life(&self, half_life: std::time::Duration) {
-        self.half_life_ms.store(
-            half_life.as_millis() as i64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.store.all(GONE)
     }
 
     /// The half-life of the popularity score, in ms.
     pub fn popularity_half_life_ms(&self) -> i64 {
-        self.half_life_ms.load(std::sync::atomic::Ordering::Relaxed)
+        self.half_life_ms
     }
 
     /// The record for an image id.
@@ -329,7 +191,7 @@ impl Index {
                         None => {
                             // Back on the node: it takes up the history its names left.
                             let mut rec = ImageRecord::fresh(img, u.origin, now);
-                            super::gone::revive(w, &mut rec, now, half_life)?;
+                            gone::revive(w, &mut rec, now, half_life)?;
                             rec
                         }
                     };
@@ -389,7 +251,7 @@ impl Index {
             let old = w.get(IMAGES, id)?;
             if let Some(rec) = &old {
                 w.remove(IMAGES, id)?;
-                super::gone::remember(w, rec, now, half_life)?;
+                gone::remember(w, rec, now, half_life)?;
             }
             Ok(old)
         })
@@ -399,7 +261,7 @@ impl Index {
     pub fn record_eviction(
         &self,
         rec: &ImageRecord,
-        reason: super::evict::EvictionReason,
+        reason: EvictionReason,
         now: i64,
     ) -> Result<(), StoreError> {
         let ev = EvictionRecord {
@@ -414,7 +276,7 @@ impl Index {
                 // The stored record: its uses may have moved on since the plan was made.
                 let stored = w.get(IMAGES, &rec.id)?.unwrap_or_else(|| rec.clone());
                 w.remove(IMAGES, &rec.id)?;
-                super::gone::remember(w, &stored, now, self.popularity_half_life_ms())?;
+                gone::remember(w, &stored, now, self.popularity_half_life_ms())?;
                 w.put(EVICTIONS, &format!("{now:020}-{}", rec.id), &ev)
             })
     }
@@ -460,7 +322,7 @@ impl Index {
                 .filter(|(id, _)| !live.contains(id.as_str()))
             {
                 w.remove(IMAGES, id)?;
-                super::gone::remember(w, rec, now, half_life)?;
+                gone::remember(w, rec, now, half_life)?;
                 report.removed += 1;
             }
             for img in runtime {
@@ -477,16 +339,13 @@ impl Index {
                     None => {
                         report.added += 1;
                         let mut rec = ImageRecord::fresh(img, Origin::Runtime, now);
-                        super::gone::revive(w, &mut rec, now, half_life)?;
+                        gone::revive(w, &mut rec, now, half_life)?;
                         rec
                     }
                 };
                 w.put(IMAGES, &img.id, &next)?;
             }
-            let max_age = self
-                .forget_after_ms
-                .load(std::sync::atomic::Ordering::Relaxed);
-            super::gone::prune(w, now, half_life, max_age)?;
+            gone::prune(w, now, half_life, self.forget_after_ms)?;
             Ok(report)
         })
     }
@@ -538,7 +397,7 @@ mod tests {
             let rec = idx
                 .record_use(&img(id, &format!("r/{id}:1"), 1), Origin::Pull, t)
                 .unwrap();
-            idx.record_eviction(&rec, super::super::evict::EvictionReason::Unused, t)
+            idx.record_eviction(&rec, super::EvictionReason::Unused, t)
                 .unwrap();
         }
         assert_eq!(idx.prune_evictions(250, 1).unwrap(), 1);

@@ -51,13 +51,10 @@ impl Launcher {
                 warn!(task = %task.id, "removing container {cid} failed: {e}");
             }
         }
-        if let Some(img) = &task.image_id {
-            self.cache.release_in_use(img);
-        }
+        self.images_in_use.lock().unwrap().remove(&task.id);
         self.release_mounts(&task.id).await;
         task.cleaned = true;
-        self.cache
-            .metrics()
+        self.metrics
             .inc("cimage_tasks_total", &[("state", task.state.as_str())]);
         let job_id = task.job.clone();
         let lock = self.job_lock(&job_id);

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::info;
 
 use super::store::TaskRecord;
 use super::{LaunchError, Launcher};
@@ -50,8 +50,6 @@ pub struct PruneReport {
     pub jobs: usize,
     /// Log files removed.
     pub logs: usize,
-    /// Eviction records removed.
-    pub evictions: usize,
 }
 
 /// How many of `oldest` (finished, cleaned-up tasks, oldest finished first) go: those finished
@@ -120,12 +118,8 @@ impl Launcher {
                 self.remove_logs(&[], batch).await;
             }
         }
-        match self.cache.prune_evictions(cutoff).await {
-            Ok(n) => report.evictions = n,
-            Err(e) => warn!("pruning eviction records failed: {e}"),
-        }
-        if report.tasks + report.jobs + report.evictions > 0 {
-            let m = self.cache.metrics();
+        if report.tasks + report.jobs > 0 {
+            let m = &self.metrics;
             m.add(
                 "cimage_history_pruned_total",
                 &[("kind", "task")],
@@ -136,16 +130,10 @@ impl Launcher {
                 &[("kind", "job")],
                 report.jobs as u64,
             );
-            m.add(
-                "cimage_history_pruned_total",
-                &[("kind", "eviction")],
-                report.evictions as u64,
-            );
             info!(
                 tasks = report.tasks,
                 jobs = report.jobs,
                 logs = report.logs,
-                evictions = report.evictions,
                 "history pruned"
             );
         }

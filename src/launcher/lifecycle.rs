@@ -247,7 +247,11 @@ impl Launcher {
             Ok(e) => e,
             Err(e) => return self.fail(task, Stage::Image, e.to_string(), tx).await,
         };
-        self.cache.mark_in_use(&ensured.record.id);
+        let in_use = self.cache.mark_in_use(&ensured.record.id);
+        self.images_in_use
+            .lock()
+            .unwrap()
+            .insert(task.id.clone(), in_use);
         task.image_id = Some(ensured.record.id.clone());
         send(
             tx,
@@ -299,8 +303,8 @@ impl Launcher {
             // The image was reported present from a recent confirmation but is gone (removed
             // behind cimage's back): ask the runtime again, pull if needed, and retry once.
             warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
-            self.cache.forget(&ensured.record.id);
-            self.cache.release_in_use(&ensured.record.id);
+            self.cache.forget_presence(&ensured.record.id);
+            self.images_in_use.lock().unwrap().remove(&task.id);
             task.image_id = None;
             match self
                 .puller
@@ -315,7 +319,11 @@ impl Launcher {
                 .await
             {
                 Ok(again) => {
-                    self.cache.mark_in_use(&again.record.id);
+                    let in_use = self.cache.mark_in_use(&again.record.id);
+                    self.images_in_use
+                        .lock()
+                        .unwrap()
+                        .insert(task.id.clone(), in_use);
                     task.image_id = Some(again.record.id.clone());
                     let mut retry_spec = container.clone();
                     retry_spec.image = again.record.id.clone();
@@ -389,7 +397,7 @@ impl Launcher {
             Stage::Start => "start",
             Stage::Wait => "wait",
         };
-        self.cache.metrics().observe(
+        self.metrics.observe(
             "cimage_launch_duration_seconds",
             &[("stage", name)],
             since.elapsed().as_secs_f64(),

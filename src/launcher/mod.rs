@@ -139,6 +139,8 @@ pub struct Parts {
     pub puller: Arc<Puller>,
     /// The image cache (in-use marks).
     pub cache: Arc<Cache>,
+    /// Where the launcher counts (tasks, launch stages, history pruned).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Where jobs and tasks are kept.
     pub store: Store,
     /// Timestamps.
@@ -230,6 +232,9 @@ pub struct Launcher {
     mounts: Arc<dyn MountStager>,
     puller: Arc<Puller>,
     cache: Arc<Cache>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The image each live task uses, kept from eviction until its cleanup drops the guard.
+    images_in_use: Mutex<HashMap<String, crate::cache::InUse>>,
     store: TaskStore,
     clock: Arc<dyn Clock>,
     settings: LauncherSettings,
@@ -266,6 +271,8 @@ impl Launcher {
             mounts: parts.mounts,
             puller: parts.puller,
             cache: parts.cache,
+            metrics: parts.metrics,
+            images_in_use: Mutex::new(HashMap::new()),
             store,
             clock: parts.clock,
             settings,

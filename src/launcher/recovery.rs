@@ -50,7 +50,11 @@ impl Launcher {
         for task in tasks.iter().filter(|t| !t.cleaned) {
             let mut task = task.clone();
             if let Some(img) = &task.image_id {
-                self.cache.mark_in_use(img);
+                let in_use = self.cache.mark_in_use(img);
+                self.images_in_use
+                    .lock()
+                    .unwrap()
+                    .insert(task.id.clone(), in_use);
             }
             let status = task
                 .container_id

@@ -91,6 +91,7 @@ pub struct Ranked {
 pub struct Prewarmer {
     puller: Arc<Puller>,
     cache: Arc<Cache>,
+    metrics: Arc<crate::metrics::Metrics>,
     store: PrewarmStore,
     clock: Arc<dyn Clock>,
     changed: Notify,
@@ -105,6 +106,7 @@ impl Prewarmer {
     pub fn new(
         puller: Arc<Puller>,
         cache: Arc<Cache>,
+        metrics: Arc<crate::metrics::Metrics>,
         store: &Store,
         clock: Arc<dyn Clock>,
         background: Background,
@@ -120,6 +122,7 @@ impl Prewarmer {
         Ok(Arc::new(Self {
             puller,
             cache,
+            metrics,
             store,
             clock,
             changed: Notify::new(),
@@ -141,7 +144,7 @@ impl Prewarmer {
             }
         }
         if total > 0 {
-            self.cache.metrics().add(
+            self.metrics.add(
                 "cimage_history_pruned_total",
                 &[("kind", "prewarm_run")],
                 total as u64,
@@ -345,7 +348,7 @@ impl Prewarmer {
         jitter: Duration,
         progress: Option<UnboundedSender<RunEvent>>,
     ) -> RunRecord {
-        let metrics = Arc::clone(self.cache.metrics());
+        let metrics = Arc::clone(&self.metrics);
         let mut run = RunRecord {
             schedule: spec.name.clone(),
             trigger: trigger.to_owned(),
@@ -432,7 +435,7 @@ impl Prewarmer {
         events: Option<&UnboundedSender<RunEvent>>,
     ) -> ImageResult {
         let t = Instant::now();
-        let was_present = self.cache.find(image).await.is_ok();
+        let was_present = self.cache.find_and_adopt(image).await.is_ok();
         if let Some(ev) = events {
             let _ = ev.send(RunEvent::Started(image.to_owned()));
         }

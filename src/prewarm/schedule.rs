@@ -10,9 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::reference::ImageRef;
 
-/// Default images pulled at once within a run.
-pub const DEFAULT_CONCURRENCY: usize = 2;
-
 /// A schedule as written in the config or sent over the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleSpec {
@@ -134,7 +131,7 @@ mod tests {
             images: vec!["busybox:1".into()],
             top: None,
             jitter_ms: 0,
-            concurrency: DEFAULT_CONCURRENCY,
+            concurrency: crate::config::DEFAULT_PREWARM_CONCURRENCY,
             catch_up: false,
             from_config: false,
         }

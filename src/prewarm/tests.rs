@@ -25,6 +25,7 @@ fn rig() -> Rig {
     let pw = Prewarmer::new(
         base.puller.clone(),
         base.cache.clone(),
+        base.metrics.clone(),
         &base.store,
         Arc::new(SystemClock),
         base.background.clone(),
@@ -140,7 +141,7 @@ async fn top_picks_the_most_used_and_prewarming_does_not_count_as_use() {
     // schedule brings them back with their history.
     for img in ["a", "b"] {
         r.cache
-            .remove(&format!("127.0.0.1:5000/{img}:1"))
+            .remove_image(&format!("127.0.0.1:5000/{img}:1"))
             .await
             .unwrap();
     }
@@ -249,6 +250,7 @@ async fn runs_cut_short_are_marked_interrupted_at_the_next_start() {
     Prewarmer::new(
         r.puller.clone(),
         r.cache.clone(),
+        r.metrics.clone(),
         &r.store,
         Arc::new(SystemClock),
         r.background.clone(),

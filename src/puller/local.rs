@@ -20,7 +20,7 @@ impl Puller {
     ) -> Result<Ensured, PullError> {
         let id = req.image.clone();
         let absent = || PullError::LocalAbsent { id: id.clone() };
-        let (image, rec) = match self.cache.find(&id).await {
+        let (image, rec) = match self.core.cache.find_and_adopt(&id).await {
             Ok(found) => found,
             Err(CacheError::NotFound { .. }) => return Err(absent()),
             Err(e) => {
@@ -40,7 +40,7 @@ impl Puller {
         let fingerprint = match req.credentials.clone() {
             None => None,
             Some(c) => {
-                let f = Arc::clone(&self.settings.fingerprinter);
+                let f = Arc::clone(&self.core.settings.fingerprinter);
                 let registry = registry.clone();
                 tokio::task::spawn_blocking(move || f.fingerprint(&registry, &c))
                     .await
@@ -51,13 +51,14 @@ impl Puller {
             rec.credentialed,
             &rec.fingerprints,
             fingerprint.as_deref(),
-            self.settings.verify,
+            self.core.settings.verify,
         ) != policy::Access::Granted
         {
             // No reference to ask a registry with: not proven, so as if absent.
             return Err(absent());
         }
         let record = self
+            .core
             .cache
             .record(Use {
                 image,

@@ -8,41 +8,41 @@
 //! the whole request has a deadline (`PullTimeout`).
 
 mod decision;
+mod error;
 mod flight;
+mod job;
 mod local;
 pub mod progress;
+mod queue;
 mod retry;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::{watch, Semaphore};
 use tracing::info;
 
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
+use crate::config;
 use crate::credentials::{CredentialError, Credentials, Fingerprinter, NodeCredentials};
+use crate::metrics::Metrics;
 use crate::policy::{self, PullPolicy};
-use crate::reference::{ImageRef, InvalidReference};
-use crate::registry::{Registry, RegistryError};
-use crate::runtime::{ImageRuntime, RuntimeError};
+use crate::reference::ImageRef;
+use crate::registry::Registry;
+use crate::runtime::{ImageRuntime, RuntimeImage};
 use crate::units::format_duration;
-use flight::{Flights, Queue, Requester};
-pub use flight::{InFlight, ProgressSink};
+pub use error::PullError;
+pub use flight::InFlight;
 pub use progress::{LayerProgress, Phase, PullProgress};
+use queue::Queue;
 
-/// Default for [`PullerSettings::max_concurrent_pulls`] (as `ImageCache.MaxConcurrentPulls`).
-pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
-/// Default for [`PullerSettings::pull_timeout`] (as `ImageCache.PullTimeout`).
-pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default for [`PullerSettings::retries`] (as `ImageCache.PullRetries`).
-pub const DEFAULT_RETRIES: u32 = 3;
-/// Default for [`PullerSettings::stall_timeout`] (as `ImageCache.PullStallTimeout`).
-pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// First backoff delay of a retry; doubled on each further retry.
+/// First backoff delay of a retry; doubled on each further retry (not a key of the file: the
+/// other defaults of [`PullerSettings`] are the file's, from [`crate::config`]).
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Limits and timings of the puller.
@@ -79,12 +79,12 @@ pub struct PullerSettings {
 impl Default for PullerSettings {
     fn default() -> Self {
         Self {
-            max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            max_concurrent_pulls: config::DEFAULT_MAX_CONCURRENT_PULLS,
             per_registry: HashMap::new(),
-            pull_timeout: DEFAULT_PULL_TIMEOUT,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            pull_timeout: config::DEFAULT_PULL_TIMEOUT,
+            stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             byte_progress: true,
-            retries: DEFAULT_RETRIES,
+            retries: config::DEFAULT_PULL_RETRIES,
             backoff: DEFAULT_BACKOFF,
             verify: crate::policy::Verify::default(),
             node_credentials: NodeCredentials::default(),
@@ -154,158 +154,120 @@ pub struct Ensured {
     pub stale: bool,
 }
 
-/// Why an image could not be made ready.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PullError {
-    /// The reference is malformed; nothing was contacted.
-    #[error(transparent)]
-    InvalidReference(#[from] InvalidReference),
-    /// An image id names no image on this node; ids are never pulled.
-    #[error("image {id} is not present on this node (an image id names a local image; it is never pulled from a registry)")]
-    LocalAbsent {
-        /// The id as given.
-        id: String,
-    },
-    /// The image is absent and the policy forbids pulling; nothing was contacted.
-    #[error("image {image} is not present and pull policy is {policy}")]
-    NotPresent {
-        /// The normalised reference.
-        image: String,
-        /// The policy that forbade the pull.
-        policy: PullPolicy,
-    },
-    /// The registry could not answer for the image.
-    #[error("cannot check image {image} at its registry: {source}")]
-    Registry {
-        /// The normalised reference.
-        image: String,
-        /// The registry's error.
-        source: Box<RegistryError>,
-    },
-    /// The runtime failed.
-    #[error("{}", runtime_failure(image, what, source))]
-    Runtime {
-        /// The normalised reference.
-        image: String,
-        /// `pull`, `look up`.
-        what: &'static str,
-        /// The runtime's error.
-        source: RuntimeError,
-    },
-    /// The download bytes stopped moving for `PullStallTimeout` on every attempt.
-    #[error("pull of image {image} failed: no progress for {after} from {registry} (ImageCache.PullStallTimeout)")]
-    Stalled {
-        /// The normalised reference.
-        image: String,
-        /// The registry host that stopped sending.
-        registry: String,
-        /// The stall timeout, formatted (`2m0s`).
-        after: String,
-    },
-    /// The deadline passed.
-    #[error("pull of image {image} did not finish within {after} (ImageCache.PullTimeout)")]
-    Timeout {
-        /// The normalised reference.
-        image: String,
-        /// The deadline, formatted.
-        after: String,
-    },
-    /// The image does not fit without evicting pinned or in-use images.
-    #[error("cannot pull image {image}: {source}")]
-    NoRoom {
-        /// The normalised reference.
-        image: String,
-        /// Why no room can be made (shared: one pull's error reaches every requester).
-        source: Arc<CacheError>,
-    },
-    /// The node's credential sources failed (an unreadable auth file, a broken helper).
-    #[error("cannot get the node's credentials for image {image}: {source}")]
-    Credentials {
-        /// The normalised reference.
-        image: String,
-        /// What failed (never a secret).
-        source: CredentialError,
-    },
-    /// The daemon began shutting down while the pull ran; the runtime may finish it by itself.
-    #[error("pull of image {image} stopped: cimaged is shutting down")]
-    ShuttingDown {
-        /// The normalised reference.
-        image: String,
-    },
-    /// The index could not be read or could not record the use.
-    #[error("image {image}: the index failed: {source}")]
-    Index {
-        /// The normalised reference.
-        image: String,
-        /// The index's error.
-        source: Arc<CacheError>,
-    },
+/// A pull's identity: the image and the fingerprint of its credentials.
+type FlightKey = (String, Option<String>);
+
+/// A pull's outcome, shared by everyone who waits on it.
+type Flight = Shared<BoxFuture<'static, Result<RuntimeImage, PullError>>>;
+
+/// Where a requester's view of a pull goes: every change of the pull's progress is sent.
+pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<PullProgress>;
+
+/// One pull in flight and what its requesters and `cimage pulls` read of it.
+#[derive(Clone)]
+struct FlightEntry {
+    /// Its outcome.
+    flight: Flight,
+    /// Its progress.
+    progress: Arc<watch::Sender<PullProgress>>,
+    /// Pulled with credentials: its name is shown only to root and to its requesters.
+    credentialed: bool,
+    /// Uids of the API callers that joined it.
+    uids: Arc<Mutex<BTreeSet<u32>>>,
 }
 
-impl PullError {
-    /// The `reason` label of metrics: `invalid_reference`, `not_present`, `stalled`,
-    /// `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
-    /// runtime's own reason (`not_found`, `unauthorized`, `unreachable`, …).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            PullError::InvalidReference(_) => "invalid_reference",
-            PullError::LocalAbsent { .. } | PullError::NotPresent { .. } => "not_present",
-            PullError::Registry { source, .. } => source.reason(),
-            PullError::Runtime { source, .. } => source.reason(),
-            PullError::Stalled { .. } => "stalled",
-            PullError::Timeout { .. } => "timeout",
-            PullError::NoRoom { .. } => "no_room",
-            PullError::Credentials { .. } => "credentials",
-            PullError::ShuttingDown { .. } => "shutdown",
-            PullError::Index { .. } => "index",
-        }
-    }
+/// The pulls in flight, by key.
+type Flights = Arc<Mutex<HashMap<FlightKey, FlightEntry>>>;
+
+/// Who asks for a pull: the API caller (if any) and where its progress goes.
+#[derive(Debug, Default)]
+struct Requester {
+    /// The caller's uid.
+    pub uid: Option<u32>,
+    /// Where the pull's progress goes.
+    pub progress: Option<ProgressSink>,
 }
 
-/// One line that leads with what happened, then the runtime's own words.
-fn runtime_failure(image: &str, what: &str, e: &RuntimeError) -> String {
-    use crate::runtime::RuntimeErrorKind::*;
-    match e.kind {
-        NotFound => format!("image {image} was not found at its registry ({e})"),
-        Unauthorized => format!("the registry refused access to image {image} ({e})"),
-        Unavailable => format!("cannot {what} image {image}: the runtime is not answering ({e})"),
-        _ => format!("runtime failed to {what} image {image}: {e}"),
-    }
+/// What the puller and each of its pulls share (a pull in flight holds it by `Arc`).
+struct Core {
+    runtime: Arc<dyn ImageRuntime>,
+    registry: Arc<dyn Registry>,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    settings: PullerSettings,
+    /// The node's pull slots (`MaxConcurrentPulls`).
+    global: Arc<Semaphore>,
+    /// The pulls waiting for a slot.
+    queue: Arc<Queue>,
+}
+
+/// One request on its way through the decision and the pull: the image, its credentials
+/// (looked up when first needed), and who asks.
+struct PullContext<'a> {
+    image: &'a ImageRef,
+    credentials: &'a RequestCredentials,
+    who: &'a Requester,
+}
+
+/// A request's credentials: its own, or else the node's for the image's registry. The node's
+/// are looked up (auth files, a credential helper), and either fingerprinted, only when the
+/// decision first needs them: a pull, `Always`'s check, or the credential rule of a private
+/// image. A warm hit of a public image costs no lookup.
+struct RequestCredentials {
+    given: Option<Credentials>,
+    resolved: tokio::sync::OnceCell<Resolved>,
+}
+
+/// The credentials a request goes with, and their fingerprint.
+struct Resolved {
+    credentials: Option<Credentials>,
+    fingerprint: Option<String>,
+}
+
+/// What the decision did for a request: the image it gets, whether it was pulled, whether the
+/// registry confirmed the request's access, and whether it is an unchecked cached copy.
+#[derive(Debug, Clone)]
+struct Outcome {
+    image: RuntimeImage,
+    action: Action,
+    /// The registry confirmed this request's credentials can read the image.
+    verified: bool,
+    /// Served unchecked because the registry could not be reached (`UseCached`).
+    stale: bool,
 }
 
 /// The puller. Cheap to share behind an `Arc`.
 pub struct Puller {
-    runtime: Arc<dyn ImageRuntime>,
-    registry: Arc<dyn Registry>,
-    cache: Arc<Cache>,
-    settings: PullerSettings,
-    global: Arc<Semaphore>,
+    core: Arc<Core>,
     per_registry: Mutex<HashMap<String, Arc<Semaphore>>>,
     inflight: Flights,
-    queue: Arc<Queue>,
     background: Background,
 }
 
 impl Puller {
-    /// A puller over the runtime, the registry and the cache; its pulls run as tracked tasks
-    /// of `background` and stop when shutdown begins.
+    /// A puller over the runtime, the registry and the cache, counting into `metrics`; its
+    /// pulls run as tracked tasks of `background` and stop when shutdown begins.
     pub fn new(
         runtime: Arc<dyn ImageRuntime>,
         registry: Arc<dyn Registry>,
         cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
         settings: PullerSettings,
         background: Background,
     ) -> Self {
-        let queue = Arc::new(Queue::new(Arc::clone(cache.metrics())));
-        Self {
+        let core = Core {
             global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
+            queue: Arc::new(Queue::new(Arc::clone(&metrics))),
             runtime,
             registry,
             cache,
+            metrics,
             settings,
+        };
+        Self {
+            core: Arc::new(core),
             per_registry: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-            queue,
             background,
         }
     }
@@ -342,58 +304,23 @@ impl Puller {
             return self.ensure_local(req, started).await;
         }
         let image = ImageRef::parse(&req.image)?;
-        let policy = policy::effective(req.policy, &image, self.settings.default_policy);
-        let deadline = self.settings.pull_timeout;
-        // Per-request credentials win; without them, the node's own (if it has any for this
-        // registry).
-        let mut req = req;
-        if req.credentials.is_none() && !self.settings.node_credentials.is_empty() {
-            let node = self.settings.node_credentials.clone();
-            let host = image.registry().to_owned();
-            req.credentials = tokio::task::spawn_blocking(move || node.lookup(&host))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(CredentialError::LookupFailed {
-                        message: e.to_string(),
-                    })
-                })
-                .map_err(|source| PullError::Credentials {
-                    image: image.to_string(),
-                    source,
-                })?;
-        }
-        let fingerprint = req
-            .credentials
-            .as_ref()
-            .map(|c| (c.clone(), image.registry().to_owned()));
-        let fingerprint = match fingerprint {
-            None => None,
-            Some((c, registry)) => {
-                let f = Arc::clone(&self.settings.fingerprinter);
-                Some(
-                    tokio::task::spawn_blocking(move || f.fingerprint(&registry, &c))
-                        .await
-                        .map_err(|e| PullError::Credentials {
-                            image: image.to_string(),
-                            source: CredentialError::LookupFailed {
-                                message: e.to_string(),
-                            },
-                        })?,
-                )
-            }
+        let policy = policy::effective(req.policy, &image, self.core.settings.default_policy);
+        let deadline = self.core.settings.pull_timeout;
+        let credentials = RequestCredentials {
+            given: req.credentials.clone(),
+            resolved: tokio::sync::OnceCell::new(),
         };
         let who = Requester {
             uid: req.requester,
             progress: req.progress.clone(),
         };
-        let work = self.decide_and_pull(
-            &image,
-            policy,
-            req.credentials.as_ref(),
-            fingerprint.as_deref(),
-            &who,
-        );
-        let metrics = Arc::clone(self.cache.metrics());
+        let ask = PullContext {
+            image: &image,
+            credentials: &credentials,
+            who: &who,
+        };
+        let work = self.decide_and_pull(&ask, policy);
+        let metrics = Arc::clone(&self.core.metrics);
         let policy_name = policy.to_string();
         let outcome = match tokio::time::timeout(deadline, work).await {
             Ok(r) => r,
@@ -403,7 +330,7 @@ impl Puller {
             }),
         };
         let result = match &outcome {
-            Ok((_, action, _, _)) => action.as_str(),
+            Ok(o) => o.action.as_str(),
             Err(_) => "failed",
         };
         if let Err(e @ PullError::Registry { .. }) = &outcome {
@@ -426,7 +353,17 @@ impl Puller {
             "cimage_pulls_total",
             &[("policy", &policy_name), ("outcome", result)],
         );
-        let (rt_image, action, verified, stale) = outcome?;
+        let Outcome {
+            image: rt_image,
+            action,
+            verified,
+            stale,
+        } = outcome?;
+        // Never looked up: the use was of a public image, which records no fingerprint.
+        let fingerprint = credentials
+            .resolved
+            .get()
+            .and_then(|r| r.fingerprint.clone());
         if action == Action::Cached {
             metrics.inc("cimage_cache_hits_total", &[]);
         }
@@ -435,6 +372,7 @@ impl Puller {
             .map(str::to_owned)
             .or_else(|| image.digest_in(&rt_image.repo_digests).map(str::to_owned));
         let record = self
+            .core
             .cache
             .record(crate::cache::Use {
                 image: rt_image,
@@ -460,5 +398,55 @@ impl Puller {
             elapsed,
             stale,
         })
+    }
+}
+
+impl Puller {
+    /// The request's credentials and their fingerprint, looked up once per request: its own,
+    /// or the node's for the image's registry (off the async workers: files, a helper process,
+    /// the slow hash).
+    async fn credentials_of<'a>(&self, ask: &PullContext<'a>) -> Result<&'a Resolved, PullError> {
+        let image = ask.image;
+        let failed = |message: String| PullError::Credentials {
+            image: image.to_string(),
+            source: CredentialError::LookupFailed { message },
+        };
+        ask.credentials
+            .resolved
+            .get_or_try_init(|| async {
+                let settings = &self.core.settings;
+                let mut credentials = ask.credentials.given.clone();
+                if credentials.is_none() && !settings.node_credentials.is_empty() {
+                    let node = settings.node_credentials.clone();
+                    let host = image.registry().to_owned();
+                    credentials = tokio::task::spawn_blocking(move || node.lookup(&host))
+                        .await
+                        .map_err(|e| failed(e.to_string()))?
+                        .map_err(|source| PullError::Credentials {
+                            image: image.to_string(),
+                            source,
+                        })?;
+                }
+                let fingerprint = match &credentials {
+                    None => None,
+                    Some(c) => {
+                        let (f, c, registry) = (
+                            Arc::clone(&settings.fingerprinter),
+                            c.clone(),
+                            image.registry().to_owned(),
+                        );
+                        Some(
+                            tokio::task::spawn_blocking(move || f.fingerprint(&registry, &c))
+                                .await
+                                .map_err(|e| failed(e.to_string()))?,
+                        )
+                    }
+                };
+                Ok(Resolved {
+                    credentials,
+                    fingerprint,
+                })
+            })
+            .await
     }
 }

@@ -132,7 +132,8 @@ struct Layer {
     digest: String,
     total: u64,
     done: u64,
-    /// Seen as an ingest at least once.
+    /// Seen as an ingest in the current attempt (an ingest of a cancelled attempt may vanish
+    /// without being committed, and the next attempt resumes it).
     seen: bool,
     /// In the runtime's content store: whole.
     committed: bool,
@@ -190,16 +191,27 @@ impl Tracker {
         }
     }
 
+    /// A new attempt of the pull begins: a layer seen fetched by an earlier attempt and not
+    /// known to be committed is no longer taken as committed when its ingest is gone (the
+    /// runtime drops a cancelled pull's ingests from its list and resumes them later).
+    pub(super) fn begin_attempt(&mut self) {
+        for l in self.layers.iter_mut().filter(|l| !l.committed) {
+            l.seen = false;
+        }
+    }
+
     /// Takes in one look at the runtime's ingests.
     pub(super) fn update(&mut self, ingests: &[Ingest], now: Instant) {
-        for l in self.layers.iter_mut().filter(|l| !l.committed) {
+        for l in self.layers.iter_mut() {
             match ingests.iter().find(|i| i.digest == l.digest) {
+                // Fetched again: whatever made it look committed, it is not.
                 Some(i) => {
                     l.seen = true;
+                    l.committed = false;
                     l.done = i.offset.min(l.total);
                 }
-                // Seen, now gone: committed.
-                None if l.seen => {
+                // Seen in this attempt, now gone: committed.
+                None if l.seen && !l.committed => {
                     l.committed = true;
                     l.done = l.total;
                 }

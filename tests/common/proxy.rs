@@ -3,7 +3,8 @@
 //! whose path contains a rule's pattern it applies that rule's fault: a delay, a slow link, an
 //! error status (with `Retry-After`), a connection closed or stalled mid-body, a corrupted body,
 //! an oversized manifest, a redirect loop. Over everything it can pace what it sends to a set
-//! rate and stop sending after a number of bytes (a registry that hangs mid-blob). containerd
+//! rate and stop sending after a number of bytes, in all or on each connection (a registry that
+//! hangs mid-blob, or one whose every connection hangs after a while). containerd
 //! reaches it as a registry of its own through a hosts.toml the proxy writes for its address
 //! (and removes when dropped).
 
@@ -56,6 +57,9 @@ struct Shared {
     sent: AtomicU64,
     /// Past this many bytes sent, nothing more is sent (u64::MAX: never).
     stall_at: AtomicU64,
+    /// Past this many bytes sent on one connection, nothing more is sent on it (u64::MAX:
+    /// never).
+    stall_each: AtomicU64,
     stop: AtomicBool,
     /// When pacing began (the first byte sent).
     start: Mutex<Option<Instant>>,
@@ -87,6 +91,7 @@ impl Proxy {
             rate: bytes_per_sec,
             sent: AtomicU64::new(0),
             stall_at: AtomicU64::new(u64::MAX),
+            stall_each: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
             start: Mutex::new(None),
             sockets: Mutex::new(Vec::new()),
@@ -128,6 +133,13 @@ impl Proxy {
     pub fn stall_after(&self, bytes: u64) {
         let now = self.shared.sent.load(Ordering::SeqCst);
         self.shared.stall_at.store(now + bytes, Ordering::SeqCst);
+    }
+
+    /// From now, every connection sends at most `bytes` bytes towards its client (the answer's
+    /// head included), then nothing more, and stays open: a registry whose every connection
+    /// hangs, however often the client reconnects or resumes.
+    pub fn stall_each_connection_after(&self, bytes: u64) {
+        self.shared.stall_each.store(bytes, Ordering::SeqCst);
     }
 
     /// Bytes sent towards the clients so far.
@@ -216,6 +228,8 @@ fn closing(head: &str) -> String {
 struct Pace {
     rate: u64,
     own: Option<(Instant, u64)>,
+    /// Bytes sent on this connection so far.
+    sent: u64,
 }
 
 /// Sends `data` towards the client under its pace and the proxy-wide stall; false once the
@@ -229,7 +243,12 @@ fn send(s: &Shared, client: &mut TcpStream, mut data: &[u8], pace: &mut Pace) ->
         let room = s
             .stall_at
             .load(Ordering::SeqCst)
-            .saturating_sub(s.sent.load(Ordering::SeqCst));
+            .saturating_sub(s.sent.load(Ordering::SeqCst))
+            .min(
+                s.stall_each
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(pace.sent),
+            );
         if room == 0 {
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -241,6 +260,7 @@ fn send(s: &Shared, client: &mut TcpStream, mut data: &[u8], pace: &mut Pace) ->
             return false;
         }
         data = &data[n..];
+        pace.sent += n as u64;
         let total = s.sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
         if rate > 0 {
             let (start, total) = match &mut pace.own {
@@ -312,6 +332,7 @@ fn connection(s: Arc<Shared>, mut client: TcpStream) {
     let mut pace = Pace {
         rate: s.rate,
         own: None,
+        sent: 0,
     };
     match &fault {
         Some(Fault::Status { code, retry_after }) => {
@@ -357,6 +378,7 @@ fn connection(s: Arc<Shared>, mut client: TcpStream) {
             pace = Pace {
                 rate: *r,
                 own: Some((Instant::now(), 0)),
+                sent: pace.sent,
             }
         }
         _ => {}

@@ -203,20 +203,12 @@ pub async fn connect(socket: &Path) -> Result<ImageCacheClient<Channel>, Failure
 }
 
 /// Checks an image argument locally so malformed input is refused before anything is contacted.
-/// Image ids (`sha256:…`) and id prefixes (6+ hex digits) are accepted where `ids` is true.
+/// Image ids (`sha256:…`) and id prefixes (6+ hex digits) are accepted where `ids` is true; a
+/// whole id, or a prefix of 12+ digits, names a local image everywhere
+/// ([`cimage::reference::ImageId`]).
 pub fn check_image_arg(arg: &str, ids: bool) -> Result<(), Failure> {
-    // An image id (`sha256:` + 64 hex, or 12+ hex digits) names a local image everywhere.
-    if cimage::reference::local_image_id(arg).is_some() {
-        return Ok(());
-    }
-    let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
-    if ids {
-        if let Some(rest) = arg.strip_prefix("sha256:") {
-            if rest.len() == 64 && hex(rest) {
-                return Ok(());
-            }
-        }
-        if arg.len() >= 6 && arg.len() <= 64 && hex(arg) {
+    if let Some(id) = cimage::reference::ImageId::parse(arg) {
+        if ids || id.is_local() {
             return Ok(());
         }
     }
@@ -274,29 +266,14 @@ pub fn when(ms: i64) -> String {
     }
 }
 
-/// Unix milliseconds as RFC 3339 UTC (`2026-11-27T17:04:03Z`); `None` for 0 (never).
+/// Unix milliseconds as RFC 3339 UTC (`2026-11-27T17:04:03Z`); `None` for 0 (never) and for
+/// times chrono cannot represent.
 pub fn rfc3339(ms: i64) -> Option<String> {
     if ms <= 0 {
         return None;
     }
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    Some(format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    ))
+    let t = chrono::DateTime::from_timestamp_millis(ms)?;
+    Some(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -223,14 +223,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         .as_deref()
         .map(peer::resolve_group)
         .transpose()
-        .map_err(anyhow::Error::msg)
         .context("ImageCache.AdminGroup")?;
     let socket_gid = ic
         .socket_group
         .as_deref()
         .map(peer::resolve_group)
         .transpose()
-        .map_err(anyhow::Error::msg)
         .context("ImageCache.SocketGroup")?;
 
     std::fs::create_dir_all(&settings.state_dir)
@@ -238,15 +236,13 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting mode 0700 on {}", settings.state_dir.display()))?;
     let store = Store::open(&settings.index_path())?;
-    let index = Index::open(&store)?;
+    let index = Index::open_with(&store, wiring.index)?;
 
     let runtime: Arc<dyn ImageRuntime> = Arc::new(CriImageRuntime::new(
         &settings.image_endpoint,
         &settings.runtime_endpoint,
-        ic.runtime_timeout,
+        wiring.runtime_timeout,
     ));
-    index.set_popularity_half_life(ic.prewarm.popularity_half_life);
-    index.set_forget_absent_after(ic.prewarm.forget_absent_after);
     let metrics = Arc::new(Metrics::default());
     metrics.set_labelled(
         "cimage_build_info",
@@ -258,7 +254,8 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let mut cache = Cache::new(index, runtime.clone(), Arc::new(SystemClock))
         .with_background(background.clone())
         .with_metrics(metrics.clone())
-        .with_presence_ttl(ic.presence_ttl);
+        .with_presence_ttl(wiring.presence_ttl)
+        .with_evictions_kept_for(wiring.launcher.history.keep);
     if let Some(eviction) = wiring.eviction.clone() {
         cache = cache.with_eviction(eviction);
     }
@@ -268,6 +265,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         runtime.clone(),
         registry,
         cache.clone(),
+        metrics.clone(),
         PullerSettings {
             fingerprinter: Arc::new(
                 Fingerprinter::load_or_create(&ic.node_key_file)
@@ -283,10 +281,11 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         Parts {
             runtime: Arc::new(CriTaskRuntime::new(
                 &settings.runtime_endpoint,
-                ic.runtime_timeout,
+                wiring.runtime_timeout,
             )),
             puller: puller.clone(),
             cache: cache.clone(),
+            metrics: metrics.clone(),
             store: store.clone(),
             clock,
             users: Arc::new(Nss),
@@ -302,6 +301,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let prewarm = Prewarmer::new(
         puller.clone(),
         cache.clone(),
+        metrics.clone(),
         &store,
         Arc::new(SystemClock),
         background.clone(),
@@ -336,7 +336,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
     background.spawn(reconcile_loop(
         cache.clone(),
-        ic.reconcile_interval,
+        wiring.reconcile_interval,
         background.clone(),
     ));
 
@@ -391,7 +391,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         store.instance().to_owned(),
         background.clone(),
     )
-    .with_status_of(prewarm, launcher.clone(), ic.metrics_addr.clone());
+    .with_status_of(
+        prewarm,
+        launcher.clone(),
+        ic.metrics_addr.clone(),
+        metrics.clone(),
+    );
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
 
     let bg = background.clone();
@@ -409,14 +414,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     // Stops accepting at shutdown; open streams end (with a status saying why) as the work
     // behind them sees the token.
     let bg = background.clone();
-    let gate = api::gate::Gate::new(
-        api::gate::Limits {
-            per_user: ic.max_connections_per_user,
-            per_admin: ic.max_connections_per_admin,
-            idle: ic.connection_idle_timeout,
-        },
-        move |caller| admin.is_admin(caller),
-    );
+    let gate = api::gate::Gate::new(wiring.connections, move |caller| admin.is_admin(caller));
     systemd::notify("READY=1");
     let served = api::serve(
         listener,

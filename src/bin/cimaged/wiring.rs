@@ -1,15 +1,21 @@
 //! From the configuration file's model to each module's own settings. This is the only place
 //! that knows both: `config` describes the file and nothing else, and the domain modules take
-//! plain settings structs, so no domain module imports `config` and `config` imports none.
+//! plain settings structs. A domain module imports from `config` only its named defaults (so
+//! that its own `Default` and the file's agree by construction), never the file model; `config`
+//! imports no domain module.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
-use cimage::cache::EvictionSettings;
-use cimage::config::{ConfigError, DefaultPullPolicy, OnRegistryUnavailable, Settings, VerifyMode};
+use cimage::api::gate::Limits;
+use cimage::cache::{EvictionSettings, IndexSettings};
+use cimage::config::{
+    ConfigError, DefaultPullPolicy, OnRegistryUnavailable, Settings, VerifyMode,
+    DEFAULT_PREWARM_CONCURRENCY,
+};
 use cimage::credentials::NodeCredentials;
 use cimage::launcher::LauncherSettings;
 use cimage::policy::{DefaultPolicy, Verify};
-use cimage::prewarm::schedule::DEFAULT_CONCURRENCY;
 use cimage::prewarm::ScheduleSpec;
 use cimage::puller::{PullerSettings, DEFAULT_BACKOFF};
 use cimage::registry::HostSettings;
@@ -21,6 +27,16 @@ pub struct Wiring {
     pub puller: PullerSettings,
     /// Eviction rules, or `None` when eviction is off.
     pub eviction: Option<EvictionSettings>,
+    /// How long the runtime's word that an image is present is trusted.
+    pub presence_ttl: Duration,
+    /// How the index ranks images and how long it remembers those that left.
+    pub index: IndexSettings,
+    /// Deadline of one CRI call that is not a pull.
+    pub runtime_timeout: Duration,
+    /// How often the index is reconciled with the runtime.
+    pub reconcile_interval: Duration,
+    /// Connections each caller may hold on the API socket, and the idle timeout.
+    pub connections: Limits,
     /// The launcher's mount prefixes, grace period and log directory.
     pub launcher: LauncherSettings,
     /// How to reach each configured registry host.
@@ -48,7 +64,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             images: sc.images.clone(),
             top: sc.top,
             jitter_ms: sc.jitter.map(|j| j.as_millis() as u64).unwrap_or(0),
-            concurrency: sc.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            concurrency: sc.concurrency.unwrap_or(DEFAULT_PREWARM_CONCURRENCY),
             catch_up: sc.catch_up,
             from_config: true,
         };
@@ -78,6 +94,7 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             node_credentials: NodeCredentials {
                 config_files: ic.auth.config_files.clone(),
                 helpers: ic.auth.credential_helpers.clone(),
+                ..NodeCredentials::default()
             },
             use_cached_when_registry_down: ic.on_registry_unavailable
                 == OnRegistryUnavailable::UseCached,
@@ -98,6 +115,18 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             max_unused_age: ev.max_unused_age,
             path: ev.path.clone(),
         }),
+        presence_ttl: ic.presence_ttl,
+        index: IndexSettings {
+            popularity_half_life: ic.prewarm.popularity_half_life,
+            forget_absent_after: ic.prewarm.forget_absent_after,
+        },
+        runtime_timeout: ic.runtime_timeout,
+        reconcile_interval: ic.reconcile_interval,
+        connections: Limits {
+            per_user: ic.max_connections_per_user,
+            per_admin: ic.max_connections_per_admin,
+            idle: ic.connection_idle_timeout,
+        },
         launcher: LauncherSettings {
             allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
             stop_grace: ic.launcher.stop_grace_period,
@@ -152,7 +181,7 @@ pub fn preflight(s: &Settings, w: &Wiring) -> Result<(), ConfigError> {
         ("ImageCache.AdminGroup", &ic.admin_group),
     ] {
         if let Some(g) = group {
-            cimage::api::peer::resolve_group(g).map_err(|m| invalid(key, m))?;
+            cimage::api::peer::resolve_group(g).map_err(|e| invalid(key, e.to_string()))?;
         }
     }
     let mut sockets = vec![("ImageCache.Socket", &ic.socket)];
@@ -211,7 +240,11 @@ mod tests {
         assert!(w.registries["r:5000"].insecure);
         assert_eq!(w.registries["r:5000"].mirrors, ["m:5000"]);
         assert_eq!(w.schedules[0].images, ["docker.io/library/busybox:latest"]);
-        assert_eq!(w.schedules[0].concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(w.schedules[0].concurrency, DEFAULT_PREWARM_CONCURRENCY);
+        assert_eq!(
+            w.index.popularity_half_life,
+            cimage::config::DEFAULT_POPULARITY_HALF_LIFE
+        );
     }
 
     #[test]

@@ -77,6 +77,7 @@ async fn a_caller_that_goes_away_mid_launch_does_not_stop_it_half_way() {
             runtime: r.tasks.clone(),
             puller: r.puller.clone(),
             cache: r.cache.clone(),
+            metrics: r.metrics.clone(),
             store: r.store.clone(),
             clock: Arc::new(SystemClock),
             users: Arc::new(FakeUsers::standard()),

@@ -70,6 +70,7 @@ fn launcher_with(
             runtime: tasks,
             puller: base.puller.clone(),
             cache: base.cache.clone(),
+            metrics: base.metrics.clone(),
             store: base.store.clone(),
             clock: Arc::new(SystemClock),
             users: Arc::new(FakeUsers::standard()),
@@ -208,8 +209,7 @@ async fn one_off_task_runs_through_every_stage_and_leaves_nothing() {
         (TaskState::Exited, Some(3), true)
     );
     assert_eq!(
-        r.cache
-            .metrics()
+        r.metrics
             .counter("cimage_tasks_total", &[("state", "exited")]),
         1
     );
@@ -662,8 +662,7 @@ async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() 
         TaskState::Running
     );
     assert_eq!(
-        r.cache
-            .metrics()
+        r.metrics
             .counter("cimage_history_pruned_total", &[("kind", "task")]),
         1
     );

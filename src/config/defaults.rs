@@ -1,0 +1,141 @@
+//! The defaults of the configuration file, each named once. The file model's serde defaults
+//! read them here, and the domain modules' own `Default` settings refer to the same constants
+//! (a domain module may import these constants, never the file model), so a default is written
+//! in one place whichever way a module is built.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default for `CraneBaseDir`.
+pub const DEFAULT_CRANE_BASE_DIR: &str = "/var/crane";
+/// Default for `Container.TempDir` (relative to `CraneBaseDir`).
+pub const DEFAULT_TEMP_DIR: &str = "supervisor/containers/";
+/// Default for `ImageCache.Socket`.
+pub const DEFAULT_SOCKET: &str = "/run/cimage/cimaged.sock";
+/// Default for `ImageCache.ImageService.Socket`: the CRI image endpoint cimaged serves.
+pub const DEFAULT_IMAGE_SERVICE_SOCKET: &str = "/run/cimage/image.sock";
+/// Default for `ImageCache.NodeKeyFile`: outside `StateDir`, so a copy of the index does not
+/// carry the key of its credential fingerprints.
+pub const DEFAULT_NODE_KEY_FILE: &str = "/etc/cimage/node.key";
+/// Default for `ImageCache.StateDir` (relative to `CraneBaseDir`).
+pub const DEFAULT_STATE_DIR: &str = "cimage/";
+/// Default for `ImageCache.MaxConcurrentPulls`.
+pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for `ImageCache.PullStallTimeout`.
+pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for `ImageCache.PullTimeout`.
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for `ImageCache.PullRetries`.
+pub const DEFAULT_PULL_RETRIES: u32 = 3;
+/// Default for `ImageCache.ReconcileInterval`.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.Launcher.StopGracePeriod`.
+pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Default for `ImageCache.PresenceTtl`.
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::ZERO;
+/// Default for `ImageCache.RuntimeTimeout`.
+pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for `ImageCache.History.Keep`.
+pub const DEFAULT_HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// Default for `ImageCache.History.MaxTasks`.
+pub const DEFAULT_HISTORY_MAX_TASKS: u64 = 100_000;
+
+/// Default for `ImageCache.MaxConnectionsPerUser`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Default for `ImageCache.MaxConnectionsPerAdmin`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADMIN: usize = 1024;
+/// Default for `ImageCache.ConnectionIdleTimeout`.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default for `ImageCache.Eviction.HighPercent`.
+pub const DEFAULT_HIGH_PERCENT: f64 = 85.0;
+/// Default for `ImageCache.Eviction.LowPercent`.
+pub const DEFAULT_LOW_PERCENT: f64 = 80.0;
+/// Default for `ImageCache.Eviction.MinAge`.
+pub const DEFAULT_MIN_AGE: Duration = Duration::from_secs(120);
+/// Default for `ImageCache.Prewarm.PopularityHalfLife`.
+pub const DEFAULT_POPULARITY_HALF_LIFE: Duration = Duration::from_secs(7 * 86_400);
+/// Default for `ImageCache.Prewarm.ForgetAbsentAfter`.
+pub const DEFAULT_FORGET_ABSENT_AFTER: Duration = Duration::from_secs(90 * 86_400);
+/// Default for `ImageCache.Prewarm.Schedules[].Concurrency`: images pulled at once in a run.
+pub const DEFAULT_PREWARM_CONCURRENCY: usize = 2;
+/// Default for `ImageCache.Launcher.MaxLaunchesPerUser`.
+pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
+
+pub(super) fn default_image_service_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_IMAGE_SERVICE_SOCKET)
+}
+pub(super) fn default_true() -> bool {
+    true
+}
+pub(super) fn default_high_percent() -> f64 {
+    DEFAULT_HIGH_PERCENT
+}
+pub(super) fn default_low_percent() -> f64 {
+    DEFAULT_LOW_PERCENT
+}
+pub(super) fn default_min_age() -> Duration {
+    DEFAULT_MIN_AGE
+}
+pub(super) fn default_history_keep() -> Duration {
+    DEFAULT_HISTORY_KEEP
+}
+pub(super) fn default_history_max_tasks() -> u64 {
+    DEFAULT_HISTORY_MAX_TASKS
+}
+pub(super) fn default_half_life() -> Duration {
+    DEFAULT_POPULARITY_HALF_LIFE
+}
+pub(super) fn default_forget_absent_after() -> Duration {
+    DEFAULT_FORGET_ABSENT_AFTER
+}
+pub(super) fn default_max_launches_per_user() -> usize {
+    DEFAULT_MAX_LAUNCHES_PER_USER
+}
+pub(super) fn default_stop_grace_period() -> Duration {
+    DEFAULT_STOP_GRACE_PERIOD
+}
+pub(super) fn default_crane_base_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_CRANE_BASE_DIR)
+}
+pub(super) fn default_temp_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_TEMP_DIR)
+}
+pub(super) fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+pub(super) fn default_max_connections_per_user() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_USER
+}
+pub(super) fn default_max_connections_per_admin() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_ADMIN
+}
+pub(super) fn default_connection_idle_timeout() -> Duration {
+    DEFAULT_CONNECTION_IDLE_TIMEOUT
+}
+pub(super) fn default_node_key_file() -> PathBuf {
+    PathBuf::from(DEFAULT_NODE_KEY_FILE)
+}
+pub(super) fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+pub(super) fn default_max_concurrent_pulls() -> usize {
+    DEFAULT_MAX_CONCURRENT_PULLS
+}
+pub(super) fn default_pull_timeout() -> Duration {
+    DEFAULT_PULL_TIMEOUT
+}
+pub(super) fn default_pull_stall_timeout() -> Duration {
+    DEFAULT_PULL_STALL_TIMEOUT
+}
+pub(super) fn default_pull_retries() -> u32 {
+    DEFAULT_PULL_RETRIES
+}
+pub(super) fn default_reconcile_interval() -> Duration {
+    DEFAULT_RECONCILE_INTERVAL
+}
+pub(super) fn default_presence_ttl() -> Duration {
+    DEFAULT_PRESENCE_TTL
+}
+pub(super) fn default_runtime_timeout() -> Duration {
+    DEFAULT_RUNTIME_TIMEOUT
+}

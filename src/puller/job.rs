@@ -1,0 +1,378 @@
+//! One pull, shared by every request that joined it ([`PullJob`]): it waits for a slot, makes
+//! room (and holds it), pulls through the runtime with retries while following its bytes, and
+//! reads back what landed.
+//!
+//! While the runtime pulls, the job looks at the runtime's downloads every
+//! [`poll_interval`]: the bytes feed the pull's [`PullProgress`], and an attempt whose bytes
+//! have not moved for `PullStallTimeout` while a layer is still being fetched is cancelled and
+//! retried like any transient failure. Time after the last layer is committed is unpacking,
+//! never a stall; a runtime that reports no bytes is bounded by `PullTimeout` alone.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::progress::{Phase, PullProgress, Tracker};
+use super::retry::{retry, Transient};
+use super::{Core, FlightKey, Flights, PullError};
+use crate::cache::Reservation;
+use crate::credentials::Credentials;
+use crate::reference::ImageRef;
+use crate::registry::ImageManifest;
+use crate::runtime::{Ingest, RuntimeError, RuntimeImage};
+use crate::units::format_span;
+
+/// How often a pull looks at the runtime's downloads: twice a second, or more often for a stall
+/// timeout under two seconds (tests).
+pub(super) fn poll_interval(stall: Duration) -> Duration {
+    (stall / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+/// Why one attempt of a pull ended without an image.
+#[derive(Debug)]
+enum AttemptError {
+    /// The runtime's pull failed.
+    Runtime(RuntimeError),
+    /// The bytes stopped moving.
+    Stalled,
+}
+
+impl Transient for AttemptError {
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptError::Runtime(e) => e.is_transient(),
+            AttemptError::Stalled => true,
+        }
+    }
+    fn is_outage(&self) -> bool {
+        matches!(self, AttemptError::Runtime(e) if e.is_outage())
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Runtime(e) => e.fmt(f),
+            AttemptError::Stalled => f.write_str("no progress (ImageCache.PullStallTimeout)"),
+        }
+    }
+}
+
+impl AttemptError {
+    /// The `reason` label of a retry or failure.
+    fn reason(&self) -> &'static str {
+        match self {
+            AttemptError::Runtime(e) => e.reason(),
+            AttemptError::Stalled => "stalled",
+        }
+    }
+}
+
+/// One pull, shared by every request that joined it: waits for a slot, makes room, pulls
+/// through the runtime with retries while following its bytes, and reads back what landed.
+pub(super) struct PullJob {
+    /// What every pull shares: the runtime, registry, cache, metrics, settings and slots.
+    pub(super) core: Arc<Core>,
+    /// The image pulled.
+    pub(super) image: ImageRef,
+    /// The credentials it is pulled with.
+    pub(super) credentials: Option<Credentials>,
+    /// Its registry's pull slots.
+    pub(super) per_registry: Arc<Semaphore>,
+    /// What its requesters read of it.
+    pub(super) progress: Arc<watch::Sender<PullProgress>>,
+}
+
+impl PullJob {
+    /// Runs the pull (until it ends or shutdown begins), publishes its end, then takes its
+    /// flight off the map so later requests start afresh.
+    pub(super) async fn run(
+        self,
+        inflight: Flights,
+        key: FlightKey,
+        stop: CancellationToken,
+    ) -> Result<RuntimeImage, PullError> {
+        let started = Instant::now();
+        let registry = self.image.registry().to_owned();
+        info!(image = %self.image, %registry, "pull started");
+        self.core.metrics.gauge_add("cimage_pulls_in_flight", 1.0);
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.core.settings.pull_timeout, self.pull()) => r.unwrap_or_else(|_| {
+                Err(PullError::Timeout {
+                    image: self.image.to_string(),
+                    after: crate::units::format_duration(self.core.settings.pull_timeout),
+                })
+            }),
+            _ = stop.cancelled() => Err(PullError::ShuttingDown {
+                image: self.image.to_string(),
+            }),
+        };
+        self.core.metrics.gauge_add("cimage_pulls_in_flight", -1.0);
+        let secs = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(img) => {
+                info!(image = %self.image, %registry, bytes = img.size, seconds = secs, "pull finished");
+                self.core.metrics.observe(
+                    "cimage_pull_duration_seconds",
+                    &[("registry", &registry)],
+                    secs,
+                );
+                self.core.metrics.inc(
+                    "cimage_runtime_pulls_total",
+                    &[("registry", &registry), ("result", "pulled")],
+                );
+                self.core.metrics.add(
+                    "cimage_pulled_bytes_total",
+                    &[("registry", &registry)],
+                    img.size,
+                );
+                self.progress.send_modify(|p| {
+                    p.phase = Phase::Done;
+                    p.rate = 0.0;
+                    p.queue_position = 0;
+                    if p.total_bytes > 0 {
+                        p.done_bytes = p.total_bytes;
+                        for l in &mut p.layers {
+                            l.done = l.total;
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(image = %self.image, %registry, seconds = secs, error = %e, "pull failed");
+                self.core.metrics.inc(
+                    "cimage_runtime_pulls_total",
+                    &[("registry", &registry), ("result", "failed")],
+                );
+                self.core.metrics.inc(
+                    "cimage_pull_failures_total",
+                    &[("registry", &registry), ("reason", e.reason())],
+                );
+                self.progress.send_modify(|p| {
+                    p.phase = Phase::Failed;
+                    p.rate = 0.0;
+                    p.error = Some(e.to_string());
+                });
+            }
+        }
+        inflight.lock().unwrap().remove(&key);
+        result
+    }
+
+    /// Takes the registry's and the node's pull slots, queueing visibly when they are taken.
+    async fn take_slots(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+        if let Ok(r) = Arc::clone(&self.per_registry).try_acquire_owned() {
+            if let Ok(g) = Arc::clone(&self.core.global).try_acquire_owned() {
+                return (r, g);
+            }
+        }
+        let _place = self.core.queue.enter(&self.progress);
+        info!(image = %self.image, "pull queued: every pull slot is taken (ImageCache.MaxConcurrentPulls)");
+        let r = Arc::clone(&self.per_registry)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let g = Arc::clone(&self.core.global)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        (r, g)
+    }
+
+    async fn pull(&self) -> Result<RuntimeImage, PullError> {
+        let name = self.image.to_string();
+        let _slots = self.take_slots().await;
+        self.progress.send_modify(|p| {
+            p.phase = Phase::Resolving;
+            p.queue_position = 0;
+        });
+        // One look at the runtime's downloads says whether it reports bytes at all.
+        let bytes_known = self.core.settings.byte_progress
+            && matches!(self.core.runtime.downloads().await, Ok(Some(_)));
+        let manifest = if bytes_known || self.core.cache.eviction_enabled() {
+            self.manifest().await
+        } else {
+            None
+        };
+        // Room is made once the pull may start, for pulls that will really happen now, and
+        // held until the pull ends.
+        let _room = self.make_room(manifest.as_ref()).await?;
+        let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
+        if bytes_known {
+            self.held_layers(&tracker, &[]).await;
+        }
+        self.progress.send_modify(|p| {
+            p.phase = Phase::Downloading;
+            p.bytes_known = bytes_known;
+            tracker.lock().unwrap().fill(p);
+        });
+        let mut attempt = 0;
+        let registry = self.image.registry().to_owned();
+        let on_retry = |e: &AttemptError| {
+            self.core.metrics.inc(
+                "cimage_pull_retries_total",
+                &[("registry", &registry), ("reason", e.reason())],
+            );
+        };
+        let id = retry(
+            self.core.settings.retries,
+            self.core.settings.backoff,
+            "pull",
+            on_retry,
+            || {
+                attempt += 1;
+                if attempt > 1 {
+                    self.progress.send_modify(|p| {
+                        p.attempt = attempt;
+                        p.phase = Phase::Downloading;
+                    });
+                }
+                tracing::debug!(image = %name, attempt, "calling PullImage");
+                self.attempt(&tracker, bytes_known)
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            AttemptError::Stalled => PullError::Stalled {
+                image: name.clone(),
+                registry: registry.clone(),
+                after: format_span(self.core.settings.stall_timeout),
+            },
+            AttemptError::Runtime(source) => PullError::Runtime {
+                image: name.clone(),
+                what: "pull",
+                source,
+            },
+        })?;
+        let err = |source| PullError::Runtime {
+            image: name.clone(),
+            what: "pull",
+            source,
+        };
+        let status = self.core.runtime.image_status(&id).await.map_err(err)?;
+        status.ok_or_else(|| {
+            err(RuntimeError {
+                op: "ImageStatus",
+                kind: crate::runtime::RuntimeErrorKind::NotFound,
+                message: format!("image {id} vanished right after it was pulled"),
+            })
+        })
+    }
+
+    /// One `PullImage`, watched: its bytes are published as they move, and it is cancelled
+    /// when they stop moving for the stall timeout while a layer is still being fetched.
+    async fn attempt(
+        &self,
+        tracker: &Mutex<Tracker>,
+        bytes_known: bool,
+    ) -> Result<String, AttemptError> {
+        let name = self.image.to_string();
+        let pull = self
+            .core
+            .runtime
+            .pull_image(&name, self.credentials.as_ref());
+        tokio::pin!(pull);
+        if !bytes_known {
+            return pull.await.map_err(AttemptError::Runtime);
+        }
+        let mut tick = tokio::time::interval(poll_interval(self.core.settings.stall_timeout));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The bytes are measured from where this attempt starts: an attempt that never moves
+        // them, while a layer is still to be fetched, is stalled like one that stops midway.
+        let mut last_move = Instant::now();
+        let mut last_done = {
+            let mut t = tracker.lock().unwrap();
+            t.begin_attempt();
+            t.done()
+        };
+        loop {
+            tokio::select! {
+                r = &mut pull => return r.map_err(AttemptError::Runtime),
+                _ = tick.tick() => {
+                    let Ok(Some(ingests)) = self.core.runtime.downloads().await else { continue };
+                    let now = Instant::now();
+                    let done = {
+                        let mut t = tracker.lock().unwrap();
+                        t.update(&ingests, now);
+                        t.done()
+                    };
+                    if done == last_done {
+                        // Nothing moved: a layer may have come and gone between two looks.
+                        self.held_layers(tracker, &ingests).await;
+                    }
+                    let (done, fetching) = {
+                        let t = tracker.lock().unwrap();
+                        self.progress.send_modify(|p| t.fill(p));
+                        (t.done(), !t.all_committed() && (t.has_layers() || !ingests.is_empty()))
+                    };
+                    if done != last_done {
+                        last_move = now;
+                        last_done = done;
+                    } else if fetching && now.duration_since(last_move) >= self.core.settings.stall_timeout {
+                        warn!(
+                            image = %self.image,
+                            registry = %self.image.registry(),
+                            bytes = done,
+                            "pull stalled: no progress for {} (ImageCache.PullStallTimeout); cancelling this attempt",
+                            format_span(self.core.settings.stall_timeout)
+                        );
+                        return Err(AttemptError::Stalled);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the runtime about layers neither committed nor being fetched: one it holds already
+    /// (shared with another image, or fetched between two looks) counts whole.
+    async fn held_layers(&self, tracker: &Mutex<Tracker>, ingests: &[Ingest]) {
+        let unaccounted = tracker.lock().unwrap().unaccounted(ingests);
+        for digest in unaccounted {
+            if let Ok(Some(true)) = self.core.runtime.has_blob(&digest).await {
+                tracker.lock().unwrap().committed(&digest);
+            }
+        }
+    }
+
+    /// The manifest (layers and sizes), or `None` when the registry does not tell: the pull
+    /// goes on without sizes.
+    async fn manifest(&self) -> Option<ImageManifest> {
+        match self
+            .core
+            .registry
+            .manifest(&self.image, self.credentials.as_ref())
+            .await
+        {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::debug!(image = %self.image, "manifest unknown before the pull: {e}");
+                None
+            }
+        }
+    }
+
+    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
+    /// fails when it cannot fit. Done once per pull, however many requests share it. An image
+    /// whose size the registry does not tell is pulled without the check (the periodic gc
+    /// catches up).
+    async fn make_room(
+        &self,
+        manifest: Option<&ImageManifest>,
+    ) -> Result<Option<Reservation>, PullError> {
+        let (true, Some(m)) = (self.core.cache.eviction_enabled(), manifest) else {
+            return Ok(None);
+        };
+        self.core
+            .cache
+            .make_room(m.size())
+            .await
+            .map(Some)
+            .map_err(|e| PullError::NoRoom {
+                image: self.image.to_string(),
+                source: Arc::new(e),
+            })
+    }
+}
