@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod cri;
+pub mod expect;
 pub mod identity;
 pub mod launcher;
 pub mod metrics;

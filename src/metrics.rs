@@ -149,6 +149,30 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "Pre-warm runs by outcome (ok, partial, failed, skipped).",
     ),
     (
+        "cimage_expected_images",
+        Kind::Gauge,
+        true,
+        "Expectations (images announced for jobs on this node) by state: waiting, no_room, queued, pulling, ready, late, failed.",
+    ),
+    (
+        "cimage_expect_lead_seconds",
+        Kind::Histogram,
+        false,
+        "How long before its job's start (or first request) an expected image was ready.",
+    ),
+    (
+        "cimage_expect_late_total",
+        Kind::Counter,
+        false,
+        "Expected images not ready by their deadline, or asked for by their job before they were.",
+    ),
+    (
+        "cimage_queue_source_up",
+        Kind::Gauge,
+        false,
+        "1 when the last look at the scheduler's queue (ImageCache.Queue) worked, 0 when it failed.",
+    ),
+    (
         "cimage_tasks_total",
         Kind::Counter,
         true,

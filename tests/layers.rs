@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("puller", 5),
     ("launcher", 6),
     ("prewarm", 6),
+    ("expect", 6),
     ("api", 7),
 ];
 

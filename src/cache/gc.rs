@@ -179,6 +179,8 @@ impl Cache {
                 Some("pinned".to_string())
             } else if self.is_in_use(&r.id) {
                 Some("in use by a running step".to_string())
+            } else if self.is_expected(&r.id) {
+                Some("expected by a job that has not started".to_string())
             } else if containers
                 .as_ref()
                 .is_none_or(|c| c.iter().any(|i| *i == r.id || r.names.contains(i)))

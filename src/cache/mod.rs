@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
 pub use gc::{GcReport, Reservation};
-pub use uses::InUse;
+pub use uses::{InUse, UseSeen, USES_SEEN_QUEUE};
 
 /// Eviction records are pruned at most this often (they are few; each pass reads their keys).
 pub const PRUNE_EVERY_MS: i64 = 600_000;
@@ -86,6 +86,10 @@ pub struct Cache {
     last_reconcile: AtomicI64,
     /// In-use marks by image id (see [`InUse`]).
     in_use: uses::InUseMarks,
+    /// Holds of images an expectation keeps for its job (see [`Cache::mark_expected`]).
+    expected: uses::InUseMarks,
+    /// Every recorded use, for whoever follows them (see [`Cache::subscribe_uses`]).
+    uses_seen: tokio::sync::broadcast::Sender<UseSeen>,
     /// Eviction records older than this are pruned (`ImageCache.History.Keep`).
     evictions_keep: std::time::Duration,
     /// When eviction records were last pruned (Unix ms).
@@ -114,6 +118,8 @@ impl Cache {
             clock,
             last_reconcile: AtomicI64::new(0),
             in_use: Default::default(),
+            expected: Default::default(),
+            uses_seen: tokio::sync::broadcast::channel(USES_SEEN_QUEUE).0,
             evictions_keep: crate::config::DEFAULT_HISTORY_KEEP,
             evictions_pruned_at: AtomicI64::new(0),
             eviction: None,

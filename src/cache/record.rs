@@ -21,6 +21,8 @@ pub enum Origin {
     Runtime,
     /// Asked for through cimaged's CRI image endpoint (Craned, kubelet, crictl).
     Cri,
+    /// Pulled because a job was expected to need it (`cimage expect`, a queue source).
+    Expected,
 }
 
 impl Origin {
@@ -32,6 +34,7 @@ impl Origin {
             Origin::Prewarm => "prewarm",
             Origin::Runtime => "runtime",
             Origin::Cri => "cri",
+            Origin::Expected => "expected",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Uses of images: each recorded durably with a group commit (uses that arrive while a commit
-//! runs go into the next transaction together), and the in-use marks of running steps that
-//! keep an image from eviction.
+//! runs go into the next transaction together) and told to whoever follows them; and the marks
+//! that keep an image from eviction: in use by a running step, or held for an expected job.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,26 @@ pub(super) type PendingUse = (
 /// In-use marks by image id, with how many guards hold each.
 pub(super) type InUseMarks = Arc<Mutex<HashMap<String, usize>>>;
 
-/// An image kept from eviction while a step uses it; the mark goes when this drops.
+/// A use as told to its followers (see [`Cache::subscribe_uses`]), once it is recorded.
+#[derive(Debug, Clone)]
+pub struct UseSeen {
+    /// The image's id.
+    pub id: String,
+    /// Its names as the runtime reports them (tags and digest references).
+    pub names: Vec<String>,
+    /// What it was for.
+    pub origin: Origin,
+    /// The request pulled it (or joined a pull) rather than finding it on the node.
+    pub pulled: bool,
+    /// When it was recorded (Unix ms).
+    pub at_ms: i64,
+}
+
+/// Uses a follower may fall behind by before it misses some (it is told how many).
+pub const USES_SEEN_QUEUE: usize = 1024;
+
+/// An image kept from eviction while a step uses it (or an expectation holds it); the mark goes
+/// when this drops.
 #[derive(Debug)]
 pub struct InUse {
     marks: InUseMarks,
@@ -68,6 +87,36 @@ impl Cache {
     /// Records one use (with its credential facts); durable before it returns. Uses that arrive
     /// while a commit is under way are committed together in the next transaction.
     pub async fn record(&self, u: Use) -> Result<ImageRecord, CacheError> {
+        let seen = UseSeen {
+            id: u.image.id.clone(),
+            names: u
+                .image
+                .repo_tags
+                .iter()
+                .chain(&u.image.repo_digests)
+                .cloned()
+                .collect(),
+            origin: u.origin,
+            pulled: u.pulled,
+            at_ms: 0,
+        };
+        let recorded = self.commit_use(u).await;
+        if recorded.is_ok() && self.uses_seen.receiver_count() > 0 {
+            let _ = self.uses_seen.send(UseSeen {
+                at_ms: self.clock.now_ms(),
+                ..seen
+            });
+        }
+        recorded
+    }
+
+    /// Follows every use recorded from now on (a follower that falls more than
+    /// [`USES_SEEN_QUEUE`] behind is told how many it missed).
+    pub fn subscribe_uses(&self) -> tokio::sync::broadcast::Receiver<UseSeen> {
+        self.uses_seen.subscribe()
+    }
+
+    async fn commit_use(&self, u: Use) -> Result<ImageRecord, CacheError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut p = self.pending_uses.lock().unwrap();
@@ -143,5 +192,25 @@ impl Cache {
     /// Whether a running step uses the image.
     pub fn is_in_use(&self, id: &str) -> bool {
         self.in_use.lock().unwrap().contains_key(id)
+    }
+
+    /// Holds an image for a job expected to need it; eviction never touches it while the
+    /// returned guard lives.
+    pub fn mark_expected(&self, id: &str) -> InUse {
+        *self
+            .expected
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_insert(0) += 1;
+        InUse {
+            marks: Arc::clone(&self.expected),
+            id: id.to_owned(),
+        }
+    }
+
+    /// Whether an expectation holds the image for its job.
+    pub fn is_expected(&self, id: &str) -> bool {
+        self.expected.lock().unwrap().contains_key(id)
     }
 }

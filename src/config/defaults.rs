@@ -29,6 +29,16 @@ pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_PULL_RETRIES: u32 = 3;
 /// Default for `ImageCache.ReconcileInterval`.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.Expect.Grace`: an expectation ends this long after its deadline.
+pub const DEFAULT_EXPECT_GRACE: Duration = Duration::from_secs(3600);
+/// Default for `ImageCache.Expect.MaxPerUser`.
+pub const DEFAULT_EXPECT_MAX_PER_USER: usize = 16;
+/// Default for `ImageCache.Queue.Interval`: how often the queue source is asked.
+pub const DEFAULT_QUEUE_INTERVAL: Duration = Duration::from_secs(15);
+/// Default for `ImageCache.Queue.Horizon`: how far ahead planned jobs count.
+pub const DEFAULT_QUEUE_HORIZON: Duration = Duration::from_secs(2 * 3600);
+/// Default for `ImageCache.Queue.Timeout`: a look at the queue that takes longer fails.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for `ImageCache.Launcher.StopGracePeriod`.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default for `ImageCache.PresenceTtl`.

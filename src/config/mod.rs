@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 mod de;
 mod defaults;
+mod expect;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,11 @@ pub use defaults::{
     DEFAULT_RECONCILE_INTERVAL, DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
     DEFAULT_STOP_GRACE_PERIOD, DEFAULT_TEMP_DIR,
 };
+pub use defaults::{
+    DEFAULT_EXPECT_GRACE, DEFAULT_EXPECT_MAX_PER_USER, DEFAULT_QUEUE_HORIZON,
+    DEFAULT_QUEUE_INTERVAL, DEFAULT_QUEUE_TIMEOUT,
+};
+pub use expect::{ExpectConfig, QueueConfig, QueueSourceKind};
 pub use sections::{
     AuthSection, DefaultPullPolicy, EvictionConfig, HistoryConfig, ImageServiceConfig,
     LauncherConfig, OnRegistryUnavailable, PrewarmConfig, RegistryConfig, ScheduleConfig,
@@ -173,6 +179,12 @@ pub struct ImageCacheConfig {
     /// The CRI image service cimaged serves to Craned, kubelet and crictl.
     #[serde(default)]
     pub image_service: ImageServiceConfig,
+    /// Images expected on the node (`cimage expect`, the queue source).
+    #[serde(default)]
+    pub expect: ExpectConfig,
+    /// The scheduler's queue, which says which images are coming.
+    #[serde(default)]
+    pub queue: QueueConfig,
 }
 
 impl Default for ImageCacheConfig {
@@ -204,6 +216,8 @@ impl Default for ImageCacheConfig {
             auth: AuthSection::default(),
             metrics_addr: None,
             image_service: ImageServiceConfig::default(),
+            expect: ExpectConfig::default(),
+            queue: QueueConfig::default(),
         }
     }
 }

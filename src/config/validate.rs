@@ -317,6 +317,13 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             )
         })?;
     }
+    check_queue(&ic.queue, &invalid)?;
+    if ic.expect.max_per_user == 0 {
+        return Err(invalid(
+            "ImageCache.Expect.MaxPerUser",
+            "must be at least 1".into(),
+        ));
+    }
     let mut names = std::collections::HashSet::new();
     for sc in &ic.prewarm.schedules {
         if !names.insert(sc.name.as_str()) {
@@ -389,4 +396,50 @@ fn unix_endpoint(s: &str) -> Result<PathBuf, &'static str> {
         return Err("must be an absolute socket path");
     }
     Ok(PathBuf::from(path))
+}
+
+/// `ImageCache.Queue`: a command source names a program by absolute path; the timings make
+/// sense together.
+fn check_queue(
+    q: &super::QueueConfig,
+    invalid: &impl Fn(&'static str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    use super::QueueSourceKind;
+    if q.interval < std::time::Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.Queue.Interval",
+            "must be at least 1s".into(),
+        ));
+    }
+    if q.horizon.is_zero() {
+        return Err(invalid(
+            "ImageCache.Queue.Horizon",
+            "must be more than 0s".into(),
+        ));
+    }
+    if q.timeout.is_zero() {
+        return Err(invalid(
+            "ImageCache.Queue.Timeout",
+            "must be more than 0s".into(),
+        ));
+    }
+    match q.source {
+        QueueSourceKind::Command => match q.command.first() {
+            None => Err(invalid(
+                "ImageCache.Queue.Command",
+                "is required with Source: command: the program (absolute path) and its arguments"
+                    .into(),
+            )),
+            Some(p) if !std::path::Path::new(p).is_absolute() => Err(invalid(
+                "ImageCache.Queue.Command",
+                format!("{p:?} must be an absolute path"),
+            )),
+            Some(_) => Ok(()),
+        },
+        _ if !q.command.is_empty() => Err(invalid(
+            "ImageCache.Queue.Command",
+            "is only read with Source: command".into(),
+        )),
+        _ => Ok(()),
+    }
 }
