@@ -5,6 +5,7 @@
 
 pub mod authority;
 pub mod cri_image;
+pub mod expect;
 pub mod gate;
 pub mod http;
 pub mod launcher;
@@ -108,6 +109,7 @@ pub async fn serve(
     images: service::ImageCacheApi,
     launcher: launcher::LauncherApi,
     maintenance: maintenance::MaintenanceApi,
+    expectations: expect::ExpectationsApi,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = futures::stream::unfold((listener, gate), |(listener, gate)| async move {
@@ -141,6 +143,10 @@ pub async fn serve(
             pb::maintenance_server::MaintenanceServer::new(maintenance)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
+        .add_service(
+            pb::expectations_server::ExpectationsServer::new(expectations)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -150,6 +156,13 @@ pub fn maintenance_client(
     path: &Path,
 ) -> pb::maintenance_client::MaintenanceClient<tonic::transport::Channel> {
     pb::maintenance_client::MaintenanceClient::new(crate::cri::unix_channel(path))
+}
+
+/// An expectations client for the API at a unix socket.
+pub fn expectations_client(
+    path: &Path,
+) -> pb::expectations_client::ExpectationsClient<tonic::transport::Channel> {
+    pb::expectations_client::ExpectationsClient::new(crate::cri::unix_channel(path))
 }
 
 /// A launcher client for the API at a unix socket.

@@ -2,6 +2,7 @@
 
 mod auth;
 mod exec;
+mod expect;
 mod gc;
 mod images;
 mod jobs;
@@ -86,6 +87,10 @@ enum Command {
     /// Scheduled pre-pulls.
     #[command(subcommand)]
     Prewarm(prewarm::Command),
+    /// Say an image will be needed on this node by a time (--cancel: take that back).
+    Expect(expect::ExpectArgs),
+    /// List the images expected on this node: deadline, state, how early they were ready.
+    Expected(expect::ExpectedArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -307,6 +312,8 @@ async fn main() -> ExitCode {
         Command::Gc(a) => gc::gc(&cli.socket, a).await,
         Command::Top(a) => gc::top(&cli.socket, a).await,
         Command::Prewarm(c) => prewarm::run(&cli.socket, c).await,
+        Command::Expect(a) => expect::expect(&cli.socket, a).await,
+        Command::Expected(a) => expect::list(&cli.socket, a).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "cimage", &mut std::io::stdout());
@@ -355,6 +362,8 @@ impl Command {
             Command::Gc(a) => a.output,
             Command::Top(a) => a.output,
             Command::Prewarm(c) => c.output(),
+            Command::Expect(a) => a.output,
+            Command::Expected(a) => a.output,
             _ => Output::Table,
         };
         o == Output::Json

@@ -17,7 +17,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use cimage::api::{
-    self, launcher::LauncherApi, maintenance::MaintenanceApi, peer, service::ImageCacheApi,
+    self, expect::ExpectationsApi, launcher::LauncherApi, maintenance::MaintenanceApi, peer,
+    service::ImageCacheApi,
 };
 use cimage::background::Background;
 use cimage::cache::{Cache, Index};
@@ -25,6 +26,7 @@ use cimage::clock::SystemClock;
 use cimage::config::{self, Settings};
 use cimage::credentials::Fingerprinter;
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
+use cimage::expect::{CommandSource, Expector, ProcessRunner, QueueSource, SlurmSource};
 use cimage::identity::Nss;
 use cimage::launcher::mounts::BindStager;
 use cimage::launcher::{Launcher, Parts};
@@ -316,6 +318,18 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         Err(e) => warn!("pre-warm catch-up failed: {e}"),
     }
 
+    let expector = Expector::new(
+        puller.clone(),
+        cache.clone(),
+        metrics.clone(),
+        &store,
+        Arc::new(SystemClock),
+        wiring.expect.clone(),
+        wiring.queue.as_ref().map(queue_source),
+        background.clone(),
+    )?;
+    expector.start();
+
     background.spawn(recover_loop(launcher.clone(), background.clone()));
     background.spawn(trim_loop(background.clone()));
     background.spawn(history_loop(
@@ -398,6 +412,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         metrics.clone(),
     );
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
+    let expectations = ExpectationsApi::new(expector, admin, Arc::new(SystemClock));
 
     let bg = background.clone();
     background.spawn(async move {
@@ -422,6 +437,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         images,
         launcher_api,
         maintenance,
+        expectations,
         async move { bg.shutting_down().await },
     )
     .await;
@@ -442,6 +458,26 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     served.context("serving the API")?;
     info!("cimaged stopped");
     Ok(())
+}
+
+/// The queue source the config names, over child processes bounded by its timeout.
+fn queue_source(q: &wiring::QueueWiring) -> Arc<dyn QueueSource> {
+    match q {
+        wiring::QueueWiring::Slurm { node, timeout } => Arc::new(SlurmSource::new(
+            Arc::new(ProcessRunner {
+                timeout: *timeout,
+                ..ProcessRunner::default()
+            }),
+            node,
+        )),
+        wiring::QueueWiring::Command { argv, timeout } => Arc::new(CommandSource::new(
+            Arc::new(ProcessRunner {
+                timeout: *timeout,
+                ..ProcessRunner::default()
+            }),
+            argv.clone(),
+        )),
+    }
 }
 
 /// Prunes the history (`ImageCache.History`) a minute after start-up, then every 10 minutes,

@@ -10,10 +10,11 @@ use std::time::Duration;
 use cimage::api::gate::Limits;
 use cimage::cache::{EvictionSettings, IndexSettings};
 use cimage::config::{
-    ConfigError, DefaultPullPolicy, OnRegistryUnavailable, Settings, VerifyMode,
+    ConfigError, DefaultPullPolicy, OnRegistryUnavailable, QueueSourceKind, Settings, VerifyMode,
     DEFAULT_PREWARM_CONCURRENCY,
 };
 use cimage::credentials::NodeCredentials;
+use cimage::expect::ExpectSettings;
 use cimage::launcher::LauncherSettings;
 use cimage::policy::{DefaultPolicy, Verify};
 use cimage::prewarm::ScheduleSpec;
@@ -43,6 +44,44 @@ pub struct Wiring {
     pub registries: BTreeMap<String, HostSettings>,
     /// Schedules defined by the config file, validated and normalised.
     pub schedules: Vec<ScheduleSpec>,
+    /// How expectations behave.
+    pub expect: ExpectSettings,
+    /// The queue source, if one is configured.
+    pub queue: Option<QueueWiring>,
+}
+
+/// Which queue source cimaged asks, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueWiring {
+    /// Slurm, for this node name.
+    Slurm {
+        /// The node's name in Slurm.
+        node: String,
+        /// Bound of one command.
+        timeout: Duration,
+    },
+    /// A site's command.
+    Command {
+        /// The program and its arguments.
+        argv: Vec<String>,
+        /// Bound of one run.
+        timeout: Duration,
+    },
+}
+
+/// This host's short name (up to the first dot), as Slurm names nodes by default.
+fn short_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // truncates, and the slice below stops at the first NUL.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    name.split('.').next().unwrap_or("").to_owned()
 }
 
 /// Maps the configuration onto each module's settings, and runs the checks that need a
@@ -73,6 +112,30 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
         schedules.push(spec);
     }
     let ev = &ic.eviction;
+    let q = &ic.queue;
+    let queue = match q.source {
+        QueueSourceKind::None => None,
+        QueueSourceKind::Slurm => Some(QueueWiring::Slurm {
+            node: match &q.node_name {
+                Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
+                _ => {
+                    let n = short_hostname();
+                    if n.is_empty() {
+                        return Err(invalid(
+                            "ImageCache.Queue.NodeName",
+                            "is needed: this host's name could not be read".into(),
+                        ));
+                    }
+                    n
+                }
+            },
+            timeout: q.timeout,
+        }),
+        QueueSourceKind::Command => Some(QueueWiring::Command {
+            argv: q.command.clone(),
+            timeout: q.timeout,
+        }),
+    };
     Ok(Wiring {
         puller: PullerSettings {
             max_concurrent_pulls: ic.max_concurrent_pulls,
@@ -156,6 +219,15 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             })
             .collect(),
         schedules,
+        expect: ExpectSettings {
+            grace: ic.expect.grace,
+            max_per_user: ic.expect.max_per_user,
+            concurrency: ic.max_concurrent_pulls,
+            interval: q.interval,
+            horizon: q.horizon,
+            ..ExpectSettings::default()
+        },
+        queue,
     })
 }
 
