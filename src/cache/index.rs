@@ -196,7 +196,8 @@ impl Index {
                         }
                     };
                     rec.refresh_from(img);
-                    if u.origin != Origin::Prewarm {
+                    // Pulls ahead of need (pre-warm, expectations) are not uses by a job.
+                    if !matches!(u.origin, Origin::Prewarm | Origin::Expected) {
                         rec.use_count += 1;
                         rec.last_used = now;
                         rec.popularity = rec.popularity_now(now, half_life) + 1.0;
