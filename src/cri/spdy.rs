@@ -92,18 +92,105 @@ impl Channels {
     }
 }
 
+/// Why an attached command's session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SessionError {
+    /// The runtime serves its streams over TLS.
+    #[error(
+        "the runtime serves exec streams over TLS ({url}); cimage relays plain-HTTP streams \
+         on loopback only: set containerd's enable_tls_streaming = false"
+    )]
+    Tls {
+        /// The URL the runtime gave.
+        url: String,
+    },
+    /// Not an `http://` URL.
+    #[error("the runtime's exec URL {url:?} is not an http:// URL")]
+    NotHttp {
+        /// The URL the runtime gave.
+        url: String,
+    },
+    /// No IP address and port in it.
+    #[error(
+        "the runtime's exec URL {url:?} does not name a loopback IP address and port \
+         (host names are not followed)"
+    )]
+    NoAddress {
+        /// The URL the runtime gave.
+        url: String,
+    },
+    /// An address off the node.
+    #[error(
+        "the runtime serves exec streams on {addr}, not on loopback: set containerd's \
+         stream_server_address = \"127.0.0.1\""
+    )]
+    NotLoopback {
+        /// The address in the URL.
+        addr: SocketAddr,
+    },
+    /// The connection failed.
+    #[error("{doing} the runtime's stream server {addr}: {source}")]
+    Io {
+        /// `connecting to`, `writing to`, `reading from`, ...
+        doing: &'static str,
+        /// The stream server.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// The answer's head does not end.
+    #[error("the runtime's stream server {addr} sent an answer head over {MAX_HEAD} bytes")]
+    HeadTooLarge {
+        /// The stream server.
+        addr: SocketAddr,
+    },
+    /// The connection ended before the answer.
+    #[error("the runtime's stream server {addr} closed the connection before answering")]
+    ClosedEarly {
+        /// The stream server.
+        addr: SocketAddr,
+    },
+    /// No answer in time.
+    #[error(
+        "the runtime's stream server {addr} did not answer within {}s",
+        HANDSHAKE_TIMEOUT.as_secs()
+    )]
+    Timeout {
+        /// The stream server.
+        addr: SocketAddr,
+    },
+    /// The upgrade was refused (e.g. an expired URL).
+    #[error(
+        "the runtime's stream server refused the exec session: {status}{}{said}",
+        if said.is_empty() { "" } else { ": " }
+    )]
+    Refused {
+        /// The answer's status line.
+        status: String,
+        /// The first line of its body.
+        said: String,
+    },
+    /// Upgraded, without the protocol version asked for.
+    #[error("the runtime's stream server did not agree on the {PROTOCOL} protocol")]
+    NoAgreement,
+    /// A header block could not be compressed.
+    #[error("compressing SPDY headers: {0}")]
+    Compress(#[from] flate2::CompressError),
+}
+
 /// Where a streaming URL points: refused unless plain HTTP on a loopback address, so a session
 /// never leaves the node and carries nothing over a network.
-fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
+fn parse_url(url: &str) -> Result<(SocketAddr, String, String), SessionError> {
     if url.starts_with("https://") {
-        return Err(format!(
-            "the runtime serves exec streams over TLS ({url}); cimage relays plain-HTTP streams \
-             on loopback only: set containerd's enable_tls_streaming = false"
-        ));
+        return Err(SessionError::Tls {
+            url: url.to_owned(),
+        });
     }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("the runtime's exec URL {url:?} is not an http:// URL"))?;
+        .ok_or_else(|| SessionError::NotHttp {
+            url: url.to_owned(),
+        })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -112,30 +199,28 @@ fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
         Some(port) => format!("127.0.0.1:{port}").parse(),
         None => authority.parse(),
     }
-    .map_err(|_| {
-        format!(
-            "the runtime's exec URL {url:?} does not name a loopback IP address and port \
-             (host names are not followed)"
-        )
+    .map_err(|_| SessionError::NoAddress {
+        url: url.to_owned(),
     })?;
     if !addr.ip().is_loopback() {
-        return Err(format!(
-            "the runtime serves exec streams on {addr}, not on loopback: set containerd's \
-             stream_server_address = \"127.0.0.1\""
-        ));
+        return Err(SessionError::NotLoopback { addr });
     }
     Ok((addr, authority.to_owned(), path.to_owned()))
 }
 
 /// Connects to the runtime's streaming `url` (from CRI `Exec` with the same `attach`) and
 /// starts the command; the session relays input and output until the command ends or the
-/// caller drops it. The error is one line naming what failed.
-pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession, String> {
+/// caller drops it.
+pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession, SessionError> {
     let (addr, host, path) = parse_url(url)?;
     let handshake = async {
         let mut sock = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("connecting to the runtime's stream server {addr}: {e}"))?;
+            .map_err(|source| SessionError::Io {
+                doing: "connecting to",
+                addr,
+                source,
+            })?;
         sock.set_nodelay(true).ok();
         let request = format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
@@ -143,19 +228,18 @@ pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession,
         );
         sock.write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("writing to the runtime's stream server {addr}: {e}"))?;
+            .map_err(|source| SessionError::Io {
+                doing: "writing to",
+                addr,
+                source,
+            })?;
         let (head, rest) = read_head(&mut sock, addr).await?;
         check_upgrade(&head, &rest)?;
-        Ok::<_, String>((sock, rest))
+        Ok::<_, SessionError>((sock, rest))
     };
     let (sock, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| {
-            format!(
-                "the runtime's stream server {addr} did not answer within {}s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            )
-        })??;
+        .map_err(|_| SessionError::Timeout { addr })??;
     let channels = Channels::for_attach(attach);
     let mut headers = HeaderCompressor::new();
     let mut opening = Vec::new();
@@ -165,7 +249,11 @@ pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession,
     let (rd, mut wr) = sock.into_split();
     wr.write_all(&opening)
         .await
-        .map_err(|e| format!("opening the exec streams at {addr}: {e}"))?;
+        .map_err(|source| SessionError::Io {
+            doing: "opening the exec streams at",
+            addr,
+            source,
+        })?;
     let (input, from_caller) = mpsc::channel(BUFFER);
     let (to_caller, output) = mpsc::channel(BUFFER);
     let (control, control_rx) = mpsc::channel(4);
@@ -185,7 +273,10 @@ pub(super) async fn attach(url: &str, attach: ExecAttach) -> Result<ExecSession,
 }
 
 /// Reads the HTTP answer's head; returns it and the bytes read past it (the first frames).
-async fn read_head(sock: &mut TcpStream, addr: SocketAddr) -> Result<(String, Vec<u8>), String> {
+async fn read_head(
+    sock: &mut TcpStream,
+    addr: SocketAddr,
+) -> Result<(String, Vec<u8>), SessionError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -194,18 +285,18 @@ async fn read_head(sock: &mut TcpStream, addr: SocketAddr) -> Result<(String, Ve
             return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
         }
         if buf.len() > MAX_HEAD {
-            return Err(format!(
-                "the runtime's stream server {addr} sent an answer head over {MAX_HEAD} bytes"
-            ));
+            return Err(SessionError::HeadTooLarge { addr });
         }
         let n = sock
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("reading from the runtime's stream server {addr}: {e}"))?;
+            .map_err(|source| SessionError::Io {
+                doing: "reading from",
+                addr,
+                source,
+            })?;
         if n == 0 {
-            return Err(format!(
-                "the runtime's stream server {addr} closed the connection before answering"
-            ));
+            return Err(SessionError::ClosedEarly { addr });
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -213,16 +304,15 @@ async fn read_head(sock: &mut TcpStream, addr: SocketAddr) -> Result<(String, Ve
 
 /// Checks that the answer switched to SPDY with the v4 protocol; otherwise the error carries
 /// the runtime's status line and the first line of its body (e.g. an expired URL).
-fn check_upgrade(head: &str, body: &[u8]) -> Result<(), String> {
+fn check_upgrade(head: &str, body: &[u8]) -> Result<(), SessionError> {
     let mut lines = head.lines();
     let status = lines.next().unwrap_or_default().trim();
     if status.split_whitespace().nth(1) != Some("101") {
         let said = String::from_utf8_lossy(body);
-        let said = said.lines().next().unwrap_or_default().trim();
-        return Err(format!(
-            "the runtime's stream server refused the exec session: {status}{}{said}",
-            if said.is_empty() { "" } else { ": " }
-        ));
+        return Err(SessionError::Refused {
+            status: status.to_owned(),
+            said: said.lines().next().unwrap_or_default().trim().to_owned(),
+        });
     }
     let agreed = lines.any(|l| {
         l.split_once(':').is_some_and(|(k, v)| {
@@ -230,9 +320,7 @@ fn check_upgrade(head: &str, body: &[u8]) -> Result<(), String> {
         })
     });
     if !agreed {
-        return Err(format!(
-            "the runtime's stream server did not agree on the {PROTOCOL} protocol"
-        ));
+        return Err(SessionError::NoAgreement);
     }
     Ok(())
 }
@@ -247,7 +335,7 @@ impl HeaderCompressor {
     }
 
     /// A compressed name/value block.
-    fn block(&mut self, pairs: &[(&str, &str)]) -> Result<Vec<u8>, String> {
+    fn block(&mut self, pairs: &[(&str, &str)]) -> Result<Vec<u8>, flate2::CompressError> {
         let mut raw = Vec::new();
         raw.extend((pairs.len() as u32).to_be_bytes());
         for (name, value) in pairs {
@@ -261,9 +349,7 @@ impl HeaderCompressor {
         loop {
             out.reserve(256);
             let before = self.0.total_in();
-            self.0
-                .compress_vec(input, &mut out, FlushCompress::Sync)
-                .map_err(|e| format!("compressing SPDY headers: {e}"))?;
+            self.0.compress_vec(input, &mut out, FlushCompress::Sync)?;
             input = &input[(self.0.total_in() - before) as usize..];
             // The flush is complete once input is used up and there was room to spare.
             if input.is_empty() && out.len() < out.capacity() {
@@ -484,9 +570,13 @@ mod tests {
         );
         assert!(parse_url("http://[::1]:8080/exec/x").is_ok());
         assert!(parse_url("http://localhost:8080/exec/x").is_ok());
-        let e = parse_url("http://10.1.2.3:8080/exec/x").unwrap_err();
+        let e = parse_url("http://10.1.2.3:8080/exec/x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("stream_server_address"), "{e}");
-        let e = parse_url("https://127.0.0.1:8080/exec/x").unwrap_err();
+        let e = parse_url("https://127.0.0.1:8080/exec/x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("enable_tls_streaming"), "{e}");
         assert!(parse_url("ftp://x").is_err());
         assert!(parse_url("http://nohost/exec").is_err());
@@ -552,7 +642,8 @@ mod tests {
             "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain",
             b"token not found\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("404 Not Found: token not found"), "{e}");
         assert!(check_upgrade(
             "HTTP/1.1 101 Switching Protocols\r\nX-Stream-Protocol-Version: v4.channel.k8s.io",

@@ -10,14 +10,15 @@ use tracing::{info, warn};
 use super::devices::CdiSupport;
 use super::etc_files::etc_files;
 use super::mounts::MountError;
-use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
+use super::readback::{self, ReadBackRefusal};
+use super::spec::{self, LaunchSpec, Principal, Rules, SpecError, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{
     send, Event, EventSink, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK,
 };
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
-use crate::runtime::{ContainerSpec, EtcCheck, PodSpec, ProcessIdentity};
+use crate::runtime::{ContainerSpec, PodSpec};
 
 impl Launcher {
     /// Accepts a step: validates it (nothing is created if that fails), records it, and runs it
@@ -143,7 +144,9 @@ impl Launcher {
             .await
             .map_err(|e| SpecError::Invalid(format!("staging the mounts failed: {e}")))?;
             v.mounts = staged.map_err(|e| match e {
-                MountError::Denied { .. } => SpecError::Denied(e.to_string()),
+                MountError::Denied { .. } | MountError::Outside { .. } => {
+                    SpecError::Denied(e.to_string())
+                }
                 _ => SpecError::Invalid(e.to_string()),
             })?;
         }
@@ -338,14 +341,17 @@ impl Launcher {
         // Read back before the start; a step as a user also needs a plain /etc in its image.
         // A failure removes the container in the cleanup that follows.
         let checked = match self.rt.inspect_created(&cid, v.identity.uid != 0).await {
-            Ok(created) => check_identity(&cid, created.identity, &v.identity)
-                .and_then(|()| check_etc(created.etc, &task.image)),
-            Err(e) => Err(format!(
-                "cannot read back container {cid} before its start: {e}"
-            )),
+            Ok(created) => readback::check_identity(&cid, created.identity, &v.identity)
+                .and_then(|()| readback::check_etc(created.etc, &task.image)),
+            Err(source) => Err(ReadBackRefusal::Unreadable {
+                cid: cid.clone(),
+                source,
+            }),
         };
-        if let Err(message) = checked {
-            return self.fail(task, Stage::Create, message, tx).await;
+        if let Err(refusal) = checked {
+            return self
+                .fail(task, Stage::Create, refusal.to_string(), tx)
+                .await;
         }
         self.stage_time(Stage::Create, create_started);
         send(
@@ -478,58 +484,4 @@ fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
         }
     }
     Ok(())
-}
-
-/// Refuses a created container whose read-back identity goes beyond the
-/// host identity: containerd 1.6 adds the groups the image's /etc/group gives the user, and
-/// has no strict supplemental-groups policy to stop it.
-fn check_identity(cid: &str, got: Option<ProcessIdentity>, want: &Identity) -> Result<(), String> {
-    let Some(got) = got else {
-        return Err(format!(
-            "the runtime did not report the identity of container {cid}; its groups \
-             cannot be checked, so the step is refused"
-        ));
-    };
-    if (got.uid, got.gid) != (want.uid, want.gid) {
-        return Err(format!(
-            "the runtime would run the step as {}:{}, not {}:{} as asked; refused",
-            got.uid, got.gid, want.uid, want.gid
-        ));
-    }
-    let mut extra: Vec<u32> = got
-        .additional_gids
-        .iter()
-        .copied()
-        .filter(|g| !want.groups.contains(g))
-        .collect();
-    extra.sort_unstable();
-    extra.dedup();
-    if !extra.is_empty() {
-        return Err(format!(
-            "the image adds groups {extra:?} to user {} (uid {}) through its /etc/group; a \
-             step gets only its host groups {:?}, so it is refused",
-            want.name, want.uid, want.groups
-        ));
-    }
-    Ok(())
-}
-
-/// Refuses an image whose `/etc`, `/etc/passwd` or `/etc/group` is a symlink (or not a
-/// directory and regular files): cimage's own files for the step would be mounted where the
-/// link points, and runc would read the job's file instead when it sets the groups.
-fn check_etc(etc: Option<EtcCheck>, image: &str) -> Result<(), String> {
-    match etc {
-        None | Some(EtcCheck::Plain) => Ok(()),
-        Some(EtcCheck::Redirected(why)) => Err(format!(
-            "in image {image}, {why}: a step as a user would not get its host groups for \
-             sure, so it is refused (make /etc/group a regular file in the image)"
-        )),
-        Some(EtcCheck::Unknown(why)) => {
-            warn!(
-                image,
-                "cannot check the image's /etc before the start: {why}"
-            );
-            Ok(())
-        }
-    }
 }

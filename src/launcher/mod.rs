@@ -20,6 +20,7 @@ mod lifecycle;
 pub mod logs;
 pub mod mounts;
 mod queries;
+mod readback;
 mod recovery;
 pub mod spec;
 pub mod store;

@@ -21,8 +21,18 @@ use crate::runtime::MountSpec;
 /// Why a mount cannot be given to a step.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MountError {
-    /// The request itself is not acceptable (relative, `..`, outside the allowed prefixes,
-    /// missing, a symlink).
+    /// The source lies outside `ImageCache.Launcher.AllowedMountPrefixes`.
+    #[error(
+        "mount source {path}: is outside the allowed prefixes {prefixes} \
+         (ImageCache.Launcher.AllowedMountPrefixes)"
+    )]
+    Outside {
+        /// The source as asked for.
+        path: String,
+        /// The allowed prefixes, listed for the reader.
+        prefixes: String,
+    },
+    /// The request itself is not acceptable (relative, `..`, missing, a symlink).
     #[error("mount source {path}: {message}")]
     Refused {
         /// The source as asked for.
@@ -108,9 +118,9 @@ pub fn locate(source: &Path, prefixes: &[PathBuf]) -> Result<(PathBuf, Vec<Strin
             return Ok((canonical, parts));
         }
     }
-    Err(refused(format!(
-        "is outside the allowed prefixes {} (ImageCache.Launcher.AllowedMountPrefixes)",
-        if prefixes.is_empty() {
+    Err(MountError::Outside {
+        path: source.display().to_string(),
+        prefixes: if prefixes.is_empty() {
             "(none configured)".to_owned()
         } else {
             prefixes
@@ -118,8 +128,8 @@ pub fn locate(source: &Path, prefixes: &[PathBuf]) -> Result<(PathBuf, Vec<Strin
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
-        }
-    )))
+        },
+    })
 }
 
 /// [`MountStager`] that binds opened files under a root-only staging directory.
@@ -174,6 +184,23 @@ fn fstat(fd: i32) -> std::io::Result<libc::stat> {
     Ok(st)
 }
 
+/// Why the walk down to a mount source stopped.
+#[derive(Debug, thiserror::Error)]
+enum WalkError {
+    /// A component does not exist.
+    #[error("does not exist (it would be created as root by the runtime)")]
+    Missing,
+    /// A component is a symbolic link.
+    #[error("contains a symbolic link at {0:?}; give the path it points to")]
+    Symlink(CString),
+    /// A component above the last is not a directory.
+    #[error("{0:?} is not a directory")]
+    NotDirectory(CString),
+    /// The system refused a call on the way.
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
 impl BindStager {
     /// Stages under `root` (created with mode 0700 if missing).
     pub fn new(root: PathBuf) -> std::io::Result<Self> {
@@ -183,12 +210,12 @@ impl BindStager {
     }
 
     /// Opens `/`+`parts` component by component without following symlinks.
-    fn open_beneath(parts: &[CString]) -> Result<(Fd, libc::stat), String> {
+    fn open_beneath(parts: &[CString]) -> Result<(Fd, libc::stat), WalkError> {
         let root = c"/";
         // SAFETY: a constant path; the result is checked.
         let fd = unsafe { libc::open(root.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(WalkError::Io(std::io::Error::last_os_error()));
         }
         let mut cur = Fd(fd);
         for (i, part) in parts.iter().enumerate() {
@@ -203,25 +230,22 @@ impl BindStager {
             if next < 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(if e.kind() == std::io::ErrorKind::NotFound {
-                    "does not exist (it would be created as root by the runtime)".into()
+                    WalkError::Missing
                 } else {
-                    e.to_string()
+                    WalkError::Io(e)
                 });
             }
             cur = Fd(next);
-            let st = fstat(cur.0).map_err(|e| e.to_string())?;
+            let st = fstat(cur.0).map_err(WalkError::Io)?;
             let kind = st.st_mode & libc::S_IFMT;
             if kind == libc::S_IFLNK {
-                return Err(format!(
-                    "contains a symbolic link at {:?}; give the path it points to",
-                    part
-                ));
+                return Err(WalkError::Symlink(part.clone()));
             }
             if i + 1 < parts.len() && kind != libc::S_IFDIR {
-                return Err(format!("{part:?} is not a directory"));
+                return Err(WalkError::NotDirectory(part.clone()));
             }
         }
-        let st = fstat(cur.0).map_err(|e| e.to_string())?;
+        let st = fstat(cur.0).map_err(WalkError::Io)?;
         Ok((cur, st))
     }
 
@@ -233,7 +257,7 @@ impl BindStager {
         expect: &libc::stat,
         identity: &Identity,
         writable: bool,
-    ) -> Result<i32, String> {
+    ) -> std::io::Result<i32> {
         let groups: Vec<libc::gid_t> = identity.groups.clone();
         let is_dir = expect.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let (dev, ino) = (expect.st_dev, expect.st_ino);
@@ -241,7 +265,7 @@ impl BindStager {
         // exits with _exit; it never returns into Rust code that could allocate or lock.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(std::io::Error::last_os_error());
         }
         if pid == 0 {
             // SAFETY: raw system calls of the single-threaded child, see above.
@@ -352,13 +376,15 @@ impl BindStager {
         while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e.to_string());
+                return Err(e);
             }
         }
         if libc::WIFEXITED(status) {
             Ok(libc::WEXITSTATUS(status))
         } else {
-            Err("the access check did not finish".into())
+            Err(std::io::Error::other(format!(
+                "the access check did not finish (wait status {status})"
+            )))
         }
     }
 
@@ -388,7 +414,10 @@ impl BindStager {
             path: source.clone(),
             message,
         };
-        let (fd, st) = Self::open_beneath(&parts).map_err(refused)?;
+        let (fd, st) = Self::open_beneath(&parts).map_err(|e| match e {
+            WalkError::Io(e) => host(format!("opening it: {e}")),
+            refusal => refused(refusal.to_string()),
+        })?;
         let kind = st.st_mode & libc::S_IFMT;
         if kind != libc::S_IFDIR && kind != libc::S_IFREG {
             return Err(refused("is neither a directory nor a regular file".into()));
@@ -397,7 +426,9 @@ impl BindStager {
             path: source.clone(),
             message: format!("{} (uid {}) {message}", identity.name, identity.uid),
         };
-        match Self::check_as_user(&parts, &st, identity, !req.readonly).map_err(host)? {
+        let verdict = Self::check_as_user(&parts, &st, identity, !req.readonly)
+            .map_err(|e| host(format!("checking access as {}: {e}", identity.name)))?;
+        match verdict {
             CHILD_OK => {}
             CHILD_UNREACHABLE => {
                 return Err(denied(

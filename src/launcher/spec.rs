@@ -43,19 +43,33 @@ pub struct MountRequest {
     pub readonly: bool,
 }
 
+/// Why a `--mount` or `--user` argument was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgumentError {
+    /// Not `SRC:DST[:ro|:rw]`.
+    #[error("mount {0:?} is not SRC:DST[:ro]")]
+    Mount(String),
+    /// A group that is not a number.
+    #[error("user {0:?}: the group must be a numeric gid")]
+    Gid(String),
+    /// Neither a uid nor a login name.
+    #[error("user {0:?} is not UID[:GID] or NAME[:GID]")]
+    User(String),
+}
+
 impl std::str::FromStr for MountRequest {
-    type Err = String;
+    type Err = ArgumentError;
     /// Parses `SRC:DST[:ro|:rw]`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ArgumentError> {
         let parts: Vec<&str> = s.split(':').collect();
         let (src, dst, ro) = match parts.as_slice() {
             [src, dst] => (*src, *dst, false),
             [src, dst, "ro"] => (*src, *dst, true),
             [src, dst, "rw"] => (*src, *dst, false),
-            _ => return Err(format!("mount {s:?} is not SRC:DST[:ro]")),
+            _ => return Err(ArgumentError::Mount(s.to_owned())),
         };
         if src.is_empty() || dst.is_empty() {
-            return Err(format!("mount {s:?} is not SRC:DST[:ro]"));
+            return Err(ArgumentError::Mount(s.to_owned()));
         }
         Ok(Self {
             source: PathBuf::from(src),
@@ -84,9 +98,9 @@ pub struct UserRequest {
 }
 
 impl std::str::FromStr for UserRequest {
-    type Err = String;
+    type Err = ArgumentError;
     /// Parses `USER[:GID]`, USER a uid or a login name.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ArgumentError> {
         let (u, g) = match s.split_once(':') {
             Some((u, g)) => (u, Some(g)),
             None => (s, None),
@@ -94,7 +108,7 @@ impl std::str::FromStr for UserRequest {
         let gid = g
             .map(|g| {
                 g.parse::<u32>()
-                    .map_err(|_| format!("user {s:?}: the group must be a numeric gid"))
+                    .map_err(|_| ArgumentError::Gid(s.to_owned()))
             })
             .transpose()?;
         let user = match u.parse::<u32>() {
@@ -106,7 +120,7 @@ impl std::str::FromStr for UserRequest {
             {
                 UserRef::Name(u.to_owned())
             }
-            Err(_) => return Err(format!("user {s:?} is not UID[:GID] or NAME[:GID]")),
+            Err(_) => return Err(ArgumentError::User(s.to_owned())),
         };
         Ok(Self { user, gid })
     }
@@ -459,9 +473,7 @@ pub fn validate(
         // (see `mounts`), on the very file that is then mounted.
         match mounts::locate(&m.source, allowed_prefixes) {
             Ok(_) => {}
-            Err(e @ MountError::Refused { .. }) if e.to_string().contains("outside") => {
-                return Err(SpecError::Denied(e.to_string()))
-            }
+            Err(e @ MountError::Outside { .. }) => return Err(SpecError::Denied(e.to_string())),
             Err(e) => return Err(invalid(e.to_string())),
         }
     }
