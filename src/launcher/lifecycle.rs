@@ -11,7 +11,8 @@ use super::devices::CdiSupport;
 use super::etc_files::etc_files;
 use super::mounts::MountError;
 use super::readback::{self, ReadBackRefusal};
-use super::spec::{self, LaunchSpec, Principal, Rules, SpecError, Validated};
+use super::request::{Principal, SpecError};
+use super::spec::{self, LaunchSpec, Rules, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{
     send, Event, EventSink, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK,

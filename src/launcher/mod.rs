@@ -22,6 +22,7 @@ pub mod mounts;
 mod queries;
 mod readback;
 mod recovery;
+pub mod request;
 pub mod spec;
 pub mod store;
 #[cfg(test)]
@@ -46,7 +47,7 @@ use crate::store::{Store, StoreError};
 pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
 use mounts::MountStager;
 pub use queries::{SessionSlot, MAX_EXEC_SESSIONS};
-use spec::{Principal, SpecError};
+use request::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
 pub use wait::signal_of;
 

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::spec::{Identity, MountRequest};
+use super::request::{Identity, MountRequest};
 use crate::runtime::MountSpec;
 
 /// Why a mount cannot be given to a step.

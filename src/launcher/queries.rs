@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::history::HistorySettings;
 use super::logs::{Chunk, Tail};
-use super::spec::{Principal, SpecError};
+use super::request::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
 use super::{LaunchError, Launcher};
 use crate::runtime::{ExecAttach, ExecOutput, ExecSession};

@@ -4,7 +4,7 @@
 
 use tracing::warn;
 
-use super::spec::Identity;
+use super::request::Identity;
 use crate::runtime::{EtcCheck, ProcessIdentity, RuntimeError};
 
 /// Why a created container is not started.

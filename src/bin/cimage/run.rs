@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use cimage::api::pb;
-use cimage::launcher::spec::{MountRequest, UserRef, UserRequest};
+use cimage::launcher::request::{MountRequest, UserRef, UserRequest};
 use cimage::policy::PullPolicy;
 use cimage::units::parse_time_limit;
 use futures::StreamExt;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 
-use super::spec::{LaunchSpec, Principal, SpecError};
+use super::request::{Principal, SpecError};
+use super::spec::LaunchSpec;
 use super::store::TaskState;
 use super::*;
 use crate::cache::Origin;
