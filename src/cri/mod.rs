@@ -12,6 +12,7 @@ mod image;
 mod runtime;
 mod snapshot;
 mod spdy;
+mod spdy_frames;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -12,18 +12,24 @@
 //! reader takes a stream that does not use it); and no flow control is done, as containerd's
 //! streaming server (spdystream) does none either; a strict SPDY peer would need
 //! WINDOW_UPDATE frames past 64 KiB.
+//!
+//! This file owns the session: the URL check, the upgrade, and the two halves that relay
+//! frames; the frames themselves are in `spdy_frames`.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flate2::{Compress, Compression, FlushCompress};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::spdy_frames::{
+    control_head, data_frame, exit_status, read_frame, syn_stream, Channels, Frame,
+    HeaderCompressor, FLAG_FIN, PING,
+};
 use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
 
 /// The remote command protocol asked for.
@@ -32,65 +38,12 @@ const PROTOCOL: &str = "v4.channel.k8s.io";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest upgrade answer read.
 const MAX_HEAD: usize = 16 << 10;
-/// Largest SPDY frame accepted from the runtime (its writes are 32 KiB at most).
-const MAX_FRAME: usize = 1 << 20;
 /// Largest exit status accepted on the error channel.
 const MAX_STATUS: usize = 64 << 10;
 /// Input is sent in data frames of at most this many bytes.
 const CHUNK: usize = 32 << 10;
 /// Events buffered between the connection and the caller.
 const BUFFER: usize = 16;
-
-const SYN_STREAM: u16 = 1;
-const PING: u16 = 6;
-const FLAG_FIN: u8 = 0x01;
-
-/// The SPDY stream ids of one session's channels (client streams have odd ids).
-#[derive(Debug, Clone, Copy)]
-struct Channels {
-    error: u32,
-    stdin: Option<u32>,
-    stdout: u32,
-    stderr: Option<u32>,
-    resize: Option<u32>,
-}
-
-impl Channels {
-    /// The channels the runtime expects for `attach` (it opens exactly the ones the `Exec`
-    /// request asked for: stdout always, stderr only without a terminal, resize only with one).
-    fn for_attach(attach: ExecAttach) -> Self {
-        let mut next = 1;
-        let mut take = |wanted: bool| {
-            wanted.then(|| {
-                let id = next;
-                next += 2;
-                id
-            })
-        };
-        let error = take(true).unwrap_or(1);
-        let stdin = take(attach.stdin);
-        let stdout = take(true).unwrap_or(3);
-        let stderr = take(!attach.tty);
-        let resize = take(attach.tty);
-        Self {
-            error,
-            stdin,
-            stdout,
-            stderr,
-            resize,
-        }
-    }
-
-    /// `(stream id, channel name)` in the order they are opened.
-    fn named(&self) -> Vec<(u32, &'static str)> {
-        let mut v = vec![(self.error, "error")];
-        v.extend(self.stdin.map(|id| (id, "stdin")));
-        v.push((self.stdout, "stdout"));
-        v.extend(self.stderr.map(|id| (id, "stderr")));
-        v.extend(self.resize.map(|id| (id, "resize")));
-        v
-    }
-}
 
 /// Why an attached command's session could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -325,101 +278,6 @@ fn check_upgrade(head: &str, body: &[u8]) -> Result<(), SessionError> {
     Ok(())
 }
 
-/// The compression context of the header blocks this side sends: SPDY compresses every header
-/// block of a session as one zlib stream, each block ending at a sync flush.
-struct HeaderCompressor(Compress);
-
-impl HeaderCompressor {
-    fn new() -> Self {
-        Self(Compress::new(Compression::fast(), true))
-    }
-
-    /// A compressed name/value block.
-    fn block(&mut self, pairs: &[(&str, &str)]) -> Result<Vec<u8>, flate2::CompressError> {
-        let mut raw = Vec::new();
-        raw.extend((pairs.len() as u32).to_be_bytes());
-        for (name, value) in pairs {
-            for s in [name, value] {
-                raw.extend((s.len() as u32).to_be_bytes());
-                raw.extend(s.as_bytes());
-            }
-        }
-        let mut out = Vec::with_capacity(raw.len() + 64);
-        let mut input = &raw[..];
-        loop {
-            out.reserve(256);
-            let before = self.0.total_in();
-            self.0.compress_vec(input, &mut out, FlushCompress::Sync)?;
-            input = &input[(self.0.total_in() - before) as usize..];
-            // The flush is complete once input is used up and there was room to spare.
-            if input.is_empty() && out.len() < out.capacity() {
-                return Ok(out);
-            }
-        }
-    }
-}
-
-/// A control frame's first eight bytes: version 3, `kind`, `flags`, `len`.
-fn control_head(kind: u16, flags: u8, len: usize) -> [u8; 8] {
-    let k = kind.to_be_bytes();
-    let l = (len as u32).to_be_bytes();
-    [0x80, 0x03, k[0], k[1], flags, l[1], l[2], l[3]]
-}
-
-/// A SYN_STREAM frame opening client stream `id` with the compressed `headers`.
-fn syn_stream(id: u32, headers: &[u8]) -> Vec<u8> {
-    let mut f = control_head(SYN_STREAM, 0, 10 + headers.len()).to_vec();
-    f.extend((id & 0x7fff_ffff).to_be_bytes());
-    f.extend(0u32.to_be_bytes());
-    f.extend([0, 0]);
-    f.extend(headers);
-    f
-}
-
-/// A data frame on stream `id`.
-fn data_frame(id: u32, flags: u8, data: &[u8]) -> Vec<u8> {
-    let l = (data.len() as u32).to_be_bytes();
-    let mut f = (id & 0x7fff_ffff).to_be_bytes().to_vec();
-    f.extend([flags, l[1], l[2], l[3]]);
-    f.extend(data);
-    f
-}
-
-/// One frame read from the runtime.
-enum Frame {
-    Control { kind: u16, body: Vec<u8> },
-    Data { id: u32, body: Vec<u8> },
-}
-
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<Option<Frame>> {
-    let mut head = [0u8; 8];
-    match rd.read_exact(&mut head).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a frame of {len} bytes (more than {MAX_FRAME})"),
-        ));
-    }
-    let mut body = vec![0u8; len];
-    rd.read_exact(&mut body).await?;
-    Ok(Some(if head[0] & 0x80 != 0 {
-        Frame::Control {
-            kind: u16::from_be_bytes([head[2], head[3]]),
-            body,
-        }
-    } else {
-        Frame::Data {
-            id: u32::from_be_bytes([head[0] & 0x7f, head[1], head[2], head[3]]),
-            body,
-        }
-    }))
-}
-
 /// Passes the runtime's frames to the caller until the exit status arrives, the connection
 /// ends, the caller goes away or the writer gives up (`done`); answers the runtime's pings
 /// through `control`.
@@ -482,30 +340,6 @@ async fn read_frames<R: AsyncRead + Unpin>(
     let _ = out.send(end).await;
 }
 
-/// How the command ended, from the v4 `Status` on the error channel; `None` while it is not
-/// yet a whole JSON document.
-fn exit_status(raw: &[u8]) -> Option<ExecEvent> {
-    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
-    if v["status"] == "Success" {
-        return Some(ExecEvent::Exited(0));
-    }
-    if v["reason"] == "NonZeroExitCode" {
-        let code = v["details"]["causes"].as_array().and_then(|causes| {
-            causes
-                .iter()
-                .find(|c| c["reason"] == "ExitCode")
-                .and_then(|c| c["message"].as_str()?.trim().parse().ok())
-        });
-        if let Some(code) = code {
-            return Some(ExecEvent::Exited(code));
-        }
-    }
-    let message = v["message"].as_str().unwrap_or("no message").trim();
-    Some(ExecEvent::Failed(format!(
-        "the runtime could not run the command: {message}"
-    )))
-}
-
 /// Sends the caller's input, terminal sizes and ping answers until the caller or the reader
 /// is done, then closes the connection's sending side.
 async fn write_frames(
@@ -558,7 +392,6 @@ async fn write_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flate2::{Decompress, FlushDecompress};
 
     #[test]
     fn only_plain_http_on_loopback_is_accepted() {
@@ -580,60 +413,6 @@ mod tests {
         assert!(e.contains("enable_tls_streaming"), "{e}");
         assert!(parse_url("ftp://x").is_err());
         assert!(parse_url("http://nohost/exec").is_err());
-    }
-
-    #[test]
-    fn channels_follow_the_request() {
-        let c = Channels::for_attach(ExecAttach {
-            tty: true,
-            stdin: true,
-        });
-        assert_eq!(
-            c.named(),
-            vec![(1, "error"), (3, "stdin"), (5, "stdout"), (7, "resize")]
-        );
-        let c = Channels::for_attach(ExecAttach {
-            tty: false,
-            stdin: false,
-        });
-        assert_eq!(c.named(), vec![(1, "error"), (3, "stdout"), (5, "stderr")]);
-    }
-
-    #[test]
-    fn header_blocks_are_one_zlib_stream_flushed_per_block() {
-        let mut c = HeaderCompressor::new();
-        let a = c.block(&[("streamtype", "error")]).unwrap();
-        let b = c.block(&[("streamtype", "stdout")]).unwrap();
-        let mut d = Decompress::new(true);
-        let mut out = Vec::with_capacity(256);
-        d.decompress_vec(&a, &mut out, FlushDecompress::Sync)
-            .unwrap();
-        let mut expect = 1u32.to_be_bytes().to_vec();
-        expect.extend(10u32.to_be_bytes());
-        expect.extend(b"streamtype");
-        expect.extend(5u32.to_be_bytes());
-        expect.extend(b"error");
-        assert_eq!(out, expect);
-        out.clear();
-        d.decompress_vec(&b, &mut out, FlushDecompress::Sync)
-            .unwrap();
-        assert!(out.ends_with(b"stdout"));
-    }
-
-    #[test]
-    fn exit_statuses_are_read_as_the_runtime_writes_them() {
-        assert_eq!(
-            exit_status(br#"{"metadata":{},"status":"Success"}"#),
-            Some(ExecEvent::Exited(0))
-        );
-        let failed = br#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code: exit status 3","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"3"}]}}"#;
-        assert_eq!(exit_status(failed), Some(ExecEvent::Exited(3)));
-        let internal = br#"{"metadata":{},"status":"Failure","message":"Internal error occurred: executable file not found","reason":"InternalError","code":500}"#;
-        match exit_status(internal) {
-            Some(ExecEvent::Failed(m)) => assert!(m.contains("executable file not found"), "{m}"),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(exit_status(br#"{"metadata":{},"sta"#), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::etc_files::etc_files;
 use super::mounts::MountError;
 use super::readback::{self, ReadBackRefusal};
 use super::request::{Principal, SpecError};
+use super::run_as;
 use super::spec::{self, LaunchSpec, Rules, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{
@@ -59,7 +60,7 @@ impl Launcher {
         let users = Arc::clone(&self.users);
         let request = spec.user.clone();
         let (identity, group_names) = tokio::task::spawn_blocking(move || {
-            let identity = spec::resolve_identity(who, request.as_ref(), users.as_ref())?;
+            let identity = run_as::resolve_identity(who, request.as_ref(), users.as_ref())?;
             let mut names = Vec::new();
             if identity.uid != 0 {
                 for &gid in &identity.groups {

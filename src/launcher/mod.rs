@@ -11,18 +11,21 @@
 //! Exit is detected by polling `ContainerStatus` (containerd 1.6 does not implement
 //! `GetContainerEvents`): every 5 ms for the first second, then more slowly.
 
+mod access;
 mod cleanup;
 pub mod devices;
 mod etc_files;
 mod events;
 pub mod history;
 mod lifecycle;
+pub mod limits;
 pub mod logs;
 pub mod mounts;
 mod queries;
 mod readback;
 mod recovery;
 pub mod request;
+pub mod run_as;
 pub mod spec;
 pub mod store;
 #[cfg(test)]

@@ -5,80 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::devices::{self, CdiSupport};
+use super::limits;
 use super::mounts::{self, MountError};
-use super::request::{Identity, MountRequest, Principal, SpecError, UserRef, UserRequest};
+use super::request::{Identity, MountRequest, Principal, SpecError, UserRequest};
 use crate::credentials::Credentials;
-use crate::identity::{HostUser, Users};
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
 use crate::runtime::{DeviceSpec, MountSpec, Resources};
-
-/// Resolves who a step runs as, through the host's user database: the caller when `request` is
-/// `None`. A non-root caller may only run as itself, with its primary group or one of its host
-/// groups; only root may name another user (uid 0 included). The user must exist on the host.
-/// Blocking (NSS).
-pub fn resolve_identity(
-    who: Principal,
-    request: Option<&UserRequest>,
-    users: &dyn Users,
-) -> Result<Identity, SpecError> {
-    let lookup = |r: &UserRef| -> Result<HostUser, SpecError> {
-        let found = match r {
-            UserRef::Uid(uid) => users.by_uid(*uid),
-            UserRef::Name(name) => users.by_name(name),
-        }
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-        found.ok_or_else(|| {
-            SpecError::Invalid(match r {
-                UserRef::Uid(uid) => format!(
-                    "uid {uid} has no passwd entry on this node; a step runs as a host user"
-                ),
-                UserRef::Name(n) => {
-                    format!("user {n:?} does not exist on this node; a step runs as a host user")
-                }
-            })
-        })
-    };
-    let (mut user, gid) = match request {
-        None => (lookup(&UserRef::Uid(who.uid))?, None),
-        Some(r) => (lookup(&r.user)?, r.gid),
-    };
-    if who.uid != 0
-        && user.uid == who.uid
-        && matches!(request, Some(r) if matches!(r.user, UserRef::Name(_)))
-    {
-        // Another name for the same uid (an alias line in passwd) is still the caller: the
-        // step gets the uid's own entry, its name and primary group, as `id` would show them.
-        user = lookup(&UserRef::Uid(who.uid))?;
-    }
-    let gid = gid.unwrap_or(user.gid);
-    let groups = users
-        .groups(&user, gid)
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-    if who.uid != 0 {
-        if user.uid != who.uid {
-            return Err(SpecError::Denied(format!(
-                "uid {} may only launch as itself, not as {} (uid {})",
-                who.uid, user.name, user.uid
-            )));
-        }
-        let own = users
-            .groups(&user, user.gid)
-            .map_err(|e| SpecError::Invalid(e.to_string()))?;
-        if gid != who.gid && !own.contains(&gid) {
-            return Err(SpecError::Denied(format!(
-                "uid {} may only launch as itself with one of its own groups, not gid {gid}",
-                who.uid
-            )));
-        }
-    }
-    Ok(Identity {
-        uid: user.uid,
-        gid,
-        name: user.name,
-        groups,
-    })
-}
 
 /// What the node allows a launch, besides the caller's own rights.
 #[derive(Debug, Clone, Default)]
@@ -233,7 +166,7 @@ pub fn check_job_id(id: &str) -> Result<(), SpecError> {
     crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
-/// Checks a launch that runs as `identity` (see [`resolve_identity`]) against the node's
+/// Checks a launch that runs as `identity` (see [`super::run_as::resolve_identity`]) against the node's
 /// `rules`. Mount sources are resolved (symlinks, `..`) before they are compared with the
 /// allowed prefixes, which are resolved too.
 pub fn validate(
@@ -331,9 +264,9 @@ pub fn validate(
     }
     let cdi = rules.cdi.clone().unwrap_or(CdiSupport::Supported);
     let (devices, cdi_devices) = devices::check(&spec.devices, &rules.allowed_devices, &cdi)?;
-    check_resources(&spec.resources)?;
+    limits::check_resources(&spec.resources)?;
     if let Some(p) = &spec.cgroup_parent {
-        check_cgroup_parent(p, rules)?;
+        limits::check_cgroup_parent(p, &rules.allowed_cgroup_parents, rules.any_cgroup_parent)?;
     }
     if let Some(n) = &spec.name {
         crate::names::check("step name", n).map_err(|e| invalid(e.to_string()))?;
@@ -358,145 +291,9 @@ pub fn validate(
     })
 }
 
-/// Smallest memory limit a step may have: runc refuses less than about 6 MiB.
-pub const MIN_MEMORY: u64 = 6 << 20;
-
-/// Most CPUs a step may ask for (in thousandths).
-const MAX_MILLICPUS: u32 = 4096 * 1000;
-
-/// Checks the limits' values (not whether the node has that much: the kernel enforces them).
-fn check_resources(r: &Resources) -> Result<(), SpecError> {
-    let invalid = |m: String| Err(SpecError::Invalid(m));
-    if let Some(m) = r.millicpus {
-        if !(10..=MAX_MILLICPUS).contains(&m) {
-            return invalid(format!(
-                "CPU limit {} is out of range: give between 0.01 and {} CPUs",
-                f64::from(m) / 1000.0,
-                MAX_MILLICPUS / 1000
-            ));
-        }
-    }
-    if let Some(b) = r.memory_bytes {
-        if b < MIN_MEMORY {
-            return invalid(format!(
-                "memory limit {} is below the 6 MiB a container needs to start",
-                crate::units::format_size(b)
-            ));
-        }
-    }
-    if let Some(c) = &r.cpuset_cpus {
-        let ok = !c.is_empty()
-            && c.len() <= 256
-            && c.split(',').all(|part| {
-                let mut ends = part.splitn(2, '-');
-                let num = |s: Option<&str>| {
-                    s.is_some_and(|s| !s.is_empty() && s.chars().all(|ch| ch.is_ascii_digit()))
-                };
-                let first = ends.next();
-                match ends.next() {
-                    None => num(first),
-                    Some(last) => num(first) && num(Some(last)),
-                }
-            });
-        if !ok {
-            return invalid(format!(
-                "CPU set {:?} is not a cpuset list (e.g. 0-3,8)",
-                crate::units::quote_short(c)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a cgroup parent: a plain absolute cgroup path (cgroupfs driver) or a systemd slice
-/// name (`job-42.slice`, systemd driver), and that the caller may use it.
-fn check_cgroup_parent(p: &str, rules: &Rules) -> Result<(), SpecError> {
-    let allowed_char = |c: char| c.is_ascii_alphanumeric() || "/_.-@:".contains(c);
-    let path_ok =
-        p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//");
-    let slice_ok = p.ends_with(".slice") && !p.contains('/');
-    if p.len() > 256 || !p.chars().all(allowed_char) || !(path_ok || slice_ok) {
-        return Err(SpecError::Invalid(format!(
-            "cgroup parent {:?} is neither an absolute cgroup path (/crane/job_42) nor a systemd \
-             slice name (crane-job_42.slice)",
-            crate::units::quote_short(p)
-        )));
-    }
-    if rules.any_cgroup_parent {
-        return Ok(());
-    }
-    let within = rules.allowed_cgroup_parents.iter().any(|prefix| {
-        p == prefix
-            || (prefix.ends_with(".slice")
-                && p.starts_with(prefix.trim_end_matches(".slice"))
-                && p.ends_with(".slice"))
-            || p.strip_prefix(prefix.as_str())
-                .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
-    });
-    if within {
-        Ok(())
-    } else {
-        Err(SpecError::Denied(format!(
-            "cgroup parent {p} is not under ImageCache.Launcher.AllowedCgroupParents; only root \
-             and the admin group may place a job elsewhere"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_and_cgroup_parents_are_checked() {
-        let r = |millicpus, memory_bytes, cpuset: Option<&str>| Resources {
-            millicpus,
-            memory_bytes,
-            cpuset_cpus: cpuset.map(str::to_owned),
-        };
-        assert!(check_resources(&r(Some(500), Some(32 << 20), Some("0-1,3"))).is_ok());
-        for bad in [
-            r(Some(0), None, None),
-            r(None, Some(1 << 20), None),
-            r(None, None, Some("0-")),
-            r(None, None, Some("a")),
-        ] {
-            assert!(check_resources(&bad).is_err(), "{bad:?}");
-        }
-        let user = Rules {
-            allowed_cgroup_parents: vec!["/crane".into(), "crane.slice".into()],
-            ..Default::default()
-        };
-        for ok in ["/crane/job_1", "/crane", "crane-job_1.slice"] {
-            assert!(check_cgroup_parent(ok, &user).is_ok(), "{ok}");
-        }
-        for denied in ["/system.slice/x", "/cranex", "other.slice"] {
-            assert!(
-                matches!(
-                    check_cgroup_parent(denied, &user),
-                    Err(SpecError::Denied(_))
-                ),
-                "{denied}"
-            );
-        }
-        for bad in ["relative", "/a/../b", "/a b", "a/b.slice"] {
-            assert!(
-                matches!(check_cgroup_parent(bad, &user), Err(SpecError::Invalid(_))),
-                "{bad}"
-            );
-        }
-        let admin = Rules {
-            any_cgroup_parent: true,
-            ..Default::default()
-        };
-        assert!(check_cgroup_parent("/anywhere/job", &admin).is_ok());
-    }
-
-    const ROOT: Principal = Principal {
-        uid: 0,
-        gid: 0,
-        admin: true,
-    };
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
@@ -523,52 +320,6 @@ mod tests {
                 ..Default::default()
             },
         )
-    }
-
-    #[test]
-    fn users_launch_only_as_themselves_with_their_host_groups() {
-        let users = crate::identity::fake::FakeUsers::standard();
-        let alice = Principal {
-            uid: 1000,
-            gid: 1000,
-            admin: false,
-        };
-        let ask = |who, r: Option<&str>| {
-            let req = r.map(|r| r.parse::<UserRequest>().unwrap());
-            resolve_identity(who, req.as_ref(), &users)
-        };
-        let me = ask(alice, None).unwrap();
-        assert_eq!(
-            (me.uid, me.gid, me.groups.clone()),
-            (1000, 1000, vec![27, 1000])
-        );
-        assert_eq!(me.supplementary(), vec![27]);
-        assert_eq!(ask(alice, Some("alice")).unwrap(), me);
-        assert_eq!(
-            ask(alice, Some("1000:27")).unwrap().gid,
-            27,
-            "one of her groups"
-        );
-        for other in ["0", "bob", "1001", "1000:0"] {
-            assert!(
-                matches!(ask(alice, Some(other)), Err(SpecError::Denied(_))),
-                "{other}"
-            );
-        }
-        assert_eq!(ask(ROOT, None).unwrap().uid, 0);
-        let bob = ask(ROOT, Some("bob")).unwrap();
-        assert_eq!(
-            (bob.uid, bob.gid, bob.groups.clone()),
-            (1001, 1001, vec![1001])
-        );
-        assert_eq!(ask(ROOT, Some("1000:5678")).unwrap().groups, vec![27, 5678]);
-        let e = ask(ROOT, Some("4242")).unwrap_err().to_string();
-        assert!(e.contains("no passwd entry"), "{e}");
-        assert!("nobody:x".parse::<UserRequest>().is_err());
-        assert!("a b".parse::<UserRequest>().is_err());
-        // An alias line for her uid with root's group gives her nothing: she is her own entry.
-        users.add(1000, 0, "alice-root", &[0]);
-        assert_eq!(ask(alice, Some("alice-root")).unwrap(), me);
     }
 
     #[test]

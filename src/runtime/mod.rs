@@ -297,6 +297,8 @@ pub mod fake {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake_task;
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,

@@ -131,7 +131,7 @@ async fn two_launches_racing_for_a_new_job_id_give_it_to_the_first_user_only() {
     let r = rig();
     let users = FakeUsers::standard();
     let validated = |who: Principal| {
-        let id = spec::resolve_identity(who, None, &users).unwrap();
+        let id = run_as::resolve_identity(who, None, &users).unwrap();
         let mut v = spec::validate(&spec(Some("slurm-45")), id, &spec::Rules::default()).unwrap();
         v.creator = who;
         v
