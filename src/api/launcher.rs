@@ -17,7 +17,7 @@ use crate::launcher::request::{MountRequest, Principal, SpecError, UserRef, User
 use crate::launcher::spec::LaunchSpec;
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
-use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession, RuntimeErrorKind};
 
 /// The service implementation.
 pub struct LauncherApi {
@@ -47,15 +47,27 @@ impl LauncherApi {
     }
 }
 
-/// Maps a launcher failure to a status.
+/// Maps a launcher failure to a status by its kind: the caller's request (invalid, denied),
+/// the node (its user database or the runtime not answering, a mount that could not be
+/// staged, the durable state) or cimaged itself; the message is the launcher's explanation.
 pub fn launch_status(e: &LaunchError) -> Status {
     let code = match e {
         LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
+        LaunchError::IdentityUnavailable(_) => Code::Unavailable,
+        LaunchError::Staging(_) | LaunchError::Internal { .. } | LaunchError::Store(_) => {
+            Code::Internal
+        }
         LaunchError::NotFound { .. } => Code::NotFound,
         LaunchError::Conflict { .. } => Code::FailedPrecondition,
-        LaunchError::Store(_) => Code::Internal,
-        LaunchError::Runtime { .. } => Code::Unavailable,
+        LaunchError::Runtime { source, .. } => match source.kind {
+            RuntimeErrorKind::Unavailable | RuntimeErrorKind::Transient => Code::Unavailable,
+            RuntimeErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            // The container went away under the call (the step ended meanwhile).
+            RuntimeErrorKind::NotFound => Code::NotFound,
+            RuntimeErrorKind::Unauthorized => Code::PermissionDenied,
+            RuntimeErrorKind::Other => Code::Internal,
+        },
     };
     Status::new(code, e.to_string())
 }
@@ -446,5 +458,54 @@ impl pb::launcher_server::Launcher for LauncherApi {
         let tasks = self.launcher.tasks(who, true).await.unwrap_or_default();
         let mine: Vec<TaskRecord> = tasks.into_iter().filter(|t| t.job == job.id).collect();
         Ok(Response::new(job_pb(&job, &mine)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityError;
+    use crate::runtime::RuntimeError;
+
+    #[test]
+    fn launch_errors_map_to_codes_by_kind() {
+        let runtime = |kind| LaunchError::Runtime {
+            op: "run a command in the step",
+            source: RuntimeError {
+                op: "ExecSync",
+                kind,
+                message: "x".into(),
+            },
+        };
+        for (e, want) in [
+            (SpecError::Invalid("x".into()).into(), Code::InvalidArgument),
+            (SpecError::Denied("x".into()).into(), Code::PermissionDenied),
+            (
+                LaunchError::IdentityUnavailable(IdentityError {
+                    what: "uid 1000".into(),
+                    message: "Resource temporarily unavailable".into(),
+                }),
+                Code::Unavailable,
+            ),
+            (
+                LaunchError::Staging(crate::launcher::mounts::MountError::Host {
+                    path: "/scratch/a".into(),
+                    message: "Input/output error".into(),
+                }),
+                Code::Internal,
+            ),
+            (
+                LaunchError::Internal {
+                    what: "the user lookup",
+                    message: "task panicked".into(),
+                },
+                Code::Internal,
+            ),
+            (runtime(RuntimeErrorKind::Unavailable), Code::Unavailable),
+            (runtime(RuntimeErrorKind::NotFound), Code::NotFound),
+            (runtime(RuntimeErrorKind::Other), Code::Internal),
+        ] {
+            assert_eq!(launch_status(&e).code(), want, "{e}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! Exit is detected by polling `ContainerStatus` (containerd 1.6 does not implement
 //! `GetContainerEvents`): every 5 ms for the first second, then more slowly.
 
+mod accept;
 mod access;
 mod cleanup;
 pub mod devices;
@@ -43,12 +44,12 @@ use tracing::warn;
 use crate::background::Background;
 use crate::cache::Cache;
 use crate::clock::Clock;
-use crate::identity::Users;
+use crate::identity::{IdentityError, Users};
 use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
 pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
-use mounts::MountStager;
+use mounts::{MountError, MountStager};
 pub use queries::{SessionSlot, MAX_EXEC_SESSIONS};
 use request::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
@@ -156,12 +157,29 @@ pub struct Parts {
     pub background: Background,
 }
 
-/// Why a launcher call failed.
+/// Why a launcher call failed, by kind: the caller's request (malformed, not allowed), the
+/// node (its user database, staging a mount, the runtime, the durable state) or cimaged itself.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// The request is malformed or not allowed; nothing was created.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The host's user database did not answer (a directory service behind NSS is down): the
+    /// request may be fine; nothing was created.
+    #[error("{0}; try again once the node's user database answers")]
+    IdentityUnavailable(#[from] IdentityError),
+    /// A mount source could not be staged on the host (an I/O error of the node, not a refusal
+    /// of the path); nothing was created.
+    #[error(transparent)]
+    Staging(MountError),
+    /// A part of cimaged failed on its own (a task of it panicked or was cut short).
+    #[error("{what} failed inside cimaged: {message}; the daemon's log may say more")]
+    Internal {
+        /// What was being done, e.g. `the user lookup`.
+        what: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// No such task or job (for this caller: others' work looks absent to non-admins).
     #[error("no {kind} {id}")]
     NotFound {

@@ -395,6 +395,8 @@ pub mod fake {
         pub released: std::sync::Mutex<Vec<String>>,
         /// Identity files asked for: (task, passwd, group).
         pub identity_files: std::sync::Mutex<Vec<(String, String, String)>>,
+        /// When set, staging fails on the host with this message (as an I/O error would).
+        pub host_failure: std::sync::Mutex<Option<String>>,
     }
 
     impl MountStager for CheckOnly {
@@ -405,6 +407,12 @@ pub mod fake {
             _identity: &Identity,
             prefixes: &[PathBuf],
         ) -> Result<Vec<MountSpec>, MountError> {
+            if let Some(message) = self.host_failure.lock().unwrap().clone() {
+                return Err(MountError::Host {
+                    path: format!("{}", requests[0].source.display()),
+                    message,
+                });
+            }
             requests
                 .iter()
                 .map(|r| {

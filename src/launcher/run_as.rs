@@ -3,24 +3,25 @@
 //! any user of the host.
 
 use super::request::{Identity, Principal, SpecError, UserRef, UserRequest};
+use super::LaunchError;
 use crate::identity::{HostUser, Users};
 
 /// Resolves who a step runs as, through the host's user database: the caller when `request` is
 /// `None`. A non-root caller may only run as itself, with its primary group or one of its host
 /// groups; only root may name another user (uid 0 included). The user must exist on the host.
-/// Blocking (NSS).
+/// A user database that does not answer is [`LaunchError::IdentityUnavailable`], not a bad
+/// request. Blocking (NSS).
 pub fn resolve_identity(
     who: Principal,
     request: Option<&UserRequest>,
     users: &dyn Users,
-) -> Result<Identity, SpecError> {
-    let lookup = |r: &UserRef| -> Result<HostUser, SpecError> {
+) -> Result<Identity, LaunchError> {
+    let lookup = |r: &UserRef| -> Result<HostUser, LaunchError> {
         let found = match r {
             UserRef::Uid(uid) => users.by_uid(*uid),
             UserRef::Name(name) => users.by_name(name),
-        }
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-        found.ok_or_else(|| {
+        }?;
+        let absent = || {
             SpecError::Invalid(match r {
                 UserRef::Uid(uid) => format!(
                     "uid {uid} has no passwd entry on this node; a step runs as a host user"
@@ -29,7 +30,8 @@ pub fn resolve_identity(
                     format!("user {n:?} does not exist on this node; a step runs as a host user")
                 }
             })
-        })
+        };
+        found.ok_or_else(|| absent().into())
     };
     let (mut user, gid) = match request {
         None => (lookup(&UserRef::Uid(who.uid))?, None),
@@ -44,24 +46,22 @@ pub fn resolve_identity(
         user = lookup(&UserRef::Uid(who.uid))?;
     }
     let gid = gid.unwrap_or(user.gid);
-    let groups = users
-        .groups(&user, gid)
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+    let groups = users.groups(&user, gid)?;
     if who.uid != 0 {
         if user.uid != who.uid {
             return Err(SpecError::Denied(format!(
                 "uid {} may only launch as itself, not as {} (uid {})",
                 who.uid, user.name, user.uid
-            )));
+            ))
+            .into());
         }
-        let own = users
-            .groups(&user, user.gid)
-            .map_err(|e| SpecError::Invalid(e.to_string()))?;
+        let own = users.groups(&user, user.gid)?;
         if gid != who.gid && !own.contains(&gid) {
             return Err(SpecError::Denied(format!(
                 "uid {} may only launch as itself with one of its own groups, not gid {gid}",
                 who.uid
-            )));
+            ))
+            .into());
         }
     }
     Ok(Identity {
@@ -108,7 +108,10 @@ mod tests {
         );
         for other in ["0", "bob", "1001", "1000:0"] {
             assert!(
-                matches!(ask(alice, Some(other)), Err(SpecError::Denied(_))),
+                matches!(
+                    ask(alice, Some(other)),
+                    Err(LaunchError::Spec(SpecError::Denied(_)))
+                ),
                 "{other}"
             );
         }
@@ -126,5 +129,16 @@ mod tests {
         // An alias line for her uid with root's group gives her nothing: she is her own entry.
         users.add(1000, 0, "alice-root", &[0]);
         assert_eq!(ask(alice, Some("alice-root")).unwrap(), me);
+    }
+
+    #[test]
+    fn a_user_database_that_does_not_answer_is_an_outage_not_a_bad_request() {
+        let users = crate::identity::fake::FakeUsers::standard();
+        users
+            .unavailable
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = resolve_identity(ROOT, None, &users).unwrap_err();
+        assert!(matches!(e, LaunchError::IdentityUnavailable(_)), "{e}");
+        assert!(e.to_string().contains("uid 0"), "{e}");
     }
 }

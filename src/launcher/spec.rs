@@ -11,7 +11,7 @@ use super::request::{Identity, MountRequest, Principal, SpecError, UserRequest};
 use crate::credentials::Credentials;
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
-use crate::runtime::{DeviceSpec, MountSpec, Resources};
+use crate::runtime::{DeviceSpec, Resources};
 
 /// What the node allows a launch, besides the caller's own rights.
 #[derive(Debug, Clone, Default)]
@@ -67,7 +67,8 @@ pub struct LaunchSpec {
     pub name: Option<String>,
 }
 
-/// A launch that passed every check.
+/// A launch that passed every check: what validation produced, and nothing added later (the
+/// staged mounts and the task's record belong to the accepted step, see `lifecycle`).
 #[derive(Debug, Clone)]
 pub struct Validated {
     /// Job id (given or generated).
@@ -78,13 +79,12 @@ pub struct Validated {
     pub image: String,
     /// The host identity the process runs as; its uid also owns the task.
     pub identity: Identity,
-    /// Who asked (set by the launcher; a new job records its uid as its creator, and joining
-    /// a job is checked against it).
+    /// Who asked (a new job records its uid as its creator, and joining a job is checked
+    /// against it).
     pub creator: Principal,
-    /// The mounts asked for (their paths checked, not yet opened).
+    /// The mounts asked for (their paths checked, not yet opened: they are opened, checked as
+    /// the step's user and staged when the step is accepted).
     pub mount_requests: Vec<MountRequest>,
-    /// The staged mounts the runtime is given (filled in when they are staged).
-    pub mounts: Vec<MountSpec>,
     /// Devices by path.
     pub devices: Vec<DeviceSpec>,
     /// CDI devices.
@@ -166,11 +166,13 @@ pub fn check_job_id(id: &str) -> Result<(), SpecError> {
     crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
-/// Checks a launch that runs as `identity` (see [`super::run_as::resolve_identity`]) against the node's
-/// `rules`. Mount sources are resolved (symlinks, `..`) before they are compared with the
-/// allowed prefixes, which are resolved too.
+/// Checks a launch that `who` asked for, to run as `identity` (see
+/// [`super::run_as::resolve_identity`]), against the node's `rules`. Mount sources must be
+/// absolute, without `.` or `..`, and under an allowed prefix (as written or resolved); they
+/// are opened and checked on the file system when the step is accepted (see `mounts`).
 pub fn validate(
     spec: &LaunchSpec,
+    who: Principal,
     identity: Identity,
     rules: &Rules,
 ) -> Result<Validated, SpecError> {
@@ -278,14 +280,9 @@ pub fn validate(
         job,
         one_off,
         image,
-        creator: Principal {
-            uid: identity.uid,
-            gid: identity.gid,
-            admin: false,
-        },
+        creator: who,
         identity,
         mount_requests,
-        mounts: Vec::new(),
         devices,
         cdi_devices,
     })
@@ -312,8 +309,14 @@ mod tests {
     }
 
     fn validate_as(s: &LaunchSpec, prefixes: &[PathBuf]) -> Result<Validated, SpecError> {
+        let who = Principal {
+            uid: 1000,
+            gid: 100,
+            admin: false,
+        };
         validate(
             s,
+            who,
             alice(),
             &Rules {
                 allowed_mount_prefixes: prefixes.to_vec(),
@@ -336,7 +339,7 @@ mod tests {
         };
         let ok = with("/scratch/alice", "/data").unwrap();
         assert_eq!(ok.mount_requests.len(), 1);
-        assert!(ok.mounts.is_empty(), "staged later");
+        // Nothing is staged here: `Validated` has no staged mounts (the accepted step does).
         assert!(matches!(with("/etc", "/data"), Err(SpecError::Denied(_))));
         for (src, target) in [
             ("/scratch/../etc", "/data"),

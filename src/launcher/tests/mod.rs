@@ -342,6 +342,37 @@ async fn failures_at_create_and_start_still_clean_up() {
 }
 
 #[tokio::test]
+async fn a_mount_the_node_cannot_stage_is_its_failure_not_a_bad_request() {
+    let r = rig();
+    let stager = Arc::new(super::mounts::fake::CheckOnly::default());
+    *stager.host_failure.lock().unwrap() = Some("Input/output error (os error 5)".into());
+    let launcher = Launcher::new(
+        Parts {
+            runtime: r.tasks.clone(),
+            puller: r.puller.clone(),
+            cache: r.cache.clone(),
+            store: r.store.clone(),
+            clock: Arc::new(SystemClock),
+            users: Arc::new(FakeUsers::standard()),
+            mounts: stager,
+            background: r.background.clone(),
+        },
+        LauncherSettings {
+            allowed_mount_prefixes: vec!["/tmp".into()],
+            ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
+        },
+    )
+    .unwrap();
+    let mut s = spec(None);
+    s.mounts = vec!["/tmp/data:/data".parse().unwrap()];
+    let e = launcher.launch(ROOT, s).await.unwrap_err();
+    assert!(matches!(e, LaunchError::Staging(_)), "{e}");
+    assert!(e.to_string().contains("/tmp/data"), "{e}");
+    assert!(launcher.tasks(ROOT, true).await.unwrap().is_empty());
+    assert_eq!(calls(&r, "RunPodSandbox"), 0, "nothing was created");
+}
+
+#[tokio::test]
 async fn cancel_and_time_limit_stop_the_container() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
