@@ -79,8 +79,7 @@ impl Launcher {
             any_cgroup_parent: who.admin,
         };
         let v = spec::validate(&spec, who, identity, &rules)?;
-        let lock = self.job_lock(&v.job);
-        let guard = lock.lock().await;
+        let guard = self.job_locks.lock(&v.job).await;
         let job_id = v.job.clone();
         let (existing, tasks) = self
             .blocking(move |s| Ok((s.job(&job_id)?, s.job_tasks(&job_id)?)))

@@ -295,8 +295,7 @@ impl Launcher {
         &self,
         v: &Validated,
     ) -> Result<(JobRecord, String), SandboxError> {
-        let lock = self.job_lock(&v.job);
-        let _g = lock.lock().await;
+        let _g = self.job_locks.lock(&v.job).await;
         let id = v.job.clone();
         let existing = self.blocking(move |s| s.job(&id)).await?;
         let mut job = match existing {

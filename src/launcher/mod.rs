@@ -20,6 +20,7 @@ mod events;
 pub mod history;
 mod lifecycle;
 pub mod limits;
+mod locks;
 pub mod logs;
 pub mod mounts;
 mod queries;
@@ -49,6 +50,7 @@ use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
 pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
+use locks::JobLocks;
 use mounts::{MountError, MountStager};
 pub use queries::{SessionSlot, MAX_EXEC_SESSIONS};
 use request::{Principal, SpecError};
@@ -264,7 +266,8 @@ pub struct Launcher {
     /// Launches in flight by callers that are neither root nor admins: key (task id, or a
     /// reservation while the launch is being accepted) → the caller's uid.
     launched_by: Arc<Mutex<HashMap<String, u32>>>,
-    job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per job being worked on.
+    job_locks: JobLocks,
     /// Attached commands (`exec -i/-t`) by uid.
     exec_sessions: Arc<Mutex<HashMap<u32, usize>>>,
     background: Background,
@@ -296,7 +299,7 @@ impl Launcher {
             live: Mutex::new(HashMap::new()),
             live_changed: tokio::sync::Notify::new(),
             launched_by: Default::default(),
-            job_locks: Mutex::new(HashMap::new()),
+            job_locks: JobLocks::default(),
             exec_sessions: Default::default(),
             background: parts.background,
         }))
@@ -351,15 +354,6 @@ impl Launcher {
         self.live.lock().unwrap().remove(task);
         self.launched_by.lock().unwrap().remove(task);
         self.live_changed.notify_waiters();
-    }
-
-    fn job_lock(&self, job: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.job_locks
-            .lock()
-            .unwrap()
-            .entry(job.to_owned())
-            .or_default()
-            .clone()
     }
 
     fn base_labels(&self, job: &str, uid: u32) -> BTreeMap<String, String> {

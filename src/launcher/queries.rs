@@ -291,8 +291,7 @@ impl Launcher {
                 break;
             }
         }
-        let lock = self.job_lock(&job.id);
-        let _g = lock.lock().await;
+        let _g = self.job_locks.lock(&job.id).await;
         let key = id.to_owned();
         let mut job = self.blocking(move |s| s.job(&key)).await?.unwrap_or(job);
         self.teardown_pod(&mut job).await;

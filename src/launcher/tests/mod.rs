@@ -274,6 +274,33 @@ async fn an_image_missing_at_container_creation_is_checked_again() {
 }
 
 #[tokio::test]
+async fn job_locks_last_only_while_their_jobs_are_worked_on() {
+    let r = rig();
+    // One-off steps: each makes a job of its own (run-…), which ends with it.
+    for _ in 0..5 {
+        let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+        events(rx).await;
+    }
+    // A job that goes on, and one that is ended.
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (running, rx) = r.launcher.launch(ROOT, spec(Some("stays"))).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &running.id, TaskState::Running).await;
+    let (ended, rx) = r.launcher.launch(ROOT, spec(Some("ends"))).await.unwrap();
+    let ending = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &ended.id, TaskState::Running).await;
+    r.launcher.end_job(ROOT, "ends").await.unwrap();
+    ending.await.unwrap();
+    assert_eq!(r.launcher.job_locks.len(), 0, "no lock is held");
+    r.launcher.cancel(ROOT, &running.id).await.unwrap();
+    waiter.await.unwrap();
+    assert_eq!(r.launcher.job_locks.len(), 0);
+}
+
+#[tokio::test]
 async fn signal_deaths_are_reported_as_signals() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
