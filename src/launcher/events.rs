@@ -112,15 +112,26 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Each stage's two names, in one table: the event that reports it done (used in events,
+    /// records and the API) and its label in `cimage_launch_duration_seconds{stage}`.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Stage::Sandbox => ("SandboxReady", "sandbox"),
+            Stage::Image => ("ImageReady", "image"),
+            Stage::Create => ("ContainerCreated", "create"),
+            Stage::Start => ("Started", "start"),
+            Stage::Wait => ("Exited", "wait"),
+        }
+    }
+
     /// The name used in events and records.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Sandbox => "SandboxReady",
-            Stage::Image => "ImageReady",
-            Stage::Create => "ContainerCreated",
-            Stage::Start => "Started",
-            Stage::Wait => "Exited",
-        }
+        self.names().0
+    }
+
+    /// The stage's label in the launch metrics.
+    pub fn metric_label(self) -> &'static str {
+        self.names().1
     }
 }
 

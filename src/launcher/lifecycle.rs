@@ -276,16 +276,9 @@ impl Launcher {
 
     /// Records how long a launch stage took (`cimage_launch_duration_seconds{stage}`).
     fn stage_time(&self, stage: Stage, since: Instant) {
-        let name = match stage {
-            Stage::Sandbox => "sandbox",
-            Stage::Image => "image",
-            Stage::Create => "create",
-            Stage::Start => "start",
-            Stage::Wait => "wait",
-        };
         self.cache.metrics().observe(
             "cimage_launch_duration_seconds",
-            &[("stage", name)],
+            &[("stage", stage.metric_label())],
             since.elapsed().as_secs_f64(),
         );
     }

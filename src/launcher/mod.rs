@@ -123,12 +123,13 @@ impl Drop for Reservation {
 }
 
 impl LauncherSettings {
-    /// Settings with these log directory and defaults otherwise: no mounts, no devices, a 10 s
-    /// grace, launches by root and the admin group only.
+    /// Settings with these log directory and defaults otherwise: no mounts, no devices, the
+    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launches by root
+    /// and the admin group only.
     pub fn with_log_dir(log_dir: PathBuf) -> Self {
         Self {
             allowed_mount_prefixes: Vec::new(),
-            stop_grace: Duration::from_secs(10),
+            stop_grace: crate::config::DEFAULT_STOP_GRACE_PERIOD,
             log_dir,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
