@@ -78,7 +78,18 @@ impl Launcher {
             allowed_cgroup_parents: self.settings.allowed_cgroup_parents.clone(),
             any_cgroup_parent: who.admin,
         };
-        let v = spec::validate(&spec, who, identity, &rules)?;
+        // Off the async workers: it resolves device paths and the allowed mount prefixes,
+        // which may lie on a shared file system.
+        let (spec, v) = tokio::task::spawn_blocking(move || {
+            let v = spec::validate(&spec, who, identity, &rules);
+            (spec, v)
+        })
+        .await
+        .map_err(|e| LaunchError::Internal {
+            what: "validating the launch",
+            message: e.to_string(),
+        })?;
+        let v = v?;
         let guard = self.job_locks.lock(&v.job).await;
         let job_id = v.job.clone();
         let (existing, tasks) = self

@@ -320,10 +320,15 @@ impl Launcher {
         if let Some(sid) = &job.sandbox_id {
             return Ok((job.clone(), sid.clone()));
         }
-        std::fs::create_dir_all(&job.pod.log_directory).map_err(|source| SandboxError::LogDir {
-            path: job.pod.log_directory.clone(),
-            source,
-        })?;
+        // Off the async workers: the log directory is often on a shared file system.
+        let dir = job.pod.log_directory.clone();
+        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| SandboxError::LogDir {
+                path: job.pod.log_directory.clone(),
+                source,
+            })?;
         // The job is saved once the pod exists: a pod created just before a crash carries no
         // claim, and the orphan sweep removes it.
         let sid = self.rt.run_pod(&job.pod).await?;
