@@ -1,12 +1,12 @@
 //! Waiting for a running step to exit: status polling (containerd 1.6 has no container events),
 //! output forwarding, cancel and time limit (SIGTERM, then SIGKILL after the grace period).
 
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-use std::collections::VecDeque;
 
 use super::logs::{Chunk, Tail};
 use super::store::{TaskRecord, TaskState};
@@ -84,7 +84,7 @@ impl Launcher {
         let deadline = task.timeout_ms.map(|limit| {
             let elapsed =
                 (self.clock.now_ms() - task.started.unwrap_or(task.created)).max(0) as u64;
-            tokio::time::Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+            Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
         });
         let mut tail = Tail::default();
         let mut stopped_as: Option<TaskState> = None;
@@ -130,7 +130,7 @@ impl Launcher {
                     }
                 }
             }
-            let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+            let far = Instant::now() + Duration::from_secs(86400 * 365);
             let pause = match outage {
                 Some(_) => crate::runtime::OUTAGE_POLL,
                 None => poll_interval(waiting.elapsed()),

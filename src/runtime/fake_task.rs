@@ -1,11 +1,13 @@
 //! An in-memory runtime for the launcher's unit tests ([`FakeTaskRuntime`]): a started
-//! container "runs" for a scripted time and exits with a scripted code, unless stopped; calls
-//! can be made to fail, once or until told otherwise, and the runtime can be "down" as a
-//! restarting one is.
+//! container "runs" for a scripted time (on tokio's clock, so a test may pause it) and exits
+//! with a scripted code, unless stopped; calls can be made to fail, once or until told
+//! otherwise, and the runtime can be "down" as a restarting one is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 

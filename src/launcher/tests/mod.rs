@@ -399,7 +399,7 @@ async fn a_mount_the_node_cannot_stage_is_its_failure_not_a_bad_request() {
     assert_eq!(calls(&r, "RunPodSandbox"), 0, "nothing was created");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn cancel_and_time_limit_stop_the_container() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
@@ -408,7 +408,8 @@ async fn cancel_and_time_limit_stop_the_container() {
     });
     let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
     let waiter = tokio::spawn(events(rx));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Cancelled once it runs: a cancel before the start would end it without an exit.
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
     r.launcher.cancel(ROOT, &task.id).await.unwrap();
     let evs = waiter.await.unwrap();
     assert!(
@@ -537,7 +538,7 @@ async fn shutdown_leaves_running_steps_running_and_ends_their_streams() {
     assert_eq!((t.state, t.cleaned), (TaskState::Running, false));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_runtime_restarting_under_a_running_step_does_not_lose_it() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {

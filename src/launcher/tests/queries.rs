@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::clock::Clock;
 use crate::runtime::{ExecAttach, ExecEvent, ExecInput};
 
 #[tokio::test]
@@ -147,7 +148,20 @@ async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() 
     let (running, rx) = r.launcher.launch(ROOT, spec(Some("stay"))).await.unwrap();
     let waiter = tokio::spawn(events(rx));
     wait_for_state(&r.launcher, &running.id, TaskState::Running).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // History keeps nothing: what finished before now goes, once the clock has moved past
+    // the task's end and its one-off job's.
+    let finished = r
+        .launcher
+        .task(ROOT, &done.id)
+        .await
+        .unwrap()
+        .finished
+        .unwrap();
+    let jobs = r.launcher.jobs(ROOT, true).await.unwrap();
+    let ended = jobs.iter().filter_map(|(j, _)| j.ended).max().unwrap();
+    while SystemClock.now_ms() <= finished.max(ended) {
+        tokio::task::yield_now().await;
+    }
     let report = r.launcher.prune_history().await.unwrap();
     assert_eq!((report.tasks, report.jobs, report.logs), (1, 1, 1));
     assert!(!done.log_path.exists());
