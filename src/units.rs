@@ -1,6 +1,7 @@
 //! Durations and sizes as people write them in config files and on the command line
-//! (`90s`, `1h30m`, `500MiB`): one parser for the config, the CLI and the API, and a formatter
-//! that writes what the parser reads back.
+//! (`90s`, `1h30m`, `500MiB`): one parser each for the config, the CLI and the API, and a
+//! formatter that writes what the parser reads back. Memory limits have a parser of their own,
+//! [`parse_memory`], binary in every spelling as docker, Slurm and Kubernetes read them.
 
 use std::time::Duration;
 
@@ -32,6 +33,21 @@ pub enum UnitError {
         unit: String,
         /// The units that are understood.
         known: &'static str,
+    },
+    /// A decimal unit where memory sizes are binary.
+    #[error(
+        "{input:?}: {unit} could mean powers of 1000 or of 1024; memory sizes are binary (as \
+         docker, Slurm and Kubernetes read them): write {number}{letter} or {number}{letter}iB"
+    )]
+    Ambiguous {
+        /// The text given.
+        input: String,
+        /// The unit in it, e.g. `MB`.
+        unit: String,
+        /// The number before it.
+        number: u64,
+        /// The unit's letter, e.g. `M`.
+        letter: char,
     },
     /// A number without a unit where one is needed.
     #[error("{input:?} needs a unit (ms, s, m, h or d)")]
@@ -78,6 +94,73 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     n.checked_mul(mult).ok_or_else(|| UnitError::TooLarge {
         input: s.to_owned(),
     })
+}
+
+/// Parses a memory size as docker (`-m 32m`), Slurm (`--mem=32M`) and Kubernetes (`32Mi`)
+/// users write it: every unit is binary. `k`, `m`, `g`, `t` in either case, `Ki` … `Ti` and
+/// `KiB` … `TiB` (their `i` and `B` in either case too); a bare number (or `B`) is bytes.
+/// `MB` and the like are refused as ambiguous: a config file's `2G` is decimal (see
+/// [`parse_size`]), a memory limit's is not.
+pub fn parse_memory(s: &str) -> Result<u64, UnitError> {
+    const KNOWN: &str =
+        "k, m, g, t in either case, Ki, Mi, Gi, Ti, KiB, MiB, GiB, TiB, or none for bytes";
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(UnitError::Empty {
+            what: "memory size",
+        });
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(UnitError::Malformed {
+            what: "memory size",
+            input: s.to_owned(),
+            examples: "512m, 4G, 32Mi, 1GiB",
+        });
+    }
+    let too_large = || UnitError::TooLarge {
+        input: s.to_owned(),
+    };
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    let unit = unit.trim();
+    let unknown = || UnitError::UnknownUnit {
+        input: s.to_owned(),
+        unit: unit.to_owned(),
+        known: KNOWN,
+    };
+    let mut letters = unit.chars();
+    let first = letters.next();
+    let shift = match first.map(|c| c.to_ascii_lowercase()) {
+        None => 0,
+        Some('b') if unit.len() == 1 => 0,
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some('t') => 40,
+        Some('.' | ',') => {
+            return Err(UnitError::Malformed {
+                what: "whole memory size",
+                input: s.to_owned(),
+                examples: "1536m rather than 1.5g",
+            })
+        }
+        Some(_) => return Err(unknown()),
+    };
+    match letters.as_str().to_ascii_lowercase().as_str() {
+        _ if shift == 0 => {}
+        "" | "i" | "ib" => {}
+        "b" => {
+            return Err(UnitError::Ambiguous {
+                input: s.to_owned(),
+                unit: unit.to_owned(),
+                number: n,
+                letter: first.unwrap_or('?').to_ascii_uppercase(),
+            })
+        }
+        _ => return Err(unknown()),
+    }
+    n.checked_mul(1 << shift).ok_or_else(too_large)
 }
 
 /// Parses durations such as `500ms`, `90s`, `10m`, `1h30m`, `2d`.
@@ -344,6 +427,45 @@ mod tests {
         assert_eq!(parse_size("2G"), Ok(2_000_000_000));
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
         assert!(parse_size("ten").is_err() && parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn memory_sizes_are_binary_in_every_spelling() {
+        for (text, want) in [
+            ("32m", 32 << 20),
+            ("32M", 32 << 20),
+            ("32Mi", 32 << 20),
+            ("32MiB", 32 << 20),
+            ("32mib", 32 << 20),
+            ("4G", 4 << 30),
+            ("4g", 4 << 30),
+            ("4Gi", 4 << 30),
+            ("512k", 512 << 10),
+            ("512KiB", 512 << 10),
+            ("1T", 1 << 40),
+            ("1Ti", 1 << 40),
+            ("1TiB", 1 << 40),
+            ("33554432", 33554432),
+            ("100B", 100),
+            (" 8 Mi ", 8 << 20),
+        ] {
+            assert_eq!(parse_memory(text), Ok(want), "{text}");
+        }
+        for (bad, why) in [
+            ("32MB", "could mean powers of 1000"),
+            ("4gb", "write 4G or 4GiB"),
+            ("32x", "unknown unit"),
+            ("32Mx", "unknown unit"),
+            ("32P", "unknown unit"),
+            ("m", "is not a memory size"),
+            ("1.5G", "1536m rather than 1.5g"),
+            ("", "empty"),
+            ("99999999999999999999", "too large"),
+            ("20000000T", "too large"),
+        ] {
+            let e = parse_memory(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
