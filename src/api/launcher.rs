@@ -12,6 +12,7 @@ use super::peer::AdminPolicy;
 use super::service::{caller, credentials_from_pb, policy_from_pb};
 use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
+use crate::launcher::limits::{MAX_MILLICPUS, MIN_MILLICPUS};
 use crate::launcher::logs::{Chunk, Stream as OutStream};
 use crate::launcher::request::{MountRequest, Principal, SpecError, UserRef, UserRequest};
 use crate::launcher::spec::LaunchSpec;
@@ -87,17 +88,24 @@ fn terminal_size(s: pb::TerminalSize) -> Option<ExecInput> {
     })
 }
 
-/// A CPU count as the launcher takes it (thousandths); 0 is none.
+/// A CPU count as the launcher takes it (thousandths); 0 is none. Refused outside the
+/// launcher's range ([`MIN_MILLICPUS`] to [`MAX_MILLICPUS`], checked after rounding to
+/// thousandths as the launcher counts them).
 fn cpus_pb(cpus: f64) -> Result<Option<u32>, Status> {
     if cpus == 0.0 {
         return Ok(None);
     }
-    if !cpus.is_finite() || !(0.0..=4096.0).contains(&cpus) {
+    let millicpus = (cpus * 1000.0).round();
+    if !millicpus.is_finite()
+        || !(f64::from(MIN_MILLICPUS)..=f64::from(MAX_MILLICPUS)).contains(&millicpus)
+    {
         return Err(Status::invalid_argument(format!(
-            "CPU limit {cpus} is out of range: give between 0.01 and 4096 CPUs"
+            "CPU limit {cpus} is out of range: give between {} and {} CPUs",
+            f64::from(MIN_MILLICPUS) / 1000.0,
+            MAX_MILLICPUS / 1000
         )));
     }
-    Ok(Some((cpus * 1000.0).round() as u32))
+    Ok(Some(millicpus as u32))
 }
 
 fn chunk_pb(c: Chunk) -> pb::LogChunk {
@@ -466,6 +474,22 @@ mod tests {
     use super::*;
     use crate::identity::IdentityError;
     use crate::runtime::RuntimeError;
+
+    #[test]
+    fn cpu_counts_are_checked_against_the_launchers_range() {
+        assert_eq!(cpus_pb(0.0).unwrap(), None);
+        assert_eq!(cpus_pb(0.01).unwrap(), Some(10));
+        assert_eq!(cpus_pb(1.5).unwrap(), Some(1500));
+        assert_eq!(cpus_pb(4096.0).unwrap(), Some(4_096_000));
+        for bad in [0.004, -1.0, 4096.5, f64::NAN, f64::INFINITY, 1e300] {
+            let e = cpus_pb(bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert!(
+                e.message().contains("between 0.01 and 4096"),
+                "{bad}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn launch_errors_map_to_codes_by_kind() {

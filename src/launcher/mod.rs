@@ -3,10 +3,16 @@
 //!
 //! A **job** owns one pod sandbox (host network; PID and IPC namespaces shared by its steps); a
 //! **step** is a container in it, and a job may run several, one after another or at once. A job
-//! launched without an id is a one-off that ends with its step. Every state change is saved in
-//! the redb file before it is reported, and pods and containers carry labels naming this daemon
-//! instance, the job and the task, so that after a crash [`Launcher::recover`] re-attaches the
-//! steps still running and removes whatever no job claims.
+//! launched without an id is a one-off that ends with its step.
+//!
+//! What is saved in the redb file, and when: a task's record when it is accepted (a launch
+//! whose record cannot be saved is refused), when its container runs, and when it ends, each
+//! time before the event that reports it; the stages between (sandbox, image, container
+//! created) are not saved, and a save that fails after acceptance is logged and the step goes
+//! on. A job is saved once its pod exists; a cancel or a job's end is saved before it is
+//! acknowledged. Pods and containers carry labels naming this daemon instance, the job and the
+//! task, so that after a crash [`Launcher::recover`] re-attaches the steps still running,
+//! records those that stopped before their container ran, and removes whatever no job claims.
 //!
 //! Exit is detected by polling `ContainerStatus` (containerd 1.6 does not implement
 //! `GetContainerEvents`): every 5 ms for the first second, then more slowly.
@@ -313,6 +319,8 @@ impl Launcher {
         Store::off_thread(self.store.clone(), f).await
     }
 
+    /// Saves a task's record once it is under way; a failure is logged and the step goes on
+    /// (its container is what counts, and the next start reconciles the record with it).
     async fn save_task(&self, task: &TaskRecord) {
         let t = task.clone();
         if let Err(e) = self.blocking(move |s| s.put_task(&t)).await {

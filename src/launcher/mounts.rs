@@ -74,7 +74,7 @@ pub trait MountStager: Send + Sync {
         identity: &Identity,
         prefixes: &[PathBuf],
     ) -> Result<Vec<MountSpec>, MountError>;
-    /// Writes `task`'s `/etc/passwd` and `/etc/group` (see [`super::etc_files`]) where the
+    /// Writes `task`'s `/etc/passwd` and `/etc/group` (see `etc_files`) where the
     /// user cannot change them; returns their read-only mounts. Released with the mounts.
     /// Blocking.
     fn identity_files(

@@ -138,9 +138,9 @@ impl Launcher {
     }
 
     /// Runs `cmd` in a running step and waits for it (up to `timeout`, at most
-    /// [`MAX_EXEC_TIME`]). Only the step's owner and root may: the command runs as the step's
+    /// `MAX_EXEC_TIME`). Only the step's owner and root may: the command runs as the step's
     /// process does (its user, capabilities, no_new_privs, seccomp), and each of its outputs is
-    /// cut at [`MAX_EXEC_OUTPUT`].
+    /// cut at `MAX_EXEC_OUTPUT`.
     pub async fn exec(
         &self,
         who: Principal,

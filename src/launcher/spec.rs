@@ -100,7 +100,7 @@ pub struct Validated {
 /// Container paths a step's mounts may not cover: the file systems the runtime sets up.
 const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
 
-/// Files cimage writes into every step that runs as a user (see [`super::etc_files`]):
+/// Files cimage writes into every step that runs as a user (see `etc_files`):
 /// the host's account of the user, which the runtime reads to set the groups.
 pub const IDENTITY_FILES: &[&str] = &["/etc/passwd", "/etc/group"];
 

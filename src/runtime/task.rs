@@ -1,6 +1,6 @@
 //! The CRI RuntimeService as the launcher sees it: pod sandboxes and containers. The real
 //! implementation is [`crate::cri::CriTaskRuntime`]; unit tests use
-//! [`super::fake_task::FakeTaskRuntime`].
+//! `fake_task::FakeTaskRuntime`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
