@@ -177,6 +177,9 @@ pub mod fake {
     pub struct FakeUsers {
         /// (user, supplementary gids).
         pub users: Mutex<Vec<(HostUser, Vec<u32>)>>,
+        /// While set, every lookup fails as it does when the directory service behind NSS
+        /// (LDAP, sssd) does not answer.
+        pub unavailable: std::sync::atomic::AtomicBool,
     }
 
     impl FakeUsers {
@@ -200,10 +203,21 @@ pub mod fake {
             u.add(1001, 1001, "bob", &[]);
             u
         }
+
+        fn answering(&self, what: String) -> Result<(), IdentityError> {
+            match self.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Err(IdentityError {
+                    what,
+                    message: "Resource temporarily unavailable (os error 11)".into(),
+                }),
+                false => Ok(()),
+            }
+        }
     }
 
     impl Users for FakeUsers {
         fn by_uid(&self, uid: u32) -> Result<Option<HostUser>, IdentityError> {
+            self.answering(format!("uid {uid}"))?;
             let users = self.users.lock().unwrap();
             Ok(users
                 .iter()
@@ -211,6 +225,7 @@ pub mod fake {
                 .map(|(u, _)| u.clone()))
         }
         fn by_name(&self, name: &str) -> Result<Option<HostUser>, IdentityError> {
+            self.answering(format!("user {name:?}"))?;
             let users = self.users.lock().unwrap();
             Ok(users
                 .iter()
@@ -218,6 +233,7 @@ pub mod fake {
                 .map(|(u, _)| u.clone()))
         }
         fn groups(&self, user: &HostUser, gid: u32) -> Result<Vec<u32>, IdentityError> {
+            self.answering(format!("the groups of {}", user.name))?;
             let users = self.users.lock().unwrap();
             let mut g: Vec<u32> = users
                 .iter()
@@ -230,6 +246,7 @@ pub mod fake {
             Ok(g)
         }
         fn group_name(&self, gid: u32) -> Result<Option<String>, IdentityError> {
+            self.answering(format!("gid {gid}"))?;
             // Each user's primary group is named after it; others have no name.
             let users = self.users.lock().unwrap();
             Ok(users

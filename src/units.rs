@@ -1,17 +1,78 @@
 //! Durations and sizes as people write them in config files and on the command line
-//! (`90s`, `1h30m`, `500MiB`): one parser for the config, the CLI and the API, and a formatter
-//! that writes what the parser reads back.
+//! (`90s`, `1h30m`, `500MiB`): one parser each for the config, the CLI and the API, and a
+//! formatter that writes what the parser reads back. Memory limits have a parser of their own,
+//! [`parse_memory`], binary in every spelling as docker, Slurm and Kubernetes read them.
 
 use std::time::Duration;
 
+/// Why a size or a duration was not understood: what was given, and what would have been.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// Nothing was given.
+    #[error("empty {what}")]
+    Empty {
+        /// `size` or `duration`.
+        what: &'static str,
+    },
+    /// Not a number followed by a unit.
+    #[error("{input:?} is not a {what} (expected e.g. {examples})")]
+    Malformed {
+        /// `size` or `duration`.
+        what: &'static str,
+        /// The text given.
+        input: String,
+        /// What such a value looks like.
+        examples: &'static str,
+    },
+    /// A unit this kind of value does not take.
+    #[error("{input:?} has unknown unit {unit:?} (use {known})")]
+    UnknownUnit {
+        /// The text given.
+        input: String,
+        /// The unit in it.
+        unit: String,
+        /// The units that are understood.
+        known: &'static str,
+    },
+    /// A decimal unit where memory sizes are binary.
+    #[error(
+        "{input:?}: {unit} could mean powers of 1000 or of 1024; memory sizes are binary (as \
+         docker, Slurm and Kubernetes read them): write {number}{letter} or {number}{letter}iB"
+    )]
+    Ambiguous {
+        /// The text given.
+        input: String,
+        /// The unit in it, e.g. `MB`.
+        unit: String,
+        /// The number before it.
+        number: u64,
+        /// The unit's letter, e.g. `M`.
+        letter: char,
+    },
+    /// A number without a unit where one is needed.
+    #[error("{input:?} needs a unit (ms, s, m, h or d)")]
+    NoUnit {
+        /// The text given.
+        input: String,
+    },
+    /// More than the value's type holds.
+    #[error("{input:?} is too large")]
+    TooLarge {
+        /// The text given.
+        input: String,
+    },
+}
+
 /// Parses sizes such as `500MiB`, `10GiB`, `2G` (decimal), `1048576`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. 500MiB, 10GiB, 2G)"))?;
+    let n: u64 = num.parse().map_err(|_| UnitError::Malformed {
+        what: "size",
+        input: s.to_owned(),
+        examples: "500MiB, 10GiB, 2G",
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" => 1000,
@@ -23,21 +84,95 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "TB" => 1_000_000_000_000,
         "TiB" => 1 << 40,
         u => {
-            return Err(format!(
-                "{s:?} has unknown unit {u:?} (use B, KiB, MiB, GiB, TiB, K, M, G, T)"
-            ))
+            return Err(UnitError::UnknownUnit {
+                input: s.to_owned(),
+                unit: u.to_owned(),
+                known: "B, KiB, MiB, GiB, TiB, K, M, G, T",
+            })
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| UnitError::TooLarge {
+        input: s.to_owned(),
+    })
+}
+
+/// Parses a memory size as docker (`-m 32m`), Slurm (`--mem=32M`) and Kubernetes (`32Mi`)
+/// users write it: every unit is binary. `k`, `m`, `g`, `t` in either case, `Ki` … `Ti` and
+/// `KiB` … `TiB` (their `i` and `B` in either case too); a bare number (or `B`) is bytes.
+/// `MB` and the like are refused as ambiguous: a config file's `2G` is decimal (see
+/// [`parse_size`]), a memory limit's is not.
+pub fn parse_memory(s: &str) -> Result<u64, UnitError> {
+    const KNOWN: &str =
+        "k, m, g, t in either case, Ki, Mi, Gi, Ti, KiB, MiB, GiB, TiB, or none for bytes";
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(UnitError::Empty {
+            what: "memory size",
+        });
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(UnitError::Malformed {
+            what: "memory size",
+            input: s.to_owned(),
+            examples: "512m, 4G, 32Mi, 1GiB",
+        });
+    }
+    let too_large = || UnitError::TooLarge {
+        input: s.to_owned(),
+    };
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    let unit = unit.trim();
+    let unknown = || UnitError::UnknownUnit {
+        input: s.to_owned(),
+        unit: unit.to_owned(),
+        known: KNOWN,
+    };
+    let mut letters = unit.chars();
+    let first = letters.next();
+    let shift = match first.map(|c| c.to_ascii_lowercase()) {
+        None => 0,
+        Some('b') if unit.len() == 1 => 0,
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some('t') => 40,
+        Some('.' | ',') => {
+            return Err(UnitError::Malformed {
+                what: "whole memory size",
+                input: s.to_owned(),
+                examples: "1536m rather than 1.5g",
+            })
+        }
+        Some(_) => return Err(unknown()),
+    };
+    match letters.as_str().to_ascii_lowercase().as_str() {
+        _ if shift == 0 => {}
+        "" | "i" | "ib" => {}
+        "b" => {
+            return Err(UnitError::Ambiguous {
+                input: s.to_owned(),
+                unit: unit.to_owned(),
+                number: n,
+                letter: first.unwrap_or('?').to_ascii_uppercase(),
+            })
+        }
+        _ => return Err(unknown()),
+    }
+    n.checked_mul(1 << shift).ok_or_else(too_large)
 }
 
 /// Parses durations such as `500ms`, `90s`, `10m`, `1h30m`, `2d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
+    const EXAMPLES: &str = "500ms, 90s, 10m, 1h30m";
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty duration".into());
+        return Err(UnitError::Empty { what: "duration" });
     }
+    let too_large = || UnitError::TooLarge {
+        input: s.to_owned(),
+    };
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
@@ -45,20 +180,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!(
-                "{s:?} is not a duration (expected e.g. 500ms, 90s, 10m, 1h30m)"
-            ));
+            return Err(UnitError::Malformed {
+                what: "duration",
+                input: s.to_owned(),
+                examples: EXAMPLES,
+            });
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?} is too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
+        let n: u64 = rest[..digits].parse().map_err(|_| too_large())?;
+        let after = &rest[digits..];
+        let unit_len = after
             .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let too_large = || format!("{s:?} is too large");
+            .unwrap_or(after.len());
+        let unit = &after[..unit_len];
+        rest = &after[unit_len..];
         let secs = |mult: u64| {
             n.checked_mul(mult)
                 .map(Duration::from_secs)
@@ -70,16 +204,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => secs(60)?,
             "h" => secs(3600)?,
             "d" => secs(86400)?,
-            "" => return Err(format!("{s:?} needs a unit (ms, s, m, h or d)")),
+            "" => {
+                return Err(UnitError::NoUnit {
+                    input: s.to_owned(),
+                })
+            }
             other => {
-                return Err(format!(
-                    "{s:?} has unknown unit {other:?} (use ms, s, m, h or d)"
-                ))
+                return Err(UnitError::UnknownUnit {
+                    input: s.to_owned(),
+                    unit: other.to_owned(),
+                    known: "ms, s, m, h or d",
+                })
             }
         };
-        total = total
-            .checked_add(part)
-            .ok_or_else(|| format!("{s:?} is too large"))?;
+        total = total.checked_add(part).ok_or_else(too_large)?;
     }
     Ok(total)
 }
@@ -87,26 +225,60 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The longest time limit a step may have: a year (longer is a typo, or an overflow).
 pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(365 * 86400);
 
+/// Why a step's time limit was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeLimitError {
+    /// None of the forms Slurm takes.
+    #[error(
+        "time limit {:?} is not MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, a duration \
+         such as 90s or 1h30m, or UNLIMITED",
+        quote_short(.input)
+    )]
+    Malformed {
+        /// The text given.
+        input: String,
+    },
+    /// A duration with units that is not one.
+    #[error("time limit: {0}")]
+    Duration(#[from] UnitError),
+    /// More seconds than fit.
+    #[error("time limit {input:?} is too large")]
+    TooLarge {
+        /// The text given.
+        input: String,
+    },
+    /// Zero, which must not silently mean "no limit".
+    #[error("time limit {input:?} is zero; give a positive limit, or UNLIMITED for none")]
+    Zero {
+        /// The text given.
+        input: String,
+    },
+    /// Longer than [`MAX_TIME_LIMIT`].
+    #[error(
+        "time limit {input:?} is longer than a year; give a shorter one, or UNLIMITED for none"
+    )]
+    OverAYear {
+        /// The text given.
+        input: String,
+    },
+}
+
 /// Parses a step's time limit as Slurm users write it (`--time`): `MINUTES`, `MM:SS`,
 /// `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, or with units (`500ms`, `90s`, `10m`,
 /// `1h30m`). `UNLIMITED` (or `INFINITE`) means no limit and gives `None`; `0` is refused
 /// rather than silently meaning "no limit". At most [`MAX_TIME_LIMIT`].
-pub fn parse_time_limit(s: &str) -> Result<Option<Duration>, String> {
+pub fn parse_time_limit(s: &str) -> Result<Option<Duration>, TimeLimitError> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
         return Ok(None);
     }
-    let bad = || {
-        format!(
-            "time limit {:?} is not MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, a duration \
-             such as 90s or 1h30m, or UNLIMITED",
-            crate::units::quote_short(t)
-        )
+    let bad = || TimeLimitError::Malformed {
+        input: t.to_owned(),
     };
     let d = if t.chars().any(|c| c.is_ascii_alphabetic()) {
-        parse_duration(t).map_err(|e| format!("time limit: {e}"))?
+        parse_duration(t)?
     } else {
-        let num = |x: &str| -> Result<u64, String> {
+        let num = |x: &str| -> Result<u64, TimeLimitError> {
             if x.is_empty() || !x.chars().all(|c| c.is_ascii_digit()) {
                 return Err(bad());
             }
@@ -147,17 +319,19 @@ pub fn parse_time_limit(s: &str) -> Result<Option<Duration>, String> {
                 }
             }
         };
-        Duration::from_secs(secs.ok_or_else(|| format!("time limit {t:?} is too large"))?)
+        Duration::from_secs(secs.ok_or_else(|| TimeLimitError::TooLarge {
+            input: t.to_owned(),
+        })?)
     };
     if d.is_zero() {
-        return Err(format!(
-            "time limit {t:?} is zero; give a positive limit, or UNLIMITED for none"
-        ));
+        return Err(TimeLimitError::Zero {
+            input: t.to_owned(),
+        });
     }
     if d > MAX_TIME_LIMIT {
-        return Err(format!(
-            "time limit {t:?} is longer than a year; give a shorter one, or UNLIMITED for none"
-        ));
+        return Err(TimeLimitError::OverAYear {
+            input: t.to_owned(),
+        });
     }
     Ok(Some(d))
 }
@@ -256,6 +430,45 @@ mod tests {
     }
 
     #[test]
+    fn memory_sizes_are_binary_in_every_spelling() {
+        for (text, want) in [
+            ("32m", 32 << 20),
+            ("32M", 32 << 20),
+            ("32Mi", 32 << 20),
+            ("32MiB", 32 << 20),
+            ("32mib", 32 << 20),
+            ("4G", 4 << 30),
+            ("4g", 4 << 30),
+            ("4Gi", 4 << 30),
+            ("512k", 512 << 10),
+            ("512KiB", 512 << 10),
+            ("1T", 1 << 40),
+            ("1Ti", 1 << 40),
+            ("1TiB", 1 << 40),
+            ("33554432", 33554432),
+            ("100B", 100),
+            (" 8 Mi ", 8 << 20),
+        ] {
+            assert_eq!(parse_memory(text), Ok(want), "{text}");
+        }
+        for (bad, why) in [
+            ("32MB", "could mean powers of 1000"),
+            ("4gb", "write 4G or 4GiB"),
+            ("32x", "unknown unit"),
+            ("32Mx", "unknown unit"),
+            ("32P", "unknown unit"),
+            ("m", "is not a memory size"),
+            ("1.5G", "1536m rather than 1.5g"),
+            ("", "empty"),
+            ("99999999999999999999", "too large"),
+            ("20000000T", "too large"),
+        ] {
+            let e = parse_memory(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn durations() {
         for (text, want) in [
             ("500ms", Duration::from_millis(500)),
@@ -270,9 +483,11 @@ mod tests {
         for bad in ["", "10", "ten", "5 minutes", "3w", "m5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
-        let e = parse_duration("213503982334602d").unwrap_err();
+        let e = parse_duration("213503982334602d").unwrap_err().to_string();
         assert!(e.contains("too large"), "overflows u64 seconds: {e}");
-        let e = parse_duration("18446744073709551615s1s").unwrap_err();
+        let e = parse_duration("18446744073709551615s1s")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("too large"), "{e}");
     }
 
@@ -304,7 +519,7 @@ mod tests {
             ("a:b", "time limit"),
             ("400d", "longer than a year"),
         ] {
-            let e = parse_time_limit(bad).unwrap_err();
+            let e = parse_time_limit(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
         assert_eq!(quote_short(&"x".repeat(300)).chars().count(), 201);

@@ -51,6 +51,39 @@ fn blob_gets(tb: &Testbed, mark: u64, repo: &str, blob: &str) -> usize {
         .count()
 }
 
+/// Waits until the registry's log has caught up with what was asked of it so far: sends a
+/// request of its own for `repo` (its tag list) and waits for that request in the log, which
+/// the registry writes once each request is answered.
+fn registry_log_caught_up(tb: &Testbed, mark: u64, repo: &str) {
+    use std::io::{Read, Write};
+    let marker = format!("GET /v2/{repo}/tags/list");
+    let before = tb
+        .registry_requests_since(mark, repo)
+        .iter()
+        .filter(|r| **r == marker)
+        .count();
+    let mut conn = std::net::TcpStream::connect(&tb.registry).unwrap();
+    write!(
+        conn,
+        "GET /v2/{repo}/tags/list HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        tb.registry
+    )
+    .unwrap();
+    conn.read_to_end(&mut Vec::new()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = tb.registry_requests_since(mark, repo);
+        if seen.iter().filter(|r| **r == marker).count() > before {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry never logged {marker}: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn use_count(d: &Daemon, id: &str) -> u64 {
     let out = d.cli(&["images", "-o", "json"]);
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -152,7 +185,7 @@ fn twenty_concurrent_pulls_of_a_cold_image_make_one_runtime_pull() {
         ids.iter().all(|i| i.as_ref().ok() == Some(&first)),
         "{ids:?}"
     );
-    std::thread::sleep(Duration::from_millis(200));
+    registry_log_caught_up(tb, mark, &img.repo);
     for blob in &img.blobs {
         assert_eq!(blob_gets(tb, mark, &img.repo, blob), 1, "{blob}");
     }
@@ -187,7 +220,7 @@ fn a_pull_outlives_a_client_whose_deadline_passed_and_its_retry_joins_it() {
             .image_ref;
         assert!(id.starts_with("sha256:"));
     });
-    std::thread::sleep(Duration::from_millis(200));
+    registry_log_caught_up(tb, mark, &img.repo);
     for blob in &img.blobs {
         assert_eq!(
             blob_gets(tb, mark, &img.repo, blob),

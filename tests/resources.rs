@@ -70,6 +70,53 @@ fn a_step_past_its_memory_limit_is_reported_out_of_memory() {
 }
 
 #[test]
+fn memory_sizes_are_binary_as_docker_slurm_and_kubernetes_write_them() {
+    let d = Daemon::start("");
+    let img = d
+        .testbed
+        .push_new(
+            "memory-units",
+            &[
+                Layer::busybox(),
+                Layer(vec![("bin/hog".into(), hog(), 0o755)]),
+            ],
+        )
+        .reference;
+    let limit_of = |memory: &str| {
+        let out = d.cli(&[
+            "run",
+            "--memory",
+            memory,
+            &img,
+            "--",
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ]);
+        assert!(out.status.success(), "--memory {memory}: {}", stderr(&out));
+        stdout(&out).trim().to_owned()
+    };
+    // docker's -m 32m: 32 MiB in the step's cgroup.
+    assert_eq!(limit_of("32m"), "33554432");
+    // Slurm's --mem=32M, Kubernetes' 32Mi, the IEC spelling and bytes: the same.
+    for same in ["32M", "32Mi", "32MiB", "33554432"] {
+        assert_eq!(limit_of(same), "33554432", "{same}");
+    }
+    assert_eq!(limit_of("4G"), "4294967296", "4G is 4 GiB");
+    // And 32m is a limit: 64 MiB in it is out of memory.
+    let out = d.cli(&["run", "--memory", "32m", &img, "--", "/bin/hog"]);
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    assert!(stderr(&out).contains("OutOfMemory"), "{}", stderr(&out));
+    // A decimal unit is ambiguous for memory: refused as a usage error, before anything runs.
+    let out = d.cli(&["run", "--memory", "32MB", &img, "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could mean powers of 1000"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn cpu_quota_and_the_cgroup_parent_reach_the_step() {
     let d = Daemon::start("");
     let img = busybox(&d.testbed);

@@ -12,11 +12,13 @@ use super::peer::AdminPolicy;
 use super::service::{caller, credentials_from_pb, policy_from_pb};
 use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
+use crate::launcher::limits::{MAX_MILLICPUS, MIN_MILLICPUS};
 use crate::launcher::logs::{Chunk, Stream as OutStream};
-use crate::launcher::spec::{LaunchSpec, MountRequest, Principal, SpecError, UserRef, UserRequest};
+use crate::launcher::request::{MountRequest, Principal, SpecError, UserRef, UserRequest};
+use crate::launcher::spec::LaunchSpec;
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
-use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession, RuntimeErrorKind};
 
 /// The service implementation.
 pub struct LauncherApi {
@@ -46,15 +48,27 @@ impl LauncherApi {
     }
 }
 
-/// Maps a launcher failure to a status.
+/// Maps a launcher failure to a status by its kind: the caller's request (invalid, denied),
+/// the node (its user database or the runtime not answering, a mount that could not be
+/// staged, the durable state) or cimaged itself; the message is the launcher's explanation.
 pub fn launch_status(e: &LaunchError) -> Status {
     let code = match e {
         LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
+        LaunchError::IdentityUnavailable(_) => Code::Unavailable,
+        LaunchError::Staging(_) | LaunchError::Internal { .. } | LaunchError::Store(_) => {
+            Code::Internal
+        }
         LaunchError::NotFound { .. } => Code::NotFound,
         LaunchError::Conflict { .. } => Code::FailedPrecondition,
-        LaunchError::Store(_) => Code::Internal,
-        LaunchError::Runtime { .. } => Code::Unavailable,
+        LaunchError::Runtime { source, .. } => match source.kind {
+            RuntimeErrorKind::Unavailable | RuntimeErrorKind::Transient => Code::Unavailable,
+            RuntimeErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            // The container went away under the call (the step ended meanwhile).
+            RuntimeErrorKind::NotFound => Code::NotFound,
+            RuntimeErrorKind::Unauthorized => Code::PermissionDenied,
+            RuntimeErrorKind::Other => Code::Internal,
+        },
     };
     Status::new(code, e.to_string())
 }
@@ -74,17 +88,24 @@ fn terminal_size(s: pb::TerminalSize) -> Option<ExecInput> {
     })
 }
 
-/// A CPU count as the launcher takes it (thousandths); 0 is none.
+/// A CPU count as the launcher takes it (thousandths); 0 is none. Refused outside the
+/// launcher's range ([`MIN_MILLICPUS`] to [`MAX_MILLICPUS`], checked after rounding to
+/// thousandths as the launcher counts them).
 fn cpus_pb(cpus: f64) -> Result<Option<u32>, Status> {
     if cpus == 0.0 {
         return Ok(None);
     }
-    if !cpus.is_finite() || !(0.0..=4096.0).contains(&cpus) {
+    let millicpus = (cpus * 1000.0).round();
+    if !millicpus.is_finite()
+        || !(f64::from(MIN_MILLICPUS)..=f64::from(MAX_MILLICPUS)).contains(&millicpus)
+    {
         return Err(Status::invalid_argument(format!(
-            "CPU limit {cpus} is out of range: give between 0.01 and 4096 CPUs"
+            "CPU limit {cpus} is out of range: give between {} and {} CPUs",
+            f64::from(MIN_MILLICPUS) / 1000.0,
+            MAX_MILLICPUS / 1000
         )));
     }
-    Ok(Some((cpus * 1000.0).round() as u32))
+    Ok(Some(millicpus as u32))
 }
 
 fn chunk_pb(c: Chunk) -> pb::LogChunk {
@@ -445,5 +466,70 @@ impl pb::launcher_server::Launcher for LauncherApi {
         let tasks = self.launcher.tasks(who, true).await.unwrap_or_default();
         let mine: Vec<TaskRecord> = tasks.into_iter().filter(|t| t.job == job.id).collect();
         Ok(Response::new(job_pb(&job, &mine)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityError;
+    use crate::runtime::RuntimeError;
+
+    #[test]
+    fn cpu_counts_are_checked_against_the_launchers_range() {
+        assert_eq!(cpus_pb(0.0).unwrap(), None);
+        assert_eq!(cpus_pb(0.01).unwrap(), Some(10));
+        assert_eq!(cpus_pb(1.5).unwrap(), Some(1500));
+        assert_eq!(cpus_pb(4096.0).unwrap(), Some(4_096_000));
+        for bad in [0.004, -1.0, 4096.5, f64::NAN, f64::INFINITY, 1e300] {
+            let e = cpus_pb(bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert!(
+                e.message().contains("between 0.01 and 4096"),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn launch_errors_map_to_codes_by_kind() {
+        let runtime = |kind| LaunchError::Runtime {
+            op: "run a command in the step",
+            source: RuntimeError {
+                op: "ExecSync",
+                kind,
+                message: "x".into(),
+            },
+        };
+        for (e, want) in [
+            (SpecError::Invalid("x".into()).into(), Code::InvalidArgument),
+            (SpecError::Denied("x".into()).into(), Code::PermissionDenied),
+            (
+                LaunchError::IdentityUnavailable(IdentityError {
+                    what: "uid 1000".into(),
+                    message: "Resource temporarily unavailable".into(),
+                }),
+                Code::Unavailable,
+            ),
+            (
+                LaunchError::Staging(crate::launcher::mounts::MountError::Host {
+                    path: "/scratch/a".into(),
+                    message: "Input/output error".into(),
+                }),
+                Code::Internal,
+            ),
+            (
+                LaunchError::Internal {
+                    what: "the user lookup",
+                    message: "task panicked".into(),
+                },
+                Code::Internal,
+            ),
+            (runtime(RuntimeErrorKind::Unavailable), Code::Unavailable),
+            (runtime(RuntimeErrorKind::NotFound), Code::NotFound),
+            (runtime(RuntimeErrorKind::Other), Code::Internal),
+        ] {
+            assert_eq!(launch_status(&e).code(), want, "{e}");
+        }
     }
 }

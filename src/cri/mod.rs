@@ -12,6 +12,7 @@ mod image;
 mod runtime;
 mod snapshot;
 mod spdy;
+mod spdy_frames;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,10 +87,11 @@ pub(super) fn classify(op: &'static str, endpoint: &Path, status: Status) -> Run
     let lower = msg.to_ascii_lowercase();
     let kind = match status.code() {
         Code::Unavailable => RuntimeErrorKind::Unavailable,
-        // The connection to the runtime broke mid-call (a restart): as unavailable.
-        // (containerd's own words about a registry come prefixed with what failed.)
         // containerd's CRI plugin right after a restart, before it has loaded its state.
         _ if lower.contains("server is not initialized yet") => RuntimeErrorKind::Unavailable,
+        // The connection to the runtime broke mid-call (a restart): as unavailable. Only at
+        // the start of the message: containerd's own words about a registry come prefixed
+        // with what failed, and are classified below.
         Code::Unknown
             if lower.starts_with("transport error")
                 || lower.starts_with("connection reset")

@@ -502,10 +502,10 @@ impl TaskRuntime for CriTaskRuntime {
         let r = bounded("Exec", &self.endpoint, self.timeout, c.exec(req)).await?;
         super::spdy::attach(&r.url, attach)
             .await
-            .map_err(|message| RuntimeError {
+            .map_err(|e| RuntimeError {
                 op: "Exec",
                 kind: RuntimeErrorKind::Other,
-                message,
+                message: e.to_string(),
             })
     }
 

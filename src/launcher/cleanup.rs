@@ -57,9 +57,8 @@ impl Launcher {
         self.metrics
             .inc("cimage_tasks_total", &[("state", task.state.as_str())]);
         let job_id = task.job.clone();
-        let lock = self.job_lock(&job_id);
         {
-            let _g = lock.lock().await;
+            let _g = self.job_locks.lock(&job_id).await;
             let (job, tasks) = match self
                 .blocking(move |s| Ok((s.job(&job_id)?, s.job_tasks(&job_id)?)))
                 .await

@@ -7,7 +7,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use super::spec::SpecError;
+use super::request::SpecError;
 use crate::runtime::{DeviceSpec, RuntimeVersion};
 
 /// Whether the runtime honours CDI device names.

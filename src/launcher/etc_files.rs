@@ -9,7 +9,7 @@
 //! never read: each line is a host group, named by its host name when that name cannot be
 //! mistaken for a number, as enroot and Apptainer do.
 
-use super::spec::Identity;
+use super::request::Identity;
 
 /// A group's name as written: its host name when that is a plain name, else `g<gid>` (a name
 /// that reads as a number, or holds `:` or a line break, would be misread).

@@ -45,15 +45,19 @@ impl EventSink {
     }
 
     /// Waits up to `limit` for room for output; false if the client did not read meanwhile.
+    /// The wait is on the channel itself (its free slots, as the client takes events), not a
+    /// poll: room is more free slots than those kept for lifecycle events, or a client gone.
     pub async fn room_for_output(&self, limit: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while !self.has_room_for_output() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if self.has_room_for_output() {
+            return true;
         }
-        true
+        match tokio::time::timeout(limit, self.tx.reserve_many(LIFECYCLE_RESERVE + 1)).await {
+            // The slots go back at once (dropped): room was waited for, not reserved.
+            Ok(Ok(_room)) => true,
+            // The client went away: nothing needs to be kept for it.
+            Ok(Err(_closed)) => true,
+            Err(_elapsed) => false,
+        }
     }
 
     /// Counts output that is given up on (the client stopped reading for good).
@@ -112,15 +116,26 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Each stage's two names, in one table: the event that reports it done (used in events,
+    /// records and the API) and its label in `cimage_launch_duration_seconds{stage}`.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Stage::Sandbox => ("SandboxReady", "sandbox"),
+            Stage::Image => ("ImageReady", "image"),
+            Stage::Create => ("ContainerCreated", "create"),
+            Stage::Start => ("Started", "start"),
+            Stage::Wait => ("Exited", "wait"),
+        }
+    }
+
     /// The name used in events and records.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Sandbox => "SandboxReady",
-            Stage::Image => "ImageReady",
-            Stage::Create => "ContainerCreated",
-            Stage::Start => "Started",
-            Stage::Wait => "Exited",
-        }
+        self.names().0
+    }
+
+    /// The stage's label in the launch metrics.
+    pub fn metric_label(self) -> &'static str {
+        self.names().1
     }
 }
 
@@ -210,5 +225,52 @@ impl ExitReason {
             Self::ExceededTimeLimit => "ExceededTimeLimit",
             Self::OutOfMemory => "OutOfMemory",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn output(n: usize) -> Event {
+        Event::Output(Chunk {
+            stream: Stream::Stdout,
+            text: format!("{n}\n"),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_waits_for_a_reader_and_gives_up_on_one_that_does_not_read() {
+        let (sink, mut rx) = EventSink::channel();
+        for n in 0..EVENT_BUFFER {
+            sink.send("t", 0, output(n));
+        }
+        assert!(!sink.has_room_for_output());
+        let start = tokio::time::Instant::now();
+        assert!(!sink.room_for_output(Duration::from_secs(10)).await);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(10),
+            "it waited the whole limit"
+        );
+        // A reader that takes what is held makes room, and the wait ends then.
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            for _ in 0..=LIFECYCLE_RESERVE {
+                rx.recv().await.unwrap();
+            }
+            rx
+        });
+        let start = tokio::time::Instant::now();
+        assert!(sink.room_for_output(Duration::from_secs(10)).await);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert!(
+            sink.has_room_for_output(),
+            "the room was not kept by the wait"
+        );
+        // A client that went away needs no room.
+        drop(reader.await.unwrap());
+        assert!(sink.room_for_output(Duration::from_secs(10)).await);
     }
 }

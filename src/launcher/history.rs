@@ -13,10 +13,6 @@ use tracing::info;
 use super::store::TaskRecord;
 use super::{LaunchError, Launcher};
 
-/// Default of [`HistorySettings::keep`] (`History.Keep`).
-pub const DEFAULT_KEEP: Duration = Duration::from_secs(7 * 86_400);
-/// Default of [`HistorySettings::max_tasks`] (`History.MaxTasks`).
-pub const DEFAULT_MAX_TASKS: u64 = 100_000;
 /// Tasks removed per transaction: a pass never holds the database for long.
 const BATCH: usize = 500;
 
@@ -32,10 +28,11 @@ pub struct HistorySettings {
 }
 
 impl Default for HistorySettings {
+    /// The config's defaults (`History.Keep`, `History.MaxTasks`), logs not kept.
     fn default() -> Self {
         Self {
-            keep: DEFAULT_KEEP,
-            max_tasks: DEFAULT_MAX_TASKS,
+            keep: crate::config::DEFAULT_HISTORY_KEEP,
+            max_tasks: crate::config::DEFAULT_HISTORY_MAX_TASKS,
             keep_logs: false,
         }
     }

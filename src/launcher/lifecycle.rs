@@ -1,282 +1,268 @@
-//! Accepting a step and driving it to a running container: validate → record → pod sandbox →
-//! image (through the puller) → create → start. Waiting and cleanup are in `wait` and `cleanup`.
+//! Driving an accepted step to a running container, stage by stage: pod sandbox → image
+//! (through the puller) → container created and read back → started. Each stage reports its
+//! event and its time when done; the first that cannot complete ends the task, recorded in
+//! that stage. Acceptance is in `accept`; waiting and cleanup are in `wait` and `cleanup`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::devices::CdiSupport;
-use super::etc_files::etc_files;
-use super::mounts::MountError;
-use super::spec::{self, Identity, LaunchSpec, Principal, Rules, SpecError, Validated};
+use super::readback::{self, ReadBackRefusal};
+use super::request::SpecError;
+use super::spec::{LaunchSpec, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
-use super::{
-    send, Event, EventSink, LaunchError, Launcher, SandboxError, Stage, TaskEvent, LABEL_TASK,
-};
+use super::{send, Event, EventSink, Launcher, SandboxError, Stage, LABEL_TASK};
 use crate::cache::Origin;
 use crate::puller::EnsureRequest;
-use crate::runtime::{ContainerSpec, EtcCheck, PodSpec, ProcessIdentity};
+use crate::runtime::{ContainerSpec, MountSpec, PodSpec, RuntimeErrorKind};
+
+/// An accepted step: as validated, as asked (its command, environment, policy, credentials),
+/// and what its acceptance added, the mounts staged for it.
+pub(super) struct Step {
+    /// What validation produced.
+    pub(super) v: Validated,
+    /// The request as asked.
+    pub(super) spec: LaunchSpec,
+    /// The staged mounts the runtime is given: the host mounts asked for, then (for a step as
+    /// a user) its `/etc/passwd` and `/etc/group`.
+    pub(super) mounts: Vec<MountSpec>,
+}
+
+/// Why a stage did not complete: the state the task ends in, the stage, and why, as the task's
+/// record and its `Failed` event say it.
+struct Stopped {
+    state: TaskState,
+    stage: Stage,
+    message: String,
+}
+
+impl Stopped {
+    /// The stage failed.
+    fn failed(stage: Stage, why: impl ToString) -> Self {
+        Self {
+            state: TaskState::Failed,
+            stage,
+            message: why.to_string(),
+        }
+    }
+
+    /// The task was cancelled during the stage, before its container ran.
+    fn cancelled(stage: Stage) -> Self {
+        Self {
+            state: TaskState::Cancelled,
+            stage,
+            message: "cancelled before the container started".into(),
+        }
+    }
+}
 
 impl Launcher {
-    /// Accepts a step: validates it (nothing is created if that fails), records it, and runs it
-    /// in the background. The receiver gets its lifecycle events and output; dropping it does not
-    /// stop the task.
-    ///
-    /// The acceptance runs as a task of its own: a caller that goes away mid-way (its request
-    /// future dropped) leaves either an accepted task or nothing, never mounts staged for a task
-    /// that was not recorded.
-    pub async fn launch(
-        self: &Arc<Self>,
-        who: Principal,
-        spec: LaunchSpec,
-    ) -> Result<(TaskRecord, Receiver<TaskEvent>), LaunchError> {
-        let me = Arc::clone(self);
-        self.background
-            .spawn(async move { me.accept(who, spec).await })
-            .await
-            .map_err(|e| SpecError::Invalid(format!("the launch was interrupted: {e}")))?
-    }
-
-    async fn accept(
-        self: Arc<Self>,
-        who: Principal,
-        spec: LaunchSpec,
-    ) -> Result<(TaskRecord, Receiver<TaskEvent>), LaunchError> {
-        if !who.admin && !self.settings.allow_user_launch {
-            return Err(SpecError::Denied(format!(
-                "uid {} may not launch containers on this node: steps start through the \
-                 scheduler (a site that lets users run them directly sets \
-                 ImageCache.Launcher.AllowUserLaunch: true)",
-                who.uid
-            ))
-            .into());
-        }
-        let reservation = self.reserve_launch(who)?;
-        let users = Arc::clone(&self.users);
-        let request = spec.user.clone();
-        let (identity, group_names) = tokio::task::spawn_blocking(move || {
-            let identity = spec::resolve_identity(who, request.as_ref(), users.as_ref())?;
-            let mut names = Vec::new();
-            if identity.uid != 0 {
-                for &gid in &identity.groups {
-                    let name = users
-                        .group_name(gid)
-                        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-                    names.push((gid, name));
-                }
-            }
-            Ok::<_, SpecError>((identity, names))
-        })
-        .await
-        .map_err(|e| SpecError::Invalid(format!("the user lookup failed: {e}")))??;
-        let cdi = match spec.devices.iter().any(|d| d.contains('=')) {
-            false => None,
-            true => Some(CdiSupport::of(&self.rt.version().await.map_err(
-                |source| LaunchError::Runtime {
-                    op: "ask the runtime's version (for CDI support)",
-                    source,
-                },
-            )?)),
-        };
-        let rules = Rules {
-            allowed_mount_prefixes: self.settings.allowed_mount_prefixes.clone(),
-            allowed_devices: self.settings.allowed_devices.clone(),
-            cdi,
-            allowed_cgroup_parents: self.settings.allowed_cgroup_parents.clone(),
-            any_cgroup_parent: who.admin,
-        };
-        let mut v = spec::validate(&spec, identity, &rules)?;
-        v.creator = who;
-        let lock = self.job_lock(&v.job);
-        let guard = lock.lock().await;
-        let job_id = v.job.clone();
-        let (existing, tasks) = self
-            .blocking(move |s| Ok((s.job(&job_id)?, s.job_tasks(&job_id)?)))
-            .await?;
-        // Only a live job claims its id (a job whose first step failed has ended).
-        if let Some(j) = existing.as_ref().filter(|j| j.ended.is_none()) {
-            may_join(j, &v)?;
-        }
-        let job_tasks: Vec<&TaskRecord> = tasks.iter().filter(|t| t.job == v.job).collect();
-        let step = match spec.step {
-            Some(n) => n,
-            None => job_tasks.iter().map(|t| t.step + 1).max().unwrap_or(0),
-        };
-        if job_tasks
-            .iter()
-            .any(|t| t.step == step && !t.state.is_final())
-        {
-            return Err(LaunchError::Conflict {
-                what: "step",
-                id: format!("{step} of job {}", v.job),
-                why: "is already running".into(),
-            });
-        }
-        let id = format!("{:012x}", rand::random::<u64>() >> 16);
-        // Open, check as the step's user and bind the mount sources now: what is checked is
-        // what the container gets, whatever happens to the paths afterwards. A step as a user
-        // also gets the host's account of it as /etc/passwd and /etc/group.
-        let identity_files = (v.identity.uid != 0).then(|| etc_files(&v.identity, &group_names));
-        if !v.mount_requests.is_empty() || identity_files.is_some() {
-            let (stager, task_id, requests, identity, prefixes) = (
-                Arc::clone(&self.mounts),
-                id.clone(),
-                v.mount_requests.clone(),
-                v.identity.clone(),
-                self.settings.allowed_mount_prefixes.clone(),
-            );
-            let staged = tokio::task::spawn_blocking(move || {
-                let mut mounts = stager.stage(&task_id, &requests, &identity, &prefixes)?;
-                if let Some((passwd, group)) = identity_files {
-                    match stager.identity_files(&task_id, &passwd, &group) {
-                        Ok(files) => mounts.extend(files),
-                        Err(e) => {
-                            let _ = stager.release(&task_id);
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok(mounts)
-            })
-            .await
-            .map_err(|e| SpecError::Invalid(format!("staging the mounts failed: {e}")))?;
-            v.mounts = staged.map_err(|e| match e {
-                MountError::Denied { .. } => SpecError::Denied(e.to_string()),
-                _ => SpecError::Invalid(e.to_string()),
-            })?;
-        }
-        let task = TaskRecord {
-            log_path: self
-                .settings
-                .log_dir
-                .join(&v.job)
-                .join(format!("{step}-{id}.log")),
-            id,
-            job: v.job.clone(),
-            step,
-            uid: v.identity.uid,
-            image: v.image.to_string(),
-            image_id: None,
-            container_id: None,
-            state: TaskState::Pending,
-            exit_code: None,
-            signal: None,
-            failure: None,
-            created: self.clock.now_ms(),
-            started: None,
-            finished: None,
-            timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
-            cleaned: false,
-        };
-        let t = task.clone();
-        if let Err(e) = self.blocking(move |s| s.put_task(&t)).await {
-            self.release_mounts(&task.id).await;
-            return Err(e.into());
-        }
-        drop(guard);
-        let cancel = CancellationToken::new();
-        self.live
-            .lock()
-            .unwrap()
-            .insert(task.id.clone(), cancel.clone());
-        reservation.accept(&task.id);
-        let (tx, rx) = EventSink::channel();
-        info!(task = %task.id, job = %task.job, step, image = %task.image, uid = task.uid, "task accepted");
-        self.background
-            .spawn(Arc::clone(&self).run(task.clone(), v, spec, tx, cancel));
-        Ok((task, rx))
-    }
-
-    async fn run(
+    /// Drives an accepted step: its stages, then its wait and cleanup; on a stage that cannot
+    /// complete, records the failure and cleans up what the stages made.
+    pub(super) async fn run(
         self: Arc<Self>,
         mut task: TaskRecord,
-        v: Validated,
-        spec: LaunchSpec,
+        step: Step,
         tx: EventSink,
         cancel: CancellationToken,
     ) {
         let tx = Some(&tx);
-        send(
-            tx,
-            &task.id,
-            self.clock.now_ms(),
-            Event::Accepted {
-                job: task.job.clone(),
-                step: task.step,
-            },
-        );
-
-        let sandbox_started = std::time::Instant::now();
-        let (job, sandbox_id) = match self.ensure_sandbox(&v).await {
-            Ok(x) => x,
-            Err(e) => return self.fail(task, Stage::Sandbox, e.to_string(), tx).await,
+        let accepted = Event::Accepted {
+            job: task.job.clone(),
+            step: task.step,
         };
-        self.stage_time(Stage::Sandbox, sandbox_started);
-        send(
-            tx,
-            &task.id,
-            self.clock.now_ms(),
-            Event::SandboxReady {
-                sandbox_id: sandbox_id.clone(),
-            },
-        );
+        send(tx, &task.id, self.clock.now_ms(), accepted);
+        match self.drive(&mut task, &step, tx, &cancel).await {
+            Ok(()) => self.wait_and_finish(task, tx, cancel).await,
+            Err(s) => self.fail_as(task, s.state, s.stage, s.message, tx).await,
+        }
+    }
 
-        let image_started = std::time::Instant::now();
-        let clock = Arc::clone(&self.clock);
-        let ensure = self.puller.ensure_watched(
-            EnsureRequest {
-                image: task.image.clone(),
-                policy: spec.policy,
-                credentials: spec.credentials.clone(),
-                origin: Origin::Job,
-                requester: Some(task.uid),
-                progress: None,
-            },
-            |p| send(tx, &task.id, clock.now_ms(), Event::ImagePulling(p)),
-        );
+    /// The stages up to a running container. `task` keeps what each made (image, container),
+    /// so that a failure later cleans it up.
+    async fn drive(
+        &self,
+        task: &mut TaskRecord,
+        step: &Step,
+        tx: Option<&EventSink>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let (pod, sandbox_id) = self.sandbox_stage(task, &step.v, tx).await?;
+        let image_id = self.image_stage(task, &step.spec, tx, cancel).await?;
+        let cid = self
+            .create_stage(task, step, (&pod, &sandbox_id), image_id, tx)
+            .await?;
+        self.start_stage(task, &cid, tx, cancel).await
+    }
+
+    /// The job's pod sandbox, made unless the job has one: its spec and id.
+    async fn sandbox_stage(
+        &self,
+        task: &TaskRecord,
+        v: &Validated,
+        tx: Option<&EventSink>,
+    ) -> Result<(PodSpec, String), Stopped> {
+        let started = Instant::now();
+        let (job, sandbox_id) = self
+            .ensure_sandbox(v)
+            .await
+            .map_err(|e| Stopped::failed(Stage::Sandbox, e))?;
+        self.stage_time(Stage::Sandbox, started);
+        let ready = Event::SandboxReady {
+            sandbox_id: sandbox_id.clone(),
+        };
+        send(tx, &task.id, self.clock.now_ms(), ready);
+        Ok((job.pod, sandbox_id))
+    }
+
+    /// The image made ready through the puller (its pull shown as it moves) and marked in use:
+    /// the runtime's image id.
+    async fn image_stage(
+        &self,
+        task: &mut TaskRecord,
+        spec: &LaunchSpec,
+        tx: Option<&EventSink>,
+        cancel: &CancellationToken,
+    ) -> Result<String, Stopped> {
+        let started = Instant::now();
+        let (clock, id) = (Arc::clone(&self.clock), task.id.clone());
+        let ensure = self.puller.ensure_watched(ensure_request(task, spec), |p| {
+            send(tx, &id, clock.now_ms(), Event::ImagePulling(p))
+        });
         let ensured = tokio::select! {
             r = ensure => r,
-            _ = cancel.cancelled() => {
-                return self.fail_as(task, TaskState::Cancelled, Stage::Image, "cancelled before the container started".into(), tx).await;
-            }
+            _ = cancel.cancelled() => return Err(Stopped::cancelled(Stage::Image)),
         };
-        self.stage_time(Stage::Image, image_started);
-        let ensured = match ensured {
-            Ok(e) => e,
-            Err(e) => return self.fail(task, Stage::Image, e.to_string(), tx).await,
+        self.stage_time(Stage::Image, started);
+        let ensured = ensured.map_err(|e| Stopped::failed(Stage::Image, e))?;
+        self.hold_image(task, &ensured.record.id);
+        task.image_id = Some(ensured.record.id.clone());
+        let ready = Event::ImageReady {
+            image: task.image.clone(),
+            action: ensured.action,
         };
-        let in_use = self.cache.mark_in_use(&ensured.record.id);
+        send(tx, &task.id, self.clock.now_ms(), ready);
+        Ok(ensured.record.id)
+    }
+
+    /// The step's container, created from `image_id` in the pod and read back before its
+    /// start: its id.
+    async fn create_stage(
+        &self,
+        task: &mut TaskRecord,
+        step: &Step,
+        (pod, sandbox_id): (&PodSpec, &str),
+        image_id: String,
+        tx: Option<&EventSink>,
+    ) -> Result<String, Stopped> {
+        let started = Instant::now();
+        let mut container = self.container_spec(task, step, image_id);
+        let mut created = self.rt.create_container(sandbox_id, pod, &container).await;
+        if matches!(&created, Err(e) if e.kind == RuntimeErrorKind::NotFound) {
+            // The image was reported present from a recent confirmation but is gone (removed
+            // behind cimage's back): ask the runtime again, pull if needed, and retry once.
+            warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
+            container.image = self.image_again(task, &step.spec).await?;
+            created = self.rt.create_container(sandbox_id, pod, &container).await;
+        }
+        let cid = created.map_err(|e| Stopped::failed(Stage::Create, e))?;
+        // Not saved yet: if cimaged dies before the start is recorded, the container carries no
+        // claim and the orphan sweep removes it, and the task is finished off as interrupted.
+        task.container_id = Some(cid.clone());
+        task.state = TaskState::Created;
+        // Read back before the start; a step as a user also needs a plain /etc in its image.
+        // A failure removes the container in the cleanup that follows.
+        let as_user = step.v.identity.uid != 0;
+        let checked = match self.rt.inspect_created(&cid, as_user).await {
+            Ok(created) => readback::check_identity(&cid, created.identity, &step.v.identity)
+                .and_then(|()| readback::check_etc(created.etc, &task.image)),
+            Err(source) => Err(ReadBackRefusal::Unreadable {
+                cid: cid.clone(),
+                source,
+            }),
+        };
+        checked.map_err(|refusal| Stopped::failed(Stage::Create, refusal))?;
+        self.stage_time(Stage::Create, started);
+        let event = Event::ContainerCreated {
+            container_id: cid.clone(),
+        };
+        send(tx, &task.id, self.clock.now_ms(), event);
+        Ok(cid)
+    }
+
+    /// The image once more, after the runtime did not find it at container creation: the
+    /// first one forgotten and released, the new one marked in use; its id.
+    async fn image_again(
+        &self,
+        task: &mut TaskRecord,
+        spec: &LaunchSpec,
+    ) -> Result<String, Stopped> {
+        if let Some(gone) = task.image_id.take() {
+            self.cache.forget_presence(&gone);
+            self.images_in_use.lock().unwrap().remove(&task.id);
+        }
+        let again = self
+            .puller
+            .ensure(ensure_request(task, spec))
+            .await
+            .map_err(|e| Stopped::failed(Stage::Image, e))?;
+        self.hold_image(task, &again.record.id);
+        task.image_id = Some(again.record.id.clone());
+        Ok(again.record.id)
+    }
+
+    /// Keeps the task's image from eviction until its cleanup drops the guard.
+    fn hold_image(&self, task: &TaskRecord, image_id: &str) {
+        let in_use = self.cache.mark_in_use(image_id);
         self.images_in_use
             .lock()
             .unwrap()
             .insert(task.id.clone(), in_use);
-        task.image_id = Some(ensured.record.id.clone());
-        send(
-            tx,
-            &task.id,
-            self.clock.now_ms(),
-            Event::ImageReady {
-                image: task.image.clone(),
-                action: ensured.action,
-            },
-        );
+    }
 
-        let create_started = std::time::Instant::now();
+    /// The container started (unless cancelled meanwhile), and the task saved as running.
+    async fn start_stage(
+        &self,
+        task: &mut TaskRecord,
+        cid: &str,
+        tx: Option<&EventSink>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        if cancel.is_cancelled() {
+            return Err(Stopped::cancelled(Stage::Start));
+        }
+        let started = Instant::now();
+        self.rt
+            .start_container(cid)
+            .await
+            .map_err(|e| Stopped::failed(Stage::Start, e))?;
+        self.stage_time(Stage::Start, started);
+        task.state = TaskState::Running;
+        task.started = Some(self.clock.now_ms());
+        self.save_task(task).await;
+        send(tx, &task.id, self.clock.now_ms(), Event::Started);
+        Ok(())
+    }
+
+    /// What the runtime is asked to create for the step, from image `image_id` (the id, not
+    /// the tag: what was checked is what runs).
+    fn container_spec(&self, task: &TaskRecord, step: &Step, image_id: String) -> ContainerSpec {
+        let (v, spec) = (&step.v, &step.spec);
         let mut labels = self.base_labels(&task.job, task.uid);
         labels.insert(LABEL_TASK.to_owned(), task.id.clone());
         if let Some(n) = &v.name {
             labels.insert(super::LABEL_NAME.to_owned(), n.clone());
         }
-        let container = ContainerSpec {
+        let as_user = v.identity.uid != 0;
+        ContainerSpec {
             name: format!("step-{}-{}", task.step, task.id),
-            // The image id, not the tag: what was checked is what runs.
-            image: ensured.record.id.clone(),
+            image: image_id,
             command: spec.command.clone(),
             env: spec.env.clone(),
             working_dir: spec.workdir.clone(),
-            mounts: v.mounts.clone(),
+            mounts: step.mounts.clone(),
             devices: v.devices.clone(),
             cdi_devices: v.cdi_devices.clone(),
             labels,
@@ -291,115 +277,17 @@ impl Launcher {
             supplemental_groups: v.identity.supplementary(),
             // A step as a user gets that user's rights and no more: setuid binaries and file
             // capabilities in the image raise nothing, and no capability is kept.
-            no_new_privileges: v.identity.uid != 0,
-            drop_all_capabilities: v.identity.uid != 0,
+            no_new_privileges: as_user,
+            drop_all_capabilities: as_user,
             resources: v.resources.clone(),
-        };
-        let mut created = self
-            .rt
-            .create_container(&sandbox_id, &job.pod, &container)
-            .await;
-        if matches!(&created, Err(e) if e.kind == crate::runtime::RuntimeErrorKind::NotFound) {
-            // The image was reported present from a recent confirmation but is gone (removed
-            // behind cimage's back): ask the runtime again, pull if needed, and retry once.
-            warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
-            self.cache.forget_presence(&ensured.record.id);
-            self.images_in_use.lock().unwrap().remove(&task.id);
-            task.image_id = None;
-            match self
-                .puller
-                .ensure(EnsureRequest {
-                    image: task.image.clone(),
-                    policy: spec.policy,
-                    credentials: spec.credentials.clone(),
-                    origin: Origin::Job,
-                    requester: Some(task.uid),
-                    progress: None,
-                })
-                .await
-            {
-                Ok(again) => {
-                    let in_use = self.cache.mark_in_use(&again.record.id);
-                    self.images_in_use
-                        .lock()
-                        .unwrap()
-                        .insert(task.id.clone(), in_use);
-                    task.image_id = Some(again.record.id.clone());
-                    let mut retry_spec = container.clone();
-                    retry_spec.image = again.record.id.clone();
-                    created = self
-                        .rt
-                        .create_container(&sandbox_id, &job.pod, &retry_spec)
-                        .await;
-                }
-                Err(e) => return self.fail(task, Stage::Image, e.to_string(), tx).await,
-            }
         }
-        let cid = match created {
-            Ok(id) => id,
-            Err(e) => return self.fail(task, Stage::Create, e.to_string(), tx).await,
-        };
-        // Not saved yet: if cimaged dies before the start is recorded, the container carries no
-        // claim and the orphan sweep removes it, and the task is finished off as interrupted.
-        task.container_id = Some(cid.clone());
-        task.state = TaskState::Created;
-        // Read back before the start; a step as a user also needs a plain /etc in its image.
-        // A failure removes the container in the cleanup that follows.
-        let checked = match self.rt.inspect_created(&cid, v.identity.uid != 0).await {
-            Ok(created) => check_identity(&cid, created.identity, &v.identity)
-                .and_then(|()| check_etc(created.etc, &task.image)),
-            Err(e) => Err(format!(
-                "cannot read back container {cid} before its start: {e}"
-            )),
-        };
-        if let Err(message) = checked {
-            return self.fail(task, Stage::Create, message, tx).await;
-        }
-        self.stage_time(Stage::Create, create_started);
-        send(
-            tx,
-            &task.id,
-            self.clock.now_ms(),
-            Event::ContainerCreated {
-                container_id: cid.clone(),
-            },
-        );
-
-        if cancel.is_cancelled() {
-            return self
-                .fail_as(
-                    task,
-                    TaskState::Cancelled,
-                    Stage::Start,
-                    "cancelled before the container started".into(),
-                    tx,
-                )
-                .await;
-        }
-        let start_started = std::time::Instant::now();
-        if let Err(e) = self.rt.start_container(&cid).await {
-            return self.fail(task, Stage::Start, e.to_string(), tx).await;
-        }
-        self.stage_time(Stage::Start, start_started);
-        task.state = TaskState::Running;
-        task.started = Some(self.clock.now_ms());
-        self.save_task(&task).await;
-        send(tx, &task.id, self.clock.now_ms(), Event::Started);
-        self.wait_and_finish(task, tx, cancel).await;
     }
 
     /// Records how long a launch stage took (`cimage_launch_duration_seconds{stage}`).
-    fn stage_time(&self, stage: Stage, since: std::time::Instant) {
-        let name = match stage {
-            Stage::Sandbox => "sandbox",
-            Stage::Image => "image",
-            Stage::Create => "create",
-            Stage::Start => "start",
-            Stage::Wait => "wait",
-        };
+    fn stage_time(&self, stage: Stage, since: Instant) {
         self.metrics.observe(
             "cimage_launch_duration_seconds",
-            &[("stage", name)],
+            &[("stage", stage.metric_label())],
             since.elapsed().as_secs_f64(),
         );
     }
@@ -409,8 +297,7 @@ impl Launcher {
         &self,
         v: &Validated,
     ) -> Result<(JobRecord, String), SandboxError> {
-        let lock = self.job_lock(&v.job);
-        let _g = lock.lock().await;
+        let _g = self.job_locks.lock(&v.job).await;
         let id = v.job.clone();
         let existing = self.blocking(move |s| s.job(&id)).await?;
         let mut job = match existing {
@@ -442,10 +329,15 @@ impl Launcher {
         if let Some(sid) = &job.sandbox_id {
             return Ok((job.clone(), sid.clone()));
         }
-        std::fs::create_dir_all(&job.pod.log_directory).map_err(|source| SandboxError::LogDir {
-            path: job.pod.log_directory.clone(),
-            source,
-        })?;
+        // Off the async workers: the log directory is often on a shared file system.
+        let dir = job.pod.log_directory.clone();
+        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| SandboxError::LogDir {
+                path: job.pod.log_directory.clone(),
+                source,
+            })?;
         // The job is saved once the pod exists: a pod created just before a crash carries no
         // claim, and the orphan sweep removes it.
         let sid = self.rt.run_pod(&job.pod).await?;
@@ -455,9 +347,21 @@ impl Launcher {
     }
 }
 
+/// The puller's request for the step's image: a job's use, on behalf of the task's user.
+fn ensure_request(task: &TaskRecord, spec: &LaunchSpec) -> EnsureRequest {
+    EnsureRequest {
+        image: task.image.clone(),
+        policy: spec.policy,
+        credentials: spec.credentials.clone(),
+        origin: Origin::Job,
+        requester: Some(task.uid),
+        progress: None,
+    }
+}
+
 /// Whether the step `v` may join the live job `j`: its caller created the job, runs as the
 /// job's user, or is an admin; and the step runs as the job's user.
-fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
+pub(super) fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
     let who = v.creator;
     if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
         // Not a word about whose it is.
@@ -486,58 +390,4 @@ fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
         }
     }
     Ok(())
-}
-
-/// Refuses a created container whose read-back identity goes beyond the
-/// host identity: containerd 1.6 adds the groups the image's /etc/group gives the user, and
-/// has no strict supplemental-groups policy to stop it.
-fn check_identity(cid: &str, got: Option<ProcessIdentity>, want: &Identity) -> Result<(), String> {
-    let Some(got) = got else {
-        return Err(format!(
-            "the runtime did not report the identity of container {cid}; its groups \
-             cannot be checked, so the step is refused"
-        ));
-    };
-    if (got.uid, got.gid) != (want.uid, want.gid) {
-        return Err(format!(
-            "the runtime would run the step as {}:{}, not {}:{} as asked; refused",
-            got.uid, got.gid, want.uid, want.gid
-        ));
-    }
-    let mut extra: Vec<u32> = got
-        .additional_gids
-        .iter()
-        .copied()
-        .filter(|g| !want.groups.contains(g))
-        .collect();
-    extra.sort_unstable();
-    extra.dedup();
-    if !extra.is_empty() {
-        return Err(format!(
-            "the image adds groups {extra:?} to user {} (uid {}) through its /etc/group; a \
-             step gets only its host groups {:?}, so it is refused",
-            want.name, want.uid, want.groups
-        ));
-    }
-    Ok(())
-}
-
-/// Refuses an image whose `/etc`, `/etc/passwd` or `/etc/group` is a symlink (or not a
-/// directory and regular files): cimage's own files for the step would be mounted where the
-/// link points, and runc would read the job's file instead when it sets the groups.
-fn check_etc(etc: Option<EtcCheck>, image: &str) -> Result<(), String> {
-    match etc {
-        None | Some(EtcCheck::Plain) => Ok(()),
-        Some(EtcCheck::Redirected(why)) => Err(format!(
-            "in image {image}, {why}: a step as a user would not get its host groups for \
-             sure, so it is refused (make /etc/group a regular file in the image)"
-        )),
-        Some(EtcCheck::Unknown(why)) => {
-            warn!(
-                image,
-                "cannot check the image's /etc before the start: {why}"
-            );
-            Ok(())
-        }
-    }
 }

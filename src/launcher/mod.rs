@@ -3,24 +3,37 @@
 //!
 //! A **job** owns one pod sandbox (host network; PID and IPC namespaces shared by its steps); a
 //! **step** is a container in it, and a job may run several, one after another or at once. A job
-//! launched without an id is a one-off that ends with its step. Every state change is saved in
-//! the redb file before it is reported, and pods and containers carry labels naming this daemon
-//! instance, the job and the task, so that after a crash [`Launcher::recover`] re-attaches the
-//! steps still running and removes whatever no job claims.
+//! launched without an id is a one-off that ends with its step.
+//!
+//! What is saved in the redb file, and when: a task's record when it is accepted (a launch
+//! whose record cannot be saved is refused), when its container runs, and when it ends, each
+//! time before the event that reports it; the stages between (sandbox, image, container
+//! created) are not saved, and a save that fails after acceptance is logged and the step goes
+//! on. A job is saved once its pod exists; a cancel or a job's end is saved before it is
+//! acknowledged. Pods and containers carry labels naming this daemon instance, the job and the
+//! task, so that after a crash [`Launcher::recover`] re-attaches the steps still running,
+//! records those that stopped before their container ran, and removes whatever no job claims.
 //!
 //! Exit is detected by polling `ContainerStatus` (containerd 1.6 does not implement
 //! `GetContainerEvents`): every 5 ms for the first second, then more slowly.
 
+mod accept;
+mod access;
 mod cleanup;
 pub mod devices;
 mod etc_files;
 mod events;
 pub mod history;
 mod lifecycle;
+pub mod limits;
+mod locks;
 pub mod logs;
 pub mod mounts;
 mod queries;
+mod readback;
 mod recovery;
+pub mod request;
+pub mod run_as;
 pub mod spec;
 pub mod store;
 #[cfg(test)]
@@ -38,14 +51,15 @@ use tracing::warn;
 use crate::background::Background;
 use crate::cache::Cache;
 use crate::clock::Clock;
-use crate::identity::Users;
+use crate::identity::{IdentityError, Users};
 use crate::puller::Puller;
 use crate::runtime::{RuntimeError, TaskRuntime};
 use crate::store::{Store, StoreError};
 pub use events::{Event, EventSink, ExitReason, Stage, TaskEvent, EVENT_BUFFER};
-use mounts::MountStager;
+use locks::JobLocks;
+use mounts::{MountError, MountStager};
 pub use queries::{SessionSlot, MAX_EXEC_SESSIONS};
-use spec::{Principal, SpecError};
+use request::{Principal, SpecError};
 use store::{JobRecord, TaskRecord, TaskStore};
 pub use wait::signal_of;
 
@@ -115,12 +129,13 @@ impl Drop for Reservation {
 }
 
 impl LauncherSettings {
-    /// Settings with these log directory and defaults otherwise: no mounts, no devices, a 10 s
-    /// grace, launches by root and the admin group only.
+    /// Settings with these log directory and defaults otherwise: no mounts, no devices, the
+    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launches by root
+    /// and the admin group only.
     pub fn with_log_dir(log_dir: PathBuf) -> Self {
         Self {
             allowed_mount_prefixes: Vec::new(),
-            stop_grace: Duration::from_secs(10),
+            stop_grace: crate::config::DEFAULT_STOP_GRACE_PERIOD,
             log_dir,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
@@ -153,12 +168,29 @@ pub struct Parts {
     pub background: Background,
 }
 
-/// Why a launcher call failed.
+/// Why a launcher call failed, by kind: the caller's request (malformed, not allowed), the
+/// node (its user database, staging a mount, the runtime, the durable state) or cimaged itself.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// The request is malformed or not allowed; nothing was created.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The host's user database did not answer (a directory service behind NSS is down): the
+    /// request may be fine; nothing was created.
+    #[error("{0}; try again once the node's user database answers")]
+    IdentityUnavailable(#[from] IdentityError),
+    /// A mount source could not be staged on the host (an I/O error of the node, not a refusal
+    /// of the path); nothing was created.
+    #[error(transparent)]
+    Staging(MountError),
+    /// A part of cimaged failed on its own (a task of it panicked or was cut short).
+    #[error("{what} failed inside cimaged: {message}; the daemon's log may say more")]
+    Internal {
+        /// What was being done, e.g. `the user lookup`.
+        what: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// No such task or job (for this caller: others' work looks absent to non-admins).
     #[error("no {kind} {id}")]
     NotFound {
@@ -246,7 +278,8 @@ pub struct Launcher {
     /// Launches in flight by callers that are neither root nor admins: key (task id, or a
     /// reservation while the launch is being accepted) → the caller's uid.
     launched_by: Arc<Mutex<HashMap<String, u32>>>,
-    job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per job being worked on.
+    job_locks: JobLocks,
     /// Attached commands (`exec -i/-t`) by uid.
     exec_sessions: Arc<Mutex<HashMap<u32, usize>>>,
     background: Background,
@@ -280,7 +313,7 @@ impl Launcher {
             live: Mutex::new(HashMap::new()),
             live_changed: tokio::sync::Notify::new(),
             launched_by: Default::default(),
-            job_locks: Mutex::new(HashMap::new()),
+            job_locks: JobLocks::default(),
             exec_sessions: Default::default(),
             background: parts.background,
         }))
@@ -293,6 +326,8 @@ impl Launcher {
         Store::off_thread(self.store.clone(), f).await
     }
 
+    /// Saves a task's record once it is under way; a failure is logged and the step goes on
+    /// (its container is what counts, and the next start reconciles the record with it).
     async fn save_task(&self, task: &TaskRecord) {
         let t = task.clone();
         if let Err(e) = self.blocking(move |s| s.put_task(&t)).await {
@@ -335,15 +370,6 @@ impl Launcher {
         self.live.lock().unwrap().remove(task);
         self.launched_by.lock().unwrap().remove(task);
         self.live_changed.notify_waiters();
-    }
-
-    fn job_lock(&self, job: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.job_locks
-            .lock()
-            .unwrap()
-            .entry(job.to_owned())
-            .or_default()
-            .clone()
     }
 
     fn base_labels(&self, job: &str, uid: u32) -> BTreeMap<String, String> {

@@ -9,20 +9,34 @@
 //! reached the same inode; then it binds that open file onto a staging path of its own, under a
 //! root-only directory, and gives the runtime the staging path. Staged mounts are released when
 //! the step's container is gone, and swept at start-up for tasks that no longer exist.
+//!
+//! This file owns the contract ([`MountStager`], [`MountError`], the path rules of [`locate`])
+//! and the binding; the walk and the check as the user are in `access`.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::spec::{Identity, MountRequest};
+use super::access;
+use super::request::{Identity, MountRequest};
 use crate::runtime::MountSpec;
 
 /// Why a mount cannot be given to a step.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MountError {
-    /// The request itself is not acceptable (relative, `..`, outside the allowed prefixes,
-    /// missing, a symlink).
+    /// The source lies outside `ImageCache.Launcher.AllowedMountPrefixes`.
+    #[error(
+        "mount source {path}: is outside the allowed prefixes {prefixes} \
+         (ImageCache.Launcher.AllowedMountPrefixes)"
+    )]
+    Outside {
+        /// The source as asked for.
+        path: String,
+        /// The allowed prefixes, listed for the reader.
+        prefixes: String,
+    },
+    /// The request itself is not acceptable (relative, `..`, missing, a symlink).
     #[error("mount source {path}: {message}")]
     Refused {
         /// The source as asked for.
@@ -60,7 +74,7 @@ pub trait MountStager: Send + Sync {
         identity: &Identity,
         prefixes: &[PathBuf],
     ) -> Result<Vec<MountSpec>, MountError>;
-    /// Writes `task`'s `/etc/passwd` and `/etc/group` (see [`super::etc_files`]) where the
+    /// Writes `task`'s `/etc/passwd` and `/etc/group` (see `etc_files`) where the
     /// user cannot change them; returns their read-only mounts. Released with the mounts.
     /// Blocking.
     fn identity_files(
@@ -108,9 +122,9 @@ pub fn locate(source: &Path, prefixes: &[PathBuf]) -> Result<(PathBuf, Vec<Strin
             return Ok((canonical, parts));
         }
     }
-    Err(refused(format!(
-        "is outside the allowed prefixes {} (ImageCache.Launcher.AllowedMountPrefixes)",
-        if prefixes.is_empty() {
+    Err(MountError::Outside {
+        path: source.display().to_string(),
+        prefixes: if prefixes.is_empty() {
             "(none configured)".to_owned()
         } else {
             prefixes
@@ -118,60 +132,13 @@ pub fn locate(source: &Path, prefixes: &[PathBuf]) -> Result<(PathBuf, Vec<Strin
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
-        }
-    )))
+        },
+    })
 }
 
 /// [`MountStager`] that binds opened files under a root-only staging directory.
 pub struct BindStager {
     root: PathBuf,
-}
-
-/// What the access check in the child found.
-const CHILD_OK: i32 = 0;
-const CHILD_UNREACHABLE: i32 = 1;
-const CHILD_UNREADABLE: i32 = 2;
-const CHILD_UNWRITABLE: i32 = 3;
-const CHILD_CHANGED: i32 = 4;
-const CHILD_NO_IDENTITY: i32 = 5;
-
-/// `struct __user_cap_header_struct` of capget(2).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-/// `struct __user_cap_data_struct` of capget(2) (two of them for version 3).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// `_LINUX_CAPABILITY_VERSION_3`.
-const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-/// An open `O_PATH` file descriptor, closed on drop.
-struct Fd(i32);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is ours and closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn fstat(fd: i32) -> std::io::Result<libc::stat> {
-    // SAFETY: st is plain old data filled by the call.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open; st is valid for writes.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
 }
 
 impl BindStager {
@@ -180,186 +147,6 @@ impl BindStager {
         std::fs::create_dir_all(&root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         Ok(Self { root })
-    }
-
-    /// Opens `/`+`parts` component by component without following symlinks.
-    fn open_beneath(parts: &[CString]) -> Result<(Fd, libc::stat), String> {
-        let root = c"/";
-        // SAFETY: a constant path; the result is checked.
-        let fd = unsafe { libc::open(root.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        let mut cur = Fd(fd);
-        for (i, part) in parts.iter().enumerate() {
-            // SAFETY: cur is open; part is NUL-terminated.
-            let next = unsafe {
-                libc::openat(
-                    cur.0,
-                    part.as_ptr(),
-                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                )
-            };
-            if next < 0 {
-                let e = std::io::Error::last_os_error();
-                return Err(if e.kind() == std::io::ErrorKind::NotFound {
-                    "does not exist (it would be created as root by the runtime)".into()
-                } else {
-                    e.to_string()
-                });
-            }
-            cur = Fd(next);
-            let st = fstat(cur.0).map_err(|e| e.to_string())?;
-            let kind = st.st_mode & libc::S_IFMT;
-            if kind == libc::S_IFLNK {
-                return Err(format!(
-                    "contains a symbolic link at {:?}; give the path it points to",
-                    part
-                ));
-            }
-            if i + 1 < parts.len() && kind != libc::S_IFDIR {
-                return Err(format!("{part:?} is not a directory"));
-            }
-        }
-        let st = fstat(cur.0).map_err(|e| e.to_string())?;
-        Ok((cur, st))
-    }
-
-    /// In a forked child running as the step's user: walks the path again (every parent must be
-    /// searchable), checks it reached the same inode, and that the user may read it (and write
-    /// it, for a read-write mount). Returns the child's verdict.
-    fn check_as_user(
-        parts: &[CString],
-        expect: &libc::stat,
-        identity: &Identity,
-        writable: bool,
-    ) -> Result<i32, String> {
-        let groups: Vec<libc::gid_t> = identity.groups.clone();
-        let is_dir = expect.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        let (dev, ino) = (expect.st_dev, expect.st_ino);
-        // SAFETY: the child only makes system calls on memory prepared before the fork, then
-        // exits with _exit; it never returns into Rust code that could allocate or lock.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        if pid == 0 {
-            // SAFETY: raw system calls of the single-threaded child, see above.
-            unsafe {
-                let verdict = (|| {
-                    if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-                        || libc::syscall(
-                            libc::SYS_setresgid,
-                            identity.gid,
-                            identity.gid,
-                            identity.gid,
-                        ) != 0
-                        || libc::syscall(
-                            libc::SYS_setresuid,
-                            identity.uid,
-                            identity.uid,
-                            identity.uid,
-                        ) != 0
-                    {
-                        return CHILD_NO_IDENTITY;
-                    }
-                    // Leaving uid 0 clears every capability; the check relies on that, so it
-                    // makes sure for a user (a keep-caps securebit would leave them).
-                    let header = CapHeader {
-                        version: CAPABILITY_VERSION_3,
-                        pid: 0,
-                    };
-                    let mut caps = [CapData::default(); 2];
-                    if identity.uid != 0
-                        && (libc::syscall(libc::SYS_capget, &header, caps.as_mut_ptr()) != 0
-                            || caps.iter().any(|c| c.effective != 0 || c.permitted != 0))
-                    {
-                        return CHILD_NO_IDENTITY;
-                    }
-                    let mut cur = libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-                    let mut parent = -1;
-                    for part in parts {
-                        let next = libc::openat(
-                            cur,
-                            part.as_ptr(),
-                            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                        );
-                        if next < 0 {
-                            return CHILD_UNREACHABLE;
-                        }
-                        if parent >= 0 {
-                            libc::close(parent);
-                        }
-                        parent = cur;
-                        cur = next;
-                    }
-                    let mut st: libc::stat = std::mem::zeroed();
-                    if libc::fstat(cur, &mut st) != 0 || st.st_dev != dev || st.st_ino != ino {
-                        return CHILD_CHANGED;
-                    }
-                    let Some(last) = parts.last() else {
-                        // The root directory itself: reachable by everyone.
-                        return CHILD_OK;
-                    };
-                    let flags = libc::O_RDONLY
-                        | libc::O_NOFOLLOW
-                        | libc::O_CLOEXEC
-                        | libc::O_NONBLOCK
-                        | if is_dir { libc::O_DIRECTORY } else { 0 };
-                    let rd = libc::openat(parent, last.as_ptr(), flags);
-                    if rd < 0 {
-                        return CHILD_UNREADABLE;
-                    }
-                    let mut st2: libc::stat = std::mem::zeroed();
-                    if libc::fstat(rd, &mut st2) != 0 || st2.st_ino != ino || st2.st_dev != dev {
-                        return CHILD_CHANGED;
-                    }
-                    // Asked of the open file itself (through its /proc/self/fd link), not of
-                    // its name, which could name another file by now. The child's real and
-                    // effective ids are the user's, so access(2) answers for the user.
-                    if writable {
-                        let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0\0";
-                        let mut digits = [0u8; 10];
-                        let (mut n, mut len) = (rd as u32, 0);
-                        loop {
-                            digits[len] = b'0' + (n % 10) as u8;
-                            len += 1;
-                            n /= 10;
-                            if n == 0 {
-                                break;
-                            }
-                        }
-                        for i in 0..len {
-                            path[14 + i] = digits[len - 1 - i];
-                        }
-                        if libc::syscall(
-                            libc::SYS_faccessat,
-                            libc::AT_FDCWD,
-                            path.as_ptr(),
-                            libc::W_OK,
-                        ) != 0
-                        {
-                            return CHILD_UNWRITABLE;
-                        }
-                    }
-                    CHILD_OK
-                })();
-                libc::_exit(verdict);
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e.to_string());
-            }
-        }
-        if libc::WIFEXITED(status) {
-            Ok(libc::WEXITSTATUS(status))
-        } else {
-            Err("the access check did not finish".into())
-        }
     }
 
     fn stage_one(
@@ -388,7 +175,10 @@ impl BindStager {
             path: source.clone(),
             message,
         };
-        let (fd, st) = Self::open_beneath(&parts).map_err(refused)?;
+        let (fd, st) = access::open_beneath(&parts).map_err(|e| match e {
+            access::WalkError::Io(e) => host(format!("opening it: {e}")),
+            refusal => refused(refusal.to_string()),
+        })?;
         let kind = st.st_mode & libc::S_IFMT;
         if kind != libc::S_IFDIR && kind != libc::S_IFREG {
             return Err(refused("is neither a directory nor a regular file".into()));
@@ -397,21 +187,27 @@ impl BindStager {
             path: source.clone(),
             message: format!("{} (uid {}) {message}", identity.name, identity.uid),
         };
-        match Self::check_as_user(&parts, &st, identity, !req.readonly).map_err(host)? {
-            CHILD_OK => {}
-            CHILD_UNREACHABLE => {
+        let verdict = access::check_as_user(&parts, &st, identity, !req.readonly)
+            .map_err(|e| host(format!("checking access as {}: {e}", identity.name)))?;
+        match verdict {
+            access::CHILD_OK => {}
+            access::CHILD_UNREACHABLE => {
                 return Err(denied(
                     "cannot reach it: a directory above it is not searchable",
                 ))
             }
-            CHILD_UNREADABLE => return Err(denied("may not read it")),
-            CHILD_UNWRITABLE => {
+            access::CHILD_UNREADABLE => return Err(denied("may not read it")),
+            access::CHILD_UNWRITABLE => {
                 return Err(denied(
                     "may not write it; mount it read-only (:ro) or ask for access",
                 ))
             }
-            CHILD_CHANGED => return Err(refused("changed while it was being checked".into())),
-            CHILD_NO_IDENTITY => return Err(host("cannot take the user's identity".into())),
+            access::CHILD_CHANGED => {
+                return Err(refused("changed while it was being checked".into()))
+            }
+            access::CHILD_NO_IDENTITY => {
+                return Err(host("cannot take the user's identity".into()))
+            }
             other => return Err(host(format!("access check ended with {other}"))),
         }
         let target = dir.join(index.to_string());
@@ -421,7 +217,7 @@ impl BindStager {
             std::fs::File::create(&target).map(|_| ())
         };
         made.map_err(|e| host(format!("{}: {e}", target.display())))?;
-        let from = CString::new(format!("/proc/self/fd/{}", fd.0)).expect("no NUL");
+        let from = CString::new(format!("/proc/self/fd/{}", fd.raw())).expect("no NUL");
         let to = CString::new(target.as_os_str().as_bytes()).map_err(|e| host(e.to_string()))?;
         // SAFETY: both paths are NUL-terminated; the source names our open O_PATH descriptor,
         // so the file bound is the one checked, whatever its path names now.
@@ -447,7 +243,7 @@ impl BindStager {
         // SAFETY: statvfs is plain old data, filled by fstatvfs for our open descriptor.
         let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: see above.
-        if unsafe { libc::fstatvfs(fd.0, &mut vfs) } != 0 {
+        if unsafe { libc::fstatvfs(fd.raw(), &mut vfs) } != 0 {
             let e = std::io::Error::last_os_error();
             // SAFETY: undoes the bind just made.
             unsafe { libc::umount2(to.as_ptr(), libc::MNT_DETACH) };
@@ -599,6 +395,8 @@ pub mod fake {
         pub released: std::sync::Mutex<Vec<String>>,
         /// Identity files asked for: (task, passwd, group).
         pub identity_files: std::sync::Mutex<Vec<(String, String, String)>>,
+        /// When set, staging fails on the host with this message (as an I/O error would).
+        pub host_failure: std::sync::Mutex<Option<String>>,
     }
 
     impl MountStager for CheckOnly {
@@ -609,6 +407,12 @@ pub mod fake {
             _identity: &Identity,
             prefixes: &[PathBuf],
         ) -> Result<Vec<MountSpec>, MountError> {
+            if let Some(message) = self.host_failure.lock().unwrap().clone() {
+                return Err(MountError::Host {
+                    path: format!("{}", requests[0].source.display()),
+                    message,
+                });
+            }
             requests
                 .iter()
                 .map(|r| {

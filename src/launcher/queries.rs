@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::history::HistorySettings;
 use super::logs::{Chunk, Tail};
-use super::spec::{Principal, SpecError};
+use super::request::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
 use super::{LaunchError, Launcher};
 use crate::runtime::{ExecAttach, ExecOutput, ExecSession};
@@ -138,9 +138,9 @@ impl Launcher {
     }
 
     /// Runs `cmd` in a running step and waits for it (up to `timeout`, at most
-    /// [`MAX_EXEC_TIME`]). Only the step's owner and root may: the command runs as the step's
+    /// `MAX_EXEC_TIME`). Only the step's owner and root may: the command runs as the step's
     /// process does (its user, capabilities, no_new_privs, seccomp), and each of its outputs is
-    /// cut at [`MAX_EXEC_OUTPUT`].
+    /// cut at `MAX_EXEC_OUTPUT`.
     pub async fn exec(
         &self,
         who: Principal,
@@ -291,8 +291,7 @@ impl Launcher {
                 break;
             }
         }
-        let lock = self.job_lock(&job.id);
-        let _g = lock.lock().await;
+        let _g = self.job_locks.lock(&job.id).await;
         let key = id.to_owned();
         let mut job = self.blocking(move |s| s.job(&key)).await?.unwrap_or(job);
         self.teardown_pod(&mut job).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::spec::Principal;
+use super::request::Principal;
 use super::store::{cancel_key, TaskState};
 use super::{LaunchError, Launcher, RecoveryReport, Stage, LABEL_JOB};
 use crate::runtime::ContainerState;

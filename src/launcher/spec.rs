@@ -5,203 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::devices::{self, CdiSupport};
+use super::limits;
 use super::mounts::{self, MountError};
+use super::request::{Identity, MountRequest, Principal, SpecError, UserRequest};
 use crate::credentials::Credentials;
-use crate::identity::{HostUser, Users};
 use crate::policy::PullPolicy;
 use crate::reference::ImageRef;
-use crate::runtime::{DeviceSpec, MountSpec, Resources};
-
-/// Who is asking, as established by the API from the socket's peer credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Principal {
-    /// The caller's uid.
-    pub uid: u32,
-    /// The caller's gid.
-    pub gid: u32,
-    /// Root or a member of the admin group.
-    pub admin: bool,
-}
-
-impl Principal {
-    /// The daemon itself acting (carrying out what root or an admin asked before a restart).
-    pub const ROOT: Principal = Principal {
-        uid: 0,
-        gid: 0,
-        admin: true,
-    };
-}
-
-/// A host path to mount, as asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountRequest {
-    /// Host path (resolved and checked against the allowed prefixes).
-    pub source: PathBuf,
-    /// Absolute path inside the container.
-    pub target: String,
-    /// Read-only.
-    pub readonly: bool,
-}
-
-impl std::str::FromStr for MountRequest {
-    type Err = String;
-    /// Parses `SRC:DST[:ro|:rw]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        let (src, dst, ro) = match parts.as_slice() {
-            [src, dst] => (*src, *dst, false),
-            [src, dst, "ro"] => (*src, *dst, true),
-            [src, dst, "rw"] => (*src, *dst, false),
-            _ => return Err(format!("mount {s:?} is not SRC:DST[:ro]")),
-        };
-        if src.is_empty() || dst.is_empty() {
-            return Err(format!("mount {s:?} is not SRC:DST[:ro]"));
-        }
-        Ok(Self {
-            source: PathBuf::from(src),
-            target: dst.to_owned(),
-            readonly: ro,
-        })
-    }
-}
-
-/// A host user by uid or name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserRef {
-    /// By uid.
-    Uid(u32),
-    /// By login name.
-    Name(String),
-}
-
-/// Who a step should run as: a host user, and a gid when not the user's primary group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserRequest {
-    /// The user.
-    pub user: UserRef,
-    /// The gid; `None`: the primary gid of the user's passwd entry.
-    pub gid: Option<u32>,
-}
-
-impl std::str::FromStr for UserRequest {
-    type Err = String;
-    /// Parses `USER[:GID]`, USER a uid or a login name.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (u, g) = match s.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (s, None),
-        };
-        let gid = g
-            .map(|g| {
-                g.parse::<u32>()
-                    .map_err(|_| format!("user {s:?}: the group must be a numeric gid"))
-            })
-            .transpose()?;
-        let user = match u.parse::<u32>() {
-            Ok(uid) => UserRef::Uid(uid),
-            Err(_)
-                if !u.is_empty()
-                    && u.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) =>
-            {
-                UserRef::Name(u.to_owned())
-            }
-            Err(_) => return Err(format!("user {s:?} is not UID[:GID] or NAME[:GID]")),
-        };
-        Ok(Self { user, gid })
-    }
-}
-
-/// The host identity a step runs as: its user, its gid and every host group of the user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// The uid (owns the task).
-    pub uid: u32,
-    /// The gid of the process.
-    pub gid: u32,
-    /// The login name.
-    pub name: String,
-    /// Every gid the process may have: `gid` and the user's host groups (sorted).
-    pub groups: Vec<u32>,
-}
-
-impl Identity {
-    /// The supplementary gids to ask the runtime for: the groups besides `gid`.
-    pub fn supplementary(&self) -> Vec<u32> {
-        self.groups
-            .iter()
-            .copied()
-            .filter(|g| *g != self.gid)
-            .collect()
-    }
-}
-
-/// Resolves who a step runs as, through the host's user database: the caller when `request` is
-/// `None`. A non-root caller may only run as itself, with its primary group or one of its host
-/// groups; only root may name another user (uid 0 included). The user must exist on the host.
-/// Blocking (NSS).
-pub fn resolve_identity(
-    who: Principal,
-    request: Option<&UserRequest>,
-    users: &dyn Users,
-) -> Result<Identity, SpecError> {
-    let lookup = |r: &UserRef| -> Result<HostUser, SpecError> {
-        let found = match r {
-            UserRef::Uid(uid) => users.by_uid(*uid),
-            UserRef::Name(name) => users.by_name(name),
-        }
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-        found.ok_or_else(|| {
-            SpecError::Invalid(match r {
-                UserRef::Uid(uid) => format!(
-                    "uid {uid} has no passwd entry on this node; a step runs as a host user"
-                ),
-                UserRef::Name(n) => {
-                    format!("user {n:?} does not exist on this node; a step runs as a host user")
-                }
-            })
-        })
-    };
-    let (mut user, gid) = match request {
-        None => (lookup(&UserRef::Uid(who.uid))?, None),
-        Some(r) => (lookup(&r.user)?, r.gid),
-    };
-    if who.uid != 0
-        && user.uid == who.uid
-        && matches!(request, Some(r) if matches!(r.user, UserRef::Name(_)))
-    {
-        // Another name for the same uid (an alias line in passwd) is still the caller: the
-        // step gets the uid's own entry, its name and primary group, as `id` would show them.
-        user = lookup(&UserRef::Uid(who.uid))?;
-    }
-    let gid = gid.unwrap_or(user.gid);
-    let groups = users
-        .groups(&user, gid)
-        .map_err(|e| SpecError::Invalid(e.to_string()))?;
-    if who.uid != 0 {
-        if user.uid != who.uid {
-            return Err(SpecError::Denied(format!(
-                "uid {} may only launch as itself, not as {} (uid {})",
-                who.uid, user.name, user.uid
-            )));
-        }
-        let own = users
-            .groups(&user, user.gid)
-            .map_err(|e| SpecError::Invalid(e.to_string()))?;
-        if gid != who.gid && !own.contains(&gid) {
-            return Err(SpecError::Denied(format!(
-                "uid {} may only launch as itself with one of its own groups, not gid {gid}",
-                who.uid
-            )));
-        }
-    }
-    Ok(Identity {
-        uid: user.uid,
-        gid,
-        name: user.name,
-        groups,
-    })
-}
+use crate::runtime::{DeviceSpec, Resources};
 
 /// What the node allows a launch, besides the caller's own rights.
 #[derive(Debug, Clone, Default)]
@@ -257,7 +67,8 @@ pub struct LaunchSpec {
     pub name: Option<String>,
 }
 
-/// A launch that passed every check.
+/// A launch that passed every check: what validation produced, and nothing added later (the
+/// staged mounts and the task's record belong to the accepted step, see `lifecycle`).
 #[derive(Debug, Clone)]
 pub struct Validated {
     /// Job id (given or generated).
@@ -268,13 +79,12 @@ pub struct Validated {
     pub image: String,
     /// The host identity the process runs as; its uid also owns the task.
     pub identity: Identity,
-    /// Who asked (set by the launcher; a new job records its uid as its creator, and joining
-    /// a job is checked against it).
+    /// Who asked (a new job records its uid as its creator, and joining a job is checked
+    /// against it).
     pub creator: Principal,
-    /// The mounts asked for (their paths checked, not yet opened).
+    /// The mounts asked for (their paths checked, not yet opened: they are opened, checked as
+    /// the step's user and staged when the step is accepted).
     pub mount_requests: Vec<MountRequest>,
-    /// The staged mounts the runtime is given (filled in when they are staged).
-    pub mounts: Vec<MountSpec>,
     /// Devices by path.
     pub devices: Vec<DeviceSpec>,
     /// CDI devices.
@@ -287,21 +97,10 @@ pub struct Validated {
     pub name: Option<String>,
 }
 
-/// Why a launch was refused before anything was created.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    /// Malformed input.
-    #[error("{0}")]
-    Invalid(String),
-    /// Not allowed for this caller.
-    #[error("{0}")]
-    Denied(String),
-}
-
 /// Container paths a step's mounts may not cover: the file systems the runtime sets up.
 const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
 
-/// Files cimage writes into every step that runs as a user (see [`super::etc_files`]):
+/// Files cimage writes into every step that runs as a user (see `etc_files`):
 /// the host's account of the user, which the runtime reads to set the groups.
 pub const IDENTITY_FILES: &[&str] = &["/etc/passwd", "/etc/group"];
 
@@ -367,11 +166,13 @@ pub fn check_job_id(id: &str) -> Result<(), SpecError> {
     crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
-/// Checks a launch that runs as `identity` (see [`resolve_identity`]) against the node's
-/// `rules`. Mount sources are resolved (symlinks, `..`) before they are compared with the
-/// allowed prefixes, which are resolved too.
+/// Checks a launch that `who` asked for, to run as `identity` (see
+/// [`super::run_as::resolve_identity`]), against the node's `rules`. Mount sources must be
+/// absolute, without `.` or `..`, and under an allowed prefix (as written or resolved); they
+/// are opened and checked on the file system when the step is accepted (see `mounts`).
 pub fn validate(
     spec: &LaunchSpec,
+    who: Principal,
     identity: Identity,
     rules: &Rules,
 ) -> Result<Validated, SpecError> {
@@ -459,17 +260,15 @@ pub fn validate(
         // (see `mounts`), on the very file that is then mounted.
         match mounts::locate(&m.source, allowed_prefixes) {
             Ok(_) => {}
-            Err(e @ MountError::Refused { .. }) if e.to_string().contains("outside") => {
-                return Err(SpecError::Denied(e.to_string()))
-            }
+            Err(e @ MountError::Outside { .. }) => return Err(SpecError::Denied(e.to_string())),
             Err(e) => return Err(invalid(e.to_string())),
         }
     }
     let cdi = rules.cdi.clone().unwrap_or(CdiSupport::Supported);
     let (devices, cdi_devices) = devices::check(&spec.devices, &rules.allowed_devices, &cdi)?;
-    check_resources(&spec.resources)?;
+    limits::check_resources(&spec.resources)?;
     if let Some(p) = &spec.cgroup_parent {
-        check_cgroup_parent(p, rules)?;
+        limits::check_cgroup_parent(p, &rules.allowed_cgroup_parents, rules.any_cgroup_parent)?;
     }
     if let Some(n) = &spec.name {
         crate::names::check("step name", n).map_err(|e| invalid(e.to_string()))?;
@@ -481,158 +280,17 @@ pub fn validate(
         job,
         one_off,
         image,
-        creator: Principal {
-            uid: identity.uid,
-            gid: identity.gid,
-            admin: false,
-        },
+        creator: who,
         identity,
         mount_requests,
-        mounts: Vec::new(),
         devices,
         cdi_devices,
     })
 }
 
-/// Smallest memory limit a step may have: runc refuses less than about 6 MiB.
-pub const MIN_MEMORY: u64 = 6 << 20;
-
-/// Most CPUs a step may ask for (in thousandths).
-const MAX_MILLICPUS: u32 = 4096 * 1000;
-
-/// Checks the limits' values (not whether the node has that much: the kernel enforces them).
-fn check_resources(r: &Resources) -> Result<(), SpecError> {
-    let invalid = |m: String| Err(SpecError::Invalid(m));
-    if let Some(m) = r.millicpus {
-        if !(10..=MAX_MILLICPUS).contains(&m) {
-            return invalid(format!(
-                "CPU limit {} is out of range: give between 0.01 and {} CPUs",
-                f64::from(m) / 1000.0,
-                MAX_MILLICPUS / 1000
-            ));
-        }
-    }
-    if let Some(b) = r.memory_bytes {
-        if b < MIN_MEMORY {
-            return invalid(format!(
-                "memory limit {} is below the 6 MiB a container needs to start",
-                crate::units::format_size(b)
-            ));
-        }
-    }
-    if let Some(c) = &r.cpuset_cpus {
-        let ok = !c.is_empty()
-            && c.len() <= 256
-            && c.split(',').all(|part| {
-                let mut ends = part.splitn(2, '-');
-                let num = |s: Option<&str>| {
-                    s.is_some_and(|s| !s.is_empty() && s.chars().all(|ch| ch.is_ascii_digit()))
-                };
-                let first = ends.next();
-                match ends.next() {
-                    None => num(first),
-                    Some(last) => num(first) && num(Some(last)),
-                }
-            });
-        if !ok {
-            return invalid(format!(
-                "CPU set {:?} is not a cpuset list (e.g. 0-3,8)",
-                crate::units::quote_short(c)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a cgroup parent: a plain absolute cgroup path (cgroupfs driver) or a systemd slice
-/// name (`job-42.slice`, systemd driver), and that the caller may use it.
-fn check_cgroup_parent(p: &str, rules: &Rules) -> Result<(), SpecError> {
-    let allowed_char = |c: char| c.is_ascii_alphanumeric() || "/_.-@:".contains(c);
-    let path_ok =
-        p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//");
-    let slice_ok = p.ends_with(".slice") && !p.contains('/');
-    if p.len() > 256 || !p.chars().all(allowed_char) || !(path_ok || slice_ok) {
-        return Err(SpecError::Invalid(format!(
-            "cgroup parent {:?} is neither an absolute cgroup path (/crane/job_42) nor a systemd \
-             slice name (crane-job_42.slice)",
-            crate::units::quote_short(p)
-        )));
-    }
-    if rules.any_cgroup_parent {
-        return Ok(());
-    }
-    let within = rules.allowed_cgroup_parents.iter().any(|prefix| {
-        p == prefix
-            || (prefix.ends_with(".slice")
-                && p.starts_with(prefix.trim_end_matches(".slice"))
-                && p.ends_with(".slice"))
-            || p.strip_prefix(prefix.as_str())
-                .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
-    });
-    if within {
-        Ok(())
-    } else {
-        Err(SpecError::Denied(format!(
-            "cgroup parent {p} is not under ImageCache.Launcher.AllowedCgroupParents; only root \
-             and the admin group may place a job elsewhere"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_and_cgroup_parents_are_checked() {
-        let r = |millicpus, memory_bytes, cpuset: Option<&str>| Resources {
-            millicpus,
-            memory_bytes,
-            cpuset_cpus: cpuset.map(str::to_owned),
-        };
-        assert!(check_resources(&r(Some(500), Some(32 << 20), Some("0-1,3"))).is_ok());
-        for bad in [
-            r(Some(0), None, None),
-            r(None, Some(1 << 20), None),
-            r(None, None, Some("0-")),
-            r(None, None, Some("a")),
-        ] {
-            assert!(check_resources(&bad).is_err(), "{bad:?}");
-        }
-        let user = Rules {
-            allowed_cgroup_parents: vec!["/crane".into(), "crane.slice".into()],
-            ..Default::default()
-        };
-        for ok in ["/crane/job_1", "/crane", "crane-job_1.slice"] {
-            assert!(check_cgroup_parent(ok, &user).is_ok(), "{ok}");
-        }
-        for denied in ["/system.slice/x", "/cranex", "other.slice"] {
-            assert!(
-                matches!(
-                    check_cgroup_parent(denied, &user),
-                    Err(SpecError::Denied(_))
-                ),
-                "{denied}"
-            );
-        }
-        for bad in ["relative", "/a/../b", "/a b", "a/b.slice"] {
-            assert!(
-                matches!(check_cgroup_parent(bad, &user), Err(SpecError::Invalid(_))),
-                "{bad}"
-            );
-        }
-        let admin = Rules {
-            any_cgroup_parent: true,
-            ..Default::default()
-        };
-        assert!(check_cgroup_parent("/anywhere/job", &admin).is_ok());
-    }
-
-    const ROOT: Principal = Principal {
-        uid: 0,
-        gid: 0,
-        admin: true,
-    };
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
@@ -651,60 +309,20 @@ mod tests {
     }
 
     fn validate_as(s: &LaunchSpec, prefixes: &[PathBuf]) -> Result<Validated, SpecError> {
+        let who = Principal {
+            uid: 1000,
+            gid: 100,
+            admin: false,
+        };
         validate(
             s,
+            who,
             alice(),
             &Rules {
                 allowed_mount_prefixes: prefixes.to_vec(),
                 ..Default::default()
             },
         )
-    }
-
-    #[test]
-    fn users_launch_only_as_themselves_with_their_host_groups() {
-        let users = crate::identity::fake::FakeUsers::standard();
-        let alice = Principal {
-            uid: 1000,
-            gid: 1000,
-            admin: false,
-        };
-        let ask = |who, r: Option<&str>| {
-            let req = r.map(|r| r.parse::<UserRequest>().unwrap());
-            resolve_identity(who, req.as_ref(), &users)
-        };
-        let me = ask(alice, None).unwrap();
-        assert_eq!(
-            (me.uid, me.gid, me.groups.clone()),
-            (1000, 1000, vec![27, 1000])
-        );
-        assert_eq!(me.supplementary(), vec![27]);
-        assert_eq!(ask(alice, Some("alice")).unwrap(), me);
-        assert_eq!(
-            ask(alice, Some("1000:27")).unwrap().gid,
-            27,
-            "one of her groups"
-        );
-        for other in ["0", "bob", "1001", "1000:0"] {
-            assert!(
-                matches!(ask(alice, Some(other)), Err(SpecError::Denied(_))),
-                "{other}"
-            );
-        }
-        assert_eq!(ask(ROOT, None).unwrap().uid, 0);
-        let bob = ask(ROOT, Some("bob")).unwrap();
-        assert_eq!(
-            (bob.uid, bob.gid, bob.groups.clone()),
-            (1001, 1001, vec![1001])
-        );
-        assert_eq!(ask(ROOT, Some("1000:5678")).unwrap().groups, vec![27, 5678]);
-        let e = ask(ROOT, Some("4242")).unwrap_err().to_string();
-        assert!(e.contains("no passwd entry"), "{e}");
-        assert!("nobody:x".parse::<UserRequest>().is_err());
-        assert!("a b".parse::<UserRequest>().is_err());
-        // An alias line for her uid with root's group gives her nothing: she is her own entry.
-        users.add(1000, 0, "alice-root", &[0]);
-        assert_eq!(ask(alice, Some("alice-root")).unwrap(), me);
     }
 
     #[test]
@@ -721,7 +339,7 @@ mod tests {
         };
         let ok = with("/scratch/alice", "/data").unwrap();
         assert_eq!(ok.mount_requests.len(), 1);
-        assert!(ok.mounts.is_empty(), "staged later");
+        // Nothing is staged here: `Validated` has no staged mounts (the accepted step does).
         assert!(matches!(with("/etc", "/data"), Err(SpecError::Denied(_))));
         for (src, target) in [
             ("/scratch/../etc", "/data"),
@@ -776,16 +394,6 @@ mod tests {
         assert!(validate_as(&s, &prefixes).is_err(), "the same place twice");
         s.mounts[1].target = "/database".into();
         assert!(validate_as(&s, &prefixes).is_ok());
-    }
-
-    #[test]
-    fn parses_mount_arguments() {
-        let m: MountRequest = "/a:/b:ro".parse().unwrap();
-        assert!(m.readonly && m.target == "/b");
-        assert!(!"/a:/b".parse::<MountRequest>().unwrap().readonly);
-        for bad in ["/a", "/a:/b:xx", ":/b", "/a:"] {
-            assert!(bad.parse::<MountRequest>().is_err(), "{bad}");
-        }
     }
 
     #[test]

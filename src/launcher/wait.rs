@@ -1,17 +1,17 @@
 //! Waiting for a running step to exit: status polling (containerd 1.6 has no container events),
 //! output forwarding, cancel and time limit (SIGTERM, then SIGKILL after the grace period).
 
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-use std::collections::VecDeque;
 
 use super::logs::{Chunk, Tail};
 use super::store::{TaskRecord, TaskState};
 use super::{send, Event, EventSink, ExitReason, Launcher, Stage};
-use crate::runtime::ContainerState;
+use crate::runtime::{ContainerState, RuntimeError};
 
 /// How long the end of a step's output waits for a client that does not read before it is
 /// given up on (it stays in the log: `cimage logs`).
@@ -20,6 +20,36 @@ const OUTPUT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a step is followed through a runtime that does not answer (a containerd restart
 /// takes seconds; the step runs on in its shim meanwhile) before it is given up as lost.
 const RUNTIME_OUTAGE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Why a running step could no longer be followed.
+#[derive(Debug, thiserror::Error)]
+enum LostTrack {
+    /// The runtime no longer knows the container.
+    #[error("container {cid} disappeared from the runtime")]
+    Disappeared {
+        /// The container.
+        cid: String,
+    },
+    /// The runtime has not answered for [`RUNTIME_OUTAGE_PATIENCE`].
+    #[error(
+        "lost track of container {cid}: the runtime has not answered for {}: {source}",
+        crate::units::format_duration(RUNTIME_OUTAGE_PATIENCE)
+    )]
+    RuntimeSilent {
+        /// The container.
+        cid: String,
+        /// The last error.
+        source: RuntimeError,
+    },
+    /// The runtime kept failing to say how the container is.
+    #[error("lost track of container {cid}: {source}")]
+    Failing {
+        /// The container.
+        cid: String,
+        /// The last error.
+        source: RuntimeError,
+    },
+}
 
 /// The signal behind an exit code, as runtimes report a signal death as 128+N.
 pub fn signal_of(exit_code: i32) -> Option<i32> {
@@ -54,7 +84,7 @@ impl Launcher {
         let deadline = task.timeout_ms.map(|limit| {
             let elapsed =
                 (self.clock.now_ms() - task.started.unwrap_or(task.created)).max(0) as u64;
-            tokio::time::Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+            Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
         });
         let mut tail = Tail::default();
         let mut stopped_as: Option<TaskState> = None;
@@ -76,7 +106,7 @@ impl Launcher {
                         info!(task = %task.id, "the runtime answers again; still following the step");
                     }
                 }
-                Ok(None) => break Err(format!("container {cid} disappeared from the runtime")),
+                Ok(None) => break Err(LostTrack::Disappeared { cid: cid.clone() }),
                 // The runtime restarting: the step runs on in its shim; wait for the runtime.
                 Err(e) if e.is_transient() => {
                     let since = *outage.get_or_insert_with(|| {
@@ -84,20 +114,23 @@ impl Launcher {
                         Instant::now()
                     });
                     if since.elapsed() > RUNTIME_OUTAGE_PATIENCE {
-                        break Err(format!(
-                            "lost track of container {cid}: the runtime has not answered for {}: {e}",
-                            crate::units::format_duration(RUNTIME_OUTAGE_PATIENCE)
-                        ));
+                        break Err(LostTrack::RuntimeSilent {
+                            cid: cid.clone(),
+                            source: e,
+                        });
                     }
                 }
                 Err(e) => {
                     errors += 1;
                     if errors >= 50 {
-                        break Err(format!("lost track of container {cid}: {e}"));
+                        break Err(LostTrack::Failing {
+                            cid: cid.clone(),
+                            source: e,
+                        });
                     }
                 }
             }
-            let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+            let far = Instant::now() + Duration::from_secs(86400 * 365);
             let pause = match outage {
                 Some(_) => crate::runtime::OUTAGE_POLL,
                 None => poll_interval(waiting.elapsed()),
@@ -168,7 +201,7 @@ impl Launcher {
                 );
                 self.cleanup(task, tx).await;
             }
-            Err(message) => {
+            Err(lost) => {
                 // Another waiter (a re-attach racing a slow shutdown) may have finished the task
                 // and removed the container; its record stands.
                 let id = task.id.clone();
@@ -178,7 +211,7 @@ impl Launcher {
                         return;
                     }
                 }
-                self.fail(task, Stage::Wait, message, tx).await
+                self.fail(task, Stage::Wait, lost.to_string(), tx).await
             }
         }
     }

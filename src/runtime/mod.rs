@@ -1,6 +1,6 @@
 //! The CRI ImageService as the domain sees it: a trait over the node's image store, which is the
 //! cache of record. The real implementation is [`crate::cri::CriImageRuntime`]; unit tests use
-//! [`fake::FakeRuntime`].
+//! `fake::FakeRuntime`.
 
 use async_trait::async_trait;
 
@@ -297,6 +297,8 @@ pub mod fake {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake_task;
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,

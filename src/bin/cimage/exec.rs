@@ -76,8 +76,9 @@ pub async fn run(socket: &Path, args: Args) -> Result<u8, Failure> {
         })
         .await?
         .into_inner();
-    put(&mut std::io::stdout(), &r.stdout).map_err(Failure::new)?;
-    put(&mut std::io::stderr(), &r.stderr).map_err(Failure::new)?;
+    let written = put(&mut std::io::stdout(), &r.stdout)
+        .and_then(|()| put(&mut std::io::stderr(), &r.stderr));
+    written.map_err(|e| Failure::new(format!("writing output: {e}")))?;
     if r.truncated {
         eprintln!("cimage: the command's output passed 4 MiB and was cut");
     }
@@ -189,7 +190,7 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
     // Output is written by a thread of its own, so that a reader that pauses (a pager) never
     // stops this runtime from answering the connection's keepalive pings.
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(16);
-    let writer = std::thread::spawn(move || -> Result<(), String> {
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         while let Some((to_stderr, data)) = out_rx.blocking_recv() {
             put(if to_stderr { &mut err } else { &mut out }, &data)?;
@@ -225,16 +226,14 @@ async fn attached(socket: &Path, args: Args) -> Result<u8, Failure> {
     };
     drop(out_tx);
     match writer.join() {
-        Ok(Err(e)) => Err(Failure::new(e)),
+        Ok(Err(e)) => Err(Failure::new(format!("writing output: {e}"))),
         _ => end,
     }
 }
 
 /// Writes a piece of the command's output through at once.
-fn put(w: &mut dyn Write, data: &[u8]) -> Result<(), String> {
-    w.write_all(data)
-        .and_then(|()| w.flush())
-        .map_err(|e| format!("writing output: {e}"))
+fn put(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()> {
+    w.write_all(data).and_then(|()| w.flush())
 }
 
 /// The size of the terminal on standard output (or input), if there is one.

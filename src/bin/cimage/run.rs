@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use cimage::api::pb;
-use cimage::launcher::spec::{MountRequest, UserRef, UserRequest};
+use cimage::launcher::request::{MountRequest, UserRef, UserRequest};
 use cimage::policy::PullPolicy;
 use cimage::units::parse_time_limit;
 use futures::StreamExt;
@@ -56,9 +56,10 @@ pub struct Args {
     /// CPU limit in CPUs (e.g. 0.5, 2): a CFS quota and shares in proportion.
     #[arg(long, value_name = "N")]
     cpus: Option<f64>,
-    /// Memory limit (e.g. 512MiB, 4GiB); past it the kernel kills the step, reported as
-    /// OutOfMemory.
-    #[arg(long, value_name = "SIZE", value_parser = |s: &str| cimage::units::parse_size(s))]
+    /// Memory limit in binary units, as docker, Slurm and Kubernetes read them: 512m, 4G, 32Mi,
+    /// 1GiB (k, m, g, t in either case, Ki…Ti, KiB…TiB; a bare number is bytes; MB and GB are
+    /// refused as ambiguous). Past it the kernel kills the step, reported as OutOfMemory.
+    #[arg(long, value_name = "SIZE", value_parser = |s: &str| cimage::units::parse_memory(s))]
     memory: Option<u64>,
     /// CPUs the step may run on, as a cpuset list (e.g. 0-3,8).
     #[arg(long, value_name = "LIST")]

@@ -131,10 +131,8 @@ async fn two_launches_racing_for_a_new_job_id_give_it_to_the_first_user_only() {
     let r = rig();
     let users = FakeUsers::standard();
     let validated = |who: Principal| {
-        let id = spec::resolve_identity(who, None, &users).unwrap();
-        let mut v = spec::validate(&spec(Some("slurm-45")), id, &spec::Rules::default()).unwrap();
-        v.creator = who;
-        v
+        let id = run_as::resolve_identity(who, None, &users).unwrap();
+        spec::validate(&spec(Some("slurm-45")), who, id, &spec::Rules::default()).unwrap()
     };
     let (job, _) = r.launcher.ensure_sandbox(&validated(BOB)).await.unwrap();
     assert_eq!(job.uid, 1001);

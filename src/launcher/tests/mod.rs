@@ -1,8 +1,9 @@
-//! Unit tests of the launcher over the fake task runtime and the shared rig: the lifecycle
-//! here, confinement and durability in their own files.
+//! Unit tests of the launcher over the fake task runtime and the shared rig: the rig and the
+//! lifecycle here; confinement, durability and queries (exec, history) in their own files.
 
 mod confinement;
 mod durability;
+mod queries;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,15 +11,15 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 
-use super::spec::{LaunchSpec, Principal, SpecError};
+use super::request::{Principal, SpecError};
+use super::spec::LaunchSpec;
 use super::store::TaskState;
 use super::*;
 use crate::cache::Origin;
 use crate::clock::SystemClock;
 use crate::identity::fake::FakeUsers;
 use crate::puller::PullerSettings;
-use crate::runtime::task::fake::{FakeTaskRuntime, Script};
-use crate::runtime::{ExecAttach, ExecEvent, ExecInput};
+use crate::runtime::fake_task::{FakeTaskRuntime, Script};
 
 const IMG: &str = "127.0.0.1:5000/app:1";
 const ROOT: Principal = Principal {
@@ -176,6 +177,17 @@ fn names(evs: &[Event]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Waits (polling the store) until task `id` is in state `want`.
+async fn wait_for_state(l: &Launcher, id: &str, want: TaskState) {
+    for _ in 0..500 {
+        if l.task(ROOT, id).await.unwrap().state == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("task {id} never reached {want:?}");
+}
+
 #[tokio::test]
 async fn one_off_task_runs_through_every_stage_and_leaves_nothing() {
     let r = rig();
@@ -262,6 +274,33 @@ async fn an_image_missing_at_container_creation_is_checked_again() {
 }
 
 #[tokio::test]
+async fn job_locks_last_only_while_their_jobs_are_worked_on() {
+    let r = rig();
+    // One-off steps: each makes a job of its own (run-…), which ends with it.
+    for _ in 0..5 {
+        let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+        events(rx).await;
+    }
+    // A job that goes on, and one that is ended.
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (running, rx) = r.launcher.launch(ROOT, spec(Some("stays"))).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &running.id, TaskState::Running).await;
+    let (ended, rx) = r.launcher.launch(ROOT, spec(Some("ends"))).await.unwrap();
+    let ending = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &ended.id, TaskState::Running).await;
+    r.launcher.end_job(ROOT, "ends").await.unwrap();
+    ending.await.unwrap();
+    assert_eq!(r.launcher.job_locks.len(), 0, "no lock is held");
+    r.launcher.cancel(ROOT, &running.id).await.unwrap();
+    waiter.await.unwrap();
+    assert_eq!(r.launcher.job_locks.len(), 0);
+}
+
+#[tokio::test]
 async fn signal_deaths_are_reported_as_signals() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
@@ -330,6 +369,38 @@ async fn failures_at_create_and_start_still_clean_up() {
 }
 
 #[tokio::test]
+async fn a_mount_the_node_cannot_stage_is_its_failure_not_a_bad_request() {
+    let r = rig();
+    let stager = Arc::new(super::mounts::fake::CheckOnly::default());
+    *stager.host_failure.lock().unwrap() = Some("Input/output error (os error 5)".into());
+    let launcher = Launcher::new(
+        Parts {
+            runtime: r.tasks.clone(),
+            puller: r.puller.clone(),
+            cache: r.cache.clone(),
+            metrics: r.metrics.clone(),
+            store: r.store.clone(),
+            clock: Arc::new(SystemClock),
+            users: Arc::new(FakeUsers::standard()),
+            mounts: stager,
+            background: r.background.clone(),
+        },
+        LauncherSettings {
+            allowed_mount_prefixes: vec!["/tmp".into()],
+            ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
+        },
+    )
+    .unwrap();
+    let mut s = spec(None);
+    s.mounts = vec!["/tmp/data:/data".parse().unwrap()];
+    let e = launcher.launch(ROOT, s).await.unwrap_err();
+    assert!(matches!(e, LaunchError::Staging(_)), "{e}");
+    assert!(e.to_string().contains("/tmp/data"), "{e}");
+    assert!(launcher.tasks(ROOT, true).await.unwrap().is_empty());
+    assert_eq!(calls(&r, "RunPodSandbox"), 0, "nothing was created");
+}
+
+#[tokio::test(start_paused = true)]
 async fn cancel_and_time_limit_stop_the_container() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
@@ -338,7 +409,8 @@ async fn cancel_and_time_limit_stop_the_container() {
     });
     let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
     let waiter = tokio::spawn(events(rx));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Cancelled once it runs: a cancel before the start would end it without an exit.
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
     r.launcher.cancel(ROOT, &task.id).await.unwrap();
     let evs = waiter.await.unwrap();
     assert!(
@@ -467,17 +539,7 @@ async fn shutdown_leaves_running_steps_running_and_ends_their_streams() {
     assert_eq!((t.state, t.cleaned), (TaskState::Running, false));
 }
 
-async fn wait_for_state(l: &Launcher, id: &str, want: TaskState) {
-    for _ in 0..500 {
-        if l.task(ROOT, id).await.unwrap().state == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("task {id} never reached {want:?}");
-}
-
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_runtime_restarting_under_a_running_step_does_not_lose_it() {
     let r = rig();
     *r.tasks.script.lock().unwrap() = Some(Script {
@@ -502,170 +564,4 @@ async fn a_runtime_restarting_under_a_running_step_does_not_lose_it() {
         (TaskState::Exited, Some(0)),
         "{t:?}"
     );
-}
-
-#[tokio::test]
-async fn exec_runs_in_a_running_step_for_its_owner_and_root_only() {
-    let r = rig();
-    *r.tasks.script.lock().unwrap() = Some(Script {
-        runs_for: Duration::from_secs(30),
-        exit_code: 0,
-    });
-    let (task, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
-    let waiter = tokio::spawn(events(rx));
-    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
-    let cmd = vec!["id".to_owned(), "-u".to_owned()];
-    let t = Duration::from_secs(5);
-    let (out, cut) = r
-        .launcher
-        .exec(ROOT, &task.id, cmd.clone(), t)
-        .await
-        .unwrap();
-    assert_eq!(
-        (out.stdout.as_slice(), out.exit_code, cut),
-        (&b"id -u\n"[..], 0, false)
-    );
-    // An admin who does not own the step may see it, not run commands in it.
-    let admin = Principal {
-        uid: 1002,
-        gid: 1002,
-        admin: true,
-    };
-    let e = r
-        .launcher
-        .exec(admin, &task.id, cmd.clone(), t)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
-    // Another user does not even see it.
-    let e = r
-        .launcher
-        .exec(ALICE, &task.id, cmd.clone(), t)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::NotFound { .. }), "{e}");
-    // Bad input changes nothing.
-    for (c, limit) in [(vec![], t), (cmd.clone(), Duration::ZERO)] {
-        let e = r.launcher.exec(ROOT, &task.id, c, limit).await.unwrap_err();
-        assert!(matches!(e, LaunchError::Spec(SpecError::Invalid(_))), "{e}");
-    }
-    // Attached: the same rules, and the session relays both ways.
-    let attach = ExecAttach {
-        tty: true,
-        stdin: true,
-    };
-    let (mut s, _slot) = r
-        .launcher
-        .exec_attach(ROOT, &task.id, vec!["cat".into()], attach)
-        .await
-        .unwrap();
-    s.input
-        .send(ExecInput::Stdin(b"hi".to_vec()))
-        .await
-        .unwrap();
-    s.input.send(ExecInput::CloseStdin).await.unwrap();
-    assert_eq!(
-        s.output.recv().await,
-        Some(ExecEvent::Stdout(b"hi".to_vec()))
-    );
-    assert_eq!(s.output.recv().await, Some(ExecEvent::Exited(0)));
-    // A uid holds at most MAX_EXEC_SESSIONS attached commands at once (one is held above).
-    let mut held = Vec::new();
-    for _ in 1..MAX_EXEC_SESSIONS {
-        held.push(
-            r.launcher
-                .exec_attach(ROOT, &task.id, cmd.clone(), attach)
-                .await
-                .unwrap(),
-        );
-    }
-    let e = r
-        .launcher
-        .exec_attach(ROOT, &task.id, cmd.clone(), attach)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
-    held.pop();
-    assert!(r
-        .launcher
-        .exec_attach(ROOT, &task.id, cmd.clone(), attach)
-        .await
-        .is_ok());
-    drop(held);
-    let e = r
-        .launcher
-        .exec_attach(admin, &task.id, cmd.clone(), attach)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::Spec(SpecError::Denied(_))), "{e}");
-    let e = r
-        .launcher
-        .exec_attach(ROOT, &task.id, vec![], attach)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::Spec(SpecError::Invalid(_))), "{e}");
-    r.launcher.cancel(ROOT, &task.id).await.unwrap();
-    waiter.await.unwrap();
-    let e = r
-        .launcher
-        .exec(ROOT, &task.id, cmd.clone(), t)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(e, LaunchError::Conflict { .. }),
-        "not running: {e}"
-    );
-    let e = r
-        .launcher
-        .exec_attach(ROOT, &task.id, cmd, attach)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, LaunchError::Conflict { .. }), "{e}");
-}
-
-#[tokio::test]
-async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() {
-    let r = rig_with(|s| {
-        s.history = super::history::HistorySettings {
-            keep: Duration::ZERO,
-            ..Default::default()
-        }
-    });
-    *r.tasks.script.lock().unwrap() = Some(Script {
-        runs_for: Duration::from_millis(10),
-        exit_code: 0,
-    });
-    let (done, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
-    events(rx).await;
-    std::fs::write(&done.log_path, "output\n").unwrap();
-    *r.tasks.script.lock().unwrap() = Some(Script {
-        runs_for: Duration::from_secs(30),
-        exit_code: 0,
-    });
-    let (running, rx) = r.launcher.launch(ROOT, spec(Some("stay"))).await.unwrap();
-    let waiter = tokio::spawn(events(rx));
-    wait_for_state(&r.launcher, &running.id, TaskState::Running).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let report = r.launcher.prune_history().await.unwrap();
-    assert_eq!((report.tasks, report.jobs, report.logs), (1, 1, 1));
-    assert!(!done.log_path.exists());
-    assert!(
-        !done.log_path.parent().unwrap().exists(),
-        "the one-off job's directory went"
-    );
-    assert!(matches!(
-        r.launcher.task(ROOT, &done.id).await,
-        Err(LaunchError::NotFound { .. })
-    ));
-    assert_eq!(
-        r.launcher.task(ROOT, &running.id).await.unwrap().state,
-        TaskState::Running
-    );
-    assert_eq!(
-        r.metrics
-            .counter("cimage_history_pruned_total", &[("kind", "task")]),
-        1
-    );
-    r.launcher.cancel(ROOT, &running.id).await.unwrap();
-    waiter.await.unwrap();
 }
