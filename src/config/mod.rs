@@ -17,6 +17,7 @@ use serde::Deserialize;
 mod de;
 mod defaults;
 mod expect;
+pub mod reference;
 mod sections;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! policies, and serves the cimage API on a unix socket. This file starts and stops things;
 //! `wiring` maps the configuration onto each module's settings.
 
+mod man;
 mod systemd;
 mod wiring;
 
@@ -61,6 +62,12 @@ struct Args {
     /// Validate the configuration, print the resolved settings and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print every configuration key with its default and meaning (a Markdown table) and exit.
+    #[arg(long)]
+    config_reference: bool,
+    /// Write the manual pages cimaged(8) and cimage-config(5) into DIR and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
 }
 
 fn main() {
@@ -71,6 +78,18 @@ fn main() {
     // SAFETY: mallopt before any thread exists only changes the allocator's tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let args = Args::parse();
+    if args.config_reference {
+        print!("{}", config::reference::markdown());
+        return;
+    }
+    if let Some(dir) = &args.generate_man {
+        use clap::CommandFactory;
+        if let Err(e) = man::write_pages(Args::command(), dir) {
+            eprintln!("cimaged: writing manual pages into {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     init_logging();
     let settings = match config::load(&args.config) {
         Ok(s) => s,
