@@ -36,7 +36,7 @@ impl Lister {
 
 struct Fields {
     of: Lister,
-    names: std::vec::IntoIter<&'static str>,
+    names: std::iter::Copied<std::slice::Iter<'static, &'static str>>,
     next: Option<&'static str>,
 }
 
@@ -172,7 +172,7 @@ impl<'de> Deserializer<'de> for Lister {
         }
         v.visit_map(Fields {
             of: self,
-            names: fields.to_vec().into_iter(),
+            names: fields.iter().copied(),
             next: None,
         })
     }
