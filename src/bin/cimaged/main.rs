@@ -49,7 +49,7 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
 /// `Container` section plus an `ImageCache` section), then serves the cimage API on
 /// `ImageCache.Socket`. Log verbosity comes from CIMAGE_LOG (e.g. `debug`, `cimage=trace`).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "cimaged", version)]
 struct Args {
     /// Configuration file.
     #[arg(
@@ -78,6 +78,12 @@ fn main() {
     // SAFETY: mallopt before any thread exists only changes the allocator's tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let args = Args::parse();
+    if args.config_reference || args.check_config {
+        // A report piped into `head` ends quietly when the reader goes, as other command-line
+        // tools do (the daemon itself keeps ignoring SIGPIPE: its peers are sockets).
+        // SAFETY: restoring the default disposition of one signal, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if args.config_reference {
         print!("{}", config::reference::markdown());
         return;
