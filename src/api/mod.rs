@@ -11,6 +11,7 @@ pub mod http;
 pub mod launcher;
 pub mod maintenance;
 pub mod peer;
+pub mod readiness;
 pub mod service;
 
 use std::os::unix::fs::{chown, PermissionsExt};

@@ -354,6 +354,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         background.clone(),
     )?;
     expector.start();
+    if let Some(ev) = &wiring.eviction {
+        metrics.set(
+            "cimage_image_fs_high_watermark_ratio",
+            ev.high_percent / 100.0,
+        );
+    }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
     background.spawn(trim_loop(background.clone()));
@@ -363,6 +369,14 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         background.clone(),
     ));
     background.spawn(prewarm.clone().timer());
+    background.spawn(api::readiness::keep_fresh(
+        metrics.clone(),
+        cache.clone(),
+        prewarm.clone(),
+        expector.clone(),
+        Duration::from_secs(2),
+        background.clone(),
+    ));
     if let Some(addr) = &ic.metrics_addr {
         let addr = addr.parse().context("ImageCache.MetricsAddr")?;
         let listener = api::http::bind(addr).await?;
