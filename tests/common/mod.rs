@@ -3,6 +3,7 @@
 //! start the real `cimaged` and `cimage` binaries.
 #![allow(dead_code)]
 
+pub mod h2raw;
 pub mod images;
 pub mod nginx_mirror;
 pub mod proxy;

@@ -422,6 +422,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         images,
         launcher_api,
         maintenance,
+        metrics,
         async move { bg.shutting_down().await },
     )
     .await;

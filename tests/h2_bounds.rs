@@ -1,0 +1,211 @@
+//! HTTP/2 abuse of cimaged's API socket, sent as raw frames the way any member of the socket's
+//! group can: requests announced whole and held one byte short. What one uid can make the
+//! daemon hold is measured from `/proc/<pid>/status` (VmRSS).
+
+mod common;
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cimage::api::pb;
+use common::h2raw::*;
+use common::*;
+
+/// An ordinary user (`nobody:nogroup`); the test daemons give the API socket to `nogroup`.
+const NOBODY: (u32, u32) = (65534, 65534);
+const STATUS: &str = "/cimage.v1.ImageCache/Status";
+
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits for `what` with a bound far past anything a working daemon needs, so a regression
+/// fails instead of hanging.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting after 120 s"))
+}
+
+/// A gRPC message announcing 1 MiB, one byte short of it.
+fn one_byte_short() -> Vec<u8> {
+    let mut m = grpc_prefix(1 << 20);
+    m.resize(5 + (1 << 20) - 1, 0x55);
+    m
+}
+
+#[test]
+fn half_sent_requests_of_one_uid_hold_at_most_its_budget_and_status_answers() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "SocketGroup: nogroup\nMetricsAddr: 127.0.0.1:{port}"
+    ));
+    let pid = d.child.as_ref().unwrap().id();
+    assert!(d.cli(&["status"]).status.success());
+    let idle = rss_kib(pid);
+    let rt = runtime(4);
+    let connector = Connector::as_user(&d.socket(), NOBODY.0, NOBODY.1);
+    let conns: Vec<Raw> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(Raw::start(connector.connect().unwrap(), true).await);
+        }
+        v
+    });
+    let user_streams = conns[0].seen(|s| s.setting(MAX_CONCURRENT_STREAMS));
+    let root = rt.block_on(Raw::start(
+        StdUnixStream::connect(d.socket()).unwrap(),
+        true,
+    ));
+    let admin_streams = root.seen(|s| s.setting(MAX_CONCURRENT_STREAMS));
+    drop(root);
+    // 8 connections × 64 calls, each announcing 1 MiB, sent one byte short and held.
+    let message = one_byte_short();
+    rt.block_on(async {
+        let sends = conns.iter().map(|c| {
+            let message = &message;
+            async move {
+                for i in 0..64u32 {
+                    let id = 2 * i + 1;
+                    if !c.open(id, STATUS).await {
+                        break;
+                    }
+                    c.send_data(id, message, false).await;
+                }
+                // Everything sent has been read by the server.
+                assert!(c.ping().await, "the connection stays up");
+            }
+        });
+        within("sending", futures::future::join_all(sends)).await;
+    });
+    let held = rss_kib(pid);
+    // Root is served meanwhile.
+    let started = Instant::now();
+    let status = d.cli(&["status", "-o", "json"]);
+    let answered_in = started.elapsed();
+    assert!(status.status.success(), "{}", stderr(&status));
+    let page = scrape(port);
+    let over_budget = series(
+        &page,
+        "cimage_requests_refused_total{reason=\"over_budget\"}",
+    );
+    let grown_mib = held.saturating_sub(idle) as f64 / 1024.0;
+    eprintln!(
+        "VmRSS idle {idle} KiB, with the requests held {held} KiB (+{grown_mib:.1} MiB); \
+         status answered in {answered_in:?}; {over_budget} requests refused over budget"
+    );
+    drop(conns);
+    // The budget (64 MiB by default) and what the streams themselves cost.
+    assert!(
+        grown_mib < 64.0 + 32.0,
+        "one uid's held requests grew cimaged by {grown_mib:.1} MiB"
+    );
+    assert!(over_budget > 0.0, "{page}");
+    // An ordinary user's connection carries 16 calls at once; root's, 64.
+    assert_eq!(user_streams, Some(16));
+    assert_eq!(admin_streams, Some(64));
+}
+
+#[test]
+fn a_request_held_past_the_read_timeout_is_ended_and_its_bytes_given_back() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "SocketGroup: nogroup\nRequestReadTimeout: 2s\nMaxRequestBytesPerUser: 2MiB\nMetricsAddr: 127.0.0.1:{port}"
+    ));
+    let rt = runtime(2);
+    let connector = Connector::as_user(&d.socket(), NOBODY.0, NOBODY.1);
+    let conn = rt.block_on(Raw::start(connector.connect().unwrap(), true));
+    rt.block_on(within("the held request to end", async {
+        // One request held one byte short takes most of the uid's 2 MiB.
+        assert!(conn.open(1, STATUS).await);
+        assert!(conn.send_data(1, &one_byte_short(), false).await);
+        assert!(conn.ping().await);
+        // A second is refused as soon as its prefix announces another MiB.
+        assert!(conn.open(3, STATUS).await);
+        conn.send_data(3, &grpc_prefix(1 << 20), false).await;
+        conn.wait(|s| s.ended.contains(&3)).await;
+        // The first is ended once it has waited RequestReadTimeout.
+        conn.wait(|s| s.ended.contains(&1)).await;
+    }));
+    // Its bytes are given back: the same user's next call is served.
+    let out = d.cli_as(Some(NOBODY), &["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = scrape(port);
+    assert_eq!(
+        series(
+            &page,
+            "cimage_requests_refused_total{reason=\"read_timeout\"}"
+        ),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        series(
+            &page,
+            "cimage_requests_refused_total{reason=\"over_budget\"}"
+        ),
+        1.0,
+        "{page}"
+    );
+    drop(conn);
+}
+
+#[test]
+fn legitimate_clients_never_notice_the_bounds() {
+    let d = Daemon::start("SocketGroup: nogroup");
+    let rt = runtime(4);
+    let img = busybox(&d.testbed);
+    rt.block_on(async {
+        // 50 concurrent pulls over one connection of root's.
+        let client = cimage::api::client(&d.socket());
+        let pulls = (0..50).map(|_| {
+            let mut c = client.clone();
+            let image = img.clone();
+            async move {
+                c.pull(pb::PullRequest {
+                    image,
+                    policy: pb::PullPolicy::IfNotPresent as i32,
+                    credentials: None,
+                })
+                .await
+            }
+        });
+        for r in futures::future::join_all(pulls).await {
+            r.unwrap();
+        }
+        // 40 concurrent calls over one connection of an ordinary user's: 16 at a time, the
+        // rest wait in the client's HTTP/2 library.
+        let connector = Connector::as_user(&d.socket(), NOBODY.0, NOBODY.1);
+        let stream = connector.connect().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let slot = Arc::new(Mutex::new(Some(
+            tokio::net::UnixStream::from_std(stream).unwrap(),
+        )));
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let s = slot.lock().unwrap().take();
+                async move {
+                    s.map(hyper_util::rt::TokioIo::new)
+                        .ok_or_else(|| std::io::Error::other("one connection only"))
+                }
+            }))
+            .await
+            .unwrap();
+        let client = pb::image_cache_client::ImageCacheClient::new(channel);
+        let calls = (0..40).map(|_| {
+            let mut c = client.clone();
+            async move { c.status(pb::StatusRequest::default()).await }
+        });
+        for r in futures::future::join_all(calls).await {
+            r.unwrap();
+        }
+    });
+    // And the CLI, as that user and as root.
+    assert!(d.cli_as(Some(NOBODY), &["status"]).status.success());
+    assert!(d.cli(&["images"]).status.success());
+}
