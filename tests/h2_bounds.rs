@@ -1,6 +1,7 @@
 //! HTTP/2 abuse of cimaged's API socket, sent as raw frames the way any member of the socket's
-//! group can: requests announced whole and held one byte short. What one uid can make the
-//! daemon hold is measured from `/proc/<pid>/status` (VmRSS).
+//! group can: requests announced whole and held one byte short, a reset loop. What one uid can
+//! make the daemon hold is measured from `/proc/<pid>/status` (VmRSS); what it costs the log,
+//! from the log file's size.
 
 mod common;
 
@@ -208,4 +209,79 @@ fn legitimate_clients_never_notice_the_bounds() {
     // And the CLI, as that user and as root.
     assert!(d.cli_as(Some(NOBODY), &["status"]).status.success());
     assert!(d.cli(&["images"]).status.success());
+}
+
+#[test]
+fn a_reset_loop_from_eight_threads_adds_at_most_a_few_hundred_bytes_of_log() {
+    let port = free_port();
+    // The daemon's own log level, as a node runs it.
+    let d = Daemon::start_with_env(
+        &format!("SocketGroup: nogroup\nMetricsAddr: 127.0.0.1:{port}"),
+        &[("CIMAGE_LOG", "")],
+    );
+    let before = std::fs::metadata(d.log_path()).unwrap().len();
+    let rt = runtime(8);
+    let socket = d.socket();
+    let connections: u64 = rt.block_on(async {
+        let end = Instant::now() + Duration::from_secs(6);
+        let loops = (0..8).map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let connector = Connector::as_user(&socket, NOBODY.0, NOBODY.1);
+                let mut connections = 0u64;
+                while Instant::now() < end {
+                    let Some(stream) = connector.connect() else {
+                        continue;
+                    };
+                    let raw = Raw::start(stream, false).await;
+                    connections += 1;
+                    // Streams opened and reset at once, until the server gives up on us.
+                    let mut id = 1u32;
+                    loop {
+                        let mut burst = Vec::new();
+                        for _ in 0..32 {
+                            burst.extend(frame(
+                                HEADERS,
+                                END_HEADERS,
+                                id,
+                                &grpc_request_block(STATUS),
+                            ));
+                            burst.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+                            id += 2;
+                        }
+                        if !raw.write(&burst).await
+                            || raw.seen(|s| s.goaway.is_some() || s.closed)
+                            || Instant::now() >= end
+                        {
+                            break;
+                        }
+                    }
+                }
+                connections
+            })
+        });
+        futures::future::join_all(loops)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .sum()
+    });
+    // Status answers afterwards, and the log grew by a line or two.
+    assert!(d.cli(&["status"]).status.success());
+    let after = std::fs::metadata(d.log_path()).unwrap().len();
+    let log = d.log();
+    let added = &log[before as usize..];
+    let page = scrape(port);
+    let floods = series(&page, "cimage_connections_refused_total{reason=\"flood\"}");
+    eprintln!(
+        "{connections} connections in 6 s; the log grew by {} bytes; {floods} counted as floods:\n{}",
+        after - before,
+        added.chars().take(2000).collect::<String>()
+    );
+    assert!(
+        after - before < 1024,
+        "the reset loop added {} bytes of log",
+        after - before
+    );
+    assert!(floods > 0.0, "{page}");
 }

@@ -270,11 +270,21 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cimaged"));
+        cmd.arg("--config")
             .arg(self.config_path())
             .env("CIMAGE_LOG", "info,cimage=debug")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // An empty CIMAGE_LOG from a test means none at all: the daemon's own default, as a
+        // node runs it.
+        if self
+            .env
+            .iter()
+            .any(|(k, v)| k == "CIMAGE_LOG" && v.is_empty())
+        {
+            cmd.env_remove("CIMAGE_LOG");
+        }
+        let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
