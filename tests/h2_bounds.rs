@@ -1,7 +1,7 @@
-//! HTTP/2 abuse of cimaged's API socket, sent as raw frames the way any member of the socket's
-//! group can: requests announced whole and held one byte short, a reset loop. What one uid can
-//! make the daemon hold is measured from `/proc/<pid>/status` (VmRSS); what it costs the log,
-//! from the log file's size.
+//! HTTP/2 abuse of cimaged's sockets, sent as raw frames the way any member of the socket's
+//! group can: requests announced whole and held one byte short, a reset loop, a CONTINUATION
+//! frame that announces 16 MiB. What one uid can make the daemon hold is measured from
+//! `/proc/<pid>/status` (VmRSS); what it costs the log, from the log file's size.
 
 mod common;
 
@@ -16,6 +16,7 @@ use common::*;
 /// An ordinary user (`nobody:nogroup`); the test daemons give the API socket to `nogroup`.
 const NOBODY: (u32, u32) = (65534, 65534);
 const STATUS: &str = "/cimage.v1.ImageCache/Status";
+const MIB: u64 = 1 << 20;
 
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -284,4 +285,102 @@ fn a_reset_loop_from_eight_threads_adds_at_most_a_few_hundred_bytes_of_log() {
         after - before
     );
     assert!(floods > 0.0, "{page}");
+}
+
+/// The 24-bit length of a frame header set to `len`.
+fn announcing(mut head: Vec<u8>, len: usize) -> Vec<u8> {
+    head[0..3].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
+    head
+}
+
+#[test]
+fn an_oversized_continuation_on_the_cri_socket_is_refused_at_its_header() {
+    let d = Daemon::start("");
+    let pid = d.child.as_ref().unwrap().id();
+    let idle = rss_kib(pid);
+    let rt = runtime(4);
+    let announced = (16 << 20) - 1;
+    let results = rt.block_on(within(
+        "the server to end the connections",
+        futures::future::join_all((0..8).map(|_| async {
+            let raw = Raw::start(StdUnixStream::connect(d.cri_socket()).unwrap(), true).await;
+            let block = grpc_request_block("/runtime.v1.ImageService/ListImages");
+            // A header block begun, and a CONTINUATION that announces 16 MiB.
+            assert!(raw.send(HEADERS, 0, 1, &block[..8]).await);
+            assert!(
+                raw.write(&announcing(
+                    frame(CONTINUATION, END_HEADERS, 1, &[]),
+                    announced
+                ))
+                .await
+            );
+            let chunk = vec![0u8; 64 << 10];
+            let mut sent = 0;
+            while sent < announced {
+                let n = chunk.len().min(announced - sent);
+                if !raw.write(&chunk[..n]).await {
+                    break;
+                }
+                sent += n;
+            }
+            raw.wait(|s| s.closed || s.goaway.is_some()).await;
+            (sent, raw.seen(|s| s.goaway))
+        })),
+    ));
+    let peak = rss_kib(pid);
+    let grown_mib = peak.saturating_sub(idle) as f64 / 1024.0;
+    eprintln!("VmRSS {idle} → {peak} KiB (+{grown_mib:.1} MiB); sent before the end: {results:?}");
+    for (sent, goaway) in &results {
+        assert_eq!(*goaway, Some(FRAME_SIZE_ERROR));
+        assert!(
+            (*sent as u64) < 4 * MIB,
+            "{sent} bytes of the frame were taken before the connection was refused"
+        );
+    }
+    assert!(grown_mib < 16.0, "cimaged grew by {grown_mib:.1} MiB");
+    // The socket still serves.
+    rt.block_on(async {
+        k8s_cri::v1::image_service_client::ImageServiceClient::new(cimage::cri::unix_channel(
+            &d.cri_socket(),
+        ))
+        .list_images(k8s_cri::v1::ListImagesRequest::default())
+        .await
+        .unwrap()
+    });
+}
+
+#[test]
+fn the_cri_socket_serves_its_cap_of_connections_and_the_next_waits_its_turn() {
+    let d = Daemon::start("ImageService.MaxConnections: 4");
+    let rt = runtime(2);
+    let mut held: Vec<Raw> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(Raw::start(StdUnixStream::connect(d.cri_socket()).unwrap(), true).await);
+        }
+        v
+    });
+    // A fifth connects (the listen queue holds it) but is not served while four are open.
+    let fifth = rt.block_on(Raw::start(
+        StdUnixStream::connect(d.cri_socket()).unwrap(),
+        false,
+    ));
+    let told = "the CRI image socket serves its 4 connections";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.log().contains(told) {
+        assert!(
+            Instant::now() < deadline,
+            "no word of the cap:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(fifth.seen(|s| s.settings.is_empty() && !s.closed));
+    // One closes: the fifth is served.
+    drop(held.pop());
+    rt.block_on(within(
+        "the fifth connection to be served",
+        fifth.wait(|s| !s.settings.is_empty()),
+    ));
+    assert!(rt.block_on(fifth.ping()));
 }

@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES_PER_USER: u64 = 64 << 20;
 pub const DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN: u64 = 1 << 30;
 /// Default for `ImageCache.RequestReadTimeout`.
 pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for `ImageCache.ImageService.MaxConnections`.
+pub const DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS: usize = 512;
 /// Default for `ImageCache.Eviction.HighPercent`.
 pub const DEFAULT_HIGH_PERCENT: f64 = 85.0;
 /// Default for `ImageCache.Eviction.LowPercent`.
@@ -127,6 +129,9 @@ pub(super) fn default_max_request_bytes_per_admin() -> u64 {
 }
 pub(super) fn default_request_read_timeout() -> Duration {
     DEFAULT_REQUEST_READ_TIMEOUT
+}
+pub(super) fn default_image_service_max_connections() -> usize {
+    DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS
 }
 pub(super) fn default_node_key_file() -> PathBuf {
     PathBuf::from(DEFAULT_NODE_KEY_FILE)

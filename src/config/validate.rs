@@ -204,6 +204,12 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at least 1s".into(),
         ));
     }
+    if ic.image_service.max_connections == 0 {
+        return Err(invalid(
+            "ImageCache.ImageService.MaxConnections",
+            "must be at least 1".into(),
+        ));
+    }
     if ic.connection_idle_timeout < Duration::from_secs(1) {
         return Err(invalid(
             "ImageCache.ConnectionIdleTimeout",

@@ -220,11 +220,15 @@ impl Daemon {
     }
 
     fn write_config(&self) {
-        // `Launcher.KEY: value` lines go into the Launcher section the base config has.
+        // `Launcher.KEY: value` lines go into the Launcher section the base config has, and
+        // `ImageService.KEY: value` lines into the ImageService section made below.
         let (launcher, rest): (Vec<&str>, Vec<&str>) = self
             .extra_config
             .lines()
             .partition(|l| l.starts_with("Launcher."));
+        let (service, rest): (Vec<&str>, Vec<&str>) = rest
+            .into_iter()
+            .partition(|l| l.starts_with("ImageService."));
         let launcher: String = launcher
             .iter()
             .map(|l| format!("    {}\n", &l["Launcher.".len()..]))
@@ -236,6 +240,9 @@ impl Daemon {
                 "  ImageService:\n    Socket: {}\n",
                 self.cri_socket().display()
             ));
+            for l in service {
+                extra.push_str(&format!("    {}\n", &l["ImageService.".len()..]));
+            }
         }
         // Daemons share one containerd; only tests about eviction may evict.
         if !self.extra_config.contains("Eviction:") {

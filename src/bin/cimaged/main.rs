@@ -376,13 +376,16 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             background.clone(),
         );
         let bg = background.clone();
+        let max_connections = ic.image_service.max_connections;
+        let abuse = api::abuse::AbuseLog::new("CRI image", metrics.clone());
         info!(socket = %path.display(), upstream = %settings.image_endpoint.display(), "serving the CRI image service");
         background.spawn(async move {
             let shutdown = bg.clone();
-            if let Err(e) = api::cri_image::serve(cri_listener, service, async move {
-                shutdown.shutting_down().await
-            })
-            .await
+            if let Err(e) =
+                api::cri_image::serve(cri_listener, service, max_connections, abuse, async move {
+                    shutdown.shutting_down().await
+                })
+                .await
             {
                 error!("the CRI image service stopped: {e}");
                 bg.begin_shutdown();
