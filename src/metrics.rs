@@ -217,6 +217,20 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "Unix time of the last successful reconciliation of the index with the runtime (0: none yet).",
     ),
     (
+        "cimage_connections_refused_total",
+        Kind::Counter,
+        true,
+        "Connections refused or ended by cimaged, by reason (over_connection_cap, \
+         unidentified_peer, not_root, flood, protocol_error).",
+    ),
+    (
+        "cimage_requests_refused_total",
+        Kind::Counter,
+        true,
+        "API requests ended before they arrived whole, by reason (over_budget: the uid's \
+         unfinished requests would hold more than its budget; read_timeout).",
+    ),
+    (
         "cimage_image_fs_used_ratio",
         Kind::Gauge,
         false,

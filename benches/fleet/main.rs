@@ -9,7 +9,8 @@
 //! Environment: CIMAGE_FLEET_NODES (8), CIMAGE_FLEET_LAYER_MIB (256), CIMAGE_FLEET_DELAY_MS (20,
 //! one way), CIMAGE_FLEET_RATE_MBPS (8, per connection), CIMAGE_FLEET_LINK_MBPS (64, in all),
 //! CIMAGE_FLEET_JITTER_S (20, for the jittered case), CIMAGE_BENCH_ROOTFS (a root filesystem
-//! tar: the Debian-with-python case), CIMAGE_FLEET_ONLY (comma-separated case names).
+//! tar: the Debian-with-python case), CIMAGE_FLEET_ONLY (comma-separated case names),
+//! CIMAGE_FLEET_KEEP=1 (keep the logs and state after the run).
 
 #[path = "../../tests/common/images.rs"]
 #[allow(dead_code)]
@@ -412,4 +413,8 @@ fn main() {
     .unwrap();
     println!();
     println!("numbers: {}", out.join("report.json").display());
+    if std::env::var("CIMAGE_FLEET_KEEP").is_ok_and(|v| v == "1") {
+        let kept = std::mem::replace(&mut f._dir, tempfile::tempdir().unwrap()).keep();
+        eprintln!("fleet: logs and state kept in {}", kept.display());
+    }
 }

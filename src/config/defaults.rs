@@ -56,6 +56,15 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADMIN: usize = 1024;
 /// Default for `ImageCache.ConnectionIdleTimeout`.
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default for `ImageCache.MaxRequestBytesPerUser`: what one uid's API requests that have not
+/// arrived whole may hold at once (64 requests of the 1 MiB limit).
+pub const DEFAULT_MAX_REQUEST_BYTES_PER_USER: u64 = 64 << 20;
+/// Default for `ImageCache.MaxRequestBytesPerAdmin`.
+pub const DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN: u64 = 1 << 30;
+/// Default for `ImageCache.RequestReadTimeout`.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for `ImageCache.ImageService.MaxConnections`.
+pub const DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS: usize = 512;
 /// Default for `ImageCache.Eviction.HighPercent`.
 pub const DEFAULT_HIGH_PERCENT: f64 = 85.0;
 /// Default for `ImageCache.Eviction.LowPercent`.
@@ -121,6 +130,18 @@ pub(super) fn default_max_connections_per_admin() -> usize {
 }
 pub(super) fn default_connection_idle_timeout() -> Duration {
     DEFAULT_CONNECTION_IDLE_TIMEOUT
+}
+pub(super) fn default_max_request_bytes_per_user() -> u64 {
+    DEFAULT_MAX_REQUEST_BYTES_PER_USER
+}
+pub(super) fn default_max_request_bytes_per_admin() -> u64 {
+    DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN
+}
+pub(super) fn default_request_read_timeout() -> Duration {
+    DEFAULT_REQUEST_READ_TIMEOUT
+}
+pub(super) fn default_image_service_max_connections() -> usize {
+    DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS
 }
 pub(super) fn default_node_key_file() -> PathBuf {
     PathBuf::from(DEFAULT_NODE_KEY_FILE)

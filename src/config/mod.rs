@@ -23,18 +23,20 @@ mod sections;
 mod tests;
 mod validate;
 
-use de::de_duration;
+use de::{de_duration, de_size};
 use defaults::*;
 pub use defaults::{
     DEFAULT_CONNECTION_IDLE_TIMEOUT, DEFAULT_CRANE_BASE_DIR, DEFAULT_FORGET_ABSENT_AFTER,
     DEFAULT_HIGH_PERCENT, DEFAULT_HISTORY_KEEP, DEFAULT_HISTORY_MAX_TASKS,
-    DEFAULT_IMAGE_SERVICE_SOCKET, DEFAULT_LOW_PERCENT, DEFAULT_MAX_CONCURRENT_PULLS,
-    DEFAULT_MAX_CONNECTIONS_PER_ADMIN, DEFAULT_MAX_CONNECTIONS_PER_USER,
-    DEFAULT_MAX_LAUNCHES_PER_USER, DEFAULT_MIN_AGE, DEFAULT_NODE_KEY_FILE,
-    DEFAULT_POPULARITY_HALF_LIFE, DEFAULT_PRESENCE_TTL, DEFAULT_PREWARM_CONCURRENCY,
-    DEFAULT_PULL_RETRIES, DEFAULT_PULL_STALL_TIMEOUT, DEFAULT_PULL_TIMEOUT,
-    DEFAULT_RECONCILE_INTERVAL, DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
-    DEFAULT_STOP_GRACE_PERIOD, DEFAULT_TEMP_DIR,
+    DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS, DEFAULT_IMAGE_SERVICE_SOCKET, DEFAULT_LOW_PERCENT,
+    DEFAULT_MAX_CONCURRENT_PULLS, DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
+    DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_MAX_LAUNCHES_PER_USER,
+    DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN, DEFAULT_MAX_REQUEST_BYTES_PER_USER, DEFAULT_MIN_AGE,
+    DEFAULT_NODE_KEY_FILE, DEFAULT_POPULARITY_HALF_LIFE, DEFAULT_PRESENCE_TTL,
+    DEFAULT_PREWARM_CONCURRENCY, DEFAULT_PULL_RETRIES, DEFAULT_PULL_STALL_TIMEOUT,
+    DEFAULT_PULL_TIMEOUT, DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_READ_TIMEOUT,
+    DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_STOP_GRACE_PERIOD,
+    DEFAULT_TEMP_DIR,
 };
 pub use defaults::{
     DEFAULT_EXPECT_GRACE, DEFAULT_EXPECT_MAX_PER_USER, DEFAULT_QUEUE_HORIZON,
@@ -99,6 +101,26 @@ pub struct ImageCacheConfig {
         deserialize_with = "de_duration"
     )]
     pub connection_idle_timeout: Duration,
+    /// Bytes one uid's API requests may hold while they have not arrived whole (root and
+    /// `AdminGroup`: `MaxRequestBytesPerAdmin`); a request past it is refused.
+    #[serde(
+        default = "default_max_request_bytes_per_user",
+        deserialize_with = "de_size"
+    )]
+    pub max_request_bytes_per_user: u64,
+    /// The same for root and members of `AdminGroup`.
+    #[serde(
+        default = "default_max_request_bytes_per_admin",
+        deserialize_with = "de_size"
+    )]
+    pub max_request_bytes_per_admin: u64,
+    /// An API request that has not arrived whole this long after its headers is ended (for a
+    /// streamed request: each message, from its first byte).
+    #[serde(
+        default = "default_request_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub request_read_timeout: Duration,
     /// Group (name or numeric gid) whose members may use admin calls, besides root.
     #[serde(default)]
     pub admin_group: Option<String>,
@@ -196,6 +218,9 @@ impl Default for ImageCacheConfig {
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
             max_connections_per_admin: DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
             connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            max_request_bytes_per_user: DEFAULT_MAX_REQUEST_BYTES_PER_USER,
+            max_request_bytes_per_admin: DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             admin_group: None,
             state_dir: default_state_dir(),
             node_key_file: default_node_key_file(),

@@ -82,6 +82,21 @@ pub const KEYS: &[Key] = &[
         meaning: "an API connection that sends nothing this long is closed (the CLI pings every 30 s during long streams)",
     },
     Key {
+        name: "ImageCache.MaxRequestBytesPerUser",
+        default: Default::Value("64MiB"),
+        meaning: "bytes one uid's API requests may hold while they have not arrived whole (header fields, and each message at its announced length from its prefix on); a call past it ends with `RESOURCE_EXHAUSTED`; at least `2MiB`. An ordinary user's connection also carries at most 16 calls at once (a client's HTTP/2 library queues the rest)",
+    },
+    Key {
+        name: "ImageCache.MaxRequestBytesPerAdmin",
+        default: Default::Value("1GiB"),
+        meaning: "the same for root and `AdminGroup`, whose connections carry 64 calls at once",
+    },
+    Key {
+        name: "ImageCache.RequestReadTimeout",
+        default: Default::Value("30s"),
+        meaning: "an API request that has not arrived whole this long after its headers ends with `DEADLINE_EXCEEDED`; for `ExecStream`, whose request is a stream, each message from its first byte (quiet time between messages is not counted)",
+    },
+    Key {
         name: "ImageCache.StateDir",
         default: Default::Value("cimage/"),
         meaning: "where `index.redb` lives",
@@ -370,6 +385,11 @@ pub const KEYS: &[Key] = &[
         name: "ImageCache.ImageService.Upstream",
         default: Default::Text("`Container.ImageEndpoint`, or `RuntimeEndpoint` when that names cimaged's socket"),
         meaning: "the runtime image endpoint cimaged uses; cimaged's own socket is refused",
+    },
+    Key {
+        name: "ImageCache.ImageService.MaxConnections",
+        default: Default::Value("512"),
+        meaning: "connections the CRI image socket serves at once; the next waits in the listen queue until one closes (told in the log once a minute at most)",
     },
 ];
 

@@ -137,9 +137,19 @@ fn main() {
     }
 }
 
+/// The log level without `CIMAGE_LOG`: cimage's own `info`, and the HTTP/2 library's errors
+/// only. Its warnings are per connection and a peer chooses them (a client that resets streams
+/// in a loop makes one per connection); cimaged tells those itself, once per uid a minute
+/// (`api::abuse`). An explicit `CIMAGE_LOG` (e.g. `info,h2=debug`) still shows them.
+const DEFAULT_LOG: &str = "info,h2=error";
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CIMAGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An empty CIMAGE_LOG (`Environment=CIMAGE_LOG=` in a unit) means the default too.
+    let filter = std::env::var("CIMAGE_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -419,13 +429,16 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             background.clone(),
         );
         let bg = background.clone();
+        let max_connections = ic.image_service.max_connections;
+        let abuse = api::abuse::AbuseLog::new("CRI image", metrics.clone());
         info!(socket = %path.display(), upstream = %settings.image_endpoint.display(), "serving the CRI image service");
         background.spawn(async move {
             let shutdown = bg.clone();
-            if let Err(e) = api::cri_image::serve(cri_listener, service, async move {
-                shutdown.shutting_down().await
-            })
-            .await
+            if let Err(e) =
+                api::cri_image::serve(cri_listener, service, max_connections, abuse, async move {
+                    shutdown.shutting_down().await
+                })
+                .await
             {
                 error!("the CRI image service stopped: {e}");
                 bg.begin_shutdown();
@@ -473,10 +486,13 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let served = api::serve(
         listener,
         gate,
-        images,
-        launcher_api,
-        maintenance,
-        expectations,
+        api::Services {
+            images,
+            launcher: launcher_api,
+            maintenance,
+            expectations,
+        },
+        metrics,
         async move { bg.shutting_down().await },
     )
     .await;

@@ -36,7 +36,8 @@ pub struct Wiring {
     pub runtime_timeout: Duration,
     /// How often the index is reconciled with the runtime.
     pub reconcile_interval: Duration,
-    /// Connections each caller may hold on the API socket, and the idle timeout.
+    /// Connections each caller may hold on the API socket, the idle timeout, and what its
+    /// requests may hold before they have arrived whole.
     pub connections: Limits,
     /// The launcher's mount prefixes, grace period and log directory.
     pub launcher: LauncherSettings,
@@ -189,6 +190,9 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             per_user: ic.max_connections_per_user,
             per_admin: ic.max_connections_per_admin,
             idle: ic.connection_idle_timeout,
+            request_bytes_per_user: ic.max_request_bytes_per_user,
+            request_bytes_per_admin: ic.max_request_bytes_per_admin,
+            request_read_timeout: ic.request_read_timeout,
         },
         launcher: LauncherSettings {
             allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
