@@ -200,13 +200,16 @@ fn redirect(conn: TcpStream, target: &str, count: &AtomicU64) {
 pub fn blob_responses(log: &Path, mark: u64, digest: &str) -> Vec<(u16, u64)> {
     let bytes = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
-    let uri = format!("/blobs/{digest}\"");
+    // The path ends at the digest; a mirror's request may add a query (`?ns=…`).
+    let (ended, queried) = (format!("/blobs/{digest}\""), format!("/blobs/{digest}?"));
     let field = |l: &str, name: &str| -> Option<u64> {
         let at = l.find(name)? + name.len();
         l[at..].split_whitespace().next()?.parse().ok()
     };
     text.lines()
-        .filter(|l| l.contains("msg=\"response completed\"") && l.contains(&uri))
+        .filter(|l| {
+            l.contains("msg=\"response completed\"") && (l.contains(&ended) || l.contains(&queried))
+        })
         .filter_map(|l| {
             Some((
                 field(l, "http.response.status=")? as u16,
