@@ -318,6 +318,14 @@ fn a_slurm_that_does_not_answer_makes_the_source_unhealthy_and_nothing_else() {
     });
     let text = stdout(&d.cli(&["expected"]));
     assert!(text.contains("queue source slurm: UNHEALTHY"), "{text}");
+    // cimage status says so too, and cimaged itself stays healthy.
+    let status = d.cli(&["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(
+        stdout(&status).contains("queue source:     slurm: UNHEALTHY"),
+        "{}",
+        stdout(&status)
+    );
     // Everything else works: a pull, and an expectation said by hand.
     assert_eq!(d.pull_json(&busybox(&tb), None)["image"], busybox(&tb));
     let out = d.cli(&["expect", &busybox(&tb), "--in", "10m"]);
