@@ -65,6 +65,11 @@ struct Outcome {
     nodes: usize,
     /// Seconds from the fire to each node holding the image, sorted.
     ready_s: Vec<f64>,
+    /// Seconds from the fire to each node holding the image's biggest blob (fetched, before
+    /// unpacking), sorted.
+    fetched_s: Vec<f64>,
+    /// One node's cold pull of an image of the same kind through the mirror.
+    one_node_s: f64,
     /// Bytes the upstream served per blob, and each blob's size.
     upstream: Vec<(String, u64, u64)>,
     mirror_peak_connections: usize,
@@ -181,8 +186,21 @@ impl Fleet {
     }
 
     /// Every node warms `p` through `via` from one schedule firing at the same minute.
-    fn warm(&mut self, case: &str, via: Via, image: &Image, jitter_s: u64) -> Outcome {
+    fn warm(
+        &mut self,
+        case: &str,
+        via: Via,
+        image: &Image,
+        jitter_s: u64,
+        one_node_s: f64,
+    ) -> Outcome {
         let p = &image.pushed;
+        let biggest = image
+            .sizes
+            .iter()
+            .max_by_key(|(_, s)| **s)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_default();
         let mirror = self.mirror_addr(via);
         let shared = self.shared_config(via, &p.reference, jitter_s);
         for n in &mut self.nodes {
@@ -203,6 +221,7 @@ impl Fleet {
         std::thread::sleep(wait);
         let fired = Instant::now() - at.elapsed().unwrap_or_default();
         let mut ready: BTreeMap<usize, f64> = BTreeMap::new();
+        let mut fetched: BTreeMap<usize, f64> = BTreeMap::new();
         let mut peak = 0;
         let mut prom = Vec::new();
         let mut last_query = Instant::now() - Duration::from_secs(10);
@@ -215,8 +234,13 @@ impl Fleet {
                 bound.as_secs()
             );
             for (i, n) in self.nodes.iter().enumerate() {
+                if !fetched.contains_key(&i) && n.has_blob(&biggest) {
+                    fetched.insert(i, fired.elapsed().as_secs_f64());
+                }
                 if !ready.contains_key(&i) && n.holds(&p.reference) {
-                    ready.insert(i, fired.elapsed().as_secs_f64());
+                    let t = fired.elapsed().as_secs_f64();
+                    fetched.entry(i).or_insert(t);
+                    ready.insert(i, t);
                 }
             }
             if let Some(port) = port {
@@ -254,13 +278,18 @@ impl Fleet {
         for n in &self.nodes {
             n.cli(&["rm", &p.reference]);
         }
-        let mut ready_s: Vec<f64> = ready.into_values().collect();
-        ready_s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let sorted = |m: BTreeMap<usize, f64>| {
+            let mut v: Vec<f64> = m.into_values().collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v
+        };
         Outcome {
             case: case.to_owned(),
             via,
             nodes: self.nodes.len(),
-            ready_s,
+            ready_s: sorted(ready),
+            fetched_s: sorted(fetched),
+            one_node_s,
             upstream,
             mirror_peak_connections: peak,
             prometheus: prom,
@@ -269,17 +298,20 @@ impl Fleet {
     }
 }
 
-fn report(o: &Outcome, one_node_s: f64) {
+fn report(o: &Outcome) {
     let last = o.ready_s.last().copied().unwrap_or(f64::NAN);
+    let fetched = o.fetched_s.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{:<34} {:<30} {:>5} {:>8.1} s {:>7.1} s {:>7.1} s {:>6.2}x {:>6}",
+        "{:<34} {:<30} {:>5} {:>8.1} s {:>7.1} s {:>7.1} s {:>6.2}x {:>8.1} s {:>6.2}x {:>6}",
         o.case,
         o.via.name(),
         o.nodes,
         last,
         pct(&o.ready_s, 0.5),
         pct(&o.ready_s, 0.99),
-        last / one_node_s,
+        last / o.one_node_s,
+        fetched,
+        fetched / o.one_node_s,
         o.mirror_peak_connections
     );
     for (d, served, size) in &o.upstream {
@@ -363,15 +395,23 @@ fn main() {
             continue;
         }
         let p = f.fresh_image(name, &big());
-        outcomes.push(f.warm(&format!("{name} ({layer_mib} MiB layer)"), via, &p, j));
+        outcomes.push(f.warm(
+            &format!("{name} ({layer_mib} MiB layer)"),
+            via,
+            &p,
+            j,
+            one_node_s,
+        ));
     }
     if let (true, Ok(path)) = (want("debian"), std::env::var("CIMAGE_BENCH_ROOTFS")) {
         let tar = std::fs::read(&path).unwrap_or_else(|e| {
             eprintln!("fleet: CIMAGE_BENCH_ROOTFS={path}: {e}");
             std::process::exit(2)
         });
+        let one = f.fresh_image("debian-one", &[Layer::tarball(tar.clone())]);
+        let debian_one_s = f.one_node(Via::Nginx, &one.pushed.reference);
         let p = f.fresh_image("debian", &[Layer::tarball(tar)]);
-        outcomes.push(f.warm("debian (Debian + python3)", Via::Nginx, &p, 0));
+        outcomes.push(f.warm("debian (Debian + python3)", Via::Nginx, &p, 0, debian_one_s));
     }
 
     println!();
@@ -384,12 +424,17 @@ fn main() {
     println!("one node's cold pull through the nginx mirror: {one_node_s:.1} s");
     println!();
     println!(
-        "{:<34} {:<30} {:>5} {:>10} {:>9} {:>9} {:>7} {:>6}",
-        "case", "via", "nodes", "last warm", "p50", "p99", "/one", "peak"
+        "{:<34} {:<30} {:>5} {:>10} {:>9} {:>9} {:>7} {:>10} {:>7} {:>6}",
+        "case", "via", "nodes", "last warm", "p50", "p99", "/one", "fetched", "/one", "peak"
     );
     for o in &outcomes {
-        report(o, one_node_s);
+        report(o);
     }
+    println!("(/one: over one node's cold pull of the same image through the mirror; fetched: the");
+    println!(
+        " last node's biggest blob in its content store, before unpacking; peak: the mirror's"
+    );
+    println!(" most connections at once)");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fleet");
     std::fs::create_dir_all(&out).unwrap();
     let json = json!({
@@ -401,6 +446,8 @@ fn main() {
             "via": o.via.name(),
             "image_bytes": o.image_bytes,
             "ready_seconds": o.ready_s,
+            "fetched_seconds": o.fetched_s,
+            "one_node_seconds": o.one_node_s,
             "upstream": o.upstream.iter().map(|(d, s, z)| json!({"blob": d, "served_bytes": s, "size_bytes": z})).collect::<Vec<_>>(),
             "mirror_peak_connections": o.mirror_peak_connections,
             "prometheus_ready": o.prometheus,

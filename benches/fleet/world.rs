@@ -244,6 +244,22 @@ state = "{state}"
             .unwrap_or(false)
     }
 
+    /// Whether the node's content store holds blob `digest` whole (fetched and committed,
+    /// whether or not it is unpacked yet).
+    pub fn has_blob(&self, digest: &str) -> bool {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.containerd_sock)
+            .args(["-n", "k8s.io", "content", "ls", "-q"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l == digest)
+            })
+            .unwrap_or(false)
+    }
+
     /// Runs the CLI against this node.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_cimage"))
