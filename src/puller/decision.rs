@@ -72,7 +72,10 @@ impl Puller {
                     |e: &RegistryError| {
                         core.metrics.inc(
                             "cimage_pull_retries_total",
-                            &[("registry", image.registry()), ("reason", e.reason())],
+                            &[
+                                ("registry", core.registry_label(image.registry())),
+                                ("reason", e.reason()),
+                            ],
                         )
                     },
                     || core.registry.resolve(image, creds.credentials.as_ref()),

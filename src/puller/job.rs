@@ -97,6 +97,7 @@ impl PullJob {
     ) -> Result<RuntimeImage, PullError> {
         let started = Instant::now();
         let registry = self.image.registry().to_owned();
+        let label = self.core.registry_label(&registry);
         info!(image = %self.image, %registry, "pull started");
         self.core.metrics.gauge_add("cimage_pulls_in_flight", 1.0);
         let result = tokio::select! {
@@ -117,16 +118,16 @@ impl PullJob {
                 info!(image = %self.image, %registry, bytes = img.size, seconds = secs, "pull finished");
                 self.core.metrics.observe(
                     "cimage_pull_duration_seconds",
-                    &[("registry", &registry)],
+                    &[("registry", label)],
                     secs,
                 );
                 self.core.metrics.inc(
                     "cimage_runtime_pulls_total",
-                    &[("registry", &registry), ("result", "pulled")],
+                    &[("registry", label), ("result", "pulled")],
                 );
                 self.core.metrics.add(
                     "cimage_pulled_bytes_total",
-                    &[("registry", &registry)],
+                    &[("registry", label)],
                     img.size,
                 );
                 self.progress.send_modify(|p| {
@@ -145,11 +146,11 @@ impl PullJob {
                 warn!(image = %self.image, %registry, seconds = secs, error = %e, "pull failed");
                 self.core.metrics.inc(
                     "cimage_runtime_pulls_total",
-                    &[("registry", &registry), ("result", "failed")],
+                    &[("registry", label), ("result", "failed")],
                 );
                 self.core.metrics.inc(
                     "cimage_pull_failures_total",
-                    &[("registry", &registry), ("reason", e.reason())],
+                    &[("registry", label), ("reason", e.reason())],
                 );
                 self.progress.send_modify(|p| {
                     p.phase = Phase::Failed;
@@ -214,7 +215,10 @@ impl PullJob {
         let on_retry = |e: &AttemptError| {
             self.core.metrics.inc(
                 "cimage_pull_retries_total",
-                &[("registry", &registry), ("reason", e.reason())],
+                &[
+                    ("registry", self.core.registry_label(&registry)),
+                    ("reason", e.reason()),
+                ],
             );
         };
         let id = retry(

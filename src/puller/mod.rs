@@ -74,6 +74,10 @@ pub struct PullerSettings {
     /// Whether an `Always` request whose registry cannot be reached is served from the cached
     /// copy (`ImageCache.OnRegistryUnavailable: UseCached`).
     pub use_cached_when_registry_down: bool,
+    /// Registry hosts whose metrics carry their name (the keys of `ImageCache.Registries` and
+    /// their mirrors); every other host is counted as `other`, so that requests naming ever
+    /// new hosts cannot add series without bound.
+    pub labelled_registries: BTreeSet<String>,
 }
 
 impl Default for PullerSettings {
@@ -93,6 +97,7 @@ impl Default for PullerSettings {
             fingerprinter: Arc::new(Fingerprinter::with_key(rand::random())),
             default_policy: crate::policy::DefaultPolicy::default(),
             use_cached_when_registry_down: false,
+            labelled_registries: BTreeSet::new(),
         }
     }
 }
@@ -199,6 +204,20 @@ struct Core {
     global: Arc<Semaphore>,
     /// The pulls waiting for a slot.
     queue: Arc<Queue>,
+}
+
+/// The `registry` label of metrics for anything not in `PullerSettings::labelled_registries`.
+const OTHER_REGISTRY: &str = "other";
+
+impl Core {
+    /// The `registry` label of `host`: its name when it is configured, else `other`.
+    fn registry_label<'a>(&self, host: &'a str) -> &'a str {
+        if self.settings.labelled_registries.contains(host) {
+            host
+        } else {
+            OTHER_REGISTRY
+        }
+    }
 }
 
 /// One request on its way through the decision and the pull: the image, its credentials
@@ -336,7 +355,10 @@ impl Puller {
         if let Err(e @ PullError::Registry { .. }) = &outcome {
             metrics.inc(
                 "cimage_pull_failures_total",
-                &[("registry", image.registry()), ("reason", e.reason())],
+                &[
+                    ("registry", self.core.registry_label(image.registry())),
+                    ("reason", e.reason()),
+                ],
             );
         }
         metrics.observe(
