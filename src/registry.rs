@@ -127,7 +127,8 @@ pub trait Registry: Send + Sync {
 
     /// The image's manifest for this host's platform: its config and layer blobs as stored
     /// (compressed). Their sum is the same measure the runtime reports for images; the layers
-    /// are what a pull downloads.
+    /// are what a pull downloads. Read where the runtime pulls from: the first of the
+    /// registry's mirrors that has it, else the registry.
     async fn manifest(
         &self,
         image: &ImageRef,

@@ -7,6 +7,12 @@
 //! have not moved for `PullStallTimeout` while a layer is still being fetched is cancelled and
 //! retried like any transient failure. Time after the last layer is committed is unpacking,
 //! never a stall; a runtime that reports no bytes is bounded by `PullTimeout` alone.
+//!
+//! From the moment it has its slot, and again at each retry, a pull has `PullResolveTimeout`
+//! to show that its registry answers (a registry that accepts connections and never answers
+//! would otherwise hold a slot until `PullTimeout`): cimage's read of its manifest, then,
+//! where the runtime reports bytes, a download of one of its layers. A pull whose manifest
+//! cimage could not read has only its end to show. One that shows nothing fails at once.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +23,7 @@ use tracing::{info, warn};
 
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
+use super::share::Claim;
 use super::{Core, FlightKey, Flights, PullError};
 use crate::cache::Reservation;
 use crate::credentials::Credentials;
@@ -38,6 +45,8 @@ enum AttemptError {
     Runtime(RuntimeError),
     /// The bytes stopped moving.
     Stalled,
+    /// Nothing showed that the registry answers within `PullResolveTimeout`.
+    Unresolved,
 }
 
 impl Transient for AttemptError {
@@ -45,6 +54,7 @@ impl Transient for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.is_transient(),
             AttemptError::Stalled => true,
+            AttemptError::Unresolved => false,
         }
     }
     fn is_outage(&self) -> bool {
@@ -57,6 +67,9 @@ impl std::fmt::Display for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.fmt(f),
             AttemptError::Stalled => f.write_str("no progress (ImageCache.PullStallTimeout)"),
+            AttemptError::Unresolved => {
+                f.write_str("no layer bytes (ImageCache.PullResolveTimeout)")
+            }
         }
     }
 }
@@ -67,6 +80,7 @@ impl AttemptError {
         match self {
             AttemptError::Runtime(e) => e.reason(),
             AttemptError::Stalled => "stalled",
+            AttemptError::Unresolved => "unresolved",
         }
     }
 }
@@ -84,6 +98,8 @@ pub(super) struct PullJob {
     pub(super) per_registry: Arc<Semaphore>,
     /// What its requesters read of it.
     pub(super) progress: Arc<watch::Sender<PullProgress>>,
+    /// Whose share of the slots it counts against.
+    pub(super) claim: Arc<Claim>,
 }
 
 impl PullJob {
@@ -111,6 +127,7 @@ impl PullJob {
                 image: self.image.to_string(),
             }),
         };
+        self.claim.release();
         self.core.metrics.gauge_add("cimage_pulls_in_flight", -1.0);
         let secs = started.elapsed().as_secs_f64();
         match &result {
@@ -163,8 +180,22 @@ impl PullJob {
         result
     }
 
-    /// Takes the registry's and the node's pull slots, queueing visibly when they are taken.
+    /// Takes a user's share when the pull counts against one (waiting outside the node's line
+    /// while its users' shares are taken), then the registry's and the node's pull slots,
+    /// queueing visibly when they are taken.
     async fn take_slots(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+        self.claim
+            .take(&self.core.shares, |users| {
+                self.progress.send_modify(|p| {
+                    p.phase = Phase::Queued;
+                    p.queue_position = 0;
+                });
+                info!(image = %self.image, ?users, "pull waits: its users hold their share of the pull slots (ImageCache.MaxPullsPerUser)");
+            })
+            .await;
+        if let Some(uid) = self.claim.holder() {
+            tracing::debug!(image = %self.image, uid, "pull counts against the user's share");
+        }
         if let Ok(r) = Arc::clone(&self.per_registry).try_acquire_owned() {
             if let Ok(g) = Arc::clone(&self.core.global).try_acquire_owned() {
                 return (r, g);
@@ -190,17 +221,21 @@ impl PullJob {
             p.phase = Phase::Resolving;
             p.queue_position = 0;
         });
+        // From here the registry has PullResolveTimeout to show that it answers.
+        let resolve = self.core.settings.resolve_timeout;
+        let mut window_end = tokio::time::Instant::now() + resolve;
         // One look at the runtime's downloads says whether it reports bytes at all.
         let bytes_known = self.core.settings.byte_progress
             && matches!(self.core.runtime.downloads().await, Ok(Some(_)));
-        let manifest = if bytes_known || self.core.cache.eviction_enabled() {
-            self.manifest().await
-        } else {
-            None
-        };
+        let manifest = tokio::time::timeout_at(window_end, self.manifest())
+            .await
+            .map_err(|_| self.unresolved("sent no manifest"))?;
         // Room is made once the pull may start, for pulls that will really happen now, and
-        // held until the pull ends.
+        // held until the pull ends. That is the node's time, not the registry's.
+        let making_room = tokio::time::Instant::now();
         let _room = self.make_room(manifest.as_ref()).await?;
+        window_end += making_room.elapsed();
+        let manifest_known = manifest.is_some();
         let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
         if bytes_known {
             self.held_layers(&tracker, &[]).await;
@@ -235,7 +270,11 @@ impl PullJob {
                     });
                 }
                 tracing::debug!(image = %name, attempt, "calling PullImage");
-                self.attempt(&tracker, bytes_known)
+                let window_end = match attempt {
+                    1 => window_end,
+                    _ => tokio::time::Instant::now() + resolve,
+                };
+                self.attempt(&tracker, bytes_known, manifest_known, window_end)
             },
         )
         .await
@@ -245,6 +284,10 @@ impl PullJob {
                 registry: registry.clone(),
                 after: format_span(self.core.settings.stall_timeout),
             },
+            AttemptError::Unresolved => self.unresolved(match manifest_known {
+                true => "sent no layer bytes",
+                false => "sent no readable manifest and no image",
+            }),
             AttemptError::Runtime(source) => PullError::Runtime {
                 image: name.clone(),
                 what: "pull",
@@ -267,11 +310,15 @@ impl PullJob {
     }
 
     /// One `PullImage`, watched: its bytes are published as they move, and it is cancelled
-    /// when they stop moving for the stall timeout while a layer is still being fetched.
+    /// when they stop moving for the stall timeout while a layer is still being fetched, or
+    /// when it has shown nothing of the registry by `window_end` (its layers not downloading;
+    /// without the manifest, not done).
     async fn attempt(
         &self,
         tracker: &Mutex<Tracker>,
         bytes_known: bool,
+        manifest_known: bool,
+        window_end: tokio::time::Instant,
     ) -> Result<String, AttemptError> {
         let name = self.image.to_string();
         let pull = self
@@ -280,7 +327,14 @@ impl PullJob {
             .pull_image(&name, self.credentials.as_ref());
         tokio::pin!(pull);
         if !bytes_known {
-            return pull.await.map_err(AttemptError::Runtime);
+            // Without bytes, the manifest read is the one sign of a registry that answers.
+            if manifest_known {
+                return pull.await.map_err(AttemptError::Runtime);
+            }
+            return match tokio::time::timeout_at(window_end, pull).await {
+                Ok(r) => r.map_err(AttemptError::Runtime),
+                Err(_) => Err(AttemptError::Unresolved),
+            };
         }
         let mut tick = tokio::time::interval(poll_interval(self.core.settings.stall_timeout));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -307,11 +361,14 @@ impl PullJob {
                         // Nothing moved: a layer may have come and gone between two looks.
                         self.held_layers(tracker, &ingests).await;
                     }
-                    let (done, fetching) = {
+                    let (done, fetching, under_way) = {
                         let t = tracker.lock().unwrap();
                         self.progress.send_modify(|p| t.fill(p));
-                        (t.done(), !t.all_committed() && (t.has_layers() || !ingests.is_empty()))
+                        (t.done(), !t.all_committed() && (t.has_layers() || !ingests.is_empty()), t.under_way())
                     };
+                    if !under_way && tokio::time::Instant::now() >= window_end {
+                        return Err(AttemptError::Unresolved);
+                    }
                     if done != last_done {
                         last_move = now;
                         last_done = done;
@@ -338,6 +395,17 @@ impl PullJob {
             if let Ok(Some(true)) = self.core.runtime.has_blob(&digest).await {
                 tracker.lock().unwrap().committed(&digest);
             }
+        }
+    }
+
+    /// The pull's failure for a registry that showed nothing (`what` it did not send) within
+    /// `PullResolveTimeout`.
+    fn unresolved(&self, what: &'static str) -> PullError {
+        PullError::Unresolved {
+            image: self.image.to_string(),
+            registry: self.image.registry().to_owned(),
+            what,
+            after: format_span(self.core.settings.resolve_timeout),
         }
     }
 

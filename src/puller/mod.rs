@@ -4,8 +4,10 @@
 //! Pulls are single-flight per (image, credential fingerprint): N concurrent requests for one cold
 //! image cause one `PullImage`, whose result they all share. The pull runs in its own task, so a
 //! requester that goes away does not cancel it for the others. A global limit and a per-registry
-//! limit bound how many pulls run at once; transient failures are retried with exponential backoff;
-//! the whole request has a deadline (`PullTimeout`).
+//! limit bound how many pulls run at once, and a user who is not an admin holds at most its
+//! share of them (`MaxPullsPerUser`); a pull whose registry sends neither its manifest nor any
+//! bytes for `PullResolveTimeout` fails; transient failures are retried with exponential
+//! backoff; the whole request has a deadline (`PullTimeout`).
 
 mod decision;
 mod error;
@@ -15,6 +17,7 @@ mod local;
 pub mod progress;
 mod queue;
 mod retry;
+mod share;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +43,8 @@ pub use error::PullError;
 pub use flight::InFlight;
 pub use progress::{LayerProgress, Phase, PullProgress};
 use queue::Queue;
+pub use share::SlotOwner;
+use share::{Claim, Shares};
 
 /// First backoff delay of a retry; doubled on each further retry (not a key of the file: the
 /// other defaults of [`PullerSettings`] are the file's, from [`crate::config`]).
@@ -50,10 +55,17 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 pub struct PullerSettings {
     /// Pulls that may run at once on the node.
     pub max_concurrent_pulls: usize,
+    /// Of those, how many one user who is neither root nor an admin may hold
+    /// (`MaxPullsPerUser`).
+    pub max_pulls_per_user: usize,
     /// Per registry host, pulls that may run at once (default: the global limit).
     pub per_registry: HashMap<String, usize>,
     /// Deadline for one request, retries included.
     pub pull_timeout: Duration,
+    /// How long a pull (from its slot, and each retry from its start) may go without showing
+    /// that its registry answers: its manifest read, and its first layer bytes where the
+    /// runtime reports bytes (`PullResolveTimeout`).
+    pub resolve_timeout: Duration,
     /// An attempt whose download bytes have not moved for this long, while a layer is still
     /// being fetched, is cancelled and retried (only where the runtime reports bytes).
     pub stall_timeout: Duration,
@@ -84,8 +96,10 @@ impl Default for PullerSettings {
     fn default() -> Self {
         Self {
             max_concurrent_pulls: config::DEFAULT_MAX_CONCURRENT_PULLS,
+            max_pulls_per_user: config::DEFAULT_MAX_PULLS_PER_USER,
             per_registry: HashMap::new(),
             pull_timeout: config::DEFAULT_PULL_TIMEOUT,
+            resolve_timeout: config::DEFAULT_PULL_RESOLVE_TIMEOUT,
             stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             byte_progress: true,
             retries: config::DEFAULT_PULL_RETRIES,
@@ -179,16 +193,21 @@ struct FlightEntry {
     credentialed: bool,
     /// Uids of the API callers that joined it.
     uids: Arc<Mutex<BTreeSet<u32>>>,
+    /// Whose share of the slots it counts against.
+    claim: Arc<Claim>,
 }
 
 /// The pulls in flight, by key.
 type Flights = Arc<Mutex<HashMap<FlightKey, FlightEntry>>>;
 
-/// Who asks for a pull: the API caller (if any) and where its progress goes.
-#[derive(Debug, Default)]
+/// Who asks for a pull: the API caller (if any), whose share of the slots it counts against,
+/// and where its progress goes.
+#[derive(Debug)]
 struct Requester {
     /// The caller's uid.
     pub uid: Option<u32>,
+    /// Whose share of the slots a pull for it counts against.
+    pub owner: SlotOwner,
     /// Where the pull's progress goes.
     pub progress: Option<ProgressSink>,
 }
@@ -204,6 +223,8 @@ struct Core {
     global: Arc<Semaphore>,
     /// The pulls waiting for a slot.
     queue: Arc<Queue>,
+    /// Each user's share of the slots.
+    shares: Shares,
 }
 
 /// The `registry` label of metrics for anything not in `PullerSettings::labelled_registries`.
@@ -277,6 +298,7 @@ impl Puller {
         let core = Core {
             global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
             queue: Arc::new(Queue::new(Arc::clone(&metrics))),
+            shares: Shares::new(settings.max_pulls_per_user),
             runtime,
             registry,
             cache,
@@ -295,12 +317,24 @@ impl Puller {
     /// the last one (done or failed) included, before the outcome returns.
     pub async fn ensure_watched(
         &self,
+        req: EnsureRequest,
+        on_progress: impl FnMut(PullProgress),
+    ) -> Result<Ensured, PullError> {
+        self.ensure_watched_for(req, SlotOwner::Node, on_progress)
+            .await
+    }
+
+    /// [`Puller::ensure_watched`] for a request whose pull counts against `owner`'s share of
+    /// the slots.
+    pub async fn ensure_watched_for(
+        &self,
         mut req: EnsureRequest,
+        owner: SlotOwner,
         mut on_progress: impl FnMut(PullProgress),
     ) -> Result<Ensured, PullError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         req.progress = Some(tx);
-        let ensure = self.ensure(req);
+        let ensure = self.ensure_for(req, owner);
         tokio::pin!(ensure);
         let outcome = loop {
             tokio::select! {
@@ -314,10 +348,21 @@ impl Puller {
         outcome
     }
 
-    /// Makes `req.image` ready according to the policy and records the use. An image id
-    /// (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is looked up
-    /// in the runtime and never pulled.
+    /// Makes `req.image` ready according to the policy and records the use, as the node's own
+    /// work (its pull, if one is needed, waits in the node's line under no user's share). An
+    /// image id (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is
+    /// looked up in the runtime and never pulled.
     pub async fn ensure(&self, req: EnsureRequest) -> Result<Ensured, PullError> {
+        self.ensure_for(req, SlotOwner::Node).await
+    }
+
+    /// [`Puller::ensure`] for a request whose pull counts against `owner`'s share of the
+    /// slots: a caller who is neither root nor an admin holds at most `MaxPullsPerUser`.
+    pub async fn ensure_for(
+        &self,
+        req: EnsureRequest,
+        owner: SlotOwner,
+    ) -> Result<Ensured, PullError> {
         let started = Instant::now();
         if crate::reference::local_image_id(&req.image).is_some() {
             return self.ensure_local(req, started).await;
@@ -331,6 +376,7 @@ impl Puller {
         };
         let who = Requester {
             uid: req.requester,
+            owner,
             progress: req.progress.clone(),
         };
         let ask = PullContext {

@@ -147,6 +147,8 @@ pub(super) struct Tracker {
     loose: HashMap<String, (u64, u64)>,
     rate: f64,
     last: Option<(Instant, u64)>,
+    /// One of the layers was seen downloading, or arrived, in the current attempt.
+    moved: bool,
 }
 
 impl Tracker {
@@ -186,6 +188,7 @@ impl Tracker {
     /// Marks a layer the runtime holds as whole.
     pub(super) fn committed(&mut self, digest: &str) {
         for l in self.layers.iter_mut().filter(|l| l.digest == digest) {
+            self.moved |= !l.committed;
             l.committed = true;
             l.done = l.total;
         }
@@ -198,6 +201,14 @@ impl Tracker {
         for l in self.layers.iter_mut().filter(|l| !l.committed) {
             l.seen = false;
         }
+        self.moved = false;
+    }
+
+    /// The runtime is under way with this attempt: one of the layers downloaded or arrived
+    /// in it, or every layer is in already (what is left is the runtime's own unpacking).
+    /// Never while the layers are unknown.
+    pub(super) fn under_way(&self) -> bool {
+        self.moved || self.all_committed()
     }
 
     /// Takes in one look at the runtime's ingests.
@@ -207,6 +218,7 @@ impl Tracker {
                 // Fetched again: whatever made it look committed, it is not.
                 Some(i) => {
                     l.seen = true;
+                    self.moved = true;
                     l.committed = false;
                     l.done = i.offset.min(l.total);
                 }

@@ -322,51 +322,25 @@ fn host_architecture() -> &'static str {
     }
 }
 
-#[async_trait]
-impl Registry for OciRegistry {
-    async fn resolve(
-        &self,
-        image: &ImageRef,
-        credentials: Option<&Credentials>,
-    ) -> Result<String, RegistryError> {
-        let mirrors = self
+impl OciRegistry {
+    /// The hosts asked about `image`, in order: its registry's mirrors, then the registry.
+    fn hosts_of(&self, image: &ImageRef) -> Vec<String> {
+        let mut hosts = self
             .hosts
             .get(image.registry())
             .map(|r| r.mirrors.clone())
             .unwrap_or_default();
-        let wanted = wanted(image);
-        let registry = image.registry().to_owned();
-        for host in mirrors.iter().chain(std::iter::once(&registry)) {
-            let found: Result<String, RegistryError> = async {
-                let (digest, _) = self.fetch(image, host, credentials, &wanted, true).await?;
-                match digest {
-                    Some(d) => Ok(d),
-                    // No digest header: the digest of the manifest's bytes.
-                    None => {
-                        use sha2::{Digest, Sha256};
-                        let (_, body) =
-                            self.fetch(image, host, credentials, &wanted, false).await?;
-                        Ok(format!("sha256:{:x}", Sha256::digest(&body)))
-                    }
-                }
-            }
-            .await;
-            match found {
-                Err(e) if host != &registry => {
-                    tracing::debug!(mirror = %host, image = %image, "mirror did not resolve, trying the next: {}", e.what);
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the registry itself is the last host tried")
+        hosts.push(image.registry().to_owned());
+        hosts
     }
 
-    async fn manifest(
+    /// The manifest of `image` for this host's platform, read from `host`.
+    async fn manifest_at(
         &self,
         image: &ImageRef,
+        host: &str,
         credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
-        let host = image.registry();
         let (_, body) = self
             .fetch(image, host, credentials, &wanted(image), false)
             .await?;
@@ -410,5 +384,58 @@ impl Registry for OciRegistry {
                 "no config or layer descriptors with digest and size",
             )),
         }
+    }
+}
+
+#[async_trait]
+impl Registry for OciRegistry {
+    async fn resolve(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<String, RegistryError> {
+        let wanted = wanted(image);
+        let registry = image.registry().to_owned();
+        for host in &self.hosts_of(image) {
+            let found: Result<String, RegistryError> = async {
+                let (digest, _) = self.fetch(image, host, credentials, &wanted, true).await?;
+                match digest {
+                    Some(d) => Ok(d),
+                    // No digest header: the digest of the manifest's bytes.
+                    None => {
+                        use sha2::{Digest, Sha256};
+                        let (_, body) =
+                            self.fetch(image, host, credentials, &wanted, false).await?;
+                        Ok(format!("sha256:{:x}", Sha256::digest(&body)))
+                    }
+                }
+            }
+            .await;
+            match found {
+                Err(e) if host != &registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not resolve, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
+    }
+
+    async fn manifest(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<ImageManifest, RegistryError> {
+        // Where the runtime pulls from: the mirrors first, as for tags.
+        let registry = image.registry();
+        for host in &self.hosts_of(image) {
+            match self.manifest_at(image, host, credentials).await {
+                Err(e) if host != registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not give the manifest, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
     }
 }

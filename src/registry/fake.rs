@@ -23,9 +23,18 @@ pub struct FakeRegistry {
     pub sizes: Mutex<HashMap<String, u64>>,
     /// Number of `manifest` calls.
     pub size_checks: AtomicUsize,
+    /// References whose requests are never answered (a registry that accepts and hangs).
+    pub silent: Mutex<std::collections::HashSet<String>>,
 }
 
 impl FakeRegistry {
+    /// Never answers requests about `image` while it is silent.
+    async fn hang_if_silent(&self, image: &ImageRef) {
+        if self.silent.lock().unwrap().contains(&image.to_string()) {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Sets what `reference` resolves to.
     pub fn set(&self, reference: &str, digest: &str) {
         self.digests
@@ -43,6 +52,7 @@ impl Registry for FakeRegistry {
         _credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
         self.resolves.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
         let err = |kind, what| RegistryError::new(image, kind, what, "fake");
         if self.down.load(Ordering::SeqCst) {
             return Err(err(RegistryErrorKind::Unreachable, "unreachable"));
@@ -61,6 +71,7 @@ impl Registry for FakeRegistry {
         _credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
         self.size_checks.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
         self.sizes
             .lock()
             .unwrap()

@@ -81,7 +81,9 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 .iter()
                 .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
                 .collect::<HashMap<_, _>>(),
+            max_pulls_per_user: ic.max_pulls_per_user,
             pull_timeout: ic.pull_timeout,
+            resolve_timeout: ic.pull_resolve_timeout,
             stall_timeout: ic.pull_stall_timeout,
             byte_progress: ic.pull_byte_progress,
             retries: ic.pull_retries,
