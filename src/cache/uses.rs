@@ -61,6 +61,7 @@ impl Cache {
             pulled: false,
             verified: false,
             requester: None,
+            measured: None,
         })
         .await
     }

@@ -13,7 +13,7 @@ use super::progress::PullProgress;
 use super::queue::Joined;
 use super::share::Claim;
 use super::{Flight, FlightEntry, FlightKey, PullContext, PullError, Puller, Resolved};
-use crate::runtime::{RuntimeError, RuntimeImage};
+use crate::runtime::RuntimeError;
 
 /// A pull in flight as `cimage pulls` shows it.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ impl Puller {
         &self,
         ask: &PullContext<'_>,
         creds: &Resolved,
-    ) -> Result<RuntimeImage, PullError> {
+    ) -> Result<super::Pulled, PullError> {
         let (image, who) = (ask.image, ask.who);
         let credentials = creds.credentials.as_ref();
         let fingerprint = creds.fingerprint.as_deref();

@@ -1,6 +1,6 @@
 //! One pull, shared by every request that joined it ([`PullJob`]): it waits for a slot, makes
-//! room (and holds it), pulls through the runtime with retries while following its bytes, and
-//! reads back what landed.
+//! room (and holds it; see `room.rs`), pulls through the runtime with retries while following
+//! its bytes, and reads back what landed.
 //!
 //! While the runtime pulls, the job looks at the runtime's downloads every
 //! [`poll_interval`]: the bytes feed the pull's [`PullProgress`], and an attempt whose bytes
@@ -23,13 +23,13 @@ use tracing::{info, warn};
 
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
+use super::room::Room;
 use super::share::Claim;
-use super::{Core, FlightKey, Flights, PullError};
-use crate::cache::Reservation;
+use super::{Core, FlightKey, Flights, PullError, Pulled};
 use crate::credentials::Credentials;
 use crate::reference::ImageRef;
 use crate::registry::ImageManifest;
-use crate::runtime::{Ingest, RuntimeError, RuntimeImage};
+use crate::runtime::{Ingest, RuntimeError};
 use crate::units::format_span;
 
 /// How often a pull looks at the runtime's downloads: twice a second, or more often for a stall
@@ -47,6 +47,8 @@ enum AttemptError {
     Stalled,
     /// Nothing showed that the registry answers within `PullResolveTimeout`.
     Unresolved,
+    /// The bytes that arrived do not fit.
+    NoRoom(PullError),
 }
 
 impl Transient for AttemptError {
@@ -54,7 +56,7 @@ impl Transient for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.is_transient(),
             AttemptError::Stalled => true,
-            AttemptError::Unresolved => false,
+            AttemptError::Unresolved | AttemptError::NoRoom(_) => false,
         }
     }
     fn is_outage(&self) -> bool {
@@ -70,6 +72,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Unresolved => {
                 f.write_str("no layer bytes (ImageCache.PullResolveTimeout)")
             }
+            AttemptError::NoRoom(e) => e.fmt(f),
         }
     }
 }
@@ -81,6 +84,7 @@ impl AttemptError {
             AttemptError::Runtime(e) => e.reason(),
             AttemptError::Stalled => "stalled",
             AttemptError::Unresolved => "unresolved",
+            AttemptError::NoRoom(_) => "no_room",
         }
     }
 }
@@ -102,6 +106,16 @@ pub(super) struct PullJob {
     pub(super) claim: Arc<Claim>,
 }
 
+/// What an attempt follows: the layers' bytes (when the runtime reports them), whether the
+/// manifest is known, and the room that grows with the bytes.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    tracker: &'a Mutex<Tracker>,
+    bytes_known: bool,
+    manifest_known: bool,
+    room: &'a Room,
+}
+
 impl PullJob {
     /// Runs the pull (until it ends or shutdown begins), publishes its end, then takes its
     /// flight off the map so later requests start afresh.
@@ -110,7 +124,7 @@ impl PullJob {
         inflight: Flights,
         key: FlightKey,
         stop: CancellationToken,
-    ) -> Result<RuntimeImage, PullError> {
+    ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         let registry = self.image.registry().to_owned();
         let label = self.core.registry_label(&registry);
@@ -131,7 +145,7 @@ impl PullJob {
         self.core.metrics.gauge_add("cimage_pulls_in_flight", -1.0);
         let secs = started.elapsed().as_secs_f64();
         match &result {
-            Ok(img) => {
+            Ok(Pulled { image: img, .. }) => {
                 info!(image = %self.image, %registry, bytes = img.size, seconds = secs, "pull finished");
                 self.core.metrics.observe(
                     "cimage_pull_duration_seconds",
@@ -214,7 +228,7 @@ impl PullJob {
         (r, g)
     }
 
-    async fn pull(&self) -> Result<RuntimeImage, PullError> {
+    async fn pull(&self) -> Result<Pulled, PullError> {
         let name = self.image.to_string();
         let _slots = self.take_slots().await;
         self.progress.send_modify(|p| {
@@ -230,10 +244,20 @@ impl PullJob {
         let manifest = tokio::time::timeout_at(window_end, self.manifest())
             .await
             .map_err(|_| self.unresolved("sent no manifest"))?;
+        // The node's work makes room before the pull for what it really brings (the blobs'
+        // lengths asked of the registry); a user's pull, as its bytes arrive.
+        let checked = match (&manifest, self.claim.for_node()) {
+            (Some(m), true) if self.core.cache.eviction_enabled() => Some(
+                tokio::time::timeout_at(window_end, self.checked_size(m))
+                    .await
+                    .map_err(|_| self.unresolved("sent no blob lengths"))?,
+            ),
+            _ => None,
+        };
         // Room is made once the pull may start, for pulls that will really happen now, and
         // held until the pull ends. That is the node's time, not the registry's.
         let making_room = tokio::time::Instant::now();
-        let _room = self.make_room(manifest.as_ref()).await?;
+        let room = self.make_room(manifest.as_ref(), checked).await?;
         window_end += making_room.elapsed();
         let manifest_known = manifest.is_some();
         let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
@@ -274,7 +298,13 @@ impl PullJob {
                     1 => window_end,
                     _ => tokio::time::Instant::now() + resolve,
                 };
-                self.attempt(&tracker, bytes_known, manifest_known, window_end)
+                let watch = Watch {
+                    tracker: &tracker,
+                    bytes_known,
+                    manifest_known,
+                    room: &room,
+                };
+                self.attempt(watch, window_end)
             },
         )
         .await
@@ -288,6 +318,7 @@ impl PullJob {
                 true => "sent no layer bytes",
                 false => "sent no readable manifest and no image",
             }),
+            AttemptError::NoRoom(e) => e,
             AttemptError::Runtime(source) => PullError::Runtime {
                 image: name.clone(),
                 what: "pull",
@@ -300,26 +331,35 @@ impl PullJob {
             source,
         };
         let status = self.core.runtime.image_status(&id).await.map_err(err)?;
-        status.ok_or_else(|| {
+        let image = status.ok_or_else(|| {
             err(RuntimeError {
                 op: "ImageStatus",
                 kind: crate::runtime::RuntimeErrorKind::NotFound,
                 message: format!("image {id} vanished right after it was pulled"),
             })
-        })
+        })?;
+        let measured = match &manifest {
+            Some(m) => Some(self.measure(m).await),
+            None => None,
+        };
+        Ok(Pulled { image, measured })
     }
 
-    /// One `PullImage`, watched: its bytes are published as they move, and it is cancelled
-    /// when they stop moving for the stall timeout while a layer is still being fetched, or
-    /// when it has shown nothing of the registry by `window_end` (its layers not downloading;
-    /// without the manifest, not done).
+    /// One `PullImage`, watched: its bytes are published as they move (and room made for
+    /// them, for a pull whose room grows), and it is cancelled when they stop moving for the
+    /// stall timeout while a layer is still being fetched, or when it has shown nothing of the
+    /// registry by `window_end` (its layers not downloading; without the manifest, not done).
     async fn attempt(
         &self,
-        tracker: &Mutex<Tracker>,
-        bytes_known: bool,
-        manifest_known: bool,
+        watch: Watch<'_>,
         window_end: tokio::time::Instant,
     ) -> Result<String, AttemptError> {
+        let Watch {
+            tracker,
+            bytes_known,
+            manifest_known,
+            room,
+        } = watch;
         let name = self.image.to_string();
         let pull = self
             .core
@@ -369,6 +409,8 @@ impl PullJob {
                     if !under_way && tokio::time::Instant::now() >= window_end {
                         return Err(AttemptError::Unresolved);
                     }
+                    let arrived = tracker.lock().unwrap().fetched();
+                    self.grow_room(room, arrived).await.map_err(AttemptError::NoRoom)?;
                     if done != last_done {
                         last_move = now;
                         last_done = done;
@@ -424,27 +466,5 @@ impl PullJob {
                 None
             }
         }
-    }
-
-    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
-    /// fails when it cannot fit. Done once per pull, however many requests share it. An image
-    /// whose size the registry does not tell is pulled without the check (the periodic gc
-    /// catches up).
-    async fn make_room(
-        &self,
-        manifest: Option<&ImageManifest>,
-    ) -> Result<Option<Reservation>, PullError> {
-        let (true, Some(m)) = (self.core.cache.eviction_enabled(), manifest) else {
-            return Ok(None);
-        };
-        self.core
-            .cache
-            .make_room(m.size())
-            .await
-            .map(Some)
-            .map_err(|e| PullError::NoRoom {
-                image: self.image.to_string(),
-                source: Arc::new(e),
-            })
     }
 }

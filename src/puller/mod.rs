@@ -17,6 +17,7 @@ mod local;
 pub mod progress;
 mod queue;
 mod retry;
+mod room;
 mod share;
 #[cfg(test)]
 mod tests;
@@ -176,8 +177,16 @@ pub struct Ensured {
 /// A pull's identity: the image and the fingerprint of its credentials.
 type FlightKey = (String, Option<String>);
 
+/// What a real pull brought: the image as the runtime reports it, and what its blobs were
+/// measured to hold (when its manifest was known).
+#[derive(Debug, Clone)]
+struct Pulled {
+    image: RuntimeImage,
+    measured: Option<u64>,
+}
+
 /// A pull's outcome, shared by everyone who waits on it.
-type Flight = Shared<BoxFuture<'static, Result<RuntimeImage, PullError>>>;
+type Flight = Shared<BoxFuture<'static, Result<Pulled, PullError>>>;
 
 /// Where a requester's view of a pull goes: every change of the pull's progress is sent.
 pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<PullProgress>;
@@ -274,6 +283,8 @@ struct Outcome {
     verified: bool,
     /// Served unchecked because the registry could not be reached (`UseCached`).
     stale: bool,
+    /// What a pull measured the image's blobs to hold.
+    measured: Option<u64>,
 }
 
 /// The puller. Cheap to share behind an `Arc`.
@@ -426,6 +437,7 @@ impl Puller {
             action,
             verified,
             stale,
+            measured,
         } = outcome?;
         // Never looked up: the use was of a public image, which records no fingerprint.
         let fingerprint = credentials
@@ -449,6 +461,7 @@ impl Puller {
                 pulled: action == Action::Pulled,
                 verified,
                 requester: req.requester,
+                measured,
             })
             .await
             .map_err(|e: CacheError| PullError::Index {

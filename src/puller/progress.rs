@@ -137,6 +137,8 @@ struct Layer {
     seen: bool,
     /// In the runtime's content store: whole.
     committed: bool,
+    /// The most bytes of it seen downloaded (what really arrived, whatever its claimed size).
+    fetched: u64,
 }
 
 /// Follows a pull's layers through the runtime's ingests.
@@ -165,6 +167,7 @@ impl Tracker {
                         done: 0,
                         seen: false,
                         committed: false,
+                        fetched: 0,
                     })
                     .collect()
             })
@@ -221,6 +224,7 @@ impl Tracker {
                     self.moved = true;
                     l.committed = false;
                     l.done = i.offset.min(l.total);
+                    l.fetched = l.fetched.max(l.done);
                 }
                 // Seen in this attempt, now gone: committed.
                 None if l.seen && !l.committed => {
@@ -249,6 +253,13 @@ impl Tracker {
             }
         }
         self.last = Some((now, done));
+    }
+
+    /// Bytes seen downloading for the layers, each at the most seen (a layer the runtime held
+    /// already, or one that came and went between two looks, counts nothing): what has
+    /// really arrived, whatever the manifest claims.
+    pub(super) fn fetched(&self) -> u64 {
+        self.layers.iter().map(|l| l.fetched).sum()
     }
 
     /// Layer bytes in so far.

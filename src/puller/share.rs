@@ -103,6 +103,11 @@ impl Claim {
         self.changed.notify_waiters();
     }
 
+    /// The node's own work asked for the pull (it counts for no user).
+    pub(super) fn for_node(&self) -> bool {
+        self.state.lock().unwrap().node
+    }
+
     /// The user whose share the pull holds, if any.
     pub(super) fn holder(&self) -> Option<u32> {
         self.state

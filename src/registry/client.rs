@@ -269,7 +269,7 @@ impl OciRegistry {
                 .await
                 .map_err(|f| classify::failed(image, f))?;
             match answer {
-                http::Answer::Found { digest, body } => {
+                http::Answer::Found { digest, body, .. } => {
                     // What was asked by digest must be what came (a registry on plain HTTP,
                     // or a mirror, could send anything).
                     if !head {
@@ -323,6 +323,54 @@ fn host_architecture() -> &'static str {
 }
 
 impl OciRegistry {
+    /// The length of blob `digest` of `image` at `host`, from a HEAD. A refused token is
+    /// renewed once.
+    async fn blob_length_at(
+        &self,
+        image: &ImageRef,
+        host: &str,
+        credentials: Option<&Credentials>,
+        digest: &str,
+    ) -> Result<u64, RegistryError> {
+        let at = image.to_oci_at(host);
+        let insecure = self.hosts.get(host).is_some_and(|r| r.insecure);
+        let url = format!(
+            "{}://{}/v2/{}/blobs/{digest}",
+            if insecure { "http" } else { "https" },
+            at.resolve_registry(),
+            at.repository()
+        );
+        let client = self.http_for(image, host)?;
+        for attempt in 0..2 {
+            let authorization = self
+                .authorization(image, host, credentials, attempt > 0)
+                .await?;
+            let answer = http::blob(&client, &url, authorization.as_deref())
+                .await
+                .map_err(|f| classify::failed(image, f))?;
+            match answer {
+                http::Answer::Found {
+                    length: Some(n), ..
+                } => return Ok(n),
+                http::Answer::Found { length: None, .. } => {
+                    return Err(RegistryError::new(
+                        image,
+                        RegistryErrorKind::Other,
+                        "blob without a length",
+                        format!("HEAD of {digest} gave no Content-Length"),
+                    ))
+                }
+                http::Answer::Status { code: 401, .. } if attempt == 0 => continue,
+                http::Answer::Status {
+                    code,
+                    retry_after,
+                    body,
+                } => return Err(classify::refused(image, code, retry_after, body)),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
     /// The hosts asked about `image`, in order: its registry's mirrors, then the registry.
     fn hosts_of(&self, image: &ImageRef) -> Vec<String> {
         let mut hosts = self
@@ -432,6 +480,24 @@ impl Registry for OciRegistry {
             match self.manifest_at(image, host, credentials).await {
                 Err(e) if host != registry => {
                     tracing::debug!(mirror = %host, image = %image, "mirror did not give the manifest, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
+    }
+
+    async fn blob_size(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError> {
+        let registry = image.registry();
+        for host in &self.hosts_of(image) {
+            match self.blob_length_at(image, host, credentials, digest).await {
+                Err(e) if host != registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not give the blob's length, trying the next: {}", e.what);
                 }
                 other => return other,
             }

@@ -25,6 +25,12 @@ pub struct FakeRegistry {
     pub size_checks: AtomicUsize,
     /// References whose requests are never answered (a registry that accepts and hangs).
     pub silent: Mutex<std::collections::HashSet<String>>,
+    /// What a blob's HEAD says its length is, by digest (absent: not found).
+    pub blob_lengths: Mutex<HashMap<String, u64>>,
+    /// Number of `blob_size` calls.
+    pub blob_heads: AtomicUsize,
+    /// reference → the manifest `manifest` answers, instead of one built from `sizes`.
+    pub manifests: Mutex<HashMap<String, ImageManifest>>,
 }
 
 impl FakeRegistry {
@@ -72,6 +78,9 @@ impl Registry for FakeRegistry {
     ) -> Result<ImageManifest, RegistryError> {
         self.size_checks.fetch_add(1, Ordering::SeqCst);
         self.hang_if_silent(image).await;
+        if let Some(m) = self.manifests.lock().unwrap().get(&image.to_string()) {
+            return Ok(m.clone());
+        }
         self.sizes
             .lock()
             .unwrap()
@@ -93,6 +102,24 @@ impl Registry for FakeRegistry {
                     "repository or tag not found",
                     "fake",
                 )
+            })
+    }
+
+    async fn blob_size(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        _credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError> {
+        self.blob_heads.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
+        self.blob_lengths
+            .lock()
+            .unwrap()
+            .get(digest)
+            .copied()
+            .ok_or_else(|| {
+                RegistryError::new(image, RegistryErrorKind::NotFound, "blob unknown", "fake")
             })
     }
 }

@@ -478,3 +478,4 @@ mod bounds;
 /// A layer digest as the fake registry names the one layer of an image of `size` bytes.
 mod credentials;
 mod progress;
+mod room;
