@@ -326,14 +326,35 @@ impl Cache {
         self.fit_locked(incoming, arrived).await
     }
 
-    /// With the gc lock held: whether `incoming` fits, and if not, one plan carried out only if
-    /// it meets the target (`bytes` names the pull's size in the error).
-    async fn fit_locked(&self, incoming: Incoming, bytes: u64) -> Result<(), CacheError> {
-        let Some(settings) = self.eviction.clone() else {
-            return Ok(());
+    /// Room for a pull of `pull` bytes if it fits as things are, evicting nothing; `None`
+    /// when it would need an eviction (the caller checks the size it was told before asking
+    /// [`Cache::make_room_for`]).
+    pub async fn room_if_it_fits(&self, pull: Incoming) -> Result<Option<Reservation>, CacheError> {
+        let reserve = || Reservation {
+            index: Counted::new(&self.reserved, pull.index),
+            _disk: Some(Counted::new(&self.reserved_disk, pull.disk)),
         };
-        // Most pulls are nowhere near a limit: check that cheaply before planning (a plan
-        // reconciles with the runtime first).
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(Some(reserve()));
+        };
+        let _one_at_a_time = self.gc_lock.lock().await;
+        let incoming = Incoming {
+            index: pull.index + self.reserved_bytes() + self.arrived_bytes(),
+            disk: pull.disk + self.reserved_disk.load(Ordering::SeqCst),
+        };
+        match self.fits_locked(incoming, &settings).await? {
+            true => Ok(Some(reserve())),
+            false => Ok(None),
+        }
+    }
+
+    /// With the gc lock held: whether `incoming` is within `MaxBytes` and `HighPercent` as
+    /// things are (cheap: the listing and a statvfs; a plan reconciles with the runtime).
+    async fn fits_locked(
+        &self,
+        incoming: Incoming,
+        settings: &EvictionSettings,
+    ) -> Result<bool, CacheError> {
         let over_bytes = match settings.max_bytes {
             Some(max) => {
                 let indexed: u64 = self.list().await?.iter().map(|r| r.counted_size()).sum();
@@ -341,11 +362,21 @@ impl Cache {
             }
             None => false,
         };
-        let over_fs = match self.image_fs(&settings).await {
+        let over_fs = match self.image_fs(settings).await {
             Some(fs) => fs.percent(fs.used + incoming.disk) > settings.high_percent,
             None => false,
         };
-        if !over_bytes && !over_fs {
+        Ok(!over_bytes && !over_fs)
+    }
+
+    /// With the gc lock held: whether `incoming` fits, and if not, one plan carried out only if
+    /// it meets the target (`bytes` names the pull's size in the error).
+    async fn fit_locked(&self, incoming: Incoming, bytes: u64) -> Result<(), CacheError> {
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(());
+        };
+        // Most pulls are nowhere near a limit: check that cheaply before planning.
+        if self.fits_locked(incoming, &settings).await? {
             return Ok(());
         }
         let report = self

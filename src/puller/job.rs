@@ -244,21 +244,9 @@ impl PullJob {
         let manifest = tokio::time::timeout_at(window_end, self.manifest())
             .await
             .map_err(|_| self.unresolved("sent no manifest"))?;
-        // The node's work makes room before the pull for what it really brings (the blobs'
-        // lengths asked of the registry); a user's pull, as its bytes arrive.
-        let checked = match (&manifest, self.claim.for_node()) {
-            (Some(m), true) if self.core.cache.eviction_enabled() => Some(
-                tokio::time::timeout_at(window_end, self.checked_size(m))
-                    .await
-                    .map_err(|_| self.unresolved("sent no blob lengths"))?,
-            ),
-            _ => None,
-        };
-        // Room is made once the pull may start, for pulls that will really happen now, and
-        // held until the pull ends. That is the node's time, not the registry's.
-        let making_room = tokio::time::Instant::now();
-        let room = self.make_room(manifest.as_ref(), checked).await?;
-        window_end += making_room.elapsed();
+        // Room is made once the pull may start, for pulls that will really happen now, for
+        // what they really bring, and held until the pull ends (room.rs).
+        let room = self.make_room(manifest.as_ref(), &mut window_end).await?;
         let manifest_known = manifest.is_some();
         let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
         if bytes_known {
@@ -442,7 +430,7 @@ impl PullJob {
 
     /// The pull's failure for a registry that showed nothing (`what` it did not send) within
     /// `PullResolveTimeout`.
-    fn unresolved(&self, what: &'static str) -> PullError {
+    pub(super) fn unresolved(&self, what: &'static str) -> PullError {
         PullError::Unresolved {
             image: self.image.to_string(),
             registry: self.image.registry().to_owned(),
