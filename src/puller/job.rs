@@ -11,8 +11,9 @@
 //! From the moment it has its slot, and again at each retry, a pull has `PullResolveTimeout`
 //! to show that its registry answers (a registry that accepts connections and never answers
 //! would otherwise hold a slot until `PullTimeout`): cimage's read of its manifest, then,
-//! where the runtime reports bytes, a download of one of its layers. A pull whose manifest
-//! cimage could not read has only its end to show. One that shows nothing fails at once.
+//! where the runtime reports bytes, a download of one of its layers (a pull whose layers the
+//! runtime holds already is under way from the start). A pull whose manifest cimage could not
+//! read has only its end to show. One that shows nothing fails at once, unretried.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
