@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
 pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default for `ImageCache.PullTimeout`.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for `ImageCache.PullResolveTimeout`: how long a pull may go without its manifest or
+/// any bytes.
+pub const DEFAULT_PULL_RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.MaxPullsPerUser`: pull slots one user who is neither root nor an
+/// admin may hold.
+pub const DEFAULT_MAX_PULLS_PER_USER: usize = 2;
 /// Default for `ImageCache.PullRetries`.
 pub const DEFAULT_PULL_RETRIES: u32 = 3;
 /// Default for `ImageCache.ReconcileInterval`.
@@ -157,6 +163,12 @@ pub(super) fn default_pull_timeout() -> Duration {
 }
 pub(super) fn default_pull_stall_timeout() -> Duration {
     DEFAULT_PULL_STALL_TIMEOUT
+}
+pub(super) fn default_pull_resolve_timeout() -> Duration {
+    DEFAULT_PULL_RESOLVE_TIMEOUT
+}
+pub(super) fn default_max_pulls_per_user() -> usize {
+    DEFAULT_MAX_PULLS_PER_USER
 }
 pub(super) fn default_pull_retries() -> u32 {
     DEFAULT_PULL_RETRIES

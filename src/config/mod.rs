@@ -30,13 +30,13 @@ pub use defaults::{
     DEFAULT_HIGH_PERCENT, DEFAULT_HISTORY_KEEP, DEFAULT_HISTORY_MAX_TASKS,
     DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS, DEFAULT_IMAGE_SERVICE_SOCKET, DEFAULT_LOW_PERCENT,
     DEFAULT_MAX_CONCURRENT_PULLS, DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
-    DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_MAX_LAUNCHES_PER_USER,
+    DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_MAX_LAUNCHES_PER_USER, DEFAULT_MAX_PULLS_PER_USER,
     DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN, DEFAULT_MAX_REQUEST_BYTES_PER_USER, DEFAULT_MIN_AGE,
     DEFAULT_NODE_KEY_FILE, DEFAULT_POPULARITY_HALF_LIFE, DEFAULT_PRESENCE_TTL,
-    DEFAULT_PREWARM_CONCURRENCY, DEFAULT_PULL_RETRIES, DEFAULT_PULL_STALL_TIMEOUT,
-    DEFAULT_PULL_TIMEOUT, DEFAULT_RECONCILE_INTERVAL, DEFAULT_REQUEST_READ_TIMEOUT,
-    DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_STOP_GRACE_PERIOD,
-    DEFAULT_TEMP_DIR,
+    DEFAULT_PREWARM_CONCURRENCY, DEFAULT_PULL_RESOLVE_TIMEOUT, DEFAULT_PULL_RETRIES,
+    DEFAULT_PULL_STALL_TIMEOUT, DEFAULT_PULL_TIMEOUT, DEFAULT_RECONCILE_INTERVAL,
+    DEFAULT_REQUEST_READ_TIMEOUT, DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+    DEFAULT_STOP_GRACE_PERIOD, DEFAULT_TEMP_DIR,
 };
 pub use defaults::{
     DEFAULT_EXPECT_GRACE, DEFAULT_EXPECT_MAX_PER_USER, DEFAULT_QUEUE_HORIZON,
@@ -134,9 +134,20 @@ pub struct ImageCacheConfig {
     /// How many pulls may run at once on this node.
     #[serde(default = "default_max_concurrent_pulls")]
     pub max_concurrent_pulls: usize,
+    /// How many of those a user who is neither root nor in `AdminGroup` may hold; the user's
+    /// further pulls wait for its own share, not in the node's line.
+    #[serde(default = "default_max_pulls_per_user")]
+    pub max_pulls_per_user: usize,
     /// Deadline for one pull, retries included (e.g. `10m`, `90s`).
     #[serde(default = "default_pull_timeout", deserialize_with = "de_duration")]
     pub pull_timeout: Duration,
+    /// A pull that has neither read its manifest nor moved any bytes this long after it got
+    /// its slot fails (a registry that accepts connections and never answers).
+    #[serde(
+        default = "default_pull_resolve_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub pull_resolve_timeout: Duration,
     /// A pull whose download bytes have not moved for this long while a layer is still being
     /// fetched is cancelled and retried (e.g. `2m`); only where the runtime reports bytes
     /// (containerd). Unpacking is never a stall.
@@ -225,7 +236,9 @@ impl Default for ImageCacheConfig {
             state_dir: default_state_dir(),
             node_key_file: default_node_key_file(),
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            max_pulls_per_user: DEFAULT_MAX_PULLS_PER_USER,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            pull_resolve_timeout: DEFAULT_PULL_RESOLVE_TIMEOUT,
             pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
             pull_byte_progress: true,
             pull_retries: DEFAULT_PULL_RETRIES,

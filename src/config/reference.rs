@@ -112,9 +112,19 @@ pub const KEYS: &[Key] = &[
         meaning: "node-wide pull limit (≥ 1)",
     },
     Key {
+        name: "ImageCache.MaxPullsPerUser",
+        default: Default::Value("2"),
+        meaning: "of the node's pull slots, how many one caller who is neither root nor in `AdminGroup` may hold (≥ 1); its further pulls wait for its own share, not in the node's line (root, admins, the CRI endpoint, job steps and pre-warm are under no share)",
+    },
+    Key {
         name: "ImageCache.PullTimeout",
         default: Default::Value("10m"),
         meaning: "per-request deadline",
+    },
+    Key {
+        name: "ImageCache.PullResolveTimeout",
+        default: Default::Value("1m"),
+        meaning: "from the moment a pull has its slot (and from each retry), how long it may go without showing that its registry answers: cimage's read of its manifest, and a layer starting to download where the runtime reports bytes; a pull whose manifest cimage cannot read must end within it; one that shows nothing fails (≥ 1s)",
     },
     Key {
         name: "ImageCache.PullStallTimeout",
@@ -244,7 +254,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "ImageCache.Eviction.MaxBytes",
         default: Default::Text("none"),
-        meaning: "bound on the indexed images' total size (`500MiB`, `50GiB`, `2G`, bytes)",
+        meaning: "bound on the indexed images' total size (`500MiB`, `50GiB`, `2G`, bytes; an image pulled by cimage counts what its blobs hold, each once, when that is less than the runtime's size)",
     },
     Key {
         name: "ImageCache.Eviction.MinAge",

@@ -99,6 +99,8 @@ fn wrong_type_and_bad_duration_name_the_line() {
 fn invalid_values_are_refused() {
     let base = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
     assert!(err(&format!("{base}  MaxConcurrentPulls: 0\n")).contains("at least 1"));
+    assert!(err(&format!("{base}  MaxPullsPerUser: 0\n")).contains("MaxPullsPerUser"));
+    assert!(err(&format!("{base}  PullResolveTimeout: 0s\n")).contains("PullResolveTimeout"));
     assert!(err(&format!("{base}  Socket: relative.sock\n")).contains("absolute"));
     assert!(
         err("Container:\n  Enabled: true\n  RuntimeEndpoint: tcp://1.2.3.4:1\n").contains("unix")

@@ -182,6 +182,12 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at least 1".into(),
         ));
     }
+    if ic.max_pulls_per_user == 0 {
+        return Err(invalid(
+            "ImageCache.MaxPullsPerUser",
+            "must be at least 1".into(),
+        ));
+    }
     if ic.max_connections_per_user == 0 || ic.max_connections_per_admin == 0 {
         return Err(invalid(
             "ImageCache.MaxConnectionsPerUser",
@@ -232,6 +238,12 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
         return Err(invalid(
             "ImageCache.History.MaxTasks",
             "must be at least 1".into(),
+        ));
+    }
+    if ic.pull_resolve_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.PullResolveTimeout",
+            "must be at least 1s".into(),
         ));
     }
     if ic.pull_stall_timeout < Duration::from_secs(1) {

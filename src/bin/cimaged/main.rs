@@ -169,8 +169,15 @@ fn print_settings(s: &Settings, w: &Wiring) {
         true => println!("CRI image socket: {}", ic.image_service.socket.display()),
         false => println!("CRI image socket: off"),
     }
-    println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
+    println!(
+        "max concurrent pulls: {} (at most {} for a user who is not an admin)",
+        ic.max_concurrent_pulls, ic.max_pulls_per_user
+    );
     println!("pull timeout:     {}", format_duration(ic.pull_timeout));
+    println!(
+        "pull resolve:     a pull with neither its manifest nor any bytes after {} fails",
+        format_duration(ic.pull_resolve_timeout)
+    );
     match ic.pull_byte_progress {
         true => println!(
             "pull progress:    bytes; a pull stalls after {} without",
