@@ -1,78 +1,55 @@
-//! Bytes of the downloads under way, from containerd's content service on the runtime's socket.
+//! containerd's content service on the runtime's socket (namespace `k8s.io`), through the
+//! `containerd-client` bindings: the bytes of the downloads under way, the blobs the store
+//! holds, and (in `ingest.rs`) cimage's own writes and leases.
 //!
 //! CRI reports nothing while `PullImage` runs. containerd writes each blob it fetches as an
-//! *ingest* of its content store (namespace `k8s.io` for the CRI plugin) and answers
-//! `containerd.services.content.v1.Content/ListStatuses` with each ingest's offset and total.
-//! An ingest disappears once its blob is committed; `Content/Info` then finds the blob. A runtime
-//! without that service (CRI-O) answers `Unimplemented`: from then on cimage stops asking and
-//! pulls report phases without bytes.
+//! *ingest* of its content store and answers `Content/ListStatuses` with each ingest's offset
+//! and total. An ingest disappears once its blob is committed; `Content/Info` then finds the
+//! blob. A runtime without that service (CRI-O, or a CRI endpoint that serves the CRI alone)
+//! answers `Unimplemented`: from then on cimage stops asking, pulls report phases without
+//! bytes, and cimage fetches nothing into it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use containerd_client::services::v1::content_client::ContentClient as Grpc;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::{
+    InfoRequest, ListRequest, ListStatusesRequest, Status as IngestStatus,
+};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use super::CRI_NAMESPACE;
 use crate::runtime::{Ingest, RuntimeError};
 
-/// `containerd.services.content.v1.ListStatusesRequest`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ListStatusesRequest {
-    #[prost(string, repeated, tag = "1")]
-    filters: Vec<String>,
+/// The gRPC header that names the lease a call works under.
+const LEASE_HEADER: &str = "containerd-lease";
+
+/// A request in the CRI plugin's namespace, under `lease` when given.
+pub(super) fn request<T>(message: T, lease: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    let md = req.metadata_mut();
+    md.insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    );
+    if let Some(id) = lease {
+        if let Ok(v) = id.parse() {
+            md.insert(LEASE_HEADER, v);
+        }
+    }
+    req
 }
 
-/// `containerd.services.content.v1.ListStatusesResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ListStatusesResponse {
-    #[prost(message, repeated, tag = "1")]
-    statuses: Vec<IngestStatus>,
-}
-
-/// `containerd.services.content.v1.Status` (the timestamps, fields 1 and 2, are not read).
-#[derive(Clone, PartialEq, prost::Message)]
-struct IngestStatus {
-    #[prost(string, tag = "3")]
-    r#ref: String,
-    #[prost(int64, tag = "4")]
-    offset: i64,
-    #[prost(int64, tag = "5")]
-    total: i64,
-    #[prost(string, tag = "6")]
-    expected: String,
-}
-
-/// `containerd.services.content.v1.InfoRequest`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct InfoRequest {
-    #[prost(string, tag = "1")]
-    digest: String,
-}
-
-/// `containerd.services.content.v1.InfoResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct InfoResponse {
-    #[prost(message, optional, tag = "1")]
-    info: Option<BlobInfo>,
-}
-
-/// `containerd.services.content.v1.Info`: the fields read of it.
-#[derive(Clone, PartialEq, prost::Message)]
-struct BlobInfo {
-    #[prost(string, tag = "1")]
-    digest: String,
-    #[prost(int64, tag = "2")]
-    size: i64,
-}
-
-/// A client of containerd's content service; remembers a runtime that has none.
+/// A client of containerd's content and leases services; remembers a runtime that has none.
 #[derive(Clone)]
 pub(super) struct ContentClient {
-    channel: Channel,
-    endpoint: std::path::PathBuf,
-    timeout: Duration,
+    pub(super) channel: Channel,
+    pub(super) endpoint: std::path::PathBuf,
+    pub(super) timeout: Duration,
     unsupported: Arc<AtomicBool>,
 }
 
@@ -87,26 +64,35 @@ impl ContentClient {
         }
     }
 
-    async fn unary<Q, R>(&self, method: &'static str, req: Q) -> Result<Option<R>, RuntimeError>
-    where
-        Q: prost::Message + Send + Sync + 'static,
-        R: prost::Message + Default + Send + Sync + 'static,
-    {
-        if self.unsupported.load(Ordering::Relaxed) {
+    pub(super) fn grpc(&self) -> Grpc<Channel> {
+        Grpc::new(self.channel.clone())
+    }
+
+    pub(super) fn leases(&self) -> LeasesClient<Channel> {
+        LeasesClient::new(self.channel.clone())
+    }
+
+    /// Whether the runtime is known to have no content service.
+    pub(super) fn is_unsupported(&self) -> bool {
+        self.unsupported.load(Ordering::Relaxed)
+    }
+
+    /// Bounds `call` by the client's timeout; an `Unimplemented` answer marks the runtime as
+    /// one without the service and reads as `None`.
+    pub(super) async fn bounded<R>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    ) -> Result<Option<R>, RuntimeError> {
+        if self.is_unsupported() {
             return Ok(None);
         }
-        let call = super::containerd_unary::<Q, R>(self.channel.clone(), method, req);
-        let op = if method.ends_with("ListStatuses") {
-            "Content.ListStatuses"
-        } else {
-            "Content.Info"
-        };
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(r)) => Ok(Some(r)),
+            Ok(Ok(r)) => Ok(Some(r.into_inner())),
             Ok(Err(s)) if s.code() == Code::Unimplemented => {
                 tracing::info!(
                     endpoint = %self.endpoint.display(),
-                    "the runtime has no containerd content service: pulls report phases without bytes"
+                    "the runtime has no containerd content service: pulls report phases without bytes, and cimage fetches no blobs into it"
                 );
                 self.unsupported.store(true, Ordering::Relaxed);
                 Ok(None)
@@ -123,13 +109,31 @@ impl ContentClient {
     /// Every ingest under way in the CRI namespace; `None` when the runtime has no content
     /// service.
     pub(super) async fn ingests(&self) -> Result<Option<Vec<Ingest>>, RuntimeError> {
-        let resp: Option<ListStatusesResponse> = self
-            .unary(
-                "/containerd.services.content.v1.Content/ListStatuses",
-                ListStatusesRequest::default(),
+        let mut c = self.grpc();
+        let resp = self
+            .bounded(
+                "Content.ListStatuses",
+                c.list_statuses(request(ListStatusesRequest::default(), None)),
             )
             .await?;
         Ok(resp.map(|r| r.statuses.into_iter().filter_map(ingest).collect()))
+    }
+
+    /// Whether the runtime answers both the content and the leases service (one cheap call
+    /// of each; a refusal is remembered).
+    pub(super) async fn available(&self) -> bool {
+        if !matches!(self.ingests().await, Ok(Some(_))) {
+            return false;
+        }
+        let mut l = self.leases();
+        let none = ListRequest {
+            filters: vec!["id==cimage-probe".into()],
+        };
+        matches!(
+            self.bounded("Leases.List", l.list(request(none, None)))
+                .await,
+            Ok(Some(_))
+        )
     }
 
     /// Whether the content store holds blob `digest`; `None` when the runtime has no content
@@ -141,24 +145,21 @@ impl ContentClient {
     /// The size of blob `digest` in the content store; `None` when it is not there or the
     /// runtime has no content service.
     pub(super) async fn blob_size(&self, digest: &str) -> Result<Option<u64>, RuntimeError> {
-        Ok(self
-            .info(digest)
-            .await?
-            .flatten()
-            .map(|i| i.size.max(0) as u64))
+        Ok(self.info(digest).await?.flatten())
     }
 
-    /// The content store's info of blob `digest`: `Some(None)` when it does not hold it,
-    /// `None` when the runtime has no content service.
-    async fn info(&self, digest: &str) -> Result<Option<Option<BlobInfo>>, RuntimeError> {
-        let req = InfoRequest {
-            digest: digest.to_owned(),
-        };
-        match self
-            .unary::<_, InfoResponse>("/containerd.services.content.v1.Content/Info", req)
-            .await
-        {
-            Ok(r) => Ok(r.map(|r| Some(r.info.unwrap_or_default()))),
+    /// The size of blob `digest` in the store: `Some(None)` when it does not hold it, `None`
+    /// when the runtime has no content service.
+    async fn info(&self, digest: &str) -> Result<Option<Option<u64>>, RuntimeError> {
+        let mut c = self.grpc();
+        let req = request(
+            InfoRequest {
+                digest: digest.to_owned(),
+            },
+            None,
+        );
+        match self.bounded("Content.Info", c.info(req)).await {
+            Ok(r) => Ok(r.map(|r| Some(r.info.map_or(0, |i| i.size.max(0) as u64)))),
             Err(e) if e.kind == crate::runtime::RuntimeErrorKind::NotFound => Ok(Some(None)),
             Err(e) => Err(e),
         }
@@ -193,6 +194,7 @@ mod tests {
             offset: 10,
             total: 20,
             expected: d.clone(),
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(
@@ -204,6 +206,7 @@ mod tests {
             offset: -1,
             total: 5,
             expected: String::new(),
+            ..Default::default()
         })
         .unwrap();
         assert_eq!((by_ref.digest, by_ref.offset, by_ref.total), (d, 0, 5));
@@ -212,5 +215,13 @@ mod tests {
             ..Default::default()
         })
         .is_none());
+    }
+
+    #[test]
+    fn requests_carry_the_namespace_and_the_lease() {
+        let r = request((), Some("cimage-fetch-1"));
+        assert_eq!(r.metadata().get("containerd-namespace").unwrap(), "k8s.io");
+        assert_eq!(r.metadata().get(LEASE_HEADER).unwrap(), "cimage-fetch-1");
+        assert!(request((), None).metadata().get(LEASE_HEADER).is_none());
     }
 }

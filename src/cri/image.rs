@@ -24,7 +24,7 @@ use crate::runtime::{ImageFsUsage, ImageRuntime, Ingest, RuntimeError, RuntimeIm
 pub struct CriImageRuntime {
     client: ImageServiceClient<Channel>,
     runtime: RuntimeServiceClient<Channel>,
-    content: ContentClient,
+    pub(super) content: ContentClient,
     endpoint: PathBuf,
     timeout: Duration,
 }

@@ -9,6 +9,7 @@
 
 mod content;
 mod image;
+mod ingest;
 mod runtime;
 mod snapshot;
 mod spdy;

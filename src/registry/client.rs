@@ -27,7 +27,11 @@ use crate::reference::ImageRef;
 /// credentials it saw for a registry, so requests with credentials get a client per (host,
 /// credentials), kept (bounded) so that its bearer token is reused and dropped when the
 /// registry refuses it: one tenant's credentials are never used for another's request.
-pub struct OciRegistry {
+#[derive(Clone)]
+pub struct OciRegistry(std::sync::Arc<Shared>);
+
+/// What every clone of an [`OciRegistry`] shares (a blob read in ranges holds one).
+pub struct Shared {
     hosts: BTreeMap<String, HostSettings>,
     cas: BTreeMap<String, Vec<u8>>,
     anonymous: Mutex<BoundedMap<String, oci_client::Client>>,
@@ -40,6 +44,16 @@ pub struct OciRegistry {
     /// `Authorization` values for manifest requests, per (host, credentials key, repository),
     /// with when they were obtained. In memory only.
     authorizations: Mutex<AuthorizationCache>,
+    /// The HTTP client of blob reads, one per host: no overall time limit (a blob takes as
+    /// long as it takes; a stalled read is cut by the fetch's own stall timeout).
+    pub(super) blob_http: Mutex<BoundedMap<String, reqwest::Client>>,
+}
+
+impl std::ops::Deref for OciRegistry {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// `Authorization` values by (host, credentials key, repository), with when each was obtained.
@@ -80,7 +94,7 @@ impl OciRegistry {
                 cas.insert(host.clone(), pem);
             }
         }
-        Ok(Self {
+        Ok(Self(std::sync::Arc::new(Shared {
             hosts: registries.clone(),
             cas,
             anonymous: Mutex::new(BoundedMap::new(MAX_HOSTS)),
@@ -88,7 +102,8 @@ impl OciRegistry {
             salt: rand::random(),
             http: Mutex::new(BoundedMap::new(MAX_HOSTS)),
             authorizations: Mutex::new(BoundedMap::new(MAX_AUTHORIZATIONS)),
-        })
+            blob_http: Mutex::new(BoundedMap::new(MAX_HOSTS)),
+        })))
     }
 
     fn client_config(&self, host: &str) -> ClientConfig {

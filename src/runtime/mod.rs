@@ -307,9 +307,11 @@ pub mod fake {
     }
 }
 
+pub mod content;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake_task;
 pub mod task;
+pub use content::{layer_ref, BlobTarget, BlobWriter, ContentStore};
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
     ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, MountSpec, PodInfo, PodSpec,
