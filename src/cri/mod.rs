@@ -9,6 +9,8 @@
 
 mod content;
 mod image;
+mod inspect;
+mod layers;
 mod runtime;
 mod snapshot;
 mod spdy;

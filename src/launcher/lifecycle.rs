@@ -1,5 +1,6 @@
 //! Driving an accepted step to a running container, stage by stage: pod sandbox → image
-//! (through the puller) → container created and read back → started. Each stage reports its
+//! (through the puller) → container created and read back → started and its process checked
+//! on the host (the checks themselves are in `confine`). Each stage reports its
 //! event and its time when done; the first that cannot complete ends the task, recorded in
 //! that stage. Acceptance is in `accept`; waiting and cleanup are in `wait` and `cleanup`.
 
@@ -9,7 +10,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::readback::{self, ReadBackRefusal};
+use super::confine::Confinement;
 use super::request::SpecError;
 use super::spec::{LaunchSpec, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
@@ -94,7 +95,7 @@ impl Launcher {
         let cid = self
             .create_stage(task, step, (&pod, &sandbox_id), image_id, tx)
             .await?;
-        self.start_stage(task, &cid, tx, cancel).await
+        self.start_stage(task, step, &cid, tx, cancel).await
     }
 
     /// The job's pod sandbox, made unless the job has one: its spec and id.
@@ -158,6 +159,13 @@ impl Launcher {
         tx: Option<&EventSink>,
     ) -> Result<String, Stopped> {
         let started = Instant::now();
+        let image = task.image.clone();
+        let c = confinement(step, &image);
+        let refused = |r| Stopped::failed(Stage::Create, r);
+        let mut volumes = self
+            .check_image_volumes(&c, &image_id)
+            .await
+            .map_err(refused)?;
         let mut container = self.container_spec(task, step, image_id);
         let mut created = self.rt.create_container(sandbox_id, pod, &container).await;
         if matches!(&created, Err(e) if e.kind == RuntimeErrorKind::NotFound) {
@@ -165,6 +173,10 @@ impl Launcher {
             // behind cimage's back): ask the runtime again, pull if needed, and retry once.
             warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
             container.image = self.image_again(task, &step.spec).await?;
+            volumes = self
+                .check_image_volumes(&c, &container.image)
+                .await
+                .map_err(refused)?;
             created = self.rt.create_container(sandbox_id, pod, &container).await;
         }
         let cid = created.map_err(|e| Stopped::failed(Stage::Create, e))?;
@@ -172,18 +184,9 @@ impl Launcher {
         // claim and the orphan sweep removes it, and the task is finished off as interrupted.
         task.container_id = Some(cid.clone());
         task.state = TaskState::Created;
-        // Read back before the start; a step as a user also needs a plain /etc in its image.
-        // A failure removes the container in the cleanup that follows.
-        let as_user = step.v.identity.uid != 0;
-        let checked = match self.rt.inspect_created(&cid, as_user).await {
-            Ok(created) => readback::check_identity(&cid, created.identity, &step.v.identity)
-                .and_then(|()| readback::check_etc(created.etc, &task.image)),
-            Err(source) => Err(ReadBackRefusal::Unreadable {
-                cid: cid.clone(),
-                source,
-            }),
-        };
-        checked.map_err(|refusal| Stopped::failed(Stage::Create, refusal))?;
+        // Read back before the start; a failure removes the container in the cleanup that
+        // follows.
+        self.read_back(&c, &cid, &volumes).await.map_err(refused)?;
         self.stage_time(Stage::Create, started);
         let event = Event::ContainerCreated {
             container_id: cid.clone(),
@@ -222,10 +225,12 @@ impl Launcher {
             .insert(task.id.clone(), in_use);
     }
 
-    /// The container started (unless cancelled meanwhile), and the task saved as running.
+    /// The container started (unless cancelled meanwhile) and its process checked on the host,
+    /// and the task saved as running.
     async fn start_stage(
         &self,
         task: &mut TaskRecord,
+        step: &Step,
         cid: &str,
         tx: Option<&EventSink>,
         cancel: &CancellationToken,
@@ -238,6 +243,9 @@ impl Launcher {
             .start_container(cid)
             .await
             .map_err(|e| Stopped::failed(Stage::Start, e))?;
+        self.check_started(&confinement(step, &task.image), cid)
+            .await
+            .map_err(|r| Stopped::failed(Stage::Start, r))?;
         self.stage_time(Stage::Start, started);
         task.state = TaskState::Running;
         task.started = Some(self.clock.now_ms());
@@ -344,6 +352,15 @@ impl Launcher {
         job.sandbox_id = Some(sid.clone());
         self.save_job(&job).await?;
         Ok((job, sid))
+    }
+}
+
+/// What the step's container is checked against.
+fn confinement<'a>(step: &'a Step, image: &'a str) -> Confinement<'a> {
+    Confinement {
+        identity: &step.v.identity,
+        ours: &step.mounts,
+        image,
     }
 }
 

@@ -20,10 +20,12 @@
 mod accept;
 mod access;
 mod cleanup;
+mod confine;
 pub mod devices;
 mod etc_files;
 mod events;
 pub mod history;
+mod landing;
 mod lifecycle;
 pub mod limits;
 mod locks;

@@ -98,14 +98,14 @@ pub struct Validated {
 }
 
 /// Container paths a step's mounts may not cover: the file systems the runtime sets up.
-const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
+pub(super) const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
 
 /// Files cimage writes into every step that runs as a user (see `etc_files`):
 /// the host's account of the user, which the runtime reads to set the groups.
 pub const IDENTITY_FILES: &[&str] = &["/etc/passwd", "/etc/group"];
 
 /// Whether `path` lies strictly below `dir` (both normal and absolute).
-fn under(path: &str, dir: &str) -> bool {
+pub(super) fn under(path: &str, dir: &str) -> bool {
     (dir == "/" && path != "/")
         || path
             .strip_prefix(dir)
@@ -113,7 +113,7 @@ fn under(path: &str, dir: &str) -> bool {
 }
 
 /// The first of `dirs` that `path` is or lies below.
-fn under_any<'a>(path: &str, dirs: &[&'a str]) -> Option<&'a str> {
+pub(super) fn under_any<'a>(path: &str, dirs: &[&'a str]) -> Option<&'a str> {
     dirs.iter().copied().find(|d| path == *d || under(path, d))
 }
 

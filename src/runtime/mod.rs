@@ -302,6 +302,6 @@ pub mod fake_task;
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, MountSpec, PodInfo, PodSpec,
-    ProcessIdentity, Resources, RuntimeVersion, TaskRuntime,
+    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, MountSpec,
+    PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, SpecMount, TaskRuntime,
 };

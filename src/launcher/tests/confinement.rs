@@ -207,3 +207,86 @@ async fn a_user_has_at_most_its_share_of_launches_in_flight() {
         r.launcher.cancel(ROOT, t).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn an_image_with_volumes_runs_no_step_as_a_user_unless_the_runtime_ignores_them() {
+    let r = rig();
+    *r.tasks.image_volumes.lock().unwrap() = Some(vec!["/a/b/etc".into()]);
+    for creates in [Some(true), None] {
+        *r.tasks.creates_volumes.lock().unwrap() = creates;
+        let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+        let evs = events(rx).await;
+        assert!(
+            evs.iter().any(
+                |e| matches!(e, Event::Failed { stage: Stage::Create, message }
+                if message.contains("declares volumes [/a/b/etc]"))
+            ),
+            "{creates:?}: {evs:?}"
+        );
+        assert_eq!(calls(&r, "CreateContainer"), 0, "refused before creation");
+    }
+    // Root's step may have its image's volumes.
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    assert!(events(rx).await.contains(&Event::Started));
+    // A runtime that ignores them runs the user's step, without the volume.
+    *r.tasks.creates_volumes.lock().unwrap() = Some(false);
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    assert!(events(rx).await.contains(&Event::Started));
+}
+
+#[tokio::test]
+async fn a_mount_that_lands_on_etc_through_the_images_symlinks_refuses_the_step() {
+    let r = rig();
+    // The image makes the runtime's /dev land on /etc (`/dev -> /etc`).
+    r.tasks
+        .landings
+        .lock()
+        .unwrap()
+        .insert("/dev".into(), "/etc".into());
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, Event::Failed { stage: Stage::Create, message }
+            if message.contains("mount target /dev lands on /etc"))
+        ),
+        "{evs:?}"
+    );
+    assert!(!evs.contains(&Event::Started));
+    assert_eq!((r.tasks.pod_count(), r.tasks.container_count()), (0, 0));
+    // Root has no identity files to protect: its step runs.
+    let (_, rx) = r.launcher.launch(ROOT, spec(None)).await.unwrap();
+    assert!(events(rx).await.contains(&Event::Started));
+}
+
+#[tokio::test]
+async fn a_process_with_other_groups_on_the_host_is_killed_and_reported() {
+    let r = rig();
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(3600),
+        exit_code: 0,
+    });
+    // Whatever the checks before the start missed: the process has gid 0 on the host.
+    *r.tasks.host_groups.lock().unwrap() = Some(vec![0, 27]);
+    let (task, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    let evs = events(rx).await;
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, Event::Failed { stage: Stage::Start, message }
+            if message.contains("groups [0, 27]") && message.contains("killed"))
+        ),
+        "{evs:?}"
+    );
+    assert!(!evs.contains(&Event::Started));
+    assert_eq!(calls(&r, "StopContainer"), 1);
+    assert_eq!(r.tasks.container_count(), 0);
+    assert_eq!(
+        r.launcher.task(ROOT, &task.id).await.unwrap().state,
+        TaskState::Failed
+    );
+    // The same groups it was given: it runs (the check is no bar to a right step).
+    *r.tasks.host_groups.lock().unwrap() = Some(vec![27, 1000]);
+    *r.tasks.script.lock().unwrap() = None;
+    let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
+    assert!(events(rx).await.contains(&Event::Started));
+}
