@@ -29,6 +29,9 @@ pub(super) fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>
     }
     d.deserialize_any(V)
 }
+pub(super) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    de_opt_size(d).map(Option::unwrap_or_default)
+}
 pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {

@@ -395,6 +395,21 @@ impl TaskRuntime for CriTaskRuntime {
         })
     }
 
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ReopenContainerLogRequest {
+            container_id: id.to_owned(),
+        };
+        bounded(
+            "ReopenContainerLog",
+            &self.endpoint,
+            self.timeout,
+            c.reopen_container_log(req),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let mut c = self.client.clone();
         let req = cri::StopContainerRequest {

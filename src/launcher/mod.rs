@@ -29,6 +29,8 @@ mod landing;
 mod lifecycle;
 pub mod limits;
 mod locks;
+mod log_budget;
+pub mod log_files;
 pub mod logs;
 pub mod mounts;
 mod queries;
@@ -98,10 +100,9 @@ pub struct LauncherSettings {
     pub allowed_cgroup_parents: Vec<String>,
     /// How much task and job history is kept (`ImageCache.History`).
     pub history: history::HistorySettings,
+    /// How much log a step and the node keep (`ImageCache.Launcher.MaxLog*`).
+    pub logs: log_files::LogLimits,
 }
-
-/// Default of [`LauncherSettings::max_launches_per_user`].
-pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
 
 /// A caller's place among its launches in flight, taken before a launch is checked and given
 /// back unless the launch is accepted (then the task holds it until it leaves the live set).
@@ -132,8 +133,8 @@ impl Drop for Reservation {
 
 impl LauncherSettings {
     /// Settings with these log directory and defaults otherwise: no mounts, no devices, the
-    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launches by root
-    /// and the admin group only.
+    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launch share
+    /// and log limits, launches by root and the admin group only.
     pub fn with_log_dir(log_dir: PathBuf) -> Self {
         Self {
             allowed_mount_prefixes: Vec::new(),
@@ -141,9 +142,10 @@ impl LauncherSettings {
             log_dir,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
-            max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
+            max_launches_per_user: crate::config::DEFAULT_MAX_LAUNCHES_PER_USER,
             allowed_cgroup_parents: Vec::new(),
             history: history::HistorySettings::default(),
+            logs: log_files::LogLimits::default(),
         }
     }
 }

@@ -298,6 +298,17 @@ impl TaskRuntime for FakeTaskRuntime {
                 version: "v1.6.20".into(),
             }))
     }
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
+        self.call("ReopenContainerLog")?;
+        match self.containers.lock().unwrap().get(id).map(Self::state) {
+            Some((ContainerState::Running, _)) => Ok(()),
+            _ => Err(RuntimeError {
+                op: "ReopenContainerLog",
+                kind: RuntimeErrorKind::Other,
+                message: format!("container {id} is not running"),
+            }),
+        }
+    }
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
         self.call("StartContainer")?;
         if let Some(c) = self.containers.lock().unwrap().get_mut(id) {

@@ -296,6 +296,9 @@ pub trait TaskRuntime: Send + Sync {
     async fn container_process(&self, id: &str) -> Result<Option<HostProcess>, RuntimeError>;
     /// The runtime's name and version.
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError>;
+    /// Makes the runtime write a running container's log to a new file at its log path (CRI
+    /// `ReopenContainerLog`), after the old one was renamed: how logs are rotated.
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError>;
     /// Starts a created container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// A container's status; `None` if the runtime does not know it.

@@ -204,6 +204,10 @@ fn print_settings(s: &Settings, w: &Wiring) {
                 .join(", ")
         }
     );
+    println!(
+        "step logs:        rotated past {} bytes, {} files a step, {} bytes in all",
+        ic.launcher.max_log_size, ic.launcher.max_log_files, ic.launcher.max_log_dir_size
+    );
     for sc in &ic.prewarm.schedules {
         println!(
             "pre-warm {}: \"{}\" {}",
@@ -331,6 +335,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     expector.start();
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
+    background.spawn(launcher.clone().log_dir_loop());
     background.spawn(trim_loop(background.clone()));
     background.spawn(history_loop(
         launcher.clone(),
