@@ -70,6 +70,8 @@ pub const DEFAULT_FORGET_ABSENT_AFTER: Duration = Duration::from_secs(90 * 86_40
 pub const DEFAULT_PREWARM_CONCURRENCY: usize = 2;
 /// Default for `ImageCache.Launcher.MaxLaunchesPerUser`.
 pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
+/// Default for `ImageCache.Launcher.PidsLimit`: processes a job's pod may hold.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
 /// Default for `ImageCache.Launcher.MaxLogSize`: a step's log file is rotated past this.
 pub const DEFAULT_MAX_LOG_SIZE: u64 = 100 << 20;
 /// Default for `ImageCache.Launcher.MaxLogFiles`: a step keeps this many log files, the one
@@ -108,6 +110,9 @@ pub(super) fn default_forget_absent_after() -> Duration {
 }
 pub(super) fn default_max_launches_per_user() -> usize {
     DEFAULT_MAX_LAUNCHES_PER_USER
+}
+pub(super) fn default_pids_limit() -> u64 {
+    DEFAULT_PIDS_LIMIT
 }
 pub(super) fn default_max_log_size() -> u64 {
     DEFAULT_MAX_LOG_SIZE

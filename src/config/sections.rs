@@ -258,6 +258,10 @@ pub struct LauncherConfig {
     /// finished first are removed (running steps' logs never).
     #[serde(default = "default_max_log_dir_size", deserialize_with = "de_size")]
     pub max_log_dir_size: u64,
+    /// Processes a job's pod may hold, all its steps together (`pids.max` of the pod cgroup
+    /// cimage makes under the job's cgroup parent); 0: none of cimage's.
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: u64,
 }
 
 impl Default for LauncherConfig {
@@ -273,6 +277,7 @@ impl Default for LauncherConfig {
             max_log_size: DEFAULT_MAX_LOG_SIZE,
             max_log_files: DEFAULT_MAX_LOG_FILES,
             max_log_dir_size: DEFAULT_MAX_LOG_DIR_SIZE,
+            pids_limit: DEFAULT_PIDS_LIMIT,
         }
     }
 }

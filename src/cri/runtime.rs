@@ -79,7 +79,11 @@ impl CriTaskRuntime {
             log_directory: spec.log_directory.display().to_string(),
             labels: spec.labels.clone().into_iter().collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: spec.cgroup_parent.clone().unwrap_or_default(),
+                cgroup_parent: spec
+                    .pod_cgroup
+                    .clone()
+                    .or_else(|| spec.cgroup_parent.clone())
+                    .unwrap_or_default(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(pod_namespaces()),
                     ..Default::default()

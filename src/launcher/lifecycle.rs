@@ -328,6 +328,7 @@ impl Launcher {
                     log_directory: self.settings.log_dir.join(&v.job),
                     labels: self.base_labels(&v.job, v.identity.uid),
                     cgroup_parent: v.cgroup_parent.clone(),
+                    pod_cgroup: None,
                 },
                 sandbox_id: None,
                 created: self.clock.now_ms(),
@@ -346,9 +347,16 @@ impl Launcher {
                 path: job.pod.log_directory.clone(),
                 source,
             })?;
+        job.pod.pod_cgroup = self.make_pod_cgroup(&job.pod).await?;
         // The job is saved once the pod exists: a pod created just before a crash carries no
         // claim, and the orphan sweep removes it.
-        let sid = self.rt.run_pod(&job.pod).await?;
+        let sid = match self.rt.run_pod(&job.pod).await {
+            Ok(sid) => sid,
+            Err(e) => {
+                self.remove_pod_cgroup(&job.pod).await;
+                return Err(e.into());
+            }
+        };
         job.sandbox_id = Some(sid.clone());
         self.save_job(&job).await?;
         Ok((job, sid))

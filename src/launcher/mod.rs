@@ -33,6 +33,7 @@ mod log_budget;
 pub mod log_files;
 pub mod logs;
 pub mod mounts;
+pub mod pod_cgroup;
 mod queries;
 mod readback;
 mod recovery;
@@ -102,6 +103,11 @@ pub struct LauncherSettings {
     pub history: history::HistorySettings,
     /// How much log a step and the node keep (`ImageCache.Launcher.MaxLog*`).
     pub logs: log_files::LogLimits,
+    /// Processes a job's pod may hold, all its steps together (`ImageCache.Launcher.PidsLimit`;
+    /// 0: no limit of cimage's).
+    pub pids_limit: u64,
+    /// Where the cgroup file systems are (`/sys/fs/cgroup`), for the pods' cgroups.
+    pub cgroup_root: pod_cgroup::CgroupRoot,
 }
 
 /// A caller's place among its launches in flight, taken before a launch is checked and given
@@ -146,6 +152,8 @@ impl LauncherSettings {
             allowed_cgroup_parents: Vec::new(),
             history: history::HistorySettings::default(),
             logs: log_files::LogLimits::default(),
+            pids_limit: crate::config::DEFAULT_PIDS_LIMIT,
+            cgroup_root: pod_cgroup::CgroupRoot::default(),
         }
     }
 }
@@ -246,6 +254,17 @@ pub enum SandboxError {
     /// Another launch took the job id first, for a user this step may not join.
     #[error(transparent)]
     Denied(SpecError),
+    /// The pod's cgroup with its process limit could not be made.
+    #[error(
+        "cannot make the pod's cgroup {path} with its process limit: {source}; the node needs \
+         a writable pids cgroup (or ImageCache.Launcher.PidsLimit: 0 to run without one)"
+    )]
+    PodCgroup {
+        /// The cgroup.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// What [`Launcher::recover`] did.

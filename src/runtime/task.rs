@@ -30,6 +30,10 @@ pub struct PodSpec {
     /// cgroup of the job (a `.slice` name with containerd's systemd cgroup driver).
     #[serde(default)]
     pub cgroup_parent: Option<String>,
+    /// The cgroup cimage made for the pod under `cgroup_parent`, with the node's process
+    /// limit: when set, the runtime is given this as the pod's parent.
+    #[serde(default)]
+    pub pod_cgroup: Option<String>,
 }
 
 /// CPU and memory limits of one container (CRI `LinuxContainerResources`).

@@ -208,6 +208,13 @@ fn print_settings(s: &Settings, w: &Wiring) {
         "step logs:        rotated past {} bytes, {} files a step, {} bytes in all",
         ic.launcher.max_log_size, ic.launcher.max_log_files, ic.launcher.max_log_dir_size
     );
+    println!(
+        "processes:        {} per job's pod",
+        match ic.launcher.pids_limit {
+            0 => "no limit of cimage's".to_owned(),
+            n => n.to_string(),
+        }
+    );
     for sc in &ic.prewarm.schedules {
         println!(
             "pre-warm {}: \"{}\" {}",

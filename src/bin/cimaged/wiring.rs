@@ -208,6 +208,8 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 max_files: ic.launcher.max_log_files,
                 max_dir_size: ic.launcher.max_log_dir_size,
             },
+            pids_limit: ic.launcher.pids_limit,
+            cgroup_root: Default::default(),
         },
         registries: ic
             .registries

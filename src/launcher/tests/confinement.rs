@@ -290,3 +290,45 @@ async fn a_process_with_other_groups_on_the_host_is_killed_and_reported() {
     let (_, rx) = r.launcher.launch(ALICE, spec(None)).await.unwrap();
     assert!(events(rx).await.contains(&Event::Started));
 }
+
+#[tokio::test]
+async fn a_jobs_pod_lives_in_a_cgroup_of_cimages_with_the_process_limit() {
+    let r = rig_with(|s| s.pids_limit = 64);
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(3600),
+        exit_code: 0,
+    });
+    let mut s = spec(Some("bounded"));
+    s.cgroup_parent = Some("/crane/job_7".into());
+    let (task, rx) = r.launcher.launch(ROOT, s).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
+    let jobs = r.launcher.jobs(ROOT, false).await.unwrap();
+    let pod = &jobs.iter().find(|(j, _)| j.id == "bounded").unwrap().0.pod;
+    let cgroup = pod.pod_cgroup.clone().unwrap();
+    assert_eq!(cgroup, format!("/crane/job_7/cimage-{}", pod.uid));
+    let pids_max = r
+        .dir
+        .path()
+        .join("cgroup/pids")
+        .join(&cgroup[1..])
+        .join("pids.max");
+    assert_eq!(std::fs::read_to_string(&pids_max).unwrap(), "64");
+    // The job's end takes the cgroup with its pod (a cgroup's files go with its directory:
+    // the stand-in's file is taken out first).
+    std::fs::remove_file(&pids_max).unwrap();
+    r.launcher.end_job(ROOT, "bounded").await.unwrap();
+    waiter.await.unwrap();
+    assert!(!pids_max.parent().unwrap().exists());
+    // A systemd slice parent is the slice's to limit: no cgroup of cimage's.
+    let mut s = spec(Some("sliced"));
+    s.cgroup_parent = Some("crane-job_8.slice".into());
+    let (task, rx) = r.launcher.launch(ROOT, s).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
+    let jobs = r.launcher.jobs(ROOT, false).await.unwrap();
+    let (job, _) = jobs.iter().find(|(j, _)| j.id == "sliced").unwrap();
+    assert_eq!(job.pod.pod_cgroup, None);
+    r.launcher.end_job(ROOT, "sliced").await.unwrap();
+    waiter.await.unwrap();
+}

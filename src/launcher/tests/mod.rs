@@ -60,9 +60,13 @@ fn launcher_with(
     tasks: Arc<FakeTaskRuntime>,
     adjust: impl FnOnce(&mut LauncherSettings),
 ) -> Arc<Launcher> {
+    // Pod cgroups go into a directory standing in for a cgroup v1 file system.
+    let cgroups = base.dir.path().join("cgroup");
+    std::fs::create_dir_all(cgroups.join("pids")).unwrap();
     let mut settings = LauncherSettings {
         stop_grace: Duration::from_secs(1),
         allow_user_launch: true,
+        cgroup_root: super::pod_cgroup::CgroupRoot(cgroups),
         ..LauncherSettings::with_log_dir(base.dir.path().join("logs"))
     };
     adjust(&mut settings);
@@ -387,6 +391,7 @@ async fn a_mount_the_node_cannot_stage_is_its_failure_not_a_bad_request() {
         },
         LauncherSettings {
             allowed_mount_prefixes: vec!["/tmp".into()],
+            pids_limit: 0,
             ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
         },
     )
