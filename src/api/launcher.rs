@@ -55,6 +55,7 @@ pub fn launch_status(e: &LaunchError) -> Status {
     let code = match e {
         LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
+        LaunchError::Spec(SpecError::NoJob(_)) => Code::NotFound,
         LaunchError::IdentityUnavailable(_) => Code::Unavailable,
         LaunchError::Staging(_) | LaunchError::Internal { .. } | LaunchError::Store(_) => {
             Code::Internal

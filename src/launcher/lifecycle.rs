@@ -339,8 +339,8 @@ impl Launcher {
             return Ok((job.clone(), sid.clone()));
         }
         // Off the async workers: the log directory is often on a shared file system.
-        let dir = job.pod.log_directory.clone();
-        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
+        let (root, dir) = (self.settings.log_dir.clone(), job.pod.log_directory.clone());
+        tokio::task::spawn_blocking(move || super::log_files::make_job_dir(&root, &dir))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|source| SandboxError::LogDir {
@@ -389,11 +389,9 @@ fn ensure_request(task: &TaskRecord, spec: &LaunchSpec) -> EnsureRequest {
 pub(super) fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
     let who = v.creator;
     if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
-        // Not a word about whose it is.
-        return Err(SpecError::Denied(format!(
-            "job {} exists and is not open to uid {}; choose another job id",
-            j.id, who.uid
-        )));
+        // The answer a job that does not exist gets (`end-job`, `ps`): not a word about
+        // whether it exists or whose it is.
+        return Err(SpecError::NoJob(j.id.clone()));
     }
     if j.uid != v.identity.uid {
         return Err(SpecError::Denied(format!(

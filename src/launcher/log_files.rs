@@ -29,6 +29,22 @@ impl Default for LogLimits {
     }
 }
 
+/// Mode of the log directory: others may pass through it to what they are given, never list
+/// it (the job and task ids in it are the node's users' business).
+pub const LOG_ROOT_MODE: u32 = 0o711;
+/// Mode of a job's log directory: root's alone (logs are read through cimaged).
+pub const JOB_DIR_MODE: u32 = 0o700;
+
+/// Makes the log directory `root` (mode [`LOG_ROOT_MODE`], also when it exists) and the job's
+/// directory `dir` in it (mode [`JOB_DIR_MODE`]).
+pub fn make_job_dir(root: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(LOG_ROOT_MODE))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(JOB_DIR_MODE))
+}
+
 /// The rotated files of the log at `path`, oldest first: (number, path).
 pub fn rotated(path: &Path) -> Vec<(u64, PathBuf)> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {

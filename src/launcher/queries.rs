@@ -247,6 +247,7 @@ impl Launcher {
     /// Ends a job: cancels its running steps, waits for them (up to the grace period and a
     /// margin), and removes its pod.
     pub async fn end_job(&self, who: Principal, id: &str) -> Result<JobRecord, LaunchError> {
+        let id = &super::spec::scoped_job_id(who, id);
         let key = id.to_owned();
         let (job, tasks) = self
             .blocking(move |s| Ok((s.job(&key)?, s.job_tasks(&key)?)))

@@ -89,28 +89,54 @@ async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
         runs_for: Duration::from_secs(30),
         exit_code: 0,
     });
-    // Bob takes the id a scheduler would use.
+    // Bob asks for the id a scheduler would use: he gets it in his own space.
     let (bobs, _rx) = r
         .launcher
         .launch(BOB, spec(Some("slurm-44")))
         .await
         .unwrap();
+    assert_eq!(bobs.job, "u1001.slurm-44");
     wait_for_state(&r.launcher, &bobs.id, TaskState::Running).await;
-    // Root launching Alice's step under that id does not join Bob's pod.
+    // The scheduler's step for Alice under that id is in a job of its own.
+    *r.tasks.script.lock().unwrap() = None;
     let mut for_alice = spec(Some("slurm-44"));
     for_alice.user = Some("1000".parse().unwrap());
-    let e = r.launcher.launch(ROOT, for_alice).await.unwrap_err();
+    let (sched, rx) = r.launcher.launch(ROOT, for_alice).await.unwrap();
+    assert_eq!((sched.job.as_str(), sched.uid), ("slurm-44", 1000));
+    assert!(events(rx).await.contains(&Event::Started));
+    // Root may still put a step for Alice into Bob's job only as Bob's: no pod is shared.
+    let mut into_bobs = spec(Some("u1001.slurm-44"));
+    into_bobs.user = Some("1000".parse().unwrap());
+    let e = r.launcher.launch(ROOT, into_bobs).await.unwrap_err();
     assert!(e.to_string().contains("runs its steps as uid 1001"), "{e}");
-    // Alice cannot join it either, and is not told whose it is.
-    let e = r
+    // Alice cannot even name Bob's job: hers is another, and naming his in full is too.
+    let (alices, rx) = r
         .launcher
-        .launch(ALICE, spec(Some("slurm-44")))
+        .launch(ALICE, spec(Some("u1001.slurm-44")))
         .await
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("not open to uid 1000") && !e.to_string().contains("1001"),
-        "{e}"
+        .unwrap();
+    assert_eq!(alices.job, "u1000.u1001.slurm-44");
+    events(rx).await;
+    // A job root made for Bob in Alice's space is not hers to join: the same answer as for no
+    // job at all, and not a word about whose it is.
+    let mut planted = spec(Some("u1000.planted"));
+    planted.user = Some("1001".parse().unwrap());
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(30),
+        exit_code: 0,
+    });
+    let (p, _rx) = r.launcher.launch(ROOT, planted).await.unwrap();
+    wait_for_state(&r.launcher, &p.id, TaskState::Running).await;
+    let joined = r.launcher.launch(ALICE, spec(Some("planted"))).await;
+    let ended = r.launcher.end_job(ALICE, "nothing-here").await;
+    let (joined, ended) = (
+        joined.unwrap_err().to_string(),
+        ended.unwrap_err().to_string(),
     );
+    assert_eq!(joined, "no job u1000.planted");
+    assert_eq!(ended, "no job u1000.nothing-here");
+    assert!(!joined.contains("1001"));
+    r.launcher.cancel(ROOT, &p.id).await.unwrap();
     r.launcher.cancel(BOB, &bobs.id).await.unwrap();
 
     // A first step that fails leaves the id free.
@@ -127,25 +153,29 @@ async fn a_job_cannot_be_squatted_and_a_failed_first_step_leaves_no_claim() {
 #[tokio::test]
 async fn two_launches_racing_for_a_new_job_id_give_it_to_the_first_user_only() {
     // Both launches found the id free; the pods are made in order, and the second user's step
-    // must not land in the first one's pod.
+    // must not land in the first one's pod. (Users name jobs in spaces of their own; a race
+    // for one id is between steps root launches, or a user's and root's in the user's space.)
     let r = rig();
     let users = FakeUsers::standard();
-    let validated = |who: Principal| {
+    let validated = |who: Principal, job: &str| {
         let id = run_as::resolve_identity(who, None, &users).unwrap();
-        spec::validate(&spec(Some("slurm-45")), who, id, &spec::Rules::default()).unwrap()
+        spec::validate(&spec(Some(job)), who, id, &spec::Rules::default()).unwrap()
     };
-    let (job, _) = r.launcher.ensure_sandbox(&validated(BOB)).await.unwrap();
+    // Root's step for Bob, in Alice's space, comes first.
+    let mut for_bob = validated(ROOT, "u1000.slurm-45");
+    for_bob.identity = validated(BOB, "x").identity;
+    let (job, _) = r.launcher.ensure_sandbox(&for_bob).await.unwrap();
     assert_eq!(job.uid, 1001);
     let e = r
         .launcher
-        .ensure_sandbox(&validated(ALICE))
+        .ensure_sandbox(&validated(ALICE, "slurm-45"))
         .await
         .unwrap_err();
     assert!(matches!(e, SandboxError::Denied(_)), "{e}");
-    assert!(e.to_string().contains("not open to uid 1000"), "{e}");
+    assert_eq!(e.to_string(), "no job u1000.slurm-45");
     assert_eq!(r.tasks.pod_count(), 1, "no second pod, no shared pod");
-    let mut root_for_alice = validated(ROOT);
-    root_for_alice.identity = validated(ALICE).identity;
+    let mut root_for_alice = validated(ROOT, "u1000.slurm-45");
+    root_for_alice.identity = validated(ALICE, "x").identity;
     let e = r
         .launcher
         .ensure_sandbox(&root_for_alice)
