@@ -305,6 +305,8 @@ pub struct Launcher {
     job_locks: JobLocks,
     /// Attached commands (`exec -i/-t`) by uid.
     exec_sessions: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Task records pruned since this daemon started (for `status`).
+    tasks_pruned: std::sync::atomic::AtomicU64,
     background: Background,
 }
 
@@ -338,6 +340,7 @@ impl Launcher {
             launched_by: Default::default(),
             job_locks: JobLocks::default(),
             exec_sessions: Default::default(),
+            tasks_pruned: Default::default(),
             background: parts.background,
         }))
     }

@@ -417,12 +417,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         store.instance().to_owned(),
         background.clone(),
     )
-    .with_status_of(
-        prewarm,
-        launcher.clone(),
-        ic.metrics_addr.clone(),
-        metrics.clone(),
-    );
+    .with_status_of(prewarm, launcher.clone(), ic.metrics_addr.clone());
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
     let expectations = ExpectationsApi::new(expector, admin, Arc::new(SystemClock));
 

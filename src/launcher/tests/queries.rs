@@ -182,6 +182,9 @@ async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() 
             .counter("cimage_history_pruned_total", &[("kind", "task")]),
         1
     );
+    // What status shows comes from the launcher, not from the metrics.
+    let h = r.launcher.history().await.unwrap();
+    assert_eq!((h.recorded, h.live, h.pruned_since_start), (1, 1, 1));
     r.launcher.cancel(ROOT, &running.id).await.unwrap();
     waiter.await.unwrap();
 }
