@@ -18,9 +18,9 @@ use super::Launcher;
 const CHECK_MAX: Duration = Duration::from_secs(2);
 /// And at most this often, however fast it grows.
 const CHECK_MIN: Duration = Duration::from_millis(200);
-/// The log directory is measured at most this often (after steps end), and at least this
-/// often otherwise.
+/// The log directory is measured this long after steps end (so at most this often) ...
 const DIR_CHECK_MIN: Duration = Duration::from_secs(5);
+/// ... and at least this often.
 const DIR_CHECK_MAX: Duration = Duration::from_secs(300);
 
 /// When a running step's log is measured next, and what it measured last.
@@ -142,8 +142,8 @@ impl Launcher {
         gone
     }
 
-    /// Keeps the log directory within `MaxLogDirSize` until shutdown: measured a few seconds
-    /// after steps end (at most every [`DIR_CHECK_MIN`]) and every [`DIR_CHECK_MAX`] anyway.
+    /// Keeps the log directory within `MaxLogDirSize` until shutdown: measured 5 s after steps
+    /// end (so at most every 5 s) and every 5 minutes anyway.
     pub async fn log_dir_loop(self: Arc<Self>) {
         loop {
             let ended = self.live_changed.notified();
