@@ -105,6 +105,8 @@ pub(super) struct PullJob {
     pub(super) progress: Arc<watch::Sender<PullProgress>>,
     /// Whose share of the slots it counts against.
     pub(super) claim: Arc<Claim>,
+    /// How urgent it is, for the node's slots.
+    pub(super) urgency: super::slots::Urgency,
 }
 
 /// What an attempt follows: the layers' bytes (when the runtime reports them), whether the
@@ -198,7 +200,7 @@ impl PullJob {
     /// Takes a user's share when the pull counts against one (waiting outside the node's line
     /// while its users' shares are taken), then the registry's and the node's pull slots,
     /// queueing visibly when they are taken.
-    async fn take_slots(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    async fn take_slots(&self) -> (OwnedSemaphorePermit, super::slots::Slot) {
         self.claim
             .take(&self.core.shares, |users| {
                 self.progress.send_modify(|p| {
@@ -212,7 +214,7 @@ impl PullJob {
             tracing::debug!(image = %self.image, uid, "pull counts against the user's share");
         }
         if let Ok(r) = Arc::clone(&self.per_registry).try_acquire_owned() {
-            if let Ok(g) = Arc::clone(&self.core.global).try_acquire_owned() {
+            if let Some(g) = self.core.global.try_take() {
                 return (r, g);
             }
         }
@@ -222,10 +224,7 @@ impl PullJob {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let g = Arc::clone(&self.core.global)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let g = self.core.global.take(&self.urgency).await;
         (r, g)
     }
 
