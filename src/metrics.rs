@@ -149,6 +149,18 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         "Pre-warm runs by outcome (ok, partial, failed, skipped).",
     ),
     (
+        "cimage_image_ready",
+        Kind::Gauge,
+        true,
+        "1 when the node holds the image, 0 when not, for each image an admin named: pinned, expected, or listed in a pre-warm schedule.",
+    ),
+    (
+        "cimage_image_fs_high_watermark_ratio",
+        Kind::Gauge,
+        false,
+        "ImageCache.Eviction.HighPercent as a ratio (what cimage_image_fs_used_ratio is kept under).",
+    ),
+    (
         "cimage_expected_images",
         Kind::Gauge,
         true,
@@ -203,6 +215,20 @@ pub const CATALOG: &[(&str, Kind, bool, &str)] = &[
         Kind::Gauge,
         false,
         "Unix time of the last successful reconciliation of the index with the runtime (0: none yet).",
+    ),
+    (
+        "cimage_connections_refused_total",
+        Kind::Counter,
+        true,
+        "Connections refused or ended by cimaged, by reason (over_connection_cap, \
+         unidentified_peer, not_root, flood, protocol_error).",
+    ),
+    (
+        "cimage_requests_refused_total",
+        Kind::Counter,
+        true,
+        "API requests ended before they arrived whole, by reason (over_budget: the uid's \
+         unfinished requests would hold more than its budget; read_timeout).",
     ),
     (
         "cimage_image_fs_used_ratio",
@@ -266,6 +292,19 @@ impl Metrics {
             .unwrap()
             .gauges
             .insert((name, series(labels)), value);
+    }
+
+    /// Replaces every series of a labelled gauge with `series` (label value, value): a series
+    /// not given is gone from the page, so a family that follows a changing set of things
+    /// (images an admin named) holds only the current ones.
+    pub fn set_family(&self, name: &'static str, label: &str, series_values: &[(String, f64)]) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.gauges.retain(|(n, _), _| *n != name);
+        for (v, value) in series_values {
+            inner
+                .gauges
+                .insert((name, series(&[(label, v.as_str())])), *value);
+        }
     }
 
     /// Moves an unlabelled gauge by `by` (up or down).

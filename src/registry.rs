@@ -1,5 +1,6 @@
 //! The registry side: resolving a tag to its manifest digest with a HEAD request (cheap, and not
-//! counted as a pull by Docker Hub) and reading a manifest's layers and sizes before a pull,
+//! counted as a pull by Docker Hub), reading a manifest's layers and sizes before a pull, and
+//! checking a blob's real length (HEAD),
 //! with cimage's own HTTP client (reqwest: a size cap, time limits, `Retry-After`); oci-client
 //! does only the token step. The bytes themselves are pulled by the runtime through CRI so they
 //! land where containers need them.
@@ -127,12 +128,23 @@ pub trait Registry: Send + Sync {
 
     /// The image's manifest for this host's platform: its config and layer blobs as stored
     /// (compressed). Their sum is the same measure the runtime reports for images; the layers
-    /// are what a pull downloads.
+    /// are what a pull downloads. Read where the runtime pulls from: the first of the
+    /// registry's mirrors that has it, else the registry.
     async fn manifest(
         &self,
         image: &ImageRef,
         credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError>;
+
+    /// The length of blob `digest` of `image` as the registry serves it (a HEAD with the
+    /// request's credentials, its `Content-Length`): a manifest's claimed sizes are checked
+    /// against it before room is made for a pull.
+    async fn blob_size(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError>;
 }
 
 /// One blob a manifest names.
@@ -154,6 +166,16 @@ pub struct ImageManifest {
 }
 
 impl ImageManifest {
+    /// The config and the layers, each blob once (a manifest may list a layer many times),
+    /// config first.
+    pub fn distinct_blobs(&self) -> Vec<&Blob> {
+        let mut seen = std::collections::HashSet::new();
+        std::iter::once(&self.config)
+            .chain(&self.layers)
+            .filter(|b| seen.insert(b.digest.as_str()))
+            .collect()
+    }
+
     /// Config and layers: the image's size as the runtime counts it.
     pub fn size(&self) -> u64 {
         self.config.size + self.layer_bytes()

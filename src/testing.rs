@@ -13,11 +13,13 @@ use crate::registry::fake::FakeRegistry;
 use crate::runtime::fake::FakeRuntime;
 use crate::store::Store;
 
-/// Puller settings for tests: short deadline, 1 ms backoff, otherwise the defaults.
+/// Puller settings for tests: short deadline, 1 ms backoff, metrics that name the tests'
+/// registry `127.0.0.1:5000`, otherwise the defaults.
 pub fn puller_settings() -> PullerSettings {
     PullerSettings {
         pull_timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(1),
+        labelled_registries: ["127.0.0.1:5000".to_owned()].into(),
         ..PullerSettings::default()
     }
 }

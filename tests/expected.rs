@@ -318,6 +318,14 @@ fn a_slurm_that_does_not_answer_makes_the_source_unhealthy_and_nothing_else() {
     });
     let text = stdout(&d.cli(&["expected"]));
     assert!(text.contains("queue source slurm: UNHEALTHY"), "{text}");
+    // cimage status says so too, and cimaged itself stays healthy.
+    let status = d.cli(&["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(
+        stdout(&status).contains("queue source:     slurm: UNHEALTHY"),
+        "{}",
+        stdout(&status)
+    );
     // Everything else works: a pull, and an expectation said by hand.
     assert_eq!(d.pull_json(&busybox(&tb), None)["image"], busybox(&tb));
     let out = d.cli(&["expect", &busybox(&tb), "--in", "10m"]);
@@ -366,4 +374,32 @@ fn a_sites_command_is_a_queue_source() {
             .as_str()
             .is_some_and(|e| e.contains("line 1"))
     });
+}
+
+#[test]
+fn a_scheduler_job_fans_a_pull_out_to_its_nodes() {
+    // The fleet's other way to pre-warm: one task per node through the scheduler (here the
+    // testbed's one node), each making the image ready on its node with `cimage pull`.
+    let tb = Testbed::get();
+    let slurm = Slurm::get(&tb);
+    let d = Daemon::start("");
+    let image = busybox(&tb);
+    let out = slurm.cmd(
+        "srun",
+        &[
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            "--time=2",
+            env!("CARGO_BIN_EXE_cimage"),
+            "--socket",
+            d.socket().to_str().unwrap(),
+            "pull",
+            "-o",
+            "json",
+            &image,
+        ],
+    );
+    assert!(out.status.success(), "srun: {}", stderr(&out));
+    let v: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["image"], image.as_str());
 }

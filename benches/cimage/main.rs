@@ -13,12 +13,15 @@
 //!   ContainerStatus polling, RemoveContainer, StopPodSandbox, RemovePodSandbox), 30 runs each
 //! - cimaged's CRI image endpoint vs containerd's: cold `PullImage`, `ImageStatus` p50/p99, 20
 //!   concurrent `PullImage`s of one cold image
+//! - a pending job's image wait at its start, with and without the Slurm queue source (the
+//!   testbed's one-node Slurm; a 256 MiB image behind an 8 MB/s link)
 //! - launch-to-exit with 100,000 finished tasks in the store vs none, start-up to recovery and
 //!   resident memory with them
 //! - a pre-warm run of 20 synthetic images at concurrency 2 vs the same pulls issued by raw CRI at
 //!   concurrency 2, and `IfNotPresent` checks of a cached image during the run vs idle
 
 mod cri;
+mod expect;
 mod history;
 #[path = "../../tests/common/images.rs"]
 #[allow(dead_code)]
@@ -28,6 +31,9 @@ mod prewarm;
 mod progress;
 mod rig;
 mod scale;
+#[path = "../../tests/common/shaper.rs"]
+#[allow(dead_code)]
+mod shaper;
 mod soak;
 
 use std::path::Path;
@@ -43,7 +49,7 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, progress, warm, always, herd, cri, launch, history, prewarm, scale;
+/// (comma-separated: cold, progress, warm, always, herd, cri, launch, expect, history, prewarm, scale;
 /// and soak, which runs only when listed).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
@@ -300,6 +306,10 @@ async fn main() {
                 "",
             );
         }
+    }
+    if want("expect") {
+        eprintln!("bench: a job's image wait with and without the Slurm queue source ...");
+        expect::expect(&cri_path, &registry, &env).await;
     }
     if want("history") {
         eprintln!("bench: launches with a long history ...");

@@ -14,6 +14,12 @@
 //! are addressed from the newest and a smaller one is evicted no earlier, every entry the client
 //! refers to is still where it expects it. A field not indexed gets `localhost`. A block too big
 //! to hold, or anything that is not HTTP/2 as expected, passes through unchanged.
+//!
+//! What is held is bounded by the frame headers, never by what a frame's payload turns out to
+//! be: a frame is buffered whole only when its header announces at most the default frame size
+//! and, while a header block is held, at most what keeps the block within `MAX_BLOCK`. Any
+//! bigger frame passes on from its header (the server then refuses what it does not take), so
+//! a CONTINUATION that announces 16 MiB costs this side nothing.
 
 use std::io;
 use std::pin::Pin;
@@ -224,6 +230,19 @@ impl<R> AuthorityFix<R> {
                 self.pass_all();
                 return;
             }
+            let too_big_to_hold = self.pending.as_ref().is_some_and(|(_, _, block)| {
+                len > DEFAULT_MAX_FRAME || block.len() + len > MAX_BLOCK
+            });
+            if too_big_to_hold {
+                // Judged at its header, before any of its payload is waited for: what was held
+                // goes on unchanged, and so does everything after it (the server refuses a
+                // frame over its size, or a header list over its limit).
+                if let Some((h, prefix, block)) = self.pending.take() {
+                    self.emit_block(h, &prefix, &block, false);
+                }
+                self.pass_all();
+                return;
+            }
             if self.raw.len() < 9 + len {
                 return;
             }
@@ -253,9 +272,7 @@ impl<R> AuthorityFix<R> {
                         self.pending = Some((head, prefix, block));
                     }
                 }
-                (CONTINUATION, Some((h, prefix, mut block)))
-                    if head[5..9] == h[5..9] && block.len() + payload.len() <= MAX_BLOCK =>
-                {
+                (CONTINUATION, Some((h, prefix, mut block))) if head[5..9] == h[5..9] => {
                     block.extend_from_slice(payload);
                     if flags & END_HEADERS != 0 {
                         self.emit_headers(h, prefix, block);
@@ -264,9 +281,8 @@ impl<R> AuthorityFix<R> {
                     }
                 }
                 (_, Some((h, prefix, block))) => {
-                    // Not the continuation one must be, or a block too big to hold: what was
-                    // held goes on unchanged, and so does everything after it (the server
-                    // names any protocol error).
+                    // Not the continuation one must be: what was held goes on unchanged, and
+                    // so does everything after it (the server names any protocol error).
                     self.emit_block(h, &prefix, &block, false);
                     self.out.extend_from_slice(&frame);
                     self.pass_all();
@@ -453,6 +469,55 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, input);
+    }
+
+    /// What `r` gives without waiting for more from the client.
+    fn readable_now<R: AsyncRead + Unpin>(r: &mut AuthorityFix<R>) -> Vec<u8> {
+        use futures::FutureExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Some(n) = r.read(&mut buf).now_or_never() {
+            let n = n.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_frame_too_big_to_hold_passes_on_at_its_header_without_its_payload() {
+        use tokio::io::AsyncWriteExt;
+        // A CONTINUATION that announces 16 MiB, of which 100 bytes have come.
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut r = AuthorityFix::new(server);
+        let block = [vec![0x83], authority(b"/tmp/s.sock")].concat();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &block));
+        let mut huge = frame(CONTINUATION, END_HEADERS, 1, &[]);
+        huge[0..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+        input.extend(&huge);
+        input.extend([0u8; 100]);
+        client.write_all(&input).await.unwrap();
+        assert_eq!(readable_now(&mut r), input);
+        assert!(r.raw.is_empty() && r.pending.is_none());
+        // A held block of 60 KiB, then a CONTINUATION of 16 KiB that would take it past the
+        // 64 KiB held at most: passed on at its header too.
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut r = AuthorityFix::new(server);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82; DEFAULT_MAX_FRAME]));
+        for n in [DEFAULT_MAX_FRAME, DEFAULT_MAX_FRAME, 12 << 10] {
+            input.extend(frame(CONTINUATION, 0, 1, &vec![0x82; n]));
+        }
+        let mut next = frame(CONTINUATION, END_HEADERS, 1, &[]);
+        next[0..3].copy_from_slice(&(DEFAULT_MAX_FRAME as u32).to_be_bytes()[1..]);
+        input.extend(&next);
+        client.write_all(&input).await.unwrap();
+        let got = readable_now(&mut r);
+        assert!(got.ends_with(&next), "the frame header went on");
+        assert_eq!(got.len(), input.len());
     }
 
     #[tokio::test]

@@ -14,7 +14,9 @@
 //!
 //! The socket is root's alone (mode 0600; other peers are turned away at accept): it carries
 //! no per-uid cap and no idle limit, since Craned opens a connection per step and kubelet keeps
-//! its connections for days.
+//! its connections for days. It serves at most `ImageService.MaxConnections` connections at
+//! once, so that what they may hold is bounded; the next waits in the listen queue until one
+//! closes (root's clients are made to wait, never refused).
 
 use std::collections::HashMap;
 use std::io;
@@ -33,11 +35,13 @@ use k8s_cri::v1::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use super::abuse::{AbuseLog, Refusal, REPORT_EVERY};
 use super::authority::AuthorityFix;
 use super::service::pull_status;
 use crate::background::Background;
@@ -63,6 +67,8 @@ pub struct ConnId(pub u64);
 pub struct CriConn {
     inner: AuthorityFix<UnixStream>,
     id: ConnId,
+    /// Its place among the connections served at once, given back when it closes.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for CriConn {
@@ -317,31 +323,81 @@ impl ImageService for CriImageApi {
     }
 }
 
+/// The accept loop's state: the listener, connection numbers, the free places, and when the
+/// cap was last told in the log.
+struct Accepting {
+    listener: UnixListener,
+    next: AtomicU64,
+    slots: Arc<Semaphore>,
+    max: usize,
+    abuse: AbuseLog,
+    told_full: Option<Instant>,
+}
+
+impl Accepting {
+    /// A free place, waited for when all `max` are taken (told once a minute at most).
+    async fn slot(&mut self) -> OwnedSemaphorePermit {
+        if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
+            return slot;
+        }
+        if self.told_full.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            self.told_full = Some(Instant::now());
+            warn!(
+                "the CRI image socket serves its {} connections (ImageService.MaxConnections);                  the next waits to be accepted until one closes",
+                self.max
+            );
+        }
+        Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+}
+
 /// Serves the image service on `listener` (made by [`super::bind_socket`] with mode 0600) until
-/// `shutdown` resolves. Peers other than root are turned away at accept.
+/// `shutdown` resolves, at most `max_connections` connections at once. Peers other than root
+/// are turned away at accept, counted by `abuse`.
 pub async fn serve(
     listener: UnixListener,
     api: CriImageApi,
+    max_connections: usize,
+    abuse: AbuseLog,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let next = AtomicU64::new(1);
-    let incoming = futures::stream::unfold((listener, next), |(listener, next)| async move {
+    let state = Accepting {
+        listener,
+        next: AtomicU64::new(1),
+        slots: Arc::new(Semaphore::new(max_connections)),
+        max: max_connections,
+        abuse,
+        told_full: None,
+    };
+    let incoming = futures::stream::unfold(state, |mut state| async move {
         loop {
-            match listener.accept().await {
+            let slot = state.slot().await;
+            match state.listener.accept().await {
                 Ok((stream, _)) => {
                     match stream.peer_cred() {
                         Ok(c) if c.uid() == 0 => {}
                         // Not root: closed at once (the socket's mode should already say so).
-                        _ => continue,
+                        Ok(c) => {
+                            state.abuse.note(Some(c.uid()), Refusal::NotRoot);
+                            continue;
+                        }
+                        Err(_) => {
+                            state.abuse.note(None, Refusal::UnidentifiedPeer);
+                            continue;
+                        }
                     }
-                    let id = ConnId(next.fetch_add(1, Ordering::Relaxed));
+                    let id = ConnId(state.next.fetch_add(1, Ordering::Relaxed));
                     let conn = CriConn {
                         inner: AuthorityFix::new(stream),
                         id,
+                        _slot: slot,
                     };
-                    return Some((Ok::<_, io::Error>(conn), (listener, next)));
+                    return Some((Ok::<_, io::Error>(conn), state));
                 }
-                Err(e) => return Some((Err(e), (listener, next))),
+                Err(e) => return Some((Err(e), state)),
             }
         }
     });

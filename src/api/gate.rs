@@ -3,7 +3,9 @@
 //! Every accepted connection is counted against its peer's uid (from `SO_PEERCRED`); past the
 //! uid's cap it is closed at once, so no one user can take the daemon's file descriptors or its
 //! accept loop from the others. A connection that sends nothing for the idle limit is closed (the
-//! CLI keeps long, quiet streams such as `run` of a silent step alive with HTTP/2 pings).
+//! CLI keeps long, quiet streams such as `run` of a silent step alive with HTTP/2 pings). The
+//! limits of what one uid's requests may hold ([`super::budget`]) travel in the same [`Limits`],
+//! and an admitted connection knows whether its peer is an admin, for its stream limit.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,9 +20,10 @@ use tokio::net::UnixStream;
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
+use super::abuse::Refusal;
 use super::peer::Caller;
 
-/// Connection limits.
+/// Per-uid limits of the API socket.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Connections one ordinary uid may hold at once.
@@ -29,6 +32,12 @@ pub struct Limits {
     pub per_admin: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle: Duration,
+    /// Bytes an ordinary uid's requests may hold before they have arrived whole.
+    pub request_bytes_per_user: u64,
+    /// The same for root and the admin group.
+    pub request_bytes_per_admin: u64,
+    /// A request that has not arrived whole this long after its headers is ended.
+    pub request_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -38,8 +47,20 @@ impl Default for Limits {
             per_user: crate::config::DEFAULT_MAX_CONNECTIONS_PER_USER,
             per_admin: crate::config::DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
             idle: crate::config::DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            request_bytes_per_user: crate::config::DEFAULT_MAX_REQUEST_BYTES_PER_USER,
+            request_bytes_per_admin: crate::config::DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN,
+            request_read_timeout: crate::config::DEFAULT_REQUEST_READ_TIMEOUT,
         }
     }
+}
+
+/// A connection the gate turned away, and whose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The peer's uid, when it could be read.
+    pub uid: Option<u32>,
+    /// Why.
+    pub reason: Refusal,
 }
 
 /// Counts open connections per uid.
@@ -63,8 +84,17 @@ impl Gate {
     /// peer cannot be identified. The peer's identity is read here, once, and travels with the
     /// connection to every request on it.
     pub fn admit(&self, stream: UnixStream) -> Option<Gated> {
-        let caller = Caller::of_stream(&stream).ok()?;
-        let cap = if (self.is_admin)(&caller) {
+        self.try_admit(stream).ok()
+    }
+
+    /// As [`Gate::admit`], saying whose connection was refused and why.
+    pub fn try_admit(&self, stream: UnixStream) -> Result<Gated, Refused> {
+        let caller = Caller::of_stream(&stream).map_err(|_| Refused {
+            uid: stream.peer_cred().ok().map(|c| c.uid()),
+            reason: Refusal::UnidentifiedPeer,
+        })?;
+        let admin = (self.is_admin)(&caller);
+        let cap = if admin {
             self.limits.per_admin
         } else {
             self.limits.per_user
@@ -73,20 +103,29 @@ impl Gate {
             let mut open = self.open.lock().unwrap();
             let n = open.entry(caller.uid).or_insert(0);
             if *n >= cap {
-                return None;
+                return Err(Refused {
+                    uid: Some(caller.uid),
+                    reason: Refusal::OverConnectionCap,
+                });
             }
             *n += 1;
         }
-        Some(Gated {
+        Ok(Gated {
             inner: stream,
             slot: Slot {
                 uid: caller.uid,
                 open: Arc::clone(&self.open),
             },
             caller,
+            admin,
             idle: self.limits.idle,
             deadline: Box::pin(tokio::time::sleep(self.limits.idle)),
         })
+    }
+
+    /// The limits this gate was made with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Connections open now for `uid`.
@@ -117,9 +156,23 @@ impl Drop for Slot {
 pub struct Gated {
     inner: UnixStream,
     caller: Caller,
+    /// The caller may use admin calls (root or the admin group), so it gets the admin limits.
+    admin: bool,
     slot: Slot,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+}
+
+impl Gated {
+    /// Who is on the other end, as the kernel said when the connection was accepted.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// Whether the caller gets the admin limits.
+    pub fn is_admin(&self) -> bool {
+        self.admin
+    }
 }
 
 impl AsyncRead for Gated {
@@ -185,6 +238,7 @@ mod tests {
                 per_user: 2,
                 per_admin: 2,
                 idle: Duration::from_secs(60),
+                ..Limits::default()
             },
             |_| false,
         );
@@ -200,6 +254,34 @@ mod tests {
         assert_eq!(gate.open_for(me), 2);
         held.clear();
         assert_eq!(gate.open_for(me), 0, "closing gives the slots back");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_says_whose_and_why_and_admins_are_known_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let limits = Limits {
+            per_user: 1,
+            per_admin: 1,
+            ..Limits::default()
+        };
+        let me = unsafe { libc::getuid() };
+        let gate = Gate::new(limits, move |c| c.uid == me);
+        let _c1 = UnixStream::connect(&path).await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let first = gate.try_admit(s).unwrap();
+        assert!(first.is_admin());
+        assert_eq!(first.caller().uid, me);
+        let _c2 = UnixStream::connect(&path).await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        assert_eq!(
+            gate.try_admit(s).err(),
+            Some(Refused {
+                uid: Some(me),
+                reason: Refusal::OverConnectionCap
+            })
+        );
     }
 
     #[tokio::test]

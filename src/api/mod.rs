@@ -1,9 +1,13 @@
 //! The gRPC API on a unix socket: the only place, with [`crate::cri`], that speaks tonic.
 //!
 //! The caller is identified by the socket's peer credentials ([`peer`]), never by a request field.
-//! Domain errors become `tonic::Status` codes here ([`service`]).
+//! Domain errors become `tonic::Status` codes here ([`service`]). What one uid may hold is
+//! bounded: connections ([`gate`]), calls per connection and the bytes of requests not yet
+//! arrived whole ([`budget`], [`server`]); refusals are counted and logged sparingly ([`abuse`]).
 
+pub mod abuse;
 pub mod authority;
+pub mod budget;
 pub mod cri_image;
 pub mod expect;
 pub mod gate;
@@ -11,10 +15,13 @@ pub mod http;
 pub mod launcher;
 pub mod maintenance;
 pub mod peer;
+pub mod readiness;
+pub mod server;
 pub mod service;
 
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
 
@@ -73,8 +80,17 @@ pub fn bind_socket_mode(
     Ok(listener)
 }
 
-/// Calls in flight at once on one client connection.
+/// Calls in flight at once on one connection of root or the admin group (50 concurrent pulls
+/// over one connection fit).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Calls in flight at once on one connection of another user (a client that asks for more is
+/// made to wait by its HTTP/2 library).
+pub const MAX_STREAMS_PER_USER_CONNECTION: u32 = 16;
+
+/// Calls whose request is a stream of messages (see proto/cimage/v1/cimage.proto): their read
+/// timeout applies to each message, not to the whole request.
+pub const STREAMED_REQUESTS: &[&str] = &["/cimage.v1.Launcher/ExecStream"];
 
 /// A server stream of the API.
 pub type BoxStream<T> =
@@ -101,54 +117,58 @@ pub fn ending_at_shutdown<T: Send + 'static>(
 /// KiB); anything bigger is refused before it is read.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
+/// The services the API socket serves.
+pub struct Services {
+    /// Pulls, images, status.
+    pub images: service::ImageCacheApi,
+    /// Job steps.
+    pub launcher: launcher::LauncherApi,
+    /// Eviction and pre-warm schedules.
+    pub maintenance: maintenance::MaintenanceApi,
+    /// Expected images.
+    pub expectations: expect::ExpectationsApi,
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, admitting connections through
-/// `gate` (per-uid caps, idle limit).
+/// `gate` (per-uid caps, idle limit, request budget); refusals count into `metrics`.
 pub async fn serve(
     listener: UnixListener,
     gate: gate::Gate,
-    images: service::ImageCacheApi,
-    launcher: launcher::LauncherApi,
-    maintenance: maintenance::MaintenanceApi,
-    expectations: expect::ExpectationsApi,
+    services: Services,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let incoming = futures::stream::unfold((listener, gate), |(listener, gate)| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    if let Some(g) = gate.admit(stream) {
-                        return Some((Ok::<_, std::io::Error>(g), (listener, gate)));
-                    }
-                    // Over its uid's cap: closed at once (dropped).
-                }
-                Err(e) => return Some((Err(e), (listener, gate))),
-            }
-        }
-    });
-    tonic::transport::Server::builder()
-        // Dead peers are found by keepalive pings; a live one answers them.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        // Calls at once on one connection (the per-uid cap bounds the connections).
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .add_service(
-            pb::image_cache_server::ImageCacheServer::new(images)
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            pb::launcher_server::LauncherServer::new(launcher)
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            pb::maintenance_server::MaintenanceServer::new(maintenance)
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            pb::expectations_server::ExpectationsServer::new(expectations)
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+) -> std::io::Result<()> {
+    let Services {
+        images,
+        launcher,
+        maintenance,
+        expectations,
+    } = services;
+    let routes = tonic::service::Routes::new(
+        pb::image_cache_server::ImageCacheServer::new(images)
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        pb::launcher_server::LauncherServer::new(launcher)
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        pb::maintenance_server::MaintenanceServer::new(maintenance)
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        pb::expectations_server::ExpectationsServer::new(expectations)
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .prepare();
+    let settings = server::ConnectionSettings {
+        user_streams: MAX_STREAMS_PER_USER_CONNECTION,
+        admin_streams: MAX_STREAMS_PER_CONNECTION,
+        max_message: MAX_REQUEST_BYTES,
+        streamed_requests: STREAMED_REQUESTS,
+    };
+    let abuse = abuse::AbuseLog::new("API", metrics);
+    server::serve(listener, gate, routes, settings, abuse, shutdown).await
 }
 
 /// A maintenance client (gc, top, pre-warm) for the API at a unix socket.
@@ -182,6 +202,25 @@ pub fn client(path: &Path) -> pb::image_cache_client::ImageCacheClient<tonic::tr
 #[cfg(test)]
 mod tests {
     use super::pb;
+
+    #[test]
+    fn the_streamed_requests_are_those_the_proto_declares() {
+        let proto = include_str!("../../proto/cimage/v1/cimage.proto");
+        let mut service = "";
+        let mut streamed = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().unwrap_or("");
+            }
+            if let Some(rest) = line.strip_prefix("rpc ") {
+                let (name, args) = rest.split_once('(').unwrap();
+                if args.trim_start().starts_with("stream ") {
+                    streamed.push(format!("/cimage.v1.{service}/{}", name.trim()));
+                }
+            }
+        }
+        assert_eq!(streamed, super::STREAMED_REQUESTS);
+    }
 
     #[test]
     fn requests_never_show_a_password_in_debug_output() {

@@ -11,7 +11,7 @@ use super::{ending_at_shutdown, pb, BoxStream};
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
 use crate::policy::PullPolicy;
-use crate::puller::{EnsureRequest, Ensured, PullError, PullProgress, Puller};
+use crate::puller::{EnsureRequest, Ensured, PullError, PullProgress, Puller, SlotOwner};
 use crate::registry::RegistryErrorKind;
 use crate::runtime::{ImageRuntime, RuntimeError, RuntimeErrorKind};
 
@@ -78,6 +78,15 @@ impl ImageCacheApi {
         })
     }
 
+    /// Whose share of the pull slots the caller's pulls count against: root's and the admin
+    /// group's are the node's own; anyone else's are theirs (`MaxPullsPerUser`).
+    fn slot_owner(&self, who: &Caller) -> SlotOwner {
+        match self.admin.is_admin(who) {
+            true => SlotOwner::Node,
+            false => SlotOwner::User(who.uid),
+        }
+    }
+
     fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<Caller, Status> {
         require_admin(&self.admin, req, what)
     }
@@ -132,7 +141,7 @@ pub fn pull_status(e: &PullError) -> Status {
         },
         PullError::Runtime { source, .. } => runtime_code(source),
         PullError::Timeout { .. } => Code::DeadlineExceeded,
-        PullError::Stalled { .. } => Code::Unavailable,
+        PullError::Stalled { .. } | PullError::Unresolved { .. } => Code::Unavailable,
         PullError::Index { .. } => Code::Internal,
         PullError::ShuttingDown { .. } => Code::Unavailable,
         PullError::NoRoom { .. } => Code::ResourceExhausted,
@@ -248,7 +257,7 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let image = r.image.clone();
         let ensured = self
             .puller
-            .ensure(Self::ensure_request(&who, r)?)
+            .ensure_for(Self::ensure_request(&who, r)?, self.slot_owner(&who))
             .await
             .map_err(|e| {
                 // Debug-quoted and cut: a request's string never starts a log line of its own.
@@ -269,13 +278,14 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
         let r = req.into_inner();
         let image = r.image.clone();
         let ensure_req = Self::ensure_request(&who, r)?;
+        let owner = self.slot_owner(&who);
         // Bounded: progress is a view of the moment, dropped for a client that does not read
         // (the result is waited for), so such a client holds at most this many events.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PullEvent, Status>>(STREAM_BUFFER);
         let puller = Arc::clone(&self.puller);
         self.background.spawn(async move {
             let result = puller
-                .ensure_watched(ensure_req, |p| {
+                .ensure_watched_for(ensure_req, owner, |p| {
                     let _ = tx.try_send(Ok(pb::PullEvent {
                         event: Some(E::Progress(progress_pb(&p))),
                     }));

@@ -1,6 +1,9 @@
 //! Eviction planning: which images go, and why. A pure function over the index records, so the
 //! rules are exact and testable; [`super::Cache::gc`] carries a plan out.
 //!
+//! Images count by [`ImageRecord::counted_size`]: the runtime's size, or what their blobs were
+//! measured to hold when less.
+//!
 //! Rules, in order:
 //! 1. never an image that is pinned, in use by a running step, the runtime's sandbox image, or
 //!    younger than `MinAge` (since cimage first saw it);
@@ -112,6 +115,16 @@ fn recency(r: &ImageRecord) -> i64 {
     }
 }
 
+/// What pulls in flight add, as each rule counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Incoming {
+    /// Bytes added to the indexed images' total (`MaxBytes`).
+    pub index: u64,
+    /// Bytes still to land on the image filesystem (`HighPercent`): bytes that have arrived
+    /// are in its usage already.
+    pub disk: u64,
+}
+
 /// Plans an eviction. `protect` names why an image may not go (pinned, in use, sandbox);
 /// `incoming` is the size of a pull to make room for (0 for a plain gc).
 pub fn plan(
@@ -121,6 +134,22 @@ pub fn plan(
     fs: Option<FsUsage>,
     s: &EvictionSettings,
     incoming: u64,
+) -> Plan {
+    let incoming = Incoming {
+        index: incoming,
+        disk: incoming,
+    };
+    plan_with(images, protect, now_ms, fs, s, incoming)
+}
+
+/// [`plan`], with what pulls in flight add counted apart for each rule.
+pub fn plan_with(
+    images: &[ImageRecord],
+    protect: impl Fn(&ImageRecord) -> Option<String>,
+    now_ms: i64,
+    fs: Option<FsUsage>,
+    s: &EvictionSettings,
+    incoming: Incoming,
 ) -> Plan {
     let mut out = Plan::default();
     let mut eligible: Vec<&ImageRecord> = Vec::new();
@@ -149,7 +178,7 @@ pub fn plan(
                 continue;
             }
             out.evict.push((r.clone(), reason));
-            return Some(r.size);
+            return Some(r.counted_size());
         }
         None
     };
@@ -159,12 +188,12 @@ pub fn plan(
             let idle = Duration::from_millis((now_ms - recency(r)).max(0) as u64);
             if idle >= max_unused {
                 out.evict.push(((*r).clone(), EvictionReason::Unused));
-                freed += r.size;
+                freed += r.counted_size();
             }
         }
     }
     if let Some(max) = s.max_bytes {
-        let total: u64 = images.iter().map(|r| r.size).sum::<u64>() + incoming;
+        let total: u64 = images.iter().map(|r| r.counted_size()).sum::<u64>() + incoming.index;
         while total.saturating_sub(freed) > max {
             match take(&mut out, EvictionReason::MaxBytes) {
                 Some(n) => freed += n,
@@ -179,7 +208,7 @@ pub fn plan(
         }
     }
     if let Some(fs) = fs {
-        let used = |freed: u64| (fs.used + incoming).saturating_sub(freed);
+        let used = |freed: u64| (fs.used + incoming.disk).saturating_sub(freed);
         if fs.percent(used(freed)) > s.high_percent {
             let target = (fs.total as f64 * s.low_percent / 100.0) as u64;
             while used(freed) > target {
@@ -248,6 +277,7 @@ mod tests {
             credentialed: false,
             fingerprints: vec![],
             granted_uids: vec![],
+            measured_size: None,
         }
     }
 

@@ -1,22 +1,23 @@
-//! Carrying eviction out: reconcile, plan with [`super::evict::plan`] over what is protected
-//! (pins, in-use images, the runtime's sandbox image), remove from the runtime, record each
-//! eviction; and making room before a cold pull, counting the bytes that pulls already in
-//! flight were given room for ([`Reservation`]).
+//! Carrying eviction out: reconcile, plan with [`super::evict::plan_with`] over what is
+//! protected (pins, in-use images, the runtime's sandbox image), remove from the runtime, record
+//! each eviction; and making room for a cold pull, counting the bytes that pulls already in
+//! flight were given room for ([`Reservation`]): before it, for a size that was checked, or as
+//! its bytes really arrive, for one that cannot be trusted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::evict::{self, FsUsage, Plan};
+use super::evict::{self, FsUsage, Incoming, Plan};
 use super::{Cache, CacheError, EvictionSettings, ImageRecord};
 
 /// How a gc runs.
 struct Gc {
     /// Plan only.
     dry_run: bool,
-    /// Bytes of an incoming pull to make room for.
-    incoming: u64,
+    /// Bytes of pulls to make room for.
+    incoming: Incoming,
     /// Reconcile with the runtime first.
     reconcile: bool,
     /// Carry the plan out only if it meets the targets.
@@ -38,20 +39,49 @@ pub struct GcReport {
 /// drops (when the pull ends, its image is in the runtime and counts as itself).
 #[derive(Debug)]
 pub struct Reservation {
-    reserved: Arc<AtomicU64>,
-    bytes: u64,
+    /// Its bytes against `MaxBytes`: room set aside (`reserved`), or bytes arrived (`arrived`).
+    index: Counted,
+    /// Its bytes still to land on the image filesystem (`reserved_disk`), held until it drops;
+    /// none for room made as bytes arrive (they are on the filesystem when counted).
+    _disk: Option<Counted>,
 }
 
-impl Reservation {
-    /// Bytes this pull holds room for.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
+/// Bytes counted in one of the cache's counters while held.
+#[derive(Debug)]
+struct Counted {
+    counter: Arc<AtomicU64>,
+    bytes: AtomicU64,
+}
+
+impl Counted {
+    fn new(counter: &Arc<AtomicU64>, bytes: u64) -> Self {
+        counter.fetch_add(bytes, Ordering::SeqCst);
+        Self {
+            counter: Arc::clone(counter),
+            bytes: AtomicU64::new(bytes),
+        }
+    }
+
+    /// Counts `bytes`, if more than now; the growth.
+    fn grow_to(&self, bytes: u64) -> u64 {
+        let before = self.bytes.fetch_max(bytes, Ordering::SeqCst);
+        let grown = bytes.saturating_sub(before);
+        self.counter.fetch_add(grown, Ordering::SeqCst);
+        grown
     }
 }
 
-impl Drop for Reservation {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.counter
+            .fetch_sub(self.bytes.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Reservation {
+    /// Bytes this pull holds room for, as `MaxBytes` counts them.
+    pub fn bytes(&self) -> u64 {
+        self.index.bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -59,6 +89,11 @@ impl Cache {
     /// Bytes held now by pulls in flight that were given room.
     pub fn reserved_bytes(&self) -> u64 {
         self.reserved.load(Ordering::SeqCst)
+    }
+
+    /// Bytes that have arrived for pulls whose room grows as they arrive.
+    pub fn arrived_bytes(&self) -> u64 {
+        self.arrived.load(Ordering::SeqCst)
     }
 
     /// Usage of the image filesystem as `df` counts it (also kept as the gauge
@@ -110,7 +145,7 @@ impl Cache {
     pub async fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
         self.gc_with(Gc {
             dry_run,
-            incoming: 0,
+            incoming: Incoming::default(),
             reconcile: true,
             all_or_nothing: false,
         })
@@ -125,7 +160,7 @@ impl Cache {
         }
         self.gc_with(Gc {
             dry_run: false,
-            incoming: 0,
+            incoming: Incoming::default(),
             reconcile: false,
             all_or_nothing: false,
         })
@@ -198,7 +233,7 @@ impl Cache {
                 None
             }
         };
-        let plan = evict::plan(
+        let plan = evict::plan_with(
             &images,
             protect,
             self.clock.now_ms(),
@@ -233,37 +268,119 @@ impl Cache {
     }
 
     /// Makes room for an incoming pull of `bytes`, counting the bytes of pulls in flight that
-    /// were given room before it: evicts what the rules allow, or fails without evicting
-    /// anything when the target cannot be met. The room is held until the returned reservation
-    /// drops (the pull's end). Checks run one at a time, so concurrent pulls cannot each find
-    /// the same free room.
+    /// were given room before it (and those that arrived for pulls whose room grows): evicts
+    /// what the rules allow, or fails without evicting anything when the target cannot be met.
+    /// The room is held until the returned reservation drops (the pull's end). Checks run one
+    /// at a time, so concurrent pulls cannot each find the same free room. `bytes` must be what
+    /// the pull really brings (its blobs' checked sizes, not a manifest's word).
     pub async fn make_room(&self, bytes: u64) -> Result<Reservation, CacheError> {
-        let reserve = || {
-            self.reserved.fetch_add(bytes, Ordering::SeqCst);
-            Reservation {
-                reserved: Arc::clone(&self.reserved),
-                bytes,
-            }
+        self.make_room_for(Incoming {
+            index: bytes,
+            disk: bytes,
+        })
+        .await
+    }
+
+    /// [`Cache::make_room`] for a pull that adds `pull.index` bytes to the indexed images'
+    /// total (its blobs, each once, held or not) and `pull.disk` to the image filesystem (the
+    /// blobs the runtime does not hold yet).
+    pub async fn make_room_for(&self, pull: Incoming) -> Result<Reservation, CacheError> {
+        let reserve = || Reservation {
+            index: Counted::new(&self.reserved, pull.index),
+            _disk: Some(Counted::new(&self.reserved_disk, pull.disk)),
         };
-        let Some(settings) = self.eviction.clone() else {
-            return Ok(reserve());
-        };
-        let _one_at_a_time = self.gc_lock.lock().await;
-        let incoming = bytes + self.reserved_bytes();
-        // Most pulls are nowhere near a limit: check that cheaply before planning (a plan
-        // reconciles with the runtime first).
-        let over_bytes = match settings.max_bytes {
-            Some(max) => self.list().await?.iter().map(|r| r.size).sum::<u64>() + incoming > max,
-            None => false,
-        };
-        let over_fs = match self.image_fs(&settings).await {
-            Some(fs) => fs.percent(fs.used + incoming) > settings.high_percent,
-            None => false,
-        };
-        if !over_bytes && !over_fs {
+        if self.eviction.is_none() {
             return Ok(reserve());
         }
-        // One plan, carried out only if it meets the target.
+        let _one_at_a_time = self.gc_lock.lock().await;
+        let incoming = Incoming {
+            index: pull.index + self.reserved_bytes() + self.arrived_bytes(),
+            disk: pull.disk + self.reserved_disk.load(Ordering::SeqCst),
+        };
+        self.fit_locked(incoming, pull.index).await?;
+        Ok(reserve())
+    }
+
+    /// Room for a pull whose size cannot be trusted (a manifest the requester may have
+    /// written): nothing is set aside now; [`Cache::grow_room`] makes room as its bytes really
+    /// arrive, so the pull can make no more go than what it brings (plus the watermarks'
+    /// margin, once the filesystem passes `HighPercent`).
+    pub fn room_as_arrived(&self) -> Reservation {
+        Reservation {
+            index: Counted::new(&self.arrived, 0),
+            _disk: None,
+        }
+    }
+
+    /// Counts `arrived` bytes (in all) for a pull's [`Cache::room_as_arrived`] and evicts what
+    /// the rules need for them, or fails without evicting anything when the target cannot be
+    /// met. The bytes arrived are on the image filesystem already: they count against
+    /// `MaxBytes`, and the filesystem's own usage shows them.
+    pub async fn grow_room(&self, room: &Reservation, arrived: u64) -> Result<(), CacheError> {
+        if room.index.grow_to(arrived) == 0 || self.eviction.is_none() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.gc_lock.lock().await;
+        let incoming = Incoming {
+            index: self.reserved_bytes() + self.arrived_bytes(),
+            disk: self.reserved_disk.load(Ordering::SeqCst),
+        };
+        self.fit_locked(incoming, arrived).await
+    }
+
+    /// Room for a pull of `pull` bytes if it fits as things are, evicting nothing; `None`
+    /// when it would need an eviction (the caller checks the size it was told before asking
+    /// [`Cache::make_room_for`]).
+    pub async fn room_if_it_fits(&self, pull: Incoming) -> Result<Option<Reservation>, CacheError> {
+        let reserve = || Reservation {
+            index: Counted::new(&self.reserved, pull.index),
+            _disk: Some(Counted::new(&self.reserved_disk, pull.disk)),
+        };
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(Some(reserve()));
+        };
+        let _one_at_a_time = self.gc_lock.lock().await;
+        let incoming = Incoming {
+            index: pull.index + self.reserved_bytes() + self.arrived_bytes(),
+            disk: pull.disk + self.reserved_disk.load(Ordering::SeqCst),
+        };
+        match self.fits_locked(incoming, &settings).await? {
+            true => Ok(Some(reserve())),
+            false => Ok(None),
+        }
+    }
+
+    /// With the gc lock held: whether `incoming` is within `MaxBytes` and `HighPercent` as
+    /// things are (cheap: the listing and a statvfs; a plan reconciles with the runtime).
+    async fn fits_locked(
+        &self,
+        incoming: Incoming,
+        settings: &EvictionSettings,
+    ) -> Result<bool, CacheError> {
+        let over_bytes = match settings.max_bytes {
+            Some(max) => {
+                let indexed: u64 = self.list().await?.iter().map(|r| r.counted_size()).sum();
+                indexed + incoming.index > max
+            }
+            None => false,
+        };
+        let over_fs = match self.image_fs(settings).await {
+            Some(fs) => fs.percent(fs.used + incoming.disk) > settings.high_percent,
+            None => false,
+        };
+        Ok(!over_bytes && !over_fs)
+    }
+
+    /// With the gc lock held: whether `incoming` fits, and if not, one plan carried out only if
+    /// it meets the target (`bytes` names the pull's size in the error).
+    async fn fit_locked(&self, incoming: Incoming, bytes: u64) -> Result<(), CacheError> {
+        let Some(settings) = self.eviction.clone() else {
+            return Ok(());
+        };
+        // Most pulls are nowhere near a limit: check that cheaply before planning.
+        if self.fits_locked(incoming, &settings).await? {
+            return Ok(());
+        }
         let report = self
             .gc_locked(
                 Gc {
@@ -277,7 +394,7 @@ impl Cache {
             .await?;
         match report.plan.shortfall {
             Some(reason) => Err(CacheError::NoRoom { bytes, reason }),
-            None => Ok(reserve()),
+            None => Ok(()),
         }
     }
 }

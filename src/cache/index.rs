@@ -170,6 +170,7 @@ impl Index {
             pulled: false,
             verified: false,
             requester: None,
+            measured: None,
         };
         let mut recs = self.record_uses(&[u], now)?;
         Ok(recs.pop().expect("one use, one record"))
@@ -196,6 +197,9 @@ impl Index {
                         }
                     };
                     rec.refresh_from(img);
+                    if let Some(m) = u.measured.filter(|_| u.pulled) {
+                        rec.measured_size = Some(m);
+                    }
                     // Pulls ahead of need (pre-warm, expectations) are not uses by a job.
                     if !matches!(u.origin, Origin::Prewarm | Origin::Expected) {
                         rec.use_count += 1;
@@ -461,6 +465,7 @@ mod tests {
             pulled: true,
             verified: false,
             requester: Some(1000),
+            measured: None,
         };
         idx.record_uses(&[u], 1).unwrap();
         // As a file written by the previous scheme would say.

@@ -20,7 +20,7 @@ mod uses;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-pub use evict::{EvictionReason, EvictionSettings, FsUsage, Plan};
+pub use evict::{EvictionReason, EvictionSettings, FsUsage, Incoming, Plan};
 pub use gc::{GcReport, Reservation};
 pub use uses::{InUse, UseSeen, USES_SEEN_QUEUE};
 
@@ -97,8 +97,14 @@ pub struct Cache {
     eviction: Option<EvictionSettings>,
     metrics: Arc<Metrics>,
     gc_lock: tokio::sync::Mutex<()>,
-    /// Bytes that pulls in flight were given room for (see [`Reservation`]).
+    /// Bytes that pulls in flight were given room for (see [`Reservation`]), as `MaxBytes`
+    /// counts them.
     reserved: Arc<std::sync::atomic::AtomicU64>,
+    /// Of those, the bytes still to land on the image filesystem.
+    reserved_disk: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes that have arrived for pulls whose room grows as they arrive (see
+    /// [`Cache::room_as_arrived`]).
+    arrived: Arc<std::sync::atomic::AtomicU64>,
     /// Images the runtime recently confirmed present, by every name (tag, digest reference,
     /// id), with when: warm requests within `presence_ttl_ms` skip the runtime round trip.
     confirmed: std::sync::Mutex<std::collections::HashMap<String, (RuntimeImage, i64)>>,
@@ -126,6 +132,8 @@ impl Cache {
             metrics: Arc::new(Metrics::default()),
             gc_lock: tokio::sync::Mutex::new(()),
             reserved: Default::default(),
+            reserved_disk: Default::default(),
+            arrived: Default::default(),
             confirmed: Default::default(),
             presence_ttl_ms: 0,
             pending_uses: Default::default(),

@@ -76,12 +76,22 @@ pub struct ImageRecord {
     /// group see its names.
     #[serde(default)]
     pub granted_uids: Vec<u32>,
+    /// What the image's blobs really hold, each once, as measured when cimage pulled it (the
+    /// runtime's own size is the sum its manifest claims, which a manifest that lists a layer
+    /// many times, or lies about a blob the node already had, inflates).
+    #[serde(default)]
+    pub measured_size: Option<u64>,
 }
 
 /// At most this many uids are kept per image (the newest).
 pub const MAX_GRANTED_UIDS: usize = 256;
 
 impl ImageRecord {
+    /// The size eviction counts: the runtime's, or what was measured when less.
+    pub fn counted_size(&self) -> u64 {
+        self.measured_size.map_or(self.size, |m| m.min(self.size))
+    }
+
     /// Whether `uid` may see this image's names: it is public, or `uid` proved access to it.
     pub fn visible_to(&self, uid: u32) -> bool {
         !self.credentialed || self.granted_uids.contains(&uid)
@@ -106,6 +116,8 @@ pub struct Use {
     pub verified: bool,
     /// The caller's uid, when the use comes from an API caller.
     pub requester: Option<u32>,
+    /// What the image's blobs really hold, measured by the pull that brought it.
+    pub measured: Option<u64>,
 }
 
 /// One eviction, as recorded.
@@ -149,6 +161,7 @@ impl ImageRecord {
             credentialed: false,
             fingerprints: Vec::new(),
             granted_uids: Vec::new(),
+            measured_size: None,
         }
     }
 

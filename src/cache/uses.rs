@@ -80,6 +80,7 @@ impl Cache {
             pulled: false,
             verified: false,
             requester: None,
+            measured: None,
         })
         .await
     }

@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
 pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default for `ImageCache.PullTimeout`.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default for `ImageCache.PullResolveTimeout`: how long a pull may go without its manifest or
+/// any bytes.
+pub const DEFAULT_PULL_RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for `ImageCache.MaxPullsPerUser`: pull slots one user who is neither root nor an
+/// admin may hold.
+pub const DEFAULT_MAX_PULLS_PER_USER: usize = 2;
 /// Default for `ImageCache.PullRetries`.
 pub const DEFAULT_PULL_RETRIES: u32 = 3;
 /// Default for `ImageCache.ReconcileInterval`.
@@ -56,6 +62,15 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADMIN: usize = 1024;
 /// Default for `ImageCache.ConnectionIdleTimeout`.
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default for `ImageCache.MaxRequestBytesPerUser`: what one uid's API requests that have not
+/// arrived whole may hold at once (64 requests of the 1 MiB limit).
+pub const DEFAULT_MAX_REQUEST_BYTES_PER_USER: u64 = 64 << 20;
+/// Default for `ImageCache.MaxRequestBytesPerAdmin`.
+pub const DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN: u64 = 1 << 30;
+/// Default for `ImageCache.RequestReadTimeout`.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for `ImageCache.ImageService.MaxConnections`.
+pub const DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS: usize = 512;
 /// Default for `ImageCache.Eviction.HighPercent`.
 pub const DEFAULT_HIGH_PERCENT: f64 = 85.0;
 /// Default for `ImageCache.Eviction.LowPercent`.
@@ -144,6 +159,18 @@ pub(super) fn default_max_connections_per_admin() -> usize {
 pub(super) fn default_connection_idle_timeout() -> Duration {
     DEFAULT_CONNECTION_IDLE_TIMEOUT
 }
+pub(super) fn default_max_request_bytes_per_user() -> u64 {
+    DEFAULT_MAX_REQUEST_BYTES_PER_USER
+}
+pub(super) fn default_max_request_bytes_per_admin() -> u64 {
+    DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN
+}
+pub(super) fn default_request_read_timeout() -> Duration {
+    DEFAULT_REQUEST_READ_TIMEOUT
+}
+pub(super) fn default_image_service_max_connections() -> usize {
+    DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS
+}
 pub(super) fn default_node_key_file() -> PathBuf {
     PathBuf::from(DEFAULT_NODE_KEY_FILE)
 }
@@ -158,6 +185,12 @@ pub(super) fn default_pull_timeout() -> Duration {
 }
 pub(super) fn default_pull_stall_timeout() -> Duration {
     DEFAULT_PULL_STALL_TIMEOUT
+}
+pub(super) fn default_pull_resolve_timeout() -> Duration {
+    DEFAULT_PULL_RESOLVE_TIMEOUT
+}
+pub(super) fn default_max_pulls_per_user() -> usize {
+    DEFAULT_MAX_PULLS_PER_USER
 }
 pub(super) fn default_pull_retries() -> u32 {
     DEFAULT_PULL_RETRIES

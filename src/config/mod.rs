@@ -17,23 +17,26 @@ use serde::Deserialize;
 mod de;
 mod defaults;
 mod expect;
+pub mod reference;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;
 
-use de::de_duration;
+use de::{de_duration, de_size};
 use defaults::*;
 pub use defaults::{
     DEFAULT_CONNECTION_IDLE_TIMEOUT, DEFAULT_CRANE_BASE_DIR, DEFAULT_FORGET_ABSENT_AFTER,
     DEFAULT_HIGH_PERCENT, DEFAULT_HISTORY_KEEP, DEFAULT_HISTORY_MAX_TASKS,
-    DEFAULT_IMAGE_SERVICE_SOCKET, DEFAULT_LOW_PERCENT, DEFAULT_MAX_CONCURRENT_PULLS,
-    DEFAULT_MAX_CONNECTIONS_PER_ADMIN, DEFAULT_MAX_CONNECTIONS_PER_USER,
-    DEFAULT_MAX_LAUNCHES_PER_USER, DEFAULT_MAX_LOG_DIR_SIZE, DEFAULT_MAX_LOG_FILES,
-    DEFAULT_MAX_LOG_SIZE, DEFAULT_MIN_AGE, DEFAULT_NODE_KEY_FILE, DEFAULT_PIDS_LIMIT,
-    DEFAULT_POPULARITY_HALF_LIFE, DEFAULT_PRESENCE_TTL, DEFAULT_PREWARM_CONCURRENCY,
-    DEFAULT_PULL_RETRIES, DEFAULT_PULL_STALL_TIMEOUT, DEFAULT_PULL_TIMEOUT,
-    DEFAULT_RECONCILE_INTERVAL, DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+    DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS, DEFAULT_IMAGE_SERVICE_SOCKET, DEFAULT_LOW_PERCENT,
+    DEFAULT_MAX_CONCURRENT_PULLS, DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
+    DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_MAX_LAUNCHES_PER_USER, DEFAULT_MAX_LOG_DIR_SIZE,
+    DEFAULT_MAX_LOG_FILES, DEFAULT_MAX_LOG_SIZE, DEFAULT_MAX_PULLS_PER_USER,
+    DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN, DEFAULT_MAX_REQUEST_BYTES_PER_USER, DEFAULT_MIN_AGE,
+    DEFAULT_NODE_KEY_FILE, DEFAULT_PIDS_LIMIT, DEFAULT_POPULARITY_HALF_LIFE, DEFAULT_PRESENCE_TTL,
+    DEFAULT_PREWARM_CONCURRENCY, DEFAULT_PULL_RESOLVE_TIMEOUT, DEFAULT_PULL_RETRIES,
+    DEFAULT_PULL_STALL_TIMEOUT, DEFAULT_PULL_TIMEOUT, DEFAULT_RECONCILE_INTERVAL,
+    DEFAULT_REQUEST_READ_TIMEOUT, DEFAULT_RUNTIME_TIMEOUT, DEFAULT_SOCKET, DEFAULT_STATE_DIR,
     DEFAULT_STOP_GRACE_PERIOD, DEFAULT_TEMP_DIR,
 };
 pub use defaults::{
@@ -99,6 +102,26 @@ pub struct ImageCacheConfig {
         deserialize_with = "de_duration"
     )]
     pub connection_idle_timeout: Duration,
+    /// Bytes one uid's API requests may hold while they have not arrived whole (root and
+    /// `AdminGroup`: `MaxRequestBytesPerAdmin`); a request past it is refused.
+    #[serde(
+        default = "default_max_request_bytes_per_user",
+        deserialize_with = "de_size"
+    )]
+    pub max_request_bytes_per_user: u64,
+    /// The same for root and members of `AdminGroup`.
+    #[serde(
+        default = "default_max_request_bytes_per_admin",
+        deserialize_with = "de_size"
+    )]
+    pub max_request_bytes_per_admin: u64,
+    /// An API request that has not arrived whole this long after its headers is ended (for a
+    /// streamed request: each message, from its first byte).
+    #[serde(
+        default = "default_request_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub request_read_timeout: Duration,
     /// Group (name or numeric gid) whose members may use admin calls, besides root.
     #[serde(default)]
     pub admin_group: Option<String>,
@@ -112,9 +135,20 @@ pub struct ImageCacheConfig {
     /// How many pulls may run at once on this node.
     #[serde(default = "default_max_concurrent_pulls")]
     pub max_concurrent_pulls: usize,
+    /// How many of those a user who is neither root nor in `AdminGroup` may hold; the user's
+    /// further pulls wait for its own share, not in the node's line.
+    #[serde(default = "default_max_pulls_per_user")]
+    pub max_pulls_per_user: usize,
     /// Deadline for one pull, retries included (e.g. `10m`, `90s`).
     #[serde(default = "default_pull_timeout", deserialize_with = "de_duration")]
     pub pull_timeout: Duration,
+    /// A pull that has neither read its manifest nor moved any bytes this long after it got
+    /// its slot fails (a registry that accepts connections and never answers).
+    #[serde(
+        default = "default_pull_resolve_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub pull_resolve_timeout: Duration,
     /// A pull whose download bytes have not moved for this long while a layer is still being
     /// fetched is cancelled and retried (e.g. `2m`); only where the runtime reports bytes
     /// (containerd). Unpacking is never a stall.
@@ -196,11 +230,16 @@ impl Default for ImageCacheConfig {
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
             max_connections_per_admin: DEFAULT_MAX_CONNECTIONS_PER_ADMIN,
             connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            max_request_bytes_per_user: DEFAULT_MAX_REQUEST_BYTES_PER_USER,
+            max_request_bytes_per_admin: DEFAULT_MAX_REQUEST_BYTES_PER_ADMIN,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             admin_group: None,
             state_dir: default_state_dir(),
             node_key_file: default_node_key_file(),
             max_concurrent_pulls: DEFAULT_MAX_CONCURRENT_PULLS,
+            max_pulls_per_user: DEFAULT_MAX_PULLS_PER_USER,
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            pull_resolve_timeout: DEFAULT_PULL_RESOLVE_TIMEOUT,
             pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
             pull_byte_progress: true,
             pull_retries: DEFAULT_PULL_RETRIES,

@@ -24,6 +24,9 @@ pub struct ImageServiceConfig {
     /// unless that names `Socket` (a config shared with Craned), then `Container.RuntimeEndpoint`.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// Connections served at once on the socket; more wait to be accepted until one closes.
+    #[serde(default = "default_image_service_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ImageServiceConfig {
@@ -32,6 +35,7 @@ impl Default for ImageServiceConfig {
             enabled: true,
             socket: default_image_service_socket(),
             upstream: None,
+            max_connections: DEFAULT_IMAGE_SERVICE_MAX_CONNECTIONS,
         }
     }
 }

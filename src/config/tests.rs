@@ -99,6 +99,8 @@ fn wrong_type_and_bad_duration_name_the_line() {
 fn invalid_values_are_refused() {
     let base = "Container:\n  Enabled: true\n  RuntimeEndpoint: /x.sock\nImageCache:\n";
     assert!(err(&format!("{base}  MaxConcurrentPulls: 0\n")).contains("at least 1"));
+    assert!(err(&format!("{base}  MaxPullsPerUser: 0\n")).contains("MaxPullsPerUser"));
+    assert!(err(&format!("{base}  PullResolveTimeout: 0s\n")).contains("PullResolveTimeout"));
     assert!(err(&format!("{base}  Socket: relative.sock\n")).contains("absolute"));
     assert!(
         err("Container:\n  Enabled: true\n  RuntimeEndpoint: tcp://1.2.3.4:1\n").contains("unix")
@@ -181,4 +183,37 @@ fn the_image_service_upstream_never_loops_back_to_cimaged() {
         "  ImageService:\n    Socket: /run/cimage/cimaged.sock",
     ));
     assert!(e.contains("socket of its own"), "{e}");
+}
+
+#[test]
+fn what_a_uids_requests_may_hold_and_the_cri_sockets_connections_are_read_and_checked() {
+    let s = parse(GOOD, Path::new("c.yaml")).unwrap();
+    let ic = &s.image_cache;
+    assert_eq!(ic.max_request_bytes_per_user, 64 << 20);
+    assert_eq!(ic.max_request_bytes_per_admin, 1 << 30);
+    assert_eq!(ic.request_read_timeout, Duration::from_secs(30));
+    assert_eq!(ic.image_service.max_connections, 512);
+    let set = GOOD.replace(
+        "  PullTimeout: 10m",
+        "  PullTimeout: 10m\n  MaxRequestBytesPerUser: 8MiB\n  MaxRequestBytesPerAdmin: 2GiB\n  RequestReadTimeout: 5s\n  ImageService:\n    MaxConnections: 64",
+    );
+    let s = parse(&set, Path::new("c.yaml")).unwrap();
+    let ic = &s.image_cache;
+    assert_eq!(ic.max_request_bytes_per_user, 8 << 20);
+    assert_eq!(ic.max_request_bytes_per_admin, 2 << 30);
+    assert_eq!(ic.request_read_timeout, Duration::from_secs(5));
+    assert_eq!(ic.image_service.max_connections, 64);
+    for (line, key) in [
+        ("  MaxRequestBytesPerUser: 1MiB", "MaxRequestBytesPerUser"),
+        ("  MaxRequestBytesPerAdmin: 100", "MaxRequestBytesPerUser"),
+        ("  RequestReadTimeout: 0s", "RequestReadTimeout"),
+        (
+            "  ImageService:\n    MaxConnections: 0",
+            "ImageService.MaxConnections",
+        ),
+        ("  MaxRequestBytesPerUser: lots", "MaxRequestBytesPerUser"),
+    ] {
+        let e = err(&GOOD.replace("  PullTimeout: 10m", &format!("  PullTimeout: 10m\n{line}")));
+        assert!(e.contains(key), "{line}: {e}");
+    }
 }

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use super::{Config, ImageCacheConfig, RegistryConfig};
 
+/// The least a uid's budget of unfinished request bytes may be: one request of the API's 1 MiB
+/// message limit, with room for its header fields.
+const MIN_REQUEST_BUDGET: u64 = 2 << 20;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -178,10 +182,38 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at least 1".into(),
         ));
     }
+    if ic.max_pulls_per_user == 0 {
+        return Err(invalid(
+            "ImageCache.MaxPullsPerUser",
+            "must be at least 1".into(),
+        ));
+    }
     if ic.max_connections_per_user == 0 || ic.max_connections_per_admin == 0 {
         return Err(invalid(
             "ImageCache.MaxConnectionsPerUser",
             "MaxConnectionsPerUser and MaxConnectionsPerAdmin must be at least 1".into(),
+        ));
+    }
+    if ic.max_request_bytes_per_user < MIN_REQUEST_BUDGET
+        || ic.max_request_bytes_per_admin < MIN_REQUEST_BUDGET
+    {
+        return Err(invalid(
+            "ImageCache.MaxRequestBytesPerUser",
+            "MaxRequestBytesPerUser and MaxRequestBytesPerAdmin must be at least 2MiB (one \
+             request of the 1 MiB limit, with room for its header fields)"
+                .into(),
+        ));
+    }
+    if ic.request_read_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.RequestReadTimeout",
+            "must be at least 1s".into(),
+        ));
+    }
+    if ic.image_service.max_connections == 0 {
+        return Err(invalid(
+            "ImageCache.ImageService.MaxConnections",
+            "must be at least 1".into(),
         ));
     }
     if ic.connection_idle_timeout < Duration::from_secs(1) {
@@ -206,6 +238,12 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
         return Err(invalid(
             "ImageCache.History.MaxTasks",
             "must be at least 1".into(),
+        ));
+    }
+    if ic.pull_resolve_timeout < Duration::from_secs(1) {
+        return Err(invalid(
+            "ImageCache.PullResolveTimeout",
+            "must be at least 1s".into(),
         ));
     }
     if ic.pull_stall_timeout < Duration::from_secs(1) {

@@ -51,10 +51,21 @@ struct InfoRequest {
     digest: String,
 }
 
-/// `containerd.services.content.v1.InfoResponse` (the info itself is not read: existence is
-/// the answer).
+/// `containerd.services.content.v1.InfoResponse`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct InfoResponse {}
+struct InfoResponse {
+    #[prost(message, optional, tag = "1")]
+    info: Option<BlobInfo>,
+}
+
+/// `containerd.services.content.v1.Info`: the fields read of it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BlobInfo {
+    #[prost(string, tag = "1")]
+    digest: String,
+    #[prost(int64, tag = "2")]
+    size: i64,
+}
 
 /// A client of containerd's content service; remembers a runtime that has none.
 #[derive(Clone)]
@@ -124,6 +135,22 @@ impl ContentClient {
     /// Whether the content store holds blob `digest`; `None` when the runtime has no content
     /// service.
     pub(super) async fn has_blob(&self, digest: &str) -> Result<Option<bool>, RuntimeError> {
+        Ok(self.info(digest).await?.map(|i| i.is_some()))
+    }
+
+    /// The size of blob `digest` in the content store; `None` when it is not there or the
+    /// runtime has no content service.
+    pub(super) async fn blob_size(&self, digest: &str) -> Result<Option<u64>, RuntimeError> {
+        Ok(self
+            .info(digest)
+            .await?
+            .flatten()
+            .map(|i| i.size.max(0) as u64))
+    }
+
+    /// The content store's info of blob `digest`: `Some(None)` when it does not hold it,
+    /// `None` when the runtime has no content service.
+    async fn info(&self, digest: &str) -> Result<Option<Option<BlobInfo>>, RuntimeError> {
         let req = InfoRequest {
             digest: digest.to_owned(),
         };
@@ -131,8 +158,8 @@ impl ContentClient {
             .unary::<_, InfoResponse>("/containerd.services.content.v1.Content/Info", req)
             .await
         {
-            Ok(r) => Ok(r.map(|_| true)),
-            Err(e) if e.kind == crate::runtime::RuntimeErrorKind::NotFound => Ok(Some(false)),
+            Ok(r) => Ok(r.map(|r| Some(r.info.unwrap_or_default()))),
+            Err(e) if e.kind == crate::runtime::RuntimeErrorKind::NotFound => Ok(Some(None)),
             Err(e) => Err(e),
         }
     }

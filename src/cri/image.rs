@@ -161,6 +161,10 @@ impl ImageRuntime for CriImageRuntime {
         self.content.has_blob(digest).await
     }
 
+    async fn blob_size(&self, digest: &str) -> Result<Option<u64>, RuntimeError> {
+        self.content.blob_size(digest).await
+    }
+
     async fn images_in_use(&self) -> Result<Vec<String>, RuntimeError> {
         self.container_images().await
     }

@@ -14,7 +14,7 @@ use super::store::{Expectation, FirstRequest, Source, State};
 use super::{check_job, key_of, new_expectation, rfc3339, Expector, SourceHealth};
 use crate::cache::{Origin, UseSeen};
 use crate::policy::PullPolicy;
-use crate::puller::{EnsureRequest, Phase, PullError};
+use crate::puller::{EnsureRequest, Phase, PullError, SlotOwner};
 use crate::reference::ImageRef;
 use crate::store::StoreError;
 
@@ -143,9 +143,15 @@ impl Expector {
             requester: (e.owner != 0).then_some(e.owner),
             progress: None,
         };
+        // A user's expectation pulls under that user's share of the slots, as their own pull
+        // would; the scheduler's and the admins' are the node's work.
+        let owner = match (e.by_admin, e.owner) {
+            (true, _) | (_, 0) => SlotOwner::Node,
+            (false, uid) => SlotOwner::User(uid),
+        };
         let result = self
             .puller
-            .ensure_watched(req, |p| {
+            .ensure_watched_for(req, owner, |p| {
                 let phase = match p.phase {
                     Phase::Queued => State::Queued,
                     _ => State::Pulling,

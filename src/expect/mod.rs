@@ -289,6 +289,7 @@ impl Expector {
         });
         e.deadline_ms = req.deadline_ms;
         e.credentialed = req.credentials.is_some();
+        e.by_admin = who.admin;
         if e.state == State::Failed {
             // Said again: try again now.
             e.state = State::Waiting;
@@ -438,6 +439,7 @@ fn new_expectation(
         deadline_ms: now,
         source,
         owner,
+        by_admin: owner == 0,
         credentialed: false,
         created_ms: now,
         state: State::Waiting,

@@ -97,6 +97,10 @@ pub struct Expectation {
     pub source: Source,
     /// The uid it belongs to (0 for the queue sources).
     pub owner: u32,
+    /// Said by root or the admin group: its pull is the node's work, not under the owner's
+    /// share of the pull slots (`MaxPullsPerUser`).
+    #[serde(default)]
+    pub by_admin: bool,
     /// Credentials were given with it (kept in memory only, never here).
     pub credentialed: bool,
     /// When it was first made (Unix ms).

@@ -16,7 +16,7 @@ use super::spec::{LaunchSpec, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{send, Event, EventSink, Launcher, SandboxError, Stage, LABEL_TASK};
 use crate::cache::Origin;
-use crate::puller::EnsureRequest;
+use crate::puller::{EnsureRequest, SlotOwner};
 use crate::runtime::{ContainerSpec, MountSpec, PodSpec, RuntimeErrorKind};
 
 /// An accepted step: as validated, as asked (its command, environment, policy, credentials),
@@ -91,7 +91,7 @@ impl Launcher {
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
         let (pod, sandbox_id) = self.sandbox_stage(task, &step.v, tx).await?;
-        let image_id = self.image_stage(task, &step.spec, tx, cancel).await?;
+        let image_id = self.image_stage(task, step, tx, cancel).await?;
         let cid = self
             .create_stage(task, step, (&pod, &sandbox_id), image_id, tx)
             .await?;
@@ -119,17 +119,23 @@ impl Launcher {
     }
 
     /// The image made ready through the puller (its pull shown as it moves) and marked in use:
-    /// the runtime's image id.
+    /// the runtime's image id. A launch by a caller who is neither root nor an admin pulls
+    /// under that caller's share of the node's pull slots, as its `cimage pull` would.
     async fn image_stage(
         &self,
         task: &mut TaskRecord,
-        spec: &LaunchSpec,
+        step: &Step,
         tx: Option<&EventSink>,
         cancel: &CancellationToken,
     ) -> Result<String, Stopped> {
         let started = Instant::now();
         let (clock, id) = (Arc::clone(&self.clock), task.id.clone());
-        let ensure = self.puller.ensure_watched(ensure_request(task, spec), |p| {
+        let owner = match step.v.creator.admin {
+            true => SlotOwner::Node,
+            false => SlotOwner::User(step.v.creator.uid),
+        };
+        let request = ensure_request(task, &step.spec);
+        let ensure = self.puller.ensure_watched_for(request, owner, |p| {
             send(tx, &id, clock.now_ms(), Event::ImagePulling(p))
         });
         let ensured = tokio::select! {

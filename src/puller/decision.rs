@@ -51,6 +51,7 @@ impl Puller {
             action: Action::Cached,
             verified,
             stale: false,
+            measured: None,
         };
         match policy::decide(policy, image, present) {
             Decision::NotPresent => Err(PullError::NotPresent {
@@ -72,7 +73,10 @@ impl Puller {
                     |e: &RegistryError| {
                         core.metrics.inc(
                             "cimage_pull_retries_total",
-                            &[("registry", image.registry()), ("reason", e.reason())],
+                            &[
+                                ("registry", core.registry_label(image.registry())),
+                                ("reason", e.reason()),
+                            ],
                         )
                     },
                     || core.registry.resolve(image, creds.credentials.as_ref()),
@@ -188,12 +192,13 @@ impl Puller {
     async fn pull(&self, ask: &PullContext<'_>) -> Result<Outcome, PullError> {
         let creds = self.credentials_of(ask).await?;
         let pulled = self.pull_shared(ask, creds).await?;
-        self.core.cache.remember(&pulled);
+        self.core.cache.remember(&pulled.image);
         Ok(Outcome {
-            image: pulled,
+            image: pulled.image,
             action: Action::Pulled,
             verified: false,
             stale: false,
+            measured: pulled.measured,
         })
     }
 }

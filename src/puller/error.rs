@@ -58,6 +58,18 @@ pub enum PullError {
         /// The stall timeout, formatted (`2m0s`).
         after: String,
     },
+    /// The registry showed nothing (no manifest, no bytes) for `PullResolveTimeout`.
+    #[error("pull of image {image} failed: {registry} {what} within {after} (ImageCache.PullResolveTimeout)")]
+    Unresolved {
+        /// The normalised reference.
+        image: String,
+        /// The registry host that sent nothing.
+        registry: String,
+        /// What it did not send (`sent no manifest`, `sent no layer bytes`, …).
+        what: &'static str,
+        /// The resolve timeout, formatted (`1m0s`).
+        after: String,
+    },
     /// The deadline passed.
     #[error("pull of image {image} did not finish within {after} (ImageCache.PullTimeout)")]
     Timeout {
@@ -100,7 +112,7 @@ pub enum PullError {
 
 impl PullError {
     /// The `reason` label of metrics: `invalid_reference`, `not_present`, `stalled`,
-    /// `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
+    /// `unresolved`, `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
     /// runtime's own reason (`not_found`, `unauthorized`, `unreachable`, …).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -109,6 +121,7 @@ impl PullError {
             PullError::Registry { source, .. } => source.reason(),
             PullError::Runtime { source, .. } => source.reason(),
             PullError::Stalled { .. } => "stalled",
+            PullError::Unresolved { .. } => "unresolved",
             PullError::Timeout { .. } => "timeout",
             PullError::NoRoom { .. } => "no_room",
             PullError::Credentials { .. } => "credentials",

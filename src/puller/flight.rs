@@ -11,8 +11,9 @@ use tokio::sync::{watch, Semaphore};
 use super::job::PullJob;
 use super::progress::PullProgress;
 use super::queue::Joined;
+use super::share::Claim;
 use super::{Flight, FlightEntry, FlightKey, PullContext, PullError, Puller, Resolved};
-use crate::runtime::{RuntimeError, RuntimeImage};
+use crate::runtime::RuntimeError;
 
 /// A pull in flight as `cimage pulls` shows it.
 #[derive(Debug, Clone)]
@@ -71,7 +72,7 @@ impl Puller {
         &self,
         ask: &PullContext<'_>,
         creds: &Resolved,
-    ) -> Result<RuntimeImage, PullError> {
+    ) -> Result<super::Pulled, PullError> {
         let (image, who) = (ask.image, ask.who);
         let credentials = creds.credentials.as_ref();
         let fingerprint = creds.fingerprint.as_deref();
@@ -79,8 +80,13 @@ impl Puller {
         let entry = {
             let mut inflight = self.inflight.lock().unwrap();
             if let Some(e) = inflight.get(&key) {
+                e.claim.join(who.owner);
+                e.urgency
+                    .fetch_min(who.urgency, std::sync::atomic::Ordering::SeqCst);
                 e.clone()
             } else {
+                let claim = Arc::new(Claim::new(who.owner));
+                let urgency = Arc::new(std::sync::atomic::AtomicU8::new(who.urgency));
                 let progress = Arc::new(watch::Sender::new(PullProgress::new(
                     &image.to_string(),
                     image.registry(),
@@ -91,6 +97,8 @@ impl Puller {
                     credentials: credentials.cloned(),
                     per_registry: self.registry_limit(image.registry()),
                     progress: Arc::clone(&progress),
+                    claim: Arc::clone(&claim),
+                    urgency: Arc::clone(&urgency),
                 };
                 let stop = self.background.shutdown_token().clone();
                 let task =
@@ -117,6 +125,8 @@ impl Puller {
                     progress,
                     credentialed: credentials.is_some(),
                     uids: Arc::default(),
+                    claim,
+                    urgency,
                 };
                 inflight.insert(key, e.clone());
                 e

@@ -1,12 +1,19 @@
 //! One pull, shared by every request that joined it ([`PullJob`]): it waits for a slot, makes
-//! room (and holds it), pulls through the runtime with retries while following its bytes, and
-//! reads back what landed.
+//! room (and holds it; see `room.rs`), pulls through the runtime with retries while following
+//! its bytes, and reads back what landed.
 //!
 //! While the runtime pulls, the job looks at the runtime's downloads every
 //! [`poll_interval`]: the bytes feed the pull's [`PullProgress`], and an attempt whose bytes
 //! have not moved for `PullStallTimeout` while a layer is still being fetched is cancelled and
 //! retried like any transient failure. Time after the last layer is committed is unpacking,
 //! never a stall; a runtime that reports no bytes is bounded by `PullTimeout` alone.
+//!
+//! From the moment it has its slot, and again at each retry, a pull has `PullResolveTimeout`
+//! to show that its registry answers (a registry that accepts connections and never answers
+//! would otherwise hold a slot until `PullTimeout`): cimage's read of its manifest, then,
+//! where the runtime reports bytes, a download of one of its layers (a pull whose layers the
+//! runtime holds already is under way from the start). A pull whose manifest cimage could not
+//! read has only its end to show. One that shows nothing fails at once, unretried.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,12 +24,13 @@ use tracing::{info, warn};
 
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
-use super::{Core, FlightKey, Flights, PullError};
-use crate::cache::Reservation;
+use super::room::Room;
+use super::share::Claim;
+use super::{Core, FlightKey, Flights, PullError, Pulled};
 use crate::credentials::Credentials;
 use crate::reference::ImageRef;
 use crate::registry::ImageManifest;
-use crate::runtime::{Ingest, RuntimeError, RuntimeImage};
+use crate::runtime::{Ingest, RuntimeError};
 use crate::units::format_span;
 
 /// How often a pull looks at the runtime's downloads: twice a second, or more often for a stall
@@ -38,6 +46,10 @@ enum AttemptError {
     Runtime(RuntimeError),
     /// The bytes stopped moving.
     Stalled,
+    /// Nothing showed that the registry answers within `PullResolveTimeout`.
+    Unresolved,
+    /// The bytes that arrived do not fit.
+    NoRoom(PullError),
 }
 
 impl Transient for AttemptError {
@@ -45,6 +57,7 @@ impl Transient for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.is_transient(),
             AttemptError::Stalled => true,
+            AttemptError::Unresolved | AttemptError::NoRoom(_) => false,
         }
     }
     fn is_outage(&self) -> bool {
@@ -57,6 +70,10 @@ impl std::fmt::Display for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.fmt(f),
             AttemptError::Stalled => f.write_str("no progress (ImageCache.PullStallTimeout)"),
+            AttemptError::Unresolved => {
+                f.write_str("no layer bytes (ImageCache.PullResolveTimeout)")
+            }
+            AttemptError::NoRoom(e) => e.fmt(f),
         }
     }
 }
@@ -67,6 +84,8 @@ impl AttemptError {
         match self {
             AttemptError::Runtime(e) => e.reason(),
             AttemptError::Stalled => "stalled",
+            AttemptError::Unresolved => "unresolved",
+            AttemptError::NoRoom(_) => "no_room",
         }
     }
 }
@@ -84,6 +103,20 @@ pub(super) struct PullJob {
     pub(super) per_registry: Arc<Semaphore>,
     /// What its requesters read of it.
     pub(super) progress: Arc<watch::Sender<PullProgress>>,
+    /// Whose share of the slots it counts against.
+    pub(super) claim: Arc<Claim>,
+    /// How urgent it is, for the node's slots.
+    pub(super) urgency: super::slots::Urgency,
+}
+
+/// What an attempt follows: the layers' bytes (when the runtime reports them), whether the
+/// manifest is known, and the room that grows with the bytes.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    tracker: &'a Mutex<Tracker>,
+    bytes_known: bool,
+    manifest_known: bool,
+    room: &'a Room,
 }
 
 impl PullJob {
@@ -94,9 +127,10 @@ impl PullJob {
         inflight: Flights,
         key: FlightKey,
         stop: CancellationToken,
-    ) -> Result<RuntimeImage, PullError> {
+    ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         let registry = self.image.registry().to_owned();
+        let label = self.core.registry_label(&registry);
         info!(image = %self.image, %registry, "pull started");
         self.core.metrics.gauge_add("cimage_pulls_in_flight", 1.0);
         let result = tokio::select! {
@@ -110,23 +144,24 @@ impl PullJob {
                 image: self.image.to_string(),
             }),
         };
+        self.claim.release();
         self.core.metrics.gauge_add("cimage_pulls_in_flight", -1.0);
         let secs = started.elapsed().as_secs_f64();
         match &result {
-            Ok(img) => {
+            Ok(Pulled { image: img, .. }) => {
                 info!(image = %self.image, %registry, bytes = img.size, seconds = secs, "pull finished");
                 self.core.metrics.observe(
                     "cimage_pull_duration_seconds",
-                    &[("registry", &registry)],
+                    &[("registry", label)],
                     secs,
                 );
                 self.core.metrics.inc(
                     "cimage_runtime_pulls_total",
-                    &[("registry", &registry), ("result", "pulled")],
+                    &[("registry", label), ("result", "pulled")],
                 );
                 self.core.metrics.add(
                     "cimage_pulled_bytes_total",
-                    &[("registry", &registry)],
+                    &[("registry", label)],
                     img.size,
                 );
                 self.progress.send_modify(|p| {
@@ -145,11 +180,11 @@ impl PullJob {
                 warn!(image = %self.image, %registry, seconds = secs, error = %e, "pull failed");
                 self.core.metrics.inc(
                     "cimage_runtime_pulls_total",
-                    &[("registry", &registry), ("result", "failed")],
+                    &[("registry", label), ("result", "failed")],
                 );
                 self.core.metrics.inc(
                     "cimage_pull_failures_total",
-                    &[("registry", &registry), ("reason", e.reason())],
+                    &[("registry", label), ("reason", e.reason())],
                 );
                 self.progress.send_modify(|p| {
                     p.phase = Phase::Failed;
@@ -162,10 +197,24 @@ impl PullJob {
         result
     }
 
-    /// Takes the registry's and the node's pull slots, queueing visibly when they are taken.
-    async fn take_slots(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    /// Takes a user's share when the pull counts against one (waiting outside the node's line
+    /// while its users' shares are taken), then the registry's and the node's pull slots,
+    /// queueing visibly when they are taken.
+    async fn take_slots(&self) -> (OwnedSemaphorePermit, super::slots::Slot) {
+        self.claim
+            .take(&self.core.shares, |users| {
+                self.progress.send_modify(|p| {
+                    p.phase = Phase::Queued;
+                    p.queue_position = 0;
+                });
+                info!(image = %self.image, ?users, "pull waits: its users hold their share of the pull slots (ImageCache.MaxPullsPerUser)");
+            })
+            .await;
+        if let Some(uid) = self.claim.holder() {
+            tracing::debug!(image = %self.image, uid, "pull counts against the user's share");
+        }
         if let Ok(r) = Arc::clone(&self.per_registry).try_acquire_owned() {
-            if let Ok(g) = Arc::clone(&self.core.global).try_acquire_owned() {
+            if let Some(g) = self.core.global.try_take() {
                 return (r, g);
             }
         }
@@ -175,31 +224,30 @@ impl PullJob {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let g = Arc::clone(&self.core.global)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let g = self.core.global.take(&self.urgency).await;
         (r, g)
     }
 
-    async fn pull(&self) -> Result<RuntimeImage, PullError> {
+    async fn pull(&self) -> Result<Pulled, PullError> {
         let name = self.image.to_string();
         let _slots = self.take_slots().await;
         self.progress.send_modify(|p| {
             p.phase = Phase::Resolving;
             p.queue_position = 0;
         });
+        // From here the registry has PullResolveTimeout to show that it answers.
+        let resolve = self.core.settings.resolve_timeout;
+        let mut window_end = tokio::time::Instant::now() + resolve;
         // One look at the runtime's downloads says whether it reports bytes at all.
         let bytes_known = self.core.settings.byte_progress
             && matches!(self.core.runtime.downloads().await, Ok(Some(_)));
-        let manifest = if bytes_known || self.core.cache.eviction_enabled() {
-            self.manifest().await
-        } else {
-            None
-        };
-        // Room is made once the pull may start, for pulls that will really happen now, and
-        // held until the pull ends.
-        let _room = self.make_room(manifest.as_ref()).await?;
+        let manifest = tokio::time::timeout_at(window_end, self.manifest())
+            .await
+            .map_err(|_| self.unresolved("sent no manifest"))?;
+        // Room is made once the pull may start, for pulls that will really happen now, for
+        // what they really bring, and held until the pull ends (room.rs).
+        let room = self.make_room(manifest.as_ref(), &mut window_end).await?;
+        let manifest_known = manifest.is_some();
         let tracker = Mutex::new(Tracker::new(manifest.as_ref()));
         if bytes_known {
             self.held_layers(&tracker, &[]).await;
@@ -214,7 +262,10 @@ impl PullJob {
         let on_retry = |e: &AttemptError| {
             self.core.metrics.inc(
                 "cimage_pull_retries_total",
-                &[("registry", &registry), ("reason", e.reason())],
+                &[
+                    ("registry", self.core.registry_label(&registry)),
+                    ("reason", e.reason()),
+                ],
             );
         };
         let id = retry(
@@ -231,7 +282,17 @@ impl PullJob {
                     });
                 }
                 tracing::debug!(image = %name, attempt, "calling PullImage");
-                self.attempt(&tracker, bytes_known)
+                let window_end = match attempt {
+                    1 => window_end,
+                    _ => tokio::time::Instant::now() + resolve,
+                };
+                let watch = Watch {
+                    tracker: &tracker,
+                    bytes_known,
+                    manifest_known,
+                    room: &room,
+                };
+                self.attempt(watch, window_end)
             },
         )
         .await
@@ -241,6 +302,11 @@ impl PullJob {
                 registry: registry.clone(),
                 after: format_span(self.core.settings.stall_timeout),
             },
+            AttemptError::Unresolved => self.unresolved(match manifest_known {
+                true => "sent no layer bytes",
+                false => "sent no readable manifest and no image",
+            }),
+            AttemptError::NoRoom(e) => e,
             AttemptError::Runtime(source) => PullError::Runtime {
                 image: name.clone(),
                 what: "pull",
@@ -253,22 +319,35 @@ impl PullJob {
             source,
         };
         let status = self.core.runtime.image_status(&id).await.map_err(err)?;
-        status.ok_or_else(|| {
+        let image = status.ok_or_else(|| {
             err(RuntimeError {
                 op: "ImageStatus",
                 kind: crate::runtime::RuntimeErrorKind::NotFound,
                 message: format!("image {id} vanished right after it was pulled"),
             })
-        })
+        })?;
+        let measured = match &manifest {
+            Some(m) => Some(self.measure(m).await),
+            None => None,
+        };
+        Ok(Pulled { image, measured })
     }
 
-    /// One `PullImage`, watched: its bytes are published as they move, and it is cancelled
-    /// when they stop moving for the stall timeout while a layer is still being fetched.
+    /// One `PullImage`, watched: its bytes are published as they move (and room made for
+    /// them, for a pull whose room grows), and it is cancelled when they stop moving for the
+    /// stall timeout while a layer is still being fetched, or when it has shown nothing of the
+    /// registry by `window_end` (its layers not downloading; without the manifest, not done).
     async fn attempt(
         &self,
-        tracker: &Mutex<Tracker>,
-        bytes_known: bool,
+        watch: Watch<'_>,
+        window_end: tokio::time::Instant,
     ) -> Result<String, AttemptError> {
+        let Watch {
+            tracker,
+            bytes_known,
+            manifest_known,
+            room,
+        } = watch;
         let name = self.image.to_string();
         let pull = self
             .core
@@ -276,7 +355,14 @@ impl PullJob {
             .pull_image(&name, self.credentials.as_ref());
         tokio::pin!(pull);
         if !bytes_known {
-            return pull.await.map_err(AttemptError::Runtime);
+            // Without bytes, the manifest read is the one sign of a registry that answers.
+            if manifest_known {
+                return pull.await.map_err(AttemptError::Runtime);
+            }
+            return match tokio::time::timeout_at(window_end, pull).await {
+                Ok(r) => r.map_err(AttemptError::Runtime),
+                Err(_) => Err(AttemptError::Unresolved),
+            };
         }
         let mut tick = tokio::time::interval(poll_interval(self.core.settings.stall_timeout));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -303,11 +389,16 @@ impl PullJob {
                         // Nothing moved: a layer may have come and gone between two looks.
                         self.held_layers(tracker, &ingests).await;
                     }
-                    let (done, fetching) = {
+                    let (done, fetching, under_way) = {
                         let t = tracker.lock().unwrap();
                         self.progress.send_modify(|p| t.fill(p));
-                        (t.done(), !t.all_committed() && (t.has_layers() || !ingests.is_empty()))
+                        (t.done(), !t.all_committed() && (t.has_layers() || !ingests.is_empty()), t.under_way())
                     };
+                    if !under_way && tokio::time::Instant::now() >= window_end {
+                        return Err(AttemptError::Unresolved);
+                    }
+                    let arrived = tracker.lock().unwrap().fetched();
+                    self.grow_room(room, arrived).await.map_err(AttemptError::NoRoom)?;
                     if done != last_done {
                         last_move = now;
                         last_done = done;
@@ -337,6 +428,17 @@ impl PullJob {
         }
     }
 
+    /// The pull's failure for a registry that showed nothing (`what` it did not send) within
+    /// `PullResolveTimeout`.
+    pub(super) fn unresolved(&self, what: &'static str) -> PullError {
+        PullError::Unresolved {
+            image: self.image.to_string(),
+            registry: self.image.registry().to_owned(),
+            what,
+            after: format_span(self.core.settings.resolve_timeout),
+        }
+    }
+
     /// The manifest (layers and sizes), or `None` when the registry does not tell: the pull
     /// goes on without sizes.
     async fn manifest(&self) -> Option<ImageManifest> {
@@ -352,27 +454,5 @@ impl PullJob {
                 None
             }
         }
-    }
-
-    /// With eviction on, evicts what the rules allow to fit the image before pulling it, or
-    /// fails when it cannot fit. Done once per pull, however many requests share it. An image
-    /// whose size the registry does not tell is pulled without the check (the periodic gc
-    /// catches up).
-    async fn make_room(
-        &self,
-        manifest: Option<&ImageManifest>,
-    ) -> Result<Option<Reservation>, PullError> {
-        let (true, Some(m)) = (self.core.cache.eviction_enabled(), manifest) else {
-            return Ok(None);
-        };
-        self.core
-            .cache
-            .make_room(m.size())
-            .await
-            .map(Some)
-            .map_err(|e| PullError::NoRoom {
-                image: self.image.to_string(),
-                source: Arc::new(e),
-            })
     }
 }

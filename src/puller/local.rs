@@ -67,6 +67,7 @@ impl Puller {
                 pulled: false,
                 verified: false,
                 requester: req.requester,
+                measured: None,
             })
             .await
             .map_err(|e| PullError::Index {

@@ -4,8 +4,10 @@
 //! Pulls are single-flight per (image, credential fingerprint): N concurrent requests for one cold
 //! image cause one `PullImage`, whose result they all share. The pull runs in its own task, so a
 //! requester that goes away does not cancel it for the others. A global limit and a per-registry
-//! limit bound how many pulls run at once; transient failures are retried with exponential backoff;
-//! the whole request has a deadline (`PullTimeout`).
+//! limit bound how many pulls run at once, and a user who is not an admin holds at most its
+//! share of them (`MaxPullsPerUser`); a pull whose registry sends neither its manifest nor any
+//! bytes for `PullResolveTimeout` fails; transient failures are retried with exponential
+//! backoff; the whole request has a deadline (`PullTimeout`).
 
 mod decision;
 mod error;
@@ -15,6 +17,9 @@ mod local;
 pub mod progress;
 mod queue;
 mod retry;
+mod room;
+mod share;
+mod slots;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +45,8 @@ pub use error::PullError;
 pub use flight::InFlight;
 pub use progress::{LayerProgress, Phase, PullProgress};
 use queue::Queue;
+pub use share::SlotOwner;
+use share::{Claim, Shares};
 
 /// First backoff delay of a retry; doubled on each further retry (not a key of the file: the
 /// other defaults of [`PullerSettings`] are the file's, from [`crate::config`]).
@@ -50,10 +57,17 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 pub struct PullerSettings {
     /// Pulls that may run at once on the node.
     pub max_concurrent_pulls: usize,
+    /// Of those, how many one user who is neither root nor an admin may hold
+    /// (`MaxPullsPerUser`).
+    pub max_pulls_per_user: usize,
     /// Per registry host, pulls that may run at once (default: the global limit).
     pub per_registry: HashMap<String, usize>,
     /// Deadline for one request, retries included.
     pub pull_timeout: Duration,
+    /// How long a pull (from its slot, and each retry from its start) may go without showing
+    /// that its registry answers: its manifest read, and its first layer bytes where the
+    /// runtime reports bytes (`PullResolveTimeout`).
+    pub resolve_timeout: Duration,
     /// An attempt whose download bytes have not moved for this long, while a layer is still
     /// being fetched, is cancelled and retried (only where the runtime reports bytes).
     pub stall_timeout: Duration,
@@ -74,14 +88,20 @@ pub struct PullerSettings {
     /// Whether an `Always` request whose registry cannot be reached is served from the cached
     /// copy (`ImageCache.OnRegistryUnavailable: UseCached`).
     pub use_cached_when_registry_down: bool,
+    /// Registry hosts whose metrics carry their name (the keys of `ImageCache.Registries` and
+    /// their mirrors); every other host is counted as `other`, so that requests naming ever
+    /// new hosts cannot add series without bound.
+    pub labelled_registries: BTreeSet<String>,
 }
 
 impl Default for PullerSettings {
     fn default() -> Self {
         Self {
             max_concurrent_pulls: config::DEFAULT_MAX_CONCURRENT_PULLS,
+            max_pulls_per_user: config::DEFAULT_MAX_PULLS_PER_USER,
             per_registry: HashMap::new(),
             pull_timeout: config::DEFAULT_PULL_TIMEOUT,
+            resolve_timeout: config::DEFAULT_PULL_RESOLVE_TIMEOUT,
             stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             byte_progress: true,
             retries: config::DEFAULT_PULL_RETRIES,
@@ -93,6 +113,7 @@ impl Default for PullerSettings {
             fingerprinter: Arc::new(Fingerprinter::with_key(rand::random())),
             default_policy: crate::policy::DefaultPolicy::default(),
             use_cached_when_registry_down: false,
+            labelled_registries: BTreeSet::new(),
         }
     }
 }
@@ -157,8 +178,16 @@ pub struct Ensured {
 /// A pull's identity: the image and the fingerprint of its credentials.
 type FlightKey = (String, Option<String>);
 
+/// What a real pull brought: the image as the runtime reports it, and what its blobs were
+/// measured to hold (when its manifest was known).
+#[derive(Debug, Clone)]
+struct Pulled {
+    image: RuntimeImage,
+    measured: Option<u64>,
+}
+
 /// A pull's outcome, shared by everyone who waits on it.
-type Flight = Shared<BoxFuture<'static, Result<RuntimeImage, PullError>>>;
+type Flight = Shared<BoxFuture<'static, Result<Pulled, PullError>>>;
 
 /// Where a requester's view of a pull goes: every change of the pull's progress is sent.
 pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<PullProgress>;
@@ -174,16 +203,25 @@ struct FlightEntry {
     credentialed: bool,
     /// Uids of the API callers that joined it.
     uids: Arc<Mutex<BTreeSet<u32>>>,
+    /// Whose share of the slots it counts against.
+    claim: Arc<Claim>,
+    /// How urgent it is (raised by a more urgent request that joins it).
+    urgency: slots::Urgency,
 }
 
 /// The pulls in flight, by key.
 type Flights = Arc<Mutex<HashMap<FlightKey, FlightEntry>>>;
 
-/// Who asks for a pull: the API caller (if any) and where its progress goes.
-#[derive(Debug, Default)]
+/// Who asks for a pull: the API caller (if any), whose share of the slots it counts against,
+/// and where its progress goes.
+#[derive(Debug)]
 struct Requester {
     /// The caller's uid.
     pub uid: Option<u32>,
+    /// Whose share of the slots a pull for it counts against.
+    pub owner: SlotOwner,
+    /// How urgent a pull for it is ([`slots::urgency_of`] its origin).
+    pub urgency: u8,
     /// Where the pull's progress goes.
     pub progress: Option<ProgressSink>,
 }
@@ -195,10 +233,26 @@ struct Core {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     settings: PullerSettings,
-    /// The node's pull slots (`MaxConcurrentPulls`).
-    global: Arc<Semaphore>,
+    /// The node's pull slots (`MaxConcurrentPulls`), by urgency.
+    global: Arc<slots::Slots>,
     /// The pulls waiting for a slot.
     queue: Arc<Queue>,
+    /// Each user's share of the slots.
+    shares: Shares,
+}
+
+/// The `registry` label of metrics for anything not in `PullerSettings::labelled_registries`.
+const OTHER_REGISTRY: &str = "other";
+
+impl Core {
+    /// The `registry` label of `host`: its name when it is configured, else `other`.
+    fn registry_label<'a>(&self, host: &'a str) -> &'a str {
+        if self.settings.labelled_registries.contains(host) {
+            host
+        } else {
+            OTHER_REGISTRY
+        }
+    }
 }
 
 /// One request on its way through the decision and the pull: the image, its credentials
@@ -234,6 +288,8 @@ struct Outcome {
     verified: bool,
     /// Served unchecked because the registry could not be reached (`UseCached`).
     stale: bool,
+    /// What a pull measured the image's blobs to hold.
+    measured: Option<u64>,
 }
 
 /// The puller. Cheap to share behind an `Arc`.
@@ -256,8 +312,9 @@ impl Puller {
         background: Background,
     ) -> Self {
         let core = Core {
-            global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
+            global: slots::Slots::new(settings.max_concurrent_pulls),
             queue: Arc::new(Queue::new(Arc::clone(&metrics))),
+            shares: Shares::new(settings.max_pulls_per_user),
             runtime,
             registry,
             cache,
@@ -276,12 +333,24 @@ impl Puller {
     /// the last one (done or failed) included, before the outcome returns.
     pub async fn ensure_watched(
         &self,
+        req: EnsureRequest,
+        on_progress: impl FnMut(PullProgress),
+    ) -> Result<Ensured, PullError> {
+        self.ensure_watched_for(req, SlotOwner::Node, on_progress)
+            .await
+    }
+
+    /// [`Puller::ensure_watched`] for a request whose pull counts against `owner`'s share of
+    /// the slots.
+    pub async fn ensure_watched_for(
+        &self,
         mut req: EnsureRequest,
+        owner: SlotOwner,
         mut on_progress: impl FnMut(PullProgress),
     ) -> Result<Ensured, PullError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         req.progress = Some(tx);
-        let ensure = self.ensure(req);
+        let ensure = self.ensure_for(req, owner);
         tokio::pin!(ensure);
         let outcome = loop {
             tokio::select! {
@@ -295,10 +364,21 @@ impl Puller {
         outcome
     }
 
-    /// Makes `req.image` ready according to the policy and records the use. An image id
-    /// (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is looked up
-    /// in the runtime and never pulled.
+    /// Makes `req.image` ready according to the policy and records the use, as the node's own
+    /// work (its pull, if one is needed, waits in the node's line under no user's share). An
+    /// image id (`sha256:…`, or a prefix of at least 12 hex digits) names a local image: it is
+    /// looked up in the runtime and never pulled.
     pub async fn ensure(&self, req: EnsureRequest) -> Result<Ensured, PullError> {
+        self.ensure_for(req, SlotOwner::Node).await
+    }
+
+    /// [`Puller::ensure`] for a request whose pull counts against `owner`'s share of the
+    /// slots: a caller who is neither root nor an admin holds at most `MaxPullsPerUser`.
+    pub async fn ensure_for(
+        &self,
+        req: EnsureRequest,
+        owner: SlotOwner,
+    ) -> Result<Ensured, PullError> {
         let started = Instant::now();
         if crate::reference::local_image_id(&req.image).is_some() {
             return self.ensure_local(req, started).await;
@@ -312,6 +392,8 @@ impl Puller {
         };
         let who = Requester {
             uid: req.requester,
+            owner,
+            urgency: slots::urgency_of(req.origin),
             progress: req.progress.clone(),
         };
         let ask = PullContext {
@@ -336,7 +418,10 @@ impl Puller {
         if let Err(e @ PullError::Registry { .. }) = &outcome {
             metrics.inc(
                 "cimage_pull_failures_total",
-                &[("registry", image.registry()), ("reason", e.reason())],
+                &[
+                    ("registry", self.core.registry_label(image.registry())),
+                    ("reason", e.reason()),
+                ],
             );
         }
         metrics.observe(
@@ -358,6 +443,7 @@ impl Puller {
             action,
             verified,
             stale,
+            measured,
         } = outcome?;
         // Never looked up: the use was of a public image, which records no fingerprint.
         let fingerprint = credentials
@@ -381,6 +467,7 @@ impl Puller {
                 pulled: action == Action::Pulled,
                 verified,
                 requester: req.requester,
+                measured,
             })
             .await
             .map_err(|e: CacheError| PullError::Index {

@@ -137,6 +137,8 @@ struct Layer {
     seen: bool,
     /// In the runtime's content store: whole.
     committed: bool,
+    /// The most bytes of it seen downloaded (what really arrived, whatever its claimed size).
+    fetched: u64,
 }
 
 /// Follows a pull's layers through the runtime's ingests.
@@ -147,6 +149,8 @@ pub(super) struct Tracker {
     loose: HashMap<String, (u64, u64)>,
     rate: f64,
     last: Option<(Instant, u64)>,
+    /// One of the layers was seen downloading, or arrived, in the current attempt.
+    moved: bool,
 }
 
 impl Tracker {
@@ -163,6 +167,7 @@ impl Tracker {
                         done: 0,
                         seen: false,
                         committed: false,
+                        fetched: 0,
                     })
                     .collect()
             })
@@ -186,6 +191,7 @@ impl Tracker {
     /// Marks a layer the runtime holds as whole.
     pub(super) fn committed(&mut self, digest: &str) {
         for l in self.layers.iter_mut().filter(|l| l.digest == digest) {
+            self.moved |= !l.committed;
             l.committed = true;
             l.done = l.total;
         }
@@ -198,6 +204,14 @@ impl Tracker {
         for l in self.layers.iter_mut().filter(|l| !l.committed) {
             l.seen = false;
         }
+        self.moved = false;
+    }
+
+    /// The runtime is under way with this attempt: one of the layers downloaded or arrived
+    /// in it, or every layer is in already (what is left is the runtime's own unpacking).
+    /// Never while the layers are unknown.
+    pub(super) fn under_way(&self) -> bool {
+        self.moved || self.all_committed()
     }
 
     /// Takes in one look at the runtime's ingests.
@@ -207,8 +221,10 @@ impl Tracker {
                 // Fetched again: whatever made it look committed, it is not.
                 Some(i) => {
                     l.seen = true;
+                    self.moved = true;
                     l.committed = false;
                     l.done = i.offset.min(l.total);
+                    l.fetched = l.fetched.max(l.done);
                 }
                 // Seen in this attempt, now gone: committed.
                 None if l.seen && !l.committed => {
@@ -237,6 +253,13 @@ impl Tracker {
             }
         }
         self.last = Some((now, done));
+    }
+
+    /// Bytes seen downloading for the layers, each at the most seen (a layer the runtime held
+    /// already, or one that came and went between two looks, counts nothing): what has
+    /// really arrived, whatever the manifest claims.
+    pub(super) fn fetched(&self) -> u64 {
+        self.layers.iter().map(|l| l.fetched).sum()
     }
 
     /// Layer bytes in so far.

@@ -269,7 +269,7 @@ impl OciRegistry {
                 .await
                 .map_err(|f| classify::failed(image, f))?;
             match answer {
-                http::Answer::Found { digest, body } => {
+                http::Answer::Found { digest, body, .. } => {
                     // What was asked by digest must be what came (a registry on plain HTTP,
                     // or a mirror, could send anything).
                     if !head {
@@ -322,51 +322,73 @@ fn host_architecture() -> &'static str {
     }
 }
 
-#[async_trait]
-impl Registry for OciRegistry {
-    async fn resolve(
+impl OciRegistry {
+    /// The length of blob `digest` of `image` at `host`, from a HEAD. A refused token is
+    /// renewed once.
+    async fn blob_length_at(
         &self,
         image: &ImageRef,
+        host: &str,
         credentials: Option<&Credentials>,
-    ) -> Result<String, RegistryError> {
-        let mirrors = self
+        digest: &str,
+    ) -> Result<u64, RegistryError> {
+        let at = image.to_oci_at(host);
+        let insecure = self.hosts.get(host).is_some_and(|r| r.insecure);
+        let url = format!(
+            "{}://{}/v2/{}/blobs/{digest}",
+            if insecure { "http" } else { "https" },
+            at.resolve_registry(),
+            at.repository()
+        );
+        let client = self.http_for(image, host)?;
+        for attempt in 0..2 {
+            let authorization = self
+                .authorization(image, host, credentials, attempt > 0)
+                .await?;
+            let answer = http::blob(&client, &url, authorization.as_deref())
+                .await
+                .map_err(|f| classify::failed(image, f))?;
+            match answer {
+                http::Answer::Found {
+                    length: Some(n), ..
+                } => return Ok(n),
+                http::Answer::Found { length: None, .. } => {
+                    return Err(RegistryError::new(
+                        image,
+                        RegistryErrorKind::Other,
+                        "blob without a length",
+                        format!("HEAD of {digest} gave no Content-Length"),
+                    ))
+                }
+                http::Answer::Status { code: 401, .. } if attempt == 0 => continue,
+                http::Answer::Status {
+                    code,
+                    retry_after,
+                    body,
+                } => return Err(classify::refused(image, code, retry_after, body)),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The hosts asked about `image`, in order: its registry's mirrors, then the registry.
+    fn hosts_of(&self, image: &ImageRef) -> Vec<String> {
+        let mut hosts = self
             .hosts
             .get(image.registry())
             .map(|r| r.mirrors.clone())
             .unwrap_or_default();
-        let wanted = wanted(image);
-        let registry = image.registry().to_owned();
-        for host in mirrors.iter().chain(std::iter::once(&registry)) {
-            let found: Result<String, RegistryError> = async {
-                let (digest, _) = self.fetch(image, host, credentials, &wanted, true).await?;
-                match digest {
-                    Some(d) => Ok(d),
-                    // No digest header: the digest of the manifest's bytes.
-                    None => {
-                        use sha2::{Digest, Sha256};
-                        let (_, body) =
-                            self.fetch(image, host, credentials, &wanted, false).await?;
-                        Ok(format!("sha256:{:x}", Sha256::digest(&body)))
-                    }
-                }
-            }
-            .await;
-            match found {
-                Err(e) if host != &registry => {
-                    tracing::debug!(mirror = %host, image = %image, "mirror did not resolve, trying the next: {}", e.what);
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the registry itself is the last host tried")
+        hosts.push(image.registry().to_owned());
+        hosts
     }
 
-    async fn manifest(
+    /// The manifest of `image` for this host's platform, read from `host`.
+    async fn manifest_at(
         &self,
         image: &ImageRef,
+        host: &str,
         credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
-        let host = image.registry();
         let (_, body) = self
             .fetch(image, host, credentials, &wanted(image), false)
             .await?;
@@ -410,5 +432,76 @@ impl Registry for OciRegistry {
                 "no config or layer descriptors with digest and size",
             )),
         }
+    }
+}
+
+#[async_trait]
+impl Registry for OciRegistry {
+    async fn resolve(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<String, RegistryError> {
+        let wanted = wanted(image);
+        let registry = image.registry().to_owned();
+        for host in &self.hosts_of(image) {
+            let found: Result<String, RegistryError> = async {
+                let (digest, _) = self.fetch(image, host, credentials, &wanted, true).await?;
+                match digest {
+                    Some(d) => Ok(d),
+                    // No digest header: the digest of the manifest's bytes.
+                    None => {
+                        use sha2::{Digest, Sha256};
+                        let (_, body) =
+                            self.fetch(image, host, credentials, &wanted, false).await?;
+                        Ok(format!("sha256:{:x}", Sha256::digest(&body)))
+                    }
+                }
+            }
+            .await;
+            match found {
+                Err(e) if host != &registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not resolve, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
+    }
+
+    async fn manifest(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+    ) -> Result<ImageManifest, RegistryError> {
+        // Where the runtime pulls from: the mirrors first, as for tags.
+        let registry = image.registry();
+        for host in &self.hosts_of(image) {
+            match self.manifest_at(image, host, credentials).await {
+                Err(e) if host != registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not give the manifest, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
+    }
+
+    async fn blob_size(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError> {
+        let registry = image.registry();
+        for host in &self.hosts_of(image) {
+            match self.blob_length_at(image, host, credentials, digest).await {
+                Err(e) if host != registry => {
+                    tracing::debug!(mirror = %host, image = %image, "mirror did not give the blob's length, trying the next: {}", e.what);
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the registry itself is the last host tried")
     }
 }

@@ -23,9 +23,24 @@ pub struct FakeRegistry {
     pub sizes: Mutex<HashMap<String, u64>>,
     /// Number of `manifest` calls.
     pub size_checks: AtomicUsize,
+    /// References whose requests are never answered (a registry that accepts and hangs).
+    pub silent: Mutex<std::collections::HashSet<String>>,
+    /// What a blob's HEAD says its length is, by digest (absent: not found).
+    pub blob_lengths: Mutex<HashMap<String, u64>>,
+    /// Number of `blob_size` calls.
+    pub blob_heads: AtomicUsize,
+    /// reference → the manifest `manifest` answers, instead of one built from `sizes`.
+    pub manifests: Mutex<HashMap<String, ImageManifest>>,
 }
 
 impl FakeRegistry {
+    /// Never answers requests about `image` while it is silent.
+    async fn hang_if_silent(&self, image: &ImageRef) {
+        if self.silent.lock().unwrap().contains(&image.to_string()) {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Sets what `reference` resolves to.
     pub fn set(&self, reference: &str, digest: &str) {
         self.digests
@@ -43,6 +58,7 @@ impl Registry for FakeRegistry {
         _credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
         self.resolves.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
         let err = |kind, what| RegistryError::new(image, kind, what, "fake");
         if self.down.load(Ordering::SeqCst) {
             return Err(err(RegistryErrorKind::Unreachable, "unreachable"));
@@ -61,6 +77,10 @@ impl Registry for FakeRegistry {
         _credentials: Option<&Credentials>,
     ) -> Result<ImageManifest, RegistryError> {
         self.size_checks.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
+        if let Some(m) = self.manifests.lock().unwrap().get(&image.to_string()) {
+            return Ok(m.clone());
+        }
         self.sizes
             .lock()
             .unwrap()
@@ -82,6 +102,24 @@ impl Registry for FakeRegistry {
                     "repository or tag not found",
                     "fake",
                 )
+            })
+    }
+
+    async fn blob_size(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        _credentials: Option<&Credentials>,
+    ) -> Result<u64, RegistryError> {
+        self.blob_heads.fetch_add(1, Ordering::SeqCst);
+        self.hang_if_silent(image).await;
+        self.blob_lengths
+            .lock()
+            .unwrap()
+            .get(digest)
+            .copied()
+            .ok_or_else(|| {
+                RegistryError::new(image, RegistryErrorKind::NotFound, "blob unknown", "fake")
             })
     }
 }

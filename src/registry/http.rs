@@ -1,5 +1,5 @@
 //! cimage's own manifest requests: a HEAD to resolve a tag, a GET to read what a pull will
-//! download. They are made with reqwest directly (oci-client does the token step) so that each
+//! download; and a blob's HEAD, for its real length. They are made with reqwest directly (oci-client does the token step) so that each
 //! has an overall time limit and a size cap (a registry that answers a 100 MB manifest, or
 //! trickles one byte a second, costs cimage nothing), and so that a rate limit's `Retry-After`
 //! is seen.
@@ -24,10 +24,11 @@ application/vnd.docker.distribution.manifest.v2+json";
 /// What a registry answered to a manifest request.
 #[derive(Debug)]
 pub(super) enum Answer {
-    /// 200: the manifest's digest header and (for a GET) its bytes.
+    /// 200: the manifest's digest header, (for a GET) its bytes, and the announced length.
     Found {
         digest: Option<String>,
         body: Vec<u8>,
+        length: Option<u64>,
     },
     /// Any other status: its code, the registry's `Retry-After` (for 429 and 503), and the
     /// start of its body.
@@ -104,6 +105,7 @@ pub(super) async fn manifest(
         return Ok(Answer::Found {
             digest: header(&headers, "docker-content-digest"),
             body,
+            length: announced(&headers),
         });
     }
     Ok(Answer::Status {
@@ -118,6 +120,34 @@ pub(super) async fn manifest(
             })
             .flatten(),
         body: String::from_utf8_lossy(&body).trim().to_owned(),
+    })
+}
+
+/// A blob's HEAD (redirects followed) with an optional `Authorization` value: its length is
+/// the `Content-Length` of the answer.
+pub(super) async fn blob(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<Answer, Failure> {
+    let mut req = client.head(url);
+    if let Some(a) = authorization {
+        req = req.header(AUTHORIZATION, a);
+    }
+    let res = req.send().await.map_err(Failure::Request)?;
+    let status = res.status().as_u16();
+    let headers = res.headers();
+    if status == 200 {
+        return Ok(Answer::Found {
+            digest: header(headers, "docker-content-digest"),
+            body: Vec::new(),
+            length: announced(headers),
+        });
+    }
+    Ok(Answer::Status {
+        code: status,
+        retry_after: None,
+        body: String::new(),
     })
 }
 

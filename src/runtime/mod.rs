@@ -133,6 +133,11 @@ pub trait ImageRuntime: Send + Sync {
     async fn has_blob(&self, _digest: &str) -> Result<Option<bool>, RuntimeError> {
         Ok(None)
     }
+    /// The size of blob `digest` as the runtime holds it (what it really takes, whatever a
+    /// manifest claims); `None` when the runtime does not hold it or cannot tell.
+    async fn blob_size(&self, _digest: &str) -> Result<Option<u64>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 /// An in-memory runtime for unit tests: images appear when "pulled" from a fake registry table.
@@ -169,6 +174,8 @@ pub mod fake {
         pub ingests: Mutex<Option<Vec<Ingest>>>,
         /// Blobs `has_blob` reports as held.
         pub blobs: Mutex<Vec<String>>,
+        /// What `blob_size` reports, by digest.
+        pub blob_sizes: Mutex<HashMap<String, u64>>,
         running: AtomicUsize,
     }
 
@@ -293,6 +300,9 @@ pub mod fake {
         async fn has_blob(&self, digest: &str) -> Result<Option<bool>, RuntimeError> {
             let known = self.ingests.lock().unwrap().is_some();
             Ok(known.then(|| self.blobs.lock().unwrap().iter().any(|b| b == digest)))
+        }
+        async fn blob_size(&self, digest: &str) -> Result<Option<u64>, RuntimeError> {
+            Ok(self.blob_sizes.lock().unwrap().get(digest).copied())
         }
     }
 }

@@ -3,6 +3,7 @@
 //! start the real `cimaged` and `cimage` binaries.
 #![allow(dead_code)]
 
+pub mod h2raw;
 pub mod images;
 pub mod nginx_mirror;
 pub mod proxy;
@@ -219,11 +220,15 @@ impl Daemon {
     }
 
     fn write_config(&self) {
-        // `Launcher.KEY: value` lines go into the Launcher section the base config has.
+        // `Launcher.KEY: value` lines go into the Launcher section the base config has, and
+        // `ImageService.KEY: value` lines into the ImageService section made below.
         let (launcher, rest): (Vec<&str>, Vec<&str>) = self
             .extra_config
             .lines()
             .partition(|l| l.starts_with("Launcher."));
+        let (service, rest): (Vec<&str>, Vec<&str>) = rest
+            .into_iter()
+            .partition(|l| l.starts_with("ImageService."));
         let launcher: String = launcher
             .iter()
             .map(|l| format!("    {}\n", &l["Launcher.".len()..]))
@@ -235,6 +240,9 @@ impl Daemon {
                 "  ImageService:\n    Socket: {}\n",
                 self.cri_socket().display()
             ));
+            for l in service {
+                extra.push_str(&format!("    {}\n", &l["ImageService.".len()..]));
+            }
         }
         // Daemons share one containerd; only tests about eviction may evict.
         if !self.extra_config.contains("Eviction:") {
@@ -269,11 +277,21 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cimaged"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cimaged"));
+        cmd.arg("--config")
             .arg(self.config_path())
             .env("CIMAGE_LOG", "info,cimage=debug")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // An empty CIMAGE_LOG from a test means none at all: the daemon's own default, as a
+        // node runs it.
+        if self
+            .env
+            .iter()
+            .any(|(k, v)| k == "CIMAGE_LOG" && v.is_empty())
+        {
+            cmd.env_remove("CIMAGE_LOG");
+        }
+        let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

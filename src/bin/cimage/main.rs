@@ -6,6 +6,7 @@ mod expect;
 mod gc;
 mod images;
 mod jobs;
+mod man;
 mod pin;
 mod prewarm;
 mod progress;
@@ -95,6 +96,12 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (cimage.1 and cimage-COMMAND.1) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go.
+        dir: PathBuf,
     },
 }
 
@@ -314,6 +321,16 @@ async fn main() -> ExitCode {
         Command::Prewarm(c) => prewarm::run(&cli.socket, c).await,
         Command::Expect(a) => expect::expect(&cli.socket, a).await,
         Command::Expected(a) => expect::list(&cli.socket, a).await,
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            match man::write_pages(Cli::command(), &dir) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Failure::new(format!(
+                    "writing manual pages into {}: {e}",
+                    dir.display()
+                ))),
+            }
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "cimage", &mut std::io::stdout());

@@ -11,10 +11,11 @@ use crate::{connect, human_size, Failure, Output};
 /// Arguments of `cimage pulls`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Columns: IMAGE; PHASE (queued #N = Nth in line for a pull slot, resolving, \
-downloading, unpacking); BYTES done / total of the layers (where the runtime reports them); \
-RATE; WAITING = requests sharing the pull; AGE since the pull began. A user who is not an \
-admin sees the pulls it waits on and those made without credentials."
+    after_help = "Columns: IMAGE; PHASE (queued #N = Nth in line for a pull slot, queued = \
+waiting for its user's share of the slots (MaxPullsPerUser), resolving, downloading, \
+unpacking); BYTES done / total of the layers (where the runtime reports them); RATE; \
+WAITING = requests sharing the pull; AGE since the pull began. A user who is not an admin \
+sees the pulls it waits on and those made without credentials."
 )]
 pub struct Args {
     /// Output format.

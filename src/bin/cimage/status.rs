@@ -29,6 +29,13 @@ pub fn df_percent(used: u64, size: u64) -> u64 {
 pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
     let mut client = connect(socket).await?;
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
+    // The scheduler's queue, when a source is configured: unhealthy says so here, and nothing
+    // else (cimaged itself is healthy without it).
+    let source = cimage::api::expectations_client(socket)
+        .list_expected(pb::ListExpectedRequest {})
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().source);
     let healthy = s.runtime_ok && s.index_ok;
     let fs_known = s.image_fs_size_bytes > 0;
     match args.output {
@@ -60,6 +67,13 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
                     "next_fire": rfc3339(f.next_fire),
                 })).collect::<Vec<_>>(),
                 "metrics_addr": (!s.metrics_addr.is_empty()).then_some(&s.metrics_addr),
+                "queue_source": source.as_ref().map(|q| json!({
+                    "name": q.name,
+                    "healthy": q.healthy,
+                    "last_ok": rfc3339(q.last_ok_ms),
+                    "error": (!q.error.is_empty()).then_some(&q.error),
+                    "planned": q.planned,
+                })),
                 "history": {
                     "tasks_recorded": s.tasks_recorded,
                     "tasks_live": s.tasks_live,
@@ -130,6 +144,21 @@ pub async fn run(socket: &Path, args: Args) -> Result<(), Failure> {
             match s.metrics_addr.as_str() {
                 "" => println!("metrics:          off"),
                 a => println!("metrics:          http://{a}/metrics"),
+            }
+            match &source {
+                None => println!("queue source:     none"),
+                Some(q) if q.healthy => println!(
+                    "queue source:     {}: ok, {} job(s) planned here (last look {})",
+                    q.name,
+                    q.planned,
+                    when(q.last_ok_ms)
+                ),
+                Some(q) => println!(
+                    "queue source:     {}: UNHEALTHY: {} (last good look {})",
+                    q.name,
+                    q.error,
+                    when(q.last_ok_ms)
+                ),
             }
         }
     }

@@ -2,6 +2,7 @@
 //! policies, and serves the cimage API on a unix socket. This file starts and stops things;
 //! `wiring` maps the configuration onto each module's settings.
 
+mod man;
 mod systemd;
 mod wiring;
 
@@ -48,7 +49,7 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
 /// `Container` section plus an `ImageCache` section), then serves the cimage API on
 /// `ImageCache.Socket`. Log verbosity comes from CIMAGE_LOG (e.g. `debug`, `cimage=trace`).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "cimaged", version)]
 struct Args {
     /// Configuration file.
     #[arg(
@@ -61,6 +62,12 @@ struct Args {
     /// Validate the configuration, print the resolved settings and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print every configuration key with its default and meaning (a Markdown table) and exit.
+    #[arg(long)]
+    config_reference: bool,
+    /// Write the manual pages cimaged(8) and cimage-config(5) into DIR and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
 }
 
 fn main() {
@@ -71,6 +78,24 @@ fn main() {
     // SAFETY: mallopt before any thread exists only changes the allocator's tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let args = Args::parse();
+    if args.config_reference || args.check_config {
+        // A report piped into `head` ends quietly when the reader goes, as other command-line
+        // tools do (the daemon itself keeps ignoring SIGPIPE: its peers are sockets).
+        // SAFETY: restoring the default disposition of one signal, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    if args.config_reference {
+        print!("{}", config::reference::markdown());
+        return;
+    }
+    if let Some(dir) = &args.generate_man {
+        use clap::CommandFactory;
+        if let Err(e) = man::write_pages(Args::command(), dir) {
+            eprintln!("cimaged: writing manual pages into {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     init_logging();
     let settings = match config::load(&args.config) {
         Ok(s) => s,
@@ -112,9 +137,19 @@ fn main() {
     }
 }
 
+/// The log level without `CIMAGE_LOG`: cimage's own `info`, and the HTTP/2 library's errors
+/// only. Its warnings are per connection and a peer chooses them (a client that resets streams
+/// in a loop makes one per connection); cimaged tells those itself, once per uid a minute
+/// (`api::abuse`). An explicit `CIMAGE_LOG` (e.g. `info,h2=debug`) still shows them.
+const DEFAULT_LOG: &str = "info,h2=error";
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CIMAGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An empty CIMAGE_LOG (`Environment=CIMAGE_LOG=` in a unit) means the default too.
+    let filter = std::env::var("CIMAGE_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -134,8 +169,15 @@ fn print_settings(s: &Settings, w: &Wiring) {
         true => println!("CRI image socket: {}", ic.image_service.socket.display()),
         false => println!("CRI image socket: off"),
     }
-    println!("max concurrent pulls: {}", ic.max_concurrent_pulls);
+    println!(
+        "max concurrent pulls: {} (at most {} for a user who is not an admin)",
+        ic.max_concurrent_pulls, ic.max_pulls_per_user
+    );
     println!("pull timeout:     {}", format_duration(ic.pull_timeout));
+    println!(
+        "pull resolve:     a pull with neither its manifest nor any bytes after {} fails",
+        format_duration(ic.pull_resolve_timeout)
+    );
     match ic.pull_byte_progress {
         true => println!(
             "pull progress:    bytes; a pull stalls after {} without",
@@ -340,6 +382,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         background.clone(),
     )?;
     expector.start();
+    if let Some(ev) = &wiring.eviction {
+        metrics.set(
+            "cimage_image_fs_high_watermark_ratio",
+            ev.high_percent / 100.0,
+        );
+    }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
     background.spawn(launcher.clone().log_dir_loop());
@@ -350,6 +398,14 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         background.clone(),
     ));
     background.spawn(prewarm.clone().timer());
+    background.spawn(api::readiness::keep_fresh(
+        metrics.clone(),
+        cache.clone(),
+        prewarm.clone(),
+        expector.clone(),
+        Duration::from_secs(2),
+        background.clone(),
+    ));
     if let Some(addr) = &ic.metrics_addr {
         let addr = addr.parse().context("ImageCache.MetricsAddr")?;
         let listener = api::http::bind(addr).await?;
@@ -392,13 +448,16 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             background.clone(),
         );
         let bg = background.clone();
+        let max_connections = ic.image_service.max_connections;
+        let abuse = api::abuse::AbuseLog::new("CRI image", metrics.clone());
         info!(socket = %path.display(), upstream = %settings.image_endpoint.display(), "serving the CRI image service");
         background.spawn(async move {
             let shutdown = bg.clone();
-            if let Err(e) = api::cri_image::serve(cri_listener, service, async move {
-                shutdown.shutting_down().await
-            })
-            .await
+            if let Err(e) =
+                api::cri_image::serve(cri_listener, service, max_connections, abuse, async move {
+                    shutdown.shutting_down().await
+                })
+                .await
             {
                 error!("the CRI image service stopped: {e}");
                 bg.begin_shutdown();
@@ -441,10 +500,13 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let served = api::serve(
         listener,
         gate,
-        images,
-        launcher_api,
-        maintenance,
-        expectations,
+        api::Services {
+            images,
+            launcher: launcher_api,
+            maintenance,
+            expectations,
+        },
+        metrics,
         async move { bg.shutting_down().await },
     )
     .await;

@@ -36,7 +36,8 @@ pub struct Wiring {
     pub runtime_timeout: Duration,
     /// How often the index is reconciled with the runtime.
     pub reconcile_interval: Duration,
-    /// Connections each caller may hold on the API socket, and the idle timeout.
+    /// Connections each caller may hold on the API socket, the idle timeout, and what its
+    /// requests may hold before they have arrived whole.
     pub connections: Limits,
     /// The launcher's mount prefixes, grace period and log directory.
     pub launcher: LauncherSettings,
@@ -144,7 +145,9 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 .iter()
                 .filter_map(|(h, r)| r.max_concurrent_pulls.map(|n| (h.clone(), n)))
                 .collect::<HashMap<_, _>>(),
+            max_pulls_per_user: ic.max_pulls_per_user,
             pull_timeout: ic.pull_timeout,
+            resolve_timeout: ic.pull_resolve_timeout,
             stall_timeout: ic.pull_stall_timeout,
             byte_progress: ic.pull_byte_progress,
             retries: ic.pull_retries,
@@ -161,6 +164,12 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             },
             use_cached_when_registry_down: ic.on_registry_unavailable
                 == OnRegistryUnavailable::UseCached,
+            // Only the configured registries and their mirrors are named in metrics.
+            labelled_registries: ic
+                .registries
+                .iter()
+                .flat_map(|(h, r)| std::iter::once(h.clone()).chain(r.mirrors.iter().cloned()))
+                .collect(),
             default_policy: match ic.default_pull_policy {
                 DefaultPullPolicy::IfNotPresent => DefaultPolicy::IfNotPresent,
                 DefaultPullPolicy::Always => DefaultPolicy::Always,
@@ -189,6 +198,9 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             per_user: ic.max_connections_per_user,
             per_admin: ic.max_connections_per_admin,
             idle: ic.connection_idle_timeout,
+            request_bytes_per_user: ic.max_request_bytes_per_user,
+            request_bytes_per_admin: ic.max_request_bytes_per_admin,
+            request_read_timeout: ic.request_read_timeout,
         },
         launcher: LauncherSettings {
             allowed_mount_prefixes: ic.launcher.allowed_mount_prefixes.clone(),
@@ -318,6 +330,10 @@ mod tests {
         assert_eq!(w.eviction.unwrap().max_bytes, Some(1 << 30));
         assert!(w.registries["r:5000"].insecure);
         assert_eq!(w.registries["r:5000"].mirrors, ["m:5000"]);
+        assert_eq!(
+            w.puller.labelled_registries,
+            ["m:5000".to_owned(), "r:5000".to_owned()].into()
+        );
         assert_eq!(w.schedules[0].images, ["docker.io/library/busybox:latest"]);
         assert_eq!(w.schedules[0].concurrency, DEFAULT_PREWARM_CONCURRENCY);
         assert_eq!(
