@@ -24,9 +24,9 @@ use tracing::{info, warn};
 
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
-use super::room::Room;
 use super::share::Claim;
 use super::{Core, FlightKey, Flights, PullError, Pulled};
+use crate::cache::Reservation;
 use crate::credentials::Credentials;
 use crate::reference::ImageRef;
 use crate::registry::ImageManifest;
@@ -88,6 +88,16 @@ impl AttemptError {
             AttemptError::NoRoom(_) => "no_room",
         }
     }
+}
+
+/// The room a pull holds until it ends (made and grown by `room.rs`).
+pub(super) enum Room {
+    /// None: eviction is off, or the pull's manifest is unknown (the periodic pass catches up).
+    Unchecked,
+    /// Made before the pull, for its checked size (held until the pull ends).
+    Made { _held: Reservation },
+    /// Made as the pull's bytes arrive.
+    AsArrived(Reservation),
 }
 
 /// One pull, shared by every request that joined it: waits for a slot, makes room, pulls
