@@ -1,11 +1,17 @@
 //! cimage: image pre-pull and cache management for compute nodes that run batch jobs in
 //! containers through the Kubernetes Container Runtime Interface (CRI).
 //!
-//! The data path reads one way: [`api`] → [`policy`] → [`puller`] → [`cache`]. Outside systems sit
-//! behind small traits with a real implementation and a test double: [`runtime::ImageRuntime`]
-//! (CRI ImageService, real one in [`cri`]), [`registry::Registry`] (oci-client) and
-//! [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC. State lives in one [`store`]; every
-//! background task is tracked by [`background`] so shutdown can wait for it.
+//! A request reads one way, down the layers: [`api`] takes it (the caller from the socket's
+//! peer credentials) and hands it to the [`launcher`] (job steps), [`prewarm`] (schedules),
+//! [`expect`] (images announced for coming jobs) or straight to the [`puller`]; the puller
+//! applies the pull decision of [`policy`], pulls once per image and credentials through the
+//! runtime, and records the use in the [`cache`], the index over the runtime's images. Outside
+//! systems sit behind small traits with a real implementation and a test double:
+//! [`runtime::ImageRuntime`] and [`runtime::TaskRuntime`] (CRI, real ones in [`cri`]),
+//! [`registry::Registry`] (cimage's own HTTP client, reqwest, with oci-client for the token
+//! step) and [`clock::Clock`]. Only [`api`] and [`cri`] speak gRPC. State lives in one
+//! [`store`]; every background task is tracked by [`background`] so shutdown can wait for it.
+//! `tests/layers.rs` holds the layers and fails on an import that points up or sideways.
 
 #![warn(missing_docs)]
 

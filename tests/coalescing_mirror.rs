@@ -6,7 +6,7 @@
 mod common;
 
 use common::images::{push, Layer};
-use common::nginx_mirror::{blob_responses, blob_size, NginxMirror, Redirector};
+use common::nginx_mirror::{blob_responses, blob_size, mirror_dir, NginxMirror, Redirector};
 use common::*;
 use std::process::Command;
 
@@ -63,7 +63,7 @@ fn three_concurrent_pulls_through_the_site_mirror_fetch_each_blob_once_upstream(
         .map(|d| (d.clone(), blob_size(&tb.upstream, &repo, d)))
         .collect();
     let redirector = Redirector::start(&tb.upstream);
-    let cache = tempfile::tempdir_in(&tb.dir).unwrap();
+    let cache = mirror_dir();
     let mirror = NginxMirror::start(cache.path(), &format!("http://{}", redirector.addr));
     let mark = log_mark(&tb.upstream_log);
 

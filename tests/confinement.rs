@@ -289,6 +289,8 @@ fn users_launch_only_when_the_node_allows_it_and_cannot_squat_a_job() {
 
     let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
     let job = job_id("slurm");
+    // The user asks for the id the scheduler will use next: the job is the user's, in a space
+    // of its own.
     let out = d.cli_as(
         nobody,
         &[
@@ -297,21 +299,84 @@ fn users_launch_only_when_the_node_allows_it_and_cannot_squat_a_job() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stdout(&out).trim().is_empty());
-    // The scheduler's step for another user does not join the squatter's pod.
+    wait_for_running(&d, stdout(&out).trim());
+    let users = format!("u65534.{job}");
+    assert_eq!(job_pods(&d, &users).len(), 1);
+    // The scheduler's step for another user under that id runs, in a pod of its own.
     let out = run(
         &d,
         &["--job", &job, "--image", &img, "--user", "daemon"],
         &["true"],
     );
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("runs its steps as uid 65534"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(job_pods(&d, &job).len(), 1);
+    // The user's end-job of that id ends the user's job, not the scheduler's.
     assert!(d.cli_as(nobody, &["end-job", &job]).status.success());
+    assert!(job_pods(&d, &users).is_empty());
+    assert_eq!(
+        job_pods(&d, &job).len(),
+        1,
+        "the scheduler's job is not the user's to end"
+    );
+    assert!(d.cli(&["end-job", &job]).status.success());
     assert!(job_pods(&d, &job).is_empty());
+}
+
+#[test]
+fn job_ids_cannot_be_squatted_probed_or_listed() {
+    let nobody = Some((65534, 65534));
+    let d = Daemon::start("SocketGroup: nogroup\nLauncher.AllowUserLaunch: true");
+    let img = busybox(&d.testbed);
+    let job = job_id("slurm");
+    // The scheduler's job exists; the user's probe of it and of an id nobody has get one
+    // answer (naming the user's own space), and the user's own job of that id is another.
+    let out = run(
+        &d,
+        &["--detach", "--job", &job, "--image", &img],
+        &["sleep", "300"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for_running(&d, stdout(&out).trim());
+    let probe = |id: &str| {
+        let out = d.cli_as(nobody, &["end-job", id]);
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    let none = format!("{job}-none");
+    assert_eq!(
+        probe(&job).replace(&job, "ID"),
+        probe(&none).replace(&none, "ID")
+    );
+    assert!(
+        probe(&job).contains(&format!("no job u65534.{job}")),
+        "{}",
+        probe(&job)
+    );
+    let out = d.cli_as(
+        nobody,
+        &["run", "--job", &job, "--image", &img, "--", "true"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(job_pods(&d, &job).len(), 1, "the scheduler's pod alone");
+    // Nobody else lists the job and task ids in the log directory.
+    let logs = d.dir.path().join("supervisor/containers");
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&logs), 0o711, "{}", logs.display());
+    assert_eq!(mode(&logs.join(&job)), 0o700);
+    let ls = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("ls")
+            .arg(&logs)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    assert!(!ls.status.success(), "listed: {}", stdout(&ls));
+    assert!(d.cli(&["end-job", &job]).status.success());
 }
 
 /// A directory under the daemon's allowed mount prefix, owned by `uid` with `mode`.

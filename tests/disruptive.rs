@@ -289,6 +289,7 @@ fn an_image_of_a_container_made_directly_through_cri_survives_eviction() {
         log_directory: std::env::temp_dir(),
         labels: Default::default(),
         cgroup_parent: None,
+        pod_cgroup: None,
     };
     let d = Daemon::start("");
     for r in [&theirs.reference, &mine.reference] {

@@ -61,7 +61,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_client_that_stops_reading_a_steps_output_does_not_grow_the_daemon() {
-    let d = Daemon::start("");
+    // Room in the step's log for all of its 400 MB (the default keeps 2 x 100 MiB).
+    let d = Daemon::start("Launcher.MaxLogSize: 1GiB");
     let pid = d.child.as_ref().unwrap().id();
     let img = busybox(&d.testbed);
     // Warm the image and the paths first, then take the idle footprint.

@@ -1,6 +1,7 @@
 //! Steps under the scheduler's limits: CPU quota and memory limit through CRI, a memory limit
-//! passed reported as out of memory, the job's pod under a cgroup parent, and the CLI habits of
-//! docker and Slurm users (`run IMAGE CMD`, `-v SRC:DST`, `--env-file`).
+//! passed reported as out of memory, the job's pod under a cgroup parent, the node's process
+//! limit on the pod (a fork bomb stops there), and the CLI habits of docker and Slurm users
+//! (`run IMAGE CMD`, `-v SRC:DST`, `--env-file`).
 
 mod common;
 
@@ -479,4 +480,31 @@ impl Pty {
         self.read_for(std::time::Duration::from_secs(1));
         self.seen.clone()
     }
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_pods_process_limit() {
+    let d = Daemon::start("Launcher.PidsLimit: 64");
+    let img = busybox(&d.testbed);
+    // A subshell forks sleepers until the kernel refuses (and ends there); the step itself
+    // then reads, with builtins only, how many processes its cgroup holds and where it is.
+    let bomb = "(for i in $(seq 1 200); do sleep 300 & done) 2>/dev/null; \
+                read n < /sys/fs/cgroup/pids/pids.current; echo current=$n; \
+                while read l; do case $l in *:pids:*) echo $l;; esac; done < /proc/self/cgroup";
+    let out = d.cli(&["run", "--user", "cimage-test", &img, "--", "sh", "-c", bomb]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let current: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("current="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    println!("processes in the step's cgroup after the bomb: {current}");
+    // The pod's sandbox holds one of the 64; the bomb took (nearly) all the rest.
+    assert!(current <= 63, "{current} processes: {text}");
+    assert!(current >= 32, "the bomb ran: {text}");
+    assert!(
+        text.lines().any(|l| l.contains(":pids:/cimage-")),
+        "the step is in the pod cgroup cimage made: {text}"
+    );
 }

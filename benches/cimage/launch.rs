@@ -94,6 +94,7 @@ pub(crate) async fn launches(
             log_directory: logs.path().to_owned(),
             labels: Default::default(),
             cgroup_parent: None,
+            pod_cgroup: None,
         };
         let sid = rt.run_pod(&pod).await.unwrap();
         let spec = ContainerSpec {

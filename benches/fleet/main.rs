@@ -353,6 +353,12 @@ fn main() {
         .prefix("cimage-fleet-")
         .tempdir_in("/var/tmp")
         .unwrap();
+    // nginx's workers (an unprivileged user) reach the mirror's cache under it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     eprintln!(
         "fleet: starting the upstream, the mirrors, {nodes} node stacks and Prometheus in {}",
         dir.path().display()

@@ -17,7 +17,7 @@
 //!
 //! What is held is bounded by the frame headers, never by what a frame's payload turns out to
 //! be: a frame is buffered whole only when its header announces at most the default frame size
-//! and, while a header block is held, at most what keeps the block within [`MAX_BLOCK`]. Any
+//! and, while a header block is held, at most what keeps the block within `MAX_BLOCK`. Any
 //! bigger frame passes on from its header (the server then refuses what it does not take), so
 //! a CONTINUATION that announces 16 MiB costs this side nothing.
 

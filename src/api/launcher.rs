@@ -18,7 +18,7 @@ use crate::launcher::request::{MountRequest, Principal, SpecError, UserRef, User
 use crate::launcher::spec::LaunchSpec;
 use crate::launcher::store::{JobRecord, TaskRecord};
 use crate::launcher::{Event, LaunchError, Launcher, TaskEvent};
-use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession, RuntimeErrorKind};
+use crate::runtime::{ExecAttach, ExecEvent, ExecInput, ExecSession};
 
 /// The service implementation.
 pub struct LauncherApi {
@@ -55,20 +55,15 @@ pub fn launch_status(e: &LaunchError) -> Status {
     let code = match e {
         LaunchError::Spec(SpecError::Invalid(_)) => Code::InvalidArgument,
         LaunchError::Spec(SpecError::Denied(_)) => Code::PermissionDenied,
+        LaunchError::Spec(SpecError::NoJob(_)) => Code::NotFound,
         LaunchError::IdentityUnavailable(_) => Code::Unavailable,
         LaunchError::Staging(_) | LaunchError::Internal { .. } | LaunchError::Store(_) => {
             Code::Internal
         }
         LaunchError::NotFound { .. } => Code::NotFound,
         LaunchError::Conflict { .. } => Code::FailedPrecondition,
-        LaunchError::Runtime { source, .. } => match source.kind {
-            RuntimeErrorKind::Unavailable | RuntimeErrorKind::Transient => Code::Unavailable,
-            RuntimeErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
-            // The container went away under the call (the step ended meanwhile).
-            RuntimeErrorKind::NotFound => Code::NotFound,
-            RuntimeErrorKind::Unauthorized => Code::PermissionDenied,
-            RuntimeErrorKind::Other => Code::Internal,
-        },
+        // A container that went away under the call (the step ended meanwhile) is NotFound.
+        LaunchError::Runtime { source, .. } => super::service::runtime_code(source),
     };
     Status::new(code, e.to_string())
 }
@@ -473,7 +468,7 @@ impl pb::launcher_server::Launcher for LauncherApi {
 mod tests {
     use super::*;
     use crate::identity::IdentityError;
-    use crate::runtime::RuntimeError;
+    use crate::runtime::{RuntimeError, RuntimeErrorKind};
 
     #[test]
     fn cpu_counts_are_checked_against_the_launchers_range() {

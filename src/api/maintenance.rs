@@ -44,15 +44,11 @@ impl MaintenanceApi {
     }
 }
 
-/// An image as `uid` may see it: a private image it did not prove access to keeps its id, size
-/// and counts but not its names.
-fn shown_to(r: &ImageRecord, uid: u32, admin: bool) -> pb::Image {
-    let mut image = to_pb(r);
-    if !admin && !r.visible_to(uid) {
-        image.names = vec!["<private>".into()];
-        image.digests = Vec::new();
-    }
-    image
+/// Whether `uid` may see image `r` at all: the rule of `images` and `inspect`, where a private
+/// image it did not prove access to is absent (its id, size and use times say which image it
+/// is as well as its name would).
+fn shown_to(r: &ImageRecord, uid: u32, admin: bool) -> bool {
+    admin || r.visible_to(uid)
 }
 
 fn prewarm_status(e: &PrewarmError) -> Status {
@@ -123,7 +119,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
             self.require_admin(&req, "gc")?;
         }
         let admin = self.admin.is_admin(&who);
-        let to_pb = |r: &ImageRecord| shown_to(r, who.uid, admin);
+        let shown = |r: &ImageRecord| shown_to(r, who.uid, admin);
         let report = self.cache.gc(dry_run).await.map_err(|e| cache_status(&e))?;
         Ok(Response::new(pb::GcResponse {
             dry_run,
@@ -131,6 +127,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
                 .plan
                 .evict
                 .iter()
+                .filter(|(r, _)| shown(r))
                 .map(|(r, why)| pb::Eviction {
                     image: Some(to_pb(r)),
                     reason: why.as_str().to_owned(),
@@ -140,6 +137,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
                 .plan
                 .protected
                 .iter()
+                .filter(|(r, _)| shown(r))
                 .map(|(r, why)| pb::ProtectedImage {
                     image: Some(to_pb(r)),
                     why: why.clone(),
@@ -155,7 +153,6 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
     async fn top(&self, req: Request<pb::TopRequest>) -> Result<Response<pb::TopResponse>, Status> {
         let who = caller(&req)?;
         let admin = self.admin.is_admin(&who);
-        let to_pb = |r: &ImageRecord| shown_to(r, who.uid, admin);
         let limit = match req.into_inner().limit {
             0 => 20,
             n => n as usize,
@@ -168,6 +165,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceApi {
         Ok(Response::new(pb::TopResponse {
             images: top
                 .iter()
+                .filter(|r| shown_to(&r.record, who.uid, admin))
                 .map(|r| pb::RankedImage {
                     image: Some(to_pb(&r.record)),
                     score: r.score,

@@ -26,8 +26,6 @@ pub struct ImageCacheApi {
     prewarm: Option<Arc<crate::prewarm::Prewarmer>>,
     launcher: Option<Arc<crate::launcher::Launcher>>,
     metrics_addr: Option<String>,
-    /// The daemon's metrics (`status` reports the tasks pruned since start from them).
-    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ImageCacheApi {
@@ -51,23 +49,20 @@ impl ImageCacheApi {
             prewarm: None,
             launcher: None,
             metrics_addr: None,
-            metrics: None,
         }
     }
 
-    /// What `status` also reports: the pre-warm schedules' next fires, the task history, the
-    /// metrics address and the daemon's metrics.
+    /// What `status` also reports: the pre-warm schedules' next fires, the task history (as
+    /// the launcher counts it) and the metrics address.
     pub fn with_status_of(
         mut self,
         prewarm: Arc<crate::prewarm::Prewarmer>,
         launcher: Arc<crate::launcher::Launcher>,
         metrics_addr: Option<String>,
-        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         self.prewarm = Some(prewarm);
         self.launcher = Some(launcher);
         self.metrics_addr = metrics_addr;
-        self.metrics = Some(metrics);
         self
     }
 
@@ -120,7 +115,7 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     })
 }
 
-fn runtime_code(e: &RuntimeError) -> Code {
+pub(crate) fn runtime_code(e: &RuntimeError) -> Code {
     match e.kind {
         RuntimeErrorKind::NotFound => Code::NotFound,
         RuntimeErrorKind::Unauthorized => Code::Unauthenticated,
@@ -448,13 +443,12 @@ impl pb::image_cache_server::ImageCache for ImageCacheApi {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
-        let (tasks_recorded, tasks_live, history) = match &self.launcher {
+        let h = match &self.launcher {
             Some(l) => l.history().await.unwrap_or_default(),
             None => Default::default(),
         };
-        let tasks_pruned = self.metrics.as_ref().map_or(0, |m| {
-            m.counter("cimage_history_pruned_total", &[("kind", "task")])
-        });
+        let (tasks_recorded, tasks_live, tasks_pruned, history) =
+            (h.recorded, h.live, h.pruned_since_start, h.settings);
         Ok(Response::new(pb::StatusResponse {
             tasks_recorded,
             tasks_live,

@@ -30,7 +30,7 @@ pub(super) fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>
     d.deserialize_any(V)
 }
 pub(super) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    de_opt_size(d).map(|s| s.unwrap_or(0))
+    de_opt_size(d).map(Option::unwrap_or_default)
 }
 pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
     d: D,

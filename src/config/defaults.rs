@@ -85,6 +85,16 @@ pub const DEFAULT_FORGET_ABSENT_AFTER: Duration = Duration::from_secs(90 * 86_40
 pub const DEFAULT_PREWARM_CONCURRENCY: usize = 2;
 /// Default for `ImageCache.Launcher.MaxLaunchesPerUser`.
 pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
+/// Default for `ImageCache.Launcher.PidsLimit`: processes a job's pod may hold.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
+/// Default for `ImageCache.Launcher.MaxLogSize`: a step's log file is rotated past this.
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 100 << 20;
+/// Default for `ImageCache.Launcher.MaxLogFiles`: a step keeps this many log files, the one
+/// being written included (as kubelet's `containerLogMaxFiles`).
+pub const DEFAULT_MAX_LOG_FILES: usize = 2;
+/// Default for `ImageCache.Launcher.MaxLogDirSize`: past this, the logs of the steps that
+/// finished first are removed.
+pub const DEFAULT_MAX_LOG_DIR_SIZE: u64 = 10 << 30;
 
 pub(super) fn default_image_service_socket() -> PathBuf {
     PathBuf::from(DEFAULT_IMAGE_SERVICE_SOCKET)
@@ -115,6 +125,18 @@ pub(super) fn default_forget_absent_after() -> Duration {
 }
 pub(super) fn default_max_launches_per_user() -> usize {
     DEFAULT_MAX_LAUNCHES_PER_USER
+}
+pub(super) fn default_pids_limit() -> u64 {
+    DEFAULT_PIDS_LIMIT
+}
+pub(super) fn default_max_log_size() -> u64 {
+    DEFAULT_MAX_LOG_SIZE
+}
+pub(super) fn default_max_log_files() -> usize {
+    DEFAULT_MAX_LOG_FILES
+}
+pub(super) fn default_max_log_dir_size() -> u64 {
+    DEFAULT_MAX_LOG_DIR_SIZE
 }
 pub(super) fn default_stop_grace_period() -> Duration {
     DEFAULT_STOP_GRACE_PERIOD

@@ -237,6 +237,26 @@ pub const KEYS: &[Key] = &[
         meaning: "where step logs go, relative to `CraneBaseDir`",
     },
     Key {
+        name: "ImageCache.Launcher.MaxLogSize",
+        default: Default::Value("100MiB"),
+        meaning: "a running step's log is measured every 0.2 to 2 s (sooner the faster it grows) and, once larger than this, rotated as kubelet rotates container logs: renamed to `<step>-<task>.log.N`, then the runtime reopens it (CRI `ReopenContainerLog`); a fast writer may pass it by what it writes between two measures (at least 4KiB)",
+    },
+    Key {
+        name: "ImageCache.Launcher.MaxLogFiles",
+        default: Default::Value("2"),
+        meaning: "log files a step keeps, the one being written included (at least 2); the oldest rotated ones go. `cimage logs` (and `-f`, `--tail`) read across them",
+    },
+    Key {
+        name: "ImageCache.Launcher.PidsLimit",
+        default: Default::Value("4096"),
+        meaning: "processes a job's pod may hold, all its steps together (as kubelet's pod limit): CRI has no process limit, so cimaged makes the pod's cgroup itself, `cimage-<pod uid>` under the job's cgroup parent (or the root), writes `pids.max` there (cgroup v1 `pids` hierarchy, or v2 with the controller enabled on the way down) and gives it to the runtime as the pod's parent; removed with the pod. A systemd slice parent is left to its own `TasksMax`. `0`: no limit of cimaged's",
+    },
+    Key {
+        name: "ImageCache.Launcher.MaxLogDirSize",
+        default: Default::Value("10GiB"),
+        meaning: "bound on all step logs under `LogDir`: a few seconds after steps end (and every 5 minutes), the logs of finished steps are removed, those written last the longest ago first, until the rest fits; a running step's log is never removed (its own share bounds it)",
+    },
+    Key {
         name: "ImageCache.Eviction.Enabled",
         default: Default::Value("true"),
         meaning: "eviction on or off",

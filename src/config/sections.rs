@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::de::{de_duration, de_opt_duration, de_opt_size};
+use super::de::{de_duration, de_opt_duration, de_opt_size, de_size};
 use super::defaults::*;
 
 /// The `ImageCache.ImageService` section: cimaged as the node's CRI image endpoint.
@@ -250,6 +250,22 @@ pub struct LauncherConfig {
     /// after it, `crane.slice` → `crane-job_42.slice`). Root and `AdminGroup` may use any.
     #[serde(default)]
     pub allowed_cgroup_parents: Vec<String>,
+    /// A step's log file is rotated once it is larger than this (checked every few seconds
+    /// while the step runs, so a fast writer may pass it by what it writes meanwhile).
+    #[serde(default = "default_max_log_size", deserialize_with = "de_size")]
+    pub max_log_size: u64,
+    /// Log files a step keeps, the one being written included (at least 2); the oldest
+    /// rotated one goes first.
+    #[serde(default = "default_max_log_files")]
+    pub max_log_files: usize,
+    /// Bound on all step logs under the log directory; past it the logs of the steps that
+    /// finished first are removed (running steps' logs never).
+    #[serde(default = "default_max_log_dir_size", deserialize_with = "de_size")]
+    pub max_log_dir_size: u64,
+    /// Processes a job's pod may hold, all its steps together (`pids.max` of the pod cgroup
+    /// cimage makes under the job's cgroup parent); 0: none of cimage's.
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: u64,
 }
 
 impl Default for LauncherConfig {
@@ -262,6 +278,10 @@ impl Default for LauncherConfig {
             allow_user_launch: false,
             max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
             allowed_cgroup_parents: Vec::new(),
+            max_log_size: DEFAULT_MAX_LOG_SIZE,
+            max_log_files: DEFAULT_MAX_LOG_FILES,
+            max_log_dir_size: DEFAULT_MAX_LOG_DIR_SIZE,
+            pids_limit: DEFAULT_PIDS_LIMIT,
         }
     }
 }

@@ -325,6 +325,18 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    if ic.launcher.max_log_files < 2 {
+        return Err(invalid(
+            "ImageCache.Launcher.MaxLogFiles",
+            "must be at least 2 (the file being written and one rotated)".into(),
+        ));
+    }
+    if ic.launcher.max_log_size < 4096 {
+        return Err(invalid(
+            "ImageCache.Launcher.MaxLogSize",
+            "must be at least 4KiB".into(),
+        ));
+    }
     if ic.launcher.stop_grace_period > Duration::from_secs(3600) {
         return Err(invalid(
             "ImageCache.Launcher.StopGracePeriod",

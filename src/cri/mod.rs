@@ -10,6 +10,8 @@
 mod content;
 mod image;
 mod ingest;
+mod inspect;
+mod layers;
 mod runtime;
 mod snapshot;
 mod spdy;

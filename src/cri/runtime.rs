@@ -11,9 +11,9 @@ use tonic::transport::Channel;
 
 use super::{bounded, gone_is_ok, image_spec, unix_channel};
 use crate::runtime::{
-    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, ExecAttach,
-    ExecOutput, ExecSession, PodInfo, PodSpec, ProcessIdentity, RuntimeError, RuntimeErrorKind,
-    RuntimeVersion, TaskRuntime,
+    ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, ExecAttach, ExecOutput,
+    ExecSession, HostProcess, PodInfo, PodSpec, RuntimeError, RuntimeErrorKind, RuntimeVersion,
+    TaskRuntime,
 };
 
 /// Paths hidden from every step: the default set kubelet sends for a container that is not
@@ -44,11 +44,11 @@ pub const READONLY_PATHS: &[&str] = &[
 /// CRI RuntimeService client: pod sandboxes and containers.
 #[derive(Clone)]
 pub struct CriTaskRuntime {
-    client: RuntimeServiceClient<Channel>,
-    /// The same connection, for containerd's own services (snapshots).
-    channel: Channel,
-    endpoint: PathBuf,
-    timeout: Duration,
+    pub(super) client: RuntimeServiceClient<Channel>,
+    /// The same connection, for containerd's own services (snapshots) and the image service.
+    pub(super) channel: Channel,
+    pub(super) endpoint: PathBuf,
+    pub(super) timeout: Duration,
 }
 
 impl CriTaskRuntime {
@@ -79,7 +79,11 @@ impl CriTaskRuntime {
             log_directory: spec.log_directory.display().to_string(),
             labels: spec.labels.clone().into_iter().collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: spec.cgroup_parent.clone().unwrap_or_default(),
+                cgroup_parent: spec
+                    .pod_cgroup
+                    .clone()
+                    .or_else(|| spec.cgroup_parent.clone())
+                    .unwrap_or_default(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(pod_namespaces()),
                     ..Default::default()
@@ -122,28 +126,6 @@ fn container_resources(r: &crate::runtime::Resources) -> Option<cri::LinuxContai
 }
 
 /// Host network (no CNI needed, as batch jobs expect), PID and IPC shared by the pod's steps.
-/// The process identity in the verbose info's generated OCI spec
-/// (`runtimeSpec.process.user`), as containerd and CRI-O report it.
-fn identity_from_info(json: &str) -> Option<ProcessIdentity> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let user = v.get("runtimeSpec")?.get("process")?.get("user")?;
-    let id = |k: &str| user.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
-    Some(ProcessIdentity {
-        uid: id("uid")?,
-        gid: id("gid")?,
-        additional_gids: user
-            .get("additionalGids")
-            .and_then(|g| g.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect()
-            })
-            .unwrap_or_default(),
-    })
-}
-
 fn pod_namespaces() -> cri::NamespaceOption {
     cri::NamespaceOption {
         network: cri::NamespaceMode::Node as i32,
@@ -384,42 +366,20 @@ impl TaskRuntime for CriTaskRuntime {
         }
     }
 
-    async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError> {
-        let mut c = self.client.clone();
-        let req = cri::ContainerStatusRequest {
-            container_id: id.to_owned(),
-            verbose: true,
-        };
-        let r = bounded(
-            "ContainerStatus",
-            &self.endpoint,
-            self.timeout,
-            c.container_status(req),
-        )
-        .await?;
-        let info = r.info.get("info");
-        let identity = info.and_then(|json| identity_from_info(json));
-        let etc = match (etc, info) {
-            (false, _) => None,
-            (true, None) => Some(EtcCheck::Unknown(
-                "the runtime gives no verbose container status".into(),
-            )),
-            (true, Some(info)) => Some(
-                tokio::time::timeout(
-                    self.timeout,
-                    super::snapshot::check(self.channel.clone(), info),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(RuntimeError {
-                        op: "Snapshots.Mounts",
-                        kind: RuntimeErrorKind::DeadlineExceeded,
-                        message: format!("no answer within {:?}", self.timeout),
-                    })
-                })?,
-            ),
-        };
-        Ok(Created { identity, etc })
+    async fn inspect_created(&self, id: &str, image: bool) -> Result<Created, RuntimeError> {
+        self.created(id, image).await
+    }
+
+    async fn image_volumes(&self, image: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        self.volumes_of(image).await
+    }
+
+    async fn creates_image_volumes(&self) -> Result<Option<bool>, RuntimeError> {
+        self.creates_volumes().await
+    }
+
+    async fn container_process(&self, id: &str) -> Result<Option<HostProcess>, RuntimeError> {
+        self.process_of(id).await
     }
 
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
@@ -437,6 +397,21 @@ impl TaskRuntime for CriTaskRuntime {
             name: r.runtime_name,
             version: r.runtime_version,
         })
+    }
+
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut c = self.client.clone();
+        let req = cri::ReopenContainerLogRequest {
+            container_id: id.to_owned(),
+        };
+        bounded(
+            "ReopenContainerLog",
+            &self.endpoint,
+            self.timeout,
+            c.reopen_container_log(req),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -553,25 +528,5 @@ impl TaskRuntime for CriTaskRuntime {
                 state: container_state(x.state),
             })
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_process_identity_of_a_generated_spec() {
-        let info = r#"{"sandboxID":"x","runtimeSpec":{"process":{"user":{"uid":65534,"gid":65534,"additionalGids":[65534,6]}}}}"#;
-        assert_eq!(
-            identity_from_info(info),
-            Some(ProcessIdentity {
-                uid: 65534,
-                gid: 65534,
-                additional_gids: vec![65534, 6]
-            })
-        );
-        assert_eq!(identity_from_info("{}"), None);
-        assert_eq!(identity_from_info("not json"), None);
     }
 }

@@ -1,4 +1,5 @@
-//! What a created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`, read from
+//! What a created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`, and where
+//! each of its mount destinations lands through the image's symlinks (see `layers`), read from
 //! its containerd snapshot before the container starts.
 //!
 //! runc reads the container's `/etc/group` when it sets a process's supplementary groups, after
@@ -13,12 +14,12 @@
 //! `k8s.io` namespace). For an overlay the layers are read top to bottom with overlayfs' rules
 //! (whiteouts, opaque directories); nothing is mounted.
 
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tonic::transport::Channel;
 
-use crate::runtime::{EtcCheck, RuntimeError, RuntimeErrorKind};
+use super::layers::{entry, resolve, show_target, Entry};
+use crate::runtime::{EtcCheck, Landing, RuntimeError, RuntimeErrorKind};
 
 /// `containerd.services.snapshots.v1.MountsRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -91,76 +92,6 @@ fn layers(mounts: &[Mount]) -> Option<Vec<PathBuf>> {
     }
 }
 
-/// What a path is in one layer.
-enum Entry {
-    /// Not in this layer: look below.
-    Missing,
-    /// A whiteout: deleted here, absent whatever lies below.
-    Whiteout,
-    /// A directory, and whether it is opaque (hides what lies below).
-    Dir { opaque: bool },
-    /// A regular file.
-    File,
-    /// A symlink, to this target.
-    Symlink(String),
-    /// Something else (a device node, a socket).
-    Other,
-}
-
-fn entry(path: &Path) -> Entry {
-    let Ok(md) = std::fs::symlink_metadata(path) else {
-        return Entry::Missing;
-    };
-    let t = md.file_type();
-    if t.is_symlink() {
-        // The target is the image's to choose: cut and escaped before it reaches an error
-        // and the log.
-        let to = std::fs::read_link(path)
-            .map(|p| {
-                crate::units::quote_short(&p.display().to_string())
-                    .escape_debug()
-                    .to_string()
-            })
-            .unwrap_or_default();
-        return Entry::Symlink(to);
-    }
-    if t.is_char_device() {
-        use std::os::unix::fs::MetadataExt;
-        return match md.rdev() {
-            0 => Entry::Whiteout,
-            _ => Entry::Other,
-        };
-    }
-    if t.is_dir() {
-        return Entry::Dir {
-            opaque: is_opaque(path),
-        };
-    }
-    if t.is_file() {
-        return Entry::File;
-    }
-    Entry::Other
-}
-
-/// Whether an overlay directory is opaque (`trusted.overlay.opaque` is `y`).
-fn is_opaque(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut v = [0u8; 4];
-    // SAFETY: NUL-terminated path and name; the buffer's length is passed.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            v.as_mut_ptr().cast(),
-            v.len(),
-        )
-    };
-    n == 1 && v[0] == b'y'
-}
-
 /// Reads `/etc`, `/etc/passwd` and `/etc/group` through the layers (topmost first) with
 /// overlayfs' rules.
 pub fn inspect(layers: &[PathBuf]) -> EtcCheck {
@@ -179,6 +110,7 @@ pub fn inspect(layers: &[PathBuf]) -> EtcCheck {
             }
             Entry::Symlink(to) => {
                 if etc_layers.is_empty() {
+                    let to = show_target(&to);
                     return EtcCheck::Redirected(format!("/etc is a symlink to {to}"));
                 }
                 break;
@@ -197,7 +129,8 @@ pub fn inspect(layers: &[PathBuf]) -> EtcCheck {
                 Entry::Missing => continue,
                 Entry::Whiteout | Entry::File => break,
                 Entry::Symlink(to) => {
-                    return EtcCheck::Redirected(format!("/etc/{name} is a symlink to {to}"))
+                    let to = show_target(&to);
+                    return EtcCheck::Redirected(format!("/etc/{name} is a symlink to {to}"));
                 }
                 Entry::Dir { .. } | Entry::Other => {
                     return EtcCheck::Redirected(format!("/etc/{name} is not a regular file"))
@@ -208,18 +141,45 @@ pub fn inspect(layers: &[PathBuf]) -> EtcCheck {
     EtcCheck::Plain
 }
 
+/// What a created container's image says, read before its start.
+pub struct ImageView {
+    /// What it holds at `/etc`, `/etc/passwd` and `/etc/group`.
+    pub etc: EtcCheck,
+    /// Where each destination asked about lands in it, in order; `None` when the image could
+    /// not be read (then `etc` says why).
+    pub landings: Option<Vec<Result<Landing, String>>>,
+}
+
+impl ImageView {
+    fn unknown(why: String) -> Self {
+        Self {
+            etc: EtcCheck::Unknown(why),
+            landings: None,
+        }
+    }
+}
+
 /// The check for a created container, from its verbose status `info` JSON: its snapshot's
-/// layers are looked up in containerd and inspected (off the async threads).
-pub async fn check(channel: Channel, info: &str) -> Result<EtcCheck, RuntimeError> {
+/// layers are looked up in containerd, and its `/etc` and where each of `destinations` lands
+/// read from them (off the async threads).
+pub async fn check(
+    channel: Channel,
+    info: &str,
+    destinations: Vec<String>,
+) -> Result<ImageView, RuntimeError> {
     let v: serde_json::Value = match serde_json::from_str(info) {
         Ok(v) => v,
-        Err(_) => return Ok(EtcCheck::Unknown("the runtime's status is not JSON".into())),
+        Err(_) => {
+            return Ok(ImageView::unknown(
+                "the runtime's status is not JSON".into(),
+            ))
+        }
     };
     let (Some(snapshotter), Some(key)) = (
         v.get("snapshotter").and_then(|s| s.as_str()),
         v.get("snapshotKey").and_then(|s| s.as_str()),
     ) else {
-        return Ok(EtcCheck::Unknown(
+        return Ok(ImageView::unknown(
             "the runtime does not name the container's snapshot".into(),
         ));
     };
@@ -231,22 +191,26 @@ pub async fn check(channel: Channel, info: &str) -> Result<EtcCheck, RuntimeErro
             message: s.message().to_owned(),
         })?;
     let Some(layers) = layers(&mounts) else {
-        return Ok(EtcCheck::Unknown(format!(
+        return Ok(ImageView::unknown(format!(
             "snapshotter {snapshotter} gives mounts cimage cannot read"
         )));
     };
-    tokio::task::spawn_blocking(move || inspect(&layers))
-        .await
-        .map_err(|e| RuntimeError {
-            op: "inspecting the image",
-            kind: RuntimeErrorKind::Other,
-            message: e.to_string(),
-        })
+    tokio::task::spawn_blocking(move || ImageView {
+        etc: inspect(&layers),
+        landings: Some(destinations.iter().map(|d| resolve(&layers, d)).collect()),
+    })
+    .await
+    .map_err(|e| RuntimeError {
+        op: "inspecting the image",
+        kind: RuntimeErrorKind::Other,
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn layer(root: &Path, name: &str) -> PathBuf {
         let l = root.join(name);

@@ -1,12 +1,15 @@
 //! Ending a step: recording a failure, removing its container, releasing its image and, when
-//! the job ends with it, tearing its pod down. Safe to run again after a crash.
+//! the job ends with it, tearing its pod down (and the pod cgroup cimage made for it, which is
+//! made here too). Safe to run again after a crash.
 
 use std::sync::Arc;
 
 use tracing::warn;
 
+use super::pod_cgroup;
 use super::store::{JobRecord, TaskRecord, TaskState};
-use super::{send, Event, EventSink, Launcher, Stage};
+use super::{send, Event, EventSink, Launcher, SandboxError, Stage};
+use crate::runtime::PodSpec;
 
 impl Launcher {
     pub(super) async fn fail(
@@ -107,7 +110,46 @@ impl Launcher {
                 warn!(job = %job.id, "removing pod {sid} failed: {e}");
                 // Keep the id so the next sweep tries again.
                 job.sandbox_id = Some(sid);
+                return;
             }
+            self.remove_pod_cgroup(&job.pod).await;
+        }
+    }
+
+    /// Makes the pod cgroup of `pod` with the node's process limit, when there is one and the
+    /// pod's parent is not a systemd slice: the cgroup to give the runtime as its parent.
+    pub(super) async fn make_pod_cgroup(
+        &self,
+        pod: &PodSpec,
+    ) -> Result<Option<String>, SandboxError> {
+        let limit = self.settings.pids_limit;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let Some(path) = pod_cgroup::pod_cgroup(pod.cgroup_parent.as_deref(), &pod.uid) else {
+            warn!(
+                pod = %pod.name,
+                "the pod's cgroup parent is a systemd slice: its TasksMax, not \
+                 Launcher.PidsLimit, bounds its processes"
+            );
+            return Ok(None);
+        };
+        let (root, p) = (self.settings.cgroup_root.clone(), path.clone());
+        tokio::task::spawn_blocking(move || root.create(&p, limit))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| SandboxError::PodCgroup {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Some(path))
+    }
+
+    /// Removes the pod cgroup cimage made for `pod`, if any (once the pod is gone).
+    pub(super) async fn remove_pod_cgroup(&self, pod: &PodSpec) {
+        if let Some(path) = pod.pod_cgroup.clone() {
+            let root = self.settings.cgroup_root.clone();
+            let _ = tokio::task::spawn_blocking(move || root.remove(&path)).await;
         }
     }
 

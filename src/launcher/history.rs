@@ -38,6 +38,20 @@ impl Default for HistorySettings {
     }
 }
 
+/// The task history as `status` shows it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HistoryCounts {
+    /// Task records kept.
+    pub recorded: u64,
+    /// Of them, tasks not yet cleaned up.
+    pub live: u64,
+    /// Task records pruned since this daemon started (kept in memory: "since start" is what
+    /// it says; `cimage_history_pruned_total` counts the same for monitoring).
+    pub pruned_since_start: u64,
+    /// The limits history is kept to.
+    pub settings: HistorySettings,
+}
+
 /// What one pruning pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PruneReport {
@@ -115,6 +129,8 @@ impl Launcher {
                 self.remove_logs(&[], batch).await;
             }
         }
+        self.tasks_pruned
+            .fetch_add(report.tasks as u64, std::sync::atomic::Ordering::Relaxed);
         if report.tasks + report.jobs > 0 {
             let m = &self.metrics;
             m.add(

@@ -1,5 +1,6 @@
 //! Driving an accepted step to a running container, stage by stage: pod sandbox → image
-//! (through the puller) → container created and read back → started. Each stage reports its
+//! (through the puller) → container created and read back → started and its process checked
+//! on the host (the checks themselves are in `confine`). Each stage reports its
 //! event and its time when done; the first that cannot complete ends the task, recorded in
 //! that stage. Acceptance is in `accept`; waiting and cleanup are in `wait` and `cleanup`.
 
@@ -9,13 +10,13 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::readback::{self, ReadBackRefusal};
+use super::confine::Confinement;
 use super::request::SpecError;
 use super::spec::{LaunchSpec, Validated};
 use super::store::{JobRecord, TaskRecord, TaskState};
 use super::{send, Event, EventSink, Launcher, SandboxError, Stage, LABEL_TASK};
 use crate::cache::Origin;
-use crate::puller::EnsureRequest;
+use crate::puller::{EnsureRequest, SlotOwner};
 use crate::runtime::{ContainerSpec, MountSpec, PodSpec, RuntimeErrorKind};
 
 /// An accepted step: as validated, as asked (its command, environment, policy, credentials),
@@ -90,11 +91,11 @@ impl Launcher {
         cancel: &CancellationToken,
     ) -> Result<(), Stopped> {
         let (pod, sandbox_id) = self.sandbox_stage(task, &step.v, tx).await?;
-        let image_id = self.image_stage(task, &step.spec, tx, cancel).await?;
+        let image_id = self.image_stage(task, step, tx, cancel).await?;
         let cid = self
             .create_stage(task, step, (&pod, &sandbox_id), image_id, tx)
             .await?;
-        self.start_stage(task, &cid, tx, cancel).await
+        self.start_stage(task, step, &cid, tx, cancel).await
     }
 
     /// The job's pod sandbox, made unless the job has one: its spec and id.
@@ -118,17 +119,23 @@ impl Launcher {
     }
 
     /// The image made ready through the puller (its pull shown as it moves) and marked in use:
-    /// the runtime's image id.
+    /// the runtime's image id. A launch by a caller who is neither root nor an admin pulls
+    /// under that caller's share of the node's pull slots, as its `cimage pull` would.
     async fn image_stage(
         &self,
         task: &mut TaskRecord,
-        spec: &LaunchSpec,
+        step: &Step,
         tx: Option<&EventSink>,
         cancel: &CancellationToken,
     ) -> Result<String, Stopped> {
         let started = Instant::now();
         let (clock, id) = (Arc::clone(&self.clock), task.id.clone());
-        let ensure = self.puller.ensure_watched(ensure_request(task, spec), |p| {
+        let owner = match step.v.creator.admin {
+            true => SlotOwner::Node,
+            false => SlotOwner::User(step.v.creator.uid),
+        };
+        let request = ensure_request(task, &step.spec);
+        let ensure = self.puller.ensure_watched_for(request, owner, |p| {
             send(tx, &id, clock.now_ms(), Event::ImagePulling(p))
         });
         let ensured = tokio::select! {
@@ -158,6 +165,13 @@ impl Launcher {
         tx: Option<&EventSink>,
     ) -> Result<String, Stopped> {
         let started = Instant::now();
+        let image = task.image.clone();
+        let c = confinement(step, &image);
+        let refused = |r| Stopped::failed(Stage::Create, r);
+        let mut volumes = self
+            .check_image_volumes(&c, &image_id)
+            .await
+            .map_err(refused)?;
         let mut container = self.container_spec(task, step, image_id);
         let mut created = self.rt.create_container(sandbox_id, pod, &container).await;
         if matches!(&created, Err(e) if e.kind == RuntimeErrorKind::NotFound) {
@@ -165,6 +179,10 @@ impl Launcher {
             // behind cimage's back): ask the runtime again, pull if needed, and retry once.
             warn!(task = %task.id, image = %task.image, "image missing at container creation; re-checking");
             container.image = self.image_again(task, &step.spec).await?;
+            volumes = self
+                .check_image_volumes(&c, &container.image)
+                .await
+                .map_err(refused)?;
             created = self.rt.create_container(sandbox_id, pod, &container).await;
         }
         let cid = created.map_err(|e| Stopped::failed(Stage::Create, e))?;
@@ -172,18 +190,9 @@ impl Launcher {
         // claim and the orphan sweep removes it, and the task is finished off as interrupted.
         task.container_id = Some(cid.clone());
         task.state = TaskState::Created;
-        // Read back before the start; a step as a user also needs a plain /etc in its image.
-        // A failure removes the container in the cleanup that follows.
-        let as_user = step.v.identity.uid != 0;
-        let checked = match self.rt.inspect_created(&cid, as_user).await {
-            Ok(created) => readback::check_identity(&cid, created.identity, &step.v.identity)
-                .and_then(|()| readback::check_etc(created.etc, &task.image)),
-            Err(source) => Err(ReadBackRefusal::Unreadable {
-                cid: cid.clone(),
-                source,
-            }),
-        };
-        checked.map_err(|refusal| Stopped::failed(Stage::Create, refusal))?;
+        // Read back before the start; a failure removes the container in the cleanup that
+        // follows.
+        self.read_back(&c, &cid, &volumes).await.map_err(refused)?;
         self.stage_time(Stage::Create, started);
         let event = Event::ContainerCreated {
             container_id: cid.clone(),
@@ -222,10 +231,12 @@ impl Launcher {
             .insert(task.id.clone(), in_use);
     }
 
-    /// The container started (unless cancelled meanwhile), and the task saved as running.
+    /// The container started (unless cancelled meanwhile) and its process checked on the host,
+    /// and the task saved as running.
     async fn start_stage(
         &self,
         task: &mut TaskRecord,
+        step: &Step,
         cid: &str,
         tx: Option<&EventSink>,
         cancel: &CancellationToken,
@@ -238,6 +249,9 @@ impl Launcher {
             .start_container(cid)
             .await
             .map_err(|e| Stopped::failed(Stage::Start, e))?;
+        self.check_started(&confinement(step, &task.image), cid)
+            .await
+            .map_err(|r| Stopped::failed(Stage::Start, r))?;
         self.stage_time(Stage::Start, started);
         task.state = TaskState::Running;
         task.started = Some(self.clock.now_ms());
@@ -320,6 +334,7 @@ impl Launcher {
                     log_directory: self.settings.log_dir.join(&v.job),
                     labels: self.base_labels(&v.job, v.identity.uid),
                     cgroup_parent: v.cgroup_parent.clone(),
+                    pod_cgroup: None,
                 },
                 sandbox_id: None,
                 created: self.clock.now_ms(),
@@ -330,20 +345,36 @@ impl Launcher {
             return Ok((job.clone(), sid.clone()));
         }
         // Off the async workers: the log directory is often on a shared file system.
-        let dir = job.pod.log_directory.clone();
-        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
+        let (root, dir) = (self.settings.log_dir.clone(), job.pod.log_directory.clone());
+        tokio::task::spawn_blocking(move || super::log_files::make_job_dir(&root, &dir))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|source| SandboxError::LogDir {
                 path: job.pod.log_directory.clone(),
                 source,
             })?;
+        job.pod.pod_cgroup = self.make_pod_cgroup(&job.pod).await?;
         // The job is saved once the pod exists: a pod created just before a crash carries no
         // claim, and the orphan sweep removes it.
-        let sid = self.rt.run_pod(&job.pod).await?;
+        let sid = match self.rt.run_pod(&job.pod).await {
+            Ok(sid) => sid,
+            Err(e) => {
+                self.remove_pod_cgroup(&job.pod).await;
+                return Err(e.into());
+            }
+        };
         job.sandbox_id = Some(sid.clone());
         self.save_job(&job).await?;
         Ok((job, sid))
+    }
+}
+
+/// What the step's container is checked against.
+fn confinement<'a>(step: &'a Step, image: &'a str) -> Confinement<'a> {
+    Confinement {
+        identity: &step.v.identity,
+        ours: &step.mounts,
+        image,
     }
 }
 
@@ -364,11 +395,9 @@ fn ensure_request(task: &TaskRecord, spec: &LaunchSpec) -> EnsureRequest {
 pub(super) fn may_join(j: &JobRecord, v: &Validated) -> Result<(), SpecError> {
     let who = v.creator;
     if !(who.admin || j.creator == who.uid || j.uid == who.uid) {
-        // Not a word about whose it is.
-        return Err(SpecError::Denied(format!(
-            "job {} exists and is not open to uid {}; choose another job id",
-            j.id, who.uid
-        )));
+        // The answer a job that does not exist gets (`end-job`, `ps`): not a word about
+        // whether it exists or whose it is.
+        return Err(SpecError::NoJob(j.id.clone()));
     }
     if j.uid != v.identity.uid {
         return Err(SpecError::Denied(format!(

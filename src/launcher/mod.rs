@@ -20,15 +20,20 @@
 mod accept;
 mod access;
 mod cleanup;
+mod confine;
 pub mod devices;
 mod etc_files;
 mod events;
 pub mod history;
+mod landing;
 mod lifecycle;
 pub mod limits;
 mod locks;
+mod log_budget;
+pub mod log_files;
 pub mod logs;
 pub mod mounts;
+pub mod pod_cgroup;
 mod queries;
 mod readback;
 mod recovery;
@@ -96,10 +101,14 @@ pub struct LauncherSettings {
     pub allowed_cgroup_parents: Vec<String>,
     /// How much task and job history is kept (`ImageCache.History`).
     pub history: history::HistorySettings,
+    /// How much log a step and the node keep (`ImageCache.Launcher.MaxLog*`).
+    pub logs: log_files::LogLimits,
+    /// Processes a job's pod may hold, all its steps together (`ImageCache.Launcher.PidsLimit`;
+    /// 0: no limit of cimage's).
+    pub pids_limit: u64,
+    /// Where the cgroup file systems are (`/sys/fs/cgroup`), for the pods' cgroups.
+    pub cgroup_root: pod_cgroup::CgroupRoot,
 }
-
-/// Default of [`LauncherSettings::max_launches_per_user`].
-pub const DEFAULT_MAX_LAUNCHES_PER_USER: usize = 32;
 
 /// A caller's place among its launches in flight, taken before a launch is checked and given
 /// back unless the launch is accepted (then the task holds it until it leaves the live set).
@@ -130,8 +139,8 @@ impl Drop for Reservation {
 
 impl LauncherSettings {
     /// Settings with these log directory and defaults otherwise: no mounts, no devices, the
-    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launches by root
-    /// and the admin group only.
+    /// config's default grace ([`crate::config::DEFAULT_STOP_GRACE_PERIOD`]), launch share
+    /// and log limits, launches by root and the admin group only.
     pub fn with_log_dir(log_dir: PathBuf) -> Self {
         Self {
             allowed_mount_prefixes: Vec::new(),
@@ -139,9 +148,12 @@ impl LauncherSettings {
             log_dir,
             allowed_devices: Vec::new(),
             allow_user_launch: false,
-            max_launches_per_user: DEFAULT_MAX_LAUNCHES_PER_USER,
+            max_launches_per_user: crate::config::DEFAULT_MAX_LAUNCHES_PER_USER,
             allowed_cgroup_parents: Vec::new(),
             history: history::HistorySettings::default(),
+            logs: log_files::LogLimits::default(),
+            pids_limit: crate::config::DEFAULT_PIDS_LIMIT,
+            cgroup_root: pod_cgroup::CgroupRoot::default(),
         }
     }
 }
@@ -242,6 +254,17 @@ pub enum SandboxError {
     /// Another launch took the job id first, for a user this step may not join.
     #[error(transparent)]
     Denied(SpecError),
+    /// The pod's cgroup with its process limit could not be made.
+    #[error(
+        "cannot make the pod's cgroup {path} with its process limit: {source}; the node needs \
+         a writable pids cgroup (or ImageCache.Launcher.PidsLimit: 0 to run without one)"
+    )]
+    PodCgroup {
+        /// The cgroup.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// What [`Launcher::recover`] did.
@@ -282,6 +305,8 @@ pub struct Launcher {
     job_locks: JobLocks,
     /// Attached commands (`exec -i/-t`) by uid.
     exec_sessions: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Task records pruned since this daemon started (for `status`).
+    tasks_pruned: std::sync::atomic::AtomicU64,
     background: Background,
 }
 
@@ -315,6 +340,7 @@ impl Launcher {
             launched_by: Default::default(),
             job_locks: JobLocks::default(),
             exec_sessions: Default::default(),
+            tasks_pruned: Default::default(),
             background: parts.background,
         }))
     }

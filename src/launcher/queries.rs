@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{channel, Receiver};
 use tracing::info;
 
-use super::history::HistorySettings;
+use super::history::HistoryCounts;
 use super::logs::{Chunk, Tail};
 use super::request::{Principal, SpecError};
 use super::store::{cancel_key, end_key, JobRecord, TaskRecord, TaskState};
@@ -131,10 +131,16 @@ impl Launcher {
         Ok(task)
     }
 
-    /// Task records kept and how many of them are live, with the history limits (for status).
-    pub async fn history(&self) -> Result<(u64, u64, HistorySettings), LaunchError> {
-        let (all, live) = self.blocking(|s| s.counts()).await?;
-        Ok((all, live, self.settings.history.clone()))
+    /// Task records kept, how many of them are live and how many went since this daemon
+    /// started, with the history limits (for status).
+    pub async fn history(&self) -> Result<HistoryCounts, LaunchError> {
+        let (recorded, live) = self.blocking(|s| s.counts()).await?;
+        Ok(HistoryCounts {
+            recorded,
+            live,
+            pruned_since_start: self.tasks_pruned.load(std::sync::atomic::Ordering::Relaxed),
+            settings: self.settings.history.clone(),
+        })
     }
 
     /// Runs `cmd` in a running step and waits for it (up to `timeout`, at most
@@ -247,6 +253,7 @@ impl Launcher {
     /// Ends a job: cancels its running steps, waits for them (up to the grace period and a
     /// margin), and removes its pod.
     pub async fn end_job(&self, who: Principal, id: &str) -> Result<JobRecord, LaunchError> {
+        let id = &super::spec::scoped_job_id(who, id);
         let key = id.to_owned();
         let (job, tasks) = self
             .blocking(move |s| Ok((s.job(&key)?, s.job_tasks(&key)?)))

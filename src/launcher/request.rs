@@ -152,6 +152,10 @@ pub enum SpecError {
     /// Not allowed for this caller.
     #[error("{0}")]
     Denied(String),
+    /// No job by this id that the caller may use: the same answer whether it does not exist
+    /// or is another's, so that ids cannot be probed.
+    #[error("no job {0}")]
+    NoJob(String),
 }
 
 #[cfg(test)]

@@ -98,14 +98,14 @@ pub struct Validated {
 }
 
 /// Container paths a step's mounts may not cover: the file systems the runtime sets up.
-const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
+pub(super) const RUNTIME_FILESYSTEMS: &[&str] = &["/proc", "/sys", "/dev"];
 
 /// Files cimage writes into every step that runs as a user (see `etc_files`):
 /// the host's account of the user, which the runtime reads to set the groups.
 pub const IDENTITY_FILES: &[&str] = &["/etc/passwd", "/etc/group"];
 
 /// Whether `path` lies strictly below `dir` (both normal and absolute).
-fn under(path: &str, dir: &str) -> bool {
+pub(super) fn under(path: &str, dir: &str) -> bool {
     (dir == "/" && path != "/")
         || path
             .strip_prefix(dir)
@@ -113,7 +113,7 @@ fn under(path: &str, dir: &str) -> bool {
 }
 
 /// The first of `dirs` that `path` is or lies below.
-fn under_any<'a>(path: &str, dirs: &[&'a str]) -> Option<&'a str> {
+pub(super) fn under_any<'a>(path: &str, dirs: &[&'a str]) -> Option<&'a str> {
     dirs.iter().copied().find(|d| path == *d || under(path, d))
 }
 
@@ -166,6 +166,18 @@ pub fn check_job_id(id: &str) -> Result<(), SpecError> {
     crate::names::check("job id", id).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
+/// The job a caller's job id names. Root and the admin group (the scheduler) name jobs as they
+/// are; anyone else names jobs in a space of their own, `u<uid>.<id>` (an id already written
+/// so is taken as it is), so that no user can take an id the scheduler may use, nor name, join
+/// or probe another user's job.
+pub fn scoped_job_id(who: Principal, id: &str) -> String {
+    let own = format!("u{}.", who.uid);
+    match who.admin || id.starts_with(&own) {
+        true => id.to_owned(),
+        false => format!("{own}{id}"),
+    }
+}
+
 /// Checks a launch that `who` asked for, to run as `identity` (see
 /// [`super::run_as::resolve_identity`]), against the node's `rules`. Mount sources must be
 /// absolute, without `.` or `..`, and under an allowed prefix (as written or resolved); they
@@ -181,7 +193,9 @@ pub fn validate(
     let (job, one_off) = match &spec.job {
         Some(j) => {
             check_job_id(j)?;
-            (j.clone(), false)
+            let scoped = scoped_job_id(who, j);
+            check_job_id(&scoped)?;
+            (scoped, false)
         }
         None => (format!("run-{:012x}", rand::random::<u64>() >> 16), true),
     };
@@ -403,7 +417,20 @@ mod tests {
         assert!(validate_as(&s, &[]).is_err());
         s.job = Some("job-42.a_b".into());
         let v = validate_as(&s, &[]).unwrap();
-        assert!(!v.one_off && v.job == "job-42.a_b");
+        // A user's job ids are in a space of their own; root's (the scheduler's) are as given.
+        assert!(!v.one_off && v.job == "u1000.job-42.a_b");
+        let root = Principal {
+            uid: 0,
+            gid: 0,
+            admin: true,
+        };
+        let v = validate(&s, root, alice(), &Rules::default()).unwrap();
+        assert_eq!(v.job, "job-42.a_b");
+        s.job = Some("u1000.mine".into());
+        assert_eq!(validate_as(&s, &[]).unwrap().job, "u1000.mine");
+        s.job = Some("x".repeat(60));
+        let e = validate_as(&s, &[]).unwrap_err().to_string();
+        assert!(e.contains("1-64 characters"), "{e}");
         assert!(validate_as(&spec(), &[]).unwrap().one_off);
         let mut s = spec();
         s.workdir = "relative".into();

@@ -496,6 +496,7 @@ mod tests {
                 log_directory: "/logs".into(),
                 labels: Default::default(),
                 cgroup_parent: None,
+                pod_cgroup: None,
             },
             sandbox_id: None,
             created: 1,

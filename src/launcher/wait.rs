@@ -1,5 +1,6 @@
 //! Waiting for a running step to exit: status polling (containerd 1.6 has no container events),
-//! output forwarding, cancel and time limit (SIGTERM, then SIGKILL after the grace period).
+//! output forwarding, its log kept within bounds (see `log_budget`), cancel and time limit
+//! (SIGTERM, then SIGKILL after the grace period).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::log_budget::LogWatch;
 use super::logs::{Chunk, Tail};
 use super::store::{TaskRecord, TaskState};
 use super::{send, Event, EventSink, ExitReason, Launcher, Stage};
@@ -87,6 +89,7 @@ impl Launcher {
             Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
         });
         let mut tail = Tail::default();
+        let mut log_watch = LogWatch::new();
         let mut stopped_as: Option<TaskState> = None;
         let mut errors = 0;
         let mut outage: Option<Instant> = None;
@@ -105,6 +108,7 @@ impl Launcher {
                     if outage.take().is_some() {
                         info!(task = %task.id, "the runtime answers again; still following the step");
                     }
+                    self.keep_log_in_bounds(&task, &cid, &mut log_watch).await;
                 }
                 Ok(None) => break Err(LostTrack::Disappeared { cid: cid.clone() }),
                 // The runtime restarting: the step runs on in its shim; wait for the runtime.

@@ -81,9 +81,12 @@ impl Puller {
             let mut inflight = self.inflight.lock().unwrap();
             if let Some(e) = inflight.get(&key) {
                 e.claim.join(who.owner);
+                e.urgency
+                    .fetch_min(who.urgency, std::sync::atomic::Ordering::SeqCst);
                 e.clone()
             } else {
                 let claim = Arc::new(Claim::new(who.owner));
+                let urgency = Arc::new(std::sync::atomic::AtomicU8::new(who.urgency));
                 let progress = Arc::new(watch::Sender::new(PullProgress::new(
                     &image.to_string(),
                     image.registry(),
@@ -95,6 +98,7 @@ impl Puller {
                     per_registry: self.registry_limit(image.registry()),
                     progress: Arc::clone(&progress),
                     claim: Arc::clone(&claim),
+                    urgency: Arc::clone(&urgency),
                 };
                 let stop = self.background.shutdown_token().clone();
                 let task =
@@ -122,6 +126,7 @@ impl Puller {
                     credentialed: credentials.is_some(),
                     uids: Arc::default(),
                     claim,
+                    urgency,
                 };
                 inflight.insert(key, e.clone());
                 e

@@ -24,9 +24,9 @@ use tracing::{info, warn};
 
 use super::progress::{Phase, PullProgress, Tracker};
 use super::retry::{retry, Transient};
-use super::room::Room;
 use super::share::Claim;
 use super::{Core, FlightKey, Flights, PullError, Pulled};
+use crate::cache::Reservation;
 use crate::credentials::Credentials;
 use crate::reference::ImageRef;
 use crate::registry::ImageManifest;
@@ -90,6 +90,16 @@ impl AttemptError {
     }
 }
 
+/// The room a pull holds until it ends (made and grown by `room.rs`).
+pub(super) enum Room {
+    /// None: eviction is off, or the pull's manifest is unknown (the periodic pass catches up).
+    Unchecked,
+    /// Made before the pull, for its checked size (held until the pull ends).
+    Made { _held: Reservation },
+    /// Made as the pull's bytes arrive.
+    AsArrived(Reservation),
+}
+
 /// One pull, shared by every request that joined it: waits for a slot, makes room, pulls
 /// through the runtime with retries while following its bytes, and reads back what landed.
 pub(super) struct PullJob {
@@ -105,6 +115,8 @@ pub(super) struct PullJob {
     pub(super) progress: Arc<watch::Sender<PullProgress>>,
     /// Whose share of the slots it counts against.
     pub(super) claim: Arc<Claim>,
+    /// How urgent it is, for the node's slots.
+    pub(super) urgency: super::slots::Urgency,
 }
 
 /// What an attempt follows: the layers' bytes (when the runtime reports them), whether the
@@ -198,7 +210,7 @@ impl PullJob {
     /// Takes a user's share when the pull counts against one (waiting outside the node's line
     /// while its users' shares are taken), then the registry's and the node's pull slots,
     /// queueing visibly when they are taken.
-    async fn take_slots(&self) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    async fn take_slots(&self) -> (OwnedSemaphorePermit, super::slots::Slot) {
         self.claim
             .take(&self.core.shares, |users| {
                 self.progress.send_modify(|p| {
@@ -212,7 +224,7 @@ impl PullJob {
             tracing::debug!(image = %self.image, uid, "pull counts against the user's share");
         }
         if let Ok(r) = Arc::clone(&self.per_registry).try_acquire_owned() {
-            if let Ok(g) = Arc::clone(&self.core.global).try_acquire_owned() {
+            if let Some(g) = self.core.global.try_take() {
                 return (r, g);
             }
         }
@@ -222,10 +234,7 @@ impl PullJob {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let g = Arc::clone(&self.core.global)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let g = self.core.global.take(&self.urgency).await;
         (r, g)
     }
 

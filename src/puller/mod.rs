@@ -19,6 +19,7 @@ mod queue;
 mod retry;
 mod room;
 mod share;
+mod slots;
 #[cfg(test)]
 mod tests;
 
@@ -204,6 +205,8 @@ struct FlightEntry {
     uids: Arc<Mutex<BTreeSet<u32>>>,
     /// Whose share of the slots it counts against.
     claim: Arc<Claim>,
+    /// How urgent it is (raised by a more urgent request that joins it).
+    urgency: slots::Urgency,
 }
 
 /// The pulls in flight, by key.
@@ -217,6 +220,8 @@ struct Requester {
     pub uid: Option<u32>,
     /// Whose share of the slots a pull for it counts against.
     pub owner: SlotOwner,
+    /// How urgent a pull for it is ([`slots::urgency_of`] its origin).
+    pub urgency: u8,
     /// Where the pull's progress goes.
     pub progress: Option<ProgressSink>,
 }
@@ -228,8 +233,8 @@ struct Core {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     settings: PullerSettings,
-    /// The node's pull slots (`MaxConcurrentPulls`).
-    global: Arc<Semaphore>,
+    /// The node's pull slots (`MaxConcurrentPulls`), by urgency.
+    global: Arc<slots::Slots>,
     /// The pulls waiting for a slot.
     queue: Arc<Queue>,
     /// Each user's share of the slots.
@@ -307,7 +312,7 @@ impl Puller {
         background: Background,
     ) -> Self {
         let core = Core {
-            global: Arc::new(Semaphore::new(settings.max_concurrent_pulls)),
+            global: slots::Slots::new(settings.max_concurrent_pulls),
             queue: Arc::new(Queue::new(Arc::clone(&metrics))),
             shares: Shares::new(settings.max_pulls_per_user),
             runtime,
@@ -388,6 +393,7 @@ impl Puller {
         let who = Requester {
             uid: req.requester,
             owner,
+            urgency: slots::urgency_of(req.origin),
             progress: req.progress.clone(),
         };
         let ask = PullContext {

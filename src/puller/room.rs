@@ -18,23 +18,13 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
-use super::job::PullJob;
+use super::job::{PullJob, Room};
 use super::PullError;
-use crate::cache::{Incoming, Reservation};
+use crate::cache::Incoming;
 use crate::registry::{Blob, ImageManifest};
 
 /// Blob checks (HEADs, content-store lookups) in flight at once for one pull.
 const BLOB_CHECKS_AT_ONCE: usize = 8;
-
-/// The room a pull holds until it ends.
-pub(super) enum Room {
-    /// None: eviction is off, or the pull's manifest is unknown (the periodic pass catches up).
-    Unchecked,
-    /// Made before the pull, for its checked size (held until the pull ends).
-    Made { _held: Reservation },
-    /// Made as the pull's bytes arrive.
-    AsArrived(Reservation),
-}
 
 impl PullJob {
     /// Each blob of `manifest` once, with the size the runtime holds it at, if it does.

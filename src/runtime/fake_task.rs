@@ -13,8 +13,8 @@ use async_trait::async_trait;
 
 use super::task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, EtcCheck, ExecAttach,
-    ExecEvent, ExecInput, ExecOutput, ExecSession, PodInfo, PodSpec, ProcessIdentity,
-    RuntimeVersion, TaskRuntime,
+    ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, MountSpec, PodInfo,
+    PodSpec, ProcessIdentity, RuntimeVersion, SpecMount, TaskRuntime,
 };
 use super::{RuntimeError, RuntimeErrorKind};
 
@@ -30,6 +30,7 @@ pub struct Script {
 #[derive(Debug)]
 struct FakeContainer {
     identity: ProcessIdentity,
+    mounts: Vec<MountSpec>,
     pod: String,
     labels: BTreeMap<String, String>,
     started: Option<Instant>,
@@ -65,6 +66,15 @@ pub struct FakeTaskRuntime {
     /// While set, every call fails as a restarting runtime's would (unavailable);
     /// containers go on running meanwhile.
     pub down: std::sync::atomic::AtomicBool,
+    /// The volumes every image declares (`None`: the runtime does not say).
+    pub image_volumes: Mutex<Option<Vec<String>>>,
+    /// What [`TaskRuntime::creates_image_volumes`] answers; the fake mounts an image's volumes
+    /// unless it is `Some(false)`.
+    pub creates_volumes: Mutex<Option<bool>>,
+    /// Where a destination lands in "the image" (by symlinks), when not where it is named.
+    pub landings: Mutex<HashMap<String, String>>,
+    /// The groups a started process has on "the host", when not those it was created with.
+    pub host_groups: Mutex<Option<Vec<u32>>>,
 }
 
 impl FakeTaskRuntime {
@@ -195,6 +205,7 @@ impl TaskRuntime for FakeTaskRuntime {
         self.containers.lock().unwrap().insert(
             id.clone(),
             FakeContainer {
+                mounts: spec.mounts.clone(),
                 identity: ProcessIdentity {
                     uid: spec.run_as_user.unwrap_or(0),
                     gid: spec.run_as_group.unwrap_or(0),
@@ -209,16 +220,71 @@ impl TaskRuntime for FakeTaskRuntime {
         );
         Ok(id)
     }
-    async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError> {
+    async fn inspect_created(&self, id: &str, image: bool) -> Result<Created, RuntimeError> {
         self.call("ContainerStatus")?;
-        let identity = self
+        let (identity, asked) = self
             .containers
             .lock()
             .unwrap()
             .get(id)
-            .map(|c| c.identity.clone());
-        let etc = etc.then(|| self.etc.lock().unwrap().clone().unwrap_or(EtcCheck::Plain));
-        Ok(Created { identity, etc })
+            .map(|c| (Some(c.identity.clone()), c.mounts.clone()))
+            .unwrap_or_default();
+        let etc = image.then(|| self.etc.lock().unwrap().clone().unwrap_or(EtcCheck::Plain));
+        // The runtime's /dev, the request's mounts, then the image's volumes unless ignored.
+        let mut destinations = vec![("/dev".to_owned(), false)];
+        destinations.extend(asked.iter().map(|m| (m.container_path.clone(), true)));
+        if *self.creates_volumes.lock().unwrap() != Some(false) {
+            let volumes = self
+                .image_volumes
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default();
+            destinations.extend(volumes.into_iter().map(|v| (v, true)));
+        }
+        let landings = self.landings.lock().unwrap().clone();
+        let mounts = destinations
+            .into_iter()
+            .map(|(destination, bind)| {
+                let path = landings.get(&destination).unwrap_or(&destination).clone();
+                let landing = image.then(|| {
+                    Ok(Landing {
+                        looked_at: vec![path.clone()],
+                        path,
+                    })
+                });
+                SpecMount {
+                    destination,
+                    bind,
+                    landing,
+                }
+            })
+            .collect();
+        Ok(Created {
+            identity,
+            etc,
+            mounts,
+        })
+    }
+    async fn image_volumes(&self, _image: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        self.call("ImageStatus")?;
+        Ok(self.image_volumes.lock().unwrap().clone())
+    }
+    async fn creates_image_volumes(&self) -> Result<Option<bool>, RuntimeError> {
+        self.call("Status")?;
+        Ok(*self.creates_volumes.lock().unwrap())
+    }
+    async fn container_process(&self, id: &str) -> Result<Option<HostProcess>, RuntimeError> {
+        self.call("ContainerStatus")?;
+        let host_groups = self.host_groups.lock().unwrap().clone();
+        Ok(self.containers.lock().unwrap().get(id).and_then(|c| {
+            (Self::state(c).0 == ContainerState::Running).then(|| HostProcess {
+                pid: 4242,
+                uids: [c.identity.uid; 4],
+                gids: [c.identity.gid; 4],
+                groups: host_groups.unwrap_or_else(|| c.identity.additional_gids.clone()),
+            })
+        }))
     }
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
         self.call("Version")?;
@@ -231,6 +297,17 @@ impl TaskRuntime for FakeTaskRuntime {
                 name: "containerd".into(),
                 version: "v1.6.20".into(),
             }))
+    }
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
+        self.call("ReopenContainerLog")?;
+        match self.containers.lock().unwrap().get(id).map(Self::state) {
+            Some((ContainerState::Running, _)) => Ok(()),
+            _ => Err(RuntimeError {
+                op: "ReopenContainerLog",
+                kind: RuntimeErrorKind::Other,
+                message: format!("container {id} is not running"),
+            }),
+        }
     }
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
         self.call("StartContainer")?;

@@ -30,6 +30,10 @@ pub struct PodSpec {
     /// cgroup of the job (a `.slice` name with containerd's systemd cgroup driver).
     #[serde(default)]
     pub cgroup_parent: Option<String>,
+    /// The cgroup cimage made for the pod under `cgroup_parent`, with the node's process
+    /// limit: when set, the runtime is given this as the pod's parent.
+    #[serde(default)]
+    pub pod_cgroup: Option<String>,
 }
 
 /// CPU and memory limits of one container (CRI `LinuxContainerResources`).
@@ -130,6 +134,49 @@ pub struct Created {
     pub identity: Option<ProcessIdentity>,
     /// What its image holds at `/etc`, when asked.
     pub etc: Option<EtcCheck>,
+    /// Every mount of the spec the runtime generated, in its order: the request's, the
+    /// runtime's own (`/proc`, `/dev`, the pod's `/dev/shm`, `/etc/hosts`...) and the image's
+    /// volumes; with where each lands in the image, when the image was asked for.
+    pub mounts: Vec<SpecMount>,
+}
+
+/// One mount of a created container's generated spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecMount {
+    /// Its destination, as the spec names it.
+    pub destination: String,
+    /// A bind of something on the host (a request's mount, an image volume, a file or the
+    /// `/dev/shm` of the pod), whose contents are not the image's; `false` for a file system
+    /// the runtime makes new for the container (tmpfs, proc, sysfs, devpts, mqueue, cgroup).
+    pub bind: bool,
+    /// Where the destination resolves through the image's symlinks, as runc resolves it;
+    /// `None` when the image's files were not read, an error when it cannot be resolved.
+    pub landing: Option<Result<Landing, String>>,
+}
+
+/// Where a mount destination resolves in a container's image: symlinks followed inside the
+/// image's root and `..` taken lexically, as runc's `securejoin` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Landing {
+    /// The path it lands on: absolute and normal.
+    pub path: String,
+    /// Every path looked up in the image on the way, in order: what was read from the image
+    /// rather than from another mount must not lie inside another mount.
+    pub looked_at: Vec<String>,
+}
+
+/// A container's first process as the host sees it (`/proc/<pid>/status`), read after its
+/// start to compare its credentials with those asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostProcess {
+    /// Its pid on the host.
+    pub pid: u32,
+    /// Real, effective, saved and file-system uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and file-system gid.
+    pub gids: [u32; 4],
+    /// Its supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// What a created container's image holds at `/etc`, `/etc/passwd` and `/etc/group`.
@@ -237,12 +284,25 @@ pub trait TaskRuntime: Send + Sync {
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError>;
     /// What a created container will be, read back before it starts from one verbose
-    /// `ContainerStatus`: the identity its process will have (from the runtime's generated
-    /// spec; `None` when the runtime does not report it) and, when `etc` is asked, what its
-    /// image holds at `/etc`.
-    async fn inspect_created(&self, id: &str, etc: bool) -> Result<Created, RuntimeError>;
+    /// `ContainerStatus`: the identity its process will have and its mounts (from the
+    /// runtime's generated spec; none when the runtime does not report it) and, when `image`
+    /// is asked, what its image holds at `/etc` and where each mount lands in the image.
+    async fn inspect_created(&self, id: &str, image: bool) -> Result<Created, RuntimeError>;
+    /// The volumes image `image` declares in its config (`VOLUME`), which containerd 1.6
+    /// creates for every container unless its CRI config says `ignore_image_defined_volumes`;
+    /// `None` when the runtime does not say.
+    async fn image_volumes(&self, image: &str) -> Result<Option<Vec<String>>, RuntimeError>;
+    /// Whether the runtime creates the volumes images declare (containerd's CRI config, read
+    /// from its verbose `Status`); `None` when it does not say.
+    async fn creates_image_volumes(&self) -> Result<Option<bool>, RuntimeError>;
+    /// A started container's first process as the host sees it; `None` when it has already
+    /// exited, or the runtime does not say which it is.
+    async fn container_process(&self, id: &str) -> Result<Option<HostProcess>, RuntimeError>;
     /// The runtime's name and version.
     async fn version(&self) -> Result<RuntimeVersion, RuntimeError>;
+    /// Makes the runtime write a running container's log to a new file at its log path (CRI
+    /// `ReopenContainerLog`), after the old one was renamed: how logs are rotated.
+    async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError>;
     /// Starts a created container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// A container's status; `None` if the runtime does not know it.

@@ -1,6 +1,7 @@
 //! Builds small OCI images in memory and pushes them to the testbed registry with oci-client.
 //! Each image can carry a layer of random bytes so that it is cold (no blob shared with any other
-//! image) — what pull-counting tests and the benchmark need.
+//! image) — what pull-counting tests and the benchmark need — and symlinks and `VOLUME`s in its
+//! config, which is what hostile images use to move a mount elsewhere.
 
 use std::io::Write;
 
@@ -40,6 +41,11 @@ impl Layer {
             data,
             0o644,
         )])
+    }
+
+    /// A symlink at `path` (no leading slash) to `target`, as an entry of a [`Layer`].
+    pub fn symlink(path: &str, target: &str) -> (String, Vec<u8>, u32) {
+        (path.to_owned(), target.as_bytes().to_vec(), 0o120777)
     }
 
     /// A layer that is this tar archive as it is (a root filesystem made elsewhere).
@@ -136,6 +142,30 @@ pub async fn push_with(
     cmd: &[&str],
     private: Option<Private<'_>>,
 ) -> Pushed {
+    push_image(registry, repo, tag, layers, cmd, &[], private).await
+}
+
+/// Pushes as [`push`] does, with `volumes` as the config's `Volumes` (what a Dockerfile's
+/// `VOLUME` lines make; containerd's CRI creates them for each container unless told not to).
+pub async fn push_with_volumes(
+    registry: &str,
+    repo: &str,
+    layers: &[Layer],
+    cmd: &[&str],
+    volumes: &[&str],
+) -> Pushed {
+    push_image(registry, repo, "1", layers, cmd, volumes, None).await
+}
+
+async fn push_image(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[Layer],
+    cmd: &[&str],
+    volumes: &[&str],
+    private: Option<Private<'_>>,
+) -> Pushed {
     let mut oci_layers = Vec::new();
     let mut diff_ids = Vec::new();
     let mut blobs = Vec::new();
@@ -161,10 +191,20 @@ pub async fn push_with(
         "aarch64" => "arm64",
         other => other,
     };
+    let mut image_config =
+        serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/" });
+    if !volumes.is_empty() {
+        // The OCI form: a map from each path to an empty object.
+        let v: serde_json::Map<String, serde_json::Value> = volumes
+            .iter()
+            .map(|p| (p.to_string(), serde_json::json!({})))
+            .collect();
+        image_config["Volumes"] = serde_json::Value::Object(v);
+    }
     let config = serde_json::json!({
         "architecture": arch,
         "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/" },
+        "config": image_config,
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let config = serde_json::to_vec(&config).unwrap();

@@ -27,10 +27,24 @@ pub struct NginxMirror {
 impl NginxMirror {
     /// Fills the template for `upstream` (`http://HOST:PORT`) with a cache under `dir` and starts
     /// nginx on a free loopback port; waits until it answers.
+    /// nginx's workers run as an unprivileged user (`nobody` when the master is root and the
+    /// config names none), so `dir` and every directory above it must be searchable by others:
+    /// [`mirror_dir`] makes one that is.
     pub fn start(dir: &Path, upstream: &str) -> Self {
         let template =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mirror/nginx.conf.template");
         std::fs::create_dir_all(dir).unwrap();
+        for d in dir.ancestors() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d).unwrap().permissions().mode();
+            assert!(
+                mode & 0o001 != 0,
+                "{}: mode {:o} keeps nginx's workers out of the mirror's cache {}",
+                d.display(),
+                mode & 0o7777,
+                dir.display()
+            );
+        }
         let port = super::free_port();
         let addr = format!("127.0.0.1:{port}");
         // No name is resolved in the tests: redirects name 127.0.0.1.
@@ -107,6 +121,18 @@ impl Drop for NginxMirror {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A fresh directory under the system's temporary directory that nginx's unprivileged workers
+/// can reach (a test's own temporary directories are private to root).
+pub fn mirror_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("cimage-mirror.")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
 
 /// A front that answers every request with `307` to the same path at the real registry.

@@ -33,7 +33,8 @@ pub struct Args {
     #[arg(long)]
     image: Option<String>,
     /// Job id; steps of one job share a pod (PID and IPC namespaces) until `cimage end-job`.
-    /// Without it, the step is a one-off job whose pod goes with it.
+    /// Without it, the step is a one-off job whose pod goes with it. A user's job ids (not
+    /// root's or the admin group's) are kept apart as `u<uid>.<id>`.
     #[arg(long)]
     job: Option<String>,
     /// Step number within the job (default: the job's next).

@@ -76,7 +76,16 @@ pub async fn ps(socket: &Path, args: PsArgs) -> Result<(), Failure> {
         .into_inner()
         .tasks;
     let tasks: Vec<pb::Task> = match &args.job {
-        Some(j) => tasks.into_iter().filter(|t| &t.job == j).collect(),
+        Some(j) => {
+            // A user's job ids are kept in a space of their own (`u<uid>.<id>`): the id as
+            // the user wrote it names that one too.
+            // SAFETY: getuid cannot fail.
+            let own = format!("u{}.{j}", unsafe { libc::getuid() });
+            tasks
+                .into_iter()
+                .filter(|t| &t.job == j || t.job == own)
+                .collect()
+        }
         None => tasks,
     };
     if args.output == Output::Json {

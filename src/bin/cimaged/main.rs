@@ -3,6 +3,7 @@
 //! `wiring` maps the configuration onto each module's settings.
 
 mod man;
+mod settings;
 mod systemd;
 mod wiring;
 
@@ -37,7 +38,6 @@ use cimage::puller::{Puller, PullerSettings};
 use cimage::registry::OciRegistry;
 use cimage::runtime::ImageRuntime;
 use cimage::store::Store;
-use cimage::units::format_duration;
 use wiring::Wiring;
 
 /// How long shutdown waits for tracked work (cleanups being written, uses being committed).
@@ -117,7 +117,7 @@ fn main() {
         }
     };
     if args.check_config {
-        print_settings(&settings, &wiring);
+        settings::print_settings(&settings, &wiring);
         return;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -155,109 +155,6 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-}
-
-fn print_settings(s: &Settings, w: &Wiring) {
-    let ic = &s.image_cache;
-    println!("config: {} is valid", s.source.display());
-    println!("runtime endpoint: {}", s.runtime_endpoint.display());
-    println!("image endpoint:   {}", s.image_endpoint.display());
-    println!("temp dir:         {}", s.temp_dir.display());
-    println!("index:            {}", s.index_path().display());
-    println!("socket:           {}", ic.socket.display());
-    match ic.image_service.enabled {
-        true => println!("CRI image socket: {}", ic.image_service.socket.display()),
-        false => println!("CRI image socket: off"),
-    }
-    println!(
-        "max concurrent pulls: {} (at most {} for a user who is not an admin)",
-        ic.max_concurrent_pulls, ic.max_pulls_per_user
-    );
-    println!("pull timeout:     {}", format_duration(ic.pull_timeout));
-    println!(
-        "pull resolve:     a pull with neither its manifest nor any bytes after {} fails",
-        format_duration(ic.pull_resolve_timeout)
-    );
-    match ic.pull_byte_progress {
-        true => println!(
-            "pull progress:    bytes; a pull stalls after {} without",
-            format_duration(ic.pull_stall_timeout)
-        ),
-        false => println!("pull progress:    phases only (PullByteProgress: false)"),
-    }
-    println!("pull retries:     {}", ic.pull_retries);
-    println!(
-        "reconcile every:  {}",
-        format_duration(ic.reconcile_interval)
-    );
-    println!("presence ttl:     {}", format_duration(ic.presence_ttl));
-    for (host, r) in &ic.registries {
-        println!(
-            "registry {host}: {}{}{}{}",
-            if r.insecure { "plain HTTP" } else { "HTTPS" },
-            r.ca_file
-                .as_ref()
-                .map(|c| format!(", CA {}", c.display()))
-                .unwrap_or_default(),
-            if r.mirrors.is_empty() {
-                String::new()
-            } else {
-                format!(", mirrors {}", r.mirrors.join(" "))
-            },
-            r.max_concurrent_pulls
-                .map(|n| format!(", at most {n} pulls at once"))
-                .unwrap_or_default()
-        );
-    }
-    println!("verify access:    {:?}", ic.auth.verify);
-    for f in &ic.auth.config_files {
-        println!("node auth file:   {}", f.display());
-    }
-    for (host, helper) in &ic.auth.credential_helpers {
-        println!("credential helper for {host}: docker-credential-{helper}");
-    }
-    match &w.eviction {
-        None => println!("eviction:         off"),
-        Some(e) => println!(
-            "eviction:         above {}% down to {}%, max {}, min age {}, max unused {}",
-            e.high_percent,
-            e.low_percent,
-            e.max_bytes
-                .map(|b| format!("{b} bytes"))
-                .unwrap_or_else(|| "unbounded".into()),
-            format_duration(e.min_age),
-            e.max_unused_age
-                .map(format_duration)
-                .unwrap_or_else(|| "off".into())
-        ),
-    }
-    println!(
-        "launcher:         logs in {}, grace {}, mounts under {}",
-        s.log_dir.display(),
-        format_duration(ic.launcher.stop_grace_period),
-        if ic.launcher.allowed_mount_prefixes.is_empty() {
-            "(none allowed)".to_string()
-        } else {
-            ic.launcher
-                .allowed_mount_prefixes
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
-    for sc in &ic.prewarm.schedules {
-        println!(
-            "pre-warm {}: \"{}\" {}",
-            sc.name,
-            sc.cron,
-            sc.time_zone.as_deref().unwrap_or("UTC")
-        );
-    }
-    println!(
-        "metrics:          {}",
-        ic.metrics_addr.as_deref().unwrap_or("off")
-    );
 }
 
 async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
@@ -379,6 +276,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
 
     background.spawn(recover_loop(launcher.clone(), background.clone()));
+    background.spawn(launcher.clone().log_dir_loop());
     background.spawn(trim_loop(background.clone()));
     background.spawn(history_loop(
         launcher.clone(),
@@ -464,12 +362,7 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
         store.instance().to_owned(),
         background.clone(),
     )
-    .with_status_of(
-        prewarm,
-        launcher.clone(),
-        ic.metrics_addr.clone(),
-        metrics.clone(),
-    );
+    .with_status_of(prewarm, launcher.clone(), ic.metrics_addr.clone());
     let launcher_api = LauncherApi::new(launcher, admin, background.clone());
     let expectations = ExpectationsApi::new(expector, admin, Arc::new(SystemClock));
 

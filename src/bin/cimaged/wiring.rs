@@ -215,6 +215,13 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
                 max_tasks: ic.history.max_tasks,
                 keep_logs: ic.history.keep_logs,
             },
+            logs: cimage::launcher::log_files::LogLimits {
+                max_size: ic.launcher.max_log_size,
+                max_files: ic.launcher.max_log_files,
+                max_dir_size: ic.launcher.max_log_dir_size,
+            },
+            pids_limit: ic.launcher.pids_limit,
+            cgroup_root: Default::default(),
         },
         registries: ic
             .registries

@@ -86,6 +86,7 @@ async fn a_caller_that_goes_away_mid_launch_does_not_stop_it_half_way() {
         },
         LauncherSettings {
             allow_user_launch: true,
+            pids_limit: 0,
             ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
         },
     )

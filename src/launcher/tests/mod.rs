@@ -4,6 +4,7 @@
 mod confinement;
 mod durability;
 mod queries;
+mod shares;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,9 +61,13 @@ fn launcher_with(
     tasks: Arc<FakeTaskRuntime>,
     adjust: impl FnOnce(&mut LauncherSettings),
 ) -> Arc<Launcher> {
+    // Pod cgroups go into a directory standing in for a cgroup v1 file system.
+    let cgroups = base.dir.path().join("cgroup");
+    std::fs::create_dir_all(cgroups.join("pids")).unwrap();
     let mut settings = LauncherSettings {
         stop_grace: Duration::from_secs(1),
         allow_user_launch: true,
+        cgroup_root: super::pod_cgroup::CgroupRoot(cgroups),
         ..LauncherSettings::with_log_dir(base.dir.path().join("logs"))
     };
     adjust(&mut settings);
@@ -387,6 +392,7 @@ async fn a_mount_the_node_cannot_stage_is_its_failure_not_a_bad_request() {
         },
         LauncherSettings {
             allowed_mount_prefixes: vec!["/tmp".into()],
+            pids_limit: 0,
             ..LauncherSettings::with_log_dir(r.dir.path().join("logs"))
         },
     )
@@ -462,16 +468,27 @@ async fn steps_of_a_job_share_one_pod_until_the_job_ends() {
     assert_eq!(sandbox(&ea), sandbox(&eb));
     assert_eq!(r.tasks.pod_count(), 1, "the pod outlives the steps");
     assert_eq!(calls(&r, "RunPodSandbox"), 1);
-    // Bob may not add steps to, see, or end Alice's job.
+    // Bob may not add steps to, see, or end Alice's job: whatever he names, his job ids are
+    // his own (`u1001.…`), and Alice's is `u1000.job7`.
+    assert_eq!(a.job, "u1000.job7");
     assert!(matches!(
-        r.launcher.launch(BOB, spec(Some("job7"))).await,
-        Err(LaunchError::Spec(SpecError::Denied(_)))
+        r.launcher.end_job(BOB, "job7").await,
+        Err(LaunchError::NotFound { .. })
     ));
-    assert!(r.launcher.end_job(BOB, "job7").await.is_err());
+    assert!(r.launcher.end_job(BOB, "u1000.job7").await.is_err());
     assert!(r.launcher.task(BOB, &a.id).await.is_err());
     assert!(r.launcher.tasks(BOB, true).await.unwrap().is_empty());
+    let (bobs, rx) = r
+        .launcher
+        .launch(BOB, spec(Some("u1000.job7")))
+        .await
+        .unwrap();
+    assert_eq!(bobs.job, "u1001.u1000.job7");
+    assert_ne!(sandbox(&events(rx).await), sandbox(&ea), "not Alice's pod");
+    assert_eq!(r.tasks.pod_count(), 2);
     assert_eq!(r.launcher.tasks(ALICE, true).await.unwrap().len(), 2);
     r.launcher.end_job(ALICE, "job7").await.unwrap();
+    r.launcher.end_job(BOB, "u1000.job7").await.unwrap();
     assert_eq!(r.tasks.pod_count(), 0);
 }
 

@@ -182,6 +182,51 @@ async fn pruning_removes_finished_tasks_and_their_logs_and_keeps_running_jobs() 
             .counter("cimage_history_pruned_total", &[("kind", "task")]),
         1
     );
+    // What status shows comes from the launcher, not from the metrics.
+    let h = r.launcher.history().await.unwrap();
+    assert_eq!((h.recorded, h.live, h.pruned_since_start), (1, 1, 1));
     r.launcher.cancel(ROOT, &running.id).await.unwrap();
+    waiter.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_running_steps_log_is_rotated_past_its_size_and_keeps_its_share_of_files() {
+    let r = rig_with(|s| {
+        s.logs.max_size = 4096;
+        s.logs.max_files = 2;
+    });
+    *r.tasks.script.lock().unwrap() = Some(Script {
+        runs_for: Duration::from_secs(3600),
+        exit_code: 0,
+    });
+    let (task, rx) = r.launcher.launch(ROOT, spec(Some("loud"))).await.unwrap();
+    let waiter = tokio::spawn(events(rx));
+    wait_for_state(&r.launcher, &task.id, TaskState::Running).await;
+    let line = "2026-11-27T17:04:03.1Z stdout F AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n";
+    let rotated = |n: u64| {
+        let mut p = task.log_path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        std::path::PathBuf::from(p)
+    };
+    // The fake runtime writes nothing: the test writes as the runtime would, into whatever
+    // file is at the log path, and waits for the launcher to rotate it.
+    for n in 1..=3u64 {
+        std::fs::write(&task.log_path, line.repeat(200)).unwrap();
+        while !rotated(n).exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!task.log_path.exists(), "renamed, not copied");
+    }
+    assert_eq!(calls(&r, "ReopenContainerLog"), 3);
+    // At most MaxLogFiles: the one written (none now) and the newest rotated one.
+    assert!(!rotated(1).exists() && !rotated(2).exists());
+    // The whole log reads across its files: the last rotated one here.
+    let mut rx = r.launcher.logs(ROOT, &task.id, false, None).await.unwrap();
+    let mut lines = 0;
+    while rx.recv().await.is_some() {
+        lines += 1;
+    }
+    assert_eq!(lines, 200);
+    r.launcher.cancel(ROOT, &task.id).await.unwrap();
     waiter.await.unwrap();
 }

@@ -1,0 +1,60 @@
+//! What a user's steps hold of the node's pull slots: their pulls count against that user's
+//! share, as the user's own `cimage pull` would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+#[tokio::test]
+async fn a_users_launches_pull_under_the_users_share_of_the_slots() {
+    let base = crate::testing::Rig::on_system_clock(PullerSettings {
+        max_concurrent_pulls: 3,
+        max_pulls_per_user: 2,
+        retries: 0,
+        resolve_timeout: Duration::from_secs(3600),
+        pull_timeout: Duration::from_secs(3600),
+        ..crate::testing::puller_settings()
+    });
+    base.rt.offer(IMG, "sha256:img1", "sha256:d1", 10);
+    let tasks = Arc::new(FakeTaskRuntime::default());
+    let launcher = launcher_over(&base, tasks);
+    // Three steps of one user, each with an image of a registry that never answers.
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let image = format!("127.0.0.1:6000/hung:{n}");
+        base.reg.silent.lock().unwrap().insert(image.clone());
+        let s = LaunchSpec {
+            image,
+            ..spec(None)
+        };
+        held.push(launcher.launch(ALICE, s).await.unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pulls = base.puller.pulls();
+        let waiting = pulls
+            .iter()
+            .filter(|p| p.progress.phase == crate::puller::Phase::Queued)
+            .count();
+        if pulls.len() == 3 && waiting == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never two pulls under way and one waiting for the user's share: {pulls:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(base.puller.queued(), 0, "nothing waits in the node's line");
+    // Root's step takes the node's free slot at once.
+    let (_, rx) = launcher.launch(ROOT, spec(None)).await.unwrap();
+    let evs = tokio::time::timeout(Duration::from_secs(5), events(rx))
+        .await
+        .expect("root's step was held behind a user's pulls");
+    assert_eq!(evs.last(), Some(&Event::CleanedUp));
+    assert!(names(&evs).contains(&"Exited"), "{:?}", names(&evs));
+    for (task, _) in held {
+        launcher.cancel(ROOT, &task.id).await.ok();
+    }
+}
