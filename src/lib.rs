@@ -23,6 +23,7 @@ pub mod config;
 pub mod credentials;
 pub mod cri;
 pub mod expect;
+pub mod fetch;
 pub mod identity;
 pub mod launcher;
 pub mod metrics;

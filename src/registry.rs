@@ -1,23 +1,28 @@
 //! The registry side: resolving a tag to its manifest digest with a HEAD request (cheap, and not
 //! counted as a pull by Docker Hub), reading a manifest's layers and sizes before a pull, and
-//! checking a blob's real length (HEAD),
-//! with cimage's own HTTP client (reqwest: a size cap, time limits, `Retry-After`); oci-client
-//! does only the token step. The bytes themselves are pulled by the runtime through CRI so they
-//! land where containers need them.
+//! checking a blob's real length (HEAD), and reading big layer blobs in byte ranges for
+//! cimage's own fetch, with cimage's own HTTP client (reqwest: a size cap, time limits,
+//! `Retry-After`); oci-client does only the token step. The runtime pulls through CRI so that
+//! the bytes land where containers need them; cimage's fetch only puts big blobs there first.
 //!
 //! This file owns the [`Registry`] trait and what crosses it (manifests, blobs, errors, a host's
 //! settings); `client.rs` is the real implementation, `http.rs` its manifest requests,
-//! `classify.rs` what their failures mean, and `fake.rs` the double for unit tests.
+//! `classify.rs` what their failures mean, `ranges.rs` the range reads of blobs, and `fake.rs` the double for unit tests.
 
 mod classify;
 mod client;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 mod http;
+mod ranges;
 
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
 
 pub use client::OciRegistry;
 
@@ -145,6 +150,51 @@ pub trait Registry: Send + Sync {
         digest: &str,
         credentials: Option<&Credentials>,
     ) -> Result<u64, RegistryError>;
+}
+
+/// Reads layer blobs in byte ranges: cimage's own fetch of big layers, several connections
+/// per blob, with the registry's credentials, mirrors and redirects as manifest requests have
+/// them.
+#[async_trait]
+pub trait BlobSource: Send + Sync {
+    /// Opens `blob` of `image` with a GET of its `first` byte range at the first host that has
+    /// it (the registry's mirrors in order, then the registry), following redirects. The
+    /// answer's body may be the whole blob instead (a registry that ignores ranges).
+    async fn open(
+        &self,
+        image: &ImageRef,
+        blob: &Blob,
+        credentials: Option<&Credentials>,
+        first: Range<u64>,
+    ) -> Result<OpenBlob, RegistryError>;
+}
+
+/// A blob opened by [`BlobSource::open`]: its reader for the other ranges, and the first
+/// answer's body.
+pub struct OpenBlob {
+    /// Reads further ranges from where the first read was led.
+    pub reader: Arc<dyn RangeReader>,
+    /// The first range (or the whole blob).
+    pub first: BlobBody,
+}
+
+/// Further ranges of one opened blob.
+#[async_trait]
+pub trait RangeReader: Send + Sync {
+    /// The host the blob is read from (a mirror or the registry), for messages.
+    fn host(&self) -> &str;
+
+    /// GETs the bytes `range` of the blob (`206`), or its whole body when the host ignores
+    /// ranges (`200`, [`BlobBody::whole`]).
+    async fn read(&self, range: Range<u64>) -> Result<BlobBody, RegistryError>;
+}
+
+/// The bytes of one answer, as they arrive.
+pub struct BlobBody {
+    /// The answer is the whole blob from its first byte (`200`), not the range asked for.
+    pub whole: bool,
+    /// Its chunks; an error ends it (the connection broke).
+    pub chunks: BoxStream<'static, Result<Bytes, RegistryError>>,
 }
 
 /// One blob a manifest names.

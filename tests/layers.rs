@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("runtime", 2),
     ("registry", 2),
     ("cri", 3),
+    ("fetch", 3),
     ("cache", 4),
     ("puller", 5),
     ("launcher", 6),

@@ -71,17 +71,20 @@ impl ContentStore for CriImageRuntime {
             sync: false,
         };
         let mut l = c.leases();
-        match c.bounded("Leases.Delete", l.delete(request(req, None))).await {
+        match c
+            .bounded("Leases.Delete", l.delete(request(req, None)))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.kind == RuntimeErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    async fn leases_labelled(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
+    async fn leases_labelled(&self, key: &str) -> Result<Vec<String>, RuntimeError> {
         let c = &self.content;
         let req = ListRequest {
-            filters: vec![format!("labels.\"{key}\"=={value}")],
+            filters: vec![format!("labels.\"{key}\"")],
         };
         let mut l = c.leases();
         Ok(c.bounded("Leases.List", l.list(request(req, None)))
@@ -200,7 +203,9 @@ impl CriWriter {
             Ok(Ok(Some(m))) => Ok(m),
             Ok(Ok(None)) => Err(Status::unavailable("the store ended the write stream")),
             Ok(Err(s)) => Err(s),
-            Err(_) => Err(Status::deadline_exceeded("no answer from the content store")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "no answer from the content store",
+            )),
         }
     }
 
@@ -209,9 +214,11 @@ impl CriWriter {
         let tx = self.tx.as_ref().expect("the stream is open until commit");
         if tx.send(msg).await.is_err() {
             // The call ended: its status says why.
-            let s = self.answer().await.err().unwrap_or_else(|| {
-                Status::unavailable("the store ended the write stream")
-            });
+            let s = self
+                .answer()
+                .await
+                .err()
+                .unwrap_or_else(|| Status::unavailable("the store ended the write stream"));
             return Err(self.failed(s));
         }
         self.unanswered.push_back(len);

@@ -46,7 +46,7 @@ pub struct Shared {
     authorizations: Mutex<AuthorizationCache>,
     /// The HTTP client of blob reads, one per host: no overall time limit (a blob takes as
     /// long as it takes; a stalled read is cut by the fetch's own stall timeout).
-    pub(super) blob_http: Mutex<BoundedMap<String, reqwest::Client>>,
+    blob_http: Mutex<BoundedMap<String, reqwest::Client>>,
 }
 
 impl std::ops::Deref for OciRegistry {
@@ -206,11 +206,38 @@ impl OciRegistry {
         Ok(c)
     }
 
+    /// Whether `host` is spoken to over plain HTTP (`Insecure`).
+    pub(super) fn is_insecure(&self, host: &str) -> bool {
+        self.hosts.get(host).is_some_and(|r| r.insecure)
+    }
+
+    /// The HTTP client of blob reads at `host`, made on first use with the host's CA.
+    pub(super) fn blob_http_for(
+        &self,
+        image: &ImageRef,
+        host: &str,
+    ) -> Result<reqwest::Client, RegistryError> {
+        let mut m = self.blob_http.lock().unwrap();
+        if let Some(c) = m.get(&host.to_owned()) {
+            return Ok(c.clone());
+        }
+        let c = super::ranges::blob_client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
+            RegistryError::new(
+                image,
+                RegistryErrorKind::Tls,
+                "TLS setup failed",
+                error_chain(&e),
+            )
+        })?;
+        m.insert(host.to_owned(), c.clone());
+        Ok(c)
+    }
+
     /// The `Authorization` value for manifest requests of `image` at `host` with these
     /// credentials: a bearer token from the registry's token step (done by oci-client), the
     /// credentials themselves for a registry that takes basic auth, or none. Reused for
     /// [`AUTHORIZATION_TTL`] unless `refresh`.
-    async fn authorization(
+    pub(super) async fn authorization(
         &self,
         image: &ImageRef,
         host: &str,
@@ -387,7 +414,7 @@ impl OciRegistry {
     }
 
     /// The hosts asked about `image`, in order: its registry's mirrors, then the registry.
-    fn hosts_of(&self, image: &ImageRef) -> Vec<String> {
+    pub(super) fn hosts_of(&self, image: &ImageRef) -> Vec<String> {
         let mut hosts = self
             .hosts
             .get(image.registry())
