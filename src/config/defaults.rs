@@ -21,6 +21,16 @@ pub const DEFAULT_NODE_KEY_FILE: &str = "/etc/cimage/node.key";
 pub const DEFAULT_STATE_DIR: &str = "cimage/";
 /// Default for `ImageCache.MaxConcurrentPulls`.
 pub const DEFAULT_MAX_CONCURRENT_PULLS: usize = 3;
+/// Default for `ImageCache.ParallelFetch.ConnectionsPerPull`.
+pub const DEFAULT_FETCH_CONNECTIONS_PER_PULL: usize = 8;
+/// Default for `ImageCache.ParallelFetch.ConnectionsPerRegistry`.
+pub const DEFAULT_FETCH_CONNECTIONS_PER_REGISTRY: usize = 16;
+/// Default for `ImageCache.ParallelFetch.SegmentSize`.
+pub const DEFAULT_FETCH_SEGMENT_SIZE: u64 = 16 << 20;
+/// Default for `ImageCache.ParallelFetch.MinBlobSize`.
+pub const DEFAULT_FETCH_MIN_BLOB_SIZE: u64 = 32 << 20;
+/// Default for `ImageCache.ParallelFetch.MaxBufferPerPull`.
+pub const DEFAULT_FETCH_MAX_BUFFER_PER_PULL: u64 = 64 << 20;
 /// Default for `ImageCache.PullStallTimeout`.
 pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default for `ImageCache.PullTimeout`.
@@ -203,4 +213,20 @@ pub(super) fn default_presence_ttl() -> Duration {
 }
 pub(super) fn default_runtime_timeout() -> Duration {
     DEFAULT_RUNTIME_TIMEOUT
+}
+
+pub(super) fn default_fetch_connections_per_pull() -> usize {
+    DEFAULT_FETCH_CONNECTIONS_PER_PULL
+}
+pub(super) fn default_fetch_connections_per_registry() -> usize {
+    DEFAULT_FETCH_CONNECTIONS_PER_REGISTRY
+}
+pub(super) fn default_fetch_segment_size() -> u64 {
+    DEFAULT_FETCH_SEGMENT_SIZE
+}
+pub(super) fn default_fetch_min_blob_size() -> u64 {
+    DEFAULT_FETCH_MIN_BLOB_SIZE
+}
+pub(super) fn default_fetch_max_buffer_per_pull() -> u64 {
+    DEFAULT_FETCH_MAX_BUFFER_PER_PULL
 }

@@ -43,11 +43,15 @@ pub use defaults::{
     DEFAULT_EXPECT_GRACE, DEFAULT_EXPECT_MAX_PER_USER, DEFAULT_QUEUE_HORIZON,
     DEFAULT_QUEUE_INTERVAL, DEFAULT_QUEUE_TIMEOUT,
 };
+pub use defaults::{
+    DEFAULT_FETCH_CONNECTIONS_PER_PULL, DEFAULT_FETCH_CONNECTIONS_PER_REGISTRY,
+    DEFAULT_FETCH_MAX_BUFFER_PER_PULL, DEFAULT_FETCH_MIN_BLOB_SIZE, DEFAULT_FETCH_SEGMENT_SIZE,
+};
 pub use expect::{ExpectConfig, QueueConfig, QueueSourceKind};
 pub use sections::{
     AuthSection, DefaultPullPolicy, EvictionConfig, HistoryConfig, ImageServiceConfig,
-    LauncherConfig, OnRegistryUnavailable, PrewarmConfig, RegistryConfig, ScheduleConfig,
-    VerifyMode,
+    LauncherConfig, OnRegistryUnavailable, ParallelFetchConfig, ParallelFetchEnabled,
+    PrewarmConfig, RegistryConfig, ScheduleConfig, VerifyMode,
 };
 pub use validate::{load, parse, ConfigError, Settings};
 /// The whole configuration file. Only the sections cimage reads are modelled.
@@ -162,6 +166,9 @@ pub struct ImageCacheConfig {
     /// apply.
     #[serde(default = "default_true")]
     pub pull_byte_progress: bool,
+    /// cimage's own range fetch of big layers.
+    #[serde(default)]
+    pub parallel_fetch: ParallelFetchConfig,
     /// How many times a transient pull failure is retried (exponential backoff from 500 ms).
     #[serde(default = "default_pull_retries")]
     pub pull_retries: u32,
@@ -242,6 +249,7 @@ impl Default for ImageCacheConfig {
             pull_resolve_timeout: DEFAULT_PULL_RESOLVE_TIMEOUT,
             pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
             pull_byte_progress: true,
+            parallel_fetch: ParallelFetchConfig::default(),
             pull_retries: DEFAULT_PULL_RETRIES,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             runtime_timeout: DEFAULT_RUNTIME_TIMEOUT,

@@ -137,6 +137,36 @@ pub const KEYS: &[Key] = &[
         meaning: "ask the runtime for the bytes of pulls in flight (containerd's content service, twice a second per pull); `false`: pulls report phases only and `PullStallTimeout` does not apply",
     },
     Key {
+        name: "ImageCache.ParallelFetch.Enabled",
+        default: Default::Value("auto"),
+        meaning: "cimage fetches the big layers of a pull itself, several HTTP range requests per blob, into containerd's content store (namespace `k8s.io`, under containerd's own refs and a lease), then calls `PullImage`, which finds them and unpacks; `auto`: where the runtime answers containerd's content API (CRI-O, or an endpoint without it, keeps the plain `PullImage`); `true`: the same, and a runtime without it is told in the log; `false`: never",
+    },
+    Key {
+        name: "ImageCache.ParallelFetch.ConnectionsPerPull",
+        default: Default::Value("8"),
+        meaning: "HTTP connections one pull's fetch uses at most (≥ 1)",
+    },
+    Key {
+        name: "ImageCache.ParallelFetch.ConnectionsPerRegistry",
+        default: Default::Value("16"),
+        meaning: "HTTP connections all fetches from one registry use at most (≥ 1)",
+    },
+    Key {
+        name: "ImageCache.ParallelFetch.SegmentSize",
+        default: Default::Value("16MiB"),
+        meaning: "bytes per range request at most; smaller when `MaxBufferPerPull` ÷ `ConnectionsPerPull` is (so that every connection stays busy; with the defaults 8 MiB), never under 1 MiB",
+    },
+    Key {
+        name: "ImageCache.ParallelFetch.MinBlobSize",
+        default: Default::Value("32MiB"),
+        meaning: "layers smaller than this are left to the runtime",
+    },
+    Key {
+        name: "ImageCache.ParallelFetch.MaxBufferPerPull",
+        default: Default::Value("64MiB"),
+        meaning: "bytes one pull's fetch holds in memory at most: segments fetched ahead of the one being written (≥ 1MiB)",
+    },
+    Key {
         name: "ImageCache.PullRetries",
         default: Default::Value("3"),
         meaning: "retries of transient failures",

@@ -40,6 +40,62 @@ impl Default for ImageServiceConfig {
     }
 }
 
+/// The `ImageCache.ParallelFetch` section: cimage fetches big layer blobs itself, several range
+/// requests per blob, into the runtime's content store before the runtime's pull finds them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ParallelFetchConfig {
+    /// `auto` (where the runtime answers containerd's content API), `true`, or `false`.
+    #[serde(default)]
+    pub enabled: ParallelFetchEnabled,
+    /// HTTP connections one pull's fetch uses at most.
+    #[serde(default = "default_fetch_connections_per_pull")]
+    pub connections_per_pull: usize,
+    /// HTTP connections all fetches from one registry use at most.
+    #[serde(default = "default_fetch_connections_per_registry")]
+    pub connections_per_registry: usize,
+    /// Bytes per range request, at most.
+    #[serde(default = "default_fetch_segment_size", deserialize_with = "de_size")]
+    pub segment_size: u64,
+    /// Layers smaller than this are left to the runtime.
+    #[serde(default = "default_fetch_min_blob_size", deserialize_with = "de_size")]
+    pub min_blob_size: u64,
+    /// Bytes one pull's fetch holds in memory at most (fetched ahead, not yet written).
+    #[serde(
+        default = "default_fetch_max_buffer_per_pull",
+        deserialize_with = "de_size"
+    )]
+    pub max_buffer_per_pull: u64,
+}
+
+impl Default for ParallelFetchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: ParallelFetchEnabled::default(),
+            connections_per_pull: DEFAULT_FETCH_CONNECTIONS_PER_PULL,
+            connections_per_registry: DEFAULT_FETCH_CONNECTIONS_PER_REGISTRY,
+            segment_size: DEFAULT_FETCH_SEGMENT_SIZE,
+            min_blob_size: DEFAULT_FETCH_MIN_BLOB_SIZE,
+            max_buffer_per_pull: DEFAULT_FETCH_MAX_BUFFER_PER_PULL,
+        }
+    }
+}
+
+/// `ImageCache.ParallelFetch.Enabled`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ParallelFetchEnabled {
+    /// Where the runtime answers containerd's content API.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// The same, and a runtime without it is reported.
+    #[serde(rename = "true")]
+    True,
+    /// Never.
+    #[serde(rename = "false")]
+    False,
+}
+
 /// `ImageCache.OnRegistryUnavailable`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum OnRegistryUnavailable {

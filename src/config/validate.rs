@@ -252,6 +252,32 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "must be at least 1s".into(),
         ));
     }
+    let pf = &ic.parallel_fetch;
+    for (key, n) in [
+        (
+            "ImageCache.ParallelFetch.ConnectionsPerPull",
+            pf.connections_per_pull,
+        ),
+        (
+            "ImageCache.ParallelFetch.ConnectionsPerRegistry",
+            pf.connections_per_registry,
+        ),
+    ] {
+        if n == 0 {
+            return Err(invalid(key, "must be at least 1".into()));
+        }
+    }
+    for (key, n) in [
+        ("ImageCache.ParallelFetch.SegmentSize", pf.segment_size),
+        (
+            "ImageCache.ParallelFetch.MaxBufferPerPull",
+            pf.max_buffer_per_pull,
+        ),
+    ] {
+        if n < 1 << 20 {
+            return Err(invalid(key, "must be at least 1MiB".into()));
+        }
+    }
     if ic.reconcile_interval < Duration::from_secs(1) {
         return Err(invalid(
             "ImageCache.ReconcileInterval",

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config;
 use crate::credentials::Credentials;
 use crate::reference::ImageRef;
 use crate::registry::{Blob, BlobSource, ImageManifest};
@@ -69,12 +70,12 @@ impl Default for FetchSettings {
     fn default() -> Self {
         Self {
             mode: FetchMode::Auto,
-            connections_per_pull: 8,
-            connections_per_registry: 16,
-            segment_size: 16 << 20,
-            min_blob_size: 32 << 20,
-            max_buffer_per_pull: 64 << 20,
-            stall_timeout: Duration::from_secs(120),
+            connections_per_pull: config::DEFAULT_FETCH_CONNECTIONS_PER_PULL,
+            connections_per_registry: config::DEFAULT_FETCH_CONNECTIONS_PER_REGISTRY,
+            segment_size: config::DEFAULT_FETCH_SEGMENT_SIZE,
+            min_blob_size: config::DEFAULT_FETCH_MIN_BLOB_SIZE,
+            max_buffer_per_pull: config::DEFAULT_FETCH_MAX_BUFFER_PER_PULL,
+            stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             segment_retries: 3,
             backoff: Duration::from_millis(500),
         }

@@ -39,6 +39,10 @@ pub(super) fn poll_interval(stall: Duration) -> Duration {
     (stall / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
 }
 
+/// How long the lease of cimage's own fetch outlives the pull's deadline: the lease expires
+/// by itself (containerd collects it) should cimaged die mid-pull.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
 /// Why one attempt of a pull ended without an image.
 #[derive(Debug)]
 enum AttemptError {
@@ -50,6 +54,8 @@ enum AttemptError {
     Unresolved,
     /// The bytes that arrived do not fit.
     NoRoom(PullError),
+    /// cimage's own fetch got a blob that does not match its digest, twice.
+    Corrupt(crate::fetch::FetchError),
 }
 
 impl Transient for AttemptError {
@@ -57,7 +63,7 @@ impl Transient for AttemptError {
         match self {
             AttemptError::Runtime(e) => e.is_transient(),
             AttemptError::Stalled => true,
-            AttemptError::Unresolved | AttemptError::NoRoom(_) => false,
+            AttemptError::Unresolved | AttemptError::NoRoom(_) | AttemptError::Corrupt(_) => false,
         }
     }
     fn is_outage(&self) -> bool {
@@ -74,6 +80,7 @@ impl std::fmt::Display for AttemptError {
                 f.write_str("no layer bytes (ImageCache.PullResolveTimeout)")
             }
             AttemptError::NoRoom(e) => e.fmt(f),
+            AttemptError::Corrupt(e) => e.fmt(f),
         }
     }
 }
@@ -86,6 +93,7 @@ impl AttemptError {
             AttemptError::Stalled => "stalled",
             AttemptError::Unresolved => "unresolved",
             AttemptError::NoRoom(_) => "no_room",
+            AttemptError::Corrupt(_) => "corrupt",
         }
     }
 }
@@ -278,7 +286,17 @@ impl PullJob {
                 ],
             );
         };
-        let id = retry(
+        // cimage's own fetch of the big layers: its writers are open before the runtime's
+        // pull starts, so the runtime finds those blobs instead of fetching them.
+        let mut fetch = match (&self.core.fetcher, &manifest) {
+            (Some(f), Some(m)) => {
+                let hold = self.core.settings.pull_timeout + LEASE_MARGIN;
+                f.start(&self.image, self.credentials.as_ref(), m, hold)
+                    .await
+            }
+            _ => None,
+        };
+        let pulled = retry(
             self.core.settings.retries,
             self.core.settings.backoff,
             "pull",
@@ -304,9 +322,18 @@ impl PullJob {
                 };
                 self.attempt(watch, window_end)
             },
-        )
-        .await
-        .map_err(|e| match e {
+        );
+        let outcome = match fetch.as_mut() {
+            Some(f) => tokio::select! {
+                r = pulled => r,
+                e = f.failed() => Err(AttemptError::Corrupt(e)),
+            },
+            None => pulled.await,
+        };
+        if let Some(f) = fetch {
+            f.finish().await;
+        }
+        let id = outcome.map_err(|e| match e {
             AttemptError::Stalled => PullError::Stalled {
                 image: name.clone(),
                 registry: registry.clone(),
@@ -317,6 +344,17 @@ impl PullJob {
                 false => "sent no readable manifest and no image",
             }),
             AttemptError::NoRoom(e) => e,
+            AttemptError::Corrupt(e) => PullError::Registry {
+                image: name.clone(),
+                source: Box::new(crate::registry::RegistryError {
+                    registry: e.registry.clone(),
+                    image: name.clone(),
+                    kind: crate::registry::RegistryErrorKind::Other,
+                    what: "a blob does not match its digest",
+                    detail: format!("{} was fetched twice, corrupt both times", e.digest),
+                    retry_after: None,
+                }),
+            },
             AttemptError::Runtime(source) => PullError::Runtime {
                 image: name.clone(),
                 what: "pull",

@@ -239,6 +239,8 @@ struct Core {
     queue: Arc<Queue>,
     /// Each user's share of the slots.
     shares: Shares,
+    /// cimage's own range fetch of big layers, when on (`ImageCache.ParallelFetch`).
+    fetcher: Option<Arc<crate::fetch::Fetcher>>,
 }
 
 /// The `registry` label of metrics for anything not in `PullerSettings::labelled_registries`.
@@ -315,6 +317,7 @@ impl Puller {
             global: slots::Slots::new(settings.max_concurrent_pulls),
             queue: Arc::new(Queue::new(Arc::clone(&metrics))),
             shares: Shares::new(settings.max_pulls_per_user),
+            fetcher: None,
             runtime,
             registry,
             cache,
@@ -327,6 +330,15 @@ impl Puller {
             inflight: Arc::new(Mutex::new(HashMap::new())),
             background,
         }
+    }
+
+    /// The same puller, fetching the big layers of its pulls itself with `fetcher` before the
+    /// runtime's pull finds them (`ImageCache.ParallelFetch`). Before the first pull only.
+    pub fn with_fetcher(mut self, fetcher: Arc<crate::fetch::Fetcher>) -> Self {
+        Arc::get_mut(&mut self.core)
+            .expect("set before the first pull")
+            .fetcher = Some(fetcher);
+        self
     }
 
     /// [`Puller::ensure`], handing each report of a real pull to `on_progress` as it comes,

@@ -221,7 +221,7 @@ impl OciRegistry {
         if let Some(c) = m.get(&host.to_owned()) {
             return Ok(c.clone());
         }
-        let c = super::ranges::blob_client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
+        let c = http::blob_client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
             RegistryError::new(
                 image,
                 RegistryErrorKind::Tls,

@@ -1,5 +1,5 @@
 //! cimage's own manifest requests: a HEAD to resolve a tag, a GET to read what a pull will
-//! download; and a blob's HEAD, for its real length. They are made with reqwest directly (oci-client does the token step) so that each
+//! download; a blob's HEAD, for its real length; and the client of blob range reads. They are made with reqwest directly (oci-client does the token step) so that each
 //! has an overall time limit and a size cap (a registry that answers a 100 MB manifest, or
 //! trickles one byte a second, costs cimage nothing), and so that a rate limit's `Retry-After`
 //! is seen.
@@ -56,6 +56,22 @@ pub(super) fn client(extra_root_pem: Option<&[u8]>) -> Result<reqwest::Client, r
         .read_timeout(Duration::from_secs(30))
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .user_agent(concat!("cimage/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = extra_root_pem {
+        b = b.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
+    }
+    b.build()
+}
+
+/// The HTTP client of blob reads for one host: its CA, no overall time limit (a range takes
+/// as long as it takes; the fetch cuts a read whose bytes stop), redirects left to the reader.
+pub(super) fn blob_client(
+    extra_root_pem: Option<&[u8]>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(120))
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("cimage/", env!("CARGO_PKG_VERSION")));
     if let Some(pem) = extra_root_pem {
         b = b.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);

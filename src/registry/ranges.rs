@@ -26,22 +26,6 @@ use crate::reference::ImageRef;
 /// Redirects followed at most for one read.
 const MAX_REDIRECTS: usize = 5;
 
-/// The HTTP client of blob reads for one host: its CA, no overall time limit (a range takes
-/// as long as it takes; the fetch cuts a read whose bytes stop), redirects left to the reader.
-pub(super) fn blob_client(
-    extra_root_pem: Option<&[u8]>,
-) -> Result<reqwest::Client, reqwest::Error> {
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(120))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("cimage/", env!("CARGO_PKG_VERSION")));
-    if let Some(pem) = extra_root_pem {
-        b = b.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
-    }
-    b.build()
-}
-
 /// One blob being read: where it is read from, with what.
 struct Reader {
     registry: OciRegistry,

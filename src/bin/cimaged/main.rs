@@ -29,6 +29,7 @@ use cimage::config::{self, Settings};
 use cimage::credentials::Fingerprinter;
 use cimage::cri::{CriImageRuntime, CriTaskRuntime};
 use cimage::expect::{CommandSource, Expector, ProcessRunner, QueueSource, SlurmSource};
+use cimage::fetch::{FetchMode, Fetcher};
 use cimage::identity::Nss;
 use cimage::launcher::mounts::BindStager;
 use cimage::launcher::{Launcher, Parts};
@@ -179,11 +180,12 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     let store = Store::open(&settings.index_path())?;
     let index = Index::open_with(&store, wiring.index)?;
 
-    let runtime: Arc<dyn ImageRuntime> = Arc::new(CriImageRuntime::new(
+    let cri = Arc::new(CriImageRuntime::new(
         &settings.image_endpoint,
         &settings.runtime_endpoint,
         wiring.runtime_timeout,
     ));
+    let runtime: Arc<dyn ImageRuntime> = cri.clone();
     let metrics = Arc::new(Metrics::default());
     metrics.set_labelled(
         "cimage_build_info",
@@ -202,7 +204,14 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
     }
     let cache = Arc::new(cache);
     let registry = Arc::new(OciRegistry::new(&wiring.registries)?);
-    let puller = Arc::new(Puller::new(
+    let fetcher = Arc::new(Fetcher::new(
+        cri.clone(),
+        registry.clone(),
+        wiring.fetch.clone(),
+    ));
+    // Leases an earlier cimaged left in the runtime (killed mid-fetch) go before any pull.
+    fetcher.clean_leftovers().await;
+    let mut puller = Puller::new(
         runtime.clone(),
         registry,
         cache.clone(),
@@ -215,7 +224,11 @@ async fn run(settings: Settings, wiring: Wiring) -> Result<()> {
             ..wiring.puller.clone()
         },
         background.clone(),
-    ));
+    );
+    if wiring.fetch.mode != FetchMode::Off {
+        puller = puller.with_fetcher(fetcher);
+    }
+    let puller = Arc::new(puller);
 
     let clock = Arc::new(SystemClock);
     let launcher = Launcher::new(

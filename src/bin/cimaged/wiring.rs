@@ -10,11 +10,12 @@ use std::time::Duration;
 use cimage::api::gate::Limits;
 use cimage::cache::{EvictionSettings, IndexSettings};
 use cimage::config::{
-    ConfigError, DefaultPullPolicy, OnRegistryUnavailable, QueueSourceKind, Settings, VerifyMode,
-    DEFAULT_PREWARM_CONCURRENCY,
+    ConfigError, DefaultPullPolicy, OnRegistryUnavailable, ParallelFetchEnabled, QueueSourceKind,
+    Settings, VerifyMode, DEFAULT_PREWARM_CONCURRENCY,
 };
 use cimage::credentials::NodeCredentials;
 use cimage::expect::ExpectSettings;
+use cimage::fetch::{FetchMode, FetchSettings};
 use cimage::launcher::LauncherSettings;
 use cimage::policy::{DefaultPolicy, Verify};
 use cimage::prewarm::ScheduleSpec;
@@ -49,6 +50,8 @@ pub struct Wiring {
     pub expect: ExpectSettings,
     /// The queue source, if one is configured.
     pub queue: Option<QueueWiring>,
+    /// cimage's own range fetch of big layers.
+    pub fetch: FetchSettings,
 }
 
 /// Which queue source cimaged asks, and how.
@@ -137,7 +140,23 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
             timeout: q.timeout,
         }),
     };
+    let pf = &ic.parallel_fetch;
+    let fetch = FetchSettings {
+        mode: match pf.enabled {
+            ParallelFetchEnabled::Auto => FetchMode::Auto,
+            ParallelFetchEnabled::True => FetchMode::On,
+            ParallelFetchEnabled::False => FetchMode::Off,
+        },
+        connections_per_pull: pf.connections_per_pull,
+        connections_per_registry: pf.connections_per_registry,
+        segment_size: pf.segment_size,
+        min_blob_size: pf.min_blob_size,
+        max_buffer_per_pull: pf.max_buffer_per_pull,
+        stall_timeout: ic.pull_stall_timeout,
+        ..FetchSettings::default()
+    };
     Ok(Wiring {
+        fetch,
         puller: PullerSettings {
             max_concurrent_pulls: ic.max_concurrent_pulls,
             per_registry: ic
