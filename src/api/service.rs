@@ -141,7 +141,9 @@ pub fn pull_status(e: &PullError) -> Status {
         },
         PullError::Runtime { source, .. } => runtime_code(source),
         PullError::Timeout { .. } => Code::DeadlineExceeded,
-        PullError::Stalled { .. } | PullError::Unresolved { .. } => Code::Unavailable,
+        PullError::Stalled { .. } | PullError::Unresolved { .. } | PullError::Corrupt { .. } => {
+            Code::Unavailable
+        }
         PullError::Index { .. } => Code::Internal,
         PullError::ShuttingDown { .. } => Code::Unavailable,
         PullError::NoRoom { .. } => Code::ResourceExhausted,

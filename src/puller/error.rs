@@ -58,6 +58,16 @@ pub enum PullError {
         /// The stall timeout, formatted (`2m0s`).
         after: String,
     },
+    /// A blob cimage fetched itself did not match its digest, twice.
+    #[error("pull of image {image} failed: {registry} served blob {digest} with bytes that do not match its digest, twice (a corrupting proxy or registry on the way)")]
+    Corrupt {
+        /// The normalised reference.
+        image: String,
+        /// The host that served the blob.
+        registry: String,
+        /// The blob's digest.
+        digest: String,
+    },
     /// The registry showed nothing (no manifest, no bytes) for `PullResolveTimeout`.
     #[error("pull of image {image} failed: {registry} {what} within {after} (ImageCache.PullResolveTimeout)")]
     Unresolved {
@@ -112,7 +122,7 @@ pub enum PullError {
 
 impl PullError {
     /// The `reason` label of metrics: `invalid_reference`, `not_present`, `stalled`,
-    /// `unresolved`, `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
+    /// `unresolved`, `corrupt`, `timeout`, `no_room`, `credentials`, `shutdown`, `index`, or the registry's or the
     /// runtime's own reason (`not_found`, `unauthorized`, `unreachable`, …).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -121,6 +131,7 @@ impl PullError {
             PullError::Registry { source, .. } => source.reason(),
             PullError::Runtime { source, .. } => source.reason(),
             PullError::Stalled { .. } => "stalled",
+            PullError::Corrupt { .. } => "corrupt",
             PullError::Unresolved { .. } => "unresolved",
             PullError::Timeout { .. } => "timeout",
             PullError::NoRoom { .. } => "no_room",

@@ -344,16 +344,10 @@ impl PullJob {
                 false => "sent no readable manifest and no image",
             }),
             AttemptError::NoRoom(e) => e,
-            AttemptError::Corrupt(e) => PullError::Registry {
+            AttemptError::Corrupt(e) => PullError::Corrupt {
                 image: name.clone(),
-                source: Box::new(crate::registry::RegistryError {
-                    registry: e.registry.clone(),
-                    image: name.clone(),
-                    kind: crate::registry::RegistryErrorKind::Other,
-                    what: "a blob does not match its digest",
-                    detail: format!("{} was fetched twice, corrupt both times", e.digest),
-                    retry_after: None,
-                }),
+                registry: e.registry,
+                digest: e.digest,
             },
             AttemptError::Runtime(source) => PullError::Runtime {
                 image: name.clone(),

@@ -2,7 +2,7 @@
 //! takes one request per connection (answers say `Connection: close`), and for each request
 //! whose path contains a rule's pattern it applies that rule's fault: a delay, a slow link, an
 //! error status (with `Retry-After`), a connection closed or stalled mid-body, a corrupted body,
-//! an oversized manifest, a redirect loop. Over everything it can pace what it sends to a set
+//! an oversized manifest, a redirect loop, a `Range` header dropped. Over everything it can pace what it sends to a set
 //! rate and stop sending after a number of bytes, in all or on each connection (a registry that
 //! hangs mid-blob, or one whose every connection hangs after a while). containerd
 //! reaches it as a registry of its own through a hosts.toml the proxy writes for its address
@@ -38,6 +38,8 @@ pub enum Fault {
     Oversized(u64),
     /// Answers `307` back to the same path.
     RedirectLoop,
+    /// Passes the request on without its `Range` header (a registry that ignores ranges).
+    StripRange,
 }
 
 struct Rule {
@@ -404,6 +406,14 @@ fn connection(s: Arc<Shared>, mut client: TcpStream) {
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
     }
+    let head = match fault {
+        Some(Fault::StripRange) => head
+            .lines()
+            .filter(|l| !l.to_ascii_lowercase().starts_with("range:"))
+            .collect::<Vec<_>>()
+            .join("\r\n"),
+        _ => head,
+    };
     if upstream.write_all(closing(&head).as_bytes()).is_err() || upstream.write_all(&body).is_err()
     {
         return;

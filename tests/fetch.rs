@@ -1,0 +1,406 @@
+//! cimage's own range fetch of big layers (`ImageCache.ParallelFetch`) against the real
+//! containerd and docker-registry: a big layer comes in `206` ranges from cimage and never
+//! whole from containerd, each of its bytes once, and the image runs; a registry that ignores
+//! `Range` still pulls (one stream); a corrupt range is fetched again; basic auth over TLS;
+//! a runtime without containerd's content API pulls through plain `PullImage`; and nothing of
+//! cimage's fetch (lease, ingest) outlives the pull or a `kill -9`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::images::{push, push_with, Layer, Private};
+use common::proxy::{Fault, Proxy};
+use common::shaper::{Shape, Shaper};
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// One GET of a blob in a registry's access log.
+#[derive(Debug)]
+struct BlobGet {
+    status: u16,
+    bytes: u64,
+    agent: String,
+}
+
+/// The GETs of blob `digest` in the access log `log` since `mark`.
+fn blob_gets(log: &Path, mark: u64, digest: &str) -> Vec<BlobGet> {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
+    text.lines()
+        .filter(|l| l.contains(&format!("\"GET /v2/")) && l.contains(&format!("/blobs/{digest} ")))
+        .filter_map(|l| {
+            // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 8388608 "" "agent"
+            let after = &l[l.find(" HTTP/1.1\" ")? + 11..];
+            let mut w = after.split_whitespace();
+            let status = w.next()?.parse().ok()?;
+            let bytes = w.next()?.parse().ok()?;
+            let agent = after.rsplit('"').nth(1)?.to_owned();
+            Some(BlobGet {
+                status,
+                bytes,
+                agent,
+            })
+        })
+        .collect()
+}
+
+/// The size of blob `digest` in the testbed registry under `root` (its storage directory).
+fn stored_size(root: &Path, digest: &str) -> u64 {
+    let hex = digest.trim_start_matches("sha256:");
+    let path = root.join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len()
+}
+
+/// `ctr -n k8s.io leases ls` of the testbed's containerd.
+fn leases(tb: &Testbed) -> String {
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            tb.cri.to_str().unwrap(),
+            "-n",
+            "k8s.io",
+            "leases",
+            "ls",
+        ])
+        .output()
+        .expect("running ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ctr -n k8s.io content active` of the testbed's containerd: the ingests under way.
+fn ingests(tb: &Testbed) -> String {
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            tb.cri.to_str().unwrap(),
+            "-n",
+            "k8s.io",
+            "content",
+            "active",
+        ])
+        .output()
+        .expect("running ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `what` holds, up to `limit` (the states are the runtime's own; no timing is
+/// asserted).
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes an image from the runtime so that the next test starts cold.
+fn remove(d: &Daemon, image: &str) {
+    let _ = d.cli(&["rm", image]);
+}
+
+#[test]
+fn a_big_layer_comes_in_ranges_each_byte_once_and_the_image_runs() {
+    let tb = Testbed::get();
+    let shaper = Shaper::start(
+        &tb.registry,
+        Shape::far(Duration::from_millis(2), 40_000_000, 400_000_000),
+    )
+    .plain_http_for_containerd(&tb.dir);
+    let repo = Testbed::unique_repo("fetch-ranges");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[
+            Layer::busybox(),
+            Layer::random(96 * MIB),
+            Layer::random(64 << 10),
+        ],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    let size = stored_size(&tb.dir.join("registry"), &big);
+    assert!(size > 96 * MIB as u64);
+    let d = Daemon::start(&proxied_registries(&tb, &shaper.addr));
+    let image = format!("{}/{repo}:1", shaper.addr);
+    let mark = tb.registry_log_mark();
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    assert!(
+        gets.iter()
+            .all(|g| g.status == 206 && g.agent.starts_with("cimage/")),
+        "only cimage's ranges fetch the big layer: {gets:?}"
+    );
+    assert!(gets.len() > 1, "in several ranges: {gets:?}");
+    assert_eq!(
+        gets.iter().map(|g| g.bytes).sum::<u64>(),
+        size,
+        "each byte once: {gets:?}"
+    );
+    assert!(
+        shaper.peak_connections() > 2,
+        "several connections at once ({})",
+        shaper.peak_connections()
+    );
+    // The small layers are the runtime's.
+    let small = blob_gets(&tb.registry_log, mark, &pushed.blobs[2]);
+    assert!(
+        small.iter().all(|g| g.agent.starts_with("containerd")),
+        "{small:?}"
+    );
+
+    let out = run(&d, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert!(!leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    assert!(!ingests(&tb).contains(&big), "{}", ingests(&tb));
+    remove(&d, &image);
+}
+
+#[test]
+fn a_registry_that_ignores_range_still_pulls_in_one_stream() {
+    let tb = Testbed::get();
+    let proxy = Proxy::start(&tb, &tb.registry, 0);
+    let repo = Testbed::unique_repo("fetch-norange");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    proxy.fault("/blobs/", Fault::StripRange, 0);
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let image = format!("{}/{repo}:1", proxy.addr);
+    let mark = tb.registry_log_mark();
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    assert_eq!(gets.len(), 1, "one stream: {gets:?}");
+    assert_eq!(gets[0].status, 200);
+    assert!(gets[0].agent.starts_with("cimage/"), "{gets:?}");
+    assert!(!leases(&tb).contains("cimage-fetch"));
+    remove(&d, &image);
+}
+
+#[test]
+fn a_corrupt_range_is_fetched_again() {
+    let tb = Testbed::get();
+    let proxy = Proxy::start(&tb, &tb.registry, 0);
+    let repo = Testbed::unique_repo("fetch-corrupt");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    proxy.fault(&big, Fault::Corrupt, 1);
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let image = format!("{}/{repo}:1", proxy.addr);
+    let mark = tb.registry_log_mark();
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    let size = stored_size(&tb.dir.join("registry"), &big);
+    assert!(
+        gets.iter().all(|g| g.agent.starts_with("cimage/")),
+        "{gets:?}"
+    );
+    assert_eq!(
+        gets.iter().map(|g| g.bytes).sum::<u64>(),
+        2 * size,
+        "fetched twice, by cimage: {gets:?}"
+    );
+    assert!(d.log().contains("does not match its digest"), "{}", d.log());
+    let out = run(&d, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    remove(&d, &image);
+}
+
+#[test]
+fn a_blob_corrupt_every_time_fails_the_pull_naming_registry_and_digest() {
+    let tb = Testbed::get();
+    let proxy = Proxy::start(&tb, &tb.registry, 0);
+    let repo = Testbed::unique_repo("fetch-corrupt2");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    // Every read of the blob is corrupted (each range, both passes).
+    proxy.fault(&big, Fault::Corrupt, 0);
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let image = format!("{}/{repo}:1", proxy.addr);
+    let out = d.cli(&["pull", &image]);
+    assert!(!out.status.success(), "{}", d.log());
+    let err = stderr(&out);
+    assert!(
+        err.lines().last().is_some_and(|l| l.starts_with("cimage: ")
+            && l.contains(&big)
+            && l.contains(&proxy.addr)),
+        "{err:?}"
+    );
+    wait_for(Duration::from_secs(30), "the ingest to go", || {
+        !ingests(&tb).contains(&big)
+    });
+    assert!(!leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    // The next pull of the same image succeeds.
+    proxy.heal();
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+    remove(&d, &image);
+}
+
+#[test]
+fn basic_auth_over_tls_fetches_in_ranges() {
+    let tb = Testbed::get();
+    let repo = Testbed::unique_repo("fetch-private");
+    let p = block_on(push_with(
+        &tb.private_registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+        Some(Private {
+            ca: Some(&tb.ca),
+            username: &tb.alice.0,
+            password: &tb.alice.1,
+        }),
+    ));
+    let big = p.blobs[1].clone();
+    let d = Daemon::start(&format!(
+        "Registries:\n  \"{}\":\n    Insecure: true\n  \"{}\":\n    CaFile: {}",
+        tb.registry,
+        tb.private_registry,
+        tb.ca.display()
+    ));
+    let log = tb.dir.join("registry-private.log");
+    let mark = log_mark(&log);
+    let (user, pw) = &tb.alice;
+    let out = d.cli_stdin(
+        &[
+            "pull",
+            &p.reference,
+            "--username",
+            user,
+            "--password-stdin",
+            "-o",
+            "json",
+        ],
+        &format!("{pw}\n"),
+    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let gets = blob_gets(&log, mark, &big);
+    assert!(
+        !gets.is_empty()
+            && gets
+                .iter()
+                .all(|g| g.status == 206 && g.agent.starts_with("cimage/")),
+        "{gets:?}"
+    );
+    assert_no_secret(&d, &[pw]);
+    remove(&d, &p.reference);
+}
+
+#[test]
+fn a_runtime_without_the_content_api_pulls_through_plain_pull_image() {
+    let tb = Testbed::get();
+    // The other cimaged pulls plainly: what reaches the registry is containerd's own fetch.
+    let upstream = Daemon::start("ParallelFetch:\n    Enabled: false");
+    let repo = Testbed::unique_repo("fetch-nocontent");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    // This daemon's runtime is the other cimaged's CRI image socket: CRI, and no content API.
+    let d = Daemon::start(&format!(
+        "ParallelFetch:\n    Enabled: true\nImageService.Upstream: {}",
+        upstream.cri_socket().display()
+    ));
+    let mark = tb.registry_log_mark();
+    let j = d.pull_json(&pushed.reference, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert!(
+        gets[0].status == 200 && gets[0].agent.starts_with("containerd"),
+        "{gets:?}"
+    );
+    assert!(
+        d.log().contains("does not answer containerd's content API"),
+        "{}",
+        d.log()
+    );
+    remove(&d, &pushed.reference);
+}
+
+#[test]
+fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
+    let tb = Testbed::get();
+    let shaper = Shaper::start(
+        &tb.registry,
+        Shape::far(Duration::from_millis(2), 2_000_000, 8_000_000),
+    )
+    .plain_http_for_containerd(&tb.dir);
+    let repo = Testbed::unique_repo("fetch-kill");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(48 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    let mut d = Daemon::start(&format!(
+        "PullTimeout: 20s\n{}",
+        proxied_registries(&tb, &shaper.addr)
+    ));
+    let image = format!("{}/{repo}:1", shaper.addr);
+    let mut pull = Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(["pull", &image])
+        .env("CIMAGE_SOCKET", d.socket())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "cimage's ingest of the big layer",
+        || ingests(&tb).contains(&big),
+    );
+    assert!(leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    d.kill9();
+    let _ = pull.wait();
+    shaper.reshape(Shape::none());
+    d.spawn();
+    // The lease of the killed daemon goes (at start-up, or by its expiry).
+    wait_for(Duration::from_secs(60), "the lease to go", || {
+        !leases(&tb).contains("cimage-fetch")
+    });
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}");
+    let out = run(&d, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!leases(&tb).contains("cimage-fetch"));
+    remove(&d, &image);
+}
