@@ -31,7 +31,7 @@ fn blob_gets(log: &Path, mark: u64, digest: &str) -> Vec<BlobGet> {
     let bytes = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
     text.lines()
-        .filter(|l| l.contains(&format!("\"GET /v2/")) && l.contains(&format!("/blobs/{digest} ")))
+        .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
         .filter_map(|l| {
             // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 8388608 "" "agent"
             let after = &l[l.find(" HTTP/1.1\" ")? + 11..];
