@@ -11,6 +11,9 @@
 //! - launch-to-exit of a trivial task on a warm image: `cimage run` (the CLI process) and the gRPC
 //!   `Launch` stream vs the raw CRI sequence (RunPodSandbox, CreateContainer, StartContainer,
 //!   ContainerStatus polling, RemoveContainer, StopPodSandbox, RemovePodSandbox), 30 runs each
+//! - cimage's parallel range fetch vs containerd's own `PullImage` through the link shaper at
+//!   three shapes, for one 512 MiB layer, 8 x 64 MiB layers and the Debian image; bytes over
+//!   the link, resident memory, a timeline of one pull (`fetch.rs`)
 //! - cimaged's CRI image endpoint vs containerd's: cold `PullImage`, `ImageStatus` p50/p99, 20
 //!   concurrent `PullImage`s of one cold image
 //! - a pending job's image wait at its start, with and without the Slurm queue source (the
@@ -22,6 +25,7 @@
 
 mod cri;
 mod expect;
+mod fetch;
 mod history;
 #[path = "../../tests/common/images.rs"]
 #[allow(dead_code)]
@@ -49,7 +53,8 @@ use oci_client::secrets::RegistryAuth;
 use rig::*;
 
 /// Whether a section runs: all by default, or those listed in `CIMAGE_BENCH_ONLY`
-/// (comma-separated: cold, progress, warm, always, herd, cri, launch, expect, history, prewarm, scale;
+/// (comma-separated: cold, progress, warm, always, herd, fetch, cri, launch, expect, history,
+/// prewarm, scale;
 /// and soak, which runs only when listed).
 fn want(section: &str) -> bool {
     match std::env::var("CIMAGE_BENCH_ONLY") {
@@ -240,6 +245,10 @@ async fn main() {
             "-".into(),
             "= 1",
         );
+    }
+    if want("fetch") {
+        eprintln!("bench: parallel range fetch against containerd's own pull ...");
+        fetch::fetch(&cri_path, &registry, &run, rootfs.as_ref()).await;
     }
     if want("cri") {
         eprintln!("bench: the CRI image endpoint ...");
