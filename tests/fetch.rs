@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,48 +16,6 @@ use common::shaper::{Shape, Shaper};
 use common::*;
 
 const MIB: usize = 1 << 20;
-
-/// One GET of a blob in a registry's access log.
-#[derive(Debug)]
-struct BlobGet {
-    status: u16,
-    bytes: u64,
-    agent: String,
-}
-
-/// The GETs of blob `digest` in the access log `log` since `mark`.
-fn blob_gets(log: &Path, mark: u64, digest: &str) -> Vec<BlobGet> {
-    let bytes = std::fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes[(mark as usize).min(bytes.len())..]).into_owned();
-    text.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
-        .filter_map(|l| {
-            // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 8388608 "" "agent"
-            let after = &l[l.find(" HTTP/1.1\" ")? + 11..];
-            let mut w = after.split_whitespace();
-            let status = w.next()?.parse().ok()?;
-            let bytes = w.next()?.parse().ok()?;
-            let agent = after.rsplit('"').nth(1)?.to_owned();
-            Some(BlobGet {
-                status,
-                bytes,
-                agent,
-            })
-        })
-        .collect()
-}
-
-/// The size of blob `digest` in the testbed registry under `root` (its storage directory).
-fn stored_size(root: &Path, digest: &str) -> u64 {
-    let hex = digest.trim_start_matches("sha256:");
-    let path = root.join(format!(
-        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-        &hex[..2]
-    ));
-    std::fs::metadata(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .len()
-}
 
 /// `ctr -n k8s.io leases ls` of the testbed's containerd.
 fn leases(tb: &Testbed) -> String {
