@@ -312,6 +312,7 @@ pub mod fake_task;
 pub mod task;
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, MountSpec,
-    PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, SpecMount, TaskRuntime,
+    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, LandingError,
+    MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, SpecMount,
+    TaskRuntime,
 };
