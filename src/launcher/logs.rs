@@ -46,8 +46,9 @@ pub fn parse_line(line: &str) -> Option<Chunk> {
 }
 
 /// Most bytes one [`Tail::read`] takes from the file, so one read never holds a whole large log
-/// in memory; [`Tail::has_more`] says when another read would find more at once.
-pub const MAX_READ: u64 = 4 << 20;
+/// in memory (a reader that does not read its answer holds at most this much of the file);
+/// [`Tail::has_more`] says when another read would find more at once.
+pub const MAX_READ: u64 = 512 << 10;
 
 /// An unfinished line longer than this is dropped: the runtime splits long lines into partial
 /// records far below it, so only a damaged file gets here.
