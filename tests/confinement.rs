@@ -377,6 +377,10 @@ fn job_ids_cannot_be_squatted_probed_or_listed() {
     };
     assert!(!ls.status.success(), "listed: {}", stdout(&ls));
     assert!(d.cli(&["end-job", &job]).status.success());
+    // The user's own job of that id is the user's to end, and its pod goes with it.
+    let out = d.cli_as(nobody, &["end-job", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(job_pods(&d, &format!("u65534.{job}")).is_empty());
 }
 
 /// A directory under the daemon's allowed mount prefix, owned by `uid` with `mode`.

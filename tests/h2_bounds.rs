@@ -384,3 +384,119 @@ fn the_cri_socket_serves_its_cap_of_connections_and_the_next_waits_its_turn() {
     ));
     assert!(rt.block_on(fifth.ping()));
 }
+
+/// An `Exec` request as the wire carries it: the gRPC prefix and the message.
+fn exec_message(task: &str, command: &[&str]) -> Vec<u8> {
+    use prost::Message;
+    let m = pb::ExecRequest {
+        task_id: task.to_owned(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        timeout_seconds: 0,
+    }
+    .encode_to_vec();
+    let mut out = grpc_prefix(m.len() as u32);
+    out.extend(m);
+    out
+}
+
+#[test]
+fn answers_a_user_does_not_read_hold_at_most_their_share_of_the_daemon() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "SocketGroup: nogroup\nMetricsAddr: 127.0.0.1:{port}\nLauncher.AllowUserLaunch: true"
+    ));
+    let pid = d.child.as_ref().unwrap().id();
+    let img = busybox(&d.testbed);
+    let nobody = Some(NOBODY);
+    let out = d.cli_as(
+        nobody,
+        &["run", "--detach", "--image", &img, "--", "sleep", "300"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let task = stdout(&out).trim().to_owned();
+    // The step is running once an exec in it answers.
+    let until = Instant::now() + Duration::from_secs(30);
+    while !d
+        .cli_as(nobody, &["exec", &task, "--", "true"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < until, "the step never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let idle = rss_kib(pid);
+    // 4 connections × 16 calls, each a command that prints 4 MB, whose answers are never read
+    // past the stream's first window.
+    let rt = runtime(4);
+    let connector = Connector::as_user(&d.socket(), NOBODY.0, NOBODY.1);
+    let message = exec_message(&task, &["head", "-c", "4000000", "/dev/zero"]);
+    let conns: Vec<Raw> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(Raw::start(connector.connect().unwrap(), true).await);
+        }
+        v
+    });
+    const EXEC: &str = "/cimage.v1.Launcher/Exec";
+    rt.block_on(async {
+        let calls = conns.iter().map(|c| {
+            let message = &message;
+            async move {
+                for i in 0..16u32 {
+                    let id = 2 * i + 1;
+                    assert!(c.open(id, EXEC).await);
+                    assert!(c.send_data(id, message, true).await);
+                }
+                assert!(c.ping().await, "the connection stays up");
+            }
+        });
+        within("sending", futures::future::join_all(calls)).await;
+    });
+    // Every call beyond the user's 16 was refused at once; the 16 wait on their reader.
+    let page = || scrape(port);
+    let refused = || {
+        series(
+            &page(),
+            "cimage_requests_refused_total{reason=\"too_many_answers\"}",
+        )
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    while refused() < 48.0 {
+        assert!(Instant::now() < until, "refused: {}; {}", refused(), page());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Let the 16 commands finish and their answers wait on the client.
+    std::thread::sleep(Duration::from_secs(3));
+    let held = rss_kib(pid);
+    let grown_mib = held.saturating_sub(idle) as f64 / 1024.0;
+    eprintln!("VmRSS idle {idle} KiB, with 64 unread exec answers asked for {held} KiB (+{grown_mib:.1} MiB)");
+    let open = conns
+        .iter()
+        .map(|c| {
+            c.seen(|s| {
+                (1..32)
+                    .step_by(2)
+                    .filter(|id| !s.ended.contains(id))
+                    .count()
+            })
+        })
+        .sum::<usize>();
+    assert_eq!(open, 16, "the user's answers in flight");
+    // 16 answers of 4 MB each at most, and what the calls themselves cost.
+    assert!(
+        grown_mib < 16.0 * 4.0 + 48.0,
+        "unread answers of one uid grew cimaged by {grown_mib:.1} MiB"
+    );
+    // Once those connections are gone, the user's answers are free again.
+    drop(conns);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = d.cli_as(nobody, &["exec", &task, "--", "echo", "free"]);
+        if out.status.success() && stdout(&out).contains("free") {
+            break;
+        }
+        assert!(Instant::now() < until, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.cli(&["cancel", &task]).status.success());
+}

@@ -39,10 +39,12 @@ pub enum Refusal {
     OverBudget,
     /// A request that had not arrived whole within `RequestReadTimeout`.
     ReadTimeout,
+    /// A call whose answer carries a step's output, beyond the uid's open ones.
+    TooManyAnswers,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 7] = [
+    const ALL: [Refusal; 8] = [
         Refusal::OverConnectionCap,
         Refusal::UnidentifiedPeer,
         Refusal::NotRoot,
@@ -50,6 +52,7 @@ impl Refusal {
         Refusal::ProtocolError,
         Refusal::OverBudget,
         Refusal::ReadTimeout,
+        Refusal::TooManyAnswers,
     ];
 
     /// The label value.
@@ -62,13 +65,16 @@ impl Refusal {
             Refusal::ProtocolError => "protocol_error",
             Refusal::OverBudget => "over_budget",
             Refusal::ReadTimeout => "read_timeout",
+            Refusal::TooManyAnswers => "too_many_answers",
         }
     }
 
     /// The counter it is counted in: connections or requests.
     fn counter(self) -> &'static str {
         match self {
-            Refusal::OverBudget | Refusal::ReadTimeout => "cimage_requests_refused_total",
+            Refusal::OverBudget | Refusal::ReadTimeout | Refusal::TooManyAnswers => {
+                "cimage_requests_refused_total"
+            }
             _ => "cimage_connections_refused_total",
         }
     }

@@ -6,6 +6,7 @@
 //! arrived whole ([`budget`], [`server`]); refusals are counted and logged sparingly ([`abuse`]).
 
 pub mod abuse;
+pub mod answers;
 pub mod authority;
 pub mod budget;
 pub mod cri_image;

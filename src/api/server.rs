@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use super::abuse::{AbuseLog, Refusal, REPORT_EVERY};
+use super::answers::{Answers, Held, OUTPUT_CALLS, USER_ANSWERS};
 use super::budget::{header_bytes, Metered, Metering, RequestBudget};
 use super::gate::{Gate, Gated};
 
@@ -50,6 +51,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let budget = RequestBudget::default();
+    let answers = Answers::default();
     let connections = TaskTracker::new();
     let (stop, stopped) = watch::channel(false);
     let mut flush =
@@ -85,6 +87,7 @@ pub async fn serve(
         let conn = Connection {
             routes: routes.clone(),
             budget: budget.clone(),
+            answers: answers.clone(),
             abuse: abuse.clone(),
             settings,
             limits: *gate.limits(),
@@ -118,6 +121,8 @@ fn is_transient(e: &std::io::Error) -> bool {
 struct Connection {
     routes: Routes,
     budget: RequestBudget,
+    /// The open answers that carry a step's output, per uid.
+    answers: Answers,
     abuse: AbuseLog,
     settings: ConnectionSettings,
     limits: super::gate::Limits,
@@ -141,6 +146,7 @@ impl Connection {
         let Connection {
             routes,
             budget,
+            answers,
             abuse,
             settings,
             limits,
@@ -151,12 +157,25 @@ impl Connection {
             let abuse = abuse_of_requests.clone();
             let mut charge = budget.charge(uid, budget_cap);
             let caller = caller.clone();
+            let answers = answers.clone();
             async move {
                 if let Err(over) = charge.set(header_bytes(&req)) {
                     abuse.note(Some(uid), Refusal::OverBudget);
                     let status = tonic::Status::resource_exhausted(over.to_string());
                     return Ok::<_, Infallible>(status.into_http());
                 }
+                // Root and admins are the node's own work: their answers are not counted.
+                let slot = match !admin && OUTPUT_CALLS.contains(&req.uri().path()) {
+                    false => None,
+                    true => match answers.take(uid, USER_ANSWERS) {
+                        Ok(slot) => Some(slot),
+                        Err(too_many) => {
+                            abuse.note(Some(uid), Refusal::TooManyAnswers);
+                            let status = tonic::Status::resource_exhausted(too_many.to_string());
+                            return Ok(status.into_http());
+                        }
+                    },
+                };
                 let how = Metering {
                     read_timeout: limits.request_read_timeout,
                     max_message: settings.max_message as u64,
@@ -166,7 +185,7 @@ impl Connection {
                 let deadline = client_deadline(req.headers());
                 let req =
                     req.map(|body| tonic::body::Body::new(Metered::new(body, charge, how, abuse)));
-                match deadline {
+                let answer = match deadline {
                     None => routes.oneshot(req).await,
                     Some(d) => match tokio::time::timeout(d, routes.oneshot(req)).await {
                         Ok(answer) => answer,
@@ -176,6 +195,13 @@ impl Connection {
                         ))
                         .into_http()),
                     },
+                };
+                // The slot is held until the answer has been sent whole (or dropped).
+                match slot {
+                    None => answer,
+                    Some(slot) => {
+                        answer.map(|a| a.map(|body| tonic::body::Body::new(Held::new(body, slot))))
+                    }
                 }
             }
         });

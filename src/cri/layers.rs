@@ -15,7 +15,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use crate::runtime::Landing;
+use crate::runtime::{Landing, LandingError};
 
 /// What a path is in one layer, or in the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +153,7 @@ const MAX_LINKS: usize = 255;
 
 /// Where `path` lands in the image, as runc resolves a mount destination (see the module's
 /// doc). Fails on a symlink loop.
-pub(super) fn resolve(layers: &[PathBuf], path: &str) -> Result<Landing, String> {
+pub(super) fn resolve(layers: &[PathBuf], path: &str) -> Result<Landing, LandingError> {
     let mut done: Vec<OsString> = Vec::new();
     let mut todo: VecDeque<OsString> = components(path.as_bytes()).collect();
     let mut looked_at = Vec::new();
@@ -172,10 +172,10 @@ pub(super) fn resolve(layers: &[PathBuf], path: &str) -> Result<Landing, String>
         if let Entry::Symlink(target) = lookup(layers, &done) {
             links += 1;
             if links > MAX_LINKS {
-                return Err(format!(
-                    "more than {MAX_LINKS} symlinks on the way (a loop at {})",
-                    show(&done)
-                ));
+                return Err(LandingError::SymlinkLoop {
+                    limit: MAX_LINKS,
+                    at: show(&done),
+                });
             }
             done.pop();
             if target.as_bytes().starts_with(b"/") {
@@ -240,7 +240,10 @@ mod tests {
         assert_eq!(lands(&all, "/a/c"), "/a/c");
         // A loop fails.
         symlink("/loop", base.join("loop")).unwrap();
-        assert!(resolve(&all, "/loop/x").unwrap_err().contains("symlinks"));
+        assert!(resolve(&all, "/loop/x")
+            .unwrap_err()
+            .to_string()
+            .contains("symlinks"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use tonic::transport::Channel;
 
 use super::layers::{entry, resolve, show_target, Entry};
-use crate::runtime::{EtcCheck, Landing, RuntimeError, RuntimeErrorKind};
+use crate::runtime::{EtcCheck, Landing, LandingError, RuntimeError, RuntimeErrorKind};
 
 /// `containerd.services.snapshots.v1.MountsRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -147,7 +147,7 @@ pub struct ImageView {
     pub etc: EtcCheck,
     /// Where each destination asked about lands in it, in order; `None` when the image could
     /// not be read (then `etc` says why).
-    pub landings: Option<Vec<Result<Landing, String>>>,
+    pub landings: Option<Vec<Result<Landing, LandingError>>>,
 }
 
 impl ImageView {

@@ -63,7 +63,7 @@ pub fn check_landings(
                 return Err(ReadBackRefusal::Unresolvable {
                     image: image.to_owned(),
                     target: m.destination.clone(),
-                    why: why.clone(),
+                    why: why.to_string(),
                 })
             }
             Some(Ok(l)) => landed.push((m, l)),
@@ -149,6 +149,7 @@ pub fn check_no_volume(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::LandingError;
     use std::path::PathBuf;
 
     /// A mount landing on `at`, having looked at every prefix of the walk given.
@@ -296,7 +297,10 @@ mod tests {
     #[test]
     fn a_loop_refuses_and_an_unread_image_is_logged_and_passes() {
         let mut all = runtime_mounts();
-        all[6].landing = Some(Err("more than 255 symlinks on the way".into()));
+        all[6].landing = Some(Err(LandingError::SymlinkLoop {
+            limit: 255,
+            at: "/a".into(),
+        }));
         assert!(check(&all).unwrap_err().contains("cannot be resolved"));
         let mut all = runtime_mounts();
         for m in &mut all {

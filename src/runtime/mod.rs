@@ -314,6 +314,7 @@ pub mod task;
 pub use content::{layer_ref, BlobTarget, BlobWriter, ContentStore};
 pub use task::{
     ContainerInfo, ContainerSpec, ContainerState, ContainerStatus, Created, DeviceSpec, EtcCheck,
-    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, MountSpec,
-    PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, SpecMount, TaskRuntime,
+    ExecAttach, ExecEvent, ExecInput, ExecOutput, ExecSession, HostProcess, Landing, LandingError,
+    MountSpec, PodInfo, PodSpec, ProcessIdentity, Resources, RuntimeVersion, SpecMount,
+    TaskRuntime,
 };

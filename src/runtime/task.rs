@@ -151,7 +151,20 @@ pub struct SpecMount {
     pub bind: bool,
     /// Where the destination resolves through the image's symlinks, as runc resolves it;
     /// `None` when the image's files were not read, an error when it cannot be resolved.
-    pub landing: Option<Result<Landing, String>>,
+    pub landing: Option<Result<Landing, LandingError>>,
+}
+
+/// Why a mount destination has no landing in the image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LandingError {
+    /// Following the image's symlinks did not end: more than `limit` of them on the way.
+    #[error("more than {limit} symlinks on the way (a loop at {at})")]
+    SymlinkLoop {
+        /// The most symlinks followed for one path.
+        limit: usize,
+        /// The path where the limit was passed.
+        at: String,
+    },
 }
 
 /// Where a mount destination resolves in a container's image: symlinks followed inside the
