@@ -41,32 +41,6 @@ pub(super) fn image_spec(image: &str) -> Option<ImageSpec> {
 /// The namespace containerd's CRI plugin keeps its images, containers and content in.
 const CRI_NAMESPACE: &str = "k8s.io";
 
-/// One unary call to a containerd service (not CRI) on the runtime's socket, in the CRI
-/// plugin's namespace: `method` is the full path, e.g.
-/// `/containerd.services.content.v1.Content/ListStatuses`.
-pub(super) async fn containerd_unary<Q, R>(
-    channel: Channel,
-    method: &'static str,
-    request: Q,
-) -> Result<R, Status>
-where
-    Q: prost::Message + Send + Sync + 'static,
-    R: prost::Message + Default + Send + Sync + 'static,
-{
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut req = tonic::Request::new(request);
-    req.metadata_mut().insert(
-        "containerd-namespace",
-        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
-    );
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-    let codec = tonic_prost::ProstCodec::<Q, R>::default();
-    Ok(grpc.unary(req, path, codec).await?.into_inner())
-}
-
 /// Opens a lazy gRPC channel to a unix socket; nothing is dialled until the first call. The
 /// channel pings its peer every 30 s (a quiet stream is not an idle connection, and a peer that
 /// went away is noticed) and gives up connecting after 5 s.

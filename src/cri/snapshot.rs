@@ -16,41 +16,15 @@
 
 use std::path::PathBuf;
 
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::MountsRequest;
+use containerd_client::types::Mount;
 use tonic::transport::Channel;
 
 use super::layers::{entry, resolve, show_target, Entry};
 use crate::runtime::{EtcCheck, Landing, LandingError, RuntimeError, RuntimeErrorKind};
 
-/// `containerd.services.snapshots.v1.MountsRequest`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct MountsRequest {
-    #[prost(string, tag = "1")]
-    snapshotter: String,
-    #[prost(string, tag = "2")]
-    key: String,
-}
-
-/// `containerd.services.snapshots.v1.MountsResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct MountsResponse {
-    #[prost(message, repeated, tag = "1")]
-    mounts: Vec<Mount>,
-}
-
-/// `containerd.types.Mount`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Mount {
-    #[prost(string, tag = "1")]
-    kind: String,
-    #[prost(string, tag = "2")]
-    source: String,
-    #[prost(string, tag = "3")]
-    target: String,
-    #[prost(string, repeated, tag = "4")]
-    options: Vec<String>,
-}
-
-/// Asks containerd for the mounts of snapshot `key` of `snapshotter`.
+/// Asks containerd's Snapshots service for the mounts of snapshot `key` of `snapshotter`.
 async fn snapshot_mounts(
     channel: Channel,
     snapshotter: &str,
@@ -60,20 +34,19 @@ async fn snapshot_mounts(
         snapshotter: snapshotter.to_owned(),
         key: key.to_owned(),
     };
-    let resp: MountsResponse = super::containerd_unary(
-        channel,
-        "/containerd.services.snapshots.v1.Snapshots/Mounts",
-        req,
-    )
-    .await?;
-    Ok(resp.mounts)
+    let mut client = SnapshotsClient::new(channel);
+    Ok(client
+        .mounts(super::content::request(req, None))
+        .await?
+        .into_inner()
+        .mounts)
 }
 
 /// The layer directories of a snapshot's mounts, topmost first: an overlay's `upperdir` and
 /// `lowerdir`s, or a bind mount's source. `None` for mounts of another kind.
 fn layers(mounts: &[Mount]) -> Option<Vec<PathBuf>> {
     let [m] = mounts else { return None };
-    match m.kind.as_str() {
+    match m.r#type.as_str() {
         "bind" => Some(vec![PathBuf::from(&m.source)]),
         "overlay" => {
             let opt = |k: &str| {
@@ -260,7 +233,7 @@ mod tests {
     #[test]
     fn overlay_and_bind_mounts_give_their_layers_topmost_first() {
         let overlay = Mount {
-            kind: "overlay".into(),
+            r#type: "overlay".into(),
             source: "overlay".into(),
             target: String::new(),
             options: vec![
@@ -275,7 +248,7 @@ mod tests {
             ["/s/9/fs", "/s/3/fs", "/s/2/fs", "/s/1/fs"].map(PathBuf::from)
         );
         let bind = Mount {
-            kind: "bind".into(),
+            r#type: "bind".into(),
             source: "/s/1/fs".into(),
             target: String::new(),
             options: vec!["ro".into(), "rbind".into()],
