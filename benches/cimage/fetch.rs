@@ -207,7 +207,7 @@ pub(crate) async fn fetch(cri: &str, registry: &str, run: &str, rootfs: Option<&
         images.push(("Debian+python3", at(p), p.layer_bytes, false));
     }
     let shapes = [
-        ("a", Shape::none(), "<= 1.03x"),
+        ("a", Shape::none(), ""),
         (
             "b",
             Shape::far(Duration::from_millis(20), 8_000_000, 64_000_000),

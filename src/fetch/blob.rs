@@ -83,18 +83,25 @@ pub(super) async fn run_all(
     writers: Vec<(Blob, Box<dyn BlobWriter>)>,
     counters: Vec<Arc<AtomicU64>>,
     fatal: watch::Sender<Option<FetchError>>,
+    first_in: watch::Sender<bool>,
 ) {
     let mut turn: Option<oneshot::Receiver<()>> = None;
     let mut blobs = Vec::new();
+    let mut first_in = Some(first_in);
     for ((blob, writer), counter) in writers.into_iter().zip(counters) {
         let (next_tx, next_rx) = oneshot::channel();
         let sh = Arc::clone(&shared);
         let mine = turn.replace(next_rx);
+        let tell = first_in.take();
         blobs.push(async move {
             if let Some(t) = mine {
                 let _ = t.await;
             }
-            one_blob(&sh, &blob, writer, &counter, next_tx).await
+            let r = one_blob(&sh, &blob, writer, &counter, next_tx).await;
+            if let Some(t) = tell {
+                t.send_replace(true);
+            }
+            r
         });
     }
     let mut all = futures::stream::iter(blobs).buffer_unordered(usize::MAX);

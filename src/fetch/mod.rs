@@ -233,13 +233,15 @@ impl Fetcher {
         let counters = fetched.iter().map(|(_, c)| Arc::clone(c)).collect();
         info!(image = %image, blobs = writers.len(), connections = self.settings.connections_per_pull, segment = self.settings.segment(), "fetching the big layers in ranges");
         let (fatal_tx, fatal) = watch::channel(None);
-        let task = tokio::spawn(blob::run_all(shared, writers, counters, fatal_tx));
+        let (first_tx, first_in) = watch::channel(false);
+        let task = tokio::spawn(blob::run_all(shared, writers, counters, fatal_tx, first_tx));
         Some(Fetch {
             lease,
             store: Arc::clone(&self.store),
             stop,
             task: Some(task),
             fatal,
+            first_in,
             fetched,
         })
     }
@@ -288,6 +290,7 @@ pub struct Fetch {
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
     fatal: watch::Receiver<Option<FetchError>>,
+    first_in: watch::Receiver<bool>,
     fetched: Vec<(String, Arc<AtomicU64>)>,
 }
 
@@ -303,6 +306,12 @@ impl Fetch {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// Turns `true` once the first blob cimage fetches is committed, or left to the runtime:
+    /// the runtime's pull may start then and find it at once.
+    pub fn first_in(&self) -> watch::Receiver<bool> {
+        self.first_in.clone()
     }
 
     /// The bytes cimage has fetched of each blob it fetches, by digest.

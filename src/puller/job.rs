@@ -128,13 +128,15 @@ pub(super) struct PullJob {
 }
 
 /// What an attempt follows: the layers' bytes (when the runtime reports them), whether the
-/// manifest is known, and the room that grows with the bytes.
+/// manifest is known, the room that grows with the bytes, and (when cimage fetches the big
+/// layers itself) what the runtime's pull waits for before it starts.
 #[derive(Clone, Copy)]
 struct Watch<'a> {
     tracker: &'a Mutex<Tracker>,
     bytes_known: bool,
     manifest_known: bool,
     room: &'a Room,
+    gate: Option<&'a watch::Receiver<bool>>,
 }
 
 impl PullJob {
@@ -296,6 +298,7 @@ impl PullJob {
             }
             _ => None,
         };
+        let gate = fetch.as_ref().map(|f| f.first_in());
         let pulled = retry(
             self.core.settings.retries,
             self.core.settings.backoff,
@@ -319,6 +322,7 @@ impl PullJob {
                     bytes_known,
                     manifest_known,
                     room: &room,
+                    gate: gate.as_ref(),
                 };
                 self.attempt(watch, window_end)
             },
@@ -389,12 +393,22 @@ impl PullJob {
             bytes_known,
             manifest_known,
             room,
+            gate,
         } = watch;
         let name = self.image.to_string();
-        let pull = self
-            .core
-            .runtime
-            .pull_image(&name, self.credentials.as_ref());
+        let mut gate = gate.cloned();
+        let pull = async {
+            // The runtime's pull starts once cimage's first big layer is in (or left to the
+            // runtime): it then finds that layer at once, where a pull started earlier would
+            // notice it only at its next look at the ref's lock (up to 2 s later).
+            if let Some(g) = gate.as_mut() {
+                let _ = g.wait_for(|ready| *ready).await;
+            }
+            self.core
+                .runtime
+                .pull_image(&name, self.credentials.as_ref())
+                .await
+        };
         tokio::pin!(pull);
         if !bytes_known {
             // Without bytes, the manifest read is the one sign of a registry that answers.
