@@ -174,12 +174,14 @@ fn a_corrupt_range_is_fetched_again() {
     let size = stored_size(&tb.dir.join("registry"), &big);
     assert!(
         gets.iter().all(|g| g.agent.starts_with("cimage/")),
-        "{gets:?}"
+        "{gets:?}\n{}",
+        d.log()
     );
     assert_eq!(
         gets.iter().map(|g| g.bytes).sum::<u64>(),
         2 * size,
-        "fetched twice, by cimage: {gets:?}"
+        "fetched twice, by cimage: {gets:?}\n{}",
+        d.log()
     );
     assert!(d.log().contains("does not match its digest"), "{}", d.log());
     let out = run(&d, &[&image], &["/bin/busybox", "true"]);

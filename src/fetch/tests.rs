@@ -296,7 +296,10 @@ async fn big_layers_are_fetched_in_order_each_byte_once_and_small_ones_left_alon
     let f = b.start().await.expect("big layers to fetch");
     let mut first = f.first_in();
     first.wait_for(|v| *v).await.unwrap();
-    assert!(b.committed(0), "the runtime's pull may start once the first is in");
+    assert!(
+        b.committed(0),
+        "the runtime's pull may start once the first is in"
+    );
     b.settled().await;
     let lease = f.lease.clone();
     f.finish().await;
@@ -505,7 +508,10 @@ async fn a_blob_the_registry_refuses_is_left_to_the_runtime() {
     let mut f = b.start().await.unwrap();
     b.settled().await;
     assert!(!b.committed(0) && b.committed(1));
-    assert!(*f.first_in().borrow(), "a first blob left to the runtime lets its pull start");
+    assert!(
+        *f.first_in().borrow(),
+        "a first blob left to the runtime lets its pull start"
+    );
     assert_eq!(b.store.state.lock().unwrap().aborted, vec![layer_ref(&d0)]);
     let failed = tokio::time::timeout(Duration::from_millis(200), f.failed()).await;
     assert!(failed.is_err(), "a fallback, never a failed pull");
