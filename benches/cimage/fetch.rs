@@ -221,7 +221,9 @@ pub(crate) async fn fetch(cri: &str, registry: &str, run: &str, rootfs: Option<&
     ];
     let idle = d.rss_kib();
     let mut peak_512 = 0;
-    for (shape, s, target) in &shapes {
+    // `CIMAGE_BENCH_FETCH_SHAPES` picks shapes (default `abc`).
+    let only = std::env::var("CIMAGE_BENCH_FETCH_SHAPES").unwrap_or_else(|_| "abc".into());
+    for (shape, s, target) in shapes.iter().filter(|(n, _, _)| only.contains(n)) {
         shaper.reshape(*s);
         for (label, image, layer_bytes, is_512) in &images {
             eprintln!("bench: fetch: shape {shape}, {label} ...");

@@ -262,10 +262,14 @@ impl CriWriter {
 
 #[async_trait]
 impl BlobWriter for CriWriter {
-    async fn write(&mut self, data: Bytes) -> Result<(), RuntimeError> {
-        self.buf.extend_from_slice(&data);
-        if self.buf.len() >= MESSAGE {
-            self.flush().await?;
+    async fn write(&mut self, mut data: Bytes) -> Result<(), RuntimeError> {
+        // In messages of at most MESSAGE bytes: what is held here stays under one message.
+        while !data.is_empty() {
+            let take = (MESSAGE - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data.split_to(take));
+            if self.buf.len() >= MESSAGE {
+                self.flush().await?;
+            }
         }
         Ok(())
     }

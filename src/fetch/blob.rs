@@ -479,7 +479,8 @@ async fn gather(
 ) -> Result<Vec<Bytes>, RegistryError> {
     let want = range.end - range.start;
     let mut got = 0u64;
-    let mut chunks = Vec::new();
+    // One buffer of exactly the range's size: what the budget counts is what is held.
+    let mut buf = bytes::BytesMut::with_capacity(want as usize);
     let fail = |what: &'static str, detail: String| {
         let mut e = RegistryError::new(&sh.image, RegistryErrorKind::Unreachable, what, detail);
         e.registry = host.to_owned();
@@ -497,7 +498,7 @@ async fn gather(
                     ),
                 ))
             }
-            Ok(None) if got == want => return Ok(chunks),
+            Ok(None) if got == want => return Ok(vec![buf.freeze()]),
             Ok(None) => {
                 return Err(fail(
                     "a range broke off",
@@ -515,7 +516,7 @@ async fn gather(
                     e.kind = RegistryErrorKind::Other;
                     return Err(e);
                 }
-                chunks.push(c);
+                buf.extend_from_slice(&c);
             }
         }
     }
