@@ -78,6 +78,12 @@ fn main() {
     // after).
     // SAFETY: mallopt before any thread exists only changes the allocator's tuning.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    // The range fetch's segments (MiBs each) are mapped and unmapped on their own, so what a
+    // fetch frees goes back at once instead of staying in an arena (glibc would otherwise raise
+    // its threshold past them after the first free). Measured: a 512 MiB fetch peaked at idle
+    // + 112 MiB without this.
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20) };
     let args = Args::parse();
     if args.config_reference || args.check_config {
         // A report piped into `head` ends quietly when the reader goes, as other command-line
