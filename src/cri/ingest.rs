@@ -81,10 +81,10 @@ impl ContentStore for CriImageRuntime {
         }
     }
 
-    async fn leases_labelled(&self, key: &str) -> Result<Vec<String>, RuntimeError> {
+    async fn leases_labelled(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
         let c = &self.content;
         let req = ListRequest {
-            filters: vec![format!("labels.\"{key}\"")],
+            filters: vec![format!("labels.\"{key}\"=={value}")],
         };
         let mut l = c.leases();
         Ok(c.bounded("Leases.List", l.list(request(req, None)))

@@ -64,6 +64,9 @@ pub struct FetchSettings {
     pub segment_retries: u32,
     /// First wait before a range is tried again; doubled each time.
     pub backoff: Duration,
+    /// Names this daemon's leases ([`OWNER_LABEL`]; letters and digits): a daemon that starts
+    /// deletes the leases its earlier self left, never another daemon's on the same runtime.
+    pub owner: String,
 }
 
 impl Default for FetchSettings {
@@ -78,6 +81,7 @@ impl Default for FetchSettings {
             stall_timeout: config::DEFAULT_PULL_STALL_TIMEOUT,
             segment_retries: 3,
             backoff: Duration::from_millis(500),
+            owner: "cimaged".into(),
         }
     }
 }
@@ -94,6 +98,8 @@ impl FetchSettings {
 
 /// The label that marks cimage's leases (its value: the image).
 pub const LEASE_LABEL: &str = "cimage.io/fetch";
+/// The label that names the daemon that made a lease ([`FetchSettings::owner`]).
+pub const OWNER_LABEL: &str = "cimage.io/fetch-owner";
 
 /// Why a pull must fail because of cimage's fetch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -182,7 +188,10 @@ impl Fetcher {
             return None;
         }
         let lease = format!("cimage-fetch-{:016x}", rand::random::<u64>());
-        let labels = [(LEASE_LABEL, image.to_string())];
+        let labels = [
+            (LEASE_LABEL, image.to_string()),
+            (OWNER_LABEL, self.settings.owner.clone()),
+        ];
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Err(e) = self
             .store
@@ -255,13 +264,17 @@ impl Fetcher {
         }
     }
 
-    /// Deletes the leases cimage left in the runtime (a daemon killed mid-fetch) whose
-    /// images no pull of this daemon is fetching: at start-up, before any pull.
+    /// Deletes the leases this daemon's earlier self left in the runtime (killed mid-fetch):
+    /// at start-up, before any pull. Other daemons' leases on the same runtime stay.
     pub async fn clean_leftovers(&self) {
         if self.settings.mode == FetchMode::Off || !self.store.available().await {
             return;
         }
-        match self.store.leases_labelled(LEASE_LABEL).await {
+        match self
+            .store
+            .leases_labelled(OWNER_LABEL, &self.settings.owner)
+            .await
+        {
             Ok(ids) => {
                 for id in ids {
                     info!(lease = %id, "deleting a lease an earlier cimaged left behind");

@@ -378,8 +378,8 @@ impl ContentStore for Gated {
     async fn delete_lease(&self, id: &str) -> Result<(), RuntimeError> {
         self.inner.delete_lease(id).await
     }
-    async fn leases_labelled(&self, key: &str) -> Result<Vec<String>, RuntimeError> {
-        self.inner.leases_labelled(key).await
+    async fn leases_labelled(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
+        self.inner.leases_labelled(key, value).await
     }
     async fn open_writer(
         &self,
@@ -558,12 +558,19 @@ async fn a_blob_held_already_is_not_fetched_and_a_dropped_fetch_lets_its_lease_g
 }
 
 #[tokio::test]
-async fn leftover_leases_are_deleted() {
+async fn only_this_daemons_leftover_leases_are_deleted() {
     let b = bench(&[9 * MIB], settings());
-    b.store.state.lock().unwrap().leases.insert(
-        "cimage-fetch-old".into(),
-        vec![(LEASE_LABEL.into(), "x".into())],
-    );
+    let lease = |owner: &str| {
+        vec![
+            (LEASE_LABEL.to_owned(), "x".to_owned()),
+            (OWNER_LABEL.to_owned(), owner.to_owned()),
+        ]
+    };
+    {
+        let mut s = b.store.state.lock().unwrap();
+        s.leases.insert("cimage-fetch-old".into(), lease("cimaged"));
+        s.leases.insert("another-cimaged".into(), lease("other"));
+    }
     b.store
         .state
         .lock()
@@ -572,7 +579,10 @@ async fn leftover_leases_are_deleted() {
         .insert("someone-else".into(), vec![]);
     b.fetcher.clean_leftovers().await;
     let s = b.store.state.lock().unwrap();
-    assert_eq!(s.leases.keys().collect::<Vec<_>>(), vec!["someone-else"]);
+    assert_eq!(
+        s.leases.keys().collect::<Vec<_>>(),
+        vec!["another-cimaged", "someone-else"]
+    );
 }
 
 #[test]

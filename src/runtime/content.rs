@@ -47,8 +47,8 @@ pub trait ContentStore: Send + Sync {
     /// Deletes lease `id` (what only it held becomes garbage); a lease already gone is done.
     async fn delete_lease(&self, id: &str) -> Result<(), RuntimeError>;
 
-    /// The leases carrying label `key` (any value).
-    async fn leases_labelled(&self, key: &str) -> Result<Vec<String>, RuntimeError>;
+    /// The leases carrying label `key` = `value`.
+    async fn leases_labelled(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError>;
 
     /// Opens a writer on `target.ref` under lease `lease`; `None` when the store holds the
     /// blob already. The writer holds the ref's lock until it is committed, aborted or
@@ -157,11 +157,15 @@ pub mod fake {
             self.state.lock().unwrap().leases.remove(id);
             Ok(())
         }
-        async fn leases_labelled(&self, key: &str) -> Result<Vec<String>, RuntimeError> {
+        async fn leases_labelled(
+            &self,
+            key: &str,
+            value: &str,
+        ) -> Result<Vec<String>, RuntimeError> {
             let s = self.state.lock().unwrap();
             Ok(s.leases
                 .iter()
-                .filter(|(_, l)| l.iter().any(|(k, _)| k == key))
+                .filter(|(_, l)| l.iter().any(|(k, v)| k == key && v == value))
                 .map(|(id, _)| id.clone())
                 .collect())
         }

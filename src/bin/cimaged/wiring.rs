@@ -153,6 +153,12 @@ pub fn wire(s: &Settings) -> Result<Wiring, ConfigError> {
         min_blob_size: pf.min_blob_size,
         max_buffer_per_pull: pf.max_buffer_per_pull,
         stall_timeout: ic.pull_stall_timeout,
+        // The daemon is its state directory: a restarted one finds its leases by it.
+        owner: {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(s.state_dir.to_string_lossy().as_bytes());
+            h[..8].iter().map(|b| format!("{b:02x}")).collect()
+        },
         ..FetchSettings::default()
     };
     Ok(Wiring {
