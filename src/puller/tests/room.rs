@@ -203,4 +203,3 @@ async fn a_blob_counts_once_and_not_at_all_when_the_runtime_holds_it() {
     );
     assert_eq!(ok.record.counted_size(), REAL, "the layer once");
 }
-
