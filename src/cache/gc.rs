@@ -329,8 +329,9 @@ impl Cache {
     }
 
     /// Room for a pull of `pull` bytes if it fits as things are, evicting nothing; `None`
-    /// when it would need an eviction (the caller checks the size it was told before asking
-    /// [`Cache::make_room_for`]).
+    /// when it would need an eviction that the rules allow (the caller then makes room only
+    /// as the bytes really arrive); `NoRoom` when even evicting everything the rules allow
+    /// would not make room for it. A claimed size may so refuse a pull, but never evicts.
     pub async fn room_if_it_fits(&self, pull: Incoming) -> Result<Option<Reservation>, CacheError> {
         let reserve = || Reservation {
             index: Counted::new(&self.reserved, pull.index),
@@ -344,9 +345,26 @@ impl Cache {
             index: pull.index + self.reserved_bytes() + self.arrived_bytes(),
             disk: pull.disk + self.reserved_disk.load(Ordering::SeqCst),
         };
-        match self.fits_locked(incoming, &settings).await? {
-            true => Ok(Some(reserve())),
-            false => Ok(None),
+        if self.fits_locked(incoming, &settings).await? {
+            return Ok(Some(reserve()));
+        }
+        let report = self
+            .gc_locked(
+                Gc {
+                    dry_run: true,
+                    incoming,
+                    reconcile: true,
+                    all_or_nothing: true,
+                },
+                settings,
+            )
+            .await?;
+        match report.plan.shortfall {
+            Some(reason) => Err(CacheError::NoRoom {
+                bytes: pull.index,
+                reason,
+            }),
+            None => Ok(None),
         }
     }
 

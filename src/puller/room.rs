@@ -5,7 +5,9 @@
 //! A blob counts once however often the manifest lists it; one the runtime holds adds nothing
 //! to the disk, and counts against `MaxBytes` at the size the runtime holds it. A pull of the
 //! node's own work (root, admins, the CRI endpoint, job steps, pre-warm) whose claimed sizes fit
-//! without evicting anything holds room for them from its start. Any other pull — a user's, or
+//! without evicting anything holds room for them from its start, and one whose claims could not
+//! fit even by evicting everything the rules allow fails at once (a claim may refuse a pull,
+//! never evict). Any other pull — a user's, or
 //! the node's that would need eviction — makes room only as its layers' bytes really arrive (as
 //! the runtime's downloads show them), so it can make no more go than what it brings, plus the
 //! watermarks' margin once the filesystem passes `HighPercent`. Once pulled, an image is
@@ -39,9 +41,10 @@ impl PullJob {
     }
 
     /// With eviction on and the manifest known: room held now when the pull is the node's
-    /// work and its claimed sizes fit without evicting anything; otherwise room that grows as
-    /// its bytes arrive. The time the runtime takes to say which blobs it holds moves
-    /// `window_end` on.
+    /// work and its claimed sizes fit without evicting anything; a failure when they could
+    /// not fit even by evicting all the rules allow (a claim can refuse the pull, never
+    /// evict); otherwise room that grows as its bytes arrive. The time the runtime takes to
+    /// say which blobs it holds moves `window_end` on.
     pub(super) async fn make_room(
         &self,
         manifest: Option<&ImageManifest>,

@@ -140,15 +140,31 @@ async fn a_users_pull_evicts_no_more_than_it_brings() {
     assert!((1..=2).contains(&evicted), "{evicted} victims evicted");
 }
 
+/// Makes the liar's layer claim `claimed` bytes (manifest and runtime alike).
+fn claim(r: &Rig, claimed: u64) {
+    r.reg
+        .manifests
+        .lock()
+        .unwrap()
+        .get_mut(LIAR)
+        .unwrap()
+        .layers[0]
+        .size = claimed;
+    r.rt.offer(LIAR, LIAR_ID, "sha256:d9", claimed);
+}
+
 #[tokio::test]
 async fn a_nodes_pull_that_does_not_fit_as_claimed_makes_room_as_its_bytes_arrive() {
     let (r, victims) = rig_with_victims(2 * REAL).await;
-    // The registry's HEAD lies as well as its manifest: neither is asked or believed.
+    // A claim that would need six victims gone (it could fit only by evicting them); the
+    // registry's HEAD says the same: neither is believed.
+    let claimed = 8 * VICTIM;
+    claim(&r, claimed);
     r.reg
         .blob_lengths
         .lock()
         .unwrap()
-        .insert(LAYER.into(), CLAIMED);
+        .insert(LAYER.into(), claimed);
     let feeder = feed(&r, REAL);
     let ok = r.puller.ensure(req(LIAR, None)).await.unwrap();
     feeder.await.unwrap();
@@ -162,12 +178,22 @@ async fn a_nodes_pull_that_does_not_fit_as_claimed_makes_room_as_its_bytes_arriv
 async fn a_nodes_pull_evicts_no_more_than_it_brings() {
     // 3,500 bytes really arrive where 1,500 are free: two victims (2,000 bytes) make room.
     let (r, victims) = rig_with_victims(1_500).await;
+    claim(&r, 8 * VICTIM);
     let feeder = feed(&r, 3_500);
     let ok = r.puller.ensure(req(LIAR, None)).await.unwrap();
     feeder.await.unwrap();
     assert_eq!(ok.action, Action::Pulled);
     let evicted = 8 - kept(&r, &victims);
     assert!((1..=2).contains(&evicted), "{evicted} victims evicted");
+}
+
+#[tokio::test]
+async fn a_nodes_pull_whose_claim_could_never_fit_fails_and_evicts_nothing() {
+    // 9 MB claimed where evicting every victim frees 8,000 bytes.
+    let (r, victims) = rig_with_victims(2 * REAL).await;
+    let e = r.puller.ensure(req(LIAR, None)).await;
+    assert!(matches!(e, Err(PullError::NoRoom { .. })), "{e:?}");
+    assert_eq!(kept(&r, &victims), 8);
 }
 
 #[tokio::test]
