@@ -301,6 +301,15 @@ impl Cache {
         Ok(reserve())
     }
 
+    /// Brings the images back within the limits after a pull has been indexed, evicting what
+    /// the rules need (or nothing, when the target cannot be met): a pull whose room grew as
+    /// its bytes arrived may have shown few of them (the runtime's downloads are looked at
+    /// twice a second, and a fast pull is done between two looks), so what it brought is
+    /// counted here, as the index counts it now.
+    pub async fn settle(&self) -> Result<(), CacheError> {
+        self.make_room_for(Incoming::default()).await.map(drop)
+    }
+
     /// Room for a pull whose size cannot be trusted (a manifest the requester may have
     /// written): nothing is set aside now; [`Cache::grow_room`] makes room as its bytes really
     /// arrive, so the pull can make no more go than what it brings (plus the watermarks'
