@@ -499,4 +499,20 @@ fn answers_a_user_does_not_read_hold_at_most_their_share_of_the_daemon() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(d.cli(&["cancel", &task]).status.success());
+    // The step's container and pod are gone before the daemon stops.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["ps", "-a", "-o", "json"]).stdout).unwrap();
+        let cleaned = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == task.as_str() && t["cleaned_up"] == true);
+        if cleaned {
+            break;
+        }
+        assert!(Instant::now() < until, "task {task} not cleaned up: {ps}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -1,8 +1,12 @@
 //! The fleet's question, answered per node: `cimage_image_ready{image}` is 1 when this node
-//! holds the image and 0 when not, for each image an admin named — pinned, expected (by hand or
-//! by the scheduler's queue) or listed in a pre-warm schedule. Bounded by what admins name, not
-//! by every image ever seen; with it, "which nodes lack image X" is one PromQL query
-//! (`cimage_image_ready{image="X"} == 0`).
+//! holds the image and 0 when not, for each image an admin named — pinned, expected (by root,
+//! an admin or the scheduler's queue) or listed in a pre-warm schedule. Bounded by what admins
+//! name, not by every image ever seen, nor by what users expect for themselves; with it,
+//! "which nodes lack image X" is one PromQL query (`cimage_image_ready{image="X"} == 0`).
+//!
+//! `/metrics` is readable by anyone who reaches its address, so an image that needs
+//! credentials (pulled or expected with them) never appears: its name is the private-image
+//! rule's to show.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ pub async fn refresh(metrics: &Metrics, cache: &Cache, prewarm: &Prewarmer, expe
         return;
     };
     let mut named: BTreeMap<String, f64> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.pinned) {
+    for r in records.iter().filter(|r| r.pinned && !r.credentialed) {
         named.insert(
             r.names.first().cloned().unwrap_or_else(|| r.id.clone()),
             1.0,
@@ -32,7 +36,12 @@ pub async fn refresh(metrics: &Metrics, cache: &Cache, prewarm: &Prewarmer, expe
         uid: 0,
         admin: true,
     };
-    let mut wanted: Vec<String> = expector.list(root).into_iter().map(|e| e.image).collect();
+    let mut wanted: Vec<String> = expector
+        .list(root)
+        .into_iter()
+        .filter(|e| e.by_admin && !e.credentialed)
+        .map(|e| e.image)
+        .collect();
     if let Ok(schedules) = prewarm.list().await {
         wanted.extend(schedules.into_iter().flat_map(|s| s.spec.images));
     }
@@ -72,6 +81,8 @@ mod tests {
     const HELD: &str = "127.0.0.1:5000/held:1";
     const MISSING: &str = "127.0.0.1:5000/missing:1";
     const EXPECTED: &str = "127.0.0.1:5000/expected:1";
+    const USERS: &str = "127.0.0.1:5000/users-own:1";
+    const PRIVATE: &str = "127.0.0.1:5000/secret/project-x:1";
     const PINNED: &str = "127.0.0.1:5000/pinned:1";
 
     #[tokio::test]
@@ -145,8 +156,31 @@ mod tests {
             )
             .await
             .unwrap();
+        // A user's own expectation, and one that needs credentials (root's): no series.
+        let ours = |image: &str, credentials| ExpectRequest {
+            image: image.into(),
+            deadline_ms: chrono::Utc::now().timestamp_millis() + 3_600_000,
+            job: None,
+            credentials,
+        };
+        let user = Asker {
+            uid: 1000,
+            admin: false,
+        };
+        expector.expect(ours(USERS, None), user).await.unwrap();
+        let secret = crate::credentials::Credentials {
+            username: "u".into(),
+            password: "p".into(),
+            kind: Default::default(),
+        };
+        expector
+            .expect(ours(PRIVATE, Some(secret)), root)
+            .await
+            .unwrap();
         refresh(&r.metrics, &r.cache, &prewarm, &expector).await;
         let page = r.metrics.render();
+        assert!(!page.contains(USERS), "{page}");
+        assert!(!page.contains(PRIVATE), "{page}");
         let ready = |image: &str| r.metrics.gauge("cimage_image_ready", &[("image", image)]);
         assert_eq!(ready(HELD), 1.0);
         assert_eq!(ready(PINNED), 1.0);

@@ -301,6 +301,15 @@ impl Cache {
         Ok(reserve())
     }
 
+    /// Brings the images back within the limits after a pull has been indexed, evicting what
+    /// the rules need (or nothing, when the target cannot be met): a pull whose room grew as
+    /// its bytes arrived may have shown few of them (the runtime's downloads are looked at
+    /// twice a second, and a fast pull is done between two looks), so what it brought is
+    /// counted here, as the index counts it now.
+    pub async fn settle(&self) -> Result<(), CacheError> {
+        self.make_room_for(Incoming::default()).await.map(drop)
+    }
+
     /// Room for a pull whose size cannot be trusted (a manifest the requester may have
     /// written): nothing is set aside now; [`Cache::grow_room`] makes room as its bytes really
     /// arrive, so the pull can make no more go than what it brings (plus the watermarks'
@@ -329,8 +338,9 @@ impl Cache {
     }
 
     /// Room for a pull of `pull` bytes if it fits as things are, evicting nothing; `None`
-    /// when it would need an eviction (the caller checks the size it was told before asking
-    /// [`Cache::make_room_for`]).
+    /// when it would need an eviction that the rules allow (the caller then makes room only
+    /// as the bytes really arrive); `NoRoom` when even evicting everything the rules allow
+    /// would not make room for it. A claimed size may so refuse a pull, but never evicts.
     pub async fn room_if_it_fits(&self, pull: Incoming) -> Result<Option<Reservation>, CacheError> {
         let reserve = || Reservation {
             index: Counted::new(&self.reserved, pull.index),
@@ -344,9 +354,26 @@ impl Cache {
             index: pull.index + self.reserved_bytes() + self.arrived_bytes(),
             disk: pull.disk + self.reserved_disk.load(Ordering::SeqCst),
         };
-        match self.fits_locked(incoming, &settings).await? {
-            true => Ok(Some(reserve())),
-            false => Ok(None),
+        if self.fits_locked(incoming, &settings).await? {
+            return Ok(Some(reserve()));
+        }
+        let report = self
+            .gc_locked(
+                Gc {
+                    dry_run: true,
+                    incoming,
+                    reconcile: true,
+                    all_or_nothing: true,
+                },
+                settings,
+            )
+            .await?;
+        match report.plan.shortfall {
+            Some(reason) => Err(CacheError::NoRoom {
+                bytes: pull.index,
+                reason,
+            }),
+            None => Ok(None),
         }
     }
 

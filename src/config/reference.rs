@@ -284,7 +284,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "ImageCache.Launcher.MaxLogDirSize",
         default: Default::Value("10GiB"),
-        meaning: "bound on all step logs under `LogDir`: a few seconds after steps end (and every 5 minutes), the logs of finished steps are removed, those written last the longest ago first, until the rest fits; a running step's log is never removed (its own share bounds it)",
+        meaning: "bound on all step logs under `LogDir`: a few seconds after steps end (and every 5 minutes), the logs of finished steps are removed, those of the user who holds the most bytes of them first (oldest first), until the rest fits; a running step's log is never removed (its own share bounds it)",
     },
     Key {
         name: "ImageCache.Eviction.Enabled",

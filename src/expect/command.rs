@@ -23,6 +23,9 @@ struct Line {
     job: String,
     image: String,
     start: String,
+    /// The uid the job runs as (optional).
+    #[serde(default)]
+    uid: Option<u32>,
 }
 
 /// A site's command as a queue source.
@@ -69,6 +72,7 @@ impl QueueSource for CommandSource {
                     job: l.job,
                     image: l.image,
                     start_ms: start,
+                    uid: l.uid,
                 });
             }
         }

@@ -145,9 +145,11 @@ impl Expector {
         };
         // A user's expectation pulls under that user's share of the slots, as their own pull
         // would; the scheduler's and the admins' are the node's work.
-        let owner = match (e.by_admin, e.owner) {
-            (true, _) | (_, 0) => SlotOwner::Node,
-            (false, uid) => SlotOwner::User(uid),
+        // A queue source's expectation pulls under its job's user's share.
+        let owner = match (e.job_uid, e.by_admin, e.owner) {
+            (Some(uid), _, _) if uid != 0 => SlotOwner::User(uid),
+            (_, true, _) | (_, _, 0) => SlotOwner::Node,
+            (_, false, uid) => SlotOwner::User(uid),
         };
         let result = self
             .puller
@@ -327,7 +329,8 @@ impl Expector {
     pub(super) async fn follow(&self, kind: Source, view: QueueView) -> Result<(), StoreError> {
         let _edit = self.edit.lock().await;
         let now = self.clock.now_ms();
-        let mut planned: HashMap<String, (String, Option<String>, i64)> = HashMap::new();
+        let mut planned: HashMap<String, (String, Option<String>, i64, Option<u32>)> =
+            HashMap::new();
         for p in &view.planned {
             let image = match ImageRef::parse(&p.image) {
                 Ok(i) => i.to_string(),
@@ -341,17 +344,18 @@ impl Expector {
                 continue;
             }
             let key = key_of(0, Some(&p.job), &image);
-            planned.insert(key, (image, Some(p.job.clone()), p.start_ms));
+            planned.insert(key, (image, Some(p.job.clone()), p.start_ms, p.uid));
         }
         let running: HashMap<&str, Option<i64>> =
             view.running.iter().map(|(j, s)| (j.as_str(), *s)).collect();
-        for (key, (image, job, start)) in &planned {
+        for (key, (image, job, start, uid)) in &planned {
             let mut e = self.record(key).unwrap_or_else(|| {
                 new_expectation(key.clone(), image.clone(), job.clone(), 0, kind, now)
             });
-            if e.deadline_ms != *start || e.running {
+            if e.deadline_ms != *start || e.running || e.job_uid != *uid {
                 e.deadline_ms = *start;
                 e.running = false;
+                e.job_uid = *uid;
                 self.save(&e).await?;
                 self.changed.notify_one();
             }

@@ -440,6 +440,7 @@ fn new_expectation(
         source,
         owner,
         by_admin: owner == 0,
+        job_uid: None,
         credentialed: false,
         created_ms: now,
         state: State::Waiting,

@@ -16,9 +16,9 @@ use chrono::TimeZone;
 
 use super::source::{Planned, QueueSource, QueueView, Runner, SourceError};
 
-/// The `squeue` columns read: id, state, start, planned nodes, allocated nodes, comment (last,
-/// since a comment may hold the separator).
-const SQUEUE_FORMAT: &str = "%i|%T|%S|%Y|%N|%k";
+/// The `squeue` columns read: id, state, start, planned nodes, allocated nodes, the job's uid,
+/// comment (last, since a comment may hold the separator).
+const SQUEUE_FORMAT: &str = "%i|%T|%S|%Y|%N|%U|%k";
 
 /// Jobs whose script's answer is remembered (the oldest half is dropped past it).
 const SCRIPTS_KEPT: usize = 4096;
@@ -105,6 +105,7 @@ impl QueueSource for SlurmSource {
                             job: row.job,
                             image,
                             start_ms: start,
+                            uid: row.uid,
                         });
                     }
                 }
@@ -126,19 +127,21 @@ struct Row {
     start_ms: Option<i64>,
     planned_nodes: String,
     nodes: String,
+    uid: Option<u32>,
     comment: String,
 }
 
 fn parse_squeue(text: &str) -> Vec<Row> {
     text.lines()
         .filter_map(|l| {
-            let mut f = l.splitn(6, '|');
+            let mut f = l.splitn(7, '|');
             Some(Row {
                 job: f.next()?.trim().to_owned(),
                 state: f.next()?.trim().to_owned(),
                 start_ms: slurm_time(f.next()?.trim()),
                 planned_nodes: f.next()?.trim().to_owned(),
                 nodes: f.next()?.trim().to_owned(),
+                uid: f.next()?.trim().parse().ok(),
                 comment: f.next().unwrap_or("").trim().to_owned(),
             })
         })
@@ -321,14 +324,14 @@ mod tests {
     async fn pending_jobs_planned_here_within_the_horizon_are_planned() {
         let r = Arc::new(TableRunner::default());
         r.answer(
-            "squeue -h -t PD,R,CG -o %i|%T|%S|%Y|%N|%k",
-            Ok("10|RUNNING|2026-12-06T07:00:00|(null)|vm|\n\
-                11|PENDING|2026-12-06T08:00:00|vm|(null)|\n\
-                12|PENDING|2026-12-06T08:05:00|other|(null)|image=reg/x:1\n\
-                13|PENDING|2026-12-06T08:10:00|vm,other|(null)|image=reg/from-comment:1\n\
-                14|PENDING|N/A|(null)|(null)|image=reg/unplanned:1\n\
-                15|PENDING|2026-12-06T12:00:00|vm|(null)|image=reg/far:1\n\
-                16|RUNNING|2026-12-06T07:30:00|(null)|other|\n"),
+            "squeue -h -t PD,R,CG -o %i|%T|%S|%Y|%N|%U|%k",
+            Ok("10|RUNNING|2026-12-06T07:00:00|(null)|vm|1000|\n\
+                11|PENDING|2026-12-06T08:00:00|vm|(null)|1000|\n\
+                12|PENDING|2026-12-06T08:05:00|other|(null)|1000|image=reg/x:1\n\
+                13|PENDING|2026-12-06T08:10:00|vm,other|(null)|1001|image=reg/from-comment:1\n\
+                14|PENDING|N/A|(null)|(null)|1000|image=reg/unplanned:1\n\
+                15|PENDING|2026-12-06T12:00:00|vm|(null)|1000|image=reg/far:1\n\
+                16|RUNNING|2026-12-06T07:30:00|(null)|other|1000|\n"),
         );
         r.answer(
             "scontrol write batch_script 11 -",
@@ -348,11 +351,13 @@ mod tests {
                     job: "11".into(),
                     image: "reg/app:1".into(),
                     start_ms: ms("2026-12-06T08:00:00"),
+                    uid: Some(1000),
                 },
                 Planned {
                     job: "13".into(),
                     image: "reg/from-comment:1".into(),
                     start_ms: ms("2026-12-06T08:10:00"),
+                    uid: Some(1001),
                 },
             ]
         );
@@ -376,7 +381,7 @@ mod tests {
     async fn a_slurm_that_does_not_answer_is_an_error() {
         let r = Arc::new(TableRunner::default());
         r.answer(
-            "squeue -h -t PD,R,CG -o %i|%T|%S|%Y|%N|%k",
+            "squeue -h -t PD,R,CG -o %i|%T|%S|%Y|%N|%U|%k",
             Err(SourceError::Failed {
                 program: "squeue".into(),
                 status: "exit status: 1".into(),

@@ -21,6 +21,9 @@ pub struct Planned {
     pub image: String,
     /// Its expected start, Unix ms.
     pub start_ms: i64,
+    /// The uid the job runs as, when the source says: the image is that user's choice, so its
+    /// pull counts against that user's share of the pull slots.
+    pub uid: Option<u32>,
 }
 
 /// What a source sees in one look at the queue.

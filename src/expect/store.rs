@@ -101,6 +101,10 @@ pub struct Expectation {
     /// share of the pull slots (`MaxPullsPerUser`).
     #[serde(default)]
     pub by_admin: bool,
+    /// For a queue source's expectation, the uid its job runs as: its pull counts against that
+    /// user's share of the pull slots (the image is the user's choice).
+    #[serde(default)]
+    pub job_uid: Option<u32>,
     /// Credentials were given with it (kept in memory only, never here).
     pub credentialed: bool,
     /// When it was first made (Unix ms).

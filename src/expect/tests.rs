@@ -325,6 +325,7 @@ async fn a_queue_sources_jobs_are_followed_until_they_leave_the_queue() {
             job: "100".into(),
             image: "127.0.0.1:5000/a:1".into(),
             start_ms: T0 + start,
+            uid: Some(1000),
         }],
         ..Default::default()
     };
@@ -335,6 +336,8 @@ async fn a_queue_sources_jobs_are_followed_until_they_leave_the_queue() {
         (Source::Slurm, 0, Some("100"))
     );
     assert_eq!(e.deadline_ms, T0 + 600_000);
+    // Its pull counts against the job's user's share (the image is the user's choice).
+    assert_eq!(e.job_uid, Some(1000));
     // The plan moves: the same expectation moves.
     r.x.follow(Source::Slurm, plan(300_000)).await.unwrap();
     assert_eq!(r.x.list(ROOT).len(), 1);

@@ -119,8 +119,9 @@ impl Launcher {
     }
 
     /// The image made ready through the puller (its pull shown as it moves) and marked in use:
-    /// the runtime's image id. A launch by a caller who is neither root nor an admin pulls
-    /// under that caller's share of the node's pull slots, as its `cimage pull` would.
+    /// the runtime's image id. A step as a user (whoever launches it), or a launch by a caller
+    /// who is neither root nor an admin, pulls under that user's share of the node's pull
+    /// slots, as the user's own `cimage pull` would.
     async fn image_stage(
         &self,
         task: &mut TaskRecord,
@@ -130,9 +131,13 @@ impl Launcher {
     ) -> Result<String, Stopped> {
         let started = Instant::now();
         let (clock, id) = (Arc::clone(&self.clock), task.id.clone());
-        let owner = match step.v.creator.admin {
-            true => SlotOwner::Node,
-            false => SlotOwner::User(step.v.creator.uid),
+        // The image is the step's user's choice even when the scheduler (root) launches it:
+        // a step as a user pulls under that user's share, so an image that never arrives
+        // holds none of the node's other slots.
+        let owner = match (step.v.creator.admin, step.v.identity.uid) {
+            (true, 0) => SlotOwner::Node,
+            (true, uid) => SlotOwner::User(uid),
+            (false, _) => SlotOwner::User(step.v.creator.uid),
         };
         let request = ensure_request(task, &step.spec);
         let ensure = self.puller.ensure_watched_for(request, owner, |p| {

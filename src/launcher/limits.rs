@@ -79,9 +79,12 @@ pub fn check_cgroup_parent(p: &str, allowed: &[String], any: bool) -> Result<(),
     }
     let within = allowed.iter().any(|prefix| {
         p == prefix
-            || (prefix.ends_with(".slice")
-                && p.starts_with(prefix.trim_end_matches(".slice"))
-                && p.ends_with(".slice"))
+            // systemd names a slice's children by its name and a dash: crane.slice holds
+            // crane-job_1.slice, never cranex.slice.
+            || prefix.strip_suffix(".slice").is_some_and(|stem| {
+                p.strip_prefix(stem)
+                    .is_some_and(|rest| rest.starts_with('-') && rest.ends_with(".slice"))
+            })
             || p.strip_prefix(prefix.as_str())
                 .is_some_and(|rest| prefix.ends_with('/') || rest.starts_with('/'))
     });
@@ -120,7 +123,13 @@ mod tests {
         for ok in ["/crane/job_1", "/crane", "crane-job_1.slice"] {
             assert!(user(ok).is_ok(), "{ok}");
         }
-        for denied in ["/system.slice/x", "/cranex", "other.slice"] {
+        for denied in [
+            "/system.slice/x",
+            "/cranex",
+            "other.slice",
+            "cranebomb.slice",
+            "crane_x.slice",
+        ] {
             assert!(
                 matches!(user(denied), Err(SpecError::Denied(_))),
                 "{denied}"

@@ -1,8 +1,8 @@
 //! Keeping step logs within bounds: a running step's log is measured every few seconds and
 //! rotated past `Launcher.MaxLogSize` (renamed, then the runtime reopens it; the oldest rotated
 //! files beyond `MaxLogFiles` go), and the log directory as a whole is kept under
-//! `MaxLogDirSize` by removing the logs of finished steps, those written last the longest ago
-//! first. Sizes are read periodically, never per byte written.
+//! `MaxLogDirSize` by removing the logs of finished steps, the biggest user's oldest first.
+//! Sizes are read periodically, never per byte written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,21 +108,44 @@ impl Launcher {
         w.plan(size, 0, limits.max_size);
     }
 
-    /// Removes the logs of finished steps, those written last the longest ago first, while
-    /// the log directory holds more than `MaxLogDirSize`. Running steps' logs are never
-    /// removed (each is bounded by its own share). Returns the steps whose logs went.
+    /// Removes the logs of finished steps while the log directory holds more than
+    /// `MaxLogDirSize`: those of the user who holds the most bytes of them first, oldest
+    /// first, so that one user's output never pushes out another's while it holds more.
+    /// Running steps' logs are never removed (each is bounded by its own share). Returns the
+    /// steps whose logs went.
     pub async fn keep_log_dir_in_bounds(&self) -> usize {
         let root = self.settings.log_dir.clone();
         let max = self.settings.logs.max_dir_size;
         let live: std::collections::HashSet<String> =
             self.live.lock().unwrap().keys().cloned().collect();
+        let (steps, total) = blocking(move || log_files::walk(&root)).await;
+        if total <= max {
+            return 0;
+        }
+        let finished: Vec<_> = steps
+            .into_iter()
+            .filter(|s| !live.contains(&s.task))
+            .collect();
+        let ids: Vec<String> = finished.iter().map(|s| s.task.clone()).collect();
+        let uids = self
+            .blocking(move |s| {
+                Ok(ids
+                    .iter()
+                    .map(|id| s.task(id).ok().flatten().map(|t| t.uid))
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                warn!("reading whose step logs are whose: {e}");
+                Vec::new()
+            });
+        let mut uids = uids.into_iter();
+        let owned: Vec<_> = finished
+            .into_iter()
+            .map(|s| (s, uids.next().flatten()))
+            .collect();
         let (gone, freed) = blocking(move || {
-            let (steps, total) = log_files::walk(&root);
-            let finished = steps
-                .into_iter()
-                .filter(|s| !live.contains(&s.task))
-                .collect();
-            let going = log_files::to_remove(finished, total, max);
+            let going = log_files::to_remove(owned, total, max);
             let mut freed = 0;
             for s in &going {
                 if s.files.iter().all(|f| std::fs::remove_file(f).is_ok()) {
@@ -136,7 +159,8 @@ impl Launcher {
             info!(
                 steps = gone,
                 bytes = freed,
-                "removed the logs of the steps that finished first (Launcher.MaxLogDirSize)"
+                "removed the logs of finished steps, the biggest user's oldest first \
+                 (Launcher.MaxLogDirSize)"
             );
         }
         gone

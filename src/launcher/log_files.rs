@@ -171,22 +171,41 @@ pub fn walk(root: &Path) -> (Vec<StepLogs>, u64) {
     (by_task.into_values().collect(), total)
 }
 
-/// Which of `steps` (none of them running) lose their logs so that `total` comes down to
-/// `max`: those written last the longest ago first.
-pub fn to_remove(mut steps: Vec<StepLogs>, total: u64, max: u64) -> Vec<StepLogs> {
+/// Which of `steps` (none of them running), each with the uid it ran as, lose their logs so
+/// that `total` comes down to `max`: the user holding the most bytes of finished logs loses
+/// theirs first, oldest first, so one user's output never pushes out another's while it holds
+/// more than they do. Steps of an unknown uid count as one user.
+pub fn to_remove(steps: Vec<(StepLogs, Option<u32>)>, total: u64, max: u64) -> Vec<StepLogs> {
     if total <= max {
         return Vec::new();
     }
-    steps.sort_by(|a, b| (a.written, &a.task).cmp(&(b.written, &b.task)));
+    let mut by_user: std::collections::BTreeMap<Option<u32>, (u64, Vec<StepLogs>)> =
+        Default::default();
+    for (step, uid) in steps {
+        let e = by_user.entry(uid).or_default();
+        e.0 += step.bytes;
+        e.1.push(step);
+    }
+    for (_, list) in by_user.values_mut() {
+        // Newest first, so that the oldest is popped first.
+        list.sort_by(|a, b| (b.written, &b.task).cmp(&(a.written, &a.task)));
+    }
     let mut over = total - max;
-    steps
-        .into_iter()
-        .take_while(|s| {
-            let take = over > 0;
-            over = over.saturating_sub(s.bytes);
-            take
-        })
-        .collect()
+    let mut going = Vec::new();
+    while over > 0 {
+        let Some((_, (held, list))) = by_user
+            .iter_mut()
+            .filter(|(_, (_, l))| !l.is_empty())
+            .max_by_key(|(uid, (held, _))| (*held, std::cmp::Reverse(**uid)))
+        else {
+            break;
+        };
+        let step = list.pop().expect("a user with logs left");
+        *held -= step.bytes;
+        over = over.saturating_sub(step.bytes);
+        going.push(step);
+    }
+    going
 }
 
 #[cfg(test)]
@@ -252,21 +271,32 @@ mod tests {
             bytes,
             written,
         };
-        let steps = vec![
+        let steps = [
             step("new", 10, 30),
             step("old", 10, 10),
             step("mid", 10, 20),
         ];
-        let gone = |total, max| -> Vec<String> {
-            to_remove(steps.clone(), total, max)
+        let gone = |steps: Vec<(StepLogs, Option<u32>)>, total, max| -> Vec<String> {
+            to_remove(steps, total, max)
                 .into_iter()
                 .map(|s| s.task)
                 .collect()
         };
-        assert_eq!(gone(30, 30), Vec::<String>::new());
-        assert_eq!(gone(30, 25), ["old"]);
-        assert_eq!(gone(30, 15), ["old", "mid"]);
-        assert_eq!(gone(30, 0), ["old", "mid", "new"]);
+        let one_user: Vec<_> = steps.iter().cloned().map(|s| (s, Some(1000))).collect();
+        assert_eq!(gone(one_user.clone(), 30, 30), Vec::<String>::new());
+        assert_eq!(gone(one_user.clone(), 30, 25), ["old"]);
+        assert_eq!(gone(one_user.clone(), 30, 15), ["old", "mid"]);
+        assert_eq!(gone(one_user, 30, 0), ["old", "mid", "new"]);
+        // A user who writes a lot loses their own logs first, not another's older one.
+        let two_users = vec![
+            (step("theirs", 10, 1), Some(1001)),
+            (step("a1", 20, 5), Some(1000)),
+            (step("a2", 20, 6), Some(1000)),
+            (step("a3", 20, 7), Some(1000)),
+        ];
+        assert_eq!(gone(two_users.clone(), 70, 40), ["a1", "a2"]);
+        // Once both hold as much, the one holding more goes first again, oldest first.
+        assert_eq!(gone(two_users, 70, 5), ["a1", "a2", "a3", "theirs"]);
         assert_eq!(task_of("12-abc.log.3"), Some("abc"));
         assert_eq!(task_of("x-abc.log"), None);
         assert_eq!(task_of("0-abc.log.x"), None);

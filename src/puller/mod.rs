@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{watch, Semaphore};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::background::Background;
 use crate::cache::{Cache, CacheError, ImageRecord, Origin};
@@ -486,6 +486,11 @@ impl Puller {
                 image: image.to_string(),
                 source: Arc::new(e),
             })?;
+        if action == Action::Pulled {
+            if let Err(e) = self.core.cache.settle().await {
+                warn!(image = %image, "the images are past their limits after the pull, and the next eviction pass tries again: {e}");
+            }
+        }
         let elapsed = started.elapsed();
         info!(image = %image, %policy, action = action.as_str(), ms = elapsed.as_millis() as u64, "image ready");
         Ok(Ensured {

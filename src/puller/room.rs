@@ -1,19 +1,19 @@
 //! Room on the image disk for a pull, made for what the pull really brings, never for what its
-//! manifest claims: a manifest is the registry's word, and the requester may run the registry.
+//! manifest or its registry claims: both are the registry's word, and the requester may run the
+//! registry (a HEAD's `Content-Length` can lie as well as a manifest).
 //!
 //! A blob counts once however often the manifest lists it; one the runtime holds adds nothing
-//! to the disk, and counts against `MaxBytes` at the size the runtime holds it. For the node's
-//! own work (root, admins, the CRI endpoint, job steps, pre-warm) room is made before the pull
-//! starts: as claimed when that fits without evicting anything, and otherwise only after each
-//! claim the runtime cannot vouch for is checked against the registry's `Content-Length` (a
-//! HEAD with the request's credentials), so nothing is evicted for a claim. A pull that
-//! counts for a user's share makes room only as its layers' bytes really arrive (as the
-//! runtime's downloads show them), so it can make no more go than what it brings, plus the
+//! to the disk, and counts against `MaxBytes` at the size the runtime holds it. A pull of the
+//! node's own work (root, admins, the CRI endpoint, job steps, pre-warm) whose claimed sizes fit
+//! without evicting anything holds room for them from its start, and one whose claims could not
+//! fit even by evicting everything the rules allow fails at once (a claim may refuse a pull,
+//! never evict). Any other pull — a user's, or
+//! the node's that would need eviction — makes room only as its layers' bytes really arrive (as
+//! the runtime's downloads show them), so it can make no more go than what it brings, plus the
 //! watermarks' margin once the filesystem passes `HighPercent`. Once pulled, an image is
 //! measured: its blobs, each once, at the size the runtime holds them; the index counts that
 //! when it is less than the runtime's size (the sum its manifest claims).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -40,36 +40,11 @@ impl PullJob {
             .await
     }
 
-    /// The registry's `Content-Length` of each blob the runtime does not hold (a HEAD with the
-    /// request's credentials); a blob whose length the registry does not give is left out.
-    async fn lengths(&self, blobs: &[(Blob, Option<u64>)]) -> HashMap<String, u64> {
-        let missing: Vec<Blob> = blobs
-            .iter()
-            .filter(|(_, held)| held.is_none())
-            .map(|(b, _)| b.clone())
-            .collect();
-        futures::stream::iter(missing)
-            .map(|b| async move {
-                let length = self
-                    .core
-                    .registry
-                    .blob_size(&self.image, &b.digest, self.credentials.as_ref())
-                    .await;
-                if let Err(e) = &length {
-                    tracing::debug!(image = %self.image, blob = %b.digest, "blob length unknown, its claimed size counts: {e}");
-                }
-                (b.digest, length.ok())
-            })
-            .buffer_unordered(BLOB_CHECKS_AT_ONCE)
-            .filter_map(|(d, n)| async move { n.map(|n| (d, n)) })
-            .collect()
-            .await
-    }
-
-    /// With eviction on and the manifest known: for the node's work, room made now (as
-    /// claimed when that fits, else for the checked sizes, evicting what the rules allow or
-    /// failing when it cannot fit); for a user's pull, room that grows as its bytes arrive.
-    /// The registry's time (the HEADs) counts against `window_end`; the rest moves it on.
+    /// With eviction on and the manifest known: room held now when the pull is the node's
+    /// work and its claimed sizes fit without evicting anything; a failure when they could
+    /// not fit even by evicting all the rules allow (a claim can refuse the pull, never
+    /// evict); otherwise room that grows as its bytes arrive. The time the runtime takes to
+    /// say which blobs it holds moves `window_end` on.
     pub(super) async fn make_room(
         &self,
         manifest: Option<&ImageManifest>,
@@ -82,28 +57,13 @@ impl PullJob {
             return Ok(Room::AsArrived(self.core.cache.room_as_arrived()));
         }
         let started = tokio::time::Instant::now();
-        let blobs = self.held(m).await;
-        let claimed = incoming(&blobs, &HashMap::new());
-        if let Some(r) = self
-            .core
-            .cache
-            .room_if_it_fits(claimed)
-            .await
-            .map_err(|e| self.no_room(e))?
-        {
-            *window_end += started.elapsed();
-            return Ok(Room::Made { _held: r });
-        }
+        let claimed = incoming(&self.held(m).await);
+        let fits = self.core.cache.room_if_it_fits(claimed).await;
         *window_end += started.elapsed();
-        let lengths = tokio::time::timeout_at(*window_end, self.lengths(&blobs))
-            .await
-            .map_err(|_| self.unresolved("sent no blob lengths"))?;
-        let checked = incoming(&blobs, &lengths);
-        let making = tokio::time::Instant::now();
-        let room = self.core.cache.make_room_for(checked).await;
-        *window_end += making.elapsed();
-        room.map(|r| Room::Made { _held: r })
-            .map_err(|e| self.no_room(e))
+        match fits.map_err(|e| self.no_room(e))? {
+            Some(r) => Ok(Room::Made { _held: r }),
+            None => Ok(Room::AsArrived(self.core.cache.room_as_arrived())),
+        }
     }
 
     /// For a pull whose room grows: counts the bytes that have `arrived` and evicts what the
@@ -140,14 +100,13 @@ impl PullJob {
     }
 }
 
-/// What a pull of `blobs` adds: against `MaxBytes` every blob, at its claimed size or its real
-/// one when less (the runtime's for one it holds, else the registry's length when known);
-/// against the filesystem, only those the runtime does not hold.
-fn incoming(blobs: &[(Blob, Option<u64>)], lengths: &HashMap<String, u64>) -> Incoming {
+/// What a pull of `blobs` adds: against `MaxBytes` every blob, at its claimed size or the
+/// runtime's when it holds it and that is less; against the filesystem, only those the runtime
+/// does not hold.
+fn incoming(blobs: &[(Blob, Option<u64>)]) -> Incoming {
     let mut sum = Incoming::default();
     for (b, held) in blobs {
-        let known = held.or_else(|| lengths.get(&b.digest).copied());
-        let size = known.map_or(b.size, |n| b.size.min(n));
+        let size = held.map_or(b.size, |n| b.size.min(n));
         sum.index += size;
         if held.is_none() {
             sum.disk += size;

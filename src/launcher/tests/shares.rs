@@ -54,6 +54,31 @@ async fn a_users_launches_pull_under_the_users_share_of_the_slots() {
         .expect("root's step was held behind a user's pulls");
     assert_eq!(evs.last(), Some(&Event::CleanedUp));
     assert!(names(&evs).contains(&"Exited"), "{:?}", names(&evs));
+    // A step root launches as that user, of another image that never comes, waits for the
+    // user's share too: the node's free slot stays free.
+    let image = "127.0.0.1:6000/hung:4".to_owned();
+    base.reg.silent.lock().unwrap().insert(image.clone());
+    let as_alice = LaunchSpec {
+        image,
+        user: Some("1000".parse().unwrap()),
+        ..spec(None)
+    };
+    held.push(launcher.launch(ROOT, as_alice).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pulls = base.puller.pulls();
+        let waiting = pulls
+            .iter()
+            .filter(|p| p.progress.phase == crate::puller::Phase::Queued)
+            .count();
+        if pulls.len() == 4 {
+            assert_eq!(waiting, 2, "{pulls:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pulls:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(base.puller.queued(), 0, "nothing waits in the node's line");
     for (task, _) in held {
         launcher.cancel(ROOT, &task.id).await.ok();
     }

@@ -1,5 +1,6 @@
-//! Room made for what a pull really brings: a manifest's claimed sizes are checked against the
-//! registry (the node's work) or ignored for room made as the bytes arrive (a user's pull), a
+//! Room made for what a pull really brings: a manifest's claimed sizes hold room only for the
+//! node's work and only when they fit without evicting anything; otherwise room is made as the
+//! bytes arrive, and nothing the registry says (manifest or `Content-Length`) evicts anything. A
 //! blob counts once and not at all when held, and the index counts what a pulled image's blobs
 //! hold.
 
@@ -139,29 +140,60 @@ async fn a_users_pull_evicts_no_more_than_it_brings() {
     assert!((1..=2).contains(&evicted), "{evicted} victims evicted");
 }
 
+/// Makes the liar's layer claim `claimed` bytes (manifest and runtime alike).
+fn claim(r: &Rig, claimed: u64) {
+    r.reg
+        .manifests
+        .lock()
+        .unwrap()
+        .get_mut(LIAR)
+        .unwrap()
+        .layers[0]
+        .size = claimed;
+    r.rt.offer(LIAR, LIAR_ID, "sha256:d9", claimed);
+}
+
 #[tokio::test]
-async fn the_nodes_pull_checks_claimed_sizes_against_the_registry() {
+async fn a_nodes_pull_that_does_not_fit_as_claimed_makes_room_as_its_bytes_arrive() {
     let (r, victims) = rig_with_victims(2 * REAL).await;
+    // A claim that would need six victims gone (it could fit only by evicting them); the
+    // registry's HEAD says the same: neither is believed.
+    let claimed = 8 * VICTIM;
+    claim(&r, claimed);
     r.reg
         .blob_lengths
         .lock()
         .unwrap()
-        .insert(LAYER.into(), REAL);
-    r.reg.blob_lengths.lock().unwrap().insert(CONFIG.into(), 0);
+        .insert(LAYER.into(), claimed);
     let feeder = feed(&r, REAL);
     let ok = r.puller.ensure(req(LIAR, None)).await.unwrap();
     feeder.await.unwrap();
     assert_eq!(ok.action, Action::Pulled);
-    assert_eq!(
-        kept(&r, &victims),
-        8,
-        "room made for the layer's real length"
-    );
-    assert_eq!(
-        r.reg.blob_heads.load(Ordering::SeqCst),
-        2,
-        "layer and config"
-    );
+    assert_eq!(kept(&r, &victims), 8, "nothing evicted for a claim");
+    assert_eq!(r.reg.blob_heads.load(Ordering::SeqCst), 0);
+    assert_eq!(r.cache.arrived_bytes(), 0, "the room went with the pull");
+}
+
+#[tokio::test]
+async fn a_nodes_pull_evicts_no_more_than_it_brings() {
+    // 3,500 bytes really arrive where 1,500 are free: two victims (2,000 bytes) make room.
+    let (r, victims) = rig_with_victims(1_500).await;
+    claim(&r, 8 * VICTIM);
+    let feeder = feed(&r, 3_500);
+    let ok = r.puller.ensure(req(LIAR, None)).await.unwrap();
+    feeder.await.unwrap();
+    assert_eq!(ok.action, Action::Pulled);
+    let evicted = 8 - kept(&r, &victims);
+    assert!((1..=2).contains(&evicted), "{evicted} victims evicted");
+}
+
+#[tokio::test]
+async fn a_nodes_pull_whose_claim_could_never_fit_fails_and_evicts_nothing() {
+    // 9 MB claimed where evicting every victim frees 8,000 bytes.
+    let (r, victims) = rig_with_victims(2 * REAL).await;
+    let e = r.puller.ensure(req(LIAR, None)).await;
+    assert!(matches!(e, Err(PullError::NoRoom { .. })), "{e:?}");
+    assert_eq!(kept(&r, &victims), 8);
 }
 
 #[tokio::test]
@@ -196,19 +228,4 @@ async fn a_blob_counts_once_and_not_at_all_when_the_runtime_holds_it() {
         "it fits as the runtime vouches for it: nothing asked of the registry"
     );
     assert_eq!(ok.record.counted_size(), REAL, "the layer once");
-}
-
-#[tokio::test]
-async fn a_claim_the_registry_does_not_deny_is_made_room_for() {
-    // No length from the registry: the node's pull makes room for the claim, as before.
-    let (r, victims) = rig_with_victims(2 * REAL).await;
-    let feeder = feed(&r, REAL);
-    let e = r.puller.ensure(req(LIAR, None)).await;
-    feeder.await.unwrap();
-    assert!(matches!(e, Err(PullError::NoRoom { .. })), "{e:?}");
-    assert_eq!(
-        kept(&r, &victims),
-        8,
-        "nothing evicted for a plan that falls short"
-    );
 }
