@@ -190,11 +190,22 @@ impl OciRegistry {
 
     /// The HTTP client for `host`, made on first use with the host's CA.
     fn http_for(&self, image: &ImageRef, host: &str) -> Result<reqwest::Client, RegistryError> {
-        let mut m = self.http.lock().unwrap();
+        self.cached_client(&self.http, image, host, http::client)
+    }
+
+    /// A client of `clients` for `host`, made by `make` with the host's CA on first use.
+    fn cached_client(
+        &self,
+        clients: &Mutex<BoundedMap<String, reqwest::Client>>,
+        image: &ImageRef,
+        host: &str,
+        make: fn(Option<&[u8]>) -> Result<reqwest::Client, reqwest::Error>,
+    ) -> Result<reqwest::Client, RegistryError> {
+        let mut m = clients.lock().unwrap();
         if let Some(c) = m.get(&host.to_owned()) {
             return Ok(c.clone());
         }
-        let c = http::client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
+        let c = make(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
             RegistryError::new(
                 image,
                 RegistryErrorKind::Tls,
@@ -217,20 +228,7 @@ impl OciRegistry {
         image: &ImageRef,
         host: &str,
     ) -> Result<reqwest::Client, RegistryError> {
-        let mut m = self.blob_http.lock().unwrap();
-        if let Some(c) = m.get(&host.to_owned()) {
-            return Ok(c.clone());
-        }
-        let c = http::blob_client(self.cas.get(host).map(Vec::as_slice)).map_err(|e| {
-            RegistryError::new(
-                image,
-                RegistryErrorKind::Tls,
-                "TLS setup failed",
-                error_chain(&e),
-            )
-        })?;
-        m.insert(host.to_owned(), c.clone());
-        Ok(c)
+        self.cached_client(&self.blob_http, image, host, http::blob_client)
     }
 
     /// The `Authorization` value for manifest requests of `image` at `host` with these
