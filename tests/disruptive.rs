@@ -84,25 +84,6 @@ fn next_pull_works_after_containerd_restarts() {
     assert!(ctr_images(&tb).contains(&b.reference));
 }
 
-/// Total size of the images in the runtime (raw CRI), and their ids.
-fn runtime_images(tb: &Testbed) -> (u64, Vec<String>) {
-    use k8s_cri::v1 as cri;
-    block_on(async {
-        let mut c =
-            cri::image_service_client::ImageServiceClient::new(cimage::cri::unix_channel(&tb.cri));
-        let images = c
-            .list_images(cri::ListImagesRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .images;
-        (
-            images.iter().map(|i| i.size).sum(),
-            images.into_iter().map(|i| i.id).collect(),
-        )
-    })
-}
-
 /// Pins every image the daemon indexes: the eviction tests must only ever evict their own.
 fn pin_all(d: &Daemon, ids: &[String]) {
     for id in ids {

@@ -222,25 +222,6 @@ fn pulls_naming_unknown_registries_add_no_metric_series_beyond_other() {
     );
 }
 
-/// The runtime's images: their total size and their ids (raw CRI).
-fn runtime_images(tb: &Testbed) -> (u64, Vec<String>) {
-    use k8s_cri::v1 as cri;
-    block_on(async {
-        let mut c =
-            cri::image_service_client::ImageServiceClient::new(cimage::cri::unix_channel(&tb.cri));
-        let images = c
-            .list_images(cri::ListImagesRequest { filter: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .images;
-        (
-            images.iter().map(|i| i.size).sum(),
-            images.into_iter().map(|i| i.id).collect(),
-        )
-    })
-}
-
 /// Has the runtime pull `image` itself (raw CRI, no cimaged).
 fn runtime_pull(tb: &Testbed, image: &str) {
     use k8s_cri::v1 as cri;

@@ -625,3 +625,22 @@ pub fn static_c(source: &str) -> Vec<u8> {
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::read(bin).unwrap()
 }
+
+/// The runtime's images (raw CRI, no cimaged): their total size and their ids.
+pub fn runtime_images(tb: &Testbed) -> (u64, Vec<String>) {
+    use k8s_cri::v1 as cri;
+    block_on(async {
+        let mut c =
+            cri::image_service_client::ImageServiceClient::new(cimage::cri::unix_channel(&tb.cri));
+        let images = c
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        (
+            images.iter().map(|i| i.size).sum(),
+            images.into_iter().map(|i| i.id).collect(),
+        )
+    })
+}
