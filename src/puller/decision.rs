@@ -52,6 +52,7 @@ impl Puller {
             verified,
             stale: false,
             measured: None,
+            settle: None,
         };
         match policy::decide(policy, image, present) {
             Decision::NotPresent => Err(PullError::NotPresent {
@@ -199,6 +200,7 @@ impl Puller {
             verified: false,
             stale: false,
             measured: pulled.measured,
+            settle: Some(pulled.settle),
         })
     }
 }

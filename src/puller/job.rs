@@ -376,7 +376,11 @@ impl PullJob {
             Some(m) => Some(self.measure(m).await),
             None => None,
         };
-        Ok(Pulled { image, measured })
+        Ok(Pulled {
+            image,
+            measured,
+            settle: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        })
     }
 
     /// One `PullImage`, watched: its bytes are published as they move (and room made for

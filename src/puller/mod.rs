@@ -184,6 +184,9 @@ type FlightKey = (String, Option<String>);
 struct Pulled {
     image: RuntimeImage,
     measured: Option<u64>,
+    /// Cleared by the first requester that indexes the image and brings the images back
+    /// within their limits: the others who joined the pull need not do it again.
+    settle: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A pull's outcome, shared by everyone who waits on it.
@@ -292,6 +295,8 @@ struct Outcome {
     stale: bool,
     /// What a pull measured the image's blobs to hold.
     measured: Option<u64>,
+    /// For a pull: whether the images are still to be brought within their limits.
+    settle: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The puller. Cheap to share behind an `Arc`.
@@ -456,6 +461,7 @@ impl Puller {
             verified,
             stale,
             measured,
+            settle,
         } = outcome?;
         // Never looked up: the use was of a public image, which records no fingerprint.
         let fingerprint = credentials
@@ -486,7 +492,9 @@ impl Puller {
                 image: image.to_string(),
                 source: Arc::new(e),
             })?;
-        if action == Action::Pulled {
+        // Once per pull, by the first of its requesters to index it.
+        let first = settle.is_some_and(|s| s.swap(false, std::sync::atomic::Ordering::SeqCst));
+        if first {
             if let Err(e) = self.core.cache.settle().await {
                 warn!(image = %image, "the images are past their limits after the pull, and the next eviction pass tries again: {e}");
             }
