@@ -3,7 +3,9 @@
 //! (outside CI, like the soak; loopback only, bounded in time). It prints, for each case, the
 //! time until the last node holds the image, per-node p50/p99, the bytes the upstream served per
 //! blob, the mirror's peak concurrent connections, and Prometheus's answer to the fleet
-//! readiness query over time; and writes the numbers to target/fleet/report.json for the
+//! readiness query over time, with the big layer fetched by the runtime (`ParallelFetch` off)
+//! and by cimage's own range requests (on: they go through the mirror too, and must not
+//! multiply what the upstream serves); and writes the numbers to target/fleet/report.json for the
 //! 1,000-node model (scripts/fleet-model).
 //!
 //! Environment: CIMAGE_FLEET_NODES (8), CIMAGE_FLEET_LAYER_MIB (256), CIMAGE_FLEET_DELAY_MS (20,
@@ -62,6 +64,8 @@ fn want(case: &str) -> bool {
 struct Outcome {
     case: String,
     via: Via,
+    /// Whether cimage fetched the big layer itself in ranges (`ParallelFetch`).
+    ranges: bool,
     nodes: usize,
     /// Seconds from the fire to each node holding the image, sorted.
     ready_s: Vec<f64>,
@@ -111,19 +115,24 @@ struct Image {
 }
 
 impl Fleet {
-    /// The `ImageCache` lines every node shares (a site's one config file), for pulls through
-    /// `via`, with one pre-warm schedule firing every minute.
-    fn shared_config(&self, via: Via, image: &str, jitter_s: u64) -> String {
+    /// The `ImageCache` lines every node shares (a site's one config file) for pulls through
+    /// `via`, with cimage's own range fetch on or off.
+    fn pull_config(&self, via: Via, ranges: bool) -> String {
         let up = &self.shaper.addr;
-        let mirror = self.mirror_addr(via);
         let mut c = format!(
-            "  Eviction:\n    Enabled: false\n  Registries:\n    \"{up}\":\n      Insecure: true\n"
+            "  Eviction:\n    Enabled: false\n  ParallelFetch:\n    Enabled: {ranges}\n  Registries:\n    \"{up}\":\n      Insecure: true\n"
         );
-        if let Some(m) = &mirror {
+        if let Some(m) = &self.mirror_addr(via) {
             c.push_str(&format!(
                 "      Mirrors: [\"{m}\"]\n    \"{m}\":\n      Insecure: true\n"
             ));
         }
+        c
+    }
+
+    /// [`Fleet::pull_config`] with one pre-warm schedule firing every minute.
+    fn shared_config(&self, via: Via, ranges: bool, image: &str, jitter_s: u64) -> String {
+        let mut c = self.pull_config(via, ranges);
         c.push_str(&format!(
             "  Prewarm:\n    Schedules:\n      - Name: fleet\n        Cron: \"* * * * *\"\n        Images: [\"{image}\"]\n        Jitter: {jitter_s}s\n"
         ));
@@ -159,19 +168,11 @@ impl Fleet {
     }
 
     /// One node pulls `image` cold through `via` (the reference for the fleet's times).
-    fn one_node(&mut self, via: Via, image: &str) -> f64 {
+    fn one_node(&mut self, via: Via, ranges: bool, image: &str) -> f64 {
         let mirror = self.mirror_addr(via);
+        let shared = self.pull_config(via, ranges);
         let n = &mut self.nodes[0];
         n.route(&self.shaper.addr, mirror.as_deref());
-        let shared = format!(
-            "  Eviction:\n    Enabled: false\n  Registries:\n    \"{}\":\n      Insecure: true\n{}",
-            self.shaper.addr,
-            match &mirror {
-                Some(m) =>
-                    format!("      Mirrors: [\"{m}\"]\n    \"{m}\":\n      Insecure: true\n"),
-                None => String::new(),
-            }
-        );
         n.run_cimaged(&shared);
         let t = Instant::now();
         let out = n.cli(&["pull", image]);
@@ -190,6 +191,7 @@ impl Fleet {
         &mut self,
         case: &str,
         via: Via,
+        ranges: bool,
         image: &Image,
         jitter_s: u64,
         one_node_s: f64,
@@ -202,7 +204,7 @@ impl Fleet {
             .map(|(d, _)| d.clone())
             .unwrap_or_default();
         let mirror = self.mirror_addr(via);
-        let shared = self.shared_config(via, &p.reference, jitter_s);
+        let shared = self.shared_config(via, ranges, &p.reference, jitter_s);
         for n in &mut self.nodes {
             n.route(&self.shaper.addr, mirror.as_deref());
             n.run_cimaged(&shared);
@@ -212,10 +214,11 @@ impl Fleet {
             .unwrap_or(0);
         let (at, wait) = next_minute();
         eprintln!(
-            "fleet: {case}: {} nodes, {} via {}; the schedule fires in {} s",
+            "fleet: {case}: {} nodes, {} via {}, {}; the schedule fires in {} s",
             self.nodes.len(),
             p.reference,
             via.name(),
+            fetcher(ranges),
             wait.as_secs()
         );
         std::thread::sleep(wait);
@@ -286,6 +289,7 @@ impl Fleet {
         Outcome {
             case: case.to_owned(),
             via,
+            ranges,
             nodes: self.nodes.len(),
             ready_s: sorted(ready),
             fetched_s: sorted(fetched),
@@ -298,13 +302,23 @@ impl Fleet {
     }
 }
 
+/// Who fetches the big layer: cimage in ranges, or the runtime.
+fn fetcher(ranges: bool) -> &'static str {
+    if ranges {
+        "cimage ranges"
+    } else {
+        "runtime"
+    }
+}
+
 fn report(o: &Outcome) {
     let last = o.ready_s.last().copied().unwrap_or(f64::NAN);
     let fetched = o.fetched_s.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{:<34} {:<30} {:>5} {:>8.1} s {:>7.1} s {:>7.1} s {:>6.2}x {:>8.1} s {:>6.2}x {:>6}",
+        "{:<34} {:<30} {:<13} {:>5} {:>8.1} s {:>7.1} s {:>7.1} s {:>6.2}x {:>8.1} s {:>6.2}x {:>6}",
         o.case,
         o.via.name(),
+        fetcher(o.ranges),
         o.nodes,
         last,
         pct(&o.ready_s, 0.5),
@@ -387,37 +401,65 @@ fn main() {
 
     let big = || vec![Layer::random(layer_mib << 20)];
     let mut outcomes = Vec::new();
-    let one = f.fresh_image("one", &big());
-    let one_node_s = f.one_node(Via::Nginx, &one.pushed.reference);
-    eprintln!("fleet: one node's cold pull through the nginx mirror: {one_node_s:.1} s");
-    let cases: Vec<(&str, Via, u64)> = vec![
-        ("nginx", Via::Nginx, 0),
-        ("nginx-jitter", Via::Nginx, jitter),
-        ("registry-proxy", Via::RegistryProxy, 0),
-        ("upstream", Via::Upstream, 0),
+    // One node's cold pull through the nginx mirror, by each fetcher, measured once each.
+    let mut one_node: BTreeMap<bool, f64> = BTreeMap::new();
+    let cases: Vec<(&str, Via, u64, bool)> = vec![
+        ("nginx", Via::Nginx, 0, false),
+        ("nginx-jitter", Via::Nginx, jitter, false),
+        ("registry-proxy", Via::RegistryProxy, 0, false),
+        ("upstream", Via::Upstream, 0, false),
+        ("nginx-ranges", Via::Nginx, 0, true),
+        ("registry-proxy-ranges", Via::RegistryProxy, 0, true),
+        ("upstream-ranges", Via::Upstream, 0, true),
     ];
-    for (name, via, j) in cases {
+    for (name, via, j, ranges) in cases {
         if !want(name) {
             continue;
         }
+        let one_node_s = match one_node.get(&ranges) {
+            Some(s) => *s,
+            None => {
+                let one = f.fresh_image("one", &big());
+                let s = f.one_node(Via::Nginx, ranges, &one.pushed.reference);
+                eprintln!(
+                    "fleet: one node's cold pull through the nginx mirror, {}: {s:.1} s",
+                    fetcher(ranges)
+                );
+                one_node.insert(ranges, s);
+                s
+            }
+        };
         let p = f.fresh_image(name, &big());
         outcomes.push(f.warm(
             &format!("{name} ({layer_mib} MiB layer)"),
             via,
+            ranges,
             &p,
             j,
             one_node_s,
         ));
     }
-    if let (true, Ok(path)) = (want("debian"), std::env::var("CIMAGE_BENCH_ROOTFS")) {
+    if let Ok(path) = std::env::var("CIMAGE_BENCH_ROOTFS") {
         let tar = std::fs::read(&path).unwrap_or_else(|e| {
             eprintln!("fleet: CIMAGE_BENCH_ROOTFS={path}: {e}");
             std::process::exit(2)
         });
-        let one = f.fresh_image("debian-one", &[Layer::tarball(tar.clone())]);
-        let debian_one_s = f.one_node(Via::Nginx, &one.pushed.reference);
-        let p = f.fresh_image("debian", &[Layer::tarball(tar)]);
-        outcomes.push(f.warm("debian (Debian + python3)", Via::Nginx, &p, 0, debian_one_s));
+        for (name, ranges) in [("debian", false), ("debian-ranges", true)] {
+            if !want(name) {
+                continue;
+            }
+            let one = f.fresh_image("debian-one", &[Layer::tarball(tar.clone())]);
+            let one_s = f.one_node(Via::Nginx, ranges, &one.pushed.reference);
+            let p = f.fresh_image(name, &[Layer::tarball(tar.clone())]);
+            outcomes.push(f.warm(
+                &format!("{name} (Debian + python3)"),
+                Via::Nginx,
+                ranges,
+                &p,
+                0,
+                one_s,
+            ));
+        }
     }
 
     println!();
@@ -427,16 +469,22 @@ fn main() {
         shape.per_connection.unwrap_or(0) / 1_000_000,
         shape.total.unwrap_or(0) / 1_000_000
     );
-    println!("one node's cold pull through the nginx mirror: {one_node_s:.1} s");
+    for (ranges, s) in &one_node {
+        println!(
+            "one node's cold pull through the nginx mirror, {}: {s:.1} s",
+            fetcher(*ranges)
+        );
+    }
     println!();
     println!(
-        "{:<34} {:<30} {:>5} {:>10} {:>9} {:>9} {:>7} {:>10} {:>7} {:>6}",
-        "case", "via", "nodes", "last warm", "p50", "p99", "/one", "fetched", "/one", "peak"
+        "{:<34} {:<30} {:<13} {:>5} {:>10} {:>9} {:>9} {:>7} {:>10} {:>7} {:>6}",
+        "case", "via", "fetched by", "nodes", "last warm", "p50", "p99", "/one", "fetched", "/one", "peak"
     );
     for o in &outcomes {
         report(o);
     }
-    println!("(/one: over one node's cold pull of the same image through the mirror; fetched: the");
+    println!("(/one: over one node's cold pull of the same image through the mirror by the same");
+    println!(" fetcher; fetched by: cimage's own range fetch (ParallelFetch) or the runtime's; fetched: the");
     println!(
         " last node's biggest blob in its content store, before unpacking; peak: the mirror's"
     );
@@ -446,10 +494,12 @@ fn main() {
     let json = json!({
         "nodes": nodes,
         "shape": {"delay_ms": shape.delay.as_millis() as u64, "per_connection_bytes_per_s": shape.per_connection, "total_bytes_per_s": shape.total},
-        "one_node_seconds": one_node_s,
+        "one_node_seconds": one_node.get(&false).or(one_node.get(&true)),
+        "one_node_seconds_ranges": one_node.get(&true),
         "cases": outcomes.iter().map(|o| json!({
             "case": o.case,
             "via": o.via.name(),
+            "parallel_fetch": o.ranges,
             "image_bytes": o.image_bytes,
             "ready_seconds": o.ready_s,
             "fetched_seconds": o.fetched_s,
