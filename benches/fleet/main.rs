@@ -478,7 +478,17 @@ fn main() {
     println!();
     println!(
         "{:<34} {:<30} {:<13} {:>5} {:>10} {:>9} {:>9} {:>7} {:>10} {:>7} {:>6}",
-        "case", "via", "fetched by", "nodes", "last warm", "p50", "p99", "/one", "fetched", "/one", "peak"
+        "case",
+        "via",
+        "fetched by",
+        "nodes",
+        "last warm",
+        "p50",
+        "p99",
+        "/one",
+        "fetched",
+        "/one",
+        "peak"
     );
     for o in &outcomes {
         report(o);

@@ -251,7 +251,7 @@ impl Fetcher {
             task: Some(task),
             fatal,
             first_in,
-            fetched,
+            fetched: FetchCounts(fetched),
         })
     }
 
@@ -304,7 +304,22 @@ pub struct Fetch {
     task: Option<JoinHandle<()>>,
     fatal: watch::Receiver<Option<FetchError>>,
     first_in: watch::Receiver<bool>,
-    fetched: Vec<(String, Arc<AtomicU64>)>,
+    fetched: FetchCounts,
+}
+
+/// cimage's own byte counts of the blobs one pull's fetch writes (exact, per blob, as written
+/// into the runtime's store): a handle that reads them while the fetch runs.
+#[derive(Debug, Clone, Default)]
+pub struct FetchCounts(Vec<(String, Arc<AtomicU64>)>);
+
+impl FetchCounts {
+    /// The bytes written so far of each blob cimage fetches, by digest.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        self.0
+            .iter()
+            .map(|(d, n)| (d.clone(), n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 impl Fetch {
@@ -329,10 +344,13 @@ impl Fetch {
 
     /// The bytes cimage has fetched of each blob it fetches, by digest.
     pub fn fetched(&self) -> Vec<(String, u64)> {
-        self.fetched
-            .iter()
-            .map(|(d, n)| (d.clone(), n.load(std::sync::atomic::Ordering::Relaxed)))
-            .collect()
+        self.fetched.snapshot()
+    }
+
+    /// A handle on [`Fetch::fetched`] that outlives a borrow of the fetch (the pull's
+    /// progress reads it while the runtime's pull runs).
+    pub fn counts(&self) -> FetchCounts {
+        self.fetched.clone()
     }
 
     /// Stops what is left (a blob not yet committed is aborted: nothing blocks the next

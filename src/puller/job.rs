@@ -137,6 +137,8 @@ struct Watch<'a> {
     manifest_known: bool,
     room: &'a Room,
     gate: Option<&'a watch::Receiver<bool>>,
+    /// cimage's own counts of the blobs it fetches itself, when it does.
+    own: Option<&'a crate::fetch::FetchCounts>,
 }
 
 impl PullJob {
@@ -299,6 +301,7 @@ impl PullJob {
             _ => None,
         };
         let gate = fetch.as_ref().map(|f| f.first_in());
+        let own = fetch.as_ref().map(|f| f.counts());
         let pulled = retry(
             self.core.settings.retries,
             self.core.settings.backoff,
@@ -323,6 +326,7 @@ impl PullJob {
                     manifest_known,
                     room: &room,
                     gate: gate.as_ref(),
+                    own: own.as_ref(),
                 };
                 self.attempt(watch, window_end)
             },
@@ -398,6 +402,7 @@ impl PullJob {
             manifest_known,
             room,
             gate,
+            own,
         } = watch;
         let name = self.image.to_string();
         let mut gate = gate.cloned();
@@ -442,7 +447,8 @@ impl PullJob {
                     let now = Instant::now();
                     let done = {
                         let mut t = tracker.lock().unwrap();
-                        t.update(&ingests, now);
+                        let own = own.map(|o| o.snapshot()).unwrap_or_default();
+                        t.update(&ingests, &own, now);
                         t.done()
                     };
                     if done == last_done {

@@ -6,6 +6,8 @@
 //! joined the pull reads the same value. Bytes come from the runtime's downloads (containerd's
 //! ingests): an ingest shows a layer's bytes while it is fetched and disappears when the layer
 //! is committed, so a layer seen and then gone, or already held by the runtime, counts whole.
+//! For the big layers cimage fetches itself in ranges ([`crate::fetch`]), its own counts of
+//! the bytes written are taken too (exact, per layer, whether or not the runtime lists them).
 //! Once every layer is committed the runtime is unpacking, which shows no bytes.
 
 use std::collections::HashMap;
@@ -214,8 +216,29 @@ impl Tracker {
         self.moved || self.all_committed()
     }
 
-    /// Takes in one look at the runtime's ingests.
-    pub(super) fn update(&mut self, ingests: &[Ingest], now: Instant) {
+    /// Takes in cimage's own byte counts of the blobs it fetches itself (exact, as written into
+    /// the runtime's store; see [`crate::fetch`]), after a look at the runtime's ingests: a
+    /// layer not yet committed counts at least those bytes, and they move the pull.
+    fn own(&mut self, counts: &[(String, u64)]) {
+        for (digest, n) in counts {
+            for l in self
+                .layers
+                .iter_mut()
+                .filter(|l| &l.digest == digest && !l.committed)
+            {
+                let n = (*n).min(l.total);
+                if n > l.done {
+                    l.done = n;
+                    l.fetched = l.fetched.max(n);
+                    self.moved = true;
+                }
+            }
+        }
+    }
+
+    /// Takes in one look at the runtime's ingests and cimage's own counts of the blobs it
+    /// fetches itself ([`Tracker::own`]; empty when it fetches none).
+    pub(super) fn update(&mut self, ingests: &[Ingest], own: &[(String, u64)], now: Instant) {
         for l in self.layers.iter_mut() {
             match ingests.iter().find(|i| i.digest == l.digest) {
                 // Fetched again: whatever made it look committed, it is not.
@@ -239,6 +262,7 @@ impl Tracker {
                 self.loose.insert(i.digest.clone(), (i.offset, i.total));
             }
         }
+        self.own(own);
         let done = self.done();
         if let Some((t, before)) = self.last {
             let dt = now.duration_since(t).as_secs_f64();
@@ -343,11 +367,11 @@ mod tests {
         let mut p = PullProgress::new("r/x:1", "r");
         p.phase = Phase::Downloading;
         let t0 = Instant::now();
-        t.update(&[ingest("sha256:a", 40, 100)], t0);
+        t.update(&[ingest("sha256:a", 40, 100)], &[], t0);
         t.fill(&mut p);
         assert_eq!((p.done_bytes, p.total_bytes), (40, 150));
         // `a` is gone (committed), `b` held already.
-        t.update(&[], t0 + Duration::from_secs(1));
+        t.update(&[], &[], t0 + Duration::from_secs(1));
         assert_eq!(t.unaccounted(&[]), vec!["sha256:b".to_owned()]);
         t.committed("sha256:b");
         t.fill(&mut p);
@@ -360,8 +384,12 @@ mod tests {
     fn the_rate_follows_the_bytes() {
         let mut t = Tracker::new(Some(&manifest()));
         let t0 = Instant::now();
-        t.update(&[ingest("sha256:a", 0, 100)], t0);
-        t.update(&[ingest("sha256:a", 50, 100)], t0 + Duration::from_secs(1));
+        t.update(&[ingest("sha256:a", 0, 100)], &[], t0);
+        t.update(
+            &[ingest("sha256:a", 50, 100)],
+            &[],
+            t0 + Duration::from_secs(1),
+        );
         let mut p = PullProgress::new("r/x:1", "r");
         p.phase = Phase::Downloading;
         t.fill(&mut p);
@@ -372,10 +400,42 @@ mod tests {
     #[test]
     fn without_a_manifest_the_ingests_are_the_totals() {
         let mut t = Tracker::new(None);
-        t.update(&[ingest("sha256:z", 7, 70)], Instant::now());
+        t.update(&[ingest("sha256:z", 7, 70)], &[], Instant::now());
         let mut p = PullProgress::new("r/x:1", "r");
         t.fill(&mut p);
         assert_eq!((p.done_bytes, p.total_bytes), (7, 70));
         assert!(!t.all_committed());
+    }
+
+    #[test]
+    fn own_counts_move_a_layer_the_runtime_does_not_list() {
+        let mut t = Tracker::new(Some(&manifest()));
+        t.begin_attempt();
+        let t0 = Instant::now();
+        // cimage writes layer a itself; the runtime's list shows only layer b.
+        t.update(
+            &[ingest("sha256:b", 10, 50)],
+            &[("sha256:a".into(), 60)],
+            t0,
+        );
+        assert_eq!(t.done(), 70);
+        assert!(t.under_way(), "cimage's bytes show the registry answers");
+        // The runtime's view of a, lagging behind cimage's count, does not take bytes back.
+        t.update(
+            &[ingest("sha256:a", 30, 100), ingest("sha256:b", 20, 50)],
+            &[("sha256:a".into(), 80)],
+            t0 + Duration::from_secs(1),
+        );
+        assert_eq!(t.done(), 100);
+        assert!((t.rate - 30.0).abs() < 1e-9, "rate {}", t.rate);
+        // A count past the layer's size (it cannot be) is held to the size; a committed layer
+        // stays whole.
+        t.committed("sha256:b");
+        t.update(
+            &[],
+            &[("sha256:a".into(), 500), ("sha256:b".into(), 1)],
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(t.done(), 150);
     }
 }

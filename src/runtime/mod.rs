@@ -176,6 +176,10 @@ pub mod fake {
         pub blobs: Mutex<Vec<String>>,
         /// What `blob_size` reports, by digest.
         pub blob_sizes: Mutex<HashMap<String, u64>>,
+        /// Called with the reference at the start of each `pull_image` (a test looks at what
+        /// else is true at that moment).
+        #[allow(clippy::type_complexity)]
+        pub on_pull: Mutex<Option<Box<dyn Fn(&str) + Send + Sync>>>,
         running: AtomicUsize,
     }
 
@@ -208,6 +212,9 @@ pub mod fake {
             _credentials: Option<&Credentials>,
         ) -> Result<String, RuntimeError> {
             self.pulls.fetch_add(1, Ordering::SeqCst);
+            if let Some(f) = self.on_pull.lock().unwrap().as_ref() {
+                f(image);
+            }
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_parallel.fetch_max(now, Ordering::SeqCst);
             let delay = *self.pull_delay.lock().unwrap();

@@ -475,7 +475,7 @@ async fn a_hung_pull_ends_at_the_pull_timeout_and_frees_its_slot() {
 }
 
 mod bounds;
-/// A layer digest as the fake registry names the one layer of an image of `size` bytes.
 mod credentials;
+mod fetch;
 mod progress;
 mod room;
