@@ -482,3 +482,64 @@ fn a_runtime_socket_missing_at_start_is_reported_then_found() {
     let out = d.cli(&["pull", &img]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
 }
+
+/// `ctr -n k8s.io ARGS` of the testbed's containerd, its output.
+fn ctr_k8s(tb: &Testbed, args: &[&str]) -> String {
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&tb.cri)
+        .args(["-n", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("running ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn containerd_restarting_mid_range_fetch_leaves_no_lease_or_ingest_and_the_pull_ends() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = Testbed::get();
+    let img = tb.push_new(
+        "restart-fetch",
+        &[Layer::busybox(), Layer::random(48 << 20)],
+    );
+    let big = img.blobs[1].clone();
+    // 48 MiB at 8 MB/s: cimage's range fetch is under way when containerd goes.
+    let proxy = common::proxy::Proxy::start(&tb, &tb.registry, 8_000_000);
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let reference = format!("{}/{}:1", proxy.addr, img.repo);
+    let (socket, r) = (d.socket(), reference.clone());
+    let pull = std::thread::spawn(move || cli_at(&socket, &["pull", &r]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ctr_k8s(&tb, &["content", "active"]).contains(&big) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cimage's ingest of the big layer never showed\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ctr_k8s(&tb, &["leases", "ls"]).contains("cimage-fetch"));
+    tb.script(&["restart-containerd"]);
+    let pull = pull.join().unwrap();
+    // The blob cimage could not finish is the runtime's to fetch; the pull ends well.
+    assert!(pull.status.success(), "{}\n{}", stderr(&pull), d.log());
+    assert!(ctr_images(&tb).contains(&reference));
+    assert!(
+        !ctr_k8s(&tb, &["leases", "ls"]).contains("cimage-fetch"),
+        "{}",
+        ctr_k8s(&tb, &["leases", "ls"])
+    );
+    assert!(
+        !ctr_k8s(&tb, &["content", "active"]).contains(&big),
+        "{}",
+        ctr_k8s(&tb, &["content", "active"])
+    );
+    // And the next cold pull of it works as usual.
+    assert!(d.cli(&["rm", &reference]).status.success());
+    let out = d.cli(&["pull", &reference]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let out = d.cli(&["run", &reference, "--", "/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let _ = d.cli(&["rm", &reference]);
+}

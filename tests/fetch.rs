@@ -363,3 +363,241 @@ fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
     assert!(!leases(&tb).contains("cimage-fetch"));
     remove(&d, &image);
 }
+
+/// Runs `ctr -n k8s.io ARGS` against the testbed's containerd; panics naming it on failure.
+fn ctr(tb: &Testbed, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .args(["--address", tb.cri.to_str().unwrap(), "-n", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("running ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_lease_of_a_killed_daemon_goes_by_its_expiry_alone() {
+    let tb = Testbed::get();
+    let shaper = Shaper::start(
+        &tb.registry,
+        Shape::far(Duration::from_millis(2), 2_000_000, 8_000_000),
+    )
+    .plain_http_for_containerd(&tb.dir);
+    let repo = Testbed::unique_repo("fetch-expiry");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(48 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    // The lease is made to outlive the pull's deadline by 10 s: 15 s here.
+    let mut d = Daemon::start(&format!(
+        "PullTimeout: 5s\n{}",
+        proxied_registries(&tb, &shaper.addr)
+    ));
+    let image = format!("{}/{repo}:1", shaper.addr);
+    let mut pull = Command::new(env!("CARGO_BIN_EXE_cimage"))
+        .args(["pull", &image])
+        .env("CIMAGE_SOCKET", d.socket())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "cimage's ingest of the big layer",
+        || ingests(&tb).contains(&big),
+    );
+    let killed_at = Instant::now();
+    let ours: Vec<String> = leases(&tb)
+        .lines()
+        .filter(|l| l.contains("cimage.io/fetch=") && l.contains(&repo))
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    assert_eq!(ours.len(), 1, "one lease for the pull: {}", leases(&tb));
+    assert!(
+        leases(&tb).contains("containerd.io/gc.expire="),
+        "{}",
+        leases(&tb)
+    );
+    d.kill9();
+    let _ = pull.wait();
+    // Not restarted: no daemon deletes that lease. Past its expiry, the runtime's next
+    // garbage collection (run here by a synchronous image removal) removes it.
+    std::thread::sleep(Duration::from_secs(16).saturating_sub(killed_at.elapsed()));
+    shaper.reshape(Shape::none());
+    let other = Daemon::start(&proxied_registries(&tb, &shaper.addr));
+    let small = tb.push_new("fetch-expiry-gc", &[Layer::random(1024)]);
+    assert_eq!(other.pull_json(&small.reference, None)["action"], "pulled");
+    ctr(&tb, &["images", "rm", "--sync", &small.reference]);
+    let left = leases(&tb);
+    assert!(
+        !ours.iter().any(|id| left.contains(id.as_str())),
+        "the expired lease is still there: {left}"
+    );
+    // Nothing of it blocks the next pull, by another daemon.
+    let j = other.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}\n{}", other.log());
+    let out = run(&other, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!ingests(&tb).contains(&big), "{}", ingests(&tb));
+    remove(&other, &image);
+}
+
+#[test]
+fn a_range_answered_429_waits_its_retry_after_and_the_blob_still_comes_in_ranges() {
+    let tb = Testbed::get();
+    let proxy = Proxy::start(&tb, &tb.registry, 0);
+    let repo = Testbed::unique_repo("fetch-429");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    let size = stored_size(&tb.dir.join("registry"), &big);
+    // The first two reads of the big layer (cimage's first range, opened before any other)
+    // are told to come back in a second.
+    let pattern = format!("/blobs/{big}");
+    proxy.fault(
+        &pattern,
+        Fault::Status {
+            code: 429,
+            retry_after: Some(1),
+        },
+        2,
+    );
+    let d = Daemon::start(&proxied_registries(&tb, &proxy.addr));
+    let image = format!("{}/{repo}:1", proxy.addr);
+    let mark = tb.registry_log_mark();
+    let t = Instant::now();
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}\n{}", d.log());
+    assert_eq!(proxy.hits(&pattern), 2);
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "both Retry-After waited ({:?})",
+        t.elapsed()
+    );
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    assert!(
+        gets.len() > 1
+            && gets
+                .iter()
+                .all(|g| g.status == 206 && g.agent.starts_with("cimage/")),
+        "cimage's ranges after the waits, none by the runtime: {gets:?}"
+    );
+    assert_eq!(gets.iter().map(|g| g.bytes).sum::<u64>(), size, "{gets:?}");
+    remove(&d, &image);
+}
+
+#[test]
+fn big_layers_are_read_in_ranges_through_the_registrys_mirror() {
+    let tb = Testbed::get();
+    // The registry as the node names it, and a mirror of it (both in front of the testbed's).
+    let named = Proxy::start(&tb, &tb.registry, 0);
+    let mirror = Proxy::start(&tb, &tb.registry, 0);
+    let repo = Testbed::unique_repo("fetch-mirror");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    let d = Daemon::start(&format!(
+        "Registries:\n  \"{}\":\n    Insecure: true\n  \"{n}\":\n    Insecure: true\n    Mirrors: [\"{m}\"]\n  \"{m}\":\n    Insecure: true",
+        tb.registry,
+        n = named.addr,
+        m = mirror.addr
+    ));
+    let image = format!("{}/{repo}:1", named.addr);
+    let j = d.pull_json(&image, None);
+    assert_eq!(j["action"], "pulled", "{j}\n{}", d.log());
+    let of_big = |p: &Proxy| {
+        p.requests()
+            .into_iter()
+            .filter(|r| r.starts_with("GET ") && r.contains(&big))
+            .count()
+    };
+    assert!(
+        of_big(&mirror) > 1,
+        "the big layer's ranges went to the mirror: {:?}",
+        mirror.requests()
+    );
+    assert_eq!(
+        of_big(&named),
+        0,
+        "and none to the registry: {:?}",
+        named.requests()
+    );
+    let out = run(&d, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    remove(&d, &image);
+}
+
+#[test]
+fn a_blob_redirected_to_another_host_is_read_there_in_ranges() {
+    let tb = Testbed::get();
+    // Every request to this front is answered 307 to the same path at the registry (another
+    // host:port): as a registry that sends blob GETs on to object storage.
+    let front = common::nginx_mirror::Redirector::start(&tb.registry);
+    let hosts = tb.dir.join("containerd/certs.d").join(&front.addr);
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"http://{a}\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            a = front.addr
+        ),
+    )
+    .unwrap();
+    let repo = Testbed::unique_repo("fetch-redirect");
+    let pushed = block_on(push(
+        &tb.registry,
+        &repo,
+        "1",
+        &[Layer::busybox(), Layer::random(40 * MIB)],
+        &["/bin/busybox", "true"],
+    ));
+    let big = pushed.blobs[1].clone();
+    let size = stored_size(&tb.dir.join("registry"), &big);
+    let d = Daemon::start(&proxied_registries(&tb, &front.addr));
+    let image = format!("{}/{repo}:1", front.addr);
+    let mark = tb.registry_log_mark();
+    let j = d.pull_json(&image, None);
+    let _ = std::fs::remove_dir_all(&hosts);
+    assert_eq!(j["action"], "pulled", "{j}\n{}", d.log());
+    let gets = blob_gets(&tb.registry_log, mark, &big);
+    assert!(
+        gets.len() > 1
+            && gets
+                .iter()
+                .all(|g| g.status == 206 && g.agent.starts_with("cimage/")),
+        "cimage's ranges at the host the blob was sent on to: {gets:?}"
+    );
+    assert_eq!(gets.iter().map(|g| g.bytes).sum::<u64>(), size, "{gets:?}");
+    let redirected = front
+        .paths
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.contains(&big))
+        .count();
+    assert_eq!(
+        redirected, 1,
+        "one redirect for the blob: the later ranges go straight where the first was led"
+    );
+    let out = run(&d, &[&image], &["/bin/busybox", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    remove(&d, &image);
+}

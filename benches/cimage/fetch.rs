@@ -42,27 +42,103 @@ fn ctr(cri: &str, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`; 0 when it
+/// is not there.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces) start after its closing ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are the 14th and 15th fields: 12th and 13th after the command.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The processes whose CPU a pull costs: cimaged, containerd, and the rest of the path
+/// (docker-registry and this process, which runs the link shaper).
+struct Cpu {
+    cimaged: u32,
+    containerd: u32,
+    registry: u32,
+}
+
+/// CPU seconds one pull cost each of [`Cpu`]'s processes.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    cimaged: f64,
+    containerd: f64,
+    path: f64,
+}
+
+impl Cpu {
+    fn now(&self) -> CpuUse {
+        CpuUse {
+            cimaged: cpu_seconds(self.cimaged),
+            containerd: cpu_seconds(self.containerd),
+            path: cpu_seconds(self.registry) + cpu_seconds(std::process::id()),
+        }
+    }
+
+    fn since(&self, before: CpuUse) -> CpuUse {
+        let now = self.now();
+        CpuUse {
+            cimaged: now.cimaged - before.cimaged,
+            containerd: now.containerd - before.containerd,
+            path: now.path - before.path,
+        }
+    }
+}
+
+/// The median of each field over pulls.
+fn median_cpu(v: &[CpuUse]) -> CpuUse {
+    let mid = |f: fn(&CpuUse) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        x.get(x.len() / 2).copied().unwrap_or(0.0)
+    };
+    CpuUse {
+        cimaged: mid(|c| c.cimaged),
+        containerd: mid(|c| c.containerd),
+        path: mid(|c| c.path),
+    }
+}
+
+/// One side's median over its cold pulls.
+struct Side {
+    time: Duration,
+    bytes: u64,
+    cpu: CpuUse,
+}
+
 /// Median cold pull through cimage and through raw CRI, alternating which goes first, with
-/// the median bytes that crossed the link for each.
+/// the median bytes that crossed the link and the CPU each pull cost.
 async fn cold(
     b: &mut Bench,
     shaper: &Shaper,
     image: &str,
     d: &Daemon,
+    cpu: &Cpu,
     rss_peak: &mut u64,
-) -> ((Duration, u64), (Duration, u64)) {
+) -> (Side, Side) {
     let (mut raw, mut via, mut raw_bytes, mut via_bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_cpu, mut via_cpu) = (Vec::new(), Vec::new());
     for rep in 0..reps() {
         for first_raw in [rep % 2 == 0, rep % 2 != 0] {
             b.remove(image).await;
             let before = shaper.bytes_down();
+            let cpu_before = cpu.now();
             if first_raw {
                 raw.push(b.raw_pull(image).await);
                 raw_bytes.push(shaper.bytes_down() - before);
+                raw_cpu.push(cpu.since(cpu_before));
             } else {
                 let watch = RssWatch::start(d);
                 let (t, action) = b.cimage_pull(image, pb::PullPolicy::IfNotPresent).await;
+                via_cpu.push(cpu.since(cpu_before));
                 *rss_peak = (*rss_peak).max(watch.stop());
                 assert_eq!(action, "pulled", "cold pull must pull");
                 via.push(t);
@@ -74,8 +150,16 @@ async fn cold(
     via_bytes.sort();
     raw_bytes.sort();
     (
-        (percentile(&mut via, 0.5), via_bytes[via_bytes.len() / 2]),
-        (percentile(&mut raw, 0.5), raw_bytes[raw_bytes.len() / 2]),
+        Side {
+            time: percentile(&mut via, 0.5),
+            bytes: via_bytes[via_bytes.len() / 2],
+            cpu: median_cpu(&via_cpu),
+        },
+        Side {
+            time: percentile(&mut raw, 0.5),
+            bytes: raw_bytes[raw_bytes.len() / 2],
+            cpu: median_cpu(&raw_cpu),
+        },
     )
 }
 
@@ -219,6 +303,17 @@ pub(crate) async fn fetch(cri: &str, registry: &str, run: &str, rootfs: Option<&
             "<= 1.0x",
         ),
     ];
+    let pid_in = |name: &str| -> u32 {
+        std::fs::read_to_string(Path::new(&dir).join(format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let cpu = Cpu {
+        cimaged: d.child.id(),
+        containerd: pid_in("containerd"),
+        registry: pid_in("registry"),
+    };
     let idle = d.rss_kib();
     let mut peak_512 = 0;
     // `CIMAGE_BENCH_FETCH_SHAPES` picks shapes (default `abc`).
@@ -228,7 +323,9 @@ pub(crate) async fn fetch(cri: &str, registry: &str, run: &str, rootfs: Option<&
         for (label, image, layer_bytes, is_512) in &images {
             eprintln!("bench: fetch: shape {shape}, {label} ...");
             let mut peak = 0;
-            let ((via, via_b), (raw, raw_b)) = cold(&mut b, &shaper, image, &d, &mut peak).await;
+            let (via_side, raw_side) = cold(&mut b, &shaper, image, &d, &cpu, &mut peak).await;
+            let (via, via_b, raw, raw_b) =
+                (via_side.time, via_side.bytes, raw_side.time, raw_side.bytes);
             if *is_512 {
                 peak_512 = peak_512.max(peak);
             }
@@ -250,6 +347,17 @@ pub(crate) async fn fetch(cri: &str, registry: &str, run: &str, rootfs: Option<&
                 format!("{:.4}", raw_b as f64 / *layer_bytes as f64),
                 "-".into(),
                 "1 each",
+            );
+            let (v, r) = (via_side.cpu, raw_side.cpu);
+            row(
+                "  CPU s per pull: cimaged / containerd / registry+shaper",
+                format!("{:.1} / {:.1} / {:.1}", v.cimaged, v.containerd, v.path),
+                format!("- / {:.1} / {:.1}", r.containerd, r.path),
+                format!(
+                    "{:.2}x",
+                    (v.cimaged + v.containerd + v.path) / (r.containerd + r.path).max(0.001)
+                ),
+                "-",
             );
         }
     }

@@ -141,6 +141,8 @@ pub struct Redirector {
     pub addr: String,
     /// Redirects sent.
     pub redirects: Arc<AtomicU64>,
+    /// The path of each request redirected, in order.
+    pub paths: Arc<std::sync::Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -155,17 +157,19 @@ impl Redirector {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicU64::new(0)),
         );
-        let (s, r, target) = (
+        let paths: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let (s, r, p, target) = (
             Arc::clone(&stop),
             Arc::clone(&redirects),
+            Arc::clone(&paths),
             registry.to_owned(),
         );
         let accept = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (r, target) = (Arc::clone(&r), target.clone());
-                        std::thread::spawn(move || redirect(conn, &target, &r));
+                        let (r, p, target) = (Arc::clone(&r), Arc::clone(&p), target.clone());
+                        std::thread::spawn(move || redirect(conn, &target, &r, &p));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -174,6 +178,7 @@ impl Redirector {
         Redirector {
             addr,
             redirects,
+            paths,
             stop,
             accept: Some(accept),
         }
@@ -189,7 +194,12 @@ impl Drop for Redirector {
     }
 }
 
-fn redirect(conn: TcpStream, target: &str, count: &AtomicU64) {
+fn redirect(
+    conn: TcpStream,
+    target: &str,
+    count: &AtomicU64,
+    paths: &std::sync::Mutex<Vec<String>>,
+) {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -212,6 +222,7 @@ fn redirect(conn: TcpStream, target: &str, count: &AtomicU64) {
             }
         }
         count.fetch_add(1, Ordering::SeqCst);
+        paths.lock().unwrap().push(path.clone());
         let answer = format!(
             "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target}{path}\r\nContent-Length: 0\r\n\r\n"
         );
