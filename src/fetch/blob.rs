@@ -218,12 +218,15 @@ async fn one_pass(
         };
         match got {
             Ok(f) => {
+                // The buffers go back to the pull before its budget is given back (at the
+                // end of this arm): the next segment takes one of them.
                 for c in f.chunks {
                     hash.update(&c);
                     written += c.len() as u64;
-                    if let Err(e) = writer.write(c).await {
+                    if let Err(e) = writer.write(c.clone()).await {
                         return Pass::GiveUp(e.to_string());
                     }
+                    sh.written(c);
                     counter.store(written, Ordering::Relaxed);
                 }
             }
@@ -479,8 +482,9 @@ async fn gather(
 ) -> Result<Vec<Bytes>, RegistryError> {
     let want = range.end - range.start;
     let mut got = 0u64;
-    // One buffer of exactly the range's size: what the budget counts is what is held.
-    let mut buf = bytes::BytesMut::with_capacity(want as usize);
+    // One buffer of the range's size (a segment's size: one written before is taken again):
+    // what the budget counts is what is held.
+    let mut buf = sh.segment_buffer(want as usize);
     let fail = |what: &'static str, detail: String| {
         let mut e = RegistryError::new(&sh.image, RegistryErrorKind::Unreachable, what, detail);
         e.registry = host.to_owned();
