@@ -33,6 +33,17 @@ fn leases(tb: &Testbed) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The lines of [`leases`] that are cimage's leases for pulls of `repo` (their label
+/// `cimage.io/fetch` names the image): the tests run side by side on one containerd, and one of
+/// them leaves a lease to expire.
+fn leases_of(tb: &Testbed, repo: &str) -> String {
+    leases(tb)
+        .lines()
+        .filter(|l| l.contains("cimage.io/fetch=") && l.contains(repo))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// `ctr -n k8s.io content active` of the testbed's containerd: the ingests under way.
 fn ingests(tb: &Testbed) -> String {
     let out = Command::new("ctr")
@@ -119,7 +130,7 @@ fn a_big_layer_comes_in_ranges_each_byte_once_and_the_image_runs() {
 
     let out = run(&d, &[&image], &["/bin/busybox", "true"]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
-    assert!(!leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    assert!(leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
     assert!(!ingests(&tb).contains(&big), "{}", ingests(&tb));
     remove(&d, &image);
 }
@@ -147,7 +158,7 @@ fn a_registry_that_ignores_range_still_pulls_in_one_stream() {
     assert_eq!(gets.len(), 1, "one stream: {gets:?}");
     assert_eq!(gets[0].status, 200);
     assert!(gets[0].agent.starts_with("cimage/"), "{gets:?}");
-    assert!(!leases(&tb).contains("cimage-fetch"));
+    assert!(leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
     remove(&d, &image);
 }
 
@@ -218,7 +229,7 @@ fn a_blob_corrupt_every_time_fails_the_pull_naming_registry_and_digest() {
     wait_for(Duration::from_secs(30), "the ingest to go", || {
         !ingests(&tb).contains(&big)
     });
-    assert!(!leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    assert!(leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
     // The next pull of the same image succeeds.
     proxy.heal();
     let j = d.pull_json(&image, None);
@@ -347,20 +358,20 @@ fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
         "cimage's ingest of the big layer",
         || ingests(&tb).contains(&big),
     );
-    assert!(leases(&tb).contains("cimage-fetch"), "{}", leases(&tb));
+    assert!(!leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
     d.kill9();
     let _ = pull.wait();
     shaper.reshape(Shape::none());
     d.spawn();
     // The lease of the killed daemon goes (at start-up, or by its expiry).
     wait_for(Duration::from_secs(60), "the lease to go", || {
-        !leases(&tb).contains("cimage-fetch")
+        leases_of(&tb, &repo).is_empty()
     });
     let j = d.pull_json(&image, None);
     assert_eq!(j["action"], "pulled", "{j}");
     let out = run(&d, &[&image], &["/bin/busybox", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!leases(&tb).contains("cimage-fetch"));
+    assert!(leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
     remove(&d, &image);
 }
 
@@ -415,17 +426,13 @@ fn the_lease_of_a_killed_daemon_goes_by_its_expiry_alone() {
         || ingests(&tb).contains(&big),
     );
     let killed_at = Instant::now();
-    let ours: Vec<String> = leases(&tb)
+    let mine = leases_of(&tb, &repo);
+    let ours: Vec<String> = mine
         .lines()
-        .filter(|l| l.contains("cimage.io/fetch=") && l.contains(&repo))
         .map(|l| l.split_whitespace().next().unwrap().to_owned())
         .collect();
     assert_eq!(ours.len(), 1, "one lease for the pull: {}", leases(&tb));
-    assert!(
-        leases(&tb).contains("containerd.io/gc.expire="),
-        "{}",
-        leases(&tb)
-    );
+    assert!(mine.contains("containerd.io/gc.expire="), "{mine}");
     d.kill9();
     let _ = pull.wait();
     // Not restarted: no daemon deletes that lease. Past its expiry, the runtime's next
