@@ -164,6 +164,38 @@ fn cpu_quota_and_the_cgroup_parent_reach_the_step() {
     );
     let out = u.cli(&["run", "--cpus", "0", &img, "--", "true"]);
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    // With `{uid}` in the allowed parent, a user places a job under their own and never under
+    // another user's (nor one whose uid merely starts with theirs).
+    let top = format!("/cimage-t-{:08x}", rand::random::<u32>());
+    let v = Daemon::start(&format!(
+        "SocketGroup: nogroup\nLauncher.AllowUserLaunch: true\nLauncher.AllowedCgroupParents: [\"{top}/user_{{uid}}\"]"
+    ));
+    let own = format!("{top}/user_65534/job_1");
+    let out = v.cli_as(
+        Some((65534, 65534)),
+        &["run", "--cgroup-parent", &own, &img, "--", "true"],
+    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), v.log());
+    for other in [
+        format!("{top}/user_1000/job_2"),
+        format!("{top}/user_655340/job_3"),
+    ] {
+        let out = v.cli_as(
+            Some((65534, 65534)),
+            &["run", "--cgroup-parent", &other, &img, "--", "true"],
+        );
+        assert_eq!(out.status.code(), Some(125), "{other}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("AllowedCgroupParents"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    for ctl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        for d in [own.as_str(), &format!("{top}/user_65534"), &top] {
+            let _ = std::fs::remove_dir(ctl.path().join(d.trim_start_matches('/')));
+        }
+    }
 }
 
 #[test]

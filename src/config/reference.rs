@@ -254,7 +254,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "ImageCache.Launcher.AllowedCgroupParents",
         default: Default::Value("[]"),
-        meaning: "cgroup parents any launching caller may put a job's pod under: an absolute cgroup path (it and everything below) or a systemd slice (`crane.slice` allows `crane-job_42.slice`); root and `AdminGroup` may use any",
+        meaning: "cgroup parents any launching caller may put a job's pod under: an absolute cgroup path (it and everything below) or a systemd slice (`crane.slice` allows `crane-job_42.slice`); `{uid}` stands for the caller's uid (`/crane/user_{uid}`: each user only under their own, never under another user's job); root and `AdminGroup` may use any",
     },
     Key {
         name: "ImageCache.Launcher.StopGracePeriod",

@@ -102,6 +102,24 @@ fn invalid_values_are_refused() {
     assert!(err(&format!("{base}  MaxPullsPerUser: 0\n")).contains("MaxPullsPerUser"));
     assert!(err(&format!("{base}  PullResolveTimeout: 0s\n")).contains("PullResolveTimeout"));
     assert!(err(&format!("{base}  Socket: relative.sock\n")).contains("absolute"));
+    for bad in ["crane", "/crane/{user}", "/crane/../x", "crane/{uid}.slice"] {
+        let e = err(&format!(
+            "{base}  Launcher:\n    AllowedCgroupParents: [\"{bad}\"]\n"
+        ));
+        assert!(
+            e.contains("AllowedCgroupParents") && e.contains("placeholder"),
+            "{bad}: {e}"
+        );
+    }
+    for good in [
+        "/crane",
+        "/crane/user_{uid}",
+        "crane.slice",
+        "crane-uid_{uid}.slice",
+    ] {
+        let c = format!("{base}  Launcher:\n    AllowedCgroupParents: [\"{good}\"]\n");
+        assert!(parse(&c, Path::new("c.yaml")).is_ok(), "{good}");
+    }
     assert!(
         err("Container:\n  Enabled: true\n  RuntimeEndpoint: tcp://1.2.3.4:1\n").contains("unix")
     );

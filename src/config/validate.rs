@@ -340,6 +340,26 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    for p in &ic.launcher.allowed_cgroup_parents {
+        // `{uid}` is the one placeholder (the caller's uid); what is left must be a cgroup
+        // path or a slice name.
+        let bare = p.replace("{uid}", "0");
+        let path = bare.starts_with('/') && !bare.split('/').any(|c| c == "." || c == "..");
+        let slice = bare.ends_with(".slice") && !bare.contains('/');
+        if !(path || slice)
+            || bare.contains(['{', '}'])
+            || bare.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "ImageCache.Launcher.AllowedCgroupParents",
+                format!(
+                    "{p:?} is neither an absolute cgroup path (/crane, /crane/user_{{uid}}) nor a \
+                     systemd slice name (crane.slice, crane-uid_{{uid}}.slice); {{uid}} is the one \
+                     placeholder"
+                ),
+            ));
+        }
+    }
     for d in &ic.launcher.allowed_devices {
         let cdi = d.contains('=') && d.split('=').next().is_some_and(|k| k.contains('/'));
         if !(d.starts_with("/dev/") || cdi) || d.chars().any(|c| c.is_control()) {

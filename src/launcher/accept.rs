@@ -75,7 +75,10 @@ impl Launcher {
             allowed_mount_prefixes: self.settings.allowed_mount_prefixes.clone(),
             allowed_devices: self.settings.allowed_devices.clone(),
             cdi,
-            allowed_cgroup_parents: self.settings.allowed_cgroup_parents.clone(),
+            allowed_cgroup_parents: super::limits::cgroup_parents_for(
+                &self.settings.allowed_cgroup_parents,
+                who.uid,
+            ),
             any_cgroup_parent: who.admin,
         };
         // Off the async workers: it resolves device paths and the allowed mount prefixes,

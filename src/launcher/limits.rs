@@ -59,6 +59,20 @@ pub fn check_resources(r: &Resources) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// The placeholder in `Launcher.AllowedCgroupParents` that stands for the caller's uid.
+pub const UID_PLACEHOLDER: &str = "{uid}";
+
+/// `Launcher.AllowedCgroupParents` as it applies to the caller `uid`: each `{uid}` replaced by
+/// it. A site that keeps each user's jobs under a cgroup of their own (`/crane/user_{uid}`,
+/// `crane-uid_{uid}.slice`) lets users place pods there and never under another user's job,
+/// which a plain shared prefix (`/crane`) cannot tell apart.
+pub fn cgroup_parents_for(allowed: &[String], uid: u32) -> Vec<String> {
+    allowed
+        .iter()
+        .map(|p| p.replace(UID_PLACEHOLDER, &uid.to_string()))
+        .collect()
+}
+
 /// Checks a cgroup parent: a plain absolute cgroup path (cgroupfs driver) or a systemd slice
 /// name (`job-42.slice`, systemd driver), and that the caller may use it: within `allowed`
 /// (`Launcher.AllowedCgroupParents`), or anywhere with `any` (root and `AdminGroup`).
@@ -139,5 +153,26 @@ mod tests {
             assert!(matches!(user(bad), Err(SpecError::Invalid(_))), "{bad}");
         }
         assert!(check_cgroup_parent("/anywhere/job", &[], true).is_ok());
+    }
+
+    #[test]
+    fn a_uid_placeholder_keeps_each_user_under_their_own_parent() {
+        let allowed = vec![
+            "/crane/user_{uid}".to_owned(),
+            "crane-uid_{uid}.slice".to_owned(),
+        ];
+        let mine = cgroup_parents_for(&allowed, 1000);
+        assert_eq!(mine, vec!["/crane/user_1000", "crane-uid_1000.slice"]);
+        let check = |p| check_cgroup_parent(p, &mine, false);
+        assert!(check("/crane/user_1000/job_7").is_ok());
+        assert!(check("crane-uid_1000-job_7.slice").is_ok());
+        for other in [
+            "/crane/user_1001/job_8",
+            "/crane/user_10000/job_8",
+            "crane-uid_1001-job_8.slice",
+            "crane-uid_10000.slice",
+        ] {
+            assert!(matches!(check(other), Err(SpecError::Denied(_))), "{other}");
+        }
     }
 }
