@@ -357,24 +357,30 @@ impl Cache {
         if self.fits_locked(incoming, &settings).await? {
             return Ok(Some(reserve()));
         }
-        let report = self
-            .gc_locked(
-                Gc {
-                    dry_run: true,
-                    incoming,
-                    reconcile: true,
-                    all_or_nothing: true,
-                },
-                settings,
-            )
-            .await?;
-        match report.plan.shortfall {
+        match self.plan_room_locked(incoming, settings, true).await? {
             Some(reason) => Err(CacheError::NoRoom {
                 bytes: pull.index,
                 reason,
             }),
             None => Ok(None),
         }
+    }
+
+    /// With the gc lock held: one all-or-nothing plan that makes room for `incoming`, carried
+    /// out unless `dry_run`; what it falls short by when it cannot meet the target.
+    async fn plan_room_locked(
+        &self,
+        incoming: Incoming,
+        settings: EvictionSettings,
+        dry_run: bool,
+    ) -> Result<Option<String>, CacheError> {
+        let gc = Gc {
+            dry_run,
+            incoming,
+            reconcile: true,
+            all_or_nothing: true,
+        };
+        Ok(self.gc_locked(gc, settings).await?.plan.shortfall)
     }
 
     /// With the gc lock held: whether `incoming` is within `MaxBytes` and `HighPercent` as
@@ -408,18 +414,7 @@ impl Cache {
         if self.fits_locked(incoming, &settings).await? {
             return Ok(());
         }
-        let report = self
-            .gc_locked(
-                Gc {
-                    dry_run: false,
-                    incoming,
-                    reconcile: true,
-                    all_or_nothing: true,
-                },
-                settings,
-            )
-            .await?;
-        match report.plan.shortfall {
+        match self.plan_room_locked(incoming, settings, false).await? {
             Some(reason) => Err(CacheError::NoRoom { bytes, reason }),
             None => Ok(()),
         }
