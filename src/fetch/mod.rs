@@ -365,13 +365,8 @@ impl Fetch {
         self.first_in.clone()
     }
 
-    /// The bytes cimage has fetched of each blob it fetches, by digest.
-    pub fn fetched(&self) -> Vec<(String, u64)> {
-        self.fetched.snapshot()
-    }
-
-    /// A handle on [`Fetch::fetched`] that outlives a borrow of the fetch (the pull's
-    /// progress reads it while the runtime's pull runs).
+    /// cimage's byte counts of the blobs it fetches, as a handle that outlives a borrow of the
+    /// fetch (the pull's progress reads it while the runtime's pull runs).
     pub fn counts(&self) -> FetchCounts {
         self.fetched.clone()
     }
