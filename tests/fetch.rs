@@ -324,15 +324,32 @@ fn a_runtime_without_the_content_api_pulls_through_plain_pull_image() {
     remove(&d, &pushed.reference);
 }
 
-#[test]
-fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
+/// A pull whose cimaged is killed mid-fetch: the registry behind a slow shaper, a 48 MiB layer.
+struct Killed {
+    tb: Testbed,
+    shaper: Shaper,
+    repo: String,
+    /// The big layer's digest.
+    big: String,
+    image: String,
+    daemon: Daemon,
+}
+
+/// Pushes an image with a 48 MiB layer, starts a pull of it through a daemon with
+/// `PullTimeout: {pull_timeout}`, and kills the daemon (`kill -9`) once cimage's ingest of the
+/// layer shows; `check` looks at the runtime (given the repository) while the fetch still runs.
+fn kill_mid_fetch<T>(
+    prefix: &str,
+    pull_timeout: &str,
+    check: impl FnOnce(&Testbed, &str) -> T,
+) -> (Killed, T) {
     let tb = Testbed::get();
     let shaper = Shaper::start(
         &tb.registry,
         Shape::far(Duration::from_millis(2), 2_000_000, 8_000_000),
     )
     .plain_http_for_containerd(&tb.dir);
-    let repo = Testbed::unique_repo("fetch-kill");
+    let repo = Testbed::unique_repo(prefix);
     let pushed = block_on(push(
         &tb.registry,
         &repo,
@@ -341,14 +358,14 @@ fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
         &["/bin/busybox", "true"],
     ));
     let big = pushed.blobs[1].clone();
-    let mut d = Daemon::start(&format!(
-        "PullTimeout: 20s\n{}",
+    let mut daemon = Daemon::start(&format!(
+        "PullTimeout: {pull_timeout}\n{}",
         proxied_registries(&tb, &shaper.addr)
     ));
     let image = format!("{}/{repo}:1", shaper.addr);
     let mut pull = Command::new(env!("CARGO_BIN_EXE_cimage"))
         .args(["pull", &image])
-        .env("CIMAGE_SOCKET", d.socket())
+        .env("CIMAGE_SOCKET", daemon.socket())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -358,9 +375,33 @@ fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
         "cimage's ingest of the big layer",
         || ingests(&tb).contains(&big),
     );
-    assert!(!leases_of(&tb, &repo).is_empty(), "{}", leases(&tb));
-    d.kill9();
+    let seen = check(&tb, &repo);
+    daemon.kill9();
     let _ = pull.wait();
+    let killed = Killed {
+        tb,
+        shaper,
+        repo,
+        big,
+        image,
+        daemon,
+    };
+    (killed, seen)
+}
+
+#[test]
+fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
+    let (k, ()) = kill_mid_fetch("fetch-kill", "20s", |tb, repo| {
+        assert!(!leases_of(tb, repo).is_empty(), "{}", leases(tb));
+    });
+    let Killed {
+        tb,
+        shaper,
+        repo,
+        image,
+        daemon: mut d,
+        ..
+    } = k;
     shaper.reshape(Shape::none());
     d.spawn();
     // The lease of the killed daemon goes (at start-up, or by its expiry).
@@ -392,49 +433,25 @@ fn ctr(tb: &Testbed, args: &[&str]) -> String {
 
 #[test]
 fn the_lease_of_a_killed_daemon_goes_by_its_expiry_alone() {
-    let tb = Testbed::get();
-    let shaper = Shaper::start(
-        &tb.registry,
-        Shape::far(Duration::from_millis(2), 2_000_000, 8_000_000),
-    )
-    .plain_http_for_containerd(&tb.dir);
-    let repo = Testbed::unique_repo("fetch-expiry");
-    let pushed = block_on(push(
-        &tb.registry,
-        &repo,
-        "1",
-        &[Layer::busybox(), Layer::random(48 * MIB)],
-        &["/bin/busybox", "true"],
-    ));
-    let big = pushed.blobs[1].clone();
     // The lease is made to outlive the pull's deadline by 10 s: 15 s here.
-    let mut d = Daemon::start(&format!(
-        "PullTimeout: 5s\n{}",
-        proxied_registries(&tb, &shaper.addr)
-    ));
-    let image = format!("{}/{repo}:1", shaper.addr);
-    let mut pull = Command::new(env!("CARGO_BIN_EXE_cimage"))
-        .args(["pull", &image])
-        .env("CIMAGE_SOCKET", d.socket())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        Duration::from_secs(60),
-        "cimage's ingest of the big layer",
-        || ingests(&tb).contains(&big),
-    );
-    let killed_at = Instant::now();
-    let mine = leases_of(&tb, &repo);
-    let ours: Vec<String> = mine
-        .lines()
-        .map(|l| l.split_whitespace().next().unwrap().to_owned())
-        .collect();
-    assert_eq!(ours.len(), 1, "one lease for the pull: {}", leases(&tb));
-    assert!(mine.contains("containerd.io/gc.expire="), "{mine}");
-    d.kill9();
-    let _ = pull.wait();
+    let (k, ours) = kill_mid_fetch("fetch-expiry", "5s", |tb, repo| {
+        let mine = leases_of(tb, repo);
+        let ours: Vec<String> = mine
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect();
+        assert_eq!(ours.len(), 1, "one lease for the pull: {}", leases(tb));
+        assert!(mine.contains("containerd.io/gc.expire="), "{mine}");
+        (ours, Instant::now())
+    });
+    let (ours, killed_at) = ours;
+    let Killed {
+        tb,
+        shaper,
+        big,
+        image,
+        ..
+    } = k;
     // Not restarted: no daemon deletes that lease. Past its expiry, the runtime's next
     // garbage collection (run here by a synchronous image removal) removes it.
     std::thread::sleep(Duration::from_secs(16).saturating_sub(killed_at.elapsed()));

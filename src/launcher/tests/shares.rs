@@ -30,22 +30,12 @@ async fn a_users_launches_pull_under_the_users_share_of_the_slots() {
         };
         held.push(launcher.launch(ALICE, s).await.unwrap());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let pulls = base.puller.pulls();
-        let waiting = pulls
-            .iter()
-            .filter(|p| p.progress.phase == crate::puller::Phase::Queued)
-            .count();
-        if pulls.len() == 3 && waiting == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never two pulls under way and one waiting for the user's share: {pulls:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    pulls_when(
+        &base,
+        "two pulls under way and one waiting for the user's share",
+        |n, waiting| n == 3 && waiting == 1,
+    )
+    .await;
     assert_eq!(base.puller.queued(), 0, "nothing waits in the node's line");
     // Root's step takes the node's free slot at once.
     let (_, rx) = launcher.launch(ROOT, spec(None)).await.unwrap();
@@ -64,6 +54,21 @@ async fn a_users_launches_pull_under_the_users_share_of_the_slots() {
         ..spec(None)
     };
     held.push(launcher.launch(ROOT, as_alice).await.unwrap());
+    let (pulls, waiting) = pulls_when(&base, "four pulls", |n, _| n == 4).await;
+    assert_eq!(waiting, 2, "{pulls:?}");
+    assert_eq!(base.puller.queued(), 0, "nothing waits in the node's line");
+    for (task, _) in held {
+        launcher.cancel(ROOT, &task.id).await.ok();
+    }
+}
+
+/// The pulls in flight, and how many of them wait in the queue, once `ready(pulls, waiting)`
+/// holds (up to 10 s; else the test fails naming `what`).
+async fn pulls_when(
+    base: &crate::testing::Rig,
+    what: &str,
+    ready: impl Fn(usize, usize) -> bool,
+) -> (Vec<crate::puller::InFlight>, usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let pulls = base.puller.pulls();
@@ -71,15 +76,13 @@ async fn a_users_launches_pull_under_the_users_share_of_the_slots() {
             .iter()
             .filter(|p| p.progress.phase == crate::puller::Phase::Queued)
             .count();
-        if pulls.len() == 4 {
-            assert_eq!(waiting, 2, "{pulls:?}");
-            break;
+        if ready(pulls.len(), waiting) {
+            return (pulls, waiting);
         }
-        assert!(tokio::time::Instant::now() < deadline, "{pulls:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {pulls:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(base.puller.queued(), 0, "nothing waits in the node's line");
-    for (task, _) in held {
-        launcher.cancel(ROOT, &task.id).await.ok();
     }
 }

@@ -81,9 +81,15 @@ impl RangeReader for Source {
     }
 }
 
-/// A rig whose puller fetches layers of 1 MiB and more itself, from `source` into `store`;
-/// APP's manifest names a 3 MiB layer (the source's blob) and a small one.
-fn rig_fetching(source: Source, store: FakeStore) -> (Rig, Arc<Puller>, Blob) {
+/// A rig whose puller fetches layers of 1 MiB and more itself, from a 3 MiB blob in memory
+/// (every read of it corrupt when `corrupt`) into the returned store; APP's manifest names that
+/// layer and a small one.
+fn rig_fetching(corrupt: bool) -> (Rig, Arc<Puller>, Blob, FakeStore) {
+    let store = FakeStore::default();
+    let source = Source(Arc::new(Memory {
+        data: blob(3 * MIB),
+        corrupt,
+    }));
     let r = rig(settings());
     let big = Blob {
         digest: format!("sha256:{:x}", Sha256::digest(&source.0.data)),
@@ -115,7 +121,11 @@ fn rig_fetching(source: Source, store: FakeStore) -> (Rig, Arc<Puller>, Blob) {
         backoff: Duration::from_millis(1),
         ..FetchSettings::default()
     };
-    let fetcher = Arc::new(Fetcher::new(Arc::new(store), Arc::new(source), fetch));
+    let fetcher = Arc::new(Fetcher::new(
+        Arc::new(store.clone()),
+        Arc::new(source),
+        fetch,
+    ));
     // Looks at the pull's bytes every 50 ms (a quarter of the stall timeout).
     let looks = PullerSettings {
         stall_timeout: Duration::from_millis(200),
@@ -132,7 +142,7 @@ fn rig_fetching(source: Source, store: FakeStore) -> (Rig, Arc<Puller>, Blob) {
         )
         .with_fetcher(fetcher),
     );
-    (r, puller, big)
+    (r, puller, big, store)
 }
 
 fn blob(size: u64) -> Vec<u8> {
@@ -141,12 +151,7 @@ fn blob(size: u64) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_big_layer_is_in_before_the_runtime_pulls_and_its_bytes_show() {
-    let store = FakeStore::default();
-    let source = Source(Arc::new(Memory {
-        data: blob(3 * MIB),
-        corrupt: false,
-    }));
-    let (r, puller, big) = rig_fetching(source, store.clone());
+    let (r, puller, big, store) = rig_fetching(false);
     let seen_at_pull: Arc<Mutex<Vec<String>>> = Arc::default();
     {
         let (store, seen) = (store.clone(), Arc::clone(&seen_at_pull));
@@ -188,12 +193,7 @@ async fn the_big_layer_is_in_before_the_runtime_pulls_and_its_bytes_show() {
 
 #[tokio::test]
 async fn a_blob_corrupt_twice_fails_the_pull_naming_host_and_digest() {
-    let store = FakeStore::default();
-    let source = Source(Arc::new(Memory {
-        data: blob(3 * MIB),
-        corrupt: true,
-    }));
-    let (r, puller, big) = rig_fetching(source, store.clone());
+    let (r, puller, big, store) = rig_fetching(true);
     // The runtime's own pull (of a layer cimage gave up) takes a while: the fetch's verdict
     // comes first.
     *r.rt.pull_delay.lock().unwrap() = Duration::from_secs(3);
