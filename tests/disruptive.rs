@@ -483,18 +483,6 @@ fn a_runtime_socket_missing_at_start_is_reported_then_found() {
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
 }
 
-/// `ctr -n k8s.io ARGS` of the testbed's containerd, its output.
-fn ctr_k8s(tb: &Testbed, args: &[&str]) -> String {
-    let out = std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(&tb.cri)
-        .args(["-n", "k8s.io"])
-        .args(args)
-        .output()
-        .expect("running ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn containerd_restarting_mid_range_fetch_leaves_no_lease_or_ingest_and_the_pull_ends() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

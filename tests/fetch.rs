@@ -19,18 +19,7 @@ const MIB: usize = 1 << 20;
 
 /// `ctr -n k8s.io leases ls` of the testbed's containerd.
 fn leases(tb: &Testbed) -> String {
-    let out = Command::new("ctr")
-        .args([
-            "--address",
-            tb.cri.to_str().unwrap(),
-            "-n",
-            "k8s.io",
-            "leases",
-            "ls",
-        ])
-        .output()
-        .expect("running ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ctr_k8s(tb, &["leases", "ls"])
 }
 
 /// The lines of [`leases`] that are cimage's leases for pulls of `repo` (their label
@@ -46,18 +35,7 @@ fn leases_of(tb: &Testbed, repo: &str) -> String {
 
 /// `ctr -n k8s.io content active` of the testbed's containerd: the ingests under way.
 fn ingests(tb: &Testbed) -> String {
-    let out = Command::new("ctr")
-        .args([
-            "--address",
-            tb.cri.to_str().unwrap(),
-            "-n",
-            "k8s.io",
-            "content",
-            "active",
-        ])
-        .output()
-        .expect("running ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ctr_k8s(tb, &["content", "active"])
 }
 
 /// Waits until `what` holds, up to `limit` (the states are the runtime's own; no timing is
@@ -416,21 +394,6 @@ fn kill_9_mid_fetch_leaves_nothing_that_blocks_the_next_pull() {
     remove(&d, &image);
 }
 
-/// Runs `ctr -n k8s.io ARGS` against the testbed's containerd; panics naming it on failure.
-fn ctr(tb: &Testbed, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .args(["--address", tb.cri.to_str().unwrap(), "-n", "k8s.io"])
-        .args(args)
-        .output()
-        .expect("running ctr");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn the_lease_of_a_killed_daemon_goes_by_its_expiry_alone() {
     // The lease is made to outlive the pull's deadline by 10 s: 15 s here.
@@ -459,7 +422,12 @@ fn the_lease_of_a_killed_daemon_goes_by_its_expiry_alone() {
     let other = Daemon::start(&proxied_registries(&tb, &shaper.addr));
     let small = tb.push_new("fetch-expiry-gc", &[Layer::random(1024)]);
     assert_eq!(other.pull_json(&small.reference, None)["action"], "pulled");
-    ctr(&tb, &["images", "rm", "--sync", &small.reference]);
+    // (Checked: a removal that failed would leave the garbage collection unrun.)
+    ctr_k8s(&tb, &["images", "rm", "--sync", &small.reference]);
+    assert!(
+        !ctr_images(&tb).contains(&small.reference),
+        "the synchronous removal failed"
+    );
     let left = leases(&tb);
     assert!(
         !ours.iter().any(|id| left.contains(id.as_str())),

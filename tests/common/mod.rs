@@ -448,24 +448,31 @@ pub fn cri_pods(testbed: &Testbed, labels: &[(&str, &str)]) -> Vec<String> {
 
 /// Container ids `ctr -n k8s.io containers ls -q` lists (pod sandboxes included).
 pub fn ctr_containers(testbed: &Testbed) -> Vec<String> {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(&testbed.cri)
-        .args(["-n", "k8s.io", "containers", "ls", "-q"])
-        .output()
-        .expect("running ctr");
-    stdout(&out).lines().map(str::to_owned).collect()
+    ctr_k8s(testbed, &["containers", "ls", "-q"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// What `ctr -n k8s.io images ls -q` lists: an independent witness of the runtime's contents.
 pub fn ctr_images(testbed: &Testbed) -> Vec<String> {
+    ctr_k8s(testbed, &["images", "ls", "-q"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What `ctr -n k8s.io ARGS` prints against the testbed's containerd (its standard output;
+/// empty when it fails).
+pub fn ctr_k8s(testbed: &Testbed, args: &[&str]) -> String {
     let out = Command::new("ctr")
-        .args(["--address"])
+        .arg("--address")
         .arg(&testbed.cri)
-        .args(["-n", "k8s.io", "images", "ls", "-q"])
+        .args(["-n", "k8s.io"])
+        .args(args)
         .output()
         .expect("running ctr");
-    stdout(&out).lines().map(str::to_owned).collect()
+    stdout(&out)
 }
 
 /// A runtime for async helpers (image pushes) inside synchronous tests.
