@@ -33,6 +33,18 @@ pub fn check(what: &'static str, name: &str) -> Result<(), InvalidName> {
     }
 }
 
+/// Whether `p` has the shape of a cgroup parent: a plain absolute cgroup path (cgroupfs
+/// driver; no `.`/`..` components, no `//`) or a systemd slice name (`job-42.slice`, systemd
+/// driver), at most 256 of `A-Z a-z 0-9 / _ . - @ :`. The launcher checks what a step asks for
+/// with it, the config what `Launcher.AllowedCgroupParents` names.
+pub fn is_cgroup_parent(p: &str) -> bool {
+    let allowed_char = |c: char| c.is_ascii_alphanumeric() || "/_.-@:".contains(c);
+    let path_ok =
+        p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//");
+    let slice_ok = p.ends_with(".slice") && !p.contains('/');
+    p.len() <= 256 && p.chars().all(allowed_char) && (path_ok || slice_ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -343,13 +343,7 @@ fn validate(config: Config, path: &Path) -> Result<Settings, ConfigError> {
     for p in &ic.launcher.allowed_cgroup_parents {
         // `{uid}` is the one placeholder (the caller's uid); what is left must be a cgroup
         // path or a slice name.
-        let bare = p.replace("{uid}", "0");
-        let path = bare.starts_with('/') && !bare.split('/').any(|c| c == "." || c == "..");
-        let slice = bare.ends_with(".slice") && !bare.contains('/');
-        if !(path || slice)
-            || bare.contains(['{', '}'])
-            || bare.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
+        if !crate::names::is_cgroup_parent(&p.replace("{uid}", "0")) {
             return Err(invalid(
                 "ImageCache.Launcher.AllowedCgroupParents",
                 format!(

@@ -77,11 +77,7 @@ pub fn cgroup_parents_for(allowed: &[String], uid: u32) -> Vec<String> {
 /// name (`job-42.slice`, systemd driver), and that the caller may use it: within `allowed`
 /// (`Launcher.AllowedCgroupParents`), or anywhere with `any` (root and `AdminGroup`).
 pub fn check_cgroup_parent(p: &str, allowed: &[String], any: bool) -> Result<(), SpecError> {
-    let allowed_char = |c: char| c.is_ascii_alphanumeric() || "/_.-@:".contains(c);
-    let path_ok =
-        p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//");
-    let slice_ok = p.ends_with(".slice") && !p.contains('/');
-    if p.len() > 256 || !p.chars().all(allowed_char) || !(path_ok || slice_ok) {
+    if !crate::names::is_cgroup_parent(p) {
         return Err(SpecError::Invalid(format!(
             "cgroup parent {:?} is neither an absolute cgroup path (/crane/job_42) nor a systemd \
              slice name (crane-job_42.slice)",
